@@ -1,0 +1,322 @@
+"""Apps and their runs: catch-up mode, live mode, quiescence, stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from livemap.component import Component
+from livemap.context import ExceptionHandler
+
+__all__ = ["App", "AppConfig", "AppRun", "UpdateHandle", "UpdateStats"]
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """An app's settings: its ``name`` and an optional app-wide
+    ``exception_handler`` (the outermost handler of every component)."""
+
+    name: str
+    exception_handler: ExceptionHandler | None = None
+
+
+@dataclass
+class UpdateStats:
+    """Counters of one ``app.update()``: component runs started, runs that
+    failed, components unmounted."""
+
+    components_run: int = 0
+    components_failed: int = 0
+    components_unmounted: int = 0
+
+
+@dataclass
+class AppRun:
+    """One ``app.update()`` in progress (internal)."""
+
+    app: App
+    live: bool
+    tg: TaskGroup
+    stats: UpdateStats = field(default_factory=UpdateStats)
+    busy_consumers: int = 0
+    stop_requested: bool = False
+    failure: BaseException | None = None
+    _waiters: list[anyio.Event] = field(default_factory=list)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
+
+    def consumer_busy(self, delta: int) -> None:
+        self.busy_consumers += delta
+        if self.busy_consumers == 0:
+            self.notify()
+
+    def quiescent(self, root: Component) -> bool:
+        return root.subtree_ready and self.busy_consumers == 0
+
+    async def wait(self) -> None:
+        event = anyio.Event()
+        self._waiters.append(event)
+        await event.wait()
+
+
+class App:
+    """The top-level runnable: ``App(name_or_config, main_fn, *args, **kwargs)``.
+
+    ``main_fn(*args, **kwargs)`` runs as the root component.  The component
+    tree lives as long as the app object: calling :meth:`update` again re-runs
+    the main function against the previous tree (components at the same paths
+    are re-run, vanished ones unmounted).
+    """
+
+    def __init__(
+        self,
+        name_or_config: str | AppConfig,
+        main_fn: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        config = (
+            name_or_config
+            if isinstance(name_or_config, AppConfig)
+            else AppConfig(name=name_or_config)
+        )
+        if not isinstance(config.name, str) or not config.name:
+            raise ValueError(f"an app needs a non-empty name, got {config.name!r}")
+        if not callable(main_fn):
+            raise TypeError(f"App main function must be callable, got {main_fn!r}")
+        self.config = config
+        self.main_fn = main_fn
+        self.args = args
+        self.kwargs = kwargs
+        self._root: Component | None = None
+        self._active: AppRun | None = None
+        self._escalations = False
+
+    @property
+    def name(self) -> str:
+        """The app's name."""
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"<App {self.name}>"
+
+    def update(self, *, live: bool = False) -> UpdateHandle:
+        """A handle for one run of the app; nothing runs until it is awaited.
+
+        ``await app.update()`` runs to the end (catch-up mode: until every
+        component is ready and every LiveMap change has been delivered, then
+        live components are cancelled).  ``async with app.update(live=True)
+        as h:`` runs in live mode for the body of the block.
+        """
+        return UpdateHandle(self, live)
+
+    def update_blocking(
+        self, *, live: bool = False, backend: Literal["asyncio", "trio"] = "asyncio"
+    ) -> UpdateStats:
+        """:meth:`update` from synchronous code, on its own event loop.
+
+        Returns the run's stats; raises what ``result()`` raises.  In live mode
+        it runs until the process is interrupted.
+        """
+        handle = self.update(live=live)
+
+        async def main() -> UpdateStats:
+            await handle.result()
+            return handle.stats()
+
+        return anyio.run(main, backend=backend)
+
+    # -- internal -----------------------------------------------------------------
+
+    def _require_run(self) -> AppRun:
+        run = self._active
+        if run is None:
+            raise RuntimeError(f"app {self.name!r} is not running")
+        return run
+
+    def _notify(self) -> None:
+        if self._active is not None:
+            self._active.notify()
+
+    def _root_component(self) -> Component:
+        root = self._root
+        handlers = (
+            (self.config.exception_handler,) if self.config.exception_handler is not None else ()
+        )
+        if root is None:
+            root = self._root = Component(
+                self, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
+            )
+        return root
+
+    async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
+        try:
+            await root.run_once(gen, self.main_fn, self.args, self.kwargs, raise_errors=True)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            run.failure = exc
+            run.notify()
+
+
+class UpdateHandle:
+    """One run of an app.  Await it (or :meth:`result`) to run it; use it as
+    ``async with`` to run it for the body of a block."""
+
+    def __init__(self, app: App, live: bool) -> None:
+        self._app = app
+        self._live = live
+        self._state: Literal["new", "running", "done"] = "new"
+        self._run: AppRun | None = None
+        self._stats = UpdateStats()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._ready_event: anyio.Event | None = None
+        self._done_event: anyio.Event | None = None
+        self._is_ready = False
+        self._tg: TaskGroup | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether this is a live-mode run."""
+        return self._live
+
+    def stats(self) -> UpdateStats:
+        """Counters of this run (live while it runs)."""
+        return self._stats
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.result().__await__()
+
+    def _event(self, which: Literal["ready", "done"]) -> anyio.Event:
+        if which == "ready":
+            if self._ready_event is None:
+                self._ready_event = anyio.Event()
+                if self._is_ready:
+                    self._ready_event.set()
+            return self._ready_event
+        if self._done_event is None:
+            self._done_event = anyio.Event()
+            if self._state == "done":
+                self._done_event.set()
+        return self._done_event
+
+    async def result(self) -> None:
+        """Run the app here, in this task, to the end.
+
+        Returns when the run ends: in catch-up mode at quiescence, in live
+        mode after :meth:`stop`.  Raises only if the main function itself
+        failed.  Awaited again (or from another task), it waits for the same
+        run to end.
+        """
+        if self._state == "new":
+            self._state = "running"
+            try:
+                await self._execute()
+            finally:
+                self._state = "done"
+                self._set_ready()
+                self._event("done").set()
+        else:
+            await self._event("done").wait()
+        if self._error is not None:
+            raise self._error
+
+    async def ready(self) -> None:
+        """Wait until the initial catch-up is done (also in live mode), or the
+        run has ended."""
+        if not self._is_ready:
+            await self._event("ready").wait()
+
+    async def stop(self) -> None:
+        """End the run: every live component is cancelled and cleaned up, and no
+        task of the run is left, before this returns."""
+        self._stop = True
+        if self._state == "new":
+            self._state = "done"
+            self._set_ready()
+            return
+        run = self._run
+        if run is not None:
+            run.stop_requested = True
+            run.notify()
+        if self._state != "done":
+            await self._event("done").wait()
+
+    def _set_ready(self) -> None:
+        self._is_ready = True
+        if self._ready_event is not None:
+            self._ready_event.set()
+
+    async def _execute(self) -> None:
+        app = self._app
+        if app._active is not None:
+            raise RuntimeError(f"app {app.name!r} is already running an update")
+        if self._stop:
+            return
+        run: AppRun | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                run = AppRun(app, self._live, tg, stats=self._stats)
+                self._run = run
+                app._active = run
+                root = app._root_component()
+                # The root turns unready here, before anything can look at it.
+                gen = root._begin()
+                run.stats.components_run += 1
+                tg.start_soon(app._run_root, root, run, gen)
+                while not (run.stop_requested or run.failure or run.quiescent(root)):
+                    await run.wait()
+                if run.failure is None:
+                    self._set_ready()
+                while self._live and not (run.stop_requested or run.failure):
+                    await run.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if run is not None:
+                run.stop_requested = True
+                if app._active is run:
+                    app._active = None
+            self._run = None
+        if run is not None and run.failure is not None:
+            self._error = run.failure
+
+    async def __aenter__(self) -> UpdateHandle:
+        if self._state != "new":
+            raise RuntimeError("this update handle has already been started")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._background)
+        return self
+
+    async def _background(self) -> None:
+        try:
+            await self.result()
+        except Exception:  # kept in self._error and raised by __aexit__
+            pass
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        assert tg is not None
+        self._tg = None
+        try:
+            await self.stop()
+        finally:
+            suppress = await tg.__aexit__(exc_type, exc, tb)
+        if exc_type is None and self._error is not None:
+            raise self._error
+        return suppress

@@ -1,0 +1,695 @@
+"""The component tree: runs, commits, unmounting and readiness.
+
+A :class:`Component` is one node of an app's tree, at a :data:`StablePath`.
+Each *run* calls its function with a fresh :class:`Run` as the current context;
+declarations made during the run are buffered per target, and when the
+function returns they are committed as one unit per target, children the run
+did not mount again are unmounted, and the LiveMaps the component created in
+earlier runs are retired.  A run that raises commits nothing.
+
+Readiness: a component is *self-ready* once its latest run committed (or
+failed), or, for a live component, once it marked itself ready and is not
+busy.  ``_unready`` counts the component itself (when not self-ready) plus each
+child whose subtree is not ready, so a subtree is ready exactly when the
+count is zero; changes propagate to the parent only on the zero crossings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+import anyio
+
+from livemap.context import (
+    ExceptionContext,
+    ExceptionHandler,
+    MountKind,
+    _current_run,
+    _handlers,
+    current_run,
+    dispatch,
+    handler_chain,
+    processor_name,
+)
+from livemap.errors import DuplicatePathError
+from livemap.paths import (
+    ComponentSubpath,
+    StableKey,
+    StablePath,
+    Symbol,
+    _prefix,
+    check_key,
+    current_prefix,
+    format_path,
+)
+
+if TYPE_CHECKING:
+    from livemap.app import App, AppRun
+    from livemap.live_map import LiveMap
+    from livemap.targets import TargetBase
+
+__all__ = [
+    "Component",
+    "ComponentMountHandle",
+    "Function",
+    "Run",
+    "fn",
+    "mount",
+    "mount_each",
+    "use_mount",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Function(Generic[P, R]):
+    """A component function made by :func:`fn`.
+
+    Calling it calls the wrapped function as usual; mounting it runs it as a
+    component.  ``is_async`` tells whether it returns an awaitable.
+    """
+
+    __slots__ = ("__dict__", "__wrapped__", "is_async")
+
+    def __init__(self, func: Callable[P, R]) -> None:
+        self.__wrapped__ = func
+        self.__name__: str = getattr(func, "__name__", "component")
+        self.__qualname__: str = getattr(func, "__qualname__", self.__name__)
+        self.__doc__ = getattr(func, "__doc__", None)
+        self.__module__ = getattr(func, "__module__", __name__)
+        self.is_async = inspect.iscoroutinefunction(func)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.__wrapped__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<livemap.fn {self.__qualname__}>"
+
+
+@overload
+def fn(func: Callable[P, R], /) -> Function[P, R]: ...
+@overload
+def fn(func: None = None, /, **options: Any) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+def fn(
+    func: Callable[P, R] | None = None, /, **options: Any
+) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
+    """Mark a function (sync or async) as a component function.
+
+    Works bare (``@fn``) and called (``@fn()``).  Keyword options other
+    projects accept (``memo=...`` and the like) are accepted and ignored:
+    livemap re-runs a component every time it is mounted.
+    """
+    if func is not None:
+        return Function(func)
+
+    def decorate(f: Callable[P, R]) -> Function[P, R]:
+        return Function(f)
+
+    return decorate
+
+
+def _is_live_class(obj: object) -> bool:
+    return inspect.isclass(obj) and callable(getattr(obj, "process_live", None))
+
+
+def _is_async(obj: object) -> bool:
+    if isinstance(obj, Function):
+        return obj.is_async
+    return inspect.iscoroutinefunction(obj)
+
+
+class Run:
+    """One run of one component: what it declared, mounted and created."""
+
+    __slots__ = ("buffers", "component", "maps", "mounted")
+
+    def __init__(self, component: Component) -> None:
+        self.component = component
+        self.buffers: dict[TargetBase[Any, Any], Any] = {}
+        self.mounted: dict[StablePath, Component] = {}
+        self.maps: list[LiveMap[Any, Any]] = []
+
+
+class Component:
+    """One node of an app's component tree (internal; users hold
+    :class:`ComponentMountHandle` objects)."""
+
+    __slots__ = (
+        "__weakref__",
+        "_alive",
+        "_below",
+        "_busy",
+        "_generation",
+        "_live_scope",
+        "_maps",
+        "_marked_ready",
+        "_run_scope",
+        "_scope_run",
+        "_self_ready",
+        "_targets",
+        "_unready",
+        "_waiters",
+        "app",
+        "args",
+        "children",
+        "escalated",
+        "exception",
+        "handlers",
+        "kwargs",
+        "mount_kind",
+        "parent",
+        "path",
+        "processor",
+        "rel",
+    )
+
+    def __init__(
+        self,
+        app: App,
+        parent: Component | None,
+        rel: StablePath,
+        processor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mount_kind: MountKind,
+        handlers: tuple[ExceptionHandler, ...],
+    ) -> None:
+        self.app = app
+        self.parent = parent
+        self.rel = rel
+        self.path: StablePath = rel if parent is None else parent.path + rel
+        self.processor = processor
+        self.args = args
+        self.kwargs = kwargs
+        self.mount_kind: MountKind = mount_kind
+        self.handlers = handlers
+        self.children: dict[StablePath, Component] = {}
+        self.exception: BaseException | None = None
+        self.escalated: BaseException | None = None
+        self._alive = True
+        self._self_ready = False
+        self._marked_ready = False
+        self._busy = 0
+        self._unready = 1
+        self._waiters: list[anyio.Event] | None = None
+        self._below: tuple[int, anyio.Event] | None = None
+        self._generation = 0
+        self._run_scope: anyio.CancelScope | None = None
+        self._live_scope: anyio.CancelScope | None = None
+        self._scope_run: AppRun | None = None
+        self._targets: set[TargetBase[Any, Any]] = set()
+        self._maps: list[LiveMap[Any, Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<component {format_path(self.path)}>"
+
+    @property
+    def path_str(self) -> str:
+        return format_path(self.path)
+
+    @property
+    def is_live(self) -> bool:
+        return _is_live_class(self.processor)
+
+    def context(self, kind: MountKind | None = None) -> ExceptionContext:
+        return ExceptionContext(
+            self.path, kind or self.mount_kind, processor_name(self.processor), self.app.name
+        )
+
+    # -- readiness -------------------------------------------------------------
+
+    def _adjust(self, delta: int) -> None:
+        before = self._unready
+        after = before + delta
+        self._unready = after
+        if before == 0 and after > 0:
+            if self.parent is not None and self._alive:
+                self.parent._adjust(1)
+        elif delta < 0 and self._below is not None and after <= self._below[0]:
+            self._below[1].set()
+            self._below = None
+        if before > 0 and after == 0:
+            waiters = self._waiters
+            if waiters:
+                self._waiters = None
+                for event in waiters:
+                    event.set()
+            if self.parent is None:
+                self.app._notify()
+            elif self._alive:
+                self.parent._adjust(-1)
+
+    def _set_self_ready(self, ready: bool) -> None:
+        if self._self_ready is not ready:
+            self._self_ready = ready
+            self._adjust(-1 if ready else 1)
+
+    def _refresh_live_ready(self) -> None:
+        self._set_self_ready(self._marked_ready and self._busy == 0)
+
+    def _hold(self, delta: int) -> None:
+        """Live components: count work in progress that keeps them unready."""
+        self._busy += delta
+        self._refresh_live_ready()
+
+    @property
+    def subtree_ready(self) -> bool:
+        return self._unready == 0
+
+    async def wait_ready(self) -> None:
+        """Wait until this component and all its descendants are ready."""
+        while self._unready and self._alive:
+            event = anyio.Event()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(event)
+            await event.wait()
+
+    async def wait_below(self, limit: int) -> None:
+        """Wait until at most ``limit`` of this component's children (and itself)
+        are unready: the throttle of ``mount_each``'s initial scan."""
+        while self._unready > limit and self._alive:
+            event = anyio.Event()
+            self._below = (limit, event)
+            await event.wait()
+
+    def _first_escalated(self) -> BaseException | None:
+        stack = [self]
+        while stack:
+            comp = stack.pop()
+            if comp.escalated is not None:
+                return comp.escalated
+            stack.extend(comp.children.values())
+        return None
+
+    # -- mounting --------------------------------------------------------------
+
+    def _mount_child(
+        self,
+        run: Run | None,
+        rel: StablePath,
+        processor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: MountKind,
+        handlers: tuple[ExceptionHandler, ...],
+    ) -> Component:
+        if run is not None and rel in run.mounted:
+            raise DuplicatePathError(format_path(self.path + rel))
+        child = self.children.get(rel)
+        if child is None:
+            child = Component(self.app, self, rel, processor, args, kwargs, kind, handlers)
+            self.children[rel] = child
+            self._adjust(1)
+        else:
+            child.processor = processor
+            child.args = args
+            child.kwargs = kwargs
+            child.mount_kind = kind
+            child.handlers = handlers
+        if run is not None:
+            run.mounted[rel] = child
+        return child
+
+    def _cancel_tasks(self) -> None:
+        # Scopes of an earlier app run are over (and may belong to another
+        # event loop): only those of the current run are cancelled.
+        if self._scope_run is not None and self._scope_run is self.app._active:
+            for scope in (self._run_scope, self._live_scope):
+                if scope is not None:
+                    scope.cancel()
+        self._run_scope = self._live_scope = None
+        self._scope_run = None
+
+    def _begin(self) -> int:
+        """Supersede whatever is in flight and start a new generation."""
+        self._cancel_tasks()
+        self._generation += 1
+        self.exception = None
+        self.escalated = None
+        self._marked_ready = False
+        self._busy = 0
+        self._set_self_ready(False)
+        return self._generation
+
+    async def launch(self) -> None:
+        """Run (or re-run) this component: a plain sync function runs inline,
+        in the caller's task; anything else in a task of its own."""
+        if _is_live_class(self.processor) or _is_async(self.processor):
+            self.start()
+            return
+        gen = self._begin()
+        self.app._require_run().stats.components_run += 1
+        await self.run_once(gen, self.processor, self.args, self.kwargs, raise_errors=False)
+
+    def start(self) -> None:
+        """Run (or re-run) this component in a new task of the current app run."""
+        gen = self._begin()
+        app_run = self.app._require_run()
+        app_run.stats.components_run += 1
+        self._scope_run = app_run
+        if _is_live_class(self.processor):
+            scope = self._live_scope = anyio.CancelScope()
+            app_run.tg.start_soon(self._live_task, scope, gen)
+        else:
+            scope = self._run_scope = anyio.CancelScope()
+            app_run.tg.start_soon(self._run_task, scope, gen)
+
+    async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
+        with scope:
+            await self.run_once(gen, self.processor, self.args, self.kwargs, raise_errors=False)
+
+    async def run_once(
+        self,
+        gen: int,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        raise_errors: bool,
+        kind: MountKind | None = None,
+        live: bool = False,
+    ) -> Any:
+        """One run: call ``func`` as this component, then commit.
+
+        A failure is reported to the handler chain (or raised, with
+        ``raise_errors``) and commits nothing.
+        """
+        run = Run(self)
+        t_run = _current_run.set(run)
+        t_handlers = _handlers.set(self.handlers)
+        t_prefix = _prefix.set(())
+        try:
+            result = func(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            _current_run.reset(t_run)
+            _handlers.reset(t_handlers)
+            _prefix.reset(t_prefix)
+            if gen == self._generation and self._alive:
+                self.exception = exc
+                app_run = self.app._active
+                if app_run is not None:
+                    app_run.stats.components_failed += 1
+                if raise_errors:
+                    if not live:
+                        self._set_self_ready(True)
+                    raise
+                await self.report(exc, kind)
+                if not live and gen == self._generation and self._alive:
+                    self._set_self_ready(True)
+            elif raise_errors:
+                raise
+            return None
+        _current_run.reset(t_run)
+        _handlers.reset(t_handlers)
+        _prefix.reset(t_prefix)
+        if gen == self._generation and self._alive:
+            await self._commit(run, gen, live)
+        return result
+
+    async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
+        """Send ``exc`` through this component's handler chain."""
+        escalated = await dispatch(self.handlers, exc, self.context(kind))
+        if escalated is not None:
+            self.escalated = escalated
+            self.app._escalations = True
+
+    async def _commit(self, run: Run, gen: int, live: bool) -> None:
+        for target, buffer in run.buffers.items():
+            await target._commit(self, buffer)
+        previous = self._targets
+        for target in previous:
+            if target not in run.buffers:
+                await target._release(self)
+        self._targets = {t for t in previous | run.buffers.keys() if t._holds(self)}
+        if gen != self._generation or not self._alive:
+            return
+        stale = [c for rel, c in self.children.items() if rel not in run.mounted]
+        for child in stale:
+            await child.unmount()
+        retired = self._maps
+        self._maps = run.maps
+        for lm in retired:
+            lm._retire()
+        if not live:
+            self._set_self_ready(True)
+
+    async def unmount(self) -> None:
+        """Unmount this component and its subtree, releasing what they own."""
+        if not self._alive:
+            return
+        parent = self.parent
+        was_unready = self._unready > 0
+        self._alive = False
+        if parent is not None:
+            del parent.children[self.rel]
+            if was_unready:
+                parent._adjust(-1)
+        self._cancel_tasks()
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for event in waiters:
+                event.set()
+        for child in list(self.children.values()):
+            await child.unmount()
+        for target in self._targets:
+            await target._release(self)
+        self._targets = set()
+        for lm in self._maps:
+            lm._retire()
+        self._maps = []
+        app_run = self.app._active
+        if app_run is not None:
+            app_run.stats.components_unmounted += 1
+
+    # -- live components -------------------------------------------------------
+
+    async def _live_task(self, scope: anyio.CancelScope, gen: int) -> None:
+        from livemap.live import LiveComponentOperator
+
+        with scope:
+            t_run = _current_run.set(None)
+            t_handlers = _handlers.set(self.handlers)
+            try:
+                try:
+                    instance = self.processor(*self.args, **self.kwargs)
+                except Exception as exc:
+                    self.exception = exc
+                    await self.report(exc, "mount")
+                    self._marked_ready = True
+                    self._refresh_live_ready()
+                    return
+                operator = LiveComponentOperator(self, instance, gen)
+                try:
+                    await instance.process_live(operator)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    if gen == self._generation and self._alive:
+                        self.exception = exc
+                        app_run = self.app._active
+                        if app_run is not None:
+                            app_run.stats.components_failed += 1
+                        await self.report(exc, "process_live")
+                if gen == self._generation and self._alive:
+                    self._marked_ready = True
+                    self._refresh_live_ready()
+            finally:
+                _current_run.reset(t_run)
+                _handlers.reset(t_handlers)
+
+
+class ComponentMountHandle:
+    """What ``mount`` / ``mount_each`` return."""
+
+    __slots__ = ("_component", "_value")
+
+    def __init__(self, component: Component, value: Any = None) -> None:
+        self._component = component
+        self._value = value
+
+    @property
+    def path(self) -> StablePath:
+        """The mounted component's path."""
+        return self._component.path
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception the component's latest run raised, if it failed."""
+        return self._component.exception
+
+    async def ready(self) -> None:
+        """Wait until the component committed and all its descendants are ready.
+
+        Does not raise for a failed component, unless an exception handler
+        raised (then the first such exception in the subtree is raised here).
+        """
+        comp = self._component
+        await comp.wait_ready()
+        if comp.app._escalations:
+            escalated = comp._first_escalated()
+            if escalated is not None:
+                raise escalated
+
+    def __repr__(self) -> str:
+        return f"<ComponentMountHandle {format_path(self.path)}>"
+
+
+def _split(args: tuple[Any, ...], what: str) -> tuple[StablePath | None, Any, tuple[Any, ...]]:
+    if not args:
+        raise TypeError(f"{what}() needs a component function")
+    first = args[0]
+    if isinstance(first, ComponentSubpath):
+        if len(args) < 2:
+            raise TypeError(f"{what}() needs a component function after the subpath")
+        return first.parts, args[1], args[2:]
+    return None, first, args[1:]
+
+
+def _default_part(processor: Any, what: str) -> Symbol:
+    name = getattr(processor, "__name__", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{what}(): {processor!r} is not a function or live-component class")
+    return Symbol(name)
+
+
+def _rel_path(subpath: StablePath | None, processor: Any, what: str) -> StablePath:
+    if not callable(processor):
+        raise TypeError(f"{what}(): {processor!r} is not callable")
+    own = subpath if subpath is not None else (_default_part(processor, what),)
+    return current_prefix() + own
+
+
+async def mount(*args: Any, **kwargs: Any) -> ComponentMountHandle:
+    """``mount([subpath,] fn_or_live_class, *args, **kwargs)``: mount a child.
+
+    The child's path is the current component's path / ``subpath`` (default
+    ``Symbol(fn.__name__)``).  Returns at once with a handle; ``await
+    handle.ready()`` waits for the child.  Raises
+    :class:`~livemap.errors.DuplicatePathError` when a sibling is already
+    mounted at that path during this run.
+    """
+    run = current_run("mount()")
+    subpath, processor, fargs = _split(args, "mount")
+    rel = _rel_path(subpath, processor, "mount")
+    child = run.component._mount_child(run, rel, processor, fargs, kwargs, "mount", handler_chain())
+    await child.launch()
+    return ComponentMountHandle(child)
+
+
+async def use_mount(*args: Any, **kwargs: Any) -> Any:
+    """``use_mount([subpath,] fn, *args, **kwargs)``: mount, wait until ready,
+    return the function's value.
+
+    The child runs in the calling task; its failure raises here, into the
+    caller.  A live-component class is a ``TypeError``.
+    """
+    run = current_run("use_mount()")
+    subpath, processor, fargs = _split(args, "use_mount")
+    if _is_live_class(processor):
+        raise TypeError(
+            f"use_mount() cannot mount the live component {processor_name(processor)}: "
+            "it has no single value; use mount()"
+        )
+    rel = _rel_path(subpath, processor, "use_mount")
+    child = run.component._mount_child(run, rel, processor, fargs, kwargs, "mount", handler_chain())
+    gen = child._begin()
+    child.app._require_run().stats.components_run += 1
+    value = await child.run_once(gen, processor, fargs, kwargs, raise_errors=True)
+    await ComponentMountHandle(child).ready()
+    return value
+
+
+async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
+    """``mount_each([subpath,] fn, items, *args, **kwargs)``: one child per entry.
+
+    ``items`` is an iterable or async iterable of ``(key, value)`` pairs, a
+    :class:`~livemap.feed.LiveMapView` (a :class:`~livemap.LiveMap`) or a
+    :class:`~livemap.feed.LiveMapFeed` (for example ``lm.consumer(...)``).
+    Each child runs ``fn(value, *args, **kwargs)`` at path ``.../key``.  Over
+    a view or feed the children follow the entries live.
+    """
+    from livemap.feed import EachLive, is_feed
+
+    run = current_run("mount_each()")
+    subpath, processor, rest = _split(args, "mount_each")
+    if not rest:
+        raise TypeError("mount_each() needs the items to mount after the function")
+    items, fargs = rest[0], rest[1:]
+    rel = _rel_path(subpath, processor, "mount_each")
+    if _is_live_class(processor):
+        raise TypeError(
+            f"mount_each() mounts a function per entry, not the live component "
+            f"{processor_name(processor)}"
+        )
+    if is_feed(items):
+        child = run.component._mount_child(
+            run,
+            rel,
+            EachLive,
+            (processor, items, fargs, kwargs),
+            {},
+            "mount_each",
+            handler_chain(),
+        )
+    elif isinstance(items, (Iterable, AsyncIterable)):
+        child = run.component._mount_child(
+            run,
+            rel,
+            _each_static,
+            (processor, items, fargs, kwargs),
+            {},
+            "mount_each",
+            handler_chain(),
+        )
+    else:
+        raise TypeError(
+            f"mount_each(): items must be an iterable, an async iterable, a LiveMapView or "
+            f"a LiveMapFeed, got {type(items).__name__}"
+        )
+    child.start()
+    return ComponentMountHandle(child)
+
+
+async def _each_static(
+    processor: Any,
+    items: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
+    fargs: tuple[Any, ...],
+    fkwargs: dict[str, Any],
+) -> None:
+    run = current_run("mount_each()")
+    comp = run.component
+    handlers = handler_chain()
+
+    async def one(pair: Any) -> None:
+        key, value = _pair(pair)
+        child = comp._mount_child(
+            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers
+        )
+        await child.launch()
+
+    if isinstance(items, AsyncIterable):
+        async for pair in items:
+            await one(pair)
+    else:
+        for pair in items:
+            await one(pair)
+
+
+def _pair(pair: Any) -> tuple[StableKey, Any]:
+    try:
+        key, value = pair
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"mount_each(): each item must be a (key, value) pair, got {pair!r}"
+        ) from None
+    check_key(key)
+    return key, value

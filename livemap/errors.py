@@ -1,0 +1,94 @@
+"""Every exception livemap raises or reports on purpose.
+
+Each names the offending key or component path in its message.  Misuse raised
+at a call (a bad key, a duplicate declaration, a second sibling at one path,
+a call outside a component) leaves every map and component as it was.
+"""
+
+from __future__ import annotations
+
+from livemap_core import DuplicateDeclarationError
+
+__all__ = [
+    "DuplicateDeclarationError",
+    "DuplicatePathError",
+    "KeyConflictError",
+    "LiveMapError",
+    "MapRetiredError",
+    "NotInComponentError",
+    "TargetApplyError",
+]
+
+
+class LiveMapError(Exception):
+    """Base class of livemap's own errors (``DuplicateDeclarationError`` is a
+    ``ValueError`` instead, and a non-stable key is a plain ``TypeError``)."""
+
+
+class NotInComponentError(LiveMapError, RuntimeError):
+    """A call that needs a running component (``declare_entry``, ``mount``,
+    ``mount_each``, ``use_mount``, ``LiveMap.create()``, ``declare``) was made
+    outside one."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} must be called inside a component run (an app's main function or a "
+            "function mounted from it)"
+        )
+        self.what = what
+
+
+class KeyConflictError(LiveMapError):
+    """A component declared a key that another component owns.
+
+    The first owner keeps the key and its value; the conflicting declaration
+    is not applied (nor remembered).  Reported to the declaring component's
+    exception-handler chain, not raised at the call.
+    """
+
+    def __init__(self, key: object, target: str, owner_path: str, declarer_path: str) -> None:
+        super().__init__(
+            f"key {key!r} of {target} is owned by component {owner_path}; "
+            f"the declaration by component {declarer_path} was not applied"
+        )
+        self.key = key
+        self.target = target
+        self.owner_path = owner_path
+        self.declarer_path = declarer_path
+
+
+class DuplicatePathError(LiveMapError, ValueError):
+    """Two components were mounted at one path during one run of their parent.
+
+    Raised by the second ``mount``; the first stays mounted.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"a component is already mounted at {path} during this run")
+        self.path = path
+
+
+class MapRetiredError(LiveMapError, RuntimeError):
+    """A declaration into a LiveMap whose creating run has been superseded or
+    whose creating component was unmounted."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} is retired: the run that created it has been superseded")
+        self.target = target
+
+
+class TargetApplyError(LiveMapError):
+    """A target's apply callback raised.
+
+    The batch counts as not applied: the target's record stays as before it,
+    so the owner's next commit sends the same changes again.  The original
+    exception is ``__cause__``.
+    """
+
+    def __init__(self, target: str, path: str, upserts: int, deletes: int) -> None:
+        super().__init__(
+            f"applying a batch of {upserts} upserts and {deletes} deletes to {target} "
+            f"for component {path} failed; it will be sent again"
+        )
+        self.target = target
+        self.path = path

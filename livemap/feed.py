@@ -1,0 +1,403 @@
+"""Live views and feeds, their subscribers, and the consumer worker.
+
+The consumer worker is where a LiveMap meets its consumer.  A commit marks
+the changed keys *pending*; the worker takes pending keys that are not in
+flight, reads each key's current state from the map at that moment, and
+delivers ``update(key, value)`` or ``delete(key)``.  Reading the latest state
+at delivery time is what coalesces: a key that changed fifty times while it
+waited is one pending key, so pending work is bounded by the number of
+distinct keys.  A key that changes while in flight is taken again when its
+delivery is done, so one key is never processed twice at once and its
+deliveries arrive in the order of its changes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import anyio
+
+from livemap.component import ComponentMountHandle, _is_live_class
+from livemap.live import LiveComponentOperator
+
+if TYPE_CHECKING:
+    from livemap.app import AppRun
+    from livemap.component import Component
+    from livemap.live_map import LiveMap
+
+__all__ = [
+    "ConsumerOptions",
+    "EachLive",
+    "LiveMapFeed",
+    "LiveMapSubscriber",
+    "LiveMapView",
+    "ReadyLike",
+    "RetryPolicy",
+    "is_feed",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+K_contra = TypeVar("K_contra", contravariant=True)
+V_contra = TypeVar("V_contra", contravariant=True)
+K_co = TypeVar("K_co", covariant=True)
+V_co = TypeVar("V_co", covariant=True)
+
+_MISSING: Any = object()
+
+
+@runtime_checkable
+class ReadyLike(Protocol):
+    """Something whose ``ready()`` can be awaited."""
+
+    async def ready(self) -> None: ...
+
+
+@runtime_checkable
+class LiveMapSubscriber(Protocol[K_contra, V_contra]):
+    """What a feed talks to.
+
+    A feed calls ``update_all()`` (the subscriber re-reads everything: for a
+    view, it scans it), then ``mark_ready()``, then ``update(key, value)`` /
+    ``delete(key)`` for each later change.  ``update`` and ``delete`` return a
+    handle whose ``ready()`` says the change has been processed.
+    """
+
+    async def update_all(self) -> None: ...
+
+    async def mark_ready(self) -> None: ...
+
+    async def update(self, key: K_contra, value: V_contra) -> ReadyLike: ...
+
+    async def delete(self, key: K_contra) -> ReadyLike: ...
+
+
+@runtime_checkable
+class LiveMapFeed(Protocol[K_co, V_co]):
+    """A source of live changes: ``await feed.watch(subscriber)`` runs until
+    the feed ends (or the watching task is cancelled)."""
+
+    async def watch(self, subscriber: LiveMapSubscriber[Any, Any]) -> None: ...
+
+
+@runtime_checkable
+class LiveMapView(LiveMapFeed[K_co, V_co], Protocol[K_co, V_co]):
+    """A feed that can also be scanned: ``async for key, value in view``."""
+
+    def __aiter__(self) -> AsyncIterator[tuple[K_co, V_co]]: ...
+
+
+def is_feed(obj: object) -> bool:
+    """Whether ``obj`` is a :class:`LiveMapFeed` (anything with ``watch``)."""
+    return callable(getattr(obj, "watch", None)) and not isinstance(obj, (list, tuple, dict))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry a failing per-entry component with exponential backoff.
+
+    A failed processing of a key is tried again after ``initial_backoff``
+    seconds, then ``multiplier`` times longer each time (at most
+    ``max_backoff``), up to ``max_attempts`` tries in all.  A key still
+    failing after that stays visible in ``LiveMap.stats().failing`` (with its
+    last error) until it changes or is deleted; a change starts over.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.05
+    multiplier: float = 2.0
+    max_backoff: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("RetryPolicy backoffs must be >= 0 and the multiplier >= 1")
+
+    def delay(self, failures: int) -> float:
+        """The wait before the try after ``failures`` failed ones."""
+        return float(
+            min(self.max_backoff, self.initial_backoff * self.multiplier ** (failures - 1))
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """How a LiveMap's consumer processes changes.
+
+    ``concurrency``: how many keys are processed at once (one key is never
+    processed twice at once); ``retry``: a :class:`RetryPolicy` for failing
+    per-entry components, or ``None`` to try each change once.
+    """
+
+    concurrency: int = 64
+    retry: RetryPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+@dataclass
+class _Waiter:
+    keys: set[Any]
+    event: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Consumer(Generic[K, V]):
+    """The worker between one LiveMap and its one subscriber (internal)."""
+
+    def __init__(
+        self,
+        live_map: LiveMap[K, V],
+        subscriber: LiveMapSubscriber[K, V],
+        options: ConsumerOptions,
+    ) -> None:
+        self.live_map = live_map
+        self.subscriber = subscriber
+        self.options = options
+        self.queue: deque[K] = deque()
+        self.queued: set[K] = set()
+        self.in_flight: set[K] = set()
+        self.dirty: set[K] = set()
+        self.failing: dict[K, BaseException] = {}
+        self.deliveries = 0
+        self.closed = False
+        self._busy_run: AppRun | None = None
+        self._holding: Component | None = None
+        self._wake: anyio.Event | None = None
+        self._waiters: list[_Waiter] = []
+        # What the subscriber has: the map as it stands when the watch starts
+        # (``update_all`` scans it before its first await), then every delivery.
+        self.delivered: dict[K, V] = dict(live_map._table.items())
+        each = subscriber if isinstance(subscriber, EachSubscriber) else None
+        self._component = each.component if each is not None else None
+
+    # -- called from commits (synchronously) ---------------------------------
+
+    def notify(self, keys: list[K]) -> None:
+        in_flight = self.in_flight
+        queued = self.queued
+        for key in keys:
+            if key in in_flight:
+                self.dirty.add(key)
+            elif key not in queued:
+                queued.add(key)
+                self.queue.append(key)
+        self._set_busy(True)
+        self._poke()
+
+    def close(self) -> None:
+        self.closed = True
+        self._poke()
+
+    # -- the worker ----------------------------------------------------------
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy:
+            if self._busy_run is None:
+                run = self.live_map._app_run()
+                if run is not None:
+                    self._busy_run = run
+                    run.consumer_busy(1)
+                    comp = self._component
+                    if comp is not None and comp._alive:
+                        self._holding = comp
+                        comp._hold(1)
+        elif self._busy_run is not None:
+            run, self._busy_run = self._busy_run, None
+            holding, self._holding = self._holding, None
+            if holding is not None and holding._alive:
+                holding._hold(-1)
+            run.consumer_busy(-1)
+
+    def idle(self) -> bool:
+        return not self.queue and not self.in_flight
+
+    async def run(self) -> None:
+        try:
+            await self.subscriber.update_all()
+            await self.subscriber.mark_ready()
+            limit = self.options.concurrency
+            async with anyio.create_task_group() as tg:
+                while not self.closed:
+                    queue = self.queue
+                    while queue and len(self.in_flight) < limit:
+                        key = queue.popleft()
+                        self.queued.discard(key)
+                        self.in_flight.add(key)
+                        tg.start_soon(self._deliver, key)
+                    if self.idle():
+                        self._set_busy(False)
+                    self._wake = anyio.Event()
+                    if not self.closed and not (queue and len(self.in_flight) < limit):
+                        await self._wake.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self._set_busy(False)
+            for waiter in self._waiters:
+                waiter.event.set()
+            self._waiters.clear()
+
+    async def _deliver(self, key: K) -> None:
+        retry = self.options.retry
+        failures = 0
+        force = False
+        try:
+            while True:
+                value = self.live_map._table.get(key, _MISSING)
+                had = self.delivered.get(key, _MISSING)
+                if value is _MISSING:
+                    if had is _MISSING:
+                        self.failing.pop(key, None)
+                        return
+                    del self.delivered[key]
+                    self.failing.pop(key, None)
+                    handle: ReadyLike = await self.subscriber.delete(key)
+                else:
+                    if not force and had is not _MISSING and _same(had, value):
+                        return
+                    self.delivered[key] = value
+                    handle = await self.subscriber.update(key, value)
+                self.deliveries += 1
+                error: BaseException | None
+                try:
+                    await handle.ready()
+                    error = getattr(handle, "exception", None)
+                except Exception as exc:
+                    error = exc
+                if error is None:
+                    self.failing.pop(key, None)
+                    return
+                self.failing[key] = error
+                failures += 1
+                if retry is None or failures >= retry.max_attempts or key in self.dirty:
+                    return
+                await anyio.sleep(retry.delay(failures))
+                if key in self.dirty:
+                    return
+                force = True
+        finally:
+            self.in_flight.discard(key)
+            if key in self.dirty:
+                self.dirty.discard(key)
+                if key not in self.queued:
+                    self.queued.add(key)
+                    self.queue.append(key)
+            elif self._waiters:
+                self._done(key)
+            self._poke()
+
+    def _done(self, key: K) -> None:
+        remaining = []
+        for waiter in self._waiters:
+            waiter.keys.discard(key)
+            if waiter.keys:
+                remaining.append(waiter)
+            else:
+                waiter.event.set()
+        self._waiters = remaining
+
+    async def settle(self) -> None:
+        outstanding = self.queued | self.in_flight | self.dirty
+        if not outstanding or self.closed:
+            return
+        waiter = _Waiter(outstanding)
+        self._waiters.append(waiter)
+        await waiter.event.wait()
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+class EachSubscriber:
+    """``mount_each``'s subscriber: one child component per key (internal).
+
+    ``update_all()`` opens an epoch and mounts a child for every entry of a
+    view's snapshot; ``mark_ready()`` closes it, unmounting the children of
+    keys the epoch did not see.  ``update`` / ``delete`` then follow changes.
+    """
+
+    def __init__(self, operator: LiveComponentOperator, each: EachLive) -> None:
+        self.operator = operator
+        self.each = each
+        self.component: Component = operator._component
+        self._epoch: set[Hashable] | None = None
+
+    async def update_all(self) -> None:
+        self._epoch = set()
+        source = self.each.source
+        if callable(getattr(source, "__aiter__", None)):
+            snapshot = [pair async for pair in source]
+            limit = self.each.concurrency
+            comp = self.component
+            for key, value in snapshot:
+                await self._put(key, value)
+                if comp._unready > limit:
+                    await comp.wait_below(limit)
+
+    async def mark_ready(self) -> None:
+        epoch = self._epoch
+        if epoch is not None:
+            self._epoch = None
+            stale = [rel for rel in self.component.children if rel[0] not in epoch]
+            for rel in stale:
+                await self.operator.delete(rel)
+        await self.operator.mark_ready()
+
+    async def update(self, key: Any, value: Any) -> ReadyLike:
+        return await self._put(key, value)
+
+    async def delete(self, key: Any) -> ReadyLike:
+        if self._epoch is not None:
+            self._epoch.discard(key)
+        return await self.operator.delete((key,))
+
+    async def _put(self, key: Any, value: Any) -> ComponentMountHandle:
+        if self._epoch is not None:
+            self._epoch.add(key)
+        each = self.each
+        return await self.operator.update((key,), each.fn, value, *each.args, **each.kwargs)
+
+
+class EachLive:
+    """The live component ``mount_each`` mounts over a view or a feed (internal)."""
+
+    def __init__(self, fn: Any, source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _is_live_class(fn):
+            raise TypeError("mount_each() mounts a function per entry, not a live component")
+        self.fn = fn
+        self.source = source
+        self.args = args
+        self.kwargs = kwargs
+        options = getattr(source, "options", None)
+        if not isinstance(options, ConsumerOptions):
+            options = ConsumerOptions()
+        self.concurrency = options.concurrency
+
+    def process(self) -> None:
+        return None
+
+    async def process_live(self, operator: LiveComponentOperator) -> None:
+        operator._kind = "mount_each"
+        subscriber = EachSubscriber(operator, self)
+        try:
+            await self.source.watch(subscriber)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            await operator._component.report(exc, "mount_each")

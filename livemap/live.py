@@ -1,0 +1,169 @@
+"""Live components: ``process()`` for a full pass, ``process_live(operator)``
+for the long-running part, and the operator that connects the two."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import anyio
+
+from livemap.component import ComponentMountHandle, _rel_path
+from livemap.context import MountKind, handler_chain
+from livemap.paths import ComponentSubpath, StableKey, StablePath
+
+if TYPE_CHECKING:
+    from livemap.component import Component
+
+__all__ = [
+    "LiveComponent",
+    "LiveComponentOperator",
+    "ReadyHandle",
+    "auto_refresh",
+]
+
+
+@runtime_checkable
+class LiveComponent(Protocol):
+    """A component class that keeps itself up to date.
+
+    ``mount(MyLive, *args, **kwargs)`` instantiates ``MyLive(*args,
+    **kwargs)`` and runs ``process_live(operator)`` in its own task.
+    ``process()`` is what ``operator.update_full()`` runs as the component's
+    run: its declarations and mounts are committed like a function
+    component's.  Returning from ``process_live`` marks the component ready.
+    """
+
+    def process(self) -> Awaitable[None] | None: ...
+
+    async def process_live(self, operator: LiveComponentOperator) -> None: ...
+
+
+class ReadyHandle:
+    """A handle whose ``ready()`` returns at once (for a delete)."""
+
+    __slots__ = ()
+
+    async def ready(self) -> None:
+        """Returns at once."""
+
+    @property
+    def exception(self) -> BaseException | None:
+        return None
+
+
+def _subpath(subpath: StableKey | ComponentSubpath | StablePath) -> StablePath:
+    if isinstance(subpath, ComponentSubpath):
+        return subpath.parts
+    if type(subpath) is tuple:
+        return subpath
+    return (subpath,)
+
+
+class LiveComponentOperator:
+    """What ``process_live`` uses to change its component.
+
+    Every method is async.  ``update_full()`` runs ``process()`` and returns
+    when it has committed and its children are ready (a failure goes to the
+    exception-handler chain, it is not raised).  ``update()`` and
+    ``delete()`` change one child and return a handle at once.
+    """
+
+    __slots__ = ("_component", "_gen", "_instance", "_kind")
+
+    def __init__(self, component: Component, instance: Any, gen: int) -> None:
+        self._component = component
+        self._instance = instance
+        self._gen = gen
+        self._kind: MountKind = "mount"
+
+    @property
+    def stable_path(self) -> StablePath:
+        """The live component's path."""
+        return self._component.path
+
+    def _current(self) -> bool:
+        comp = self._component
+        return comp._alive and comp._generation == self._gen
+
+    async def update_full(self) -> None:
+        """Run ``process()`` as the component's run and wait for its children."""
+        comp = self._component
+        if not self._current():
+            return
+        comp._hold(1)
+        try:
+            await comp.run_once(
+                self._gen, self._instance.process, (), {}, raise_errors=False, live=True
+            )
+            for child in list(comp.children.values()):
+                await child.wait_ready()
+        finally:
+            if self._current():
+                comp._hold(-1)
+
+    async def update(
+        self,
+        subpath: StableKey | ComponentSubpath | StablePath,
+        fn: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> ComponentMountHandle:
+        """(Re)mount the child at ``subpath`` running ``fn(*args, **kwargs)``."""
+        comp = self._component
+        rel = _subpath(subpath)
+        _rel_path(rel, fn, "update")
+        child = comp._mount_child(None, rel, fn, args, kwargs, self._kind, handler_chain())
+        if self._current():
+            await child.launch()
+        return ComponentMountHandle(child)
+
+    async def delete(self, subpath: StableKey | ComponentSubpath | StablePath) -> ReadyHandle:
+        """Unmount the child at ``subpath`` (if any), releasing what it owns."""
+        child = self._component.children.get(_subpath(subpath))
+        if child is not None:
+            await child.unmount()
+        return ReadyHandle()
+
+    async def mark_ready(self) -> None:
+        """Mark the live component ready (its initial catch-up is done)."""
+        comp = self._component
+        if self._current() and not comp._marked_ready:
+            comp._marked_ready = True
+            comp._refresh_live_ready()
+
+    async def report_exception(self, exc: BaseException) -> None:
+        """Send ``exc`` to the component's exception-handler chain."""
+        await self._component.report(exc, "process_live")
+
+
+def auto_refresh(fn: Callable[..., Any], *, interval: float) -> type[LiveComponent]:
+    """A live-component class that runs ``fn(*args, **kwargs)`` as its
+    ``process()`` and, in live mode, again every ``interval`` seconds.
+
+    ``mount(auto_refresh(load, interval=5.0), path)`` mounts it.
+    """
+    if interval <= 0:
+        raise ValueError(f"auto_refresh interval must be positive, got {interval!r}")
+    name = getattr(fn, "__name__", "refresh")
+
+    class AutoRefresh:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._args = args
+            self._kwargs = kwargs
+
+        async def process(self) -> None:
+            result = fn(*self._args, **self._kwargs)
+            if hasattr(result, "__await__"):
+                await result
+
+        async def process_live(self, operator: LiveComponentOperator) -> None:
+            await operator.update_full()
+            await operator.mark_ready()
+            while True:
+                await anyio.sleep(interval)
+                await operator.update_full()
+
+    AutoRefresh.__name__ = name
+    AutoRefresh.__qualname__ = f"auto_refresh({getattr(fn, '__qualname__', name)})"
+    return AutoRefresh

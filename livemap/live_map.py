@@ -1,0 +1,275 @@
+"""``LiveMap``: an owned, in-memory keyed target that is also a live view."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from livemap.context import _current_run, current_run
+from livemap.errors import MapRetiredError, NotInComponentError
+from livemap.feed import (
+    Consumer,
+    ConsumerOptions,
+    LiveMapFeed,
+    LiveMapSubscriber,
+    LiveMapView,
+    RetryPolicy,
+)
+from livemap.targets import TargetBase
+from livemap_core import Buffer
+
+if TYPE_CHECKING:
+    from livemap.app import AppRun
+    from livemap.component import Component
+
+__all__ = [
+    "LiveMap",
+    "LiveMapConsumer",
+    "LiveMapFeed",
+    "LiveMapStats",
+    "LiveMapSubscriber",
+    "LiveMapView",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_ids = itertools.count(1)
+_CREATE = object()
+
+
+@dataclass(frozen=True)
+class LiveMapStats:
+    """A snapshot of one LiveMap's counters.
+
+    ``entries``: keys held; ``commits``: commits and releases into the map;
+    ``changes``: upserts and deletes committed; ``suppressed``: declarations
+    the ``==`` gate turned into no-ops; ``conflicts``: declarations rejected
+    because another component owns the key; ``eq_errors``: declarations whose
+    ``==`` raised; ``deliveries``: ``update``/``delete`` calls made to the
+    consumer; ``pending``: keys with changes the consumer has not taken yet
+    (its lag); ``in_flight``: keys being processed; ``failing``: keys whose
+    latest processing failed, with the last error; ``consumer``: whether a
+    consumer is watching.
+    """
+
+    entries: int
+    commits: int
+    changes: int
+    suppressed: int
+    conflicts: int
+    eq_errors: int
+    deliveries: int
+    pending: int
+    in_flight: int
+    failing: dict[Any, BaseException]
+    consumer: bool
+
+
+class _Snapshot(Generic[K, V]):
+    __slots__ = ("_it",)
+
+    def __init__(self, items: list[tuple[K, V]]) -> None:
+        self._it = iter(items)
+
+    def __aiter__(self) -> _Snapshot[K, V]:
+        return self
+
+    async def __anext__(self) -> tuple[K, V]:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+class LiveMap(TargetBase[K, V]):
+    """An in-memory keyed collection: producers declare entries as owned
+    target states, one consumer follows it live.
+
+    Create it with ``await LiveMap.create()`` inside a component; it belongs
+    to that run and is retired when the component's next run commits or the
+    component is unmounted.  It is a :class:`~livemap.feed.LiveMapView`:
+    ``async for key, value in lm`` scans a snapshot, ``await lm.watch(sub)``
+    follows it, and ``mount_each(fn, lm)`` mounts one component per entry.
+    """
+
+    __slots__ = ("_consumer", "_creator", "_deliveries", "_options", "_retired")
+
+    def __init__(self, _token: object, creator: Component) -> None:
+        if _token is not _CREATE:
+            raise TypeError("use `await LiveMap.create()` inside a component to make a LiveMap")
+        super().__init__(f"LiveMap#{next(_ids)} (created by {creator.path_str})", track_undo=False)
+        self._creator = creator
+        self._consumer: Consumer[K, V] | None = None
+        self._retired = False
+        self._deliveries = 0
+        self._options = ConsumerOptions()
+
+    def __repr__(self) -> str:
+        state = " retired" if self._retired else ""
+        return f"<{self.name} entries={len(self._table)}{state}>"
+
+    @classmethod
+    async def create(cls) -> LiveMap[K, V]:
+        """A new, empty map owned by the current component run.
+
+        Raises :class:`~livemap.errors.NotInComponentError` outside a run.
+        """
+        run = current_run("LiveMap.create()")
+        lm: LiveMap[K, V] = cls(_CREATE, run.component)
+        run.maps.append(lm)
+        return lm
+
+    # -- producing ---------------------------------------------------------------
+
+    def declare_entry(self, key: K, value: V) -> None:
+        """Declare ``key -> value`` as owned by the current component run.
+
+        Buffered and committed with the run.  ``TypeError`` for a key that is
+        not stable, :class:`~livemap.errors.DuplicateDeclarationError` for a
+        key declared twice in one run (the first stands),
+        :class:`~livemap.errors.NotInComponentError` outside a run,
+        :class:`~livemap.errors.MapRetiredError` for a retired map.
+        """
+        run = _current_run.get()
+        if run is None:
+            raise NotInComponentError("LiveMap.declare_entry()")
+        if self._retired:
+            raise MapRetiredError(self.name)
+        buffer: Buffer[K, V] | None = run.buffers.get(self)
+        if buffer is None:
+            buffer = run.buffers[self] = self._table.buffer(run.component)
+        buffer.declare(key, value)
+
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+        if self._retired:
+            return
+        result = self._table.commit(buffer)
+        if result.rejections:
+            await self._report_rejections(component, result)
+        consumer = self._consumer
+        if consumer is not None and result:
+            keys = [key for key, _ in result.upserts]
+            keys.extend(result.deletes)
+            consumer.notify(keys)
+
+    async def _release(self, component: Component) -> None:
+        result = self._table.release(component)
+        consumer = self._consumer
+        if consumer is not None and result:
+            consumer.notify(result.deletes)
+
+    def _retire(self) -> None:
+        self._retired = True
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def _app_run(self) -> AppRun | None:
+        return self._creator.app._active
+
+    @property
+    def retired(self) -> bool:
+        """Whether the run that created the map has been superseded (or its
+        component unmounted): a retired map takes no declarations and its
+        consumer has ended."""
+        return self._retired
+
+    # -- consuming ---------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
+        """A snapshot of the entries as they are now; no side effects."""
+        return _Snapshot(self._table.items())
+
+    async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
+        """Follow the map: ``update_all()``, ``mark_ready()``, then every
+        later change as ``update(key, value)`` / ``delete(key)``.
+
+        Returns when the map is retired.  A second concurrent watch raises
+        ``RuntimeError``.  ``update_all()`` must take its snapshot (start
+        iterating the map) before its first await; then no change is lost or
+        delivered twice between the snapshot and the watch.
+        """
+        await self._watch(subscriber, self._options)
+
+    async def _watch(self, subscriber: LiveMapSubscriber[K, V], options: ConsumerOptions) -> None:
+        if self._consumer is not None:
+            raise RuntimeError(
+                f"{self.name} already has an active consumer; a LiveMap supports one at a time"
+            )
+        if self._retired:
+            return
+        consumer = Consumer(self, subscriber, options)
+        self._consumer = consumer
+        try:
+            await consumer.run()
+        finally:
+            self._deliveries += consumer.deliveries
+            if self._consumer is consumer:
+                self._consumer = None
+
+    def consumer(
+        self, *, concurrency: int = 64, retry: RetryPolicy | None = None
+    ) -> LiveMapConsumer[K, V]:
+        """This map as a view with consumer options, for ``mount_each``.
+
+        ``mount_each(fn, lm.consumer(concurrency=8, retry=RetryPolicy()))``
+        processes up to 8 keys at once and retries failing entries.
+        """
+        return LiveMapConsumer(self, ConsumerOptions(concurrency, retry))
+
+    async def settle(self) -> None:
+        """Wait until every change committed so far has been processed by the
+        consumer (its per-entry components ready).  Returns at once when no
+        consumer is watching."""
+        consumer = self._consumer
+        if consumer is not None:
+            await consumer.settle()
+
+    def stats(self) -> LiveMapStats:
+        """A snapshot of the map's counters (see :class:`LiveMapStats`)."""
+        table = self._table.stats()
+        consumer = self._consumer
+        deliveries = self._deliveries
+        pending = in_flight = 0
+        failing: dict[Any, BaseException] = {}
+        if consumer is not None:
+            deliveries += consumer.deliveries
+            pending = len(consumer.queued) + len(consumer.dirty)
+            in_flight = len(consumer.in_flight)
+            failing = dict(consumer.failing)
+        return LiveMapStats(
+            entries=table.entries,
+            commits=table.commits,
+            changes=table.changes,
+            suppressed=table.suppressed,
+            conflicts=table.conflicts,
+            eq_errors=table.eq_errors,
+            deliveries=deliveries,
+            pending=pending,
+            in_flight=in_flight,
+            failing=failing,
+            consumer=consumer is not None,
+        )
+
+
+class LiveMapConsumer(Generic[K, V]):
+    """A :class:`LiveMap` seen through consumer options (see
+    :meth:`LiveMap.consumer`); a :class:`~livemap.feed.LiveMapView`."""
+
+    __slots__ = ("live_map", "options")
+
+    def __init__(self, live_map: LiveMap[K, V], options: ConsumerOptions) -> None:
+        self.live_map = live_map
+        self.options = options
+
+    def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
+        return self.live_map.__aiter__()
+
+    async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
+        """Like :meth:`LiveMap.watch`, with these options."""
+        await self.live_map._watch(subscriber, self.options)
+
+    def __repr__(self) -> str:
+        return f"<consumer of {self.live_map.name} {self.options}>"

@@ -1,0 +1,99 @@
+"""Stable keys, symbols and component paths."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar, Token
+from typing import TypeAlias
+
+from livemap_core import Symbol, check_key, is_stable_key
+
+__all__ = [
+    "ComponentSubpath",
+    "StableKey",
+    "StablePath",
+    "Symbol",
+    "check_key",
+    "component_subpath",
+    "format_path",
+    "is_stable_key",
+]
+
+StableKey: TypeAlias = (
+    bool | int | str | bytes | uuid.UUID | Symbol | tuple["StableKey", ...] | None
+)
+"""A key usable in paths and as a LiveMap key: ``None``, ``bool``, ``int``,
+``str``, ``bytes``, ``uuid.UUID``, :class:`Symbol`, or a tuple of these."""
+
+StablePath: TypeAlias = tuple[StableKey, ...]
+"""A component's path from the app's root: a tuple of stable keys."""
+
+
+def _format_part(part: StableKey) -> str:
+    if isinstance(part, Symbol):
+        return part.name
+    return repr(part)
+
+
+def format_path(path: StablePath) -> str:
+    """``/`` for the root, else ``/part/part``: symbols by name, other keys by repr."""
+    return "/" + "/".join(_format_part(p) for p in path)
+
+
+_prefix: ContextVar[StablePath] = ContextVar("livemap_subpath_prefix", default=())
+
+
+class ComponentSubpath:
+    """A relative component path: one or more stable keys.
+
+    Pass it as the first argument of ``mount`` / ``mount_each`` / ``use_mount``,
+    or use it as a context manager (``with component_subpath("a"):``) to
+    prefix every mount inside the block.
+    """
+
+    __slots__ = ("_token", "parts")
+
+    def __init__(self, *parts: StableKey) -> None:
+        if not parts:
+            raise ValueError("a component subpath needs at least one part")
+        for part in parts:
+            check_key(part)
+        self.parts: StablePath = parts
+        self._token: list[Token[StablePath]] = []
+
+    def __truediv__(self, other: StableKey | ComponentSubpath) -> ComponentSubpath:
+        more = other.parts if isinstance(other, ComponentSubpath) else (other,)
+        return ComponentSubpath(*self.parts, *more)
+
+    def __enter__(self) -> ComponentSubpath:
+        self._token.append(_prefix.set(_prefix.get() + self.parts))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _prefix.reset(self._token.pop())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ComponentSubpath):
+            return self.parts == other.parts
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.parts)
+
+    def __iter__(self) -> Iterator[StableKey]:
+        return iter(self.parts)
+
+    def __repr__(self) -> str:
+        return f"component_subpath({', '.join(repr(p) for p in self.parts)})"
+
+
+def component_subpath(*parts: StableKey) -> ComponentSubpath:
+    """A :class:`ComponentSubpath` of ``parts``; also a context manager that
+    prefixes the mounts made inside its block."""
+    return ComponentSubpath(*parts)
+
+
+def current_prefix() -> StablePath:
+    """The subpath prefix of the enclosing ``with component_subpath(...)`` blocks."""
+    return _prefix.get()

@@ -1,0 +1,210 @@
+"""Keyed targets: collections of owned target states, diffed by
+``livemap_core`` and applied through a sink.
+
+Every target keeps a :class:`livemap_core.Table`: for each key, the value and
+the component that declared it.  A component's declarations are buffered
+during its run and committed when it returns; the table turns them into
+upserts and deletes, which the target applies.  :class:`LiveMap` is one
+target; :class:`KeyedTarget` is the same machinery with a user-given sink.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from livemap.context import current_run
+from livemap.errors import KeyConflictError, TargetApplyError
+from livemap.paths import StablePath, format_path
+from livemap_core import CONFLICT, Buffer, Commit, Table, TableStats
+
+if TYPE_CHECKING:
+    from livemap.component import Component
+
+__all__ = ["KeyedTarget", "TargetBase", "TargetBatch"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TargetBatch(Generic[K, V]):
+    """One commit's changes, as a sink receives them.
+
+    ``upserts``: ``(key, value)`` for keys that appeared or changed under
+    ``==``; ``deletes``: keys that disappeared; ``owner``: the committing
+    component's path; ``first_seq`` / ``last_seq``: the changes' sequence
+    numbers (upserts first, then deletes).
+    """
+
+    upserts: list[tuple[K, V]]
+    deletes: list[K]
+    owner: StablePath
+    first_seq: int
+    last_seq: int
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.deletes)
+
+
+class TargetBase(Generic[K, V]):
+    """What the runtime needs of a target (internal)."""
+
+    __slots__ = ("__weakref__", "_table", "name")
+
+    def __init__(self, name: str, *, track_undo: bool) -> None:
+        self.name = name
+        self._table: Table[K, V] = Table(name, track_undo=track_undo)
+
+    def _buffer(self, what: str) -> Buffer[K, V]:
+        run = current_run(what)
+        buffer = run.buffers.get(self)
+        if buffer is None:
+            buffer = run.buffers[self] = self._table.buffer(run.component)
+        return buffer
+
+    def _holds(self, component: Component) -> bool:
+        return bool(self._table.keys_of(component))
+
+    async def _report_rejections(self, component: Component, result: Commit[K, V]) -> None:
+        for rejection in result.rejections:
+            if rejection.kind == CONFLICT:
+                holder = rejection.holder
+                holder_path = getattr(holder, "path_str", repr(holder))
+                exc: BaseException = KeyConflictError(
+                    rejection.key, self.name, holder_path, component.path_str
+                )
+            else:
+                exc = ValueError(
+                    f"comparing the new value of key {rejection.key!r} of {self.name} with the "
+                    f"held one raised {rejection.error!r}; the held value stays"
+                )
+                exc.__cause__ = rejection.error
+            await component.report(exc)
+
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+        raise NotImplementedError
+
+    async def _release(self, component: Component) -> None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def get(self, key: K, default: Any = None) -> Any:
+        """The value currently held for ``key``, or ``default``."""
+        return self._table.get(key, default)
+
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot of every ``(key, value)``."""
+        return self._table.items()
+
+    def owner_path(self, key: K) -> StablePath | None:
+        """The path of the component owning ``key``, or ``None``."""
+        owner = self._table.owner_of(key)
+        return None if owner is None else owner.path
+
+    def table_stats(self) -> TableStats:
+        """The core's counters: entries, commits, changes, suppressed, conflicts, eq_errors."""
+        return self._table.stats()
+
+
+Sink = Callable[[TargetBatch[K, V]], "Awaitable[None] | None"]
+
+
+class KeyedTarget(TargetBase[K, V]):
+    """A user-defined keyed target: owned entries applied through ``apply``.
+
+    ``apply(batch)`` (sync or async) receives a :class:`TargetBatch` for each
+    commit that changed something, in commit order, never two at once.
+    Components declare entries with :meth:`declare` during their runs; an
+    entry disappears when its component stops declaring it or is unmounted.
+
+    If ``apply`` raises, the batch counts as not applied: the target's record
+    goes back to what it was before it, a
+    :class:`~livemap.errors.TargetApplyError` (with the original exception as
+    ``__cause__``) goes to the owner's exception-handler chain, and the
+    owner's next commit sends the same changes again.  Deletes of an
+    unmounted component that failed to apply are retried with the target's
+    next batch.
+    """
+
+    __slots__ = ("_apply", "_lock", "_orphans")
+
+    def __init__(self, name: str, apply: Sink[K, V]) -> None:
+        super().__init__(name, track_undo=True)
+        self._apply = apply
+        self._lock: anyio.Lock | None = None
+        self._orphans: list[Component] = []
+
+    def __repr__(self) -> str:
+        return f"<KeyedTarget {self.name} entries={len(self._table)}>"
+
+    def declare(self, key: K, value: V) -> None:
+        """Declare ``key -> value`` as owned by the current component run.
+
+        ``TypeError`` for a key that is not stable,
+        :class:`~livemap.errors.DuplicateDeclarationError` for a key declared
+        twice in one run, :class:`~livemap.errors.NotInComponentError` outside
+        a run.
+        """
+        self._buffer(f"{self.name}.declare()").declare(key, value)
+
+    def _get_lock(self) -> anyio.Lock:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
+
+    async def _send(self, component: Component, result: Commit[K, V]) -> bool:
+        if not result:
+            return True
+        batch = TargetBatch(
+            result.upserts, result.deletes, component.path, result.first_seq, result.last_seq
+        )
+        try:
+            outcome = self._apply(batch)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except BaseException as exc:
+            self._table.revert(result)
+            if isinstance(exc, Exception):
+                error = TargetApplyError(
+                    self.name, format_path(component.path), len(batch.upserts), len(batch.deletes)
+                )
+                error.__cause__ = exc
+                await component.report(error)
+                return False
+            raise
+        return True
+
+    async def _retry_orphans(self) -> None:
+        orphans, self._orphans = self._orphans, []
+        for component in orphans:
+            if not await self._send(component, self._table.release(component)):
+                self._orphans.append(component)
+
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = self._table.commit(buffer)
+            await self._report_rejections(component, result)
+            await self._send(component, result)
+
+    async def _release(self, component: Component) -> None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            sent = await self._send(component, self._table.release(component))
+            if not sent and not component._alive:
+                self._orphans.append(component)

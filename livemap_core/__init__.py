@@ -1,0 +1,85 @@
+"""livemap's hot path: owned keyed tables, declaration buffers, the ``==``
+gate and key-conflict detection.
+
+Two implementations with one API: the compiled ``livemap_core._core``
+(Cython) and the pure-Python ``livemap_core._fallback``.  The compiled one is
+used when it imports, unless the environment variable ``LIVEMAP_NO_EXTENSIONS``
+is set to a non-empty value or the interpreter is not CPython.
+:data:`IMPLEMENTATION` says which one is in use: ``"cython"`` or ``"python"``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from livemap_core._shared import DuplicateDeclarationError, Symbol
+
+__all__ = [
+    "CONFLICT",
+    "EQ_ERROR",
+    "IMPLEMENTATION",
+    "NO_EXTENSIONS",
+    "Buffer",
+    "Commit",
+    "DuplicateDeclarationError",
+    "Rejection",
+    "Symbol",
+    "Table",
+    "TableStats",
+    "check_key",
+    "is_stable_key",
+]
+
+NO_EXTENSIONS: bool = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS")) or (
+    sys.implementation.name != "cpython"
+)
+"""True when the pure-Python core was asked for (or the interpreter is not CPython)."""
+
+IMPLEMENTATION: str
+"""``"cython"`` when the compiled core is in use, else ``"python"``."""
+
+if TYPE_CHECKING or NO_EXTENSIONS:  # type checkers see the pure-Python core
+    from livemap_core._fallback import (
+        CONFLICT,
+        EQ_ERROR,
+        Buffer,
+        Commit,
+        Rejection,
+        Table,
+        TableStats,
+        check_key,
+        is_stable_key,
+    )
+
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from livemap_core._core import (
+            CONFLICT,
+            EQ_ERROR,
+            Buffer,
+            Commit,
+            Rejection,
+            Table,
+            TableStats,
+            check_key,
+            is_stable_key,
+        )
+
+        IMPLEMENTATION = "cython"
+    except ImportError:  # no compiled core in this install
+        from livemap_core._fallback import (
+            CONFLICT,
+            EQ_ERROR,
+            Buffer,
+            Commit,
+            Rejection,
+            Table,
+            TableStats,
+            check_key,
+            is_stable_key,
+        )
+
+        IMPLEMENTATION = "python"

@@ -1,0 +1,476 @@
+"""The pure-Python core: the reference implementation.
+
+``livemap_core._core`` (Cython) implements exactly this API with the same
+observable behaviour; the types here are the one API both keep.
+
+A :class:`Table` is one keyed target: for each key it holds the current value
+and the owner that declared it.  A component run fills a :class:`Buffer` with
+its declarations; :meth:`Table.commit` diffs that buffer against everything the
+owner held before, applies the ``==`` gate against the held values, rejects
+declarations of keys another owner holds, and returns the resulting changes as
+a :class:`Commit`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final, Generic, TypeVar
+
+from livemap_core._shared import DuplicateDeclarationError, Symbol
+
+__all__ = [
+    "CONFLICT",
+    "EQ_ERROR",
+    "Buffer",
+    "Commit",
+    "Rejection",
+    "Table",
+    "TableStats",
+    "check_key",
+    "is_stable_key",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+CONFLICT: Final = "conflict"
+"""Rejection kind: the key is held by another owner."""
+EQ_ERROR: Final = "eq_error"
+"""Rejection kind: comparing the new value with the held one raised."""
+
+_SCALARS: Final[frozenset[type]] = frozenset({type(None), bool, int, str, bytes, uuid.UUID, Symbol})
+_KEY_HELP: Final = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+)
+
+
+def is_stable_key(key: object) -> bool:
+    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
+    t = type(key)
+    if t in _SCALARS:
+        return True
+    if t is not tuple:
+        return False
+    # Iterative, so that nesting depth is not limited by the recursion limit.
+    pending: list[tuple[object, ...]] = [key]  # type: ignore[list-item]
+    while pending:
+        for part in pending.pop():
+            t = type(part)
+            if t in _SCALARS:
+                continue
+            if t is tuple:
+                pending.append(part)  # type: ignore[arg-type]
+                continue
+            return False
+    return True
+
+
+def check_key(key: object) -> None:
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    if type(key) not in _SCALARS and not is_stable_key(key):
+        raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+
+
+class Rejection:
+    """One declaration a commit did not apply.
+
+    ``kind`` is :data:`CONFLICT` (``holder`` owns the key and keeps it) or
+    :data:`EQ_ERROR` (``error`` is what ``==`` raised; the held value stays and
+    the declaring owner keeps the key).
+    """
+
+    __slots__ = ("error", "holder", "key", "kind", "value")
+
+    def __init__(
+        self, kind: str, key: Any, value: Any, holder: object, error: BaseException | None
+    ) -> None:
+        self.kind = kind
+        self.key = key
+        self.value = value
+        self.holder = holder
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Rejection({self.kind!r}, {self.key!r}, holder={self.holder!r})"
+
+
+class Commit(Generic[K, V]):
+    """What one commit (or release) changed.
+
+    ``upserts`` are ``(key, new value)`` pairs for keys that appeared or whose
+    value changed under ``==``, in declaration order; ``deletes`` are the keys
+    that disappeared.  Each change has a sequence number: the upserts carry
+    ``first_seq, first_seq + 1, ...`` and the deletes follow them, up to
+    ``last_seq``.  Sequence numbers grow strictly across all commits of a
+    table.  ``suppressed`` counts declarations the ``==`` gate turned into
+    no-ops.
+    """
+
+    __slots__ = (
+        "_prev_keys",
+        "_table",
+        "_undo",
+        "deletes",
+        "first_seq",
+        "last_seq",
+        "owner",
+        "rejections",
+        "suppressed",
+        "upserts",
+    )
+
+    def __init__(self, owner: object, first_seq: int) -> None:
+        self.owner = owner
+        self.upserts: list[tuple[K, V]] = []
+        self.deletes: list[K] = []
+        self.rejections: list[Rejection] = []
+        self.suppressed = 0
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1
+        self._undo: list[tuple[Any, Any]] | None = None
+        self._prev_keys: dict[Any, None] | None = None
+        self._table: object = None
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.deletes)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts) or bool(self.deletes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Commit(upserts={len(self.upserts)}, deletes={len(self.deletes)}, "
+            f"suppressed={self.suppressed}, rejections={len(self.rejections)}, "
+            f"seq={self.first_seq}..{self.last_seq})"
+        )
+
+
+class TableStats:
+    """Counters of one table, cheap to keep on."""
+
+    __slots__ = ("changes", "commits", "conflicts", "entries", "eq_errors", "suppressed")
+
+    def __init__(
+        self,
+        entries: int,
+        commits: int,
+        changes: int,
+        suppressed: int,
+        conflicts: int,
+        eq_errors: int,
+    ) -> None:
+        self.entries = entries
+        self.commits = commits
+        self.changes = changes
+        self.suppressed = suppressed
+        self.conflicts = conflicts
+        self.eq_errors = eq_errors
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TableStats):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        return f"TableStats({fields})"
+
+
+class _Entry:
+    __slots__ = ("owner", "value")
+
+    def __init__(self, owner: object, value: Any) -> None:
+        self.owner = owner
+        self.value = value
+
+
+class Buffer(Generic[K, V]):
+    """One owner's declarations into one table during one run.
+
+    :meth:`declare` checks the key and rejects a second declaration of it; the
+    buffer is handed to :meth:`Table.commit` when the run ends.
+    """
+
+    __slots__ = ("_decls", "owner", "table")
+
+    def __init__(self, table: Table[K, V], owner: object) -> None:
+        self.table = table
+        self.owner = owner
+        self._decls: dict[K, V] = {}
+
+    def declare(self, key: K, value: V) -> None:
+        """Buffer ``key -> value``.
+
+        Raises ``TypeError`` for a key that is not stable and
+        :class:`DuplicateDeclarationError` for a key already declared into
+        this buffer; either way the buffer is unchanged.
+        """
+        decls = self._decls
+        if type(key) not in _SCALARS and not is_stable_key(key):
+            check_key(key)
+        if key in decls:
+            raise DuplicateDeclarationError(key, self.owner, self.table.name)
+        decls[key] = value
+
+    def __len__(self) -> int:
+        return len(self._decls)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._decls
+
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._decls.items())
+
+
+class Table(Generic[K, V]):
+    """A keyed collection of owned target states.
+
+    ``owner`` objects are compared by identity (they need not be hashable).
+    With ``track_undo`` each :class:`Commit` remembers enough to be taken back
+    with :meth:`revert` (targets whose sink may fail need it; a LiveMap does
+    not).
+    """
+
+    __slots__ = (
+        "_changes",
+        "_commits",
+        "_conflicts",
+        "_entries",
+        "_eq_errors",
+        "_owned",
+        "_seq",
+        "_suppressed",
+        "_track_undo",
+        "name",
+    )
+
+    def __init__(self, name: str = "table", *, track_undo: bool = False) -> None:
+        self.name = name
+        self._track_undo = bool(track_undo)
+        self._entries: dict[K, _Entry] = {}
+        # id(owner) -> the owner's keys, in the order it first declared them
+        # (a dict used as an ordered set).  A record exists only while the
+        # owner holds a key, and its entries keep the owner alive, so the id
+        # cannot be reused meanwhile.  Records of a table made with
+        # track_undo are never changed in place: a commit's undo keeps the
+        # previous one.
+        self._owned: dict[int, dict[K, None]] = {}
+        self._seq = 0
+        self._commits = 0
+        self._changes = 0
+        self._suppressed = 0
+        self._conflicts = 0
+        self._eq_errors = 0
+
+    # -- writing -------------------------------------------------------------
+
+    def buffer(self, owner: object) -> Buffer[K, V]:
+        """A new, empty buffer for one run of ``owner``."""
+        return Buffer(self, owner)
+
+    def commit(self, buffer: Buffer[K, V]) -> Commit[K, V]:
+        """Make ``buffer`` the owner's declared set and return what changed.
+
+        Keys the owner held but did not declare this time are deleted (in the
+        order the owner first declared them); keys held by another owner are
+        rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
+        the held one are suppressed; a comparison that raises is rejected
+        (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+        """
+        if not isinstance(buffer, Buffer):
+            raise TypeError(
+                f"{self.name}: commit() expects a Buffer of this core, got "
+                f"{type(buffer).__module__}.{type(buffer).__qualname__}"
+            )
+        if buffer.table is not self:
+            raise ValueError(f"buffer belongs to {buffer.table.name}, not {self.name}")
+        owner = buffer.owner
+        decls = buffer._decls
+        entries = self._entries
+        lookup = entries.get
+        owner_id = id(owner)
+        old_keys = self._owned.get(owner_id)
+        undo: list[tuple[Any, Any]] | None = [] if self._track_undo else None
+        result: Commit[K, V] = Commit(owner, self._seq + 1)
+        upserts = result.upserts
+        rejections = result.rejections
+        added: list[K] = []
+        eq_errors = 0
+        for key, value in decls.items():
+            entry = lookup(key)
+            if entry is None:
+                entries[key] = _Entry(owner, value)
+                added.append(key)
+                upserts.append((key, value))
+                if undo is not None:
+                    undo.append((key, None))
+                continue
+            if entry.owner is not owner:
+                rejections.append(Rejection(CONFLICT, key, value, entry.owner, None))
+                continue
+            held = entry.value
+            if held is value:
+                continue
+            try:
+                if value == held:
+                    continue
+            except Exception as exc:
+                rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
+                eq_errors += 1
+                continue
+            if undo is not None:
+                undo.append((key, _Entry(owner, held)))
+            entry.value = value
+            upserts.append((key, value))
+        n_added = len(added)
+        # Declared keys the owner already held: every declaration that was
+        # neither a new key nor a conflict.
+        kept = len(decls) - n_added - (len(rejections) - eq_errors)
+        suppressed = kept - (len(upserts) - n_added) - eq_errors
+        deletes = result.deletes
+        if old_keys is not None and kept < len(old_keys):
+            for key in old_keys:
+                if key not in decls:
+                    entry = entries.pop(key)
+                    deletes.append(key)
+                    if undo is not None:
+                        undo.append((key, entry))
+        if n_added or deletes:
+            if old_keys is None:
+                self._owned[owner_id] = dict.fromkeys(added)
+            else:
+                keys = old_keys if undo is None else old_keys.copy()
+                for key in deletes:
+                    del keys[key]
+                for key in added:
+                    keys[key] = None
+                if keys:
+                    self._owned[owner_id] = keys
+                else:
+                    del self._owned[owner_id]
+        if undo is not None:
+            result._undo = undo
+            result._prev_keys = old_keys
+            result._table = self
+        self._finish(result, suppressed, eq_errors)
+        return result
+
+    def release(self, owner: object) -> Commit[K, V]:
+        """Delete every key ``owner`` holds (the owner went away)."""
+        result: Commit[K, V] = Commit(owner, self._seq + 1)
+        old_keys = self._owned.pop(id(owner), None)
+        undo: list[tuple[Any, Any]] | None = [] if self._track_undo else None
+        if old_keys is not None:
+            entries = self._entries
+            deletes = result.deletes
+            for key in old_keys:
+                entry = entries.pop(key)
+                deletes.append(key)
+                if undo is not None:
+                    undo.append((key, entry))
+        if undo is not None:
+            result._undo = undo
+            result._prev_keys = old_keys
+            result._table = self
+        self._finish(result, 0, 0)
+        return result
+
+    def _finish(self, result: Commit[K, V], suppressed: int, eq_errors: int) -> None:
+        n = len(result.upserts) + len(result.deletes)
+        self._seq += n
+        result.last_seq = self._seq
+        result.suppressed = suppressed
+        self._commits += 1
+        self._changes += n
+        self._suppressed += suppressed
+        self._conflicts += len(result.rejections) - eq_errors
+        self._eq_errors += eq_errors
+
+    def revert(self, result: Commit[K, V]) -> None:
+        """Take back ``result``, which must be this table's latest commit.
+
+        Entries and the owner's record return to what they were before it;
+        sequence numbers keep growing; the change counters drop back.
+        """
+        if not isinstance(result, Commit):
+            raise TypeError(
+                f"{self.name}: revert() expects a Commit of this core, got "
+                f"{type(result).__module__}.{type(result).__qualname__}"
+            )
+        undo = result._undo
+        if undo is None:
+            raise ValueError(
+                f"{self.name}: only a commit of a table made with track_undo=True "
+                "can be reverted, once"
+            )
+        if result._table is not self:
+            raise ValueError(f"{self.name}: the commit was made by another table")
+        if result.last_seq != self._seq:
+            raise ValueError(f"{self.name}: only the latest commit can be reverted")
+        entries = self._entries
+        for key, prev in reversed(undo):
+            if prev is None:
+                del entries[key]
+            else:
+                entries[key] = prev
+        owner_id = id(result.owner)
+        if result._prev_keys is None:
+            self._owned.pop(owner_id, None)
+        else:
+            self._owned[owner_id] = result._prev_keys
+        self._changes -= len(result.upserts) + len(result.deletes)
+        result._undo = None
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, key: K, default: Any = None) -> Any:
+        """The value held for ``key``, or ``default``."""
+        entry = self._entries.get(key)
+        return default if entry is None else entry.value
+
+    def owner_of(self, key: K, default: Any = None) -> Any:
+        """The owner holding ``key``, or ``default``."""
+        entry = self._entries.get(key)
+        return default if entry is None else entry.owner
+
+    def keys_of(self, owner: object) -> frozenset[K]:
+        """The keys ``owner`` holds."""
+        return frozenset(self._owned.get(id(owner), ()))
+
+    def owners(self) -> int:
+        """How many owners hold at least one key."""
+        return len(self._owned)
+
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot of all ``(key, value)`` pairs."""
+        return [(key, entry.value) for key, entry in self._entries.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the latest change (0 before any)."""
+        return self._seq
+
+    def stats(self) -> TableStats:
+        """A snapshot of the counters."""
+        return TableStats(
+            len(self._entries),
+            self._commits,
+            self._changes,
+            self._suppressed,
+            self._conflicts,
+            self._eq_errors,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Table {self.name} entries={len(self._entries)} seq={self._seq}>"
