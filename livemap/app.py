@@ -28,11 +28,13 @@ class AppConfig:
 @dataclass
 class UpdateStats:
     """Counters of one ``app.update()``: component runs started, runs that
-    failed, components unmounted."""
+    failed (after any retries), components unmounted, and retries made by
+    ``mount_each`` retry policies."""
 
     components_run: int = 0
     components_failed: int = 0
     components_unmounted: int = 0
+    retries: int = 0
 
 
 @dataclass
@@ -314,9 +316,15 @@ class UpdateHandle:
         assert tg is not None
         self._tg = None
         try:
-            await self.stop()
+            with anyio.CancelScope(shield=True):
+                await self.stop()
         finally:
-            suppress = await tg.__aexit__(exc_type, exc, tb)
+            # The body's own exception propagates as it is (not wrapped in a
+            # group): the run has ended and the task group only has to close.
+            if exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class()):
+                await tg.__aexit__(exc_type, exc, tb)
+            else:
+                await tg.__aexit__(None, None, None)
         if exc_type is None and self._error is not None:
             raise self._error
-        return suppress
+        return None

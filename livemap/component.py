@@ -47,6 +47,7 @@ from livemap.paths import (
 
 if TYPE_CHECKING:
     from livemap.app import App, AppRun
+    from livemap.feed import RetryPolicy
     from livemap.live_map import LiveMap
     from livemap.targets import TargetBase
 
@@ -142,10 +143,12 @@ class Component:
         "_alive",
         "_below",
         "_busy",
+        "_failures",
         "_generation",
         "_live_scope",
         "_maps",
         "_marked_ready",
+        "_retry",
         "_run_scope",
         "_scope_run",
         "_self_ready",
@@ -196,6 +199,8 @@ class Component:
         self._unready = 1
         self._waiters: list[anyio.Event] | None = None
         self._below: tuple[int, anyio.Event] | None = None
+        self._failures: dict[Any, BaseException] | None = None
+        self._retry: RetryPolicy | None = None
         self._generation = 0
         self._run_scope: anyio.CancelScope | None = None
         self._live_scope: anyio.CancelScope | None = None
@@ -338,7 +343,12 @@ class Component:
     async def launch(self) -> None:
         """Run (or re-run) this component: a plain sync function runs inline,
         in the caller's task; anything else in a task of its own."""
-        if _is_live_class(self.processor) or _is_async(self.processor):
+        parent = self.parent
+        if (
+            _is_live_class(self.processor)
+            or _is_async(self.processor)
+            or (parent is not None and parent._retry is not None)
+        ):
             self.start()
             return
         gen = self._begin()
@@ -375,44 +385,73 @@ class Component:
     ) -> Any:
         """One run: call ``func`` as this component, then commit.
 
-        A failure is reported to the handler chain (or raised, with
-        ``raise_errors``) and commits nothing.
+        A failure commits nothing; it is raised (with ``raise_errors``) or, once
+        the parent's retry policy (if any) gives up, reported to the handler
+        chain.
         """
-        run = Run(self)
-        t_run = _current_run.set(run)
-        t_handlers = _handlers.set(self.handlers)
-        t_prefix = _prefix.set(())
-        try:
-            result = func(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            _current_run.reset(t_run)
-            _handlers.reset(t_handlers)
-            _prefix.reset(t_prefix)
-            if gen == self._generation and self._alive:
-                self.exception = exc
-                app_run = self.app._active
-                if app_run is not None:
-                    app_run.stats.components_failed += 1
-                if raise_errors:
-                    if not live:
-                        self._set_self_ready(True)
-                    raise
-                await self.report(exc, kind)
-                if not live and gen == self._generation and self._alive:
-                    self._set_self_ready(True)
-            elif raise_errors:
+        failures = 0
+        while True:
+            run = Run(self)
+            t_run = _current_run.set(run)
+            t_handlers = _handlers.set(self.handlers)
+            t_prefix = _prefix.set(())
+            try:
+                result = func(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except anyio.get_cancelled_exc_class():
                 raise
+            except Exception as exc:
+                error: Exception | None = exc
+            else:
+                error = None
+            finally:
+                _current_run.reset(t_run)
+                _handlers.reset(t_handlers)
+                _prefix.reset(t_prefix)
+            current = gen == self._generation and self._alive
+            if error is None:
+                if current:
+                    await self._commit(run, gen, live)
+                    self._note_outcome(None)
+                return result
+            if not current:
+                if raise_errors:
+                    raise error
+                return None
+            app_run = self.app._active
+            policy = None if raise_errors or self.parent is None else self.parent._retry
+            if policy is not None and failures + 1 < policy.max_attempts:
+                failures += 1
+                if app_run is not None:
+                    app_run.stats.retries += 1
+                await anyio.sleep(policy.delay(failures))
+                if gen != self._generation or not self._alive:
+                    return None
+                continue
+            self.exception = error
+            if app_run is not None:
+                app_run.stats.components_failed += 1
+            self._note_outcome(error)
+            if raise_errors:
+                if not live:
+                    self._set_self_ready(True)
+                raise error
+            await self.report(error, kind)
+            if not live and gen == self._generation and self._alive:
+                self._set_self_ready(True)
             return None
-        _current_run.reset(t_run)
-        _handlers.reset(t_handlers)
-        _prefix.reset(t_prefix)
-        if gen == self._generation and self._alive:
-            await self._commit(run, gen, live)
-        return result
+
+    def _note_outcome(self, error: BaseException | None) -> None:
+        """Keep the parent's record of failing children (``mount_each``) current."""
+        parent = self.parent
+        if parent is None or parent._failures is None:
+            return
+        key = self.rel[0] if len(self.rel) == 1 else self.rel
+        if error is None:
+            parent._failures.pop(key, None)
+        else:
+            parent._failures[key] = error
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
         """Send ``exc`` through this component's handler chain."""
@@ -460,6 +499,8 @@ class Component:
                 event.set()
         for child in list(self.children.values()):
             await child.unmount()
+        if parent is not None and parent._failures is not None:
+            parent._failures.pop(self.rel[0] if len(self.rel) == 1 else self.rel, None)
         for target in self._targets:
             await target._release(self)
         self._targets = set()

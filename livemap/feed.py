@@ -99,11 +99,13 @@ def is_feed(obj: object) -> bool:
 class RetryPolicy:
     """Retry a failing per-entry component with exponential backoff.
 
-    A failed processing of a key is tried again after ``initial_backoff``
+    A per-entry run that raises is run again after ``initial_backoff``
     seconds, then ``multiplier`` times longer each time (at most
-    ``max_backoff``), up to ``max_attempts`` tries in all.  A key still
-    failing after that stays visible in ``LiveMap.stats().failing`` (with its
-    last error) until it changes or is deleted; a change starts over.
+    ``max_backoff``), up to ``max_attempts`` runs in all; the component stays
+    unready (and its key in flight) meanwhile.  Only the last failure goes to
+    the exception-handler chain.  A key still failing after that stays
+    visible in ``LiveMap.stats().failing`` (with its last error) until a
+    later run of it succeeds or it is deleted; a change starts over.
     """
 
     max_attempts: int = 3
@@ -248,43 +250,31 @@ class Consumer(Generic[K, V]):
             self._waiters.clear()
 
     async def _deliver(self, key: K) -> None:
-        retry = self.options.retry
-        failures = 0
-        force = False
         try:
-            while True:
-                value = self.live_map._table.get(key, _MISSING)
-                had = self.delivered.get(key, _MISSING)
-                if value is _MISSING:
-                    if had is _MISSING:
-                        self.failing.pop(key, None)
-                        return
-                    del self.delivered[key]
-                    self.failing.pop(key, None)
-                    handle: ReadyLike = await self.subscriber.delete(key)
-                else:
-                    if not force and had is not _MISSING and _same(had, value):
-                        return
-                    self.delivered[key] = value
-                    handle = await self.subscriber.update(key, value)
-                self.deliveries += 1
-                error: BaseException | None
-                try:
-                    await handle.ready()
-                    error = getattr(handle, "exception", None)
-                except Exception as exc:
-                    error = exc
-                if error is None:
-                    self.failing.pop(key, None)
+            value = self.live_map._table.get(key, _MISSING)
+            had = self.delivered.get(key, _MISSING)
+            if value is _MISSING:
+                if had is _MISSING:
                     return
+                del self.delivered[key]
+                self.failing.pop(key, None)
+                handle: ReadyLike = await self.subscriber.delete(key)
+            else:
+                if had is not _MISSING and _same(had, value):
+                    return
+                self.delivered[key] = value
+                handle = await self.subscriber.update(key, value)
+            self.deliveries += 1
+            error: BaseException | None
+            try:
+                await handle.ready()
+                error = getattr(handle, "exception", None)
+            except Exception as exc:  # a handler re-raised: the key counts as failing
+                error = exc
+            if error is None:
+                self.failing.pop(key, None)
+            else:
                 self.failing[key] = error
-                failures += 1
-                if retry is None or failures >= retry.max_attempts or key in self.dirty:
-                    return
-                await anyio.sleep(retry.delay(failures))
-                if key in self.dirty:
-                    return
-                force = True
         finally:
             self.in_flight.discard(key)
             if key in self.dirty:
@@ -295,6 +285,12 @@ class Consumer(Generic[K, V]):
             elif self._waiters:
                 self._done(key)
             self._poke()
+
+    def failing_keys(self) -> dict[K, BaseException]:
+        """Keys whose latest processing failed, with the last error."""
+        if self._component is not None and self._component._failures is not None:
+            return dict(self._component._failures)
+        return dict(self.failing)
 
     def _done(self, key: K) -> None:
         remaining = []
@@ -388,12 +384,17 @@ class EachLive:
         if not isinstance(options, ConsumerOptions):
             options = ConsumerOptions()
         self.concurrency = options.concurrency
+        self.retry = options.retry
 
     def process(self) -> None:
         return None
 
     async def process_live(self, operator: LiveComponentOperator) -> None:
         operator._kind = "mount_each"
+        component = operator._component
+        component._retry = self.retry
+        if component._failures is None:
+            component._failures = {}
         subscriber = EachSubscriber(operator, self)
         try:
             await self.source.watch(subscriber)

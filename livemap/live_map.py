@@ -238,7 +238,7 @@ class LiveMap(TargetBase[K, V]):
             deliveries += consumer.deliveries
             pending = len(consumer.queued) + len(consumer.dirty)
             in_flight = len(consumer.in_flight)
-            failing = dict(consumer.failing)
+            failing = consumer.failing_keys()
         return LiveMapStats(
             entries=table.entries,
             commits=table.commits,

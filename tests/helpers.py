@@ -35,5 +35,7 @@ class Recorder:
     def __call__(self, exc: BaseException, ctx: coco.ExceptionContext) -> None:
         self.calls.append((exc, ctx))
 
-    def of_type(self, cls: type[BaseException]) -> list[tuple[BaseException, coco.ExceptionContext]]:
+    def of_type(
+        self, cls: type[BaseException]
+    ) -> list[tuple[BaseException, coco.ExceptionContext]]:
         return [(e, c) for e, c in self.calls if isinstance(e, cls)]

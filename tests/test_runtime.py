@@ -325,7 +325,7 @@ async def test_calls_outside_a_component_raise_not_in_component() -> None:
         await coco.mount_each(f, [])
     with pytest.raises(coco.NotInComponentError, match="use_mount"):
         await coco.use_mount(f)
-    with pytest.raises(coco.NotInComponentError, match="LiveMap.create"):
+    with pytest.raises(coco.NotInComponentError, match=r"LiveMap\.create"):
         await LiveMap.create()
     with pytest.raises(coco.NotInComponentError, match="declare"):
         target.declare("a", 1)
@@ -433,7 +433,7 @@ async def test_sink_failure_is_reported_and_resent() -> None:
     await run_app(app)
     assert sink.rows == {}
     assert len(target) == 0  # the record stays as before the batch
-    [(exc, ctx)] = rec.calls
+    [(exc, _)] = rec.calls
     assert isinstance(exc, coco.TargetApplyError)
     assert isinstance(exc.__cause__, OSError)
     assert "rows" in str(exc) and "/producer" in str(exc)
