@@ -17,7 +17,8 @@ count is zero; changes propagate to the parent only on the zero crossings.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
@@ -134,37 +135,112 @@ class Run:
         self.maps: list[LiveMap[Any, Any]] = []
 
 
+_EMPTY_KWARGS: dict[str, Any] = {}
+
+
+class _Extra:
+    """The rarely used parts of a component, allocated on first use."""
+
+    __slots__ = (
+        "busy",
+        "escalated",
+        "failures",
+        "marked_ready",
+        "pool",
+        "retry",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        self.waiters: list[Callable[[], object]] | None = None
+        self.failures: dict[Any, BaseException] | None = None
+        self.retry: RetryPolicy | None = None
+        self.pool: Pool | None = None
+        self.escalated: BaseException | None = None
+        self.marked_ready = False
+        self.busy = 0
+
+
+class Pool:
+    """Worker tasks that run a parent's children, ``limit`` at a time.
+
+    ``mount_each`` mounts thousands of children: a task each would cost far
+    more than most runs.  A pool keeps at most ``limit`` worker tasks, each
+    running queued children one after another in its own task; a worker ends
+    when the queue is empty.  A run is cancelled by cancelling the scope of
+    the worker running it (the worker then opens a fresh scope).
+    """
+
+    __slots__ = ("app_run", "limit", "queue", "workers")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queue: deque[tuple[Component, int, Callable[[], Awaitable[None]] | None]] = deque()
+        self.workers = 0
+        self.app_run: AppRun | None = None
+
+    def submit(
+        self, child: Component, gen: int, job: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
+        app_run = child.app._require_run()
+        if self.app_run is not app_run:  # a new app run: the old workers are gone
+            self.app_run = app_run
+            self.queue.clear()
+            self.workers = 0
+        self.queue.append((child, gen, job))
+        if self.workers < self.limit:
+            self.workers += 1
+            app_run.tg.start_soon(self._work, app_run)
+
+    async def _work(self, app_run: AppRun) -> None:
+        queue = self.queue
+        try:
+            while queue:
+                with anyio.CancelScope() as scope:
+                    while queue and not scope.cancel_called:
+                        child, gen, job = queue.popleft()
+                        if job is not None:
+                            await job()
+                            continue
+                        if gen != child._generation or not child._alive:
+                            continue
+                        child._cancel = scope
+                        child._scope_run = app_run
+                        try:
+                            await child.run_once(
+                                gen, child.processor, child.args, child.kwargs, raise_errors=False
+                            )
+                        finally:
+                            if child._cancel is scope:
+                                child._cancel = None
+        finally:
+            if self.app_run is app_run:
+                self.workers -= 1
+
+
 class Component:
     """One node of an app's component tree (internal; users hold
     :class:`ComponentMountHandle` objects)."""
 
     __slots__ = (
-        "__weakref__",
         "_alive",
-        "_below",
-        "_busy",
-        "_failures",
+        "_cancel",
         "_generation",
-        "_live_scope",
         "_maps",
-        "_marked_ready",
-        "_retry",
-        "_run_scope",
         "_scope_run",
         "_self_ready",
         "_targets",
         "_unready",
-        "_waiters",
+        "_x",
         "app",
         "args",
         "children",
-        "escalated",
         "exception",
         "handlers",
         "kwargs",
         "mount_kind",
         "parent",
-        "path",
         "processor",
         "rel",
     )
@@ -183,41 +259,48 @@ class Component:
         self.app = app
         self.parent = parent
         self.rel = rel
-        self.path: StablePath = rel if parent is None else parent.path + rel
         self.processor = processor
         self.args = args
-        self.kwargs = kwargs
+        self.kwargs = kwargs or _EMPTY_KWARGS
         self.mount_kind: MountKind = mount_kind
         self.handlers = handlers
-        self.children: dict[StablePath, Component] = {}
+        self.children: dict[StablePath, Component] | None = None
         self.exception: BaseException | None = None
-        self.escalated: BaseException | None = None
         self._alive = True
         self._self_ready = False
-        self._marked_ready = False
-        self._busy = 0
         self._unready = 1
-        self._waiters: list[anyio.Event] | None = None
-        self._below: tuple[int, anyio.Event] | None = None
-        self._failures: dict[Any, BaseException] | None = None
-        self._retry: RetryPolicy | None = None
         self._generation = 0
-        self._run_scope: anyio.CancelScope | None = None
-        self._live_scope: anyio.CancelScope | None = None
+        self._cancel: anyio.CancelScope | None = None
         self._scope_run: AppRun | None = None
-        self._targets: set[TargetBase[Any, Any]] = set()
-        self._maps: list[LiveMap[Any, Any]] = []
+        self._targets: set[TargetBase[Any, Any]] | None = None
+        self._maps: list[LiveMap[Any, Any]] | None = None
+        self._x: _Extra | None = None
 
     def __repr__(self) -> str:
         return f"<component {format_path(self.path)}>"
+
+    @property
+    def path(self) -> StablePath:
+        """The component's path from the app's root."""
+        parent = self.parent
+        return self.rel if parent is None else parent.path + self.rel
 
     @property
     def path_str(self) -> str:
         return format_path(self.path)
 
     @property
-    def is_live(self) -> bool:
-        return _is_live_class(self.processor)
+    def x(self) -> _Extra:
+        x = self._x
+        if x is None:
+            x = self._x = _Extra()
+        return x
+
+    def child_map(self) -> dict[StablePath, Component]:
+        children = self.children
+        if children is None:
+            children = self.children = {}
+        return children
 
     def context(self, kind: MountKind | None = None) -> ExceptionContext:
         return ExceptionContext(
@@ -230,18 +313,16 @@ class Component:
         before = self._unready
         after = before + delta
         self._unready = after
-        if before == 0 and after > 0:
-            if self.parent is not None and self._alive:
+        if before == 0:
+            if after > 0 and self._alive and self.parent is not None:
                 self.parent._adjust(1)
-        elif delta < 0 and self._below is not None and after <= self._below[0]:
-            self._below[1].set()
-            self._below = None
-        if before > 0 and after == 0:
-            waiters = self._waiters
-            if waiters:
-                self._waiters = None
-                for event in waiters:
-                    event.set()
+            return
+        if after == 0:
+            x = self._x
+            if x is not None and x.waiters:
+                waiters, x.waiters = x.waiters, None
+                for callback in waiters:
+                    callback()
             if self.parent is None:
                 self.app._notify()
             elif self._alive:
@@ -253,41 +334,45 @@ class Component:
             self._adjust(-1 if ready else 1)
 
     def _refresh_live_ready(self) -> None:
-        self._set_self_ready(self._marked_ready and self._busy == 0)
+        x = self.x
+        self._set_self_ready(x.marked_ready and x.busy == 0)
 
     def _hold(self, delta: int) -> None:
         """Live components: count work in progress that keeps them unready."""
-        self._busy += delta
+        self.x.busy += delta
         self._refresh_live_ready()
 
     @property
     def subtree_ready(self) -> bool:
         return self._unready == 0
 
+    def on_ready(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once this subtree is ready (now, if it is), or
+        when the component is unmounted."""
+        if self._unready == 0 or not self._alive:
+            callback()
+            return
+        x = self.x
+        if x.waiters is None:
+            x.waiters = [callback]
+        else:
+            x.waiters.append(callback)
+
     async def wait_ready(self) -> None:
         """Wait until this component and all its descendants are ready."""
         while self._unready and self._alive:
             event = anyio.Event()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(event)
-            await event.wait()
-
-    async def wait_below(self, limit: int) -> None:
-        """Wait until at most ``limit`` of this component's children (and itself)
-        are unready: the throttle of ``mount_each``'s initial scan."""
-        while self._unready > limit and self._alive:
-            event = anyio.Event()
-            self._below = (limit, event)
+            self.on_ready(event.set)
             await event.wait()
 
     def _first_escalated(self) -> BaseException | None:
         stack = [self]
         while stack:
             comp = stack.pop()
-            if comp.escalated is not None:
-                return comp.escalated
-            stack.extend(comp.children.values())
+            if comp._x is not None and comp._x.escalated is not None:
+                return comp._x.escalated
+            if comp.children:
+                stack.extend(comp.children.values())
         return None
 
     # -- mounting --------------------------------------------------------------
@@ -304,15 +389,18 @@ class Component:
     ) -> Component:
         if run is not None and rel in run.mounted:
             raise DuplicatePathError(format_path(self.path + rel))
-        child = self.children.get(rel)
+        children = self.children
+        if children is None:
+            children = self.children = {}
+        child = children.get(rel)
         if child is None:
             child = Component(self.app, self, rel, processor, args, kwargs, kind, handlers)
-            self.children[rel] = child
+            children[rel] = child
             self._adjust(1)
         else:
             child.processor = processor
             child.args = args
-            child.kwargs = kwargs
+            child.kwargs = kwargs or _EMPTY_KWARGS
             child.mount_kind = kind
             child.handlers = handlers
         if run is not None:
@@ -320,52 +408,62 @@ class Component:
         return child
 
     def _cancel_tasks(self) -> None:
-        # Scopes of an earlier app run are over (and may belong to another
-        # event loop): only those of the current run are cancelled.
-        if self._scope_run is not None and self._scope_run is self.app._active:
-            for scope in (self._run_scope, self._live_scope):
-                if scope is not None:
-                    scope.cancel()
-        self._run_scope = self._live_scope = None
-        self._scope_run = None
+        # A scope of an earlier app run is over (and may belong to another
+        # event loop): only one of the current run is cancelled.
+        scope = self._cancel
+        if scope is not None:
+            if self._scope_run is self.app._active:
+                scope.cancel()
+            self._cancel = None
+            self._scope_run = None
 
     def _begin(self) -> int:
         """Supersede whatever is in flight and start a new generation."""
-        self._cancel_tasks()
+        if self._cancel is not None:
+            self._cancel_tasks()
         self._generation += 1
         self.exception = None
-        self.escalated = None
-        self._marked_ready = False
-        self._busy = 0
+        x = self._x
+        if x is not None:
+            x.escalated = None
+            x.marked_ready = False
+            x.busy = 0
         self._set_self_ready(False)
         return self._generation
 
     async def launch(self) -> None:
-        """Run (or re-run) this component: a plain sync function runs inline,
-        in the caller's task; anything else in a task of its own."""
+        """Run (or re-run) this component.
+
+        A plain sync function runs inline, in the caller's task.  An async
+        function (or a sync one under a retry policy) of a pooled parent
+        (``mount_each``) is queued on the parent's pool; otherwise an async
+        function or a live component gets a task of its own.
+        """
+        processor = self.processor
         parent = self.parent
-        if (
-            _is_live_class(self.processor)
-            or _is_async(self.processor)
-            or (parent is not None and parent._retry is not None)
-        ):
+        x = None if parent is None else parent._x
+        is_async = _is_async(processor)
+        if x is not None and x.pool is not None and (is_async or x.retry is not None):
+            gen = self._begin()
+            self.app._require_run().stats.components_run += 1
+            x.pool.submit(self, gen)
+        elif is_async or _is_live_class(processor):
             self.start()
-            return
-        gen = self._begin()
-        self.app._require_run().stats.components_run += 1
-        await self.run_once(gen, self.processor, self.args, self.kwargs, raise_errors=False)
+        else:
+            gen = self._begin()
+            self.app._require_run().stats.components_run += 1
+            await self.run_once(gen, processor, self.args, self.kwargs, raise_errors=False)
 
     def start(self) -> None:
         """Run (or re-run) this component in a new task of the current app run."""
         gen = self._begin()
         app_run = self.app._require_run()
         app_run.stats.components_run += 1
+        scope = self._cancel = anyio.CancelScope()
         self._scope_run = app_run
         if _is_live_class(self.processor):
-            scope = self._live_scope = anyio.CancelScope()
             app_run.tg.start_soon(self._live_task, scope, gen)
         else:
-            scope = self._run_scope = anyio.CancelScope()
             app_run.tg.start_soon(self._run_task, scope, gen)
 
     async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
@@ -413,14 +511,16 @@ class Component:
             if error is None:
                 if current:
                     await self._commit(run, gen, live)
-                    self._note_outcome(None)
                 return result
             if not current:
                 if raise_errors:
                     raise error
                 return None
             app_run = self.app._active
-            policy = None if raise_errors or self.parent is None else self.parent._retry
+            parent = self.parent
+            policy = None
+            if not raise_errors and parent is not None and parent._x is not None:
+                policy = parent._x.retry
             if policy is not None and failures + 1 < policy.max_attempts:
                 failures += 1
                 if app_run is not None:
@@ -445,68 +545,97 @@ class Component:
     def _note_outcome(self, error: BaseException | None) -> None:
         """Keep the parent's record of failing children (``mount_each``) current."""
         parent = self.parent
-        if parent is None or parent._failures is None:
+        if parent is None or parent._x is None or parent._x.failures is None:
             return
+        failures = parent._x.failures
         key = self.rel[0] if len(self.rel) == 1 else self.rel
         if error is None:
-            parent._failures.pop(key, None)
+            failures.pop(key, None)
         else:
-            parent._failures[key] = error
+            failures[key] = error
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
         """Send ``exc`` through this component's handler chain."""
         escalated = await dispatch(self.handlers, exc, self.context(kind))
         if escalated is not None:
-            self.escalated = escalated
+            self.x.escalated = escalated
             self.app._escalations = True
 
     async def _commit(self, run: Run, gen: int, live: bool) -> None:
-        for target, buffer in run.buffers.items():
-            await target._commit(self, buffer)
+        buffers = run.buffers
         previous = self._targets
-        for target in previous:
-            if target not in run.buffers:
-                await target._release(self)
-        self._targets = {t for t in previous | run.buffers.keys() if t._holds(self)}
+        if buffers or previous:
+            for target, buffer in buffers.items():
+                await target._commit(self, buffer)
+            if previous:
+                for target in previous:
+                    if target not in buffers:
+                        await target._release(self)
+            held = {t for t in buffers if t._holds(self)}
+            if previous:
+                held.update(t for t in previous if t._holds(self))
+            self._targets = held or None
         if gen != self._generation or not self._alive:
             return
-        stale = [c for rel, c in self.children.items() if rel not in run.mounted]
-        for child in stale:
-            await child.unmount()
+        children = self.children
+        if children:
+            mounted = run.mounted
+            if len(mounted) != len(children):
+                for child in [c for rel, c in children.items() if rel not in mounted]:
+                    await child.unmount()
         retired = self._maps
-        self._maps = run.maps
-        for lm in retired:
-            lm._retire()
+        self._maps = run.maps or None
+        if retired:
+            for lm in retired:
+                lm._retire()
+        if self.parent is not None and self.parent._x is not None:
+            self._note_outcome(None)
         if not live:
             self._set_self_ready(True)
 
     async def unmount(self) -> None:
         """Unmount this component and its subtree, releasing what they own."""
+        if self.detach():
+            await self.cleanup()
+
+    def detach(self) -> bool:
+        """The synchronous half of :meth:`unmount`: leave the tree, stop the
+        running task, release readiness waiters.  False if already detached."""
         if not self._alive:
-            return
+            return False
         parent = self.parent
         was_unready = self._unready > 0
         self._alive = False
         if parent is not None:
+            assert parent.children is not None
             del parent.children[self.rel]
             if was_unready:
                 parent._adjust(-1)
+            px = parent._x
+            if px is not None and px.failures:
+                px.failures.pop(self.rel[0] if len(self.rel) == 1 else self.rel, None)
         self._cancel_tasks()
-        waiters = self._waiters
-        if waiters:
-            self._waiters = None
-            for event in waiters:
-                event.set()
-        for child in list(self.children.values()):
-            await child.unmount()
-        if parent is not None and parent._failures is not None:
-            parent._failures.pop(self.rel[0] if len(self.rel) == 1 else self.rel, None)
-        for target in self._targets:
-            await target._release(self)
-        self._targets = set()
-        for lm in self._maps:
-            lm._retire()
-        self._maps = []
+        x = self._x
+        if x is not None and x.waiters:
+            waiters, x.waiters = x.waiters, None
+            for callback in waiters:
+                callback()
+        return True
+
+    async def cleanup(self) -> None:
+        """The asynchronous half of :meth:`unmount`: unmount the children,
+        release every target entry, retire the LiveMaps created here."""
+        if self.children:
+            for child in list(self.children.values()):
+                await child.unmount()
+        if self._targets:
+            targets, self._targets = self._targets, None
+            for target in targets:
+                await target._release(self)
+        if self._maps:
+            maps, self._maps = self._maps, None
+            for lm in maps:
+                lm._retire()
         app_run = self.app._active
         if app_run is not None:
             app_run.stats.components_unmounted += 1
@@ -525,7 +654,7 @@ class Component:
                 except Exception as exc:
                     self.exception = exc
                     await self.report(exc, "mount")
-                    self._marked_ready = True
+                    self.x.marked_ready = True
                     self._refresh_live_ready()
                     return
                 operator = LiveComponentOperator(self, instance, gen)
@@ -541,7 +670,7 @@ class Component:
                             app_run.stats.components_failed += 1
                         await self.report(exc, "process_live")
                 if gen == self._generation and self._alive:
-                    self._marked_ready = True
+                    self.x.marked_ready = True
                     self._refresh_live_ready()
             finally:
                 _current_run.reset(t_run)
@@ -706,8 +835,13 @@ async def _each_static(
     fargs: tuple[Any, ...],
     fkwargs: dict[str, Any],
 ) -> None:
+    from livemap.feed import ConsumerOptions
+
     run = current_run("mount_each()")
     comp = run.component
+    x = comp.x
+    if x.pool is None:
+        x.pool = Pool(ConsumerOptions().concurrency)
     handlers = handler_chain()
 
     async def one(pair: Any) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
-from livemap.component import ComponentMountHandle, _is_live_class
+from livemap.component import ComponentMountHandle, Pool, _is_live_class
 from livemap.live import LiveComponentOperator
 
 if TYPE_CHECKING:
@@ -172,11 +173,13 @@ class Consumer(Generic[K, V]):
         self._holding: Component | None = None
         self._wake: anyio.Event | None = None
         self._waiters: list[_Waiter] = []
-        # What the subscriber has: the map as it stands when the watch starts
-        # (``update_all`` scans it before its first await), then every delivery.
-        self.delivered: dict[K, V] = dict(live_map._table.items())
         each = subscriber if isinstance(subscriber, EachSubscriber) else None
+        self.each = each
         self._component = each.component if each is not None else None
+        # What a generic subscriber has: the map as it stands when the watch
+        # starts (``update_all`` scans it before its first await), then every
+        # delivery.  ``mount_each``'s children hold their own value instead.
+        self.delivered: dict[K, V] = {} if each is not None else dict(live_map._table.items())
 
     # -- called from commits (synchronously) ---------------------------------
 
@@ -231,11 +234,15 @@ class Consumer(Generic[K, V]):
             async with anyio.create_task_group() as tg:
                 while not self.closed:
                     queue = self.queue
+                    each = self.each
                     while queue and len(self.in_flight) < limit:
                         key = queue.popleft()
                         self.queued.discard(key)
-                        self.in_flight.add(key)
-                        tg.start_soon(self._deliver, key)
+                        if each is not None:
+                            self._deliver_each(each, key)
+                        else:
+                            self.in_flight.add(key)
+                            tg.start_soon(self._deliver, key)
                     if self.idle():
                         self._set_busy(False)
                     self._wake = anyio.Event()
@@ -248,6 +255,56 @@ class Consumer(Generic[K, V]):
             for waiter in self._waiters:
                 waiter.event.set()
             self._waiters.clear()
+
+    def _deliver_each(self, each: EachSubscriber, key: K) -> None:
+        """Deliver to ``mount_each`` without a task: queue the child's run on
+        the pool and take the key back when the child is ready."""
+        value = self.live_map._table.get(key, _MISSING)
+        children = each.component.children
+        child = None if children is None else children.get((key,))  # type: ignore[arg-type]
+        if child is not None and child._unready:
+            # still processing an earlier value (from the scan, or a retry):
+            # deliver the latest state once that is done
+            self.in_flight.add(key)
+            self.dirty.add(key)
+            child.on_ready(partial(self._finish, key))
+            return
+        if value is _MISSING:
+            if child is None:
+                self._settled(key)
+                return
+            self.in_flight.add(key)
+            self.deliveries += 1
+            child.detach()
+            each.pool.submit(child, 0, partial(self._cleanup, child, key))
+            return
+        if child is not None and _same(child.args[0], value):
+            self._settled(key)
+            return
+        self.in_flight.add(key)
+        self.deliveries += 1
+        each.submit(key, value).on_ready(partial(self._finish, key))
+
+    async def _cleanup(self, child: Component, key: K) -> None:
+        try:
+            await child.cleanup()
+        finally:
+            self._finish(key)
+
+    def _finish(self, key: K) -> None:
+        self.in_flight.discard(key)
+        if key in self.dirty:
+            self.dirty.discard(key)
+            if key not in self.queued:
+                self.queued.add(key)
+                self.queue.append(key)
+        else:
+            self._settled(key)
+        self._poke()
+
+    def _settled(self, key: K) -> None:
+        if self._waiters:
+            self._done(key)
 
     async def _deliver(self, key: K) -> None:
         try:
@@ -276,20 +333,13 @@ class Consumer(Generic[K, V]):
             else:
                 self.failing[key] = error
         finally:
-            self.in_flight.discard(key)
-            if key in self.dirty:
-                self.dirty.discard(key)
-                if key not in self.queued:
-                    self.queued.add(key)
-                    self.queue.append(key)
-            elif self._waiters:
-                self._done(key)
-            self._poke()
+            self._finish(key)
 
     def failing_keys(self) -> dict[K, BaseException]:
         """Keys whose latest processing failed, with the last error."""
-        if self._component is not None and self._component._failures is not None:
-            return dict(self._component._failures)
+        comp = self._component
+        if comp is not None and comp._x is not None and comp._x.failures is not None:
+            return dict(comp._x.failures)
         return dict(self.failing)
 
     def _done(self, key: K) -> None:
@@ -326,48 +376,64 @@ class EachSubscriber:
     ``update_all()`` opens an epoch and mounts a child for every entry of a
     view's snapshot; ``mark_ready()`` closes it, unmounting the children of
     keys the epoch did not see.  ``update`` / ``delete`` then follow changes.
+    A LiveMap's consumer skips the protocol and calls :meth:`submit` directly.
     """
 
-    def __init__(self, operator: LiveComponentOperator, each: EachLive) -> None:
+    def __init__(self, operator: LiveComponentOperator, each: EachLive, pool: Pool) -> None:
         self.operator = operator
         self.each = each
+        self.pool = pool
         self.component: Component = operator._component
         self._epoch: set[Hashable] | None = None
+
+    def _child(self, key: Any, value: Any) -> Component:
+        each = self.each
+        if self._epoch is not None:
+            self._epoch.add(key)
+        return self.component._mount_child(
+            None,
+            (key,),
+            each.fn,
+            (value, *each.args),
+            each.kwargs,
+            "mount_each",
+            self.operator._handlers,
+        )
+
+    def submit(self, key: Any, value: Any) -> Component:
+        """(Re)mount the child of ``key`` with ``value``; its run goes on the pool."""
+        child = self._child(key, value)
+        gen = child._begin()
+        child.app._require_run().stats.components_run += 1
+        self.pool.submit(child, gen)
+        return child
 
     async def update_all(self) -> None:
         self._epoch = set()
         source = self.each.source
         if callable(getattr(source, "__aiter__", None)):
             snapshot = [pair async for pair in source]
-            limit = self.each.concurrency
-            comp = self.component
             for key, value in snapshot:
-                await self._put(key, value)
-                if comp._unready > limit:
-                    await comp.wait_below(limit)
+                await self._child(key, value).launch()
 
     async def mark_ready(self) -> None:
         epoch = self._epoch
         if epoch is not None:
             self._epoch = None
-            stale = [rel for rel in self.component.children if rel[0] not in epoch]
-            for rel in stale:
-                await self.operator.delete(rel)
+            children = self.component.children or {}
+            for child in [c for rel, c in children.items() if rel[0] not in epoch]:
+                await child.unmount()
         await self.operator.mark_ready()
 
     async def update(self, key: Any, value: Any) -> ReadyLike:
-        return await self._put(key, value)
+        child = self._child(key, value)
+        await child.launch()
+        return ComponentMountHandle(child)
 
     async def delete(self, key: Any) -> ReadyLike:
         if self._epoch is not None:
             self._epoch.discard(key)
         return await self.operator.delete((key,))
-
-    async def _put(self, key: Any, value: Any) -> ComponentMountHandle:
-        if self._epoch is not None:
-            self._epoch.add(key)
-        each = self.each
-        return await self.operator.update((key,), each.fn, value, *each.args, **each.kwargs)
 
 
 class EachLive:
@@ -391,11 +457,13 @@ class EachLive:
 
     async def process_live(self, operator: LiveComponentOperator) -> None:
         operator._kind = "mount_each"
-        component = operator._component
-        component._retry = self.retry
-        if component._failures is None:
-            component._failures = {}
-        subscriber = EachSubscriber(operator, self)
+        x = operator._component.x
+        x.retry = self.retry
+        if x.failures is None:
+            x.failures = {}
+        if x.pool is None or x.pool.limit != self.concurrency:
+            x.pool = Pool(self.concurrency)
+        subscriber = EachSubscriber(operator, self, x.pool)
         try:
             await self.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():

@@ -69,13 +69,14 @@ class LiveComponentOperator:
     ``delete()`` change one child and return a handle at once.
     """
 
-    __slots__ = ("_component", "_gen", "_instance", "_kind")
+    __slots__ = ("_component", "_gen", "_handlers", "_instance", "_kind")
 
     def __init__(self, component: Component, instance: Any, gen: int) -> None:
         self._component = component
         self._instance = instance
         self._gen = gen
         self._kind: MountKind = "mount"
+        self._handlers = component.handlers
 
     @property
     def stable_path(self) -> StablePath:
@@ -96,7 +97,7 @@ class LiveComponentOperator:
             await comp.run_once(
                 self._gen, self._instance.process, (), {}, raise_errors=False, live=True
             )
-            for child in list(comp.children.values()):
+            for child in list((comp.children or {}).values()):
                 await child.wait_ready()
         finally:
             if self._current():
@@ -120,7 +121,8 @@ class LiveComponentOperator:
 
     async def delete(self, subpath: StableKey | ComponentSubpath | StablePath) -> ReadyHandle:
         """Unmount the child at ``subpath`` (if any), releasing what it owns."""
-        child = self._component.children.get(_subpath(subpath))
+        children = self._component.children
+        child = None if children is None else children.get(_subpath(subpath))
         if child is not None:
             await child.unmount()
         return ReadyHandle()
@@ -128,8 +130,8 @@ class LiveComponentOperator:
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
         comp = self._component
-        if self._current() and not comp._marked_ready:
-            comp._marked_ready = True
+        if self._current() and not comp.x.marked_ready:
+            comp.x.marked_ready = True
             comp._refresh_live_ready()
 
     async def report_exception(self, exc: BaseException) -> None:
