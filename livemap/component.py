@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
@@ -130,9 +131,9 @@ class Run:
 
     def __init__(self, component: Component) -> None:
         self.component = component
-        self.buffers: dict[TargetBase[Any, Any], Any] = {}
-        self.mounted: dict[StablePath, Component] = {}
-        self.maps: list[LiveMap[Any, Any]] = []
+        self.buffers: dict[TargetBase[Any, Any], Any] | None = None
+        self.mounted: dict[StablePath, Component] | None = None
+        self.maps: list[LiveMap[Any, Any]] | None = None
 
 
 _EMPTY_KWARGS: dict[str, Any] = {}
@@ -387,8 +388,13 @@ class Component:
         kind: MountKind,
         handlers: tuple[ExceptionHandler, ...],
     ) -> Component:
-        if run is not None and rel in run.mounted:
-            raise DuplicatePathError(format_path(self.path + rel))
+        mounted = None
+        if run is not None:
+            mounted = run.mounted
+            if mounted is None:
+                mounted = run.mounted = {}
+            elif rel in mounted:
+                raise DuplicatePathError(format_path(self.path + rel))
         children = self.children
         if children is None:
             children = self.children = {}
@@ -403,8 +409,8 @@ class Component:
             child.kwargs = kwargs or _EMPTY_KWARGS
             child.mount_kind = kind
             child.handlers = handlers
-        if run is not None:
-            run.mounted[rel] = child
+        if mounted is not None:
+            mounted[rel] = child
         return child
 
     def _cancel_tasks(self) -> None:
@@ -491,11 +497,14 @@ class Component:
         while True:
             run = Run(self)
             t_run = _current_run.set(run)
-            t_handlers = _handlers.set(self.handlers)
-            t_prefix = _prefix.set(())
+            # the handler chain and subpath prefix are usually right already
+            t_handlers = (
+                _handlers.set(self.handlers) if _handlers.get() is not self.handlers else None
+            )
+            t_prefix = _prefix.set(()) if _prefix.get() else None
             try:
                 result = func(*args, **kwargs)
-                if inspect.isawaitable(result):
+                if type(result) is CoroutineType or inspect.isawaitable(result):
                     result = await result
             except anyio.get_cancelled_exc_class():
                 raise
@@ -505,12 +514,27 @@ class Component:
                 error = None
             finally:
                 _current_run.reset(t_run)
-                _handlers.reset(t_handlers)
-                _prefix.reset(t_prefix)
+                if t_handlers is not None:
+                    _handlers.reset(t_handlers)
+                if t_prefix is not None:
+                    _prefix.reset(t_prefix)
             current = gen == self._generation and self._alive
             if error is None:
                 if current:
-                    await self._commit(run, gen, live)
+                    if (
+                        run.buffers is None
+                        and run.maps is None
+                        and self._targets is None
+                        and self._maps is None
+                        and not self.children
+                    ):
+                        # nothing to commit: the common case of a leaf
+                        if self.parent is not None and self.parent._x is not None:
+                            self._note_outcome(None)
+                        if not live:
+                            self._set_self_ready(True)
+                    else:
+                        await self._commit(run, gen, live)
                 return result
             if not current:
                 if raise_errors:
@@ -562,7 +586,7 @@ class Component:
             self.app._escalations = True
 
     async def _commit(self, run: Run, gen: int, live: bool) -> None:
-        buffers = run.buffers
+        buffers = run.buffers or {}
         previous = self._targets
         if buffers or previous:
             for target, buffer in buffers.items():
@@ -579,7 +603,7 @@ class Component:
             return
         children = self.children
         if children:
-            mounted = run.mounted
+            mounted = run.mounted or {}
             if len(mounted) != len(children):
                 for child in [c for rel, c in children.items() if rel not in mounted]:
                     await child.unmount()

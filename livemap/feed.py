@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 import anyio
 
-from livemap.component import ComponentMountHandle, Pool, _is_live_class
+from livemap.component import ComponentMountHandle, Pool, _is_async, _is_live_class
 from livemap.live import LiveComponentOperator
 
 if TYPE_CHECKING:
@@ -413,8 +413,12 @@ class EachSubscriber:
         source = self.each.source
         if callable(getattr(source, "__aiter__", None)):
             snapshot = [pair async for pair in source]
-            for key, value in snapshot:
-                await self._child(key, value).launch()
+            if _is_async(self.each.fn) or self.each.retry is not None:
+                for key, value in snapshot:
+                    self.submit(key, value)
+            else:
+                for key, value in snapshot:
+                    await self._child(key, value).launch()
 
     async def mark_ready(self) -> None:
         epoch = self._epoch

@@ -119,6 +119,8 @@ class LiveMap(TargetBase[K, V]):
         """
         run = current_run("LiveMap.create()")
         lm: LiveMap[K, V] = cls(_CREATE, run.component)
+        if run.maps is None:
+            run.maps = []
         run.maps.append(lm)
         return lm
 
@@ -138,9 +140,12 @@ class LiveMap(TargetBase[K, V]):
             raise NotInComponentError("LiveMap.declare_entry()")
         if self._retired:
             raise MapRetiredError(self.name)
-        buffer: Buffer[K, V] | None = run.buffers.get(self)
+        buffers = run.buffers
+        if buffers is None:
+            buffers = run.buffers = {}
+        buffer: Buffer[K, V] | None = buffers.get(self)
         if buffer is None:
-            buffer = run.buffers[self] = self._table.buffer(run.component)
+            buffer = buffers[self] = self._table.buffer(run.component)
         buffer.declare(key, value)
 
     async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:

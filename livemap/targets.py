@@ -65,9 +65,12 @@ class TargetBase(Generic[K, V]):
 
     def _buffer(self, what: str) -> Buffer[K, V]:
         run = current_run(what)
-        buffer = run.buffers.get(self)
+        buffers = run.buffers
+        if buffers is None:
+            buffers = run.buffers = {}
+        buffer = buffers.get(self)
         if buffer is None:
-            buffer = run.buffers[self] = self._table.buffer(run.component)
+            buffer = buffers[self] = self._table.buffer(run.component)
         return buffer
 
     def _holds(self, component: Component) -> bool:
