@@ -1,10 +1,15 @@
 """Build script: the optional compiled core ``livemap_core._core``.
 
 * ``LIVEMAP_NO_EXTENSIONS=1``: build nothing; a pure-Python install.
-* ``LIVEMAP_REQUIRE_EXTENSIONS=1``: the extension must build; a failure is an error.
-* otherwise: try to build it; with no compiler (or no Cython) the install goes on
-  without it and ``livemap_core`` uses its pure-Python twin.
-* ``LIVEMAP_CYTHON_TRACE=1``: line tracing for coverage builds (never for releases).
+* ``LIVEMAP_REQUIRE_EXTENSIONS=1``: the extension must build; any failure
+  (no Cython, no compiler, a Cython or C error) is an error.
+* otherwise: try to build it; if that fails the install goes on without it
+  and ``livemap_core`` uses its pure-Python twin (``IMPLEMENTATION`` says so).
+* ``LIVEMAP_CYTHON_TRACE=1``: line tracing, for coverage builds only.
+
+Cython runs inside ``build_ext`` (not when this file is loaded), so building
+an sdist or reading metadata never generates C files, and a Cython failure is
+handled like a compiler failure.
 """
 
 from __future__ import annotations
@@ -12,27 +17,41 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-NO_EXTENSIONS = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS"))
+NO_EXTENSIONS = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS")) or (
+    sys.implementation.name != "cpython"
+)
 REQUIRE_EXTENSIONS = bool(os.environ.get("LIVEMAP_REQUIRE_EXTENSIONS"))
 TRACE = bool(os.environ.get("LIVEMAP_CYTHON_TRACE"))
 
-if sys.implementation.name != "cpython":
-    NO_EXTENSIONS = True
+DIRECTIVES = {
+    "language_level": "3",
+    "embedsignature": True,
+    "boundscheck": False,
+    "wraparound": False,
+    "initializedcheck": False,
+    "linetrace": TRACE,
+}
 
 
 class OptionalBuildExt(build_ext):
-    """A build_ext whose failure leaves a working pure-Python install."""
+    """Cythonize and compile; on failure, fall back to the pure core unless
+    the compiled one is required."""
 
     def run(self) -> None:
         try:
+            from Cython.Build import cythonize
+
+            self.extensions = cythonize(
+                self.extensions, compiler_directives=DIRECTIVES, quiet=True
+            )
             super().run()
-        except Exception as exc:  # compiler missing, headers missing, ...
+        except Exception as exc:
             self._give_up(exc)
 
-    def build_extension(self, ext):  # type: ignore[no-untyped-def]
+    def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:
@@ -48,28 +67,11 @@ class OptionalBuildExt(build_ext):
         )
 
 
-def extensions() -> list:  # type: ignore[type-arg]
+def extensions() -> list[Extension]:
     if NO_EXTENSIONS:
         return []
-    try:
-        from Cython.Build import cythonize
-    except ImportError:
-        if REQUIRE_EXTENSIONS:
-            raise
-        return []
-    from setuptools import Extension
-
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if TRACE else []
-    ext = Extension("livemap_core._core", ["livemap_core/_core.pyx"], define_macros=macros)
-    directives = {
-        "language_level": "3",
-        "embedsignature": True,
-        "boundscheck": False,
-        "wraparound": False,
-        "initializedcheck": False,
-        "linetrace": TRACE,
-    }
-    return cythonize([ext], compiler_directives=directives, quiet=True)
+    return [Extension("livemap_core._core", ["livemap_core/_core.pyx"], define_macros=macros)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
