@@ -40,13 +40,22 @@ class OptionalBuildExt(build_ext):
     """Cythonize and compile; on failure, fall back to the pure core unless
     the compiled one is required."""
 
+    def finalize_options(self) -> None:
+        ext_modules = self.distribution.ext_modules
+        if ext_modules:
+            try:
+                from Cython.Build import cythonize
+
+                self.distribution.ext_modules = cythonize(
+                    ext_modules, compiler_directives=DIRECTIVES, quiet=True
+                )
+            except Exception as exc:
+                self._give_up(exc)
+                self.distribution.ext_modules = []
+        super().finalize_options()
+
     def run(self) -> None:
         try:
-            from Cython.Build import cythonize
-
-            self.extensions = cythonize(
-                self.extensions, compiler_directives=DIRECTIVES, quiet=True
-            )
             super().run()
         except Exception as exc:
             self._give_up(exc)
