@@ -166,19 +166,23 @@ class Pool:
     """Worker tasks that run a parent's children, ``limit`` at a time.
 
     ``mount_each`` mounts thousands of children: a task each would cost far
-    more than most runs.  A pool keeps at most ``limit`` worker tasks, each
-    running queued children one after another in its own task; a worker ends
-    when the queue is empty.  A run is cancelled by cancelling the scope of
-    the worker running it (the worker then opens a fresh scope).
+    more than most runs.  A pool starts at most ``limit`` worker tasks, each
+    running queued children one after another in its own task.  An idle
+    worker parks until there is work again (waking a parked worker is
+    cheaper than starting a task); workers end with the app run or when the
+    pool is closed.  A run is cancelled by cancelling the scope of the worker
+    running it (the worker then opens a fresh scope).
     """
 
-    __slots__ = ("app_run", "limit", "queue", "workers")
+    __slots__ = ("app_run", "closed", "limit", "parked", "queue", "workers")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.queue: deque[tuple[Component, int, Callable[[], Awaitable[None]] | None]] = deque()
         self.workers = 0
+        self.parked: list[anyio.Event] = []
         self.app_run: AppRun | None = None
+        self.closed = False
 
     def submit(
         self, child: Component, gen: int, job: Callable[[], Awaitable[None]] | None = None
@@ -188,33 +192,54 @@ class Pool:
         if self.app_run is not app_run:  # a new app run: the old workers are gone
             self.app_run = app_run
             self.queue.clear()
+            self.parked.clear()
             self.workers = 0
+            self.closed = False
         self.queue.append((child, gen, job))
-        if self.workers < self.limit:
+        if self.parked:
+            self.parked.pop().set()
+        elif self.workers < self.limit:
             self.workers += 1
             app_run.tg.start_soon(self._work, app_run)
+
+    def close(self) -> None:
+        """Let the workers end once the queue is empty."""
+        self.closed = True
+        parked, self.parked = self.parked, []
+        for event in parked:
+            event.set()
 
     async def _work(self, app_run: AppRun) -> None:
         queue = self.queue
         try:
-            while queue:
-                with anyio.CancelScope() as scope:
-                    while queue and not scope.cancel_called:
-                        child, gen, job = queue.popleft()
-                        if job is not None:
-                            await job()
-                            continue
-                        if gen != child._generation or not child._alive:
-                            continue
-                        child._cancel = scope
-                        child._scope_run = app_run
-                        try:
-                            await child.run_once(
-                                gen, child.processor, child.args, child.kwargs, raise_errors=False
-                            )
-                        finally:
-                            if child._cancel is scope:
-                                child._cancel = None
+            while True:
+                while queue:
+                    with anyio.CancelScope() as scope:
+                        while queue and not scope.cancel_called:
+                            child, gen, job = queue.popleft()
+                            if job is not None:
+                                await job()
+                                continue
+                            if gen != child._generation or not child._alive:
+                                continue
+                            child._cancel = scope
+                            child._scope_run = app_run
+                            try:
+                                await child.run_once(
+                                    gen,
+                                    child.processor,
+                                    child.args,
+                                    child.kwargs,
+                                    raise_errors=False,
+                                )
+                            finally:
+                                if child._cancel is scope:
+                                    child._cancel = None
+                if self.closed or self.app_run is not app_run:
+                    return
+                event = anyio.Event()
+                self.parked.append(event)
+                await event.wait()
         finally:
             if self.app_run is app_run:
                 self.workers -= 1
@@ -640,10 +665,13 @@ class Component:
                 px.failures.pop(self.rel[0] if len(self.rel) == 1 else self.rel, None)
         self._cancel_tasks()
         x = self._x
-        if x is not None and x.waiters:
-            waiters, x.waiters = x.waiters, None
-            for callback in waiters:
-                callback()
+        if x is not None:
+            if x.pool is not None:
+                x.pool.close()
+            if x.waiters:
+                waiters, x.waiters = x.waiters, None
+                for callback in waiters:
+                    callback()
         return True
 
     async def cleanup(self) -> None:

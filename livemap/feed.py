@@ -169,6 +169,7 @@ class Consumer(Generic[K, V]):
         self.failing: dict[K, BaseException] = {}
         self.deliveries = 0
         self.closed = False
+        self.started = False
         self._busy_run: AppRun | None = None
         self._holding: Component | None = None
         self._wake: anyio.Event | None = None
@@ -186,13 +187,20 @@ class Consumer(Generic[K, V]):
     def notify(self, keys: list[K]) -> None:
         in_flight = self.in_flight
         queued = self.queued
+        self._set_busy(True)
+        # mount_each, past its initial scan: deliver at once while there is
+        # room, from the committing task (no hop through the worker loop)
+        each = self.each if self.started and not self.closed else None
+        limit = self.options.concurrency
         for key in keys:
             if key in in_flight:
                 self.dirty.add(key)
             elif key not in queued:
-                queued.add(key)
-                self.queue.append(key)
-        self._set_busy(True)
+                if each is not None and not self.queue and len(in_flight) < limit:
+                    self._deliver_each(each, key)
+                else:
+                    queued.add(key)
+                    self.queue.append(key)
         self._poke()
 
     def close(self) -> None:
@@ -230,6 +238,7 @@ class Consumer(Generic[K, V]):
         try:
             await self.subscriber.update_all()
             await self.subscriber.mark_ready()
+            self.started = True
             limit = self.options.concurrency
             async with anyio.create_task_group() as tg:
                 while not self.closed:
