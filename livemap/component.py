@@ -145,7 +145,9 @@ class _Extra:
     __slots__ = (
         "busy",
         "escalated",
+        "exception",
         "failures",
+        "maps",
         "marked_ready",
         "pool",
         "retry",
@@ -158,6 +160,8 @@ class _Extra:
         self.retry: RetryPolicy | None = None
         self.pool: Pool | None = None
         self.escalated: BaseException | None = None
+        self.exception: BaseException | None = None
+        self.maps: list[LiveMap[Any, Any]] | None = None
         self.marked_ready = False
         self.busy = 0
 
@@ -253,7 +257,6 @@ class Component:
         "_alive",
         "_cancel",
         "_generation",
-        "_maps",
         "_scope_run",
         "_self_ready",
         "_targets",
@@ -262,7 +265,6 @@ class Component:
         "app",
         "args",
         "children",
-        "exception",
         "handlers",
         "kwargs",
         "mount_kind",
@@ -291,7 +293,6 @@ class Component:
         self.mount_kind: MountKind = mount_kind
         self.handlers = handlers
         self.children: dict[StablePath, Component] | None = None
-        self.exception: BaseException | None = None
         self._alive = True
         self._self_ready = False
         self._unready = 1
@@ -299,11 +300,21 @@ class Component:
         self._cancel: anyio.CancelScope | None = None
         self._scope_run: AppRun | None = None
         self._targets: set[TargetBase[Any, Any]] | None = None
-        self._maps: list[LiveMap[Any, Any]] | None = None
         self._x: _Extra | None = None
 
     def __repr__(self) -> str:
         return f"<component {format_path(self.path)}>"
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception of the latest run, if it failed."""
+        x = self._x
+        return None if x is None else x.exception
+
+    @exception.setter
+    def exception(self, value: BaseException | None) -> None:
+        if value is not None or self._x is not None:
+            self.x.exception = value
 
     @property
     def path(self) -> StablePath:
@@ -453,9 +464,9 @@ class Component:
         if self._cancel is not None:
             self._cancel_tasks()
         self._generation += 1
-        self.exception = None
         x = self._x
         if x is not None:
+            x.exception = None
             x.escalated = None
             x.marked_ready = False
             x.busy = 0
@@ -550,7 +561,7 @@ class Component:
                         run.buffers is None
                         and run.maps is None
                         and self._targets is None
-                        and self._maps is None
+                        and (self._x is None or self._x.maps is None)
                         and not self.children
                     ):
                         # nothing to commit: the common case of a leaf
@@ -632,8 +643,12 @@ class Component:
             if len(mounted) != len(children):
                 for child in [c for rel, c in children.items() if rel not in mounted]:
                     await child.unmount()
-        retired = self._maps
-        self._maps = run.maps or None
+        x = self._x
+        retired = None if x is None else x.maps
+        if run.maps:
+            self.x.maps = run.maps
+        elif x is not None:
+            x.maps = None
         if retired:
             for lm in retired:
                 lm._retire()
@@ -684,8 +699,8 @@ class Component:
             targets, self._targets = self._targets, None
             for target in targets:
                 await target._release(self)
-        if self._maps:
-            maps, self._maps = self._maps, None
+        if self._x is not None and self._x.maps:
+            maps, self._x.maps = self._x.maps, None
             for lm in maps:
                 lm._retire()
         app_run = self.app._active
