@@ -234,9 +234,12 @@ class UpdateHandle:
 
     async def ready(self) -> None:
         """Wait until the initial catch-up is done (also in live mode), or the
-        run has ended."""
+        run has ended.  Raises the main function's exception if that is why
+        the run ended."""
         if not self._is_ready:
             await self._event("ready").wait()
+        if self._error is not None:
+            raise self._error
 
     async def stop(self) -> None:
         """End the run: every live component is cancelled and cleaned up, and no

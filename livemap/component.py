@@ -525,9 +525,10 @@ class Component:
     ) -> Any:
         """One run: call ``func`` as this component, then commit.
 
-        A failure commits nothing; it is raised (with ``raise_errors``) or, once
-        the parent's retry policy (if any) gives up, reported to the handler
-        chain.
+        A run that raises commits nothing.  A run whose commit hits a failing
+        sink (a ``TargetApplyError``) counts as failed too.  The failure is
+        raised (with ``raise_errors``) or, once the parent's retry policy (if
+        any) gives up, reported to the handler chain.
         """
         failures = 0
         while True:
@@ -569,9 +570,14 @@ class Component:
                             self._note_outcome(None)
                         if not live:
                             self._set_self_ready(True)
-                    else:
-                        await self._commit(run, gen, live)
-                return result
+                        return result
+                    error = await self._commit(run, gen, live)
+                    if error is None:
+                        return result
+                    # a sink failed: the run counts as failed (and may be retried)
+                    current = gen == self._generation and self._alive
+                else:
+                    return result
             if not current:
                 if raise_errors:
                     raise error
@@ -621,22 +627,27 @@ class Component:
             self.x.escalated = escalated
             self.app._escalations = True
 
-    async def _commit(self, run: Run, gen: int, live: bool) -> None:
+    async def _commit(self, run: Run, gen: int, live: bool) -> Exception | None:
+        """Commit ``run``; returns the first sink failure, if any (the rest of
+        the commit still happens, and the component is then left unready)."""
         buffers = run.buffers or {}
         previous = self._targets
+        error: Exception | None = None
         if buffers or previous:
             for target, buffer in buffers.items():
-                await target._commit(self, buffer)
+                failed = await target._commit(self, buffer)
+                error = error or failed
             if previous:
                 for target in previous:
                     if target not in buffers:
-                        await target._release(self)
+                        failed = await target._release(self)
+                        error = error or failed
             held = {t for t in buffers if t._holds(self)}
             if previous:
                 held.update(t for t in previous if t._holds(self))
             self._targets = held or None
         if gen != self._generation or not self._alive:
-            return
+            return error
         children = self.children
         if children:
             mounted = run.mounted or {}
@@ -652,10 +663,13 @@ class Component:
         if retired:
             for lm in retired:
                 lm._retire()
+        if error is not None:
+            return error
         if self.parent is not None and self.parent._x is not None:
             self._note_outcome(None)
         if not live:
             self._set_self_ready(True)
+        return None
 
     async def unmount(self) -> None:
         """Unmount this component and its subtree, releasing what they own."""
@@ -698,7 +712,9 @@ class Component:
         if self._targets:
             targets, self._targets = self._targets, None
             for target in targets:
-                await target._release(self)
+                failed = await target._release(self)
+                if failed is not None:  # kept by the target and retried with its next batch
+                    await self.report(failed)
         if self._x is not None and self._x.maps:
             maps, self._x.maps = self._x.maps, None
             for lm in maps:

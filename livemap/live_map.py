@@ -51,7 +51,8 @@ class LiveMapStats:
     ``==`` raised; ``deliveries``: ``update``/``delete`` calls made to the
     consumer; ``pending``: keys with changes the consumer has not taken yet
     (its lag); ``in_flight``: keys being processed; ``failing``: keys whose
-    latest processing failed, with the last error; ``consumer``: whether a
+    latest processing failed, with the last error (kept after the consumer
+    ends, until a later consumer processes them); ``consumer``: whether a
     consumer is watching.
     """
 
@@ -95,7 +96,7 @@ class LiveMap(TargetBase[K, V]):
     follows it, and ``mount_each(fn, lm)`` mounts one component per entry.
     """
 
-    __slots__ = ("_consumer", "_creator", "_deliveries", "_options", "_retired")
+    __slots__ = ("_consumer", "_creator", "_deliveries", "_failing", "_options", "_retired")
 
     def __init__(self, _token: object, creator: Component) -> None:
         if _token is not _CREATE:
@@ -105,6 +106,7 @@ class LiveMap(TargetBase[K, V]):
         self._consumer: Consumer[K, V] | None = None
         self._retired = False
         self._deliveries = 0
+        self._failing: dict[Any, BaseException] = {}
         self._options = ConsumerOptions()
 
     def __repr__(self) -> str:
@@ -148,9 +150,9 @@ class LiveMap(TargetBase[K, V]):
             buffer = buffers[self] = self._table.buffer(run.component)
         buffer.declare(key, value)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
         if self._retired:
-            return
+            return None
         result = self._table.commit(buffer)
         if result.rejections:
             await self._report_rejections(component, result)
@@ -159,12 +161,14 @@ class LiveMap(TargetBase[K, V]):
             keys = [key for key, _ in result.upserts]
             keys.extend(result.deletes)
             consumer.notify(keys)
+        return None
 
-    async def _release(self, component: Component) -> None:
+    async def _release(self, component: Component) -> Exception | None:
         result = self._table.release(component)
         consumer = self._consumer
         if consumer is not None and result:
             consumer.notify(result.deletes)
+        return None
 
     def _retire(self) -> None:
         self._retired = True
@@ -211,6 +215,7 @@ class LiveMap(TargetBase[K, V]):
             await consumer.run()
         finally:
             self._deliveries += consumer.deliveries
+            self._failing = consumer.failing_keys()  # stays visible after the consumer ends
             if self._consumer is consumer:
                 self._consumer = None
 
@@ -238,7 +243,7 @@ class LiveMap(TargetBase[K, V]):
         consumer = self._consumer
         deliveries = self._deliveries
         pending = in_flight = 0
-        failing: dict[Any, BaseException] = {}
+        failing = dict(self._failing)
         if consumer is not None:
             deliveries += consumer.deliveries
             pending = len(consumer.queued) + len(consumer.dirty)

@@ -92,10 +92,12 @@ class TargetBase(Generic[K, V]):
                 exc.__cause__ = rejection.error
             await component.report(exc)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
+        """Commit one run's buffer; return the sink's failure, if any."""
         raise NotImplementedError
 
-    async def _release(self, component: Component) -> None:
+    async def _release(self, component: Component) -> Exception | None:
+        """Delete everything ``component`` holds; return the sink's failure, if any."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -134,12 +136,12 @@ class KeyedTarget(TargetBase[K, V]):
     entry disappears when its component stops declaring it or is unmounted.
 
     If ``apply`` raises, the batch counts as not applied: the target's record
-    goes back to what it was before it, a
-    :class:`~livemap.errors.TargetApplyError` (with the original exception as
-    ``__cause__``) goes to the owner's exception-handler chain, and the
-    owner's next commit sends the same changes again.  Deletes of an
-    unmounted component that failed to apply are retried with the target's
-    next batch.
+    goes back to what it was before it, so the owner's next commit sends the
+    same changes again, and the owner's run counts as failed with a
+    :class:`~livemap.errors.TargetApplyError` (the original exception is its
+    ``__cause__``): reported to its exception-handler chain, retried under a
+    ``mount_each`` retry policy.  Deletes of an unmounted component that
+    failed to apply are retried with the target's next batch.
     """
 
     __slots__ = ("_apply", "_lock", "_orphans")
@@ -168,9 +170,9 @@ class KeyedTarget(TargetBase[K, V]):
             self._lock = anyio.Lock()
         return self._lock
 
-    async def _send(self, component: Component, result: Commit[K, V]) -> bool:
+    async def _send(self, component: Component, result: Commit[K, V]) -> Exception | None:
         if not result:
-            return True
+            return None
         batch = TargetBatch(
             result.upserts, result.deletes, component.path, result.first_seq, result.last_seq
         )
@@ -185,29 +187,29 @@ class KeyedTarget(TargetBase[K, V]):
                     self.name, format_path(component.path), len(batch.upserts), len(batch.deletes)
                 )
                 error.__cause__ = exc
-                await component.report(error)
-                return False
+                return error
             raise
-        return True
+        return None
 
     async def _retry_orphans(self) -> None:
         orphans, self._orphans = self._orphans, []
         for component in orphans:
-            if not await self._send(component, self._table.release(component)):
+            if await self._send(component, self._table.release(component)) is not None:
                 self._orphans.append(component)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> None:
+    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
                 await self._retry_orphans()
             result = self._table.commit(buffer)
             await self._report_rejections(component, result)
-            await self._send(component, result)
+            return await self._send(component, result)
 
-    async def _release(self, component: Component) -> None:
+    async def _release(self, component: Component) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
                 await self._retry_orphans()
-            sent = await self._send(component, self._table.release(component))
-            if not sent and not component._alive:
+            failed = await self._send(component, self._table.release(component))
+            if failed is not None and not component._alive:
                 self._orphans.append(component)
+            return failed

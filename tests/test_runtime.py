@@ -444,27 +444,75 @@ async def test_sink_failure_is_reported_and_resent() -> None:
 async def test_sink_failure_on_unmount_is_retried_with_next_batch() -> None:
     sink = Sink()
     target: KeyedTarget[str, int] = KeyedTarget("rows", sink)
-    state = {"child": True}
+    state = {"child": True, "n": 0}
+    rec = Recorder()
 
     @coco.fn
     async def child() -> None:
         target.declare("c", 1)
 
     @coco.fn
+    async def other() -> None:
+        target.declare("o", state["n"])
+
+    @coco.fn
     async def main() -> None:
-        target.declare("m", len(sink.batches))
+        h = await coco.mount(other)
+        await h.ready()
         if state["child"]:
             await coco.mount(child)
 
-    app = coco.App(coco.AppConfig("t", exception_handler=lambda e, c: None), main)
+    app = coco.App(coco.AppConfig("t", exception_handler=rec), main)
     await run_app(app)
-    assert sink.rows.keys() == {"c", "m"}
+    assert sink.rows == {"c": 1, "o": 0}
     state["child"] = False
-    sink.fail_next = 1  # root's commit: fails; then child's release fails? (first batch only)
+    sink.fail_next = 1  # the unmounted child's delete batch fails
     await run_app(app)
-    # one batch failed; whatever it was, the next run sends it again
+    assert sink.rows == {"c": 1, "o": 0}
+    assert [type(e) for e, _ in rec.calls] == [coco.TargetApplyError]
+    assert rec.calls[0][1].stable_path == (Symbol("child"),)
+    state["n"] = 1  # the target's next batch sends the delete first
     await run_app(app)
-    assert sink.rows.keys() == {"m"}
+    assert sink.rows == {"o": 1}
+
+
+async def test_sink_failure_in_per_entry_component_is_retried_and_visible() -> None:
+    sink = Sink()
+    target: KeyedTarget[str, int] = KeyedTarget("rows", sink)
+    holder: dict[str, Any] = {}
+
+    @coco.fn
+    async def index(value: int, key: str) -> None:
+        holder["target"].declare(key, value)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("k", 1)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        h = await coco.mount(produce, lm)
+        await h.ready()
+        policy = coco.RetryPolicy(max_attempts=3, initial_backoff=0.001)
+        await coco.mount_each(index, lm.consumer(retry=policy), "k")
+
+    holder["target"] = target
+    sink.fail_next = 2  # two failures, then the third run's batch lands
+    stats = await run_app(coco.App(coco.AppConfig("t", exception_handler=lambda e, c: None), main))
+    assert sink.rows == {"k": 1}
+    assert stats.retries == 2
+    assert holder["lm"].stats().failing == {}
+
+    sink.rows.clear()
+    holder["target"] = KeyedTarget("rows2", sink)  # a second app, its own target
+    sink.fail_next = 5  # keeps failing: visible, with the last error
+    stats = await run_app(coco.App(coco.AppConfig("t2", exception_handler=lambda e, c: None), main))
+    assert sink.rows == {}
+    [(key, error)] = holder["lm"].stats().failing.items()
+    assert key == "k"
+    assert isinstance(error, coco.TargetApplyError)
 
 
 async def test_async_sink_and_batches_in_commit_order() -> None:
