@@ -1,0 +1,484 @@
+"""The entity-index example (``python -m livemap.examples.entities``), end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from helpers import TIMEOUT, wait_for
+
+import livemap
+from livemap.examples import entities
+from livemap.examples.entities import EntityRow, Pipeline, Summary, main, replay
+
+pytestmark = pytest.mark.anyio
+
+BACKENDS = ["asyncio", "trio"]
+SUBPROCESS_TIMEOUT = 60.0
+
+Row = tuple[str, str, str, str]
+
+
+def line(**event: Any) -> str:
+    return json.dumps(event) + "\n"
+
+
+EVENTS = [
+    line(op="upsert", id="org:acme", kind="org", name="Acme Corp",
+         attrs={"plan": "team", "country": "DE"}),
+    line(op="upsert", id="user:1", kind="user", name="Ada Lovelace", attrs={"org": "org:acme"}),
+    line(op="upsert", id="user:2", name="Alan Turing", attrs={"org": "org:acme"}),
+    line(op="upsert", id="ticket:1", kind="ticket", name="Cannot log in",
+         attrs={"requester": "user:1", "status": "open"}),
+    line(op="patch", id="ticket:1", attrs={"status": "pending"}),
+    line(op="patch", id="user:1", attrs={"status": "online"}),
+    line(op="delete", id="user:2"),
+    line(op="patch", id="user:2", attrs={"status": "away"}),  # late: user:2 is gone
+    "this is not json\n",
+    "\n",
+    line(op="patch", id="org:acme", attrs={"country": None}),  # null removes an attribute
+    line(op="upsert", id="org:acme", kind="org", name="Acme Corp", attrs={"plan": "team"}),
+]  # fmt: skip
+
+ROWS: list[Row] = [
+    ("org:acme", "org", "Acme Corp", '{"plan":"team"}'),
+    ("ticket:1", "ticket", "Cannot log in", '{"requester":"user:1","status":"pending"}'),
+    ("user:1", "user", "Ada Lovelace", '{"org":"org:acme","status":"online"}'),
+]
+
+MORE_EVENTS = [
+    line(op="patch", id="user:1", name="Ada King", attrs={"status": "away"}),
+    line(op="delete", id="ticket:1"),
+    line(op="upsert", id="user:3", name="Grace Hopper", attrs={"org": "org:acme"}),
+]
+
+MORE_ROWS: list[Row] = [
+    ("org:acme", "org", "Acme Corp", '{"plan":"team"}'),
+    ("user:1", "user", "Ada King", '{"org":"org:acme","status":"away"}'),
+    ("user:3", "user", "Grace Hopper", '{"org":"org:acme"}'),
+]
+
+
+def write(path: Path, lines: list[str], mode: str = "w") -> None:
+    with path.open(mode, encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def db_rows(path: Path) -> list[Row]:
+    """The ``entities`` table, read through a connection of its own."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path)
+    try:
+        query = "SELECT id, kind, name, attrs FROM entities ORDER BY id"
+        return [tuple(row) for row in conn.execute(query)]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return []
+    finally:
+        conn.close()
+
+
+def expected_rows(path: Path) -> list[EntityRow]:
+    """The rows the replayed stream calls for (an ``EntityRow`` equals its plain tuple)."""
+    with path.open(encoding="utf-8") as f:
+        states = replay(f)
+    return sorted(EntityRow.of(e) for e in states.values())
+
+
+def numbers_in(text: str, summary: Summary) -> None:
+    """The printed summary carries the run's numbers."""
+    assert f"events      {summary.events} read, {summary.malformed} malformed" in text
+    assert f"entities    {summary.entities} in the LiveMap" in text
+    assert (
+        f"changes     {summary.changes} committed, {summary.suppressed} suppressed by ==, "
+        f"{summary.conflicts} conflicts"
+    ) in text
+    assert f"sqlite      {summary.rows} rows in" in text
+    assert "elapsed" in text
+
+
+async def run_pipeline(pipeline: Pipeline, **kwargs: Any) -> tuple[Summary, str]:
+    out = io.StringIO()
+    with anyio.fail_after(TIMEOUT):
+        summary = await pipeline.run(out=out, **kwargs)
+    return summary, out.getvalue()
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Path:
+    path = tmp_path / "events.jsonl"
+    write(path, EVENTS)
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    root = str(Path(livemap.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# -- catch-up mode ----------------------------------------------------------------------
+
+
+async def test_catch_up_indexes_the_replayed_state(events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "entities.sqlite"
+    pipeline = Pipeline([events], db)
+    try:
+        summary, text = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert db_rows(db) == ROWS
+    assert summary.mode == "catch-up"
+    assert not summary.interrupted
+    assert (summary.events, summary.malformed, summary.ignored) == (10, 1, 1)
+    assert (summary.entities, summary.rows, summary.stale, summary.conflicts) == (3, 3, 0, 0)
+    assert summary.changes == 3  # one pass over the file: each entity declared once
+    assert summary.components_failed == 0
+    assert text.startswith("catch-up done in ")
+    numbers_in(text, summary)
+
+
+async def test_generated_stream_matches_its_replay(tmp_path: Path) -> None:
+    path, db = tmp_path / "gen.jsonl", tmp_path / "gen.sqlite"
+    entities.write_events(path, 2000, seed=3)
+    ops = [json.loads(text)["op"] for text in path.read_text().splitlines()]
+    assert ops.count("delete") > 50
+    pipeline = Pipeline([path], db, shards=7)
+    try:
+        summary, _ = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    rows = expected_rows(path)
+    assert db_rows(db) == rows
+    assert summary.entities == summary.rows == len(rows)
+    assert summary.events == 2000
+    assert summary.malformed == 0
+
+
+# shards=1: a deleted entity is dropped by its shard's next run; shards=64: every
+# entity has a shard of its own, which is unmounted when its entity is deleted.
+SHARDS = pytest.mark.parametrize("shards", [1, 64])
+
+
+@SHARDS
+async def test_rerun_in_the_same_process_updates_and_deletes_rows(
+    shards: int, events: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "entities.sqlite"
+    pipeline = Pipeline([events], db, shards=shards)
+    try:
+        await run_pipeline(pipeline)
+        assert db_rows(db) == ROWS
+        write(events, MORE_EVENTS, "a")
+        summary, text = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert db_rows(db) == MORE_ROWS
+    # The app re-ran against its tree: only the new lines were read, and the
+    # deletion went through the LiveMap, not through the stale-row sweep.
+    assert summary.events == 13
+    assert summary.stale == 0
+    assert summary.rows == summary.entities == 3
+    numbers_in(text, summary)
+
+
+async def test_rerun_on_the_same_db_removes_rows_of_deleted_entities(
+    events: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "entities.sqlite"
+    first = Pipeline([events], db)
+    try:
+        await run_pipeline(first)
+    finally:
+        first.close()
+    assert db_rows(db) == ROWS
+    write(events, MORE_EVENTS, "a")
+    second = Pipeline([events], db)  # as a new process would: nothing in memory
+    try:
+        summary, text = await run_pipeline(second)
+    finally:
+        second.close()
+    assert db_rows(db) == MORE_ROWS
+    assert summary.stale == 1  # ticket:1, deleted while no run was watching
+    assert "1 stale rows removed" in text
+
+
+async def test_conflicting_sources_keep_the_first_owner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, db = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "db.sqlite"
+    write(
+        a, [line(op="upsert", id="org:acme", name="Acme A"), line(op="upsert", id="u:1", name="U")]
+    )
+    write(
+        b, [line(op="upsert", id="org:acme", name="Acme B"), line(op="upsert", id="u:2", name="V")]
+    )
+    pipeline = Pipeline([a, b, a], db)  # a repeated input is read once
+    try:
+        with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):
+            summary, _ = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert len(pipeline.sources) == 2
+    assert summary.conflicts == 1
+    rows = db_rows(db)
+    assert [r[0] for r in rows] == ["org:acme", "u:1", "u:2"]
+    assert rows[0][2] in ("Acme A", "Acme B")
+    warnings = [r.getMessage() for r in caplog.records if "org:acme" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "is owned by component" in warnings[0]
+
+
+# -- live mode --------------------------------------------------------------------------
+
+
+class TTYBuffer(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@SHARDS
+async def test_live_mode_follows_appended_lines(shards: int, events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "entities.sqlite"
+    pipeline = Pipeline([events], db, shards=shards, interval=0.02)
+    out = io.StringIO()
+    stop = anyio.Event()
+    result: list[Summary] = []
+
+    async def run_live() -> None:
+        result.append(await pipeline.run(live=True, stop=stop, out=out))
+
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_live)
+                await wait_for(lambda: db_rows(db) == ROWS)
+                write(events, MORE_EVENTS, "a")
+                await wait_for(lambda: db_rows(db) == MORE_ROWS)
+                # Half a line is left for later: the writer may be in the middle of it.
+                write(events, ['{"op": "delete", "id": "user:1"'], "a")
+                await wait_for(lambda: pipeline.sources[0].has_news() is False)
+                await anyio.sleep(0.1)
+                assert db_rows(db) == MORE_ROWS
+                write(events, ["}\n", "{oops\n"], "a")
+                await wait_for(lambda: [r[0] for r in db_rows(db)] == ["org:acme", "user:3"])
+                stop.set()
+    finally:
+        pipeline.close()
+    (summary,) = result
+    assert summary.mode == "live"
+    assert (summary.events, summary.malformed) == (14, 2)
+    assert summary.entities == summary.rows == 2
+    assert summary.suppressed > 0  # re-declared unchanged entities stop at the == gate
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith(f"following {events}")
+    progress = [x for x in lines if x.startswith("events ")]
+    assert progress
+    assert all(" | rows " in x for x in progress)
+    assert "live run stopped after" in text
+    numbers_in(text, summary)
+
+
+async def test_live_progress_on_a_terminal_rewrites_one_line(events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "entities.sqlite"
+    pipeline = Pipeline([events], db, interval=0.02)
+    out = TTYBuffer()
+    stop = anyio.Event()
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: pipeline.run(live=True, stop=stop, out=out))
+                await wait_for(lambda: "\r" in out.getvalue())
+                write(events, MORE_EVENTS, "a")
+                await wait_for(lambda: db_rows(db) == MORE_ROWS)
+                await wait_for(lambda: out.getvalue().count("\r") >= 2)
+                stop.set()
+    finally:
+        pipeline.close()
+    text = out.getvalue()
+    head, _, rest = text.partition("\n")
+    assert head.startswith("following ")
+    progress, _, summary = rest.partition("\n")
+    assert progress.startswith("\revents ")
+    assert progress.endswith("\x1b[K")
+    assert summary.startswith("live run stopped after")
+
+
+async def test_stop_cuts_a_catch_up_short(events: Path, tmp_path: Path) -> None:
+    stop = anyio.Event()
+    stop.set()
+    pipeline = Pipeline([events], tmp_path / "db.sqlite")
+    try:
+        summary, text = await run_pipeline(pipeline, stop=stop)
+    finally:
+        pipeline.close()
+    assert summary.interrupted
+    assert text.startswith("catch-up interrupted after")
+
+
+# -- the command line -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_catch_up(
+    backend: str, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "cli.sqlite"
+    assert main(["--input", str(events), "--db", str(db), "--backend", backend]) == 0
+    assert db_rows(db) == ROWS
+    out = capsys.readouterr().out
+    assert out.startswith("catch-up done in ")
+    assert "events      10 read, 1 malformed, 1 about missing entities" in out
+    assert "entities    3 in the LiveMap" in out
+    assert "changes     3 committed, 0 suppressed by ==, 0 conflicts" in out
+    assert f"sqlite      3 rows in {db}, 0 stale rows removed" in out
+
+
+def test_cli_default_run_indexes_the_bundled_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    rows = expected_rows(entities.BUNDLED_EVENTS)
+    assert len(rows) > 50
+    assert db_rows(tmp_path / "entities.sqlite") == rows
+    assert f"entities    {len(rows)} in the LiveMap" in capsys.readouterr().out
+
+
+def test_cli_quiet_prints_nothing(
+    events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--input", str(events), "--db", str(tmp_path / "q.sqlite"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_rejects_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--input", str(tmp_path / "nope.jsonl"), "--db", str(tmp_path / "x.sqlite")])
+    assert exc_info.value.code == 2
+    assert "no such input file" in capsys.readouterr().err
+
+
+def test_cli_subprocess(events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "sub.sqlite"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livemap.examples.entities",
+            "--input",
+            str(events),
+            "--db",
+            str(db),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert db_rows(db) == ROWS
+    assert "entities    3 in the LiveMap" in proc.stdout
+    assert "sqlite      3 rows in" in proc.stdout
+    assert "WARNING" in proc.stderr and "malformed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_live_follows_and_stops_on_ctrl_c(backend: str, events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite"
+    cmd = [sys.executable, "-m", "livemap.examples.entities", "--live", "--interval", "0.05"]
+    cmd += ["--input", str(events), "--db", str(db), "--backend", backend]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+
+        def wait_until(predicate: Any) -> None:
+            while not predicate():
+                assert proc.poll() is None, proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+                assert time.monotonic() < deadline, "timed out"
+                time.sleep(0.02)
+
+        wait_until(lambda: db_rows(db) == ROWS)
+        write(events, MORE_EVENTS, "a")
+        wait_until(lambda: db_rows(db) == MORE_ROWS)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "KeyboardInterrupt" not in err
+    assert "\r" not in out  # stdout is a pipe: plain lines
+    assert any(x.startswith("events ") for x in out.splitlines())
+    assert "live run stopped after" in out
+    assert "entities    3 in the LiveMap" in out
+
+
+# -- sample data ----------------------------------------------------------------------
+
+
+def test_generate_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    assert main(["--generate", "500", str(a)]) == 0
+    assert main(["--generate", "500", str(b)]) == 0
+    assert main(["--generate", "500", str(c), "--seed", "7"]) == 0
+    assert "wrote 500 events to" in capsys.readouterr().out
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    lines = a.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 500
+    for text in lines:
+        event = json.loads(text)
+        assert event["op"] in ("upsert", "patch", "delete")
+        entities.parse_event(text)
+    # a prefix of a longer stream is the shorter stream
+    assert main(["--generate", "200", "-"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines[:200]
+
+
+def test_bundled_sample_is_the_generated_one() -> None:
+    bundled = entities.BUNDLED_EVENTS.read_text(encoding="utf-8").splitlines()
+    assert len(bundled) == entities.BUNDLED_COUNT
+    generated = [
+        json.dumps(e, ensure_ascii=False) for e in entities.generate_events(entities.BUNDLED_COUNT)
+    ]
+    assert bundled == generated
+
+
+def test_replay_semantics() -> None:
+    states = replay(EVENTS[:8] + EVENTS[10:])
+    assert sorted(EntityRow.of(e) for e in states.values()) == ROWS
+    assert "user:2" not in states
+    assert states["user:1"].attrs == {"org": "org:acme", "status": "online"}
+    with pytest.raises(entities.BadEvent, match="unknown op"):
+        entities.parse_event('{"op": "merge", "id": "x"}')
+    with pytest.raises(entities.BadEvent, match="has no name"):
+        entities.parse_event('{"op": "upsert", "id": "x"}')
+    with pytest.raises(ValueError):
+        entities.parse_event("{oops")
+    assert entities.shard_of("user:1", 16) == entities.shard_of("user:1", 16) < 16
