@@ -74,7 +74,7 @@ class TargetBase(Generic[K, V]):
         return buffer
 
     def _holds(self, component: Component) -> bool:
-        return bool(self._table.keys_of(component))
+        return self._table.count_of(component) > 0
 
     async def _report_rejections(self, component: Component, result: Commit[K, V]) -> None:
         for rejection in result.rejections:

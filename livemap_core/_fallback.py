@@ -107,7 +107,8 @@ class Commit(Generic[K, V]):
     """
 
     __slots__ = (
-        "_prev_keys",
+        "_prev_record",
+        "_serial",
         "_table",
         "_undo",
         "deletes",
@@ -127,9 +128,10 @@ class Commit(Generic[K, V]):
         self.suppressed = 0
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
-        self._undo: list[tuple[Any, Any]] | None = None
-        self._prev_keys: dict[Any, None] | None = None
+        self._undo: list[tuple[Any, ...]] | None = None
+        self._prev_record: dict[Any, _Entry] | None = None
         self._table: object = None
+        self._serial = 0
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes)
@@ -189,6 +191,10 @@ class _Entry:
         self.value = value
 
 
+_NO_RECORD: Final[dict[Any, _Entry]] = {}
+"""The record of an owner that holds nothing (never written to)."""
+
+
 class Buffer(Generic[K, V]):
     """One owner's declarations into one table during one run.
 
@@ -245,6 +251,7 @@ class Table(Generic[K, V]):
         "_owned",
         "_seq",
         "_suppressed",
+        "_top",
         "_track_undo",
         "name",
     )
@@ -253,14 +260,16 @@ class Table(Generic[K, V]):
         self.name = name
         self._track_undo = bool(track_undo)
         self._entries: dict[K, _Entry] = {}
-        # id(owner) -> the owner's keys, in the order it first declared them
-        # (a dict used as an ordered set).  A record exists only while the
-        # owner holds a key, and its entries keep the owner alive, so the id
-        # cannot be reused meanwhile.  Records of a table made with
-        # track_undo are never changed in place: a commit's undo keeps the
-        # previous one.
-        self._owned: dict[int, dict[K, None]] = {}
+        # The owners' records: id(owner) -> {key: entry} for the keys it holds,
+        # in the order it first declared them; the entries are the very objects
+        # in _entries.  A record exists only while the owner holds a key, and
+        # its entries keep the owner alive, so the id cannot be reused
+        # meanwhile.  With track_undo records are never changed in place: a
+        # commit's undo keeps the previous one.
+        self._owned: dict[int, dict[K, _Entry]] = {}
         self._seq = 0
+        # Commits still in effect (not reverted): the latest one has serial _top.
+        self._top = 0
         self._commits = 0
         self._changes = 0
         self._suppressed = 0
@@ -292,26 +301,30 @@ class Table(Generic[K, V]):
         owner = buffer.owner
         decls = buffer._decls
         entries = self._entries
-        lookup = entries.get
         owner_id = id(owner)
-        old_keys = self._owned.get(owner_id)
-        undo: list[tuple[Any, Any]] | None = [] if self._track_undo else None
+        record = self._owned.get(owner_id)
+        # The owner's own keys are found in its (smaller) record; other keys
+        # are new or held by another owner.
+        mine = (_NO_RECORD if record is None else record).get
+        theirs = entries.get
+        undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         upserts = result.upserts
         rejections = result.rejections
-        added: list[K] = []
+        added: list[tuple[K, _Entry]] = []
         eq_errors = 0
         for key, value in decls.items():
-            entry = lookup(key)
+            entry = mine(key)
             if entry is None:
-                entries[key] = _Entry(owner, value)
-                added.append(key)
-                upserts.append((key, value))
-                if undo is not None:
-                    undo.append((key, None))
-                continue
-            if entry.owner is not owner:
-                rejections.append(Rejection(CONFLICT, key, value, entry.owner, None))
+                entry = theirs(key)
+                if entry is None:
+                    entry = entries[key] = _Entry(owner, value)
+                    added.append((key, entry))
+                    upserts.append((key, value))
+                    if undo is not None:
+                        undo.append((key, None))
+                else:
+                    rejections.append(Rejection(CONFLICT, key, value, entry.owner, None))
                 continue
             held = entry.value
             if held is value:
@@ -324,7 +337,7 @@ class Table(Generic[K, V]):
                 eq_errors += 1
                 continue
             if undo is not None:
-                undo.append((key, _Entry(owner, held)))
+                undo.append((key, entry, held))
             entry.value = value
             upserts.append((key, value))
         n_added = len(added)
@@ -333,29 +346,28 @@ class Table(Generic[K, V]):
         kept = len(decls) - n_added - (len(rejections) - eq_errors)
         suppressed = kept - (len(upserts) - n_added) - eq_errors
         deletes = result.deletes
-        if old_keys is not None and kept < len(old_keys):
-            for key in old_keys:
+        if record is not None and kept < len(record):
+            for key, entry in record.items():
                 if key not in decls:
-                    entry = entries.pop(key)
+                    del entries[key]
                     deletes.append(key)
                     if undo is not None:
                         undo.append((key, entry))
         if n_added or deletes:
-            if old_keys is None:
-                self._owned[owner_id] = dict.fromkeys(added)
+            if record is None:
+                self._owned[owner_id] = dict(added)
             else:
-                keys = old_keys if undo is None else old_keys.copy()
+                keys = record if undo is None else record.copy()
                 for key in deletes:
                     del keys[key]
-                for key in added:
-                    keys[key] = None
+                keys.update(added)
                 if keys:
                     self._owned[owner_id] = keys
                 else:
                     del self._owned[owner_id]
         if undo is not None:
             result._undo = undo
-            result._prev_keys = old_keys
+            result._prev_record = record
             result._table = self
         self._finish(result, suppressed, eq_errors)
         return result
@@ -363,19 +375,19 @@ class Table(Generic[K, V]):
     def release(self, owner: object) -> Commit[K, V]:
         """Delete every key ``owner`` holds (the owner went away)."""
         result: Commit[K, V] = Commit(owner, self._seq + 1)
-        old_keys = self._owned.pop(id(owner), None)
-        undo: list[tuple[Any, Any]] | None = [] if self._track_undo else None
-        if old_keys is not None:
+        record = self._owned.pop(id(owner), None)
+        undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
+        if record is not None:
             entries = self._entries
             deletes = result.deletes
-            for key in old_keys:
-                entry = entries.pop(key)
+            for key, entry in record.items():
+                del entries[key]
                 deletes.append(key)
                 if undo is not None:
                     undo.append((key, entry))
         if undo is not None:
             result._undo = undo
-            result._prev_keys = old_keys
+            result._prev_record = record
             result._table = self
         self._finish(result, 0, 0)
         return result
@@ -386,6 +398,8 @@ class Table(Generic[K, V]):
         result.last_seq = self._seq
         result.suppressed = suppressed
         self._commits += 1
+        self._top += 1
+        result._serial = self._top
         self._changes += n
         self._suppressed += suppressed
         self._conflicts += len(result.rejections) - eq_errors
@@ -395,7 +409,9 @@ class Table(Generic[K, V]):
         """Take back ``result``, which must be this table's latest commit.
 
         Entries and the owner's record return to what they were before it;
-        sequence numbers keep growing; the change counters drop back.
+        sequence numbers keep growing; the change counters drop back.  Once it
+        is taken back, the commit before it is the latest again, so a run of
+        commits can be taken back newest first.
         """
         if not isinstance(result, Commit):
             raise TypeError(
@@ -410,20 +426,23 @@ class Table(Generic[K, V]):
             )
         if result._table is not self:
             raise ValueError(f"{self.name}: the commit was made by another table")
-        if result.last_seq != self._seq:
+        if result._serial != self._top:
             raise ValueError(f"{self.name}: only the latest commit can be reverted")
         entries = self._entries
-        for key, prev in reversed(undo):
-            if prev is None:
-                del entries[key]
-            else:
-                entries[key] = prev
+        for step in reversed(undo):
+            if len(step) == 3:  # (key, entry, held value): an update
+                step[1].value = step[2]
+            elif step[1] is None:  # (key, None): an insert
+                del entries[step[0]]
+            else:  # (key, entry): a delete
+                entries[step[0]] = step[1]
         owner_id = id(result.owner)
-        if result._prev_keys is None:
+        if result._prev_record is None:
             self._owned.pop(owner_id, None)
         else:
-            self._owned[owner_id] = result._prev_keys
+            self._owned[owner_id] = result._prev_record
         self._changes -= len(result.upserts) + len(result.deletes)
+        self._top -= 1
         result._undo = None
 
     # -- reading -------------------------------------------------------------
@@ -441,6 +460,11 @@ class Table(Generic[K, V]):
     def keys_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds."""
         return frozenset(self._owned.get(id(owner), ()))
+
+    def count_of(self, owner: object) -> int:
+        """How many keys ``owner`` holds."""
+        record = self._owned.get(id(owner))
+        return 0 if record is None else len(record)
 
     def owners(self) -> int:
         """How many owners hold at least one key."""

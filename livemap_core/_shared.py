@@ -20,7 +20,7 @@ class Symbol:
     _interned: Final[dict[str, Symbol]] = {}
     _name: str
 
-    def __new__(cls, name: str) -> Symbol:  # noqa: PYI034 (interned: may not be a new cls)
+    def __new__(cls, name: str) -> Symbol:
         if type(name) is not str:
             raise TypeError(f"Symbol name must be a str, got {type(name).__name__}: {name!r}")
         sym = cls._interned.get(name)

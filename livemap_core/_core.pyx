@@ -1,0 +1,721 @@
+"""The compiled core: a typed twin of :mod:`livemap_core._fallback`.
+
+Same public names, same attributes, same behaviour, same exceptions and
+messages, same order of upserts, deletes and rejections.  The pure-Python
+module is the reference and documents the API; every change there must be
+made here too (``tests/test_core_differential.py`` compares the two).
+
+Compiler directives (``language_level=3``, no bounds or wraparound checks,
+...) are set in ``setup.py``.
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetDefault
+from cpython.long cimport PyLong_FromVoidPtr
+from cpython.object cimport PyObject
+
+import uuid
+from types import GenericAlias
+
+from livemap_core._shared import DuplicateDeclarationError, Symbol
+
+__all__ = [
+    "CONFLICT",
+    "EQ_ERROR",
+    "Buffer",
+    "Commit",
+    "Rejection",
+    "Table",
+    "TableStats",
+    "check_key",
+    "is_stable_key",
+]
+
+cdef extern from "Python.h":
+    Py_ssize_t PyDict_GET_SIZE(object d)
+    # no "except" clause: -1 (error set) is handled by the caller
+    int _rich_eq "PyObject_RichCompareBool" (object a, object b, int op)
+    enum: Py_EQ
+
+cdef str _CONFLICT = "conflict"
+cdef str _EQ_ERROR = "eq_error"
+
+CONFLICT = _CONFLICT
+"""Rejection kind: the key is held by another owner."""
+EQ_ERROR = _EQ_ERROR
+"""Rejection kind: comparing the new value with the held one raised."""
+
+cdef object _UUID = uuid.UUID
+cdef object _SYMBOL = Symbol
+cdef str _KEY_HELP = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+)
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+cdef inline bint _is_scalar(object key) noexcept:
+    cdef object t = type(key)
+    return (
+        t is str
+        or t is int
+        or key is None
+        or t is bool
+        or t is bytes
+        or t is _SYMBOL
+        or t is _UUID
+    )
+
+
+cdef bint _tuple_is_stable(tuple key) except -1:
+    # Iterative, so that nesting depth is not limited by the C stack.
+    cdef list pending = None
+    cdef tuple tup = key
+    cdef object part
+    while True:
+        for part in tup:
+            if _is_scalar(part):
+                continue
+            if type(part) is tuple:
+                if pending is None:
+                    pending = []
+                pending.append(part)
+                continue
+            return False
+        if not pending:
+            return True
+        tup = <tuple>pending.pop()
+
+
+cdef inline bint _is_stable(object key) except -1:
+    if _is_scalar(key):
+        return True
+    if type(key) is tuple:
+        return _tuple_is_stable(<tuple>key)
+    return False
+
+
+def is_stable_key(key):
+    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
+    return _is_stable(key)
+
+
+cdef int _raise_unstable(object key) except -1:
+    raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+
+
+def check_key(key):
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    if not _is_stable(key):
+        _raise_unstable(key)
+
+
+# -- results -------------------------------------------------------------------
+
+
+cdef class Rejection:
+    """One declaration a commit did not apply.
+
+    ``kind`` is :data:`CONFLICT` (``holder`` owns the key and keeps it) or
+    :data:`EQ_ERROR` (``error`` is what ``==`` raised; the held value stays and
+    the declaring owner keeps the key).
+    """
+
+    cdef public object kind
+    cdef public object key
+    cdef public object value
+    cdef public object holder
+    cdef public object error
+
+    def __init__(self, kind, key, value, holder, error):
+        self.kind = kind
+        self.key = key
+        self.value = value
+        self.holder = holder
+        self.error = error
+
+    def __repr__(self):
+        return f"Rejection({self.kind!r}, {self.key!r}, holder={self.holder!r})"
+
+
+cdef Rejection _new_rejection(object kind, object key, object value, object holder, object error):
+    cdef Rejection r = Rejection.__new__(Rejection)
+    r.kind = kind
+    r.key = key
+    r.value = value
+    r.holder = holder
+    r.error = error
+    return r
+
+
+cdef class Commit:
+    """What one commit (or release) changed.
+
+    ``upserts`` are ``(key, new value)`` pairs for keys that appeared or whose
+    value changed under ``==``, in declaration order; ``deletes`` are the keys
+    that disappeared.  Each change has a sequence number: the upserts carry
+    ``first_seq, first_seq + 1, ...`` and the deletes follow them, up to
+    ``last_seq``.  Sequence numbers grow strictly across all commits of a
+    table.  ``suppressed`` counts declarations the ``==`` gate turned into
+    no-ops.
+    """
+
+    cdef public object owner
+    cdef public list upserts
+    cdef public list deletes
+    cdef public list rejections
+    cdef public Py_ssize_t suppressed
+    cdef public Py_ssize_t first_seq
+    cdef public Py_ssize_t last_seq
+    cdef list _undo
+    cdef dict _prev_record
+    cdef object _table
+    cdef Py_ssize_t _serial
+
+    def __cinit__(self):
+        self.upserts = []
+        self.deletes = []
+        self.rejections = []
+
+    def __init__(self, owner, Py_ssize_t first_seq):
+        self.owner = owner
+        self.upserts = []
+        self.deletes = []
+        self.rejections = []
+        self.suppressed = 0
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1
+        self._undo = None
+        self._prev_record = None
+        self._table = None
+        self._serial = 0
+
+    __class_getitem__ = classmethod(GenericAlias)
+
+    def __len__(self):
+        return len(self.upserts) + len(self.deletes)
+
+    def __bool__(self):
+        return bool(self.upserts) or bool(self.deletes)
+
+    def __repr__(self):
+        return (
+            f"Commit(upserts={len(self.upserts)}, deletes={len(self.deletes)}, "
+            f"suppressed={self.suppressed}, rejections={len(self.rejections)}, "
+            f"seq={self.first_seq}..{self.last_seq})"
+        )
+
+
+cdef inline Commit _new_commit(object owner, Py_ssize_t first_seq):
+    cdef Commit c = Commit.__new__(Commit)
+    c.owner = owner
+    c.first_seq = first_seq
+    c.last_seq = first_seq - 1
+    return c
+
+
+cdef class TableStats:
+    """Counters of one table, cheap to keep on."""
+
+    cdef public object entries
+    cdef public object commits
+    cdef public object changes
+    cdef public object suppressed
+    cdef public object conflicts
+    cdef public object eq_errors
+
+    def __init__(self, entries, commits, changes, suppressed, conflicts, eq_errors):
+        self.entries = entries
+        self.commits = commits
+        self.changes = changes
+        self.suppressed = suppressed
+        self.conflicts = conflicts
+        self.eq_errors = eq_errors
+
+    def as_dict(self):
+        return {
+            "changes": self.changes,
+            "commits": self.commits,
+            "conflicts": self.conflicts,
+            "entries": self.entries,
+            "eq_errors": self.eq_errors,
+            "suppressed": self.suppressed,
+        }
+
+    def __eq__(self, other):
+        if not isinstance(other, TableStats):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    __hash__ = None
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        return f"TableStats({fields})"
+
+
+# -- buffers and tables --------------------------------------------------------
+
+
+@cython.final
+@cython.freelist(64)
+cdef class _Entry:
+    cdef object owner
+    cdef object value
+    # the serial of the latest commit of the owner that declared this key
+    cdef Py_ssize_t seen
+
+
+cdef inline _Entry _new_entry(object owner, object value):
+    cdef _Entry e = _Entry.__new__(_Entry)
+    e.owner = owner
+    e.value = value
+    return e
+
+
+cdef class Buffer:
+    """One owner's declarations into one table during one run.
+
+    :meth:`declare` checks the key and rejects a second declaration of it; the
+    buffer is handed to :meth:`Table.commit` when the run ends.
+    """
+
+    cdef public object table
+    cdef public object owner
+    cdef dict _decls
+
+    def __cinit__(self):
+        self._decls = {}
+
+    def __init__(self, table, owner):
+        self.table = table
+        self.owner = owner
+        self._decls = {}
+
+    __class_getitem__ = classmethod(GenericAlias)
+
+    def declare(self, key, value):
+        """Buffer ``key -> value``.
+
+        Raises ``TypeError`` for a key that is not stable and
+        :class:`DuplicateDeclarationError` for a key already declared into
+        this buffer; either way the buffer is unchanged.
+        """
+        cdef dict decls = self._decls
+        cdef Py_ssize_t n
+        if not _is_scalar(key) and not _is_stable(key):
+            _raise_unstable(key)
+        n = PyDict_GET_SIZE(decls)
+        PyDict_SetDefault(decls, key, value)
+        if PyDict_GET_SIZE(decls) == n:
+            raise DuplicateDeclarationError(key, self.owner, self.table.name)
+
+    def __len__(self):
+        return len(self._decls)
+
+    def __contains__(self, key):
+        return key in self._decls
+
+    def items(self):
+        return list(self._decls.items())
+
+
+cdef int _raise_current() except -1:
+    # Called with an exception set (by a C-API call that returned an error):
+    # hands it to Cython's error handling, so that an ``except`` clause sees it.
+    return -1
+
+
+cdef inline bint _same_key(object a, object b) except -1:
+    # Whether two stable keys are one dict key.  A false "no" only costs a
+    # hash lookup later, so keys of different types are simply "no" (even
+    # 1 and True, which a dict takes for one key).
+    cdef int same
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    same = _rich_eq(a, b, Py_EQ)
+    if same < 0:
+        _raise_current()
+    return same
+
+
+# How the commit loop walks the owner's record alongside its declarations:
+# a run usually declares its keys in the same order as last time, so the next
+# record entry is usually the one wanted, found without hashing.  A declared
+# key is looked for this many entries ahead (skipping keys no longer
+# declared); after this many misses in a row the walk gives up.
+cdef enum:
+    _LOOKAHEAD = 4
+    _MAX_MISSES = 8
+
+
+cdef inline object _type_name(object obj):
+    cdef object t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+cdef class Table:
+    """A keyed collection of owned target states.
+
+    ``owner`` objects are compared by identity (they need not be hashable).
+    With ``track_undo`` each :class:`Commit` remembers enough to be taken back
+    with :meth:`revert` (targets whose sink may fail need it; a LiveMap does
+    not).
+    """
+
+    cdef public object name
+    cdef bint _track_undo
+    cdef dict _entries
+    # id(owner) -> {key: entry} of the keys it holds, in first-declaration
+    # order; the entries are the objects in _entries (see _fallback).
+    cdef dict _owned
+    cdef Py_ssize_t _seq
+    # commits still in effect (not reverted): the latest one has serial _top
+    cdef Py_ssize_t _top
+    # one per commit: marks the entries its owner declared (_Entry.seen)
+    cdef Py_ssize_t _marks
+    cdef Py_ssize_t _commits
+    cdef Py_ssize_t _changes
+    cdef Py_ssize_t _suppressed
+    cdef Py_ssize_t _conflicts
+    cdef Py_ssize_t _eq_errors
+
+    def __cinit__(self):
+        self._entries = {}
+        self._owned = {}
+
+    def __init__(self, name="table", *, track_undo=False):
+        self.name = name
+        self._track_undo = track_undo
+        self._entries = {}
+        self._owned = {}
+        self._seq = 0
+        self._top = 0
+        self._commits = 0
+        self._changes = 0
+        self._suppressed = 0
+        self._conflicts = 0
+        self._eq_errors = 0
+
+    __class_getitem__ = classmethod(GenericAlias)
+
+    # -- writing -------------------------------------------------------------
+
+    def buffer(self, owner):
+        """A new, empty buffer for one run of ``owner``."""
+        cdef Buffer buf = Buffer.__new__(Buffer)
+        buf.table = self
+        buf.owner = owner
+        return buf
+
+    def commit(self, buffer):
+        """Make ``buffer`` the owner's declared set and return what changed.
+
+        Keys the owner held but did not declare this time are deleted (in the
+        order the owner first declared them); keys held by another owner are
+        rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
+        the held one are suppressed; a comparison that raises is rejected
+        (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+        """
+        cdef Buffer buf
+        cdef object owner, owner_id, key, value, held
+        cdef dict decls, record, keys
+        cdef dict entries = self._entries
+        cdef dict owned = self._owned
+        cdef list undo, upserts, rejections, deletes
+        cdef list added_keys = []
+        cdef list added_entries = []
+        cdef Commit result
+        cdef _Entry entry
+        cdef PyObject* found
+        cdef bint track = self._track_undo
+        cdef Py_ssize_t eq_errors = 0
+        cdef Py_ssize_t i, n_added, kept, suppressed
+        cdef Py_ssize_t serial
+        cdef Py_ssize_t rpos = 0
+        cdef Py_ssize_t probe, rsize = 0
+        cdef PyObject* rkey
+        cdef PyObject* rval
+        cdef int step
+        cdef int misses = 0
+        cdef int same, j
+        # record entries the walk stepped over; and whether every declared key
+        # the owner held was found by the walk (then the keys stepped over and
+        # those after the walk's end are exactly the ones not declared)
+        cdef PyObject* passed_keys[_LOOKAHEAD]
+        cdef PyObject* passed_entries[_LOOKAHEAD]
+        cdef list passed = []
+        cdef bint clean
+        cdef bint walk
+
+        if not isinstance(buffer, Buffer):
+            raise TypeError(
+                f"{self.name}: commit() expects a Buffer of this core, got {_type_name(buffer)}"
+            )
+        buf = <Buffer>buffer
+        if buf.table is not self:
+            raise ValueError(f"buffer belongs to {buf.table.name}, not {self.name}")
+        owner = buf.owner
+        decls = buf._decls
+        self._marks += 1
+        serial = self._marks
+        owner_id = PyLong_FromVoidPtr(<void*>owner)
+        found = PyDict_GetItemWithError(owned, owner_id)
+        record = <dict>found if found is not NULL else None
+        walk = clean = record is not None
+        if walk:
+            rsize = PyDict_GET_SIZE(record)
+        undo = [] if track else None
+        result = _new_commit(owner, self._seq + 1)
+        upserts = result.upserts
+        rejections = result.rejections
+        deletes = result.deletes
+
+        for key, value in decls.items():
+            # The owner's own keys are found in its (smaller) record; other
+            # keys are new or held by another owner.
+            found = NULL
+            if walk:
+                if PyDict_GET_SIZE(record) == rsize:
+                    probe = rpos
+                    for step in range(_LOOKAHEAD):
+                        if not PyDict_Next(record, &probe, &rkey, &rval):
+                            break
+                        if _same_key(<object>rkey, key):
+                            found = rval
+                            rpos = probe
+                            misses = 0
+                            for j in range(step):
+                                passed.append((<object>passed_keys[j], <object>passed_entries[j]))
+                            break
+                        passed_keys[step] = rkey
+                        passed_entries[step] = rval
+                    if found is NULL:
+                        misses += 1
+                        walk = misses < _MAX_MISSES
+                else:  # changed under us (by code an __eq__ ran)
+                    walk = clean = False
+            if found is NULL and record is not None:
+                found = PyDict_GetItemWithError(record, key)
+                if found is not NULL:
+                    clean = False
+            if found is NULL:
+                found = PyDict_GetItemWithError(entries, key)
+                if found is NULL:
+                    entry = _new_entry(owner, value)
+                    entries[key] = entry
+                    added_keys.append(key)
+                    added_entries.append(entry)
+                    upserts.append((key, value))
+                    if track:
+                        undo.append((key, None))
+                else:
+                    rejections.append(
+                        _new_rejection(_CONFLICT, key, value, (<_Entry>found).owner, None)
+                    )
+                continue
+            entry = <_Entry>found
+            entry.seen = serial
+            held = entry.value
+            if held is value:
+                continue
+            same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
+            if same > 0:
+                continue
+            if same < 0:
+                try:
+                    _raise_current()
+                except Exception as exc:
+                    rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
+                    eq_errors += 1
+                    continue
+            if track:
+                undo.append((key, entry, held))
+            entry.value = value
+            upserts.append((key, value))
+
+        n_added = len(added_keys)
+        # Declared keys the owner already held: every declaration that was
+        # neither a new key nor a conflict.
+        kept = len(decls) - n_added - (len(rejections) - eq_errors)
+        suppressed = kept - (len(upserts) - n_added) - eq_errors
+        if clean and PyDict_GET_SIZE(record) == rsize:
+            for key, value in passed:
+                del entries[key]
+                deletes.append(key)
+                if track:
+                    undo.append((key, value))
+            while PyDict_Next(record, &rpos, &rkey, &rval):
+                key = <object>rkey
+                del entries[key]
+                deletes.append(key)
+                if track:
+                    undo.append((key, <object>rval))
+        elif record is not None and kept < len(record):
+            for key, value in record.items():
+                if (<_Entry>value).seen != serial:  # not declared this time
+                    del entries[key]
+                    deletes.append(key)
+                    if track:
+                        undo.append((key, value))
+        if n_added or deletes:
+            if record is None:
+                keys = {}
+            else:
+                keys = record.copy() if track else record
+                for key in deletes:
+                    del keys[key]
+            for i in range(n_added):
+                keys[added_keys[i]] = added_entries[i]
+            if keys:
+                owned[owner_id] = keys
+            else:
+                del owned[owner_id]
+        if track:
+            result._undo = undo
+            result._prev_record = record
+            result._table = self
+        self._finish(result, suppressed, eq_errors)
+        return result
+
+    def release(self, owner):
+        """Delete every key ``owner`` holds (the owner went away)."""
+        cdef Commit result = _new_commit(owner, self._seq + 1)
+        cdef dict entries = self._entries
+        cdef dict record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
+        cdef bint track = self._track_undo
+        cdef list undo = [] if track else None
+        cdef list deletes = result.deletes
+        cdef object key, entry
+        if record is not None:
+            for key, entry in record.items():
+                del entries[key]
+                deletes.append(key)
+                if track:
+                    undo.append((key, entry))
+        if track:
+            result._undo = undo
+            result._prev_record = record
+            result._table = self
+        self._finish(result, 0, 0)
+        return result
+
+    cdef inline void _finish(self, Commit result, Py_ssize_t suppressed, Py_ssize_t eq_errors):
+        cdef Py_ssize_t n = len(result.upserts) + len(result.deletes)
+        self._seq += n
+        result.last_seq = self._seq
+        result.suppressed = suppressed
+        self._commits += 1
+        self._top += 1
+        result._serial = self._top
+        self._changes += n
+        self._suppressed += suppressed
+        self._conflicts += len(result.rejections) - eq_errors
+        self._eq_errors += eq_errors
+
+    def revert(self, result):
+        """Take back ``result``, which must be this table's latest commit.
+
+        Entries and the owner's record return to what they were before it;
+        sequence numbers keep growing; the change counters drop back.  Once it
+        is taken back, the commit before it is the latest again, so a run of
+        commits can be taken back newest first.
+        """
+        cdef Commit res
+        cdef dict entries = self._entries
+        cdef list undo
+        cdef Py_ssize_t i
+        cdef tuple step
+        cdef object owner_id
+        if not isinstance(result, Commit):
+            raise TypeError(
+                f"{self.name}: revert() expects a Commit of this core, got {_type_name(result)}"
+            )
+        res = <Commit>result
+        undo = res._undo
+        if undo is None:
+            raise ValueError(
+                f"{self.name}: only a commit of a table made with track_undo=True "
+                "can be reverted, once"
+            )
+        if res._table is not self:
+            raise ValueError(f"{self.name}: the commit was made by another table")
+        if res._serial != self._top:
+            raise ValueError(f"{self.name}: only the latest commit can be reverted")
+        for i in range(len(undo) - 1, -1, -1):
+            step = <tuple>undo[i]
+            if len(step) == 3:  # (key, entry, held value): an update
+                (<_Entry>step[1]).value = step[2]
+            elif step[1] is None:  # (key, None): an insert
+                del entries[step[0]]
+            else:  # (key, entry): a delete
+                entries[step[0]] = step[1]
+        owner_id = PyLong_FromVoidPtr(<void*>res.owner)
+        if res._prev_record is None:
+            self._owned.pop(owner_id, None)
+        else:
+            self._owned[owner_id] = res._prev_record
+        self._changes -= len(res.upserts) + len(res.deletes)
+        self._top -= 1
+        res._undo = None
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, key, default=None):
+        """The value held for ``key``, or ``default``."""
+        entry = self._entries.get(key)
+        return default if entry is None else (<_Entry>entry).value
+
+    def owner_of(self, key, default=None):
+        """The owner holding ``key``, or ``default``."""
+        entry = self._entries.get(key)
+        return default if entry is None else (<_Entry>entry).owner
+
+    def keys_of(self, owner):
+        """The keys ``owner`` holds."""
+        return frozenset(self._owned.get(PyLong_FromVoidPtr(<void*>owner), ()))
+
+    def count_of(self, owner):
+        """How many keys ``owner`` holds."""
+        record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        return 0 if record is None else len(record)
+
+    def owners(self):
+        """How many owners hold at least one key."""
+        return len(self._owned)
+
+    def items(self):
+        """A snapshot of all ``(key, value)`` pairs."""
+        cdef list out = []
+        cdef object key, entry
+        for key, entry in self._entries.items():
+            out.append((key, (<_Entry>entry).value))
+        return out
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    @property
+    def seq(self):
+        """The sequence number of the latest change (0 before any)."""
+        return self._seq
+
+    def stats(self):
+        """A snapshot of the counters."""
+        return TableStats(
+            len(self._entries),
+            self._commits,
+            self._changes,
+            self._suppressed,
+            self._conflicts,
+            self._eq_errors,
+        )
+
+    def __repr__(self):
+        return f"<Table {self.name} entries={len(self._entries)} seq={self._seq}>"

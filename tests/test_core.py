@@ -1,0 +1,940 @@
+"""livemap_core: every behaviour, on both cores (``core`` ids ``c`` and ``py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import pytest
+from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
+
+from livemap_core._shared import DuplicateDeclarationError, Symbol
+
+KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+
+
+class StrSub(str):
+    pass
+
+
+class IntSub(int):
+    pass
+
+
+class TupleSub(tuple):  # type: ignore[type-arg]
+    pass
+
+
+class Point(NamedTuple):
+    x: int
+    y: int
+
+
+@dataclasses.dataclass
+class Doc:
+    """Unhashable (eq=True without frozen), compared by value."""
+
+    title: str
+    tags: list[str]
+
+
+class EqError(Exception):
+    pass
+
+
+class RaisingEq:
+    """A value whose ``==`` raises."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        raise EqError("cannot compare")
+
+
+class Ambiguous:
+    """``==`` returns something whose truth value raises (like a numpy array)."""
+
+    class _Truth:
+        def __bool__(self) -> bool:
+            raise EqError("ambiguous truth value")
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> Any:
+        return Ambiguous._Truth()
+
+
+class InterruptingEq:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        raise KeyboardInterrupt
+
+
+@dataclasses.dataclass(eq=True)
+class UnhashableOwner:
+    name: str
+
+
+class EqualOwner:
+    """Owners that all compare equal: the table must still tell them apart."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EqualOwner)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def deep_tuple(depth: int) -> tuple[Any, ...]:
+    key: tuple[Any, ...] = (1, "leaf")
+    for i in range(depth):
+        key = (i, key)
+    return key
+
+
+STABLE_KEYS = [
+    None,
+    True,
+    False,
+    0,
+    -7,
+    2**100,
+    "",
+    "key",
+    b"",
+    b"key",
+    uuid.UUID(int=42),
+    Symbol("sym"),
+    (),
+    (1, "a"),
+    (None, (True, (b"x", (Symbol("s"), uuid.UUID(int=1))))),
+    ((), ((),)),
+]
+
+UNSTABLE_KEYS = [
+    1.5,
+    float("nan"),
+    [1],
+    {"a": 1},
+    {1},
+    frozenset({1}),
+    object(),
+    StrSub("a"),
+    IntSub(1),
+    TupleSub((1,)),
+    Point(1, 2),
+    bytearray(b"x"),
+    (1, [2]),
+    ("a", (1, (2.0,))),
+    (1, StrSub("x")),
+    1j,
+]
+
+
+def declared(table: Any, owner: object, pairs: Any) -> Any:
+    """A buffer of ``owner`` filled with ``pairs`` (a dict or ``(key, value)`` pairs)."""
+    buf = table.buffer(owner)
+    for key, value in dict(pairs).items():
+        buf.declare(key, value)
+    return buf
+
+
+def commit(table: Any, owner: object, pairs: Any) -> Any:
+    return table.commit(declared(table, owner, pairs))
+
+
+def as_dict(table: Any) -> dict[Any, Any]:
+    return dict(table.items())
+
+
+# -- module surface --------------------------------------------------------------
+
+
+def test_constants(core: ModuleType) -> None:
+    assert core.CONFLICT == "conflict"
+    assert core.EQ_ERROR == "eq_error"
+
+
+def test_generic_subscription(core: ModuleType) -> None:
+    for cls in (core.Table, core.Buffer, core.Commit):
+        alias = cls[str, int]
+        assert alias.__origin__ is cls
+    table = core.Table[str, int]("t")
+    assert isinstance(table, core.Table)
+    buf = core.Buffer[str, int](table, "o")
+    assert isinstance(buf, core.Buffer)
+    assert isinstance(core.Commit[str, int]("o", 1), core.Commit)
+    for cls in (core.Rejection, core.TableStats):
+        with pytest.raises(TypeError):
+            cls[int]
+
+
+def test_no_instance_dict(core: ModuleType) -> None:
+    table = core.Table()
+    objects = [
+        table,
+        table.buffer("o"),
+        core.Commit("o", 1),
+        core.Rejection(core.CONFLICT, "k", 1, "h", None),
+        table.stats(),
+    ]
+    for obj in objects:
+        with pytest.raises(AttributeError):
+            obj.no_such_attribute = 1
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", STABLE_KEYS, ids=repr)
+def test_stable_keys(core: ModuleType, key: object) -> None:
+    assert core.is_stable_key(key) is True
+    assert core.check_key(key) is None
+    table = core.Table()
+    result = commit(table, "o", [(key, "v")])
+    assert result.upserts == [(key, "v")]
+    assert table.get(key) == "v"
+
+
+def test_deeply_nested_tuple_key(core: ModuleType) -> None:
+    key = deep_tuple(5_000)
+    assert core.is_stable_key(key) is True
+    core.check_key(key)
+    buf = core.Table().buffer("o")
+    buf.declare(key, 1)
+    assert len(buf) == 1
+    assert core.is_stable_key((deep_tuple(5_000), 1.5)) is False
+
+
+@pytest.mark.parametrize("key", UNSTABLE_KEYS, ids=repr)
+def test_unstable_keys(core: ModuleType, key: object) -> None:
+    assert core.is_stable_key(key) is False
+    message = f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}"
+    with pytest.raises(TypeError) as info:
+        core.check_key(key)
+    assert str(info.value) == message
+    buf = core.Table().buffer("o")
+    buf.declare("before", 1)
+    with pytest.raises(TypeError) as info:
+        buf.declare(key, 2)
+    assert str(info.value) == message
+    assert buf.items() == [("before", 1)]
+
+
+def test_unstable_key_checked_before_duplicate(core: ModuleType) -> None:
+    buf = core.Table().buffer("o")
+    buf.declare(1, "a")
+    with pytest.raises(TypeError, match="not a stable key"):
+        buf.declare(1.0, "b")  # equal to 1, but a float
+    assert buf.items() == [(1, "a")]
+
+
+def test_symbol_is_not_its_name(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"x": 1, Symbol("x"): 2})
+    assert table.get("x") == 1
+    assert table.get(Symbol("x")) == 2
+    assert len(table) == 2
+
+
+# -- buffers and duplicate declarations ------------------------------------------------
+
+
+def test_buffer_basics(core: ModuleType) -> None:
+    table = core.Table("things")
+    owner = object()
+    buf = table.buffer(owner)
+    assert isinstance(buf, core.Buffer)
+    assert buf.table is table
+    assert buf.owner is owner
+    assert len(buf) == 0
+    buf.declare("b", 2)
+    buf.declare("a", 1)
+    assert len(buf) == 2
+    assert "a" in buf
+    assert "c" not in buf
+    assert buf.items() == [("b", 2), ("a", 1)]
+    direct = core.Buffer(table, owner)
+    assert direct.table is table
+    assert direct.owner is owner
+    assert len(direct) == 0
+    assert len(table) == 0  # declaring does not touch the table
+
+
+def test_duplicate_declaration(core: ModuleType) -> None:
+    table = core.Table("things")
+    buf = table.buffer("comp")
+    buf.declare(("k", 1), "first")
+    with pytest.raises(DuplicateDeclarationError) as info:
+        buf.declare(("k", 1), "second")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.key == ("k", 1)
+    assert err.owner == "comp"
+    assert err.target == "things"
+    assert str(err) == (
+        "key ('k', 1) was already declared into things during this run of 'comp'; "
+        "the first declaration stands"
+    )
+    assert buf.items() == [(("k", 1), "first")]
+    result = table.commit(buf)
+    assert result.upserts == [(("k", 1), "first")]
+    assert table.get(("k", 1)) == "first"
+
+
+def test_duplicate_of_same_value_object(core: ModuleType) -> None:
+    buf = core.Table().buffer("o")
+    value = ["v"]
+    buf.declare("k", value)
+    with pytest.raises(DuplicateDeclarationError):
+        buf.declare("k", value)
+    assert len(buf) == 1
+
+
+def test_duplicate_follows_key_equality(core: ModuleType) -> None:
+    # Keys are dict keys: 1 and True are one key, "x" and Symbol("x") are two.
+    buf = core.Table().buffer("o")
+    buf.declare(1, "int")
+    with pytest.raises(DuplicateDeclarationError):
+        buf.declare(True, "bool")
+    buf.declare(Symbol("x"), 1)
+    buf.declare("x", 2)
+    assert buf.items() == [(1, "int"), (Symbol("x"), 1), ("x", 2)]
+
+
+def test_duplicate_error_is_shared_class(core: ModuleType) -> None:
+    import livemap_core
+
+    # both cores raise the one class from livemap_core._shared
+    assert livemap_core.DuplicateDeclarationError is DuplicateDeclarationError
+    assert vars(core)["DuplicateDeclarationError"] is DuplicateDeclarationError
+
+
+# -- commits ---------------------------------------------------------------------
+
+
+def test_first_commit_inserts_in_declaration_order(core: ModuleType) -> None:
+    table = core.Table("t")
+    owner = object()
+    result = commit(table, owner, [("b", 2), ("a", 1), ("c", 3)])
+    assert isinstance(result, core.Commit)
+    assert result.owner is owner
+    assert result.upserts == [("b", 2), ("a", 1), ("c", 3)]
+    assert result.deletes == []
+    assert result.rejections == []
+    assert result.suppressed == 0
+    assert (result.first_seq, result.last_seq) == (1, 3)
+    assert len(result) == 3
+    assert bool(result) is True
+    assert table.seq == 3
+    assert len(table) == 3
+    assert table.items() == [("b", 2), ("a", 1), ("c", 3)]
+    assert table.keys_of(owner) == frozenset({"a", "b", "c"})
+    assert table.owner_of("a") is owner
+    assert table.owners() == 1
+    assert "a" in table
+    assert "z" not in table
+    assert repr(result) == ("Commit(upserts=3, deletes=0, suppressed=0, rejections=0, seq=1..3)")
+    assert repr(table) == "<Table t entries=3 seq=3>"
+
+
+def test_update_delete_and_suppress(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"a": 1, "b": 2, "c": 3, "d": 4})
+    result = commit(table, "o", {"b": 20, "a": 1, "e": 5, "d": 4})
+    assert result.upserts == [("b", 20), ("e", 5)]
+    assert result.deletes == ["c"]
+    assert result.suppressed == 2
+    assert (result.first_seq, result.last_seq) == (5, 7)
+    assert as_dict(table) == {"a": 1, "b": 20, "d": 4, "e": 5}
+    assert table.keys_of("o") == frozenset("abde")
+    assert table.count_of("o") == 4
+    assert table.count_of("nobody") == 0
+
+
+def test_deletes_follow_first_declaration_order(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"x": 0, "m": 0, "a": 0})
+    commit(table, "o", {"a": 0, "z": 0, "x": 0, "m": 0})
+    result = commit(table, "o", {})
+    assert result.deletes == ["x", "m", "a", "z"]
+    assert (result.first_seq, result.last_seq) == (5, 8)
+    assert table.owners() == 0
+    assert table.keys_of("o") == frozenset()
+
+
+def test_empty_commit(core: ModuleType) -> None:
+    table = core.Table()
+    result = commit(table, "o", {})
+    assert result.upserts == result.deletes == result.rejections == []
+    assert len(result) == 0
+    assert bool(result) is False
+    assert (result.first_seq, result.last_seq) == (1, 0)
+    assert table.seq == 0
+    assert table.stats().commits == 1
+    assert table.owners() == 0
+
+
+def test_commit_same_buffer_twice(core: ModuleType) -> None:
+    table = core.Table()
+    buf = declared(table, "o", {"a": [1]})
+    assert table.commit(buf).upserts == [("a", [1])]
+    again = table.commit(buf)
+    assert not again
+    assert again.suppressed == 1
+
+
+def test_seq_strictly_increasing_across_owners(core: ModuleType) -> None:
+    table = core.Table()
+    last = 0
+    for round_ in range(4):
+        for owner in ("p", "q", "r"):
+            pairs = {(owner, i): round_ if i % 2 else 0 for i in range(round_ + 2)}
+            result = commit(table, owner, pairs)
+            assert result.first_seq == last + 1
+            assert result.last_seq == last + len(result)
+            last = result.last_seq
+            assert table.seq == last
+    released = table.release("q")
+    assert released.first_seq == last + 1
+    assert released.last_seq == last + len(released.deletes) == table.seq
+
+
+def test_value_none(core: ModuleType) -> None:
+    table = core.Table()
+    assert commit(table, "o", {"k": None}).upserts == [("k", None)]
+    assert "k" in table
+    assert table.get("k", "missing") is None
+    assert commit(table, "o", {"k": None}).suppressed == 1
+    assert commit(table, "o", {"k": 0}).upserts == [("k", 0)]
+    assert commit(table, "o", {"k": None}).upserts == [("k", None)]
+
+
+# -- the == gate -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [1, [2, 3]],
+        lambda: {"a": [1]},
+        lambda: Doc("title", ["x", "y"]),
+        lambda: "".join(["abc", "def"] * 10),
+        lambda: (1, "two", [3]),
+        lambda: int("1" * 30),
+    ],
+    ids=["list", "dict", "dataclass", "str", "tuple", "bigint"],
+)
+def test_equal_distinct_values_suppressed(core: ModuleType, make: Any) -> None:
+    table = core.Table()
+    first = make()
+    commit(table, "o", {"k": first})
+    again = make()
+    assert again is not first
+    assert again == first
+    result = commit(table, "o", {"k": again})
+    assert not result
+    assert result.suppressed == 1
+    assert table.get("k") is first  # the held value stays the one truth
+    assert table.stats().suppressed == 1
+    assert table.stats().changes == 1
+
+
+def test_unequal_values_update(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"k": Doc("t", ["a"])})
+    new = Doc("t", ["a", "b"])
+    result = commit(table, "o", {"k": new})
+    assert result.upserts == [("k", new)]
+    assert result.upserts[0][1] is new
+    assert table.get("k") is new
+
+
+def test_nan_is_never_equal(core: ModuleType) -> None:
+    table = core.Table()
+    nan = float("nan")
+    commit(table, "o", {"k": nan})
+    assert commit(table, "o", {"k": nan}).suppressed == 1  # same object
+    assert commit(table, "o", {"k": float("nan")}).upserts[0][0] == "k"
+
+
+def test_same_object_is_not_compared(core: ModuleType) -> None:
+    table = core.Table()
+    value = RaisingEq()
+    commit(table, "o", {"k": value})
+    result = commit(table, "o", {"k": value})
+    assert result.rejections == []
+    assert result.suppressed == 1
+
+
+# -- a raising __eq__ ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [RaisingEq, Ambiguous], ids=["eq-raises", "bool-raises"])
+def test_raising_eq_keeps_held_value(core: ModuleType, make: Any) -> None:
+    table = core.Table()
+    held = make()
+    commit(table, "o", {"k": held, "other": 1})
+    new = make()
+    result = commit(table, "o", {"k": new, "other": 2, "added": 3})
+    assert result.upserts == [("other", 2), ("added", 3)]
+    assert result.deletes == []
+    assert result.suppressed == 0
+    [rejection] = result.rejections
+    assert isinstance(rejection, core.Rejection)
+    assert rejection.kind == core.EQ_ERROR
+    assert rejection.key == "k"
+    assert rejection.value is new
+    assert rejection.holder == "o"
+    assert isinstance(rejection.error, EqError)
+    assert table.get("k") is held
+    assert table.owner_of("k") == "o"
+    assert table.keys_of("o") == frozenset({"k", "other", "added"})
+    stats = table.stats()
+    assert (stats.eq_errors, stats.conflicts) == (1, 0)
+    # The owner still holds the key: leaving it out deletes it.
+    result = commit(table, "o", {"other": 2, "added": 3})
+    assert result.deletes == ["k"]
+
+
+def test_raising_eq_against_plain_held_value(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"k": 1})
+    result = commit(table, "o", {"k": RaisingEq()})
+    assert [r.kind for r in result.rejections] == [core.EQ_ERROR]
+    assert table.get("k") == 1
+    # a comparable value later goes through
+    assert commit(table, "o", {"k": 2}).upserts == [("k", 2)]
+
+
+def test_base_exception_from_eq_propagates(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "o", {"k": InterruptingEq()})
+    with pytest.raises(KeyboardInterrupt):
+        commit(table, "o", {"k": InterruptingEq()})
+
+
+# -- conflicts -------------------------------------------------------------------
+
+
+def test_conflict_first_owner_keeps_key(core: ModuleType) -> None:
+    table = core.Table()
+    first, second = object(), object()
+    commit(table, first, {"shared": "mine", "a": 1})
+    result = commit(table, second, {"b": 2, "shared": "yours", "c": 3})
+    assert result.upserts == [("b", 2), ("c", 3)]
+    [rejection] = result.rejections
+    assert rejection.kind == core.CONFLICT
+    assert rejection.key == "shared"
+    assert rejection.value == "yours"
+    assert rejection.holder is first
+    assert rejection.error is None
+    assert repr(rejection).startswith("Rejection('conflict', 'shared', holder=")
+    assert table.get("shared") == "mine"
+    assert table.owner_of("shared") is first
+    assert table.keys_of(second) == frozenset({"b", "c"})
+    assert table.stats().conflicts == 1
+    assert (result.first_seq, result.last_seq) == (3, 4)
+
+
+def test_rejected_declaration_is_not_remembered(core: ModuleType) -> None:
+    table = core.Table()
+    first, second = object(), object()
+    commit(table, first, {"k": 1})
+    commit(table, second, {"k": 2})
+    # the first owner drops the key: it goes away, the second owner does not get it
+    dropped = commit(table, first, {})
+    assert dropped.deletes == ["k"]
+    assert "k" not in table
+    assert table.keys_of(second) == frozenset()
+    assert table.owners() == 0
+    # ... not even when it commits again without declaring it
+    assert not commit(table, second, {})
+    assert "k" not in table
+    # declaring it again does
+    result = commit(table, second, {"k": 2})
+    assert result.upserts == [("k", 2)]
+    assert table.owner_of("k") is second
+
+
+def test_conflict_only_commit_leaves_no_record(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "a", {"k": 1})
+    result = commit(table, "b", {"k": 2})
+    assert not result
+    assert table.owners() == 1
+    assert table.keys_of("b") == frozenset()
+    assert table.release("b").deletes == []
+
+
+def test_owners_compared_by_identity(core: ModuleType) -> None:
+    table = core.Table()
+    one, two = EqualOwner(), EqualOwner()
+    assert one == two
+    commit(table, one, {"k": 1})
+    result = commit(table, two, {"k": 2, "j": 3})
+    assert [r.kind for r in result.rejections] == [core.CONFLICT]
+    assert result.deletes == []
+    assert table.keys_of(one) == frozenset({"k"})
+    assert table.keys_of(two) == frozenset({"j"})
+    assert table.owners() == 2
+    assert table.release(two).deletes == ["j"]
+    assert table.keys_of(one) == frozenset({"k"})
+
+
+def test_unhashable_owner(core: ModuleType) -> None:
+    table = core.Table()
+    owner = UnhashableOwner("comp")
+    with pytest.raises(TypeError):
+        hash(owner)
+    commit(table, owner, {"k": 1})
+    assert table.owner_of("k") is owner
+    assert table.keys_of(owner) == frozenset({"k"})
+    assert table.release(owner).deletes == ["k"]
+
+
+def test_commit_of_another_tables_buffer(core: ModuleType) -> None:
+    mine, other = core.Table("mine"), core.Table("other")
+    commit(mine, "o", {"k": 1})
+    buf = declared(other, "o", {"k": 2})
+    with pytest.raises(ValueError, match=r"^buffer belongs to other, not mine$"):
+        mine.commit(buf)
+    assert mine.items() == [("k", 1)]
+    assert mine.seq == 1
+    assert mine.stats().commits == 1
+
+
+def test_commit_of_a_non_buffer(core: ModuleType) -> None:
+    table = core.Table("t")
+    with pytest.raises(TypeError, match=r"^t: commit\(\) expects a Buffer of this core, got "):
+        table.commit({"k": 1})
+    assert table.stats().commits == 0
+
+
+# -- release ---------------------------------------------------------------------
+
+
+def test_release(core: ModuleType) -> None:
+    table = core.Table()
+    commit(table, "a", {"x": 1, "y": 2})
+    commit(table, "b", {"z": 3})
+    result = table.release("a")
+    assert isinstance(result, core.Commit)
+    assert result.owner == "a"
+    assert result.deletes == ["x", "y"]
+    assert result.upserts == []
+    assert (result.first_seq, result.last_seq) == (4, 5)
+    assert table.items() == [("z", 3)]
+    assert table.owners() == 1
+    again = table.release("a")
+    assert not again
+    assert (again.first_seq, again.last_seq) == (6, 5)
+    assert table.stats().commits == 4
+
+
+# -- revert ----------------------------------------------------------------------
+
+
+def test_revert_needs_track_undo(core: ModuleType) -> None:
+    table = core.Table("plain")
+    result = commit(table, "o", {"k": 1})
+    with pytest.raises(ValueError) as info:
+        table.revert(result)
+    assert str(info.value) == (
+        "plain: only a commit of a table made with track_undo=True can be reverted, once"
+    )
+    assert table.items() == [("k", 1)]
+
+
+def test_revert_insert_update_delete(core: ModuleType) -> None:
+    table = core.Table("t", track_undo=True)
+    owner = object()
+    commit(table, owner, {"keep": 1, "change": None, "drop": 3})
+    before = (as_dict(table), table.keys_of(owner), table.stats())
+    result = commit(table, owner, {"keep": 1, "change": 2, "new": None})
+    assert result.upserts == [("change", 2), ("new", None)]
+    assert result.deletes == ["drop"]
+    table.revert(result)
+    assert as_dict(table) == before[0]
+    assert table.keys_of(owner) == before[1]
+    assert table.owner_of("drop") is owner
+    stats = table.stats()
+    assert stats.changes == before[2].changes
+    assert stats.commits == before[2].commits + 1  # commits are not taken back
+    assert table.seq == result.last_seq  # sequence numbers keep growing
+    nxt = commit(table, owner, {"keep": 1, "change": 5, "drop": 3})
+    assert nxt.first_seq == result.last_seq + 1
+    assert nxt.upserts == [("change", 5)]
+    assert nxt.deletes == []
+
+
+def test_revert_value_none_cases(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    # inserted with value None: revert removes the key
+    result = commit(table, "o", {"k": None})
+    table.revert(result)
+    assert "k" not in table
+    assert table.owners() == 0
+    # held None updated: revert brings None back
+    commit(table, "o", {"k": None})
+    result = commit(table, "o", {"k": 1})
+    table.revert(result)
+    assert "k" in table
+    assert table.get("k", "missing") is None
+    # deleted while holding None: revert restores it
+    result = commit(table, "o", {})
+    assert result.deletes == ["k"]
+    table.revert(result)
+    assert table.get("k", "missing") is None
+    assert table.keys_of("o") == frozenset({"k"})
+
+
+def test_revert_first_commit_forgets_owner(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    result = commit(table, "o", {"a": 1, "b": 2})
+    table.revert(result)
+    assert len(table) == 0
+    assert table.owners() == 0
+    assert table.keys_of("o") == frozenset()
+    assert table.stats().changes == 0
+    assert commit(table, "o", {"a": 1}).upserts == [("a", 1)]
+
+
+def test_revert_only_latest_and_once(core: ModuleType) -> None:
+    table = core.Table("t", track_undo=True)
+    first = commit(table, "o", {"a": 1})
+    second = commit(table, "p", {"b": 2})
+    with pytest.raises(ValueError, match=r"^t: only the latest commit can be reverted$"):
+        table.revert(first)
+    table.revert(second)
+    with pytest.raises(ValueError, match=r"reverted, once$"):
+        table.revert(second)
+    assert table.items() == [("a", 1)]
+    # taken back newest first: the one before is the latest again
+    table.revert(first)
+    assert len(table) == 0
+    with pytest.raises(ValueError, match=r"reverted, once$"):
+        table.revert(first)
+    third = commit(table, "o", {"c": 3})
+    assert third.first_seq == second.last_seq + 1
+    table.revert(third)
+    assert len(table) == 0
+
+
+def test_revert_order_with_empty_commits(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    first = commit(table, "o", {"a": 1})
+    empty = commit(table, "o", {"a": 1})
+    assert not empty
+    # an empty commit is still a later commit: the first one is not the latest
+    with pytest.raises(ValueError, match="only the latest"):
+        table.revert(first)
+    table.revert(empty)
+    table.revert(first)
+    assert len(table) == 0
+    assert table.keys_of("o") == frozenset()
+    # the owner's record agrees with the entries: a later commit works normally
+    assert not commit(table, "o", {})
+    assert commit(table, "o", {"a": 2}).upserts == [("a", 2)]
+
+
+def test_revert_release(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    commit(table, "o", {"a": 1, "b": 2})
+    result = table.release("o")
+    table.revert(result)
+    assert as_dict(table) == {"a": 1, "b": 2}
+    assert table.keys_of("o") == frozenset({"a", "b"})
+    nothing = table.release("nobody")
+    table.revert(nothing)
+    assert len(table) == 2
+
+
+def test_revert_with_rejections(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    commit(table, "a", {"k": 1, "e": RaisingEq()})
+    result = commit(table, "a", {"k": 2, "e": RaisingEq()})
+    assert [r.kind for r in result.rejections] == [core.EQ_ERROR]
+    table.revert(result)
+    assert table.get("k") == 1
+    result = commit(table, "b", {"k": 3, "own": 4})
+    assert [r.kind for r in result.rejections] == [core.CONFLICT]
+    table.revert(result)
+    assert table.keys_of("b") == frozenset()
+    assert table.keys_of("a") == frozenset({"k", "e"})
+
+
+def test_revert_commit_of_another_table(core: ModuleType) -> None:
+    one, two = core.Table("one", track_undo=True), core.Table("two", track_undo=True)
+    commit(one, "o", {"k": 1})
+    result = commit(two, "o", {"k": 2})
+    assert result.last_seq == one.seq
+    with pytest.raises(ValueError, match=r"^one: the commit was made by another table$"):
+        one.revert(result)
+    assert one.items() == [("k", 1)]
+
+
+def test_revert_of_a_non_commit(core: ModuleType) -> None:
+    table = core.Table("t", track_undo=True)
+    with pytest.raises(TypeError, match=r"^t: revert\(\) expects a Commit of this core, got "):
+        table.revert("latest")
+
+
+def test_revert_of_a_hand_made_commit(core: ModuleType) -> None:
+    table = core.Table("t", track_undo=True)
+    with pytest.raises(ValueError, match="track_undo=True"):
+        table.revert(core.Commit("o", 1))
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def test_reading(core: ModuleType) -> None:
+    table = core.Table()
+    owner = object()
+    commit(table, owner, {"k": 1})
+    assert table.get("k") == 1
+    assert table.get("missing") is None
+    assert table.get("missing", 7) == 7
+    assert table.owner_of("k") is owner
+    assert table.owner_of("missing") is None
+    assert table.owner_of("missing", "nobody") == "nobody"
+    assert table.keys_of(object()) == frozenset()
+    assert len(table) == 1
+    assert 1 not in table
+    with pytest.raises(TypeError):
+        [1] in table  # noqa: B015
+    with pytest.raises(TypeError):
+        table.get([1])
+
+
+def test_snapshots_are_isolated(core: ModuleType) -> None:
+    table = core.Table()
+    first = commit(table, "o", {"a": 1, "b": 2})
+    items = table.items()
+    keys = table.keys_of("o")
+    upserts = list(first.upserts)
+    commit(table, "o", {"a": 10, "c": 3})
+    assert items == [("a", 1), ("b", 2)]
+    assert keys == frozenset({"a", "b"})
+    assert isinstance(keys, frozenset)
+    assert first.upserts == upserts
+    items.append(("zzz", 0))
+    assert "zzz" not in table
+
+
+def test_stats(core: ModuleType) -> None:
+    table = core.Table()
+    assert table.stats() == core.TableStats(0, 0, 0, 0, 0, 0)
+    commit(table, "a", {"x": 1, "y": 2, "z": 3})
+    commit(table, "a", {"x": 1, "y": 20, "e": RaisingEq()})
+    commit(table, "a", {"x": 1, "y": 20, "e": RaisingEq()})
+    commit(table, "b", {"x": 9, "w": 0})
+    stats = table.stats()
+    assert isinstance(stats, core.TableStats)
+    assert stats.as_dict() == {
+        "changes": 3 + 3 + 0 + 1,
+        "commits": 4,
+        "conflicts": 1,
+        "entries": 4,
+        "eq_errors": 1,
+        "suppressed": 1 + 2,
+    }
+    assert list(stats.as_dict()) == [
+        "changes",
+        "commits",
+        "conflicts",
+        "entries",
+        "eq_errors",
+        "suppressed",
+    ]
+    assert repr(stats) == (
+        "TableStats(changes=7, commits=4, conflicts=1, entries=4, eq_errors=1, suppressed=3)"
+    )
+    assert stats == core.TableStats(4, 4, 7, 3, 1, 1)
+    assert stats != core.TableStats(4, 4, 7, 3, 1, 2)
+    assert stats != stats.as_dict()
+    with pytest.raises(TypeError):
+        hash(stats)
+    table.release("a")
+    assert table.stats().changes == 7 + 3
+
+
+def test_hand_made_results(core: ModuleType) -> None:
+    result = core.Commit("o", 5)
+    assert (result.owner, result.first_seq, result.last_seq, result.suppressed) == ("o", 5, 4, 0)
+    assert result.upserts == result.deletes == result.rejections == []
+    assert not result
+    assert repr(result) == "Commit(upserts=0, deletes=0, suppressed=0, rejections=0, seq=5..4)"
+    rejection = core.Rejection(core.EQ_ERROR, "k", 1, "h", None)
+    assert (rejection.kind, rejection.key, rejection.value, rejection.holder) == (
+        core.EQ_ERROR,
+        "k",
+        1,
+        "h",
+    )
+    assert repr(rejection) == "Rejection('eq_error', 'k', holder='h')"
+    stats = core.TableStats(entries=1, commits=2, changes=3, suppressed=4, conflicts=5, eq_errors=6)
+    assert stats.as_dict()["eq_errors"] == 6
+
+
+def test_table_name(core: ModuleType) -> None:
+    assert core.Table().name == "table"
+    table = core.Table("mine")
+    assert table.name == "mine"
+    table.name = "renamed"
+    assert repr(table) == "<Table renamed entries=0 seq=0>"
+
+
+def test_keyword_arguments(core: ModuleType) -> None:
+    table = core.Table(name="kw", track_undo=True)
+    buf = table.buffer(owner="o")
+    buf.declare(key="k", value=1)
+    result = table.commit(buffer=buf)
+    assert table.get(key="k", default=None) == 1
+    assert table.get(key="x", default=2) == 2
+    assert table.owner_of(key="x", default=3) == 3
+    assert table.keys_of(owner="o") == frozenset({"k"})
+    table.revert(result=result)
+    assert table.release(owner="o").deletes == []
+    assert core.Commit(owner="o", first_seq=3).last_seq == 2
+    rejection = core.Rejection(kind=core.CONFLICT, key="k", value=1, holder="h", error=None)
+    assert rejection.holder == "h"
+    assert core.Buffer(table=table, owner="o").owner == "o"
+
+
+class ReentrantEq:
+    """A value whose ``==`` commits into the table being committed to."""
+
+    def __init__(self, table: Any, owner: object) -> None:
+        self.table = table
+        self.owner = owner
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        inner = self.table.buffer(self.owner)
+        inner.declare("fresh", 0)
+        self.table.commit(inner)
+        return False
+
+
+@pytest.mark.parametrize("track_undo", [False, True])
+def test_reentrant_commit_from_eq_does_not_crash(core: ModuleType, track_undo: bool) -> None:
+    # Nothing sensible is promised for an ``__eq__`` that commits into the very
+    # table being committed to; the compiled core must only stay memory-safe.
+    table = core.Table(track_undo=track_undo)
+    owner = object()
+    keys = [f"k{i}" for i in range(20)]
+    commit(table, owner, {k: ReentrantEq(table, owner) for k in keys})
+    for _ in range(3):
+        try:
+            commit(table, owner, {k: ReentrantEq(table, owner) for k in keys[::-1][:15]})
+        except (KeyError, RuntimeError):
+            pass
+    table.items()
+    table.stats()
+    table.keys_of(owner)

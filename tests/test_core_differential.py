@@ -1,0 +1,586 @@
+"""Differential test: the same random operations on the compiled core, the
+pure-Python core and a small dict-based model written here from the contract.
+
+Every output (commit results, exceptions and their messages) and the whole
+observable state after every step must agree.  Behaviour that drifts between
+two implementations of one API is the most common bug of such projects; this
+is the net for it.
+
+Profiles (``HYPOTHESIS_PROFILE``): ``livemap-core`` (the default, 500
+examples), ``livemap-core-quick`` (100) and ``livemap-core-thorough`` (5,000).
+Any other value leaves the default in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from types import ModuleType
+from typing import Any
+
+import pytest
+from _cores import PURE_ONLY, load_core
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from livemap_core import _fallback
+from livemap_core._shared import DuplicateDeclarationError, Symbol
+
+settings.register_profile(
+    "livemap-core",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("livemap-core-quick", max_examples=100, deadline=None)
+settings.register_profile(
+    "livemap-core-thorough",
+    max_examples=5_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+_requested = os.environ.get("HYPOTHESIS_PROFILE", "")
+PROFILE = settings.get_profile(
+    _requested if _requested.startswith("livemap-core") else "livemap-core"
+)
+
+CONFLICT = "conflict"
+EQ_ERROR = "eq_error"
+KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+
+
+# -- the pools operations draw from ------------------------------------------------
+
+
+class StrSub(str):
+    pass
+
+
+GOOD_KEYS: list[Any] = [
+    "a",
+    "b",
+    "c",
+    0,
+    1,
+    True,  # == 1: one key with two spellings
+    False,
+    None,
+    b"a",
+    Symbol("a"),  # != "a"
+    uuid.UUID(int=7),
+    (1, "a"),
+    (True, "a"),  # == (1, "a")
+    ("n", (None, (Symbol("s"), b"x"))),
+    (),
+]
+BAD_KEYS: list[Any] = [1.5, [1], ("a", 2.5), StrSub("a"), object(), (1, ("x", [0]))]
+KEYS = GOOD_KEYS + BAD_KEYS
+
+
+class EqError(Exception):
+    pass
+
+
+class RaisingEq:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        raise EqError(f"cannot compare with {type(other).__name__}")
+
+
+class _Truth:
+    def __bool__(self) -> bool:
+        raise EqError("ambiguous truth value")
+
+
+class Ambiguous:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> Any:
+        return _Truth()
+
+
+@dataclasses.dataclass
+class Doc:
+    n: int
+    tags: list[int]
+
+
+class EqualOwner:
+    """All instances compare equal and hash alike; the cores must tell them apart."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EqualOwner)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+@dataclasses.dataclass(eq=True)
+class UnhashableOwner:
+    name: str
+
+
+N_OWNERS = 5
+
+
+def make_owners() -> list[object]:
+    return [object(), object(), EqualOwner(), EqualOwner(), UnhashableOwner("u")]
+
+
+def make_value(spec: tuple[Any, ...], shared: list[object]) -> Any:
+    kind = spec[0]
+    if kind == "int":
+        return spec[1]
+    if kind == "list":
+        return [spec[1]]  # equal to, but not the same object as, an earlier one
+    if kind == "doc":
+        return Doc(spec[1], [spec[1]])
+    if kind == "str":
+        return "".join(["v", str(spec[1])])
+    if kind == "shared":
+        return shared[spec[1]]
+    if kind == "none":
+        return None
+    if kind == "eq-raises":
+        return RaisingEq()
+    if kind == "bool-raises":
+        return Ambiguous()
+    raise AssertionError(spec)
+
+
+small = st.integers(0, 2)
+value_specs = st.one_of(
+    st.tuples(st.just("int"), small),
+    st.tuples(st.just("list"), small),
+    st.tuples(st.just("doc"), small),
+    st.tuples(st.just("str"), small),
+    st.tuples(st.just("shared"), small),
+    st.just(("none",)),
+    st.just(("eq-raises",)),
+    st.just(("bool-raises",)),
+)
+owner_ids = st.integers(0, N_OWNERS - 1)
+key_ids = st.integers(0, len(KEYS) - 1)
+# Edits turning an owner's previous run into its next one (see materialise()).
+edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("drop"), st.integers(0, 63)),
+        st.tuples(st.just("move"), st.integers(0, 63), st.integers(0, 63)),
+        st.tuples(st.just("insert"), st.integers(0, 63), st.integers(0, 99)),
+        st.tuples(st.just("change"), st.integers(0, 63), value_specs),
+    ),
+    max_size=6,
+)
+ops = st.one_of(
+    st.tuples(st.just("declare"), owner_ids, key_ids, value_specs),
+    st.tuples(st.just("declare"), owner_ids, st.integers(0, 4), value_specs),  # crowd
+    st.tuples(st.just("commit"), owner_ids),
+    # a whole component run: a few declarations, then the commit
+    st.tuples(
+        st.just("run"),
+        owner_ids,
+        st.lists(st.tuples(st.integers(0, 6), value_specs), max_size=6),
+    ),
+    # the owner's previous run again, a little changed: bigger key sets
+    st.tuples(st.just("rerun"), owner_ids, edits),
+    st.tuples(st.just("rerun"), owner_ids, edits),
+    st.tuples(st.just("release"), owner_ids),
+    st.tuples(st.just("revert"), st.integers(0, 2)),
+    st.tuples(st.just("check"), key_ids),
+)
+
+
+class Driver:
+    """Turns drawn operations into concrete ones (keys and values are objects,
+    the same ones for every implementation)."""
+
+    def __init__(self) -> None:
+        # shared values are declared again as the very same object
+        self.shared: list[object] = [["shared", 0], ["shared", 1], RaisingEq()]
+        self.last_run: dict[int, list[tuple[Any, Any]]] = {}
+
+    def materialise(self, op: tuple[Any, ...]) -> tuple[Any, ...]:
+        name = op[0]
+        if name == "declare":
+            return ("declare", op[1], KEYS[op[2]], make_value(op[3], self.shared))
+        if name == "check":
+            return ("check", KEYS[op[1]])
+        if name == "run":
+            pairs = [(KEYS[k], make_value(spec, self.shared)) for k, spec in op[2]]
+            self.last_run[op[1]] = pairs
+            return ("run", op[1], pairs)
+        if name == "rerun":
+            pairs = self.edit(list(self.last_run.get(op[1], [])), op[2])
+            self.last_run[op[1]] = pairs
+            return ("run", op[1], pairs)
+        return op
+
+    def edit(self, pairs: list[tuple[Any, Any]], steps: list[tuple[Any, ...]]) -> Any:
+        if not pairs:  # a first run: 40 keys, each owner a block of its own and some shared
+            pairs = [((k // 8, k), k % 3) for k in range(40)]
+        for step in steps:
+            kind, at = step[0], step[1] % (len(pairs) + 1)
+            if kind == "insert":
+                key = (step[2] // 8, step[2])
+                if all(k != key for k, _ in pairs):
+                    pairs.insert(at, (key, step[2] % 3))
+            elif not pairs or at == len(pairs):
+                continue
+            elif kind == "drop":
+                del pairs[at]
+            elif kind == "move":
+                pairs.insert(step[2] % len(pairs), pairs.pop(at))
+            elif kind == "change":
+                pairs[at] = (pairs[at][0], make_value(step[2], self.shared))
+        return pairs
+
+
+# -- normalising outputs ------------------------------------------------------------
+
+
+def tk(key: Any) -> Any:
+    """A typed form of a key: ``1`` and ``True`` are one dict key but differ here."""
+    if type(key) is tuple:
+        return ("tuple", tuple(tk(part) for part in key))
+    return (type(key).__name__, key)
+
+
+def exc_form(exc: BaseException) -> tuple[str, str]:
+    return (type(exc).__name__, str(exc))
+
+
+# -- the model --------------------------------------------------------------------
+
+
+def model_is_stable(key: Any) -> bool:
+    if key is None or type(key) in (bool, int, str, bytes, uuid.UUID, Symbol):
+        return True
+    return type(key) is tuple and all(model_is_stable(part) for part in key)
+
+
+class Model:
+    """The contract, written as plainly as possible.  Owners are their indexes."""
+
+    def __init__(self, name: str, track_undo: bool) -> None:
+        self.name = name
+        self.track_undo = track_undo
+        self.entries: dict[Any, tuple[int, Any]] = {}
+        # owner -> its keys in the order it first declared them
+        self.records: dict[int, dict[Any, None]] = {}
+        self.buffers: dict[int, dict[Any, Any]] = {}
+        self.seq = 0
+        self.stats = dict.fromkeys(
+            ("changes", "commits", "conflicts", "entries", "eq_errors", "suppressed"), 0
+        )
+        # per commit: [number of changes, state before it, reverted?]; commits
+        # are taken back newest first: only the latest one still in effect.
+        self.history: list[list[Any]] = []
+        self.in_effect: list[int] = []
+
+    def check(self, key: Any) -> None:
+        if not model_is_stable(key):
+            raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
+
+    def declare(self, owner: int, owner_obj: object, key: Any, value: Any) -> None:
+        self.check(key)
+        buf = self.buffers.setdefault(owner, {})
+        if key in buf:
+            raise DuplicateDeclarationError(key, owner_obj, self.name)
+        buf[key] = value
+
+    def _snapshot(self) -> Any:
+        return dict(self.entries), {o: dict(keys) for o, keys in self.records.items()}
+
+    def _finish(self, upserts: list[Any], deletes: list[Any], before: Any) -> tuple[int, int]:
+        first = self.seq + 1
+        n = len(upserts) + len(deletes)
+        self.seq += n
+        self.stats["commits"] += 1
+        self.stats["changes"] += n
+        self.in_effect.append(len(self.history))
+        self.history.append([n, before, False])
+        return first, self.seq
+
+    def commit(self, owner: int) -> tuple[Any, ...]:
+        before = self._snapshot()
+        decls = self.buffers.pop(owner, {})
+        record = self.records.get(owner, {})
+        upserts: list[tuple[Any, Any]] = []
+        rejections: list[tuple[Any, ...]] = []
+        added: list[Any] = []
+        suppressed = 0
+        for key, value in decls.items():
+            if key not in self.entries:
+                self.entries[key] = (owner, value)
+                added.append(key)
+                upserts.append((key, value))
+                continue
+            holder, held = self.entries[key]
+            if holder != owner:
+                rejections.append((CONFLICT, key, value, holder, None))
+                self.stats["conflicts"] += 1
+                continue
+            try:
+                same = held is value or bool(value == held)
+            except Exception as exc:
+                rejections.append((EQ_ERROR, key, value, owner, exc))
+                self.stats["eq_errors"] += 1
+                continue
+            if same:
+                suppressed += 1
+            else:
+                self.entries[key] = (owner, value)
+                upserts.append((key, value))
+        deletes = [key for key in record if key not in decls]
+        for key in deletes:
+            del self.entries[key]
+        new_record = {key: None for key in record if key in decls}
+        new_record.update(dict.fromkeys(added))
+        if new_record:
+            self.records[owner] = new_record
+        else:
+            self.records.pop(owner, None)
+        self.stats["suppressed"] += suppressed
+        first, last = self._finish(upserts, deletes, before)
+        return upserts, deletes, rejections, suppressed, first, last
+
+    def release(self, owner: int) -> tuple[Any, ...]:
+        before = self._snapshot()
+        deletes = list(self.records.pop(owner, {}))
+        for key in deletes:
+            del self.entries[key]
+        first, last = self._finish([], deletes, before)
+        return [], deletes, [], 0, first, last
+
+    def revert(self, index: int) -> None:
+        n, before, reverted = self.history[index]
+        if not self.track_undo or reverted:
+            raise ValueError(
+                f"{self.name}: only a commit of a table made with track_undo=True "
+                "can be reverted, once"
+            )
+        if self.in_effect[-1] != index:
+            raise ValueError(f"{self.name}: only the latest commit can be reverted")
+        self.in_effect.pop()
+        self.entries, self.records = before
+        self.stats["changes"] -= n
+        self.history[index][2] = True
+
+
+# -- driving the cores and the model ----------------------------------------------------
+
+
+class CoreRun:
+    def __init__(self, core: ModuleType, owners: list[object], track_undo: bool) -> None:
+        self.core = core
+        self.owners = owners
+        self.table = core.Table("diff", track_undo=track_undo)
+        self.buffers: dict[int, Any] = {}
+        self.commits: list[Any] = []
+
+    def holder(self, obj: object) -> int:
+        return next(i for i, o in enumerate(self.owners) if o is obj)
+
+    def result(self, res: Any) -> tuple[Any, ...]:
+        assert isinstance(res, self.core.Commit)
+        assert len(res) == len(res.upserts) + len(res.deletes)
+        assert bool(res) is bool(len(res))
+        self.commits.append(res)
+        return (
+            [(tk(k), id(v)) for k, v in res.upserts],
+            [tk(k) for k in res.deletes],
+            [
+                (
+                    r.kind,
+                    tk(r.key),
+                    id(r.value),
+                    self.holder(r.holder),
+                    None if r.error is None else exc_form(r.error),
+                )
+                for r in res.rejections
+            ],
+            res.suppressed,
+            res.first_seq,
+            res.last_seq,
+        )
+
+    def apply(self, op: tuple[Any, ...]) -> Any:
+        if op[0] == "run":
+            out = [self.apply(("declare", op[1], key, value)) for key, value in op[2]]
+            return (out, self.apply(("commit", op[1])))
+        name = op[0]
+        try:
+            if name == "declare":
+                owner = op[1]
+                buf = self.buffers.get(owner)
+                if buf is None:
+                    buf = self.buffers[owner] = self.table.buffer(self.owners[owner])
+                size = len(buf)
+                try:
+                    buf.declare(op[2], op[3])
+                except Exception:
+                    assert len(buf) == size
+                    raise
+                return ("ok",)
+            if name == "commit":
+                buf = self.buffers.pop(op[1], None)
+                if buf is None:
+                    buf = self.table.buffer(self.owners[op[1]])
+                return self.result(self.table.commit(buf))
+            if name == "release":
+                return self.result(self.table.release(self.owners[op[1]]))
+            if name == "revert":
+                self.table.revert(self.commits[-1 - op[1]])
+                return ("ok",)
+            if name == "check":
+                key = op[1]
+                stable = self.core.is_stable_key(key)
+                assert type(stable) is bool
+                if stable:
+                    assert self.core.check_key(key) is None
+                else:
+                    self.core.check_key(key)
+                return ("checked", stable)
+        except Exception as exc:
+            return ("raised", exc_form(exc))
+        raise AssertionError(op)
+
+    def state(self, ordered: bool) -> tuple[Any, ...]:
+        t = self.table
+        items = [(tk(k), id(v)) for k, v in t.items()]
+        assert len(t) == len(items)
+        per_key = []
+        for key in GOOD_KEYS:
+            holder = t.owner_of(key, "-")
+            per_key.append(
+                (
+                    key in t,
+                    id(t.get(key, "-")) if key in t else None,
+                    "-" if holder == "-" else self.holder(holder),
+                )
+            )
+        return (
+            items if ordered else sorted(items, key=repr),
+            [sorted(map(tk, t.keys_of(o)), key=repr) for o in self.owners],
+            [t.count_of(o) for o in self.owners],
+            per_key,
+            t.owners(),
+            t.seq,
+            t.stats().as_dict(),
+        )
+
+
+class ModelRun:
+    def __init__(self, owners: list[object], track_undo: bool) -> None:
+        self.owners = owners
+        self.model = Model("diff", track_undo)
+        self.commits: list[int] = []
+
+    def result(self, out: tuple[Any, ...]) -> tuple[Any, ...]:
+        upserts, deletes, rejections, suppressed, first, last = out
+        self.commits.append(len(self.model.history) - 1)
+        return (
+            [(tk(k), id(v)) for k, v in upserts],
+            [tk(k) for k in deletes],
+            [
+                (kind, tk(k), id(v), holder, None if err is None else exc_form(err))
+                for kind, k, v, holder, err in rejections
+            ],
+            suppressed,
+            first,
+            last,
+        )
+
+    def apply(self, op: tuple[Any, ...]) -> Any:
+        if op[0] == "run":
+            out = [self.apply(("declare", op[1], key, value)) for key, value in op[2]]
+            return (out, self.apply(("commit", op[1])))
+        m = self.model
+        name = op[0]
+        try:
+            if name == "declare":
+                m.declare(op[1], self.owners[op[1]], op[2], op[3])
+                return ("ok",)
+            if name == "commit":
+                return self.result(m.commit(op[1]))
+            if name == "release":
+                return self.result(m.release(op[1]))
+            if name == "revert":
+                m.revert(self.commits[-1 - op[1]])
+                return ("ok",)
+            if name == "check":
+                key = op[1]
+                stable = model_is_stable(key)
+                if not stable:
+                    m.check(key)
+                return ("checked", stable)
+        except Exception as exc:
+            return ("raised", exc_form(exc))
+        raise AssertionError(op)
+
+    def state(self) -> tuple[Any, ...]:
+        m = self.model
+        items = [(tk(k), id(v)) for k, (_, v) in m.entries.items()]
+        per_key = []
+        for key in GOOD_KEYS:
+            present = key in m.entries
+            per_key.append(
+                (
+                    present,
+                    id(m.entries[key][1]) if present else None,
+                    m.entries[key][0] if present else "-",
+                )
+            )
+        stats = dict(m.stats, entries=len(m.entries))
+        return (
+            sorted(items, key=repr),
+            [sorted(map(tk, m.records.get(o, {})), key=repr) for o in range(N_OWNERS)],
+            [len(m.records.get(o, {})) for o in range(N_OWNERS)],
+            per_key,
+            len(m.records),
+            m.seq,
+            stats,
+        )
+
+
+@pytest.fixture(scope="module")
+def cores() -> list[ModuleType]:
+    """The cores to compare: both, or only the pure one in a pure-Python run."""
+    if PURE_ONLY:
+        return [_fallback]
+    return [load_core("c"), _fallback]
+
+
+@PROFILE
+@given(track_undo=st.booleans(), program=st.lists(ops, max_size=60))
+def test_cores_agree_with_each_other_and_the_model(
+    cores: list[ModuleType], track_undo: bool, program: list[tuple[Any, ...]]
+) -> None:
+    owners = make_owners()
+    driver = Driver()
+    runs = [CoreRun(core, owners, track_undo) for core in cores]
+    model = ModelRun(owners, track_undo)
+    for step, drawn in enumerate(program):
+        if drawn[0] == "revert" and len(model.commits) <= drawn[1]:
+            continue
+        op = driver.materialise(drawn)
+        expected = model.apply(op)
+        expected_state = model.state()
+        reference_state = None
+        for run in runs:
+            got = run.apply(op)
+            assert got == expected, (step, op, run.core.__name__)
+            state = run.state(ordered=True)
+            if reference_state is None:
+                reference_state = state
+            else:  # the cores agree exactly, entry order included
+                assert state == reference_state, (step, op, run.core.__name__)
+            unordered = (sorted(state[0], key=repr), *state[1:])
+            assert unordered == expected_state, (step, op, run.core.__name__)
+
+
+def test_profile_runs_enough_examples() -> None:
+    assert settings.get_profile("livemap-core").max_examples >= 500
+    assert settings.get_profile("livemap-core").deadline is None
