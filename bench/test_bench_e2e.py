@@ -73,6 +73,18 @@ def impl(request: pytest.FixtureRequest) -> Iterator[str]:
         livemap.targets.Table = saved  # type: ignore[misc]
 
 
+COCOINDEX_LIVE = (
+    "the live harness cannot drive CocoIndex 1.0.26's live mode: its live components run on "
+    "the engine's own event loop and never see this harness's anyio streams (rounds time "
+    "out); bench/README.md quotes CocoIndex's own figures for this scenario"
+)
+
+
+def live_only_livemap(impl: str) -> None:
+    if impl == "cocoindex":
+        pytest.skip(COCOINDEX_LIVE)
+
+
 def api(impl: str) -> tuple[Any, Any]:
     """``(coco, LiveMap)`` for the implementation under test."""
     if impl == "cocoindex":
@@ -208,10 +220,13 @@ def running(harness: Harness) -> Iterator[anyio.from_thread.BlockingPortal]:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(handle.result)
                 with anyio.fail_after(TIMEOUT):
-                    await handle.ready()
+                    await live_ready(handle)
                 ready.set()
                 await finished.wait()
-                await handle.stop()
+                if hasattr(handle, "stop"):
+                    await handle.stop()
+                else:  # CocoIndex: a live update ends when its task is cancelled
+                    tg.cancel_scope.cancel()
 
         future = portal.start_task_soon(run)
         try:
@@ -224,6 +239,17 @@ def running(harness: Harness) -> Iterator[anyio.from_thread.BlockingPortal]:
             portal.call(finished.set)
             future.result(timeout=TIMEOUT)
             harness.close()
+
+
+async def live_ready(handle: Any) -> None:
+    """Wait for a live update's initial catch-up (CocoIndex reports it through
+    ``watch()`` snapshots; livemap has ``ready()``)."""
+    if hasattr(handle, "ready"):
+        await handle.ready()
+        return
+    async for snapshot in handle.watch():
+        if snapshot.status.name == "READY":
+            return
 
 
 def value_of(key_num: int, version: int) -> int:
@@ -291,6 +317,7 @@ def churn_rounds(n: int) -> Iterator[dict[str, int]]:
 def test_churn(benchmark: Any, impl: str) -> None:
     """Live mode, CHURN_N entries; each round changes 1%, deletes 1%, adds 1%;
     time from the producer's re-run until the consumer has seen every change."""
+    live_only_livemap(impl)
     states = churn_rounds(CHURN_N)
     harness = Harness(impl, next(states))
 
@@ -337,6 +364,7 @@ def test_churn_floor(benchmark: Any) -> None:
 
 def test_noop_redeclare(benchmark: Any, impl: str) -> None:
     """Re-declare NOOP_N equal (but distinct) values: the `==` gate path."""
+    live_only_livemap(impl)
     state = {f"k{i}": (i, "payload") for i in range(NOOP_N)}
     harness = Harness(impl, {})
     coco, live_map_cls = api(impl)
@@ -407,6 +435,7 @@ def test_noop_redeclare_floor(benchmark: Any) -> None:
 def test_many_producers(benchmark: Any, impl: str) -> None:
     """PRODUCERS components x KEYS_EACH keys; each round 10 of them change 10%
     of their keys; time until the consumer saw every change."""
+    live_only_livemap(impl)
     coco, live_map_cls = api(impl)
     data = {
         p: {f"p{p}-{k}": value_of(p * KEYS_EACH + k, 0) for k in range(KEYS_EACH)}
@@ -493,6 +522,7 @@ def test_latency(benchmark: Any, impl: str) -> None:
     the event loop; ``extra_info`` has the in-loop latency (p50, p99): from the
     producer's refresh to the processor's call.
     """
+    live_only_livemap(impl)
     harness = Harness(impl, {f"k{i}": value_of(i, 0) for i in range(10)})
     version = [0]
     times: list[float] = []
@@ -520,6 +550,7 @@ def test_latency(benchmark: Any, impl: str) -> None:
 
 def test_io_bound(benchmark: Any, impl: str) -> None:
     """IO_CHANGES changes, each processor call awaits a 5 ms sleep."""
+    live_only_livemap(impl)
     harness = Harness(
         impl,
         {f"k{i}": value_of(i, 0) for i in range(IO_CHANGES)},
