@@ -189,10 +189,15 @@ class Pool:
         self.closed = False
 
     def submit(
-        self, child: Component, gen: int, job: Callable[[], Awaitable[None]] | None = None
+        self,
+        child: Component,
+        gen: int,
+        job: Callable[[], Awaitable[None]] | None = None,
+        app_run: AppRun | None = None,
     ) -> None:
         """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
-        app_run = child.app._require_run()
+        if app_run is None:
+            app_run = child.app._require_run()
         if self.app_run is not app_run:  # a new app run: the old workers are gone
             self.app_run = app_run
             self.queue.clear()
@@ -487,8 +492,9 @@ class Component:
         is_async = _is_async(processor)
         if x is not None and x.pool is not None and (is_async or x.retry is not None):
             gen = self._begin()
-            self.app._require_run().stats.components_run += 1
-            x.pool.submit(self, gen)
+            app_run = self.app._require_run()
+            app_run.stats.components_run += 1
+            x.pool.submit(self, gen, None, app_run)
         elif is_async or _is_live_class(processor):
             self.start()
         else:
@@ -566,7 +572,8 @@ class Component:
                         and not self.children
                     ):
                         # nothing to commit: the common case of a leaf
-                        if self.parent is not None and self.parent._x is not None:
+                        parent = self.parent
+                        if parent is not None and parent._x is not None and parent._x.failures:
                             self._note_outcome(None)
                         if not live:
                             self._set_self_ready(True)
@@ -611,9 +618,11 @@ class Component:
     def _note_outcome(self, error: BaseException | None) -> None:
         """Keep the parent's record of failing children (``mount_each``) current."""
         parent = self.parent
-        if parent is None or parent._x is None or parent._x.failures is None:
+        if parent is None or parent._x is None:
             return
         failures = parent._x.failures
+        if failures is None or (error is None and not failures):
+            return
         key = self.rel[0] if len(self.rel) == 1 else self.rel
         if error is None:
             failures.pop(key, None)

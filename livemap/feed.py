@@ -413,8 +413,9 @@ class EachSubscriber:
         """(Re)mount the child of ``key`` with ``value``; its run goes on the pool."""
         child = self._child(key, value)
         gen = child._begin()
-        child.app._require_run().stats.components_run += 1
-        self.pool.submit(child, gen)
+        app_run = child.app._require_run()
+        app_run.stats.components_run += 1
+        self.pool.submit(child, gen, None, app_run)
         return child
 
     async def update_all(self) -> None:
