@@ -399,11 +399,12 @@ class EachSubscriber:
         each = self.each
         if self._epoch is not None:
             self._epoch.add(key)
+        fargs = each.args
         return self.component._mount_child(
             None,
             (key,),
             each.fn,
-            (value, *each.args),
+            (value, *fargs) if fargs else (value,),
             each.kwargs,
             "mount_each",
             self.operator._handlers,
@@ -419,10 +420,15 @@ class EachSubscriber:
         return child
 
     async def update_all(self) -> None:
-        self._epoch = set()
+        # an epoch is only needed to sweep children that were there before
+        self._epoch = set() if self.component.children else None
         source = self.each.source
         if callable(getattr(source, "__aiter__", None)):
-            snapshot = [pair async for pair in source]
+            # a LiveMap hands its table's items over without an await per item
+            snapshot_of = getattr(source, "_snapshot", None)
+            snapshot = (
+                snapshot_of() if snapshot_of is not None else [pair async for pair in source]
+            )
             if _is_async(self.each.fn) or self.each.retry is not None:
                 for key, value in snapshot:
                     self.submit(key, value)

@@ -191,6 +191,9 @@ class LiveMap(TargetBase[K, V]):
         """A snapshot of the entries as they are now; no side effects."""
         return _Snapshot(self._table.items())
 
+    def _snapshot(self) -> list[tuple[K, V]]:
+        return self._table.items()
+
     async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
         """Follow the map: ``update_all()``, ``mark_ready()``, then every
         later change as ``update(key, value)`` / ``delete(key)``.
@@ -276,6 +279,9 @@ class LiveMapConsumer(Generic[K, V]):
 
     def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
         return self.live_map.__aiter__()
+
+    def _snapshot(self) -> list[tuple[K, V]]:
+        return self.live_map._table.items()
 
     async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
         """Like :meth:`LiveMap.watch`, with these options."""
