@@ -49,7 +49,7 @@ from livemap.paths import (
 
 if TYPE_CHECKING:
     from livemap.app import App, AppRun
-    from livemap.feed import RetryPolicy
+    from livemap.feed import Consumer, RetryPolicy
     from livemap.live_map import LiveMap
     from livemap.targets import TargetBase
 
@@ -144,6 +144,7 @@ class _Extra:
 
     __slots__ = (
         "busy",
+        "consumer",
         "escalated",
         "exception",
         "failures",
@@ -164,6 +165,7 @@ class _Extra:
         self.maps: list[LiveMap[Any, Any]] | None = None
         self.marked_ready = False
         self.busy = 0
+        self.consumer: Consumer[Any, Any] | None = None
 
 
 class Pool:
@@ -384,6 +386,11 @@ class Component:
         self.x.busy += delta
         self._refresh_live_ready()
 
+    def current(self, gen: int) -> bool:
+        """Whether run generation ``gen`` is still this component's latest and
+        the component is mounted: a commit checks it before changing a table."""
+        return self._alive and self._generation == gen
+
     @property
     def subtree_ready(self) -> bool:
         return self._unready == 0
@@ -455,6 +462,9 @@ class Component:
         return child
 
     def _cancel_tasks(self) -> None:
+        x = self._x
+        if x is not None and x.consumer is not None:
+            x.consumer.release()  # frees the map for a new consumer right away
         # A scope of an earlier app run is over (and may belong to another
         # event loop): only one of the current run is cancelled.
         scope = self._cancel
@@ -643,18 +653,20 @@ class Component:
         previous = self._targets
         error: Exception | None = None
         if buffers or previous:
+            # Known before the first await: an unmount while this commit is
+            # paused must release these targets too.
+            if buffers:
+                self._targets = (previous or set()) | buffers.keys()
             for target, buffer in buffers.items():
-                failed = await target._commit(self, buffer)
+                failed = await target._commit(self, buffer, gen)
                 error = error or failed
             if previous:
                 for target in previous:
                     if target not in buffers:
-                        failed = await target._release(self)
+                        failed = await target._release(self, gen)
                         error = error or failed
-            held = {t for t in buffers if t._holds(self)}
-            if previous:
-                held.update(t for t in previous if t._holds(self))
-            self._targets = held or None
+            if self._alive:
+                self._targets = {t for t in self._targets or () if t._holds(self)} or None
         if gen != self._generation or not self._alive:
             return error
         children = self.children

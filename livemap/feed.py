@@ -169,6 +169,7 @@ class Consumer(Generic[K, V]):
         self.failing: dict[K, BaseException] = {}
         self.deliveries = 0
         self.closed = False
+        self.released = False
         self.started = False
         self._busy_run: AppRun | None = None
         self._holding: Component | None = None
@@ -177,6 +178,8 @@ class Consumer(Generic[K, V]):
         each = subscriber if isinstance(subscriber, EachSubscriber) else None
         self.each = each
         self._component = each.component if each is not None else None
+        if each is not None:
+            each.component.x.consumer = self
         # What a generic subscriber has: the map as it stands when the watch
         # starts (``update_all`` scans it before its first await), then every
         # delivery.  ``mount_each``'s children hold their own value instead.
@@ -259,11 +262,26 @@ class Consumer(Generic[K, V]):
                         await self._wake.wait()
                 tg.cancel_scope.cancel()
         finally:
-            self.closed = True
-            self._set_busy(False)
-            for waiter in self._waiters:
-                waiter.event.set()
-            self._waiters.clear()
+            self.release()
+
+    def release(self) -> None:
+        """End this consumer now: free the map's consumer slot (a new consumer
+        may start at once), release quiescence and settle waiters.  Called
+        when the watch ends and, for ``mount_each``, as soon as its component
+        is unmounted or re-run, before its task has wound down."""
+        if self.released:
+            return
+        self.released = True
+        self.closed = True
+        self._set_busy(False)
+        for waiter in self._waiters:
+            waiter.event.set()
+        self._waiters.clear()
+        self._poke()
+        comp = self._component
+        if comp is not None and comp._x is not None and comp._x.consumer is self:
+            comp._x.consumer = None
+        self.live_map._consumer_ended(self)
 
     def _deliver_each(self, each: EachSubscriber, key: K) -> None:
         """Deliver to ``mount_each`` without a task: queue the child's run on

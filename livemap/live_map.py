@@ -50,7 +50,9 @@ class LiveMapStats:
     because another component owns the key; ``eq_errors``: declarations whose
     ``==`` raised; ``deliveries``: ``update``/``delete`` calls made to the
     consumer; ``pending``: keys with changes the consumer has not taken yet
-    (its lag); ``in_flight``: keys being processed; ``failing``: keys whose
+    (its lag); ``in_flight``: keys being processed (a key that changed again
+    meanwhile counts here until it is taken again, so ``pending + in_flight``
+    never exceeds the number of distinct keys); ``failing``: keys whose
     latest processing failed, with the last error (kept after the consumer
     ends, until a later consumer processes them); ``consumer``: whether a
     consumer is watching.
@@ -150,8 +152,10 @@ class LiveMap(TargetBase[K, V]):
             buffer = buffers[self] = self._table.buffer(run.component)
         buffer.declare(key, value)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
-        if self._retired:
+    async def _commit(
+        self, component: Component, buffer: Buffer[K, V], gen: int
+    ) -> Exception | None:
+        if self._retired or not component.current(gen):
             return None
         result = self._table.commit(buffer)
         if result.rejections:
@@ -163,7 +167,9 @@ class LiveMap(TargetBase[K, V]):
             consumer.notify(keys)
         return None
 
-    async def _release(self, component: Component) -> Exception | None:
+    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
+        if gen is not None and not component.current(gen):
+            return None
         result = self._table.release(component)
         consumer = self._consumer
         if consumer is not None and result:
@@ -217,10 +223,14 @@ class LiveMap(TargetBase[K, V]):
         try:
             await consumer.run()
         finally:
-            self._deliveries += consumer.deliveries
-            self._failing = consumer.failing_keys()  # stays visible after the consumer ends
-            if self._consumer is consumer:
-                self._consumer = None
+            consumer.release()
+
+    def _consumer_ended(self, consumer: Consumer[K, V]) -> None:
+        """Free the consumer slot (called once per consumer, when it ends)."""
+        self._deliveries += consumer.deliveries
+        self._failing = consumer.failing_keys()  # stays visible after the consumer ends
+        if self._consumer is consumer:
+            self._consumer = None
 
     def consumer(
         self, *, concurrency: int = 64, retry: RetryPolicy | None = None
@@ -249,7 +259,7 @@ class LiveMap(TargetBase[K, V]):
         failing = dict(self._failing)
         if consumer is not None:
             deliveries += consumer.deliveries
-            pending = len(consumer.queued) + len(consumer.dirty)
+            pending = len(consumer.queued)
             in_flight = len(consumer.in_flight)
             failing = consumer.failing_keys()
         return LiveMapStats(

@@ -92,12 +92,16 @@ class TargetBase(Generic[K, V]):
                 exc.__cause__ = rejection.error
             await component.report(exc)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
-        """Commit one run's buffer; return the sink's failure, if any."""
+    async def _commit(
+        self, component: Component, buffer: Buffer[K, V], gen: int
+    ) -> Exception | None:
+        """Commit one run's buffer (unless run ``gen`` of ``component`` has been
+        superseded or unmounted by then); return the sink's failure, if any."""
         raise NotImplementedError
 
-    async def _release(self, component: Component) -> Exception | None:
-        """Delete everything ``component`` holds; return the sink's failure, if any."""
+    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
+        """Delete everything ``component`` holds (for a commit of run ``gen``:
+        unless it has been superseded); return the sink's failure, if any."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -197,18 +201,24 @@ class KeyedTarget(TargetBase[K, V]):
             if await self._send(component, self._table.release(component)) is not None:
                 self._orphans.append(component)
 
-    async def _commit(self, component: Component, buffer: Buffer[K, V]) -> Exception | None:
+    async def _commit(
+        self, component: Component, buffer: Buffer[K, V], gen: int
+    ) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
                 await self._retry_orphans()
+            if not component.current(gen):
+                return None  # superseded while waiting: the newer run decides
             result = self._table.commit(buffer)
             await self._report_rejections(component, result)
             return await self._send(component, result)
 
-    async def _release(self, component: Component) -> Exception | None:
+    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
                 await self._retry_orphans()
+            if gen is not None and not component.current(gen):
+                return None
             failed = await self._send(component, self._table.release(component))
             if failed is not None and not component._alive:
                 self._orphans.append(component)

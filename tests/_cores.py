@@ -55,7 +55,8 @@ def load_core(impl: str) -> ModuleType:
         )
 
 
-@pytest.fixture(params=IMPL_IDS, name="core")
+# A pure-Python run collects the ``py`` tests only (no skipped ``c`` twins).
+@pytest.fixture(params=("py",) if PURE_ONLY else IMPL_IDS, name="core")
 def core_fixture(request: pytest.FixtureRequest) -> ModuleType:
     """``livemap_core._core`` (id ``c``) or ``livemap_core._fallback`` (id ``py``)."""
     return load_core(request.param)

