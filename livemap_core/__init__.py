@@ -40,7 +40,16 @@ NO_EXTENSIONS: bool = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS")) or (
 IMPLEMENTATION: str
 """``"cython"`` when the compiled core is in use, else ``"python"``."""
 
-if TYPE_CHECKING or NO_EXTENSIONS:  # type checkers see the pure-Python core
+_COMPILED = False
+if not TYPE_CHECKING and not NO_EXTENSIONS:
+    try:
+        import livemap_core._core  # noqa: F401
+
+        _COMPILED = True
+    except ImportError:  # no compiled core in this install: the pure one serves
+        pass
+
+if TYPE_CHECKING or not _COMPILED:  # type checkers see the pure-Python core
     from livemap_core._fallback import (
         CONFLICT,
         EQ_ERROR,
@@ -55,31 +64,16 @@ if TYPE_CHECKING or NO_EXTENSIONS:  # type checkers see the pure-Python core
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from livemap_core._core import (
-            CONFLICT,
-            EQ_ERROR,
-            Buffer,
-            Commit,
-            Rejection,
-            Table,
-            TableStats,
-            check_key,
-            is_stable_key,
-        )
+    from livemap_core._core import (
+        CONFLICT,
+        EQ_ERROR,
+        Buffer,
+        Commit,
+        Rejection,
+        Table,
+        TableStats,
+        check_key,
+        is_stable_key,
+    )
 
-        IMPLEMENTATION = "cython"
-    except ImportError:  # no compiled core in this install
-        from livemap_core._fallback import (
-            CONFLICT,
-            EQ_ERROR,
-            Buffer,
-            Commit,
-            Rejection,
-            Table,
-            TableStats,
-            check_key,
-            is_stable_key,
-        )
-
-        IMPLEMENTATION = "python"
+    IMPLEMENTATION = "cython"

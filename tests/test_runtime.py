@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import TIMEOUT, Recorder, run_app, wait_for
+from helpers import TIMEOUT, Recorder, current_tasks, run_app, wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap, Symbol, TargetBatch
@@ -674,12 +674,12 @@ async def test_live_mode_runs_until_stop_and_leaves_no_task() -> None:
         await coco.mount(coco.auto_refresh(load, interval=0.01))
 
     app = coco.App("t", main)
-    before = len(_tasks())
+    before = len(current_tasks())
     async with app.update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
             await wait_for(lambda: len(ticks) >= 3)
-    after = len(_tasks())
+    after = len(current_tasks())
     assert after == before
     assert sink.rows["n"] >= 3
     n = len(ticks)
@@ -736,23 +736,3 @@ def test_update_blocking_on_both_backends() -> None:
     app.update_blocking()
     app.update_blocking(backend="trio")
     assert results == [5, 5]
-
-
-def _tasks() -> set[Any]:
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        root = trio.lowlevel.current_root_task()
-        found: set[Any] = set()
-        stack = [root]
-        while stack:
-            task = stack.pop()
-            found.add(task)
-            for nursery in task.child_nurseries:
-                stack.extend(nursery.child_tasks)
-        return found
-    import asyncio
-
-    return set(asyncio.all_tasks())
