@@ -65,8 +65,9 @@ class LiveComponentOperator:
 
     Every method is async.  ``update_full()`` runs ``process()`` and returns
     when it has committed and its children are ready (a failure goes to the
-    exception-handler chain, it is not raised).  ``update()`` and
-    ``delete()`` change one child and return a handle at once.
+    exception-handler chain, it is not raised).  ``update()`` (re)mounts one
+    child and returns its handle without waiting for it; ``delete()``
+    unmounts one and returns once it is gone.
     """
 
     __slots__ = ("_component", "_gen", "_handlers", "_instance", "_kind")
