@@ -223,6 +223,8 @@ class UpdateHandle:
             self._state = "running"
             try:
                 await self._execute()
+            except Exception as exc:  # e.g. another update of the app is running
+                self._error = exc
             finally:
                 self._state = "done"
                 self._set_ready()

@@ -595,6 +595,12 @@ class Component:
                     current = gen == self._generation and self._alive
                 else:
                     return result
+            elif current and run.maps:
+                # Maps made by a failed run stay this component's until its
+                # next successful commit retires them with the older ones: the
+                # children it mounted before raising may already use them.
+                x = self.x
+                x.maps = [*(x.maps or ()), *run.maps]
             if not current:
                 if raise_errors:
                     raise error
@@ -698,21 +704,25 @@ class Component:
             await self.cleanup()
 
     def detach(self) -> bool:
-        """The synchronous half of :meth:`unmount`: leave the tree, stop the
-        running task, release readiness waiters.  False if already detached."""
+        """The synchronous half of :meth:`unmount`: leave the tree and stop the
+        whole subtree at once (tasks cancelled, consumers released, readiness
+        waiters woken).  False if already detached."""
         if not self._alive:
             return False
         parent = self.parent
-        was_unready = self._unready > 0
-        self._alive = False
         if parent is not None:
             assert parent.children is not None
             del parent.children[self.rel]
-            if was_unready:
+            if self._unready > 0:
                 parent._adjust(-1)
             px = parent._x
             if px is not None and px.failures:
                 px.failures.pop(self.rel[0] if len(self.rel) == 1 else self.rel, None)
+        self._stop()
+        return True
+
+    def _stop(self) -> None:
+        self._alive = False
         self._cancel_tasks()
         x = self._x
         if x is not None:
@@ -722,14 +732,24 @@ class Component:
                 waiters, x.waiters = x.waiters, None
                 for callback in waiters:
                     callback()
-        return True
+        if self.children:
+            for child in self.children.values():
+                child._stop()
 
     async def cleanup(self) -> None:
-        """The asynchronous half of :meth:`unmount`: unmount the children,
-        release every target entry, retire the LiveMaps created here."""
-        if self.children:
-            for child in list(self.children.values()):
-                await child.unmount()
+        """The asynchronous half of :meth:`unmount`, for a detached subtree:
+        release every target entry (children first) and retire the LiveMaps
+        created there.  Shielded from cancellation: a stop() or an unmount
+        of an ancestor meanwhile must not leave entries owned by a component
+        that is no longer in any tree."""
+        with anyio.CancelScope(shield=True):
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        children, self.children = self.children, None
+        if children:
+            for child in children.values():
+                await child._cleanup()
         if self._targets:
             targets, self._targets = self._targets, None
             for target in targets:
@@ -757,6 +777,9 @@ class Component:
                     instance = self.processor(*self.args, **self.kwargs)
                 except Exception as exc:
                     self.exception = exc
+                    app_run = self.app._active
+                    if app_run is not None:
+                        app_run.stats.components_failed += 1
                     await self.report(exc, "mount")
                     self.x.marked_ready = True
                     self._refresh_live_ready()

@@ -106,7 +106,8 @@ class RetryPolicy:
     unready (and its key in flight) meanwhile.  Only the last failure goes to
     the exception-handler chain.  A key still failing after that stays
     visible in ``LiveMap.stats().failing`` (with its last error) until a
-    later run of it succeeds or it is deleted; a change starts over.
+    later run of it succeeds or it is deleted.  A change to a key that is being
+    retried is delivered (with a fresh count of attempts) once those retries end.
     """
 
     max_attempts: int = 3
@@ -209,6 +210,16 @@ class Consumer(Generic[K, V]):
     def close(self) -> None:
         self.closed = True
         self._poke()
+
+    def notify_scan(self) -> None:
+        """``mount_each``'s initial scan is about to mount children."""
+        self._set_busy(True)
+
+    def track(self, key: K, child: Component) -> None:
+        """Count ``key`` in flight until ``child`` (mounted by the scan) is ready."""
+        if child._unready and child._alive:
+            self.in_flight.add(key)
+            child.on_ready(partial(self._finish, key))
 
     # -- the worker ----------------------------------------------------------
 
@@ -447,12 +458,22 @@ class EachSubscriber:
             snapshot = (
                 snapshot_of() if snapshot_of is not None else [pair async for pair in source]
             )
+            # the consumer counts the scan's keys in flight until their children
+            # are ready: settle() waits for them, and a change to one waits too
+            consumer = self.component.x.consumer
+            if consumer is not None and snapshot:
+                consumer.notify_scan()
             if _is_async(self.each.fn) or self.each.retry is not None:
                 for key, value in snapshot:
-                    self.submit(key, value)
+                    child = self.submit(key, value)
+                    if consumer is not None:
+                        consumer.track(key, child)
             else:
                 for key, value in snapshot:
-                    await self._child(key, value).launch()
+                    child = self._child(key, value)
+                    await child.launch()
+                    if consumer is not None:
+                        consumer.track(key, child)
 
     async def mark_ready(self) -> None:
         epoch = self._epoch

@@ -10,7 +10,7 @@ import anyio
 
 from livemap.component import ComponentMountHandle, _rel_path
 from livemap.context import MountKind, handler_chain
-from livemap.paths import ComponentSubpath, StableKey, StablePath
+from livemap.paths import ComponentSubpath, StableKey, StablePath, check_key
 
 if TYPE_CHECKING:
     from livemap.component import Component
@@ -40,12 +40,18 @@ class LiveComponent(Protocol):
 
 
 class ReadyHandle:
-    """A handle whose ``ready()`` returns at once (for a delete)."""
+    """What ``delete()`` returns: ``ready()`` returns once the unmount is done
+    (its entries released downstream); at once if there was nothing to do."""
 
-    __slots__ = ()
+    __slots__ = ("_done",)
+
+    def __init__(self, done: anyio.Event | None = None) -> None:
+        self._done = done
 
     async def ready(self) -> None:
-        """Returns at once."""
+        """Wait until the unmount is complete."""
+        if self._done is not None:
+            await self._done.wait()
 
     @property
     def exception(self) -> BaseException | None:
@@ -55,9 +61,10 @@ class ReadyHandle:
 def _subpath(subpath: StableKey | ComponentSubpath | StablePath) -> StablePath:
     if isinstance(subpath, ComponentSubpath):
         return subpath.parts
-    if type(subpath) is tuple:
-        return subpath
-    return (subpath,)
+    parts = subpath if type(subpath) is tuple else (subpath,)
+    for part in parts:
+        check_key(part)
+    return parts
 
 
 class LiveComponentOperator:
@@ -121,12 +128,27 @@ class LiveComponentOperator:
         return ComponentMountHandle(child)
 
     async def delete(self, subpath: StableKey | ComponentSubpath | StablePath) -> ReadyHandle:
-        """Unmount the child at ``subpath`` (if any), releasing what it owns."""
-        children = self._component.children
+        """Unmount the child at ``subpath`` (if any): it leaves the tree at once;
+        releasing what it owned goes on in the background (the live component
+        counts as busy meanwhile), and the handle's ``ready()`` waits for it."""
+        comp = self._component
+        children = comp.children
         child = None if children is None else children.get(_subpath(subpath))
-        if child is not None:
-            await child.unmount()
-        return ReadyHandle()
+        if child is None or not child.detach():
+            return ReadyHandle()
+        done = anyio.Event()
+        comp._hold(1)
+
+        async def finish() -> None:
+            try:
+                await child.cleanup()
+            finally:
+                done.set()
+                if comp._alive:
+                    comp._hold(-1)
+
+        comp.app._require_run().tg.start_soon(finish)
+        return ReadyHandle(done)
 
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""

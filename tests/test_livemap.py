@@ -519,7 +519,7 @@ async def test_producer_unmounted_in_live_mode_cascades_to_consumer() -> None:
             await h.ready()
             await op.mark_ready()
             async for done in control.recv:
-                await op.delete("two")
+                await (await op.delete("two")).ready()
                 done.set()
 
     @coco.fn
@@ -966,3 +966,113 @@ async def test_livemap_is_a_view() -> None:
     assert isinstance(holder["lm"], coco.LiveMapFeed)
     with pytest.raises(TypeError, match=r"LiveMap\.create"):
         LiveMap(object(), None)  # type: ignore[arg-type]
+
+
+async def test_settle_waits_for_the_initial_scan() -> None:
+    holder: dict[str, Any] = {}
+    processed: list[int] = []
+    settled_after: list[int] = []
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int]) -> None:
+        for i in range(3):
+            lm.declare_entry(f"k{i}", i)
+
+    @coco.fn
+    async def slow(value: int) -> None:
+        await anyio.sleep(0.05)
+        processed.append(value)
+
+    class Settler:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await anyio.sleep(0.01)  # the consumer's scan has started by now
+            with anyio.fail_after(TIMEOUT):
+                await holder["lm"].settle()
+            settled_after.append(len(processed))
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        h = await coco.mount(produce, lm)
+        await h.ready()
+        await coco.mount_each(slow, lm)
+        await coco.mount(Settler)
+
+    await run_app(coco.App("t", main))
+    assert settled_after == [3]
+
+
+async def test_operator_subpath_must_be_stable() -> None:
+    errors: list[BaseException] = []
+
+    @coco.fn
+    async def leaf() -> None:
+        pass
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            for bad in (1.5, ("a", [1])):
+                try:
+                    await op.update(bad, leaf)  # type: ignore[arg-type]
+                except TypeError as exc:
+                    errors.append(exc)
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(Live)
+
+    await run_app(coco.App("t", main))
+    assert len(errors) == 2
+    assert "1.5" in str(errors[0]) and "[1]" in str(errors[1])
+
+
+async def test_second_live_update_in_async_with_raises() -> None:
+    @coco.fn
+    async def main() -> None:
+        pass
+
+    app = coco.App("t", main)
+    async with app.update(live=True) as first:
+        with anyio.fail_after(TIMEOUT):
+            await first.ready()
+        with pytest.raises(RuntimeError, match="already running"):
+            async with app.update(live=True) as second:
+                with anyio.fail_after(TIMEOUT):
+                    await second.ready()
+
+
+async def test_maps_made_by_a_failed_run_are_kept_until_the_next_commit() -> None:
+    maps: list[LiveMap[str, int]] = []
+    state = {"fail": False}
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        maps.append(lm)
+        h = await coco.mount(produce, lm)
+        await h.ready()
+        if state["fail"]:
+            raise RuntimeError("main failed after moving its producer")
+
+    app = coco.App("t", main)
+    await run_app(app)
+    state["fail"] = True
+    with pytest.raises(RuntimeError):
+        await run_app(app)
+    # the producer moved to the failed run's map: it stays usable, not orphaned
+    assert not maps[1].retired and dict(maps[1].items()) == {"a": 1}
+    state["fail"] = False
+    await run_app(app)
+    assert maps[0].retired and maps[1].retired and not maps[2].retired
+    assert dict(maps[2].items()) == {"a": 1}

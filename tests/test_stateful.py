@@ -542,7 +542,7 @@ class LiveMapMachine(RuleBasedStateMachine):
     @rule(slot=slots)
     def unmount_producer(self, slot: int) -> None:
         async def job(op: coco.LiveComponentOperator) -> None:
-            await op.delete(("p", slot))
+            await (await op.delete(("p", slot))).ready()
 
         self.mounted.discard(slot)
         self.model.release(slot)
@@ -579,7 +579,7 @@ class LiveMapMachine(RuleBasedStateMachine):
         async def job(op: coco.LiveComponentOperator) -> None:
             world.epoch = None
             world.consumer = None
-            await op.delete("consumer")
+            await (await op.delete("consumer")).ready()
 
         self.consuming = False
         self.step(job)
@@ -594,7 +594,7 @@ class LiveMapMachine(RuleBasedStateMachine):
         async def job(op: coco.LiveComponentOperator) -> None:
             world.epoch = None
             world.consumer = None
-            await op.delete("consumer")
+            await (await op.delete("consumer")).ready()
             await start(op)
 
         self.step(job)
