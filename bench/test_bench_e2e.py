@@ -30,6 +30,7 @@ import anyio.from_thread
 import pytest
 
 import livemap
+import livemap.live_map
 import livemap.targets
 
 FILL_N = int(os.environ.get("LIVEMAP_BENCH_FILL", "100000"))
@@ -65,12 +66,16 @@ def impl(request: pytest.FixtureRequest) -> Iterator[str]:
         core = importlib.import_module(module)
     except ImportError as exc:
         pytest.skip(f"compiled core not available: {exc}")
-    saved = livemap.targets.Table
-    livemap.targets.Table = core.Table  # type: ignore[misc]
+    swapped = [(livemap.targets, "Table"), (livemap.targets, "Declarer"),
+               (livemap.live_map, "Declarer")]
+    saved = [getattr(module, attr) for module, attr in swapped]
+    for module, attr in swapped:
+        setattr(module, attr, getattr(core, attr))
     try:
         yield name
     finally:
-        livemap.targets.Table = saved  # type: ignore[misc]
+        for (module, attr), value in zip(swapped, saved, strict=True):
+            setattr(module, attr, value)
 
 
 COCOINDEX_LIVE = (
@@ -589,11 +594,12 @@ MEMORY_SCRIPT = textwrap.dedent(
         import cocoindex as coco
         from cocoindex.resources.live_map import LiveMap
     else:
-        import livemap as coco, livemap.targets, importlib
+        import livemap as coco, livemap.targets, livemap.live_map, importlib
         from livemap import LiveMap
         core = importlib.import_module(
             "livemap_core._core" if impl == "cython" else "livemap_core._fallback")
         livemap.targets.Table = core.Table
+        livemap.targets.Declarer = livemap.live_map.Declarer = core.Declarer
     keys = [f"k{i}" for i in range(N)]
     holder = {}
 

@@ -127,10 +127,11 @@ def _is_async(obj: object) -> bool:
 class Run:
     """One run of one component: what it declared, mounted and created."""
 
-    __slots__ = ("buffers", "component", "maps", "mounted")
+    __slots__ = ("buffers", "component", "maps", "mounted", "owner")
 
     def __init__(self, component: Component) -> None:
         self.component = component
+        self.owner = component  # what livemap_core.Declarer records as the owner
         self.buffers: dict[TargetBase[Any, Any], Any] | None = None
         self.mounted: dict[StablePath, Component] | None = None
         self.maps: list[LiveMap[Any, Any]] | None = None

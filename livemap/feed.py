@@ -172,6 +172,7 @@ class Consumer(Generic[K, V]):
         self.closed = False
         self.released = False
         self.started = False
+        self.scanned = anyio.Event()
         self._busy_run: AppRun | None = None
         self._holding: Component | None = None
         self._wake: anyio.Event | None = None
@@ -211,15 +212,9 @@ class Consumer(Generic[K, V]):
         self.closed = True
         self._poke()
 
-    def notify_scan(self) -> None:
-        """``mount_each``'s initial scan is about to mount children."""
-        self._set_busy(True)
-
-    def track(self, key: K, child: Component) -> None:
-        """Count ``key`` in flight until ``child`` (mounted by the scan) is ready."""
-        if child._unready and child._alive:
-            self.in_flight.add(key)
-            child.on_ready(partial(self._finish, key))
+    def _caught_up(self) -> None:
+        """``mount_each``'s subtree was ready once after the initial scan."""
+        self.scanned.set()
 
     # -- the worker ----------------------------------------------------------
 
@@ -253,6 +248,10 @@ class Consumer(Generic[K, V]):
             await self.subscriber.update_all()
             await self.subscriber.mark_ready()
             self.started = True
+            if self._component is not None:
+                # settle() waits for the children the scan mounted: they are
+                # done once the component's subtree has been ready once
+                self._component.on_ready(self._caught_up)
             limit = self.options.concurrency
             async with anyio.create_task_group() as tg:
                 while not self.closed:
@@ -284,6 +283,7 @@ class Consumer(Generic[K, V]):
             return
         self.released = True
         self.closed = True
+        self.scanned.set()
         self._set_busy(False)
         for waiter in self._waiters:
             waiter.event.set()
@@ -391,6 +391,8 @@ class Consumer(Generic[K, V]):
         self._waiters = remaining
 
     async def settle(self) -> None:
+        if self._component is not None and not self.scanned.is_set() and not self.closed:
+            await self.scanned.wait()
         outstanding = self.queued | self.in_flight | self.dirty
         if not outstanding or self.closed:
             return
@@ -455,25 +457,13 @@ class EachSubscriber:
         if callable(getattr(source, "__aiter__", None)):
             # a LiveMap hands its table's items over without an await per item
             snapshot_of = getattr(source, "_snapshot", None)
-            snapshot = (
-                snapshot_of() if snapshot_of is not None else [pair async for pair in source]
-            )
-            # the consumer counts the scan's keys in flight until their children
-            # are ready: settle() waits for them, and a change to one waits too
-            consumer = self.component.x.consumer
-            if consumer is not None and snapshot:
-                consumer.notify_scan()
+            snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
             if _is_async(self.each.fn) or self.each.retry is not None:
                 for key, value in snapshot:
-                    child = self.submit(key, value)
-                    if consumer is not None:
-                        consumer.track(key, child)
+                    self.submit(key, value)
             else:
                 for key, value in snapshot:
-                    child = self._child(key, value)
-                    await child.launch()
-                    if consumer is not None:
-                        consumer.track(key, child)
+                    await self._child(key, value).launch()
 
     async def mark_ready(self) -> None:
         epoch = self._epoch

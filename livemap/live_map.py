@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from livemap.context import _current_run, current_run
@@ -18,7 +19,7 @@ from livemap.feed import (
     RetryPolicy,
 )
 from livemap.targets import TargetBase
-from livemap_core import Buffer
+from livemap_core import Buffer, Declarer
 
 if TYPE_CHECKING:
     from livemap.app import AppRun
@@ -98,12 +99,36 @@ class LiveMap(TargetBase[K, V]):
     follows it, and ``mount_each(fn, lm)`` mounts one component per entry.
     """
 
-    __slots__ = ("_consumer", "_creator", "_deliveries", "_failing", "_options", "_retired")
+    __slots__ = (
+        "_consumer",
+        "_creator",
+        "_deliveries",
+        "_failing",
+        "_options",
+        "_retired",
+        "declare_entry",
+    )
 
     def __init__(self, _token: object, creator: Component) -> None:
         if _token is not _CREATE:
             raise TypeError("use `await LiveMap.create()` inside a component to make a LiveMap")
         super().__init__(f"LiveMap#{next(_ids)} (created by {creator.path_str})", track_undo=False)
+        self.declare_entry: Declarer[K, V] = Declarer(
+            self._table,
+            self,
+            _current_run,
+            partial(NotInComponentError, "LiveMap.declare_entry()"),
+            partial(MapRetiredError, self.name),
+        )
+        """``lm.declare_entry(key, value)``: declare ``key -> value`` as owned by
+        the current component run.
+
+        Buffered and committed with the run.  ``TypeError`` for a key that is
+        not stable, :class:`~livemap.errors.DuplicateDeclarationError` for a
+        key declared twice in one run (the first stands),
+        :class:`~livemap.errors.NotInComponentError` outside a run,
+        :class:`~livemap.errors.MapRetiredError` for a retired map.
+        """
         self._creator = creator
         self._consumer: Consumer[K, V] | None = None
         self._retired = False
@@ -129,28 +154,6 @@ class LiveMap(TargetBase[K, V]):
         return lm
 
     # -- producing ---------------------------------------------------------------
-
-    def declare_entry(self, key: K, value: V) -> None:
-        """Declare ``key -> value`` as owned by the current component run.
-
-        Buffered and committed with the run.  ``TypeError`` for a key that is
-        not stable, :class:`~livemap.errors.DuplicateDeclarationError` for a
-        key declared twice in one run (the first stands),
-        :class:`~livemap.errors.NotInComponentError` outside a run,
-        :class:`~livemap.errors.MapRetiredError` for a retired map.
-        """
-        run = _current_run.get()
-        if run is None:
-            raise NotInComponentError("LiveMap.declare_entry()")
-        if self._retired:
-            raise MapRetiredError(self.name)
-        buffers = run.buffers
-        if buffers is None:
-            buffers = run.buffers = {}
-        buffer: Buffer[K, V] | None = buffers.get(self)
-        if buffer is None:
-            buffer = buffers[self] = self._table.buffer(run.component)
-        buffer.declare(key, value)
 
     async def _commit(
         self, component: Component, buffer: Buffer[K, V], gen: int
@@ -178,6 +181,7 @@ class LiveMap(TargetBase[K, V]):
 
     def _retire(self) -> None:
         self._retired = True
+        self.declare_entry.closed = True
         if self._consumer is not None:
             self._consumer.close()
 

@@ -14,14 +14,15 @@ import inspect
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from livemap.context import current_run
-from livemap.errors import KeyConflictError, TargetApplyError
+from livemap.context import _current_run
+from livemap.errors import KeyConflictError, NotInComponentError, TargetApplyError
 from livemap.paths import StablePath, format_path
-from livemap_core import CONFLICT, Buffer, Commit, Table, TableStats
+from livemap_core import CONFLICT, Buffer, Commit, Declarer, Table, TableStats
 
 if TYPE_CHECKING:
     from livemap.component import Component
@@ -62,16 +63,6 @@ class TargetBase(Generic[K, V]):
     def __init__(self, name: str, *, track_undo: bool) -> None:
         self.name = name
         self._table: Table[K, V] = Table(name, track_undo=track_undo)
-
-    def _buffer(self, what: str) -> Buffer[K, V]:
-        run = current_run(what)
-        buffers = run.buffers
-        if buffers is None:
-            buffers = run.buffers = {}
-        buffer = buffers.get(self)
-        if buffer is None:
-            buffer = buffers[self] = self._table.buffer(run.component)
-        return buffer
 
     def _holds(self, component: Component) -> bool:
         return self._table.count_of(component) > 0
@@ -148,26 +139,31 @@ class KeyedTarget(TargetBase[K, V]):
     failed to apply are retried with the target's next batch.
     """
 
-    __slots__ = ("_apply", "_lock", "_orphans")
+    __slots__ = ("_apply", "_lock", "_orphans", "declare")
 
     def __init__(self, name: str, apply: Sink[K, V]) -> None:
         super().__init__(name, track_undo=True)
-        self._apply = apply
-        self._lock: anyio.Lock | None = None
-        self._orphans: list[Component] = []
-
-    def __repr__(self) -> str:
-        return f"<KeyedTarget {self.name} entries={len(self._table)}>"
-
-    def declare(self, key: K, value: V) -> None:
-        """Declare ``key -> value`` as owned by the current component run.
+        self.declare: Declarer[K, V] = Declarer(
+            self._table,
+            self,
+            _current_run,
+            partial(NotInComponentError, f"{name}.declare()"),
+            partial(RuntimeError, f"{name} takes no declarations"),
+        )
+        """``target.declare(key, value)``: declare ``key -> value`` as owned by
+        the current component run.
 
         ``TypeError`` for a key that is not stable,
         :class:`~livemap.errors.DuplicateDeclarationError` for a key declared
         twice in one run, :class:`~livemap.errors.NotInComponentError` outside
         a run.
         """
-        self._buffer(f"{self.name}.declare()").declare(key, value)
+        self._apply = apply
+        self._lock: anyio.Lock | None = None
+        self._orphans: list[Component] = []
+
+    def __repr__(self) -> str:
+        return f"<KeyedTarget {self.name} entries={len(self._table)}>"
 
     def _get_lock(self) -> anyio.Lock:
         if self._lock is None:

@@ -24,6 +24,7 @@ __all__ = [
     "EQ_ERROR",
     "Buffer",
     "Commit",
+    "Declarer",
     "Rejection",
     "Table",
     "TableStats",
@@ -302,6 +303,9 @@ cdef class Buffer:
         :class:`DuplicateDeclarationError` for a key already declared into
         this buffer; either way the buffer is unchanged.
         """
+        self._declare(key, value)
+
+    cdef int _declare(self, object key, object value) except -1:
         cdef dict decls = self._decls
         cdef Py_ssize_t n
         if not _is_scalar(key) and not _is_stable(key):
@@ -310,6 +314,7 @@ cdef class Buffer:
         PyDict_SetDefault(decls, key, value)
         if PyDict_GET_SIZE(decls) == n:
             raise DuplicateDeclarationError(key, self.owner, self.table.name)
+        return 0
 
     def __len__(self):
         return len(self._decls)
@@ -319,6 +324,62 @@ cdef class Buffer:
 
     def items(self):
         return list(self._decls.items())
+
+
+cdef class Declarer:
+    """``declarer(key, value)``: declare into ``table`` for the current run.
+
+    The hot path of a declaration in one call.  ``current`` is a
+    ``ContextVar`` whose value is ``None`` outside a run, else the run: an
+    object with an ``owner`` (the declaring owner) and a writable ``buffers``
+    (``None``, or a dict mapping ``target`` to that run's :class:`Buffer` of
+    ``table``).  Outside a run the call raises ``missing()``; once ``closed``
+    is set it raises ``closed_error()``.  Otherwise it behaves like
+    :meth:`Buffer.declare` on the run's buffer, made on first use.
+    """
+
+    cdef public object table
+    cdef public object target
+    cdef object _current
+    cdef object _missing
+    cdef object _closed_error
+    cdef public bint closed
+
+    def __init__(self, table, target, current, missing, closed_error):
+        self.table = table
+        self.target = target
+        self._current = current
+        self._missing = missing
+        self._closed_error = closed_error
+        self.closed = False
+
+    __class_getitem__ = classmethod(GenericAlias)
+
+    def __call__(self, key, value):
+        cdef object run = self._current.get(None)
+        cdef object found
+        cdef dict buffers
+        cdef Buffer buf
+        cdef PyObject* hit
+        if run is None:
+            raise self._missing()
+        if self.closed:
+            raise self._closed_error()
+        found = run.buffers
+        if found is None:
+            buffers = {}
+            run.buffers = buffers
+        else:
+            buffers = <dict?>found
+        hit = PyDict_GetItemWithError(buffers, self.target)
+        if hit == NULL:
+            buf = Buffer.__new__(Buffer)
+            buf.table = self.table
+            buf.owner = run.owner
+            buffers[self.target] = buf
+        else:
+            buf = <Buffer?><object>hit
+        buf._declare(key, value)
 
 
 cdef int _raise_current() except -1:

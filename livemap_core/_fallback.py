@@ -23,6 +23,7 @@ __all__ = [
     "EQ_ERROR",
     "Buffer",
     "Commit",
+    "Declarer",
     "Rejection",
     "Table",
     "TableStats",
@@ -231,6 +232,50 @@ class Buffer(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         return list(self._decls.items())
+
+
+class Declarer(Generic[K, V]):
+    """``declarer(key, value)``: declare into ``table`` for the current run.
+
+    The hot path of a declaration in one call.  ``current`` is a
+    ``ContextVar`` whose value is ``None`` outside a run, else the run: an
+    object with an ``owner`` (the declaring owner) and a writable ``buffers``
+    (``None``, or a dict mapping ``target`` to that run's :class:`Buffer` of
+    ``table``).  Outside a run the call raises ``missing()``; once ``closed``
+    is set it raises ``closed_error()``.  Otherwise it behaves like
+    :meth:`Buffer.declare` on the run's buffer, made on first use.
+    """
+
+    __slots__ = ("_closed_error", "_current", "_missing", "closed", "table", "target")
+
+    def __init__(
+        self,
+        table: Table[K, V],
+        target: object,
+        current: Any,
+        missing: Any,
+        closed_error: Any,
+    ) -> None:
+        self.table = table
+        self.target = target
+        self._current = current
+        self._missing = missing
+        self._closed_error = closed_error
+        self.closed = False
+
+    def __call__(self, key: K, value: V) -> None:
+        run = self._current.get(None)
+        if run is None:
+            raise self._missing()
+        if self.closed:
+            raise self._closed_error()
+        buffers = run.buffers
+        if buffers is None:
+            buffers = run.buffers = {}
+        buffer = buffers.get(self.target)
+        if buffer is None:
+            buffer = buffers[self.target] = Buffer(self.table, run.owner)
+        buffer.declare(key, value)
 
 
 class Table(Generic[K, V]):

@@ -938,3 +938,54 @@ def test_reentrant_commit_from_eq_does_not_crash(core: ModuleType, track_undo: b
     table.items()
     table.stats()
     table.keys_of(owner)
+
+
+# -- the declarer ------------------------------------------------------------------
+
+
+class _Run:
+    """What a Declarer expects of the current run: an owner and its buffers."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.buffers: dict[object, object] | None = None
+
+
+def test_declarer_buffers_into_the_current_run(core: ModuleType) -> None:
+    import contextvars
+
+    current: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
+    table = core.Table("t")
+    target = object()
+    declare = core.Declarer(
+        table, target, current, lambda: LookupError("no run"), lambda: EOFError("closed")
+    )
+    with pytest.raises(LookupError, match="no run"):
+        declare("a", 1)
+    run = _Run("owner-1")
+    token = current.set(run)
+    try:
+        declare("a", 1)
+        declare(("b", 2), [2])
+        with pytest.raises(core_dup_error()):
+            declare("a", 3)
+        with pytest.raises(TypeError, match=r"\[1\]"):
+            declare([1], 1)
+        assert run.buffers is not None
+        buffer = run.buffers[target]
+        assert buffer.owner == "owner-1" and buffer.table is table
+        assert buffer.items() == [("a", 1), (("b", 2), [2])]
+        result = table.commit(buffer)
+        assert result.upserts == [("a", 1), (("b", 2), [2])]
+        declare.closed = True
+        with pytest.raises(EOFError, match="closed"):
+            declare("c", 1)
+    finally:
+        current.reset(token)
+    assert table.owner_of("a") == "owner-1"
+
+
+def core_dup_error() -> type[Exception]:
+    from livemap_core import DuplicateDeclarationError
+
+    return DuplicateDeclarationError

@@ -22,6 +22,7 @@ CORE_NAMES = [
     "EQ_ERROR",
     "Buffer",
     "Commit",
+    "Declarer",
     "Rejection",
     "Table",
     "TableStats",
@@ -74,7 +75,7 @@ def test_both_cores_have_the_same_api() -> None:
             assert callable(ours), name
         else:
             assert ours == reference, name
-    for cls in ("Buffer", "Commit", "Rejection", "Table", "TableStats"):
+    for cls in ("Buffer", "Commit", "Declarer", "Rejection", "Table", "TableStats"):
         public = {n for n in dir(getattr(fallback, cls)) if not n.startswith("_")}
         assert public == {n for n in dir(getattr(compiled, cls)) if not n.startswith("_")}, cls
 
