@@ -341,12 +341,6 @@ class Component:
             x = self._x = _Extra()
         return x
 
-    def child_map(self) -> dict[StablePath, Component]:
-        children = self.children
-        if children is None:
-            children = self.children = {}
-        return children
-
     def context(self, kind: MountKind | None = None) -> ExceptionContext:
         return ExceptionContext(
             self.path, kind or self.mount_kind, processor_name(self.processor), self.app.name

@@ -144,7 +144,7 @@ class LiveComponentOperator:
                 await child.cleanup()
             finally:
                 done.set()
-                if comp._alive:
+                if self._current():  # a re-run has reset the count already
                     comp._hold(-1)
 
         comp.app._require_run().tg.start_soon(finish)
