@@ -121,12 +121,17 @@ class Harness:
         *,
         sleep: float = 0.0,
         concurrency: int | None = None,
+        fresh: Callable[[Any], Any] | None = None,
+        key_of: Callable[[Any], str] | None = None,
     ) -> None:
         self.impl = impl
         self.state = dict(state)
         self.seen: dict[str, int] = {}
         self.sleep = sleep
         self.concurrency = concurrency
+        self.fresh = fresh  # makes each declared value a new (equal) object
+        self.key_of = key_of or (lambda v: f"k{v % 1_000_000_000}")
+        self.calls = 0
         self.waiting: dict[str, int] | None = None
         self.done: anyio.Event | None = None
         self.refresh: Callable[[], Awaitable[None]] | None = None
@@ -139,6 +144,7 @@ class Harness:
             stream.close()
 
     def note(self, key: str, value: int) -> None:
+        self.calls += 1
         self.seen[key] = value
         self.noted_at = time.perf_counter()
         waiting = self.waiting
@@ -192,8 +198,13 @@ class Harness:
                 self.lm = lm
 
             def process(self) -> None:
-                for key, value in harness.state.items():
-                    self.lm.declare_entry(key, value)
+                fresh = harness.fresh
+                if fresh is None:
+                    for key, value in harness.state.items():
+                        self.lm.declare_entry(key, value)
+                else:
+                    for key, value in harness.state.items():
+                        self.lm.declare_entry(key, fresh(value))
 
             async def process_live(self, operator: Any) -> None:
                 await operator.update_full()
@@ -217,7 +228,7 @@ class Harness:
             source = lm
             if self.concurrency is not None and hasattr(lm, "consumer"):
                 source = lm.consumer(concurrency=self.concurrency)
-            await coco.mount_each(process, source, lambda v: f"k{v % 1_000_000_000}")
+            await coco.mount_each(process, source, harness.key_of)
 
         return coco.App(unique("bench"), main)
 
@@ -376,51 +387,17 @@ def test_churn_floor(benchmark: Any) -> None:
 def test_noop_redeclare(benchmark: Any, impl: str) -> None:
     """Re-declare NOOP_N equal (but distinct) values: the `==` gate path."""
     live_only_livemap(impl)
-    state = {f"k{i}": (i, "payload") for i in range(NOOP_N)}
-    harness = Harness(impl, {})
-    coco, live_map_cls = api(impl)
-    calls = [0]
-    send, recv = anyio.create_memory_object_stream[anyio.Event](10)
-    harness.streams = [send, recv]
-
-    class Producer:
-        def __init__(self, lm: Any) -> None:
-            self.lm = lm
-
-        def process(self) -> None:
-            for key, value in state.items():
-                self.lm.declare_entry(key, (value[0], str(value[1])))  # equal, not identical
-
-        async def process_live(self, operator: Any) -> None:
-            await operator.update_full()
-            await operator.mark_ready()
-            async for done in recv:
-                await operator.update_full()
-                done.set()
-
-    @coco.fn
-    async def process(value: Any) -> None:
-        calls[0] += 1
-
-    @coco.fn
-    async def main() -> None:
-        lm = await live_map_cls.create()
-        h = await coco.mount(Producer, lm)
-        await h.ready()
-        h2 = await coco.mount_each(process, lm)
-        await h2.ready()
-
-    async def refresh() -> None:
-        done = anyio.Event()
-        await send.send(done)
-        with anyio.fail_after(TIMEOUT):
-            await done.wait()
-
-    harness.app = lambda: coco.App(unique("noop"), main)  # type: ignore[method-assign]
+    harness = Harness(
+        impl,
+        {f"k{i}": (i, "payload") for i in range(NOOP_N)},
+        fresh=lambda v: (v[0], str(v[1])),  # equal, not identical
+        key_of=lambda v: f"k{v[0]}",
+    )
     with running(harness) as portal:
-        start = calls[0]
-        benchmark.pedantic(lambda: portal.call(refresh), rounds=20, iterations=1)
-        assert calls[0] == start  # nothing reached the consumer
+        assert harness.refresh is not None
+        start = harness.calls
+        benchmark.pedantic(lambda: portal.call(harness.refresh), rounds=20, iterations=1)
+        assert harness.calls == start  # nothing reached the consumer
     benchmark.extra_info["entries"] = NOOP_N
 
 
