@@ -278,7 +278,6 @@ class UpdateHandle:
                 root = app._root_component()
                 # The root turns unready here, before anything can look at it.
                 gen = root._begin()
-                run.stats.components_run += 1
                 tg.start_soon(app._run_root, root, run, gen)
                 while not (run.stop_requested or run.failure or run.quiescent(root)):
                     await run.wait()

@@ -196,11 +196,9 @@ class Pool:
         child: Component,
         gen: int,
         job: Callable[[], Awaitable[None]] | None = None,
-        app_run: AppRun | None = None,
     ) -> None:
         """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
-        if app_run is None:
-            app_run = child.app._require_run()
+        app_run = child.app._require_run()
         if self.app_run is not app_run:  # a new app run: the old workers are gone
             self.app_run = app_run
             self.queue.clear()
@@ -470,10 +468,14 @@ class Component:
             self._scope_run = None
 
     def _begin(self) -> int:
-        """Supersede whatever is in flight and start a new generation."""
+        """Supersede whatever is in flight and start a new generation (a run,
+        counted in the app run's stats)."""
         if self._cancel is not None:
             self._cancel_tasks()
         self._generation += 1
+        app_run = self.app._active
+        if app_run is not None:
+            app_run.stats.components_run += 1
         x = self._x
         if x is not None:
             x.exception = None
@@ -496,22 +498,21 @@ class Component:
         x = None if parent is None else parent._x
         is_async = _is_async(processor)
         if x is not None and x.pool is not None and (is_async or x.retry is not None):
-            gen = self._begin()
-            app_run = self.app._require_run()
-            app_run.stats.components_run += 1
-            x.pool.submit(self, gen, None, app_run)
+            self.queue_on(x.pool)
         elif is_async or _is_live_class(processor):
             self.start()
         else:
             gen = self._begin()
-            self.app._require_run().stats.components_run += 1
             await self.run_once(gen, processor, self.args, self.kwargs, raise_errors=False)
+
+    def queue_on(self, pool: Pool) -> None:
+        """Run (or re-run) this component on ``pool``."""
+        pool.submit(self, self._begin())
 
     def start(self) -> None:
         """Run (or re-run) this component in a new task of the current app run."""
         gen = self._begin()
         app_run = self.app._require_run()
-        app_run.stats.components_run += 1
         scope = self._cancel = anyio.CancelScope()
         self._scope_run = app_run
         if _is_live_class(self.processor):
@@ -894,7 +895,6 @@ async def use_mount(*args: Any, **kwargs: Any) -> Any:
     rel = _rel_path(subpath, processor, "use_mount")
     child = run.component._mount_child(run, rel, processor, fargs, kwargs, "mount", handler_chain())
     gen = child._begin()
-    child.app._require_run().stats.components_run += 1
     value = await child.run_once(gen, processor, fargs, kwargs, raise_errors=True)
     await ComponentMountHandle(child).ready()
     return value

@@ -444,10 +444,7 @@ class EachSubscriber:
     def submit(self, key: Any, value: Any) -> Component:
         """(Re)mount the child of ``key`` with ``value``; its run goes on the pool."""
         child = self._child(key, value)
-        gen = child._begin()
-        app_run = child.app._require_run()
-        app_run.stats.components_run += 1
-        self.pool.submit(child, gen, None, app_run)
+        child.queue_on(self.pool)
         return child
 
     async def update_all(self) -> None:
