@@ -149,6 +149,7 @@ class _Extra:
         "escalated",
         "exception",
         "failures",
+        "leaves",
         "maps",
         "marked_ready",
         "pool",
@@ -159,6 +160,9 @@ class _Extra:
     def __init__(self) -> None:
         self.waiters: list[Callable[[], object]] | None = None
         self.failures: dict[Any, BaseException] | None = None
+        # mount_each over a feed: key -> value of the children at rest (see
+        # Component._rest_as_leaf); they have no Component object of their own
+        self.leaves: dict[Any, Any] | None = None
         self.retry: RetryPolicy | None = None
         self.pool: Pool | None = None
         self.escalated: BaseException | None = None
@@ -179,17 +183,50 @@ class Pool:
     cheaper than starting a task); workers end with the app run or when the
     pool is closed.  A run is cancelled by cancelling the scope of the worker
     running it (the worker then opens a fresh scope).
+
+    Workers are woken one at a time: a new item wakes (or starts) a worker
+    only when none is free, and a worker that starts a run while more items
+    wait makes sure another one is free to take them.  Runs that never
+    suspend are then run back to back by one worker, while runs that wait
+    on I/O spread over up to ``limit`` workers.
     """
 
-    __slots__ = ("app_run", "closed", "limit", "parked", "queue", "workers")
+    __slots__ = (
+        "_room",
+        "app_run",
+        "closed",
+        "free",
+        "high",
+        "limit",
+        "parked",
+        "queue",
+        "workers",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        # crowded(): several rounds of work queued for every worker
+        self.high = max(8 * limit, 1024)
         self.queue: deque[tuple[Component, int, Callable[[], Awaitable[None]] | None]] = deque()
         self.workers = 0
+        self.free = 0  # workers started or woken that are not in a run
         self.parked: list[anyio.Event] = []
         self.app_run: AppRun | None = None
         self.closed = False
+        self._room: anyio.Event | None = None
+
+    def crowded(self) -> bool:
+        """Whether the queue holds several rounds of work for every worker."""
+        return len(self.queue) >= self.high
+
+    async def room(self) -> None:
+        """Wait until the queue is down to about one round of work per
+        worker: a bulk producer (a scan of a big map) paces itself on it, so
+        that queued runs do not pile up in memory."""
+        while len(self.queue) > self.limit and not self.closed:
+            if self._room is None:
+                self._room = anyio.Event()
+            await self._room.wait()
 
     def submit(
         self,
@@ -204,20 +241,34 @@ class Pool:
             self.queue.clear()
             self.parked.clear()
             self.workers = 0
+            self.free = 0
             self.closed = False
         self.queue.append((child, gen, job))
+        if self.free <= 0:
+            self._add_worker(app_run)
+
+    def _add_worker(self, app_run: AppRun) -> None:
         if self.parked:
+            self.free += 1
             self.parked.pop().set()
         elif self.workers < self.limit:
             self.workers += 1
+            self.free += 1
             app_run.tg.start_soon(self._work, app_run)
 
     def close(self) -> None:
         """Let the workers end once the queue is empty."""
         self.closed = True
         parked, self.parked = self.parked, []
+        self.free += len(parked)
         for event in parked:
             event.set()
+        self._wake_room()
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
 
     async def _work(self, app_run: AppRun) -> None:
         queue = self.queue
@@ -227,32 +278,43 @@ class Pool:
                     with anyio.CancelScope() as scope:
                         while queue and not scope.cancel_called:
                             child, gen, job = queue.popleft()
-                            if job is not None:
-                                await job()
+                            if self._room is not None and len(queue) <= self.limit:
+                                self._wake_room()
+                            if job is None and (gen != child._generation or not child._alive):
                                 continue
-                            if gen != child._generation or not child._alive:
-                                continue
-                            child._cancel = scope
-                            child._scope_run = app_run
+                            self.free -= 1
+                            if queue and self.free <= 0:
+                                self._add_worker(app_run)  # in case this run waits
                             try:
-                                await child.run_once(
-                                    gen,
-                                    child.processor,
-                                    child.args,
-                                    child.kwargs,
-                                    raise_errors=False,
-                                )
+                                if job is not None:
+                                    await job()
+                                    continue
+                                child._cancel = scope
+                                child._scope_run = app_run
+                                try:
+                                    await child.run_once(
+                                        gen,
+                                        child.processor,
+                                        child.args,
+                                        child.kwargs,
+                                        raise_errors=False,
+                                    )
+                                finally:
+                                    if child._cancel is scope:
+                                        child._cancel = None
                             finally:
-                                if child._cancel is scope:
-                                    child._cancel = None
+                                if self.app_run is app_run:
+                                    self.free += 1
                 if self.closed or self.app_run is not app_run:
                     return
                 event = anyio.Event()
                 self.parked.append(event)
+                self.free -= 1
                 await event.wait()
         finally:
             if self.app_run is app_run:
                 self.workers -= 1
+                self.free -= 1
 
 
 class Component:
@@ -543,6 +605,8 @@ class Component:
         any) gives up, reported to the handler chain.
         """
         failures = 0
+        if type(func) is Function:
+            func = func.__wrapped__  # one call less per run
         while True:
             run = Run(self)
             t_run = _current_run.set(run)
@@ -579,8 +643,13 @@ class Component:
                     ):
                         # nothing to commit: the common case of a leaf
                         parent = self.parent
-                        if parent is not None and parent._x is not None and parent._x.failures:
-                            self._note_outcome(None)
+                        px = None if parent is None else parent._x
+                        if px is not None:
+                            if px.leaves is not None and not live:
+                                self._rest_as_leaf(px.leaves)
+                                return result
+                            if px.failures:
+                                self._note_outcome(None)
                         if not live:
                             self._set_self_ready(True)
                         return result
@@ -626,6 +695,33 @@ class Component:
             if not live and gen == self._generation and self._alive:
                 self._set_self_ready(True)
             return None
+
+    def _rest_as_leaf(self, leaves: dict[Any, Any]) -> None:
+        """A ``mount_each`` child whose run succeeded and left nothing behind
+        (no target entries, children or maps) is done: it leaves the tree and
+        only its value stays, in the parent's ``leaves``.  A later change of
+        its key mounts a fresh component, which is the same as re-running
+        this one, since it holds nothing.  Its readiness waiters run as if it
+        had become ready."""
+        parent = self.parent
+        assert parent is not None and parent.children is not None
+        key = self.rel[0]
+        del parent.children[self.rel]
+        leaves[key] = self.args[0]
+        px = parent._x
+        if px is not None and px.failures:
+            px.failures.pop(key, None)
+        self._alive = False
+        self._self_ready = True
+        counted = self._unready > 0
+        self._unready = 0
+        x = self._x
+        if x is not None and x.waiters:
+            waiters, x.waiters = x.waiters, None
+            for callback in waiters:
+                callback()
+        if counted:
+            parent._adjust(-1)
 
     def _note_outcome(self, error: BaseException | None) -> None:
         """Keep the parent's record of failing children (``mount_each``) current."""
@@ -752,13 +848,19 @@ class Component:
                 failed = await target._release(self)
                 if failed is not None:  # kept by the target and retried with its next batch
                     await self.report(failed)
-        if self._x is not None and self._x.maps:
-            maps, self._x.maps = self._x.maps, None
-            for lm in maps:
-                lm._retire()
+        unmounted = 1
+        x = self._x
+        if x is not None:
+            if x.maps:
+                maps, x.maps = x.maps, None
+                for lm in maps:
+                    lm._retire()
+            if x.leaves:
+                unmounted += len(x.leaves)
+                x.leaves.clear()
         app_run = self.app._active
         if app_run is not None:
-            app_run.stats.components_unmounted += 1
+            app_run.stats.components_unmounted += unmounted
 
     # -- live components -------------------------------------------------------
 

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 import anyio
 
-from livemap.component import ComponentMountHandle, Pool, _is_async, _is_live_class
-from livemap.live import LiveComponentOperator
+from livemap.component import Component, ComponentMountHandle, Pool, _is_async, _is_live_class
+from livemap.live import LiveComponentOperator, ReadyHandle
 
 if TYPE_CHECKING:
     from livemap.app import AppRun
-    from livemap.component import Component
     from livemap.live_map import LiveMap
 
 __all__ = [
@@ -300,23 +299,32 @@ class Consumer(Generic[K, V]):
         value = self.live_map._table.get(key, _MISSING)
         children = each.component.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
-        if child is not None and child._unready:
+        if child is None:
+            # at rest (a leaf: only its value is kept), or not mounted
+            held = each.leaves.get(key, _MISSING)
+            if value is _MISSING:
+                if held is not _MISSING:
+                    self.deliveries += 1
+                    each.drop_leaf(key)
+                self._settled(key)
+                return
+            if held is not _MISSING and _same(held, value):
+                self._settled(key)
+                return
+        elif child._unready:
             # still processing an earlier value (from the scan, or a retry):
             # deliver the latest state once that is done
             self.in_flight.add(key)
             self.dirty.add(key)
             child.on_ready(partial(self._finish, key))
             return
-        if value is _MISSING:
-            if child is None:
-                self._settled(key)
-                return
+        elif value is _MISSING:
             self.in_flight.add(key)
             self.deliveries += 1
             child.detach()
             each.pool.submit(child, 0, partial(self._cleanup, child, key))
             return
-        if child is not None and _same(child.args[0], value):
+        elif _same(child.args[0], value):
             self._settled(key)
             return
         self.in_flight.add(key)
@@ -419,17 +427,30 @@ class EachSubscriber:
     A LiveMap's consumer skips the protocol and calls :meth:`submit` directly.
     """
 
-    def __init__(self, operator: LiveComponentOperator, each: EachLive, pool: Pool) -> None:
+    def __init__(
+        self, operator: LiveComponentOperator, each: EachLive, pool: Pool, leaves: dict[Any, Any]
+    ) -> None:
         self.operator = operator
         self.each = each
         self.pool = pool
         self.component: Component = operator._component
+        # the values of the children at rest (Component._rest_as_leaf)
+        self.leaves = leaves
         self._epoch: set[Hashable] | None = None
+
+    def drop_leaf(self, key: Any) -> None:
+        """Unmount the child of ``key`` while it is at rest: nothing to release."""
+        del self.leaves[key]
+        app_run = self.component.app._active
+        if app_run is not None:
+            app_run.stats.components_unmounted += 1
 
     def _child(self, key: Any, value: Any) -> Component:
         each = self.each
         if self._epoch is not None:
             self._epoch.add(key)
+        if self.leaves:
+            self.leaves.pop(key, None)
         fargs = each.args
         return self.component._mount_child(
             None,
@@ -443,21 +464,54 @@ class EachSubscriber:
 
     def submit(self, key: Any, value: Any) -> Component:
         """(Re)mount the child of ``key`` with ``value``; its run goes on the pool."""
-        child = self._child(key, value)
-        child.queue_on(self.pool)
+        comp = self.component
+        children = comp.children
+        rel = (key,)
+        if children is not None and rel in children:
+            child = self._child(key, value)
+            child.queue_on(self.pool)
+            return child
+        # a new child (the common case: a new key, or one at rest): what
+        # _mount_child and queue_on do, inline
+        if self._epoch is not None:
+            self._epoch.add(key)
+        leaves = self.leaves
+        if leaves:
+            leaves.pop(key, None)
+        each = self.each
+        fargs = each.args
+        child = Component(
+            comp.app,
+            comp,
+            rel,
+            each.fn,
+            (value, *fargs) if fargs else (value,),
+            each.kwargs,
+            "mount_each",
+            self.operator._handlers,
+        )
+        if children is None:
+            children = comp.children = {}
+        children[rel] = child
+        comp._adjust(1)
+        self.pool.submit(child, child._begin())
         return child
 
     async def update_all(self) -> None:
         # an epoch is only needed to sweep children that were there before
-        self._epoch = set() if self.component.children else None
+        self._epoch = set() if self.component.children or self.leaves else None
         source = self.each.source
         if callable(getattr(source, "__aiter__", None)):
             # a LiveMap hands its table's items over without an await per item
             snapshot_of = getattr(source, "_snapshot", None)
             snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
             if _is_async(self.each.fn) or self.each.retry is not None:
+                pool = self.pool
+                queue, high = pool.queue, pool.high
                 for key, value in snapshot:
                     self.submit(key, value)
+                    if len(queue) >= high:  # pool.crowded(), inline
+                        await pool.room()
             else:
                 for key, value in snapshot:
                     await self._child(key, value).launch()
@@ -466,6 +520,8 @@ class EachSubscriber:
         epoch = self._epoch
         if epoch is not None:
             self._epoch = None
+            for key in [k for k in self.leaves if k not in epoch]:
+                self.drop_leaf(key)
             children = self.component.children or {}
             for child in [c for rel, c in children.items() if rel[0] not in epoch]:
                 await child.unmount()
@@ -479,6 +535,9 @@ class EachSubscriber:
     async def delete(self, key: Any) -> ReadyLike:
         if self._epoch is not None:
             self._epoch.discard(key)
+        if key in self.leaves:
+            self.drop_leaf(key)
+            return ReadyHandle()
         return await self.operator.delete((key,))
 
 
@@ -509,7 +568,9 @@ class EachLive:
             x.failures = {}
         if x.pool is None or x.pool.limit != self.concurrency:
             x.pool = Pool(self.concurrency)
-        subscriber = EachSubscriber(operator, self, x.pool)
+        if x.leaves is None:
+            x.leaves = {}
+        subscriber = EachSubscriber(operator, self, x.pool, x.leaves)
         try:
             await self.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():

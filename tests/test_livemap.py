@@ -1076,3 +1076,126 @@ async def test_maps_made_by_a_failed_run_are_kept_until_the_next_commit() -> Non
     await run_app(app)
     assert maps[0].retired and maps[1].retired and not maps[2].retired
     assert dict(maps[2].items()) == {"a": 1}
+
+
+# -- children at rest and the pool ---------------------------------------------------
+
+
+async def test_children_at_rest_keep_only_their_value() -> None:
+    """A per-entry child whose run left nothing behind is kept as its value
+    alone; one that holds target entries stays a component.  Changes,
+    equal re-declarations and deletions behave the same for both."""
+    # value: (key, version, whether the child holds a downstream row)
+    control = Control({f"k{i}": (f"k{i}", 0, i % 10 == 0) for i in range(50)})
+    holder: dict[str, Any] = {}
+    down = Downstream()
+    calls: list[tuple[str, int]] = []
+
+    @coco.fn
+    async def consume(value: tuple[str, int, bool]) -> None:
+        key, version, holds = value
+        calls.append((key, version))
+        if holds:
+            down.target.declare(key, version)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int, bool]] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(LiveProducer, lm, control)
+        holder["each"] = await coco.mount_each(consume, lm)
+
+    async with coco.App("rest", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+        each = holder["each"]._component
+        leaves = each.x.leaves
+        assert sorted(leaves) == sorted(f"k{i}" for i in range(50) if i % 10)
+        assert sorted(rel[0] for rel in each.children) == sorted(f"k{i}" for i in range(0, 50, 10))
+        assert down.rows == {f"k{i}": 0 for i in range(0, 50, 10)}
+
+        calls.clear()
+        control.state["k1"] = ("k1", 0, False)  # equal: nothing to do
+        control.state["k2"] = ("k2", 1, False)  # a leaf changes
+        control.state["k3"] = ("k3", 1, True)  # a leaf starts holding a row
+        control.state["k10"] = ("k10", 1, False)  # a component stops holding its row
+        control.state["k20"] = ("k20", 1, True)  # a component's row changes
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert sorted(calls) == [("k10", 1), ("k2", 1), ("k20", 1), ("k3", 1)]
+        assert down.rows == {"k0": 0, "k3": 1, "k20": 1, "k30": 0, "k40": 0}
+        assert leaves["k2"] == ("k2", 1, False) and "k3" not in leaves
+        # k10 released its row in that run; the run after leaves nothing behind
+        assert "k10" not in leaves
+        control.state["k10"] = ("k10", 2, False)
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert leaves["k10"] == ("k10", 2, False)
+
+        unmounted = handle.stats().components_unmounted
+        for key in ("k2", "k3", "k10", "k20"):
+            del control.state[key]
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert handle.stats().components_unmounted - unmounted == 4
+        assert not {"k2", "k3", "k10", "k20"} & (set(leaves) | {r[0] for r in each.children})
+        assert down.rows == {"k0": 0, "k30": 0, "k40": 0}
+        assert len(leaves) + len(each.children) == 46
+
+
+async def test_scan_of_a_big_map_does_not_queue_every_run_at_once() -> None:
+    holder: dict[str, Any] = {}
+    seen_queue: list[int] = []
+    n = 5000
+
+    @coco.fn
+    async def produce(lm: LiveMap[int, int]) -> None:
+        for i in range(n):
+            lm.declare_entry(i, i)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        seen_queue.append(len(holder["each"]._component.x.pool.queue))
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[int, int] = await LiveMap.create()
+        producer = await coco.mount(produce, lm)
+        await producer.ready()
+        holder["each"] = await coco.mount_each(consume, lm.consumer(concurrency=4))
+
+    await run_app(coco.App("paced", main))
+    assert len(seen_queue) == n
+    pool = holder["each"]._component.x.pool
+    assert max(seen_queue) < pool.high < n
+
+
+async def test_waiting_runs_spread_over_the_whole_pool() -> None:
+    holder: dict[str, Any] = {}
+    active = [0]
+    peak = [0]
+
+    @coco.fn
+    async def produce(lm: LiveMap[int, int]) -> None:
+        for i in range(40):
+            lm.declare_entry(i, i)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        await anyio.sleep(0.02)
+        active[0] -= 1
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[int, int] = await LiveMap.create()
+        producer = await coco.mount(produce, lm)
+        await producer.ready()
+        holder["each"] = await coco.mount_each(consume, lm.consumer(concurrency=8))
+
+    await run_app(coco.App("spread", main))
+    assert peak[0] == 8
