@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from functools import partial
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
@@ -137,6 +138,254 @@ class Run:
         self.maps: list[LiveMap[Any, Any]] | None = None
 
 
+_NOTHING: Any = object()
+
+
+def _no_processor(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("EachState.configure() was not called")
+
+
+class KeyedRun(Run):
+    """A run of a ``mount_each`` child that has no component yet (see
+    :class:`EachState`).  Its component is made the first time the run needs
+    one: to declare (the component is the owner), to mount, or to create a
+    map.  A run that never does is over once its function returns."""
+
+    __slots__ = ("_made", "each", "key", "scope", "value")
+
+    def __init__(self, each: EachState, key: Any, value: Any, scope: anyio.CancelScope) -> None:
+        self.buffers = None
+        self.mounted = None
+        self.maps = None
+        self._made: Component | None = None
+        self.each = each
+        self.key = key
+        self.value = value
+        # the scope of the worker running it, while it does
+        self.scope: anyio.CancelScope | None = scope
+
+    @property
+    def component(self) -> Component:
+        made = self._made
+        if made is None:
+            made = self._made = self.each.materialize(self)
+        return made
+
+    @component.setter
+    def component(self, value: Component) -> None:
+        self._made = value
+
+    owner = component  # what livemap_core.Declarer records as the owner
+
+
+class EachState:
+    """What a ``mount_each`` over a feed keeps of its children beyond their
+    components.
+
+    Most per-entry runs leave nothing behind: no target entries, children or
+    maps.  Such a child needs no component.  ``leaves`` holds the value of
+    each child at rest without one; ``pending`` the value of each key whose
+    run is queued, and ``running`` the :class:`KeyedRun` of each key whose
+    run is under way, both without a component.  A run that needs its
+    component (see :class:`KeyedRun`), or fails, gets one, which then stays
+    in the tree like any other child until a later run leaves nothing behind
+    (:meth:`Component._rest_as_leaf`).  A key is in at most one of
+    ``leaves``, ``pending``, ``running`` and the component's children.
+
+    While any key is pending or running, the ``mount_each`` component counts
+    one unready child for them all.
+    """
+
+    __slots__ = (
+        "call",
+        "component",
+        "counted",
+        "fargs",
+        "fn",
+        "handlers",
+        "kwargs",
+        "leaves",
+        "pending",
+        "running",
+    )
+
+    def __init__(self, component: Component) -> None:
+        self.component = component
+        self.leaves: dict[Any, Any] = {}
+        self.pending: dict[Any, Any] = {}
+        self.running: dict[Any, KeyedRun] = {}
+        self.counted = False
+        self.fn: Any = None  # the processor, and what calling it calls
+        self.call: Callable[..., Any] = _no_processor
+        self.fargs: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = _EMPTY_KWARGS
+        self.handlers: tuple[ExceptionHandler, ...] = ()
+
+    def configure(
+        self,
+        fn: Any,
+        fargs: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        handlers: tuple[ExceptionHandler, ...],
+    ) -> None:
+        """What each child runs: ``fn(value, *fargs, **kwargs)``, under ``handlers``."""
+        self.fn = fn
+        self.call = fn.__wrapped__ if type(fn) is Function else fn
+        self.fargs = fargs
+        self.kwargs = kwargs or _EMPTY_KWARGS
+        self.handlers = handlers
+
+    def busy(self, key: Any) -> bool:
+        """Whether ``key`` has a run under way without a component."""
+        return key in self.pending or key in self.running
+
+    def hold(self) -> None:
+        if not self.counted:
+            self.counted = True
+            self.component._adjust(1)
+
+    def release_if_idle(self) -> None:
+        if self.counted and not self.pending and not self.running:
+            self.counted = False
+            self.component._adjust(-1)
+
+    def materialize(self, run: KeyedRun) -> Component:
+        """The component of ``run``'s key, made now, in the run's generation."""
+        comp = self.component
+        fargs = self.fargs
+        child = Component(
+            comp.app,
+            comp,
+            (run.key,),
+            self.fn,
+            (run.value, *fargs) if fargs else (run.value,),
+            self.kwargs,
+            "mount_each",
+            self.handlers,
+        )
+        child._generation = 1
+        child._cancel = run.scope
+        child._scope_run = comp.app._active
+        children = comp.children
+        if children is None:
+            children = comp.children = {}
+        children[(run.key,)] = child
+        comp._adjust(1)
+        return child
+
+    async def run_keyed(self, key: Any, gen: int, scope: anyio.CancelScope) -> None:
+        """Run ``key``'s pending value (queued by a run of generation ``gen``
+        of the ``mount_each`` component) on a pool worker whose scope is
+        ``scope``; without a component unless the run needs one."""
+        comp = self.component
+        if not comp._alive or comp._generation != gen:
+            return  # queued by an earlier run of the mount_each: it reset us
+        value = self.pending.pop(key, _NOTHING)
+        if value is _NOTHING:
+            return  # dropped meanwhile
+        run = KeyedRun(self, key, value, scope)
+        running = self.running
+        running[key] = run
+        app_run = comp.app._active
+        if app_run is not None:
+            app_run.stats.components_run += 1
+        handlers = self.handlers
+        t_run = _current_run.set(run)
+        t_handlers = _handlers.set(handlers) if _handlers.get() is not handlers else None
+        t_prefix = _prefix.set(()) if _prefix.get() else None
+        child: Component | None = None
+        result: Any = None
+        try:
+            try:
+                fargs = self.fargs
+                result = (
+                    self.call(value, *fargs, **self.kwargs)
+                    if fargs or self.kwargs
+                    else self.call(value)
+                )
+                if type(result) is CoroutineType or inspect.isawaitable(result):
+                    result = await result
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                error: Exception | None = exc
+            else:
+                error = None
+            finally:
+                _current_run.reset(t_run)
+                if t_handlers is not None:
+                    _handlers.reset(t_handlers)
+                if t_prefix is not None:
+                    _prefix.reset(t_prefix)
+            if running.get(key) is not run:
+                return  # dropped while it ran
+            child = run._made
+            if (
+                child is None
+                and error is None
+                and run.buffers is None
+                and run.maps is None
+                and run.mounted is None
+            ):
+                # at rest at once: the common case
+                del running[key]
+                self.leaves[key] = value
+                px = comp._x
+                if px is not None and px.failures:
+                    px.failures.pop(key, None)
+                self._done(key)
+                self.release_if_idle()
+                return
+            if child is None:  # it failed without needing its component
+                child = self.materialize(run)
+            await child.run_once(
+                1, self.fn, child.args, child.kwargs, raise_errors=False, first=(run, result, error)
+            )
+        finally:
+            if child is not None and child._cancel is scope:
+                child._cancel = None
+            if running.get(key) is run:
+                run.scope = None  # the worker's part is over
+                if child is not None and child._alive and child._unready:
+                    # its component's subtree is still busy: the key is, too
+                    child.on_ready(partial(self._finish_key, key, run))
+                else:
+                    self._finish_key(key, run)
+
+    def _finish_key(self, key: Any, run: KeyedRun) -> None:
+        if self.running.get(key) is run:
+            del self.running[key]
+            self._done(key)
+            self.release_if_idle()
+
+    def _done(self, key: Any) -> None:
+        """Tell the consumer, if it waits for ``key``, that its run is over."""
+        x = self.component._x
+        consumer = None if x is None else x.consumer
+        if consumer is not None and key in consumer.in_flight:
+            consumer._finish(key)
+
+    def drop(self, key: Any) -> None:
+        """Forget ``key``'s run without a component (cancelled if under way)."""
+        self.pending.pop(key, None)
+        run = self.running.pop(key, None)
+        if run is not None and run.scope is not None:
+            run.scope.cancel()
+        self.release_if_idle()
+
+    def reset(self) -> None:
+        """Cancel every run without a component (a new scan follows)."""
+        self.pending.clear()
+        self.stop()
+        self.running.clear()
+        self.release_if_idle()
+
+    def stop(self) -> None:
+        for run in self.running.values():
+            if run.scope is not None:
+                run.scope.cancel()
+
+
 _EMPTY_KWARGS: dict[str, Any] = {}
 
 
@@ -146,10 +395,10 @@ class _Extra:
     __slots__ = (
         "busy",
         "consumer",
+        "each",
         "escalated",
         "exception",
         "failures",
-        "leaves",
         "maps",
         "marked_ready",
         "pool",
@@ -160,9 +409,8 @@ class _Extra:
     def __init__(self) -> None:
         self.waiters: list[Callable[[], object]] | None = None
         self.failures: dict[Any, BaseException] | None = None
-        # mount_each over a feed: key -> value of the children at rest (see
-        # Component._rest_as_leaf); they have no Component object of their own
-        self.leaves: dict[Any, Any] | None = None
+        # mount_each over a feed: its children without a component of their own
+        self.each: EachState | None = None
         self.retry: RetryPolicy | None = None
         self.pool: Pool | None = None
         self.escalated: BaseException | None = None
@@ -171,6 +419,13 @@ class _Extra:
         self.marked_ready = False
         self.busy = 0
         self.consumer: Consumer[Any, Any] | None = None
+
+
+def event_class() -> Callable[[], anyio.Event]:
+    """The running backend's event class.  Calling it makes an event like
+    ``anyio.Event()`` does, without looking the backend up each time: for a
+    task that parks on a fresh event over and over."""
+    return type(anyio.Event())
 
 
 class Pool:
@@ -195,6 +450,7 @@ class Pool:
         "_room",
         "app_run",
         "closed",
+        "each",
         "free",
         "high",
         "limit",
@@ -207,7 +463,10 @@ class Pool:
         self.limit = limit
         # crowded(): several rounds of work queued for every worker
         self.high = max(8 * limit, 1024)
-        self.queue: deque[tuple[Component, int, Callable[[], Awaitable[None]] | None]] = deque()
+        # (child, generation, None): a run of child; (child, 0, job): job()
+        # instead; (None, generation, key): each.run_keyed(key, generation)
+        self.queue: deque[tuple[Component | None, int, Any]] = deque()
+        self.each: EachState | None = None
         self.workers = 0
         self.free = 0  # workers started or woken that are not in a run
         self.parked: list[anyio.Event] = []
@@ -236,16 +495,28 @@ class Pool:
     ) -> None:
         """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
         app_run = child.app._require_run()
-        if self.app_run is not app_run:  # a new app run: the old workers are gone
-            self.app_run = app_run
-            self.queue.clear()
-            self.parked.clear()
-            self.workers = 0
-            self.free = 0
-            self.closed = False
+        if self.app_run is not app_run:
+            self._new_run(app_run)
         self.queue.append((child, gen, job))
         if self.free <= 0:
             self._add_worker(app_run)
+
+    def submit_keyed(self, app_run: AppRun, gen: int, key: Any) -> None:
+        """Queue ``each.run_keyed(key, gen)``."""
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        self.queue.append((None, gen, key))
+        if self.free <= 0:
+            self._add_worker(app_run)
+
+    def _new_run(self, app_run: AppRun) -> None:
+        """A new app run: the old workers are gone."""
+        self.app_run = app_run
+        self.queue.clear()
+        self.parked.clear()
+        self.workers = 0
+        self.free = 0
+        self.closed = False
 
     def _add_worker(self, app_run: AppRun) -> None:
         if self.parked:
@@ -272,6 +543,7 @@ class Pool:
 
     async def _work(self, app_run: AppRun) -> None:
         queue = self.queue
+        new_event = event_class()
         try:
             while True:
                 while queue:
@@ -280,12 +552,20 @@ class Pool:
                             child, gen, job = queue.popleft()
                             if self._room is not None and len(queue) <= self.limit:
                                 self._wake_room()
-                            if job is None and (gen != child._generation or not child._alive):
-                                continue
+                            if (
+                                child is not None
+                                and job is None
+                                and (gen != child._generation or not child._alive)
+                            ):
+                                continue  # superseded or unmounted
                             self.free -= 1
                             if queue and self.free <= 0:
                                 self._add_worker(app_run)  # in case this run waits
                             try:
+                                if child is None:
+                                    assert self.each is not None
+                                    await self.each.run_keyed(job, gen, scope)
+                                    continue
                                 if job is not None:
                                     await job()
                                     continue
@@ -307,7 +587,7 @@ class Pool:
                                     self.free += 1
                 if self.closed or self.app_run is not app_run:
                     return
-                event = anyio.Event()
+                event = new_event()
                 self.parked.append(event)
                 self.free -= 1
                 await event.wait()
@@ -596,41 +876,50 @@ class Component:
         raise_errors: bool,
         kind: MountKind | None = None,
         live: bool = False,
+        first: tuple[Run, Any, Exception | None] | None = None,
     ) -> Any:
         """One run: call ``func`` as this component, then commit.
 
         A run that raises commits nothing.  A run whose commit hits a failing
         sink (a ``TargetApplyError``) counts as failed too.  The failure is
         raised (with ``raise_errors``) or, once the parent's retry policy (if
-        any) gives up, reported to the handler chain.
+        any) gives up, reported to the handler chain.  ``first`` is a first
+        try that already ran (``(run, result, error)``, see
+        :meth:`EachState.run_keyed`): it is taken from where a call would
+        have left it.
         """
         failures = 0
         if type(func) is Function:
             func = func.__wrapped__  # one call less per run
         while True:
-            run = Run(self)
-            t_run = _current_run.set(run)
-            # the handler chain and subpath prefix are usually right already
-            t_handlers = (
-                _handlers.set(self.handlers) if _handlers.get() is not self.handlers else None
-            )
-            t_prefix = _prefix.set(()) if _prefix.get() else None
-            try:
-                result = func(*args, **kwargs)
-                if type(result) is CoroutineType or inspect.isawaitable(result):
-                    result = await result
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:
-                error: Exception | None = exc
+            error: Exception | None
+            if first is not None:
+                run, result, error = first
+                first = None
             else:
-                error = None
-            finally:
-                _current_run.reset(t_run)
-                if t_handlers is not None:
-                    _handlers.reset(t_handlers)
-                if t_prefix is not None:
-                    _prefix.reset(t_prefix)
+                run = Run(self)
+                t_run = _current_run.set(run)
+                # the handler chain and subpath prefix are usually right already
+                t_handlers = (
+                    _handlers.set(self.handlers) if _handlers.get() is not self.handlers else None
+                )
+                t_prefix = _prefix.set(()) if _prefix.get() else None
+                try:
+                    result = func(*args, **kwargs)
+                    if type(result) is CoroutineType or inspect.isawaitable(result):
+                        result = await result
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    error = exc
+                else:
+                    error = None
+                finally:
+                    _current_run.reset(t_run)
+                    if t_handlers is not None:
+                        _handlers.reset(t_handlers)
+                    if t_prefix is not None:
+                        _prefix.reset(t_prefix)
             current = gen == self._generation and self._alive
             if error is None:
                 if current:
@@ -645,8 +934,8 @@ class Component:
                         parent = self.parent
                         px = None if parent is None else parent._x
                         if px is not None:
-                            if px.leaves is not None and not live:
-                                self._rest_as_leaf(px.leaves)
+                            if px.each is not None and not live:
+                                self._rest_as_leaf(px.each.leaves)
                                 return result
                             if px.failures:
                                 self._note_outcome(None)
@@ -818,6 +1107,8 @@ class Component:
         self._cancel_tasks()
         x = self._x
         if x is not None:
+            if x.each is not None:
+                x.each.stop()
             if x.pool is not None:
                 x.pool.close()
             if x.waiters:
@@ -855,9 +1146,10 @@ class Component:
                 maps, x.maps = x.maps, None
                 for lm in maps:
                     lm._retire()
-            if x.leaves:
-                unmounted += len(x.leaves)
-                x.leaves.clear()
+            if x.each is not None:
+                unmounted += len(x.each.leaves)
+                x.each.leaves.clear()
+                x.each.reset()
         app_run = self.app._active
         if app_run is not None:
             app_run.stats.components_unmounted += unmounted

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 import anyio
 
-from livemap.component import Component, ComponentMountHandle, Pool, _is_async, _is_live_class
+from livemap.component import (
+    Component,
+    ComponentMountHandle,
+    EachState,
+    Pool,
+    _is_async,
+    _is_live_class,
+    event_class,
+)
 from livemap.live import LiveComponentOperator, ReadyHandle
 
 if TYPE_CHECKING:
@@ -252,6 +260,7 @@ class Consumer(Generic[K, V]):
                 # done once the component's subtree has been ready once
                 self._component.on_ready(self._caught_up)
             limit = self.options.concurrency
+            new_event = event_class()
             async with anyio.create_task_group() as tg:
                 while not self.closed:
                     queue = self.queue
@@ -266,7 +275,7 @@ class Consumer(Generic[K, V]):
                             tg.start_soon(self._deliver, key)
                     if self.idle():
                         self._set_busy(False)
-                    self._wake = anyio.Event()
+                    self._wake = new_event()
                     if not self.closed and not (queue and len(self.in_flight) < limit):
                         await self._wake.wait()
                 tg.cancel_scope.cancel()
@@ -297,39 +306,51 @@ class Consumer(Generic[K, V]):
         """Deliver to ``mount_each`` without a task: queue the child's run on
         the pool and take the key back when the child is ready."""
         value = self.live_map._table.get(key, _MISSING)
+        state = each.state
+        if key in state.pending or key in state.running:
+            # still processing an earlier value (from the scan): deliver the
+            # latest state once that is done (EachState tells _finish)
+            self.in_flight.add(key)
+            self.dirty.add(key)
+            return
         children = each.component.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
         if child is None:
             # at rest (a leaf: only its value is kept), or not mounted
-            held = each.leaves.get(key, _MISSING)
-            if value is _MISSING:
+            held = state.leaves.get(key, _MISSING)
+            if value is not _MISSING and (held is _MISSING or not _same(held, value)):
+                self.in_flight.add(key)
+                self.deliveries += 1
                 if held is not _MISSING:
-                    self.deliveries += 1
-                    each.drop_leaf(key)
-                self._settled(key)
+                    del state.leaves[key]
+                each.submit_keyed(key, value)  # EachState tells _finish when it is done
                 return
-            if held is not _MISSING and _same(held, value):
-                self._settled(key)
-                return
-        elif child._unready:
+            if value is _MISSING and held is not _MISSING:
+                self.deliveries += 1
+                each.drop_leaf(key)
+            self._settled(key)
+            return
+        if child._unready:
             # still processing an earlier value (from the scan, or a retry):
             # deliver the latest state once that is done
             self.in_flight.add(key)
             self.dirty.add(key)
             child.on_ready(partial(self._finish, key))
             return
-        elif value is _MISSING:
+        if value is _MISSING:
             self.in_flight.add(key)
             self.deliveries += 1
             child.detach()
             each.pool.submit(child, 0, partial(self._cleanup, child, key))
             return
-        elif _same(child.args[0], value):
+        if _same(child.args[0], value):
             self._settled(key)
             return
         self.in_flight.add(key)
         self.deliveries += 1
-        each.submit(key, value).on_ready(partial(self._finish, key))
+        child = each._child(key, value)
+        child.queue_on(each.pool)
+        child.on_ready(partial(self._finish, key))
 
     async def _cleanup(self, child: Component, key: K) -> None:
         try:
@@ -428,29 +449,35 @@ class EachSubscriber:
     """
 
     def __init__(
-        self, operator: LiveComponentOperator, each: EachLive, pool: Pool, leaves: dict[Any, Any]
+        self, operator: LiveComponentOperator, each: EachLive, pool: Pool, state: EachState
     ) -> None:
         self.operator = operator
         self.each = each
         self.pool = pool
         self.component: Component = operator._component
-        # the values of the children at rest (Component._rest_as_leaf)
-        self.leaves = leaves
+        self.gen = operator._gen
+        self.app_run = self.component.app._require_run()
+        # the children without a component of their own
+        self.state = state
         self._epoch: set[Hashable] | None = None
 
     def drop_leaf(self, key: Any) -> None:
         """Unmount the child of ``key`` while it is at rest: nothing to release."""
-        del self.leaves[key]
+        del self.state.leaves[key]
         app_run = self.component.app._active
         if app_run is not None:
             app_run.stats.components_unmounted += 1
 
     def _child(self, key: Any, value: Any) -> Component:
+        """The component of ``key``'s child, (re)mounted with ``value``."""
         each = self.each
         if self._epoch is not None:
             self._epoch.add(key)
-        if self.leaves:
-            self.leaves.pop(key, None)
+        state = self.state
+        if state.leaves:
+            state.leaves.pop(key, None)
+        if state.counted:
+            state.drop(key)
         fargs = each.args
         return self.component._mount_child(
             None,
@@ -462,44 +489,32 @@ class EachSubscriber:
             self.operator._handlers,
         )
 
-    def submit(self, key: Any, value: Any) -> Component:
-        """(Re)mount the child of ``key`` with ``value``; its run goes on the pool."""
-        comp = self.component
-        children = comp.children
-        rel = (key,)
-        if children is not None and rel in children:
-            child = self._child(key, value)
-            child.queue_on(self.pool)
-            return child
-        # a new child (the common case: a new key, or one at rest): what
-        # _mount_child and queue_on do, inline
+    def submit(self, key: Any, value: Any) -> None:
+        """Run ``key``'s child with ``value`` on the pool: as a run without a
+        component (see EachState) unless the child has one already."""
+        children = self.component.children
+        if children is not None and (key,) in children:
+            self._child(key, value).queue_on(self.pool)
+            return
+        if self.state.leaves:
+            self.state.leaves.pop(key, None)
+        self.submit_keyed(key, value)
+
+    def submit_keyed(self, key: Any, value: Any) -> None:
+        """:meth:`submit` for a key known to have neither a component nor a
+        value at rest."""
         if self._epoch is not None:
             self._epoch.add(key)
-        leaves = self.leaves
-        if leaves:
-            leaves.pop(key, None)
-        each = self.each
-        fargs = each.args
-        child = Component(
-            comp.app,
-            comp,
-            rel,
-            each.fn,
-            (value, *fargs) if fargs else (value,),
-            each.kwargs,
-            "mount_each",
-            self.operator._handlers,
-        )
-        if children is None:
-            children = comp.children = {}
-        children[rel] = child
-        comp._adjust(1)
-        self.pool.submit(child, child._begin())
-        return child
+        state = self.state
+        if not state.counted:
+            state.hold()
+        state.pending[key] = value
+        self.pool.submit_keyed(self.app_run, self.gen, key)
 
     async def update_all(self) -> None:
         # an epoch is only needed to sweep children that were there before
-        self._epoch = set() if self.component.children or self.leaves else None
+        state = self.state
+        self._epoch = set() if self.component.children or state.leaves or state.counted else None
         source = self.each.source
         if callable(getattr(source, "__aiter__", None)):
             # a LiveMap hands its table's items over without an await per item
@@ -508,8 +523,11 @@ class EachSubscriber:
             if _is_async(self.each.fn) or self.each.retry is not None:
                 pool = self.pool
                 queue, high = pool.queue, pool.high
+                # the common first scan: no child yet, so no lookups per key
+                fresh = not self.component.children and not state.leaves
+                submit = self.submit_keyed if fresh else self.submit
                 for key, value in snapshot:
-                    self.submit(key, value)
+                    submit(key, value)
                     if len(queue) >= high:  # pool.crowded(), inline
                         await pool.room()
             else:
@@ -520,7 +538,10 @@ class EachSubscriber:
         epoch = self._epoch
         if epoch is not None:
             self._epoch = None
-            for key in [k for k in self.leaves if k not in epoch]:
+            state = self.state
+            for key in [k for k in state.pending if k not in epoch]:
+                state.drop(key)
+            for key in [k for k in state.leaves if k not in epoch]:
                 self.drop_leaf(key)
             children = self.component.children or {}
             for child in [c for rel, c in children.items() if rel[0] not in epoch]:
@@ -535,7 +556,10 @@ class EachSubscriber:
     async def delete(self, key: Any) -> ReadyLike:
         if self._epoch is not None:
             self._epoch.discard(key)
-        if key in self.leaves:
+        state = self.state
+        if state.counted:
+            state.drop(key)
+        if key in state.leaves:
             self.drop_leaf(key)
             return ReadyHandle()
         return await self.operator.delete((key,))
@@ -568,9 +592,14 @@ class EachLive:
             x.failures = {}
         if x.pool is None or x.pool.limit != self.concurrency:
             x.pool = Pool(self.concurrency)
-        if x.leaves is None:
-            x.leaves = {}
-        subscriber = EachSubscriber(operator, self, x.pool, x.leaves)
+        state = x.each
+        if state is None:
+            state = x.each = EachState(operator._component)
+        else:
+            state.reset()  # runs queued by an earlier run of this mount_each
+        state.configure(self.fn, self.args, self.kwargs, operator._handlers)
+        x.pool.each = state
+        subscriber = EachSubscriber(operator, self, x.pool, state)
         try:
             await self.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():

@@ -1109,7 +1109,7 @@ async def test_children_at_rest_keep_only_their_value() -> None:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         each = holder["each"]._component
-        leaves = each.x.leaves
+        leaves = each.x.each.leaves
         assert sorted(leaves) == sorted(f"k{i}" for i in range(50) if i % 10)
         assert sorted(rel[0] for rel in each.children) == sorted(f"k{i}" for i in range(0, 50, 10))
         assert down.rows == {f"k{i}": 0 for i in range(0, 50, 10)}
@@ -1199,3 +1199,56 @@ async def test_waiting_runs_spread_over_the_whole_pool() -> None:
 
     await run_app(coco.App("spread", main))
     assert peak[0] == 8
+
+
+async def test_per_entry_runs_that_mount_or_fail_get_a_component() -> None:
+    """A per-entry run that mounts a child, or fails, gets its component in
+    the middle of the run; what it mounted is unmounted with its key."""
+    control = Control({k: (k, 1) for k in ("plain", "nested", "flaky")})
+    holder: dict[str, Any] = {}
+    down = Downstream()
+    tries: dict[str, int] = {}
+
+    @coco.fn
+    async def leaf(key: str, value: int) -> None:
+        down.target.declare(key, value)
+
+    @coco.fn
+    async def per_entry(pair: tuple[str, int]) -> None:
+        key, value = pair
+        tries[key] = tries.get(key, 0) + 1
+        if key == "nested":
+            await coco.use_mount(coco.component_subpath("leaf"), leaf, key, value)
+        if key == "flaky" and tries[key] == 1:
+            raise RuntimeError("first try fails")
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(LiveProducer, lm, control)
+        policy = coco.RetryPolicy(max_attempts=2, initial_backoff=0.001)
+        holder["each"] = await coco.mount_each(per_entry, lm.consumer(retry=policy))
+
+    async with coco.App("made", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            await holder["lm"].settle()
+        each = holder["each"]._component
+        assert down.rows == {"nested": 1}
+        assert tries == {"plain": 1, "nested": 1, "flaky": 2}
+        # flaky's failure gave it a component; its retry left nothing behind,
+        # so it is at rest again; nested's holds a child with a downstream row
+        assert set(each.x.each.leaves) == {"plain", "flaky"}
+        assert {rel[0] for rel in each.children} == {"nested"}
+        assert holder["lm"].stats().failing == {}
+        assert handle.stats().retries == 1
+
+        del control.state["nested"]
+        control.state["flaky"] = ("flaky", 2)
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert down.rows == {}
+        assert set(each.x.each.leaves) == {"plain", "flaky"}
+        assert not each.children
