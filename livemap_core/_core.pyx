@@ -259,22 +259,6 @@ cdef class TableStats:
 # -- buffers and tables --------------------------------------------------------
 
 
-@cython.final
-@cython.freelist(64)
-cdef class _Entry:
-    cdef object owner
-    cdef object value
-    # the serial of the latest commit of the owner that declared this key
-    cdef Py_ssize_t seen
-
-
-cdef inline _Entry _new_entry(object owner, object value):
-    cdef _Entry e = _Entry.__new__(_Entry)
-    e.owner = owner
-    e.value = value
-    return e
-
-
 cdef class Buffer:
     """One owner's declarations into one table during one run.
 
@@ -429,15 +413,16 @@ cdef class Table:
 
     cdef public object name
     cdef bint _track_undo
-    cdef dict _entries
-    # id(owner) -> {key: entry} of the keys it holds, in first-declaration
-    # order; the entries are the objects in _entries (see _fallback).
+    # No object per key (see _fallback): key -> the owner holding it, in
+    # insertion order; and id(owner) -> {key: held value} of the keys it
+    # holds, in first-declaration order.
+    cdef dict _holder
     cdef dict _owned
+    # set during a commit (see _fallback)
+    cdef bint _busy
     cdef Py_ssize_t _seq
     # commits still in effect (not reverted): the latest one has serial _top
     cdef Py_ssize_t _top
-    # one per commit: marks the entries its owner declared (_Entry.seen)
-    cdef Py_ssize_t _marks
     cdef Py_ssize_t _commits
     cdef Py_ssize_t _changes
     cdef Py_ssize_t _suppressed
@@ -445,14 +430,15 @@ cdef class Table:
     cdef Py_ssize_t _eq_errors
 
     def __cinit__(self):
-        self._entries = {}
+        self._holder = {}
         self._owned = {}
 
     def __init__(self, name="table", *, track_undo=False):
         self.name = name
         self._track_undo = track_undo
-        self._entries = {}
+        self._holder = {}
         self._owned = {}
+        self._busy = False
         self._seq = 0
         self._top = 0
         self._commits = 0
@@ -480,38 +466,12 @@ cdef class Table:
         rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
         the held one are suppressed; a comparison that raises is rejected
         (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+
+        The table cannot be changed during a commit: a commit, release or
+        revert of it from an ``__eq__`` the commit calls raises
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
         """
         cdef Buffer buf
-        cdef object owner, owner_id, key, value, held
-        cdef dict decls, record, keys
-        cdef dict entries = self._entries
-        cdef dict owned = self._owned
-        cdef list undo, upserts, rejections, deletes
-        cdef list added_keys = []
-        cdef list added_entries = []
-        cdef Commit result
-        cdef _Entry entry
-        cdef PyObject* found
-        cdef bint track = self._track_undo
-        cdef Py_ssize_t eq_errors = 0
-        cdef Py_ssize_t i, n_added, kept, suppressed
-        cdef Py_ssize_t serial
-        cdef Py_ssize_t rpos = 0
-        cdef Py_ssize_t probe, rsize = 0
-        cdef PyObject* rkey
-        cdef PyObject* rval
-        cdef int step
-        cdef int misses = 0
-        cdef int same, j
-        # record entries the walk stepped over; and whether every declared key
-        # the owner held was found by the walk (then the keys stepped over and
-        # those after the walk's end are exactly the ones not declared)
-        cdef PyObject* passed_keys[_LOOKAHEAD]
-        cdef PyObject* passed_entries[_LOOKAHEAD]
-        cdef list passed = []
-        cdef bint clean
-        cdef bint walk
-
         if not isinstance(buffer, Buffer):
             raise TypeError(
                 f"{self.name}: commit() expects a Buffer of this core, got {_type_name(buffer)}"
@@ -519,12 +479,41 @@ cdef class Table:
         buf = <Buffer>buffer
         if buf.table is not self:
             raise ValueError(f"buffer belongs to {buf.table.name}, not {self.name}")
-        owner = buf.owner
-        decls = buf._decls
-        self._marks += 1
-        serial = self._marks
+        self._check_idle("commit")
+        self._busy = True
+        try:
+            return self._commit(buf.owner, buf._decls)
+        finally:
+            self._busy = False
+
+    cdef Commit _commit(self, object owner, dict decls):
+        cdef object owner_id, key, value, held
+        cdef dict record
+        cdef dict holder = self._holder
+        cdef dict added = {}
+        cdef list undo, upserts, rejections, deletes
+        cdef Commit result
+        cdef PyObject* found
+        cdef bint track = self._track_undo
+        cdef Py_ssize_t eq_errors = 0
+        cdef Py_ssize_t n_added, kept, suppressed
+        cdef Py_ssize_t rpos = 0
+        cdef Py_ssize_t probe, rsize = 0
+        cdef PyObject* rkey
+        cdef PyObject* rval
+        cdef int step
+        cdef int misses = 0
+        cdef int same, j
+        # record keys the walk stepped over; and whether every declared key
+        # the owner held was found by the walk (then the keys stepped over and
+        # those after the walk's end are exactly the ones not declared)
+        cdef PyObject* passed_keys[_LOOKAHEAD]
+        cdef list passed = []
+        cdef bint clean
+        cdef bint walk
+
         owner_id = PyLong_FromVoidPtr(<void*>owner)
-        found = PyDict_GetItemWithError(owned, owner_id)
+        found = PyDict_GetItemWithError(self._owned, owner_id)
         record = <dict>found if found is not NULL else None
         walk = clean = record is not None
         if walk:
@@ -535,106 +524,96 @@ cdef class Table:
         rejections = result.rejections
         deletes = result.deletes
 
-        for key, value in decls.items():
-            # The owner's own keys are found in its (smaller) record; other
-            # keys are new or held by another owner.
-            found = NULL
-            if walk:
-                if PyDict_GET_SIZE(record) == rsize:
-                    probe = rpos
-                    for step in range(_LOOKAHEAD):
-                        if not PyDict_Next(record, &probe, &rkey, &rval):
-                            break
-                        if _same_key(<object>rkey, key):
-                            found = rval
-                            rpos = probe
-                            misses = 0
-                            for j in range(step):
-                                passed.append((<object>passed_keys[j], <object>passed_entries[j]))
-                            break
-                        passed_keys[step] = rkey
-                        passed_entries[step] = rval
-                    if found is NULL:
-                        misses += 1
-                        walk = misses < _MAX_MISSES
-                else:  # changed under us (by code an __eq__ ran)
-                    walk = clean = False
-            if found is NULL and record is not None:
-                found = PyDict_GetItemWithError(record, key)
-                if found is not NULL:
-                    clean = False
-            if found is NULL:
-                found = PyDict_GetItemWithError(entries, key)
+        try:
+            for key, value in decls.items():
+                # The owner's own keys are found in its (smaller) record, with
+                # their values; other keys are new or held by another owner.
+                found = NULL
+                if walk:
+                    if PyDict_GET_SIZE(record) == rsize:
+                        probe = rpos
+                        for step in range(_LOOKAHEAD):
+                            if not PyDict_Next(record, &probe, &rkey, &rval):
+                                break
+                            if _same_key(<object>rkey, key):
+                                found = rval
+                                rpos = probe
+                                misses = 0
+                                for j in range(step):
+                                    passed.append(<object>passed_keys[j])
+                                break
+                            passed_keys[step] = rkey
+                        if found is NULL:
+                            misses += 1
+                            walk = misses < _MAX_MISSES
+                    else:  # the record changed size (it cannot during a commit)
+                        walk = clean = False
+                if found is NULL and record is not None:
+                    found = PyDict_GetItemWithError(record, key)
+                    if found is not NULL:
+                        clean = False
                 if found is NULL:
-                    entry = _new_entry(owner, value)
-                    entries[key] = entry
-                    added_keys.append(key)
-                    added_entries.append(entry)
-                    upserts.append((key, value))
-                    if track:
-                        undo.append((key, None))
-                else:
-                    rejections.append(
-                        _new_rejection(_CONFLICT, key, value, (<_Entry>found).owner, None)
-                    )
-                continue
-            entry = <_Entry>found
-            entry.seen = serial
-            held = entry.value
-            if held is value:
-                continue
-            same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
-            if same > 0:
-                continue
-            if same < 0:
-                try:
-                    _raise_current()
-                except Exception as exc:
-                    rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
-                    eq_errors += 1
+                    found = PyDict_GetItemWithError(holder, key)
+                    if found is NULL:
+                        holder[key] = owner
+                        added[key] = value
+                        upserts.append((key, value))
+                        if track:
+                            undo.append((key,))
+                    else:
+                        rejections.append(
+                            _new_rejection(_CONFLICT, key, value, <object>found, None)
+                        )
                     continue
-            if track:
-                undo.append((key, entry, held))
-            entry.value = value
-            upserts.append((key, value))
-
-        n_added = len(added_keys)
+                held = <object>found
+                if held is value:
+                    continue
+                same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
+                if same > 0:
+                    continue
+                if same < 0:
+                    try:
+                        _raise_current()
+                    except Exception as exc:
+                        rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
+                        eq_errors += 1
+                        continue
+                if track:
+                    undo.append((key, held))
+                record[key] = value  # the key is there: the record keeps its layout
+                upserts.append((key, value))
+        except BaseException:
+            # Whatever escaped (an __eq__'s BaseException, a buffer changed by
+            # one): the keys inserted so far stay, and their owner holds them.
+            if added:
+                self._merge(owner_id, record, None, added)
+            raise
+        n_added = len(added)
         # Declared keys the owner already held: every declaration that was
         # neither a new key nor a conflict.
         kept = len(decls) - n_added - (len(rejections) - eq_errors)
         suppressed = kept - (len(upserts) - n_added) - eq_errors
         if clean and PyDict_GET_SIZE(record) == rsize:
-            for key, value in passed:
-                del entries[key]
+            for key in passed:
+                del holder[key]
                 deletes.append(key)
                 if track:
-                    undo.append((key, value))
+                    undo.append((key, None, owner))
             while PyDict_Next(record, &rpos, &rkey, &rval):
                 key = <object>rkey
-                del entries[key]
+                del holder[key]
                 deletes.append(key)
                 if track:
-                    undo.append((key, <object>rval))
-        elif record is not None and kept < len(record):
-            for key, value in record.items():
-                if (<_Entry>value).seen != serial:  # not declared this time
-                    del entries[key]
+                    undo.append((key, None, owner))
+        elif record is not None and kept < PyDict_GET_SIZE(record):
+            for key in record:
+                if key not in decls:
+                    del holder[key]
                     deletes.append(key)
                     if track:
-                        undo.append((key, value))
+                        undo.append((key, None, owner))
         if n_added or deletes:
-            if record is None:
-                keys = {}
-            else:
-                keys = record.copy() if track else record
-                for key in deletes:
-                    del keys[key]
-            for i in range(n_added):
-                keys[added_keys[i]] = added_entries[i]
-            if keys:
-                owned[owner_id] = keys
-            else:
-                del owned[owner_id]
+            self._merge(owner_id, record, deletes, added)
         if track:
             result._undo = undo
             result._prev_record = record
@@ -642,21 +621,51 @@ cdef class Table:
         self._finish(result, suppressed, eq_errors)
         return result
 
+    cdef int _merge(self, object owner_id, dict record, list deletes, dict added) except -1:
+        # The owner's record without ``deletes`` and with ``added``: a new
+        # dict with track_undo, else changed in place.
+        cdef dict keys
+        cdef object key
+        if record is None:
+            if added:
+                self._owned[owner_id] = added
+            return 0
+        keys = record.copy() if self._track_undo else record
+        if deletes is not None:
+            for key in deletes:
+                del keys[key]
+        if added:
+            keys.update(added)
+        if keys:
+            self._owned[owner_id] = keys
+        else:
+            del self._owned[owner_id]
+        return 0
+
+    cdef inline int _check_idle(self, str what) except -1:
+        if self._busy:
+            raise RuntimeError(f"{self.name}: {what}() called during a commit of this table")
+        return 0
+
     def release(self, owner):
         """Delete every key ``owner`` holds (the owner went away)."""
-        cdef Commit result = _new_commit(owner, self._seq + 1)
-        cdef dict entries = self._entries
-        cdef dict record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
+        cdef Commit result
+        cdef dict holder = self._holder
+        cdef dict record
         cdef bint track = self._track_undo
         cdef list undo = [] if track else None
-        cdef list deletes = result.deletes
-        cdef object key, entry
+        cdef list deletes
+        cdef object key
+        self._check_idle("release")
+        result = _new_commit(owner, self._seq + 1)
+        deletes = result.deletes
+        record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
         if record is not None:
-            for key, entry in record.items():
-                del entries[key]
+            for key in record:
+                del holder[key]
                 deletes.append(key)
                 if track:
-                    undo.append((key, entry))
+                    undo.append((key, None, owner))
         if track:
             result._undo = undo
             result._prev_record = record
@@ -686,7 +695,8 @@ cdef class Table:
         commits can be taken back newest first.
         """
         cdef Commit res
-        cdef dict entries = self._entries
+        cdef dict holder = self._holder
+        cdef dict record
         cdef list undo
         cdef Py_ssize_t i
         cdef tuple step
@@ -695,6 +705,7 @@ cdef class Table:
             raise TypeError(
                 f"{self.name}: revert() expects a Commit of this core, got {_type_name(result)}"
             )
+        self._check_idle("revert")
         res = <Commit>result
         undo = res._undo
         if undo is None:
@@ -706,19 +717,22 @@ cdef class Table:
             raise ValueError(f"{self.name}: the commit was made by another table")
         if res._serial != self._top:
             raise ValueError(f"{self.name}: only the latest commit can be reverted")
-        for i in range(len(undo) - 1, -1, -1):
-            step = <tuple>undo[i]
-            if len(step) == 3:  # (key, entry, held value): an update
-                (<_Entry>step[1]).value = step[2]
-            elif step[1] is None:  # (key, None): an insert
-                del entries[step[0]]
-            else:  # (key, entry): a delete
-                entries[step[0]] = step[1]
+        # The owner's record as it was before the commit (with the values held
+        # now), then each step taken back, newest first.
+        record = res._prev_record
         owner_id = PyLong_FromVoidPtr(<void*>res.owner)
-        if res._prev_record is None:
+        if record is None:
             self._owned.pop(owner_id, None)
         else:
-            self._owned[owner_id] = res._prev_record
+            self._owned[owner_id] = record
+        for i in range(len(undo) - 1, -1, -1):
+            step = <tuple>undo[i]
+            if len(step) == 2:  # (key, held value): an update
+                record[step[0]] = step[1]
+            elif len(step) == 1:  # (key,): an insert
+                del holder[step[0]]
+            else:  # (key, None, owner): a delete (the record still has the key)
+                holder[step[0]] = step[2]
         self._changes -= len(res.upserts) + len(res.deletes)
         self._top -= 1
         res._undo = None
@@ -727,13 +741,14 @@ cdef class Table:
 
     def get(self, key, default=None):
         """The value held for ``key``, or ``default``."""
-        entry = self._entries.get(key)
-        return default if entry is None else (<_Entry>entry).value
+        cdef PyObject* owner = PyDict_GetItemWithError(self._holder, key)
+        if owner is NULL:
+            return default
+        return (<dict>self._owned[PyLong_FromVoidPtr(<void*>owner)])[key]
 
     def owner_of(self, key, default=None):
         """The owner holding ``key``, or ``default``."""
-        entry = self._entries.get(key)
-        return default if entry is None else (<_Entry>entry).owner
+        return self._holder.get(key, default)
 
     def keys_of(self, owner):
         """The keys ``owner`` holds."""
@@ -742,25 +757,62 @@ cdef class Table:
     def count_of(self, owner):
         """How many keys ``owner`` holds."""
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
-        return 0 if record is None else len(record)
+        return 0 if record is None else len(<dict>record)
 
     def owners(self):
         """How many owners hold at least one key."""
         return len(self._owned)
 
+    def keys(self):
+        """A snapshot of all keys, in the order of :meth:`items`."""
+        return list(self._holder)
+
     def items(self):
         """A snapshot of all ``(key, value)`` pairs."""
+        # An owner's keys come in _holder in the order of its record (unless a
+        # revert put some back), so each owner's record is walked alongside,
+        # without hashing, from where the owner's previous run of keys in
+        # _holder left it.  A key out of step is looked up instead, and the
+        # walk of that owner's record ends there.
         cdef list out = []
-        cdef object key, entry
-        for key, entry in self._entries.items():
-            out.append((key, (<_Entry>entry).value))
+        cdef dict record = None
+        cdef dict cursors = {}
+        cdef object owner_id = None
+        cdef object key, value
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t rpos = -1
+        cdef Py_ssize_t probe
+        cdef PyObject* rkey
+        cdef PyObject* owner
+        cdef PyObject* last = NULL
+        cdef PyObject* found
+        cdef PyObject* k
+        cdef PyObject* v
+        while PyDict_Next(self._holder, &pos, &rkey, &owner):
+            key = <object>rkey  # a reference of our own before anything allocates
+            if owner != last:
+                if rpos >= 0:
+                    probe = rpos
+                    if PyDict_Next(record, &probe, &k, &v):  # keys left: come back here
+                        cursors[owner_id] = rpos
+                owner_id = PyLong_FromVoidPtr(<void*>owner)
+                record = <dict>self._owned[owner_id]
+                last = owner
+                found = PyDict_GetItemWithError(cursors, owner_id) if cursors else NULL
+                rpos = 0 if found is NULL else <Py_ssize_t>(<object>found)
+            if rpos >= 0 and PyDict_Next(record, &rpos, &k, &v) and k == rkey:
+                value = <object>v
+            else:
+                rpos = -1
+                value = record[key]
+            out.append((key, value))
         return out
 
     def __len__(self):
-        return len(self._entries)
+        return len(self._holder)
 
     def __contains__(self, key):
-        return key in self._entries
+        return key in self._holder
 
     @property
     def seq(self):
@@ -770,7 +822,7 @@ cdef class Table:
     def stats(self):
         """A snapshot of the counters."""
         return TableStats(
-            len(self._entries),
+            len(self._holder),
             self._commits,
             self._changes,
             self._suppressed,
@@ -779,4 +831,4 @@ cdef class Table:
         )
 
     def __repr__(self):
-        return f"<Table {self.name} entries={len(self._entries)} seq={self._seq}>"
+        return f"<Table {self.name} entries={len(self._holder)} seq={self._seq}>"

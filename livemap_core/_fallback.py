@@ -130,7 +130,7 @@ class Commit(Generic[K, V]):
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
         self._undo: list[tuple[Any, ...]] | None = None
-        self._prev_record: dict[Any, _Entry] | None = None
+        self._prev_record: dict[Any, Any] | None = None
         self._table: object = None
         self._serial = 0
 
@@ -184,15 +184,10 @@ class TableStats:
         return f"TableStats({fields})"
 
 
-class _Entry:
-    __slots__ = ("owner", "value")
+_MISSING: Final[object] = object()
+"""What a lookup gives for a key that is not there (values and owners may be ``None``)."""
 
-    def __init__(self, owner: object, value: Any) -> None:
-        self.owner = owner
-        self.value = value
-
-
-_NO_RECORD: Final[dict[Any, _Entry]] = {}
+_NO_RECORD: Final[dict[Any, Any]] = {}
 """The record of an owner that holds nothing (never written to)."""
 
 
@@ -288,11 +283,12 @@ class Table(Generic[K, V]):
     """
 
     __slots__ = (
+        "_busy",
         "_changes",
         "_commits",
         "_conflicts",
-        "_entries",
         "_eq_errors",
+        "_holder",
         "_owned",
         "_seq",
         "_suppressed",
@@ -304,14 +300,20 @@ class Table(Generic[K, V]):
     def __init__(self, name: str = "table", *, track_undo: bool = False) -> None:
         self.name = name
         self._track_undo = bool(track_undo)
-        self._entries: dict[K, _Entry] = {}
-        # The owners' records: id(owner) -> {key: entry} for the keys it holds,
-        # in the order it first declared them; the entries are the very objects
-        # in _entries.  A record exists only while the owner holds a key, and
-        # its entries keep the owner alive, so the id cannot be reused
-        # meanwhile.  With track_undo records are never changed in place: a
-        # commit's undo keeps the previous one.
-        self._owned: dict[int, dict[K, _Entry]] = {}
+        # No object per key.  key -> the owner holding it, in the order the
+        # keys were inserted (the order of items()).
+        self._holder: dict[K, object] = {}
+        # The owners' records: id(owner) -> {key: held value} for the keys it
+        # holds, in the order it first declared them.  A record exists only
+        # while the owner holds a key; _holder then refers to the owner, so
+        # the id cannot be reused meanwhile.  With track_undo a record's keys
+        # never change in place (a commit that adds or deletes keys puts a
+        # new dict in its place, and its undo keeps the previous one); held
+        # values are changed in place and the undo remembers the old ones.
+        self._owned: dict[int, dict[K, V]] = {}
+        # Set during a commit: an __eq__ it calls must not change the table
+        # under it.
+        self._busy = False
         self._seq = 0
         # Commits still in effect (not reverted): the latest one has serial _top.
         self._top = 0
@@ -335,6 +337,10 @@ class Table(Generic[K, V]):
         rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
         the held one are suppressed; a comparison that raises is rejected
         (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+
+        The table cannot be changed during a commit: a commit, release or
+        revert of it from an ``__eq__`` the commit calls raises
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
         """
         if not isinstance(buffer, Buffer):
             raise TypeError(
@@ -343,48 +349,60 @@ class Table(Generic[K, V]):
             )
         if buffer.table is not self:
             raise ValueError(f"buffer belongs to {buffer.table.name}, not {self.name}")
-        owner = buffer.owner
-        decls = buffer._decls
-        entries = self._entries
+        self._check_idle("commit")
+        self._busy = True
+        try:
+            return self._commit(buffer.owner, buffer._decls)
+        finally:
+            self._busy = False
+
+    def _commit(self, owner: object, decls: dict[K, V]) -> Commit[K, V]:
+        holder = self._holder
         owner_id = id(owner)
         record = self._owned.get(owner_id)
-        # The owner's own keys are found in its (smaller) record; other keys
-        # are new or held by another owner.
+        # The owner's own keys are found in its (smaller) record, with their
+        # values; other keys are new or held by another owner.
         mine = (_NO_RECORD if record is None else record).get
-        theirs = entries.get
+        theirs = holder.get
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         upserts = result.upserts
         rejections = result.rejections
-        added: list[tuple[K, _Entry]] = []
+        added: dict[K, V] = {}
         eq_errors = 0
-        for key, value in decls.items():
-            entry = mine(key)
-            if entry is None:
-                entry = theirs(key)
-                if entry is None:
-                    entry = entries[key] = _Entry(owner, value)
-                    added.append((key, entry))
-                    upserts.append((key, value))
-                    if undo is not None:
-                        undo.append((key, None))
-                else:
-                    rejections.append(Rejection(CONFLICT, key, value, entry.owner, None))
-                continue
-            held = entry.value
-            if held is value:
-                continue
-            try:
-                if value == held:
+        try:
+            for key, value in decls.items():
+                held = mine(key, _MISSING)
+                if held is _MISSING:
+                    held_by = theirs(key, _MISSING)
+                    if held_by is _MISSING:
+                        holder[key] = owner
+                        added[key] = value
+                        upserts.append((key, value))
+                        if undo is not None:
+                            undo.append((key,))
+                    else:
+                        rejections.append(Rejection(CONFLICT, key, value, held_by, None))
                     continue
-            except Exception as exc:
-                rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
-                eq_errors += 1
-                continue
-            if undo is not None:
-                undo.append((key, entry, held))
-            entry.value = value
-            upserts.append((key, value))
+                if held is value:
+                    continue
+                try:
+                    if value == held:
+                        continue
+                except Exception as exc:
+                    rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
+                    eq_errors += 1
+                    continue
+                if undo is not None:
+                    undo.append((key, held))
+                record[key] = value  # type: ignore[index]  # held is not _MISSING: a record
+                upserts.append((key, value))
+        except BaseException:
+            # Whatever escaped (an __eq__'s BaseException, a buffer changed by
+            # one): the keys inserted so far stay, and their owner holds them.
+            if added:
+                self._merge(owner_id, record, (), added, undo is not None)
+            raise
         n_added = len(added)
         # Declared keys the owner already held: every declaration that was
         # neither a new key nor a conflict.
@@ -392,24 +410,14 @@ class Table(Generic[K, V]):
         suppressed = kept - (len(upserts) - n_added) - eq_errors
         deletes = result.deletes
         if record is not None and kept < len(record):
-            for key, entry in record.items():
+            for key in record:
                 if key not in decls:
-                    del entries[key]
+                    del holder[key]
                     deletes.append(key)
                     if undo is not None:
-                        undo.append((key, entry))
+                        undo.append((key, None, owner))
         if n_added or deletes:
-            if record is None:
-                self._owned[owner_id] = dict(added)
-            else:
-                keys = record if undo is None else record.copy()
-                for key in deletes:
-                    del keys[key]
-                keys.update(added)
-                if keys:
-                    self._owned[owner_id] = keys
-                else:
-                    del self._owned[owner_id]
+            self._merge(owner_id, record, deletes, added, undo is not None)
         if undo is not None:
             result._undo = undo
             result._prev_record = record
@@ -417,19 +425,47 @@ class Table(Generic[K, V]):
         self._finish(result, suppressed, eq_errors)
         return result
 
+    def _merge(
+        self,
+        owner_id: int,
+        record: dict[K, V] | None,
+        deletes: list[K] | tuple[()],
+        added: dict[K, V],
+        copy: bool,
+    ) -> None:
+        # The owner's record without ``deletes`` and with ``added``: a new
+        # dict when ``copy`` (track_undo), else changed in place.
+        if record is None:
+            if added:
+                self._owned[owner_id] = added
+            return
+        keys = record.copy() if copy else record
+        for key in deletes:
+            del keys[key]
+        keys.update(added)
+        if keys:
+            self._owned[owner_id] = keys
+        else:
+            del self._owned[owner_id]
+
+    def _check_idle(self, what: str) -> None:
+        if self._busy:
+            raise RuntimeError(f"{self.name}: {what}() called during a commit of this table")
+
     def release(self, owner: object) -> Commit[K, V]:
         """Delete every key ``owner`` holds (the owner went away)."""
+        self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         record = self._owned.pop(id(owner), None)
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         if record is not None:
-            entries = self._entries
+            holder = self._holder
             deletes = result.deletes
-            for key, entry in record.items():
-                del entries[key]
+            for key in record:
+                del holder[key]
                 deletes.append(key)
                 if undo is not None:
-                    undo.append((key, entry))
+                    undo.append((key, None, owner))
         if undo is not None:
             result._undo = undo
             result._prev_record = record
@@ -463,6 +499,7 @@ class Table(Generic[K, V]):
                 f"{self.name}: revert() expects a Commit of this core, got "
                 f"{type(result).__module__}.{type(result).__qualname__}"
             )
+        self._check_idle("revert")
         undo = result._undo
         if undo is None:
             raise ValueError(
@@ -473,19 +510,22 @@ class Table(Generic[K, V]):
             raise ValueError(f"{self.name}: the commit was made by another table")
         if result._serial != self._top:
             raise ValueError(f"{self.name}: only the latest commit can be reverted")
-        entries = self._entries
-        for step in reversed(undo):
-            if len(step) == 3:  # (key, entry, held value): an update
-                step[1].value = step[2]
-            elif step[1] is None:  # (key, None): an insert
-                del entries[step[0]]
-            else:  # (key, entry): a delete
-                entries[step[0]] = step[1]
+        # The owner's record as it was before the commit (with the values
+        # held now), then each step taken back, newest first.
+        record = result._prev_record
         owner_id = id(result.owner)
-        if result._prev_record is None:
+        if record is None:
             self._owned.pop(owner_id, None)
         else:
-            self._owned[owner_id] = result._prev_record
+            self._owned[owner_id] = record
+        holder = self._holder
+        for step in reversed(undo):
+            if len(step) == 2:  # (key, held value): an update
+                record[step[0]] = step[1]  # type: ignore[index]  # only with a record
+            elif len(step) == 1:  # (key,): an insert
+                del holder[step[0]]
+            else:  # (key, None, owner): a delete (the record still has the key)
+                holder[step[0]] = step[2]
         self._changes -= len(result.upserts) + len(result.deletes)
         self._top -= 1
         result._undo = None
@@ -494,13 +534,14 @@ class Table(Generic[K, V]):
 
     def get(self, key: K, default: Any = None) -> Any:
         """The value held for ``key``, or ``default``."""
-        entry = self._entries.get(key)
-        return default if entry is None else entry.value
+        owner = self._holder.get(key, _MISSING)
+        if owner is _MISSING:
+            return default
+        return self._owned[id(owner)][key]
 
     def owner_of(self, key: K, default: Any = None) -> Any:
         """The owner holding ``key``, or ``default``."""
-        entry = self._entries.get(key)
-        return default if entry is None else entry.owner
+        return self._holder.get(key, default)
 
     def keys_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds."""
@@ -515,15 +556,28 @@ class Table(Generic[K, V]):
         """How many owners hold at least one key."""
         return len(self._owned)
 
+    def keys(self) -> list[K]:
+        """A snapshot of all keys, in the order of :meth:`items`."""
+        return list(self._holder)
+
     def items(self) -> list[tuple[K, V]]:
         """A snapshot of all ``(key, value)`` pairs."""
-        return [(key, entry.value) for key, entry in self._entries.items()]
+        owned = self._owned
+        out: list[tuple[K, V]] = []
+        last: object = _MISSING
+        record: dict[K, V] = _NO_RECORD
+        for key, owner in self._holder.items():
+            if owner is not last:
+                record = owned[id(owner)]
+                last = owner
+            out.append((key, record[key]))
+        return out
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._holder)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._holder
 
     @property
     def seq(self) -> int:
@@ -533,7 +587,7 @@ class Table(Generic[K, V]):
     def stats(self) -> TableStats:
         """A snapshot of the counters."""
         return TableStats(
-            len(self._entries),
+            len(self._holder),
             self._commits,
             self._changes,
             self._suppressed,
@@ -542,4 +596,4 @@ class Table(Generic[K, V]):
         )
 
     def __repr__(self) -> str:
-        return f"<Table {self.name} entries={len(self._entries)} seq={self._seq}>"
+        return f"<Table {self.name} entries={len(self._holder)} seq={self._seq}>"

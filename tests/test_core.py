@@ -510,11 +510,23 @@ def test_raising_eq_against_plain_held_value(core: ModuleType) -> None:
     assert commit(table, "o", {"k": 2}).upserts == [("k", 2)]
 
 
-def test_base_exception_from_eq_propagates(core: ModuleType) -> None:
-    table = core.Table()
-    commit(table, "o", {"k": InterruptingEq()})
+@pytest.mark.parametrize("track_undo", [False, True])
+def test_base_exception_from_eq_propagates(core: ModuleType, track_undo: bool) -> None:
+    table = core.Table(track_undo=track_undo)
+    held = InterruptingEq()
+    commit(table, "o", {"a": 1, "k": held})
     with pytest.raises(KeyboardInterrupt):
-        commit(table, "o", {"k": InterruptingEq()})
+        commit(table, "o", {"new": 2, "a": 10, "k": InterruptingEq(), "later": 3})
+    # What was applied before the interruption stays, and the table agrees
+    # with itself: the key inserted is held by the owner, nothing is deleted.
+    assert as_dict(table) == {"a": 10, "k": held, "new": 2}
+    assert table.keys_of("o") == frozenset({"a", "k", "new"})
+    assert table.count_of("o") == 3
+    assert table.owner_of("new") == "o"
+    assert table.get("new") == 2
+    assert table.release("o").deletes == ["a", "k", "new"]
+    assert len(table) == 0
+    assert table.owners() == 0
 
 
 # -- conflicts -------------------------------------------------------------------
@@ -811,6 +823,28 @@ def test_reading(core: ModuleType) -> None:
         table.get([1])
 
 
+def test_keys(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    assert table.keys() == []
+    commit(table, "a", {"x": 1, "y": 2})
+    commit(table, "b", {("t", 1): 3, "x": 4})
+    keys = table.keys()
+    assert keys == ["x", "y", ("t", 1)]
+    assert keys == [key for key, _ in table.items()]
+    # a snapshot: later changes do not show in it, and changing it changes nothing
+    result = commit(table, "a", {"z": 5})
+    assert table.keys() == [("t", 1), "z"]
+    assert keys == ["x", "y", ("t", 1)]
+    keys.append("w")
+    assert "w" not in table
+    table.revert(result)
+    assert sorted(map(repr, table.keys())) == sorted(map(repr, ["x", "y", ("t", 1)]))
+    assert table.keys() == [key for key, _ in table.items()]
+    table.release("a")
+    table.release("b")
+    assert table.keys() == []
+
+
 def test_snapshots_are_isolated(core: ModuleType) -> None:
     table = core.Table()
     first = commit(table, "o", {"a": 1, "b": 2})
@@ -907,37 +941,58 @@ def test_keyword_arguments(core: ModuleType) -> None:
 
 
 class ReentrantEq:
-    """A value whose ``==`` commits into the table being committed to."""
+    """A value whose ``==`` changes the table being committed to."""
 
-    def __init__(self, table: Any, owner: object) -> None:
+    def __init__(self, table: Any, owner: object, action: str, commits: list[Any]) -> None:
         self.table = table
         self.owner = owner
+        self.action = action
+        self.commits = commits
 
     __hash__ = None  # type: ignore[assignment]
 
     def __eq__(self, other: object) -> bool:
-        inner = self.table.buffer(self.owner)
-        inner.declare("fresh", 0)
-        self.table.commit(inner)
+        if self.action == "commit":
+            inner = self.table.buffer(self.owner)
+            inner.declare("fresh", 0)
+            self.table.commit(inner)
+        elif self.action == "release":
+            self.table.release(self.owner)
+        else:
+            self.table.revert(self.commits[-1])
         return False
 
 
+@pytest.mark.parametrize("action", ["commit", "release", "revert"])
 @pytest.mark.parametrize("track_undo", [False, True])
-def test_reentrant_commit_from_eq_does_not_crash(core: ModuleType, track_undo: bool) -> None:
-    # Nothing sensible is promised for an ``__eq__`` that commits into the very
-    # table being committed to; the compiled core must only stay memory-safe.
-    table = core.Table(track_undo=track_undo)
+def test_table_cannot_change_under_its_commit(
+    core: ModuleType, track_undo: bool, action: str
+) -> None:
+    # An __eq__ the commit calls cannot commit into, release from or revert
+    # the very table being committed to: it gets a RuntimeError, so the
+    # comparison is an EQ_ERROR and the table is left as it was.
+    table = core.Table("t", track_undo=track_undo)
     owner = object()
     keys = [f"k{i}" for i in range(20)]
-    commit(table, owner, {k: ReentrantEq(table, owner) for k in keys})
-    for _ in range(3):
-        try:
-            commit(table, owner, {k: ReentrantEq(table, owner) for k in keys[::-1][:15]})
-        except (KeyError, RuntimeError):
-            pass
-    table.items()
-    table.stats()
-    table.keys_of(owner)
+    commits: list[Any] = []
+    commits.append(
+        commit(table, owner, {k: ReentrantEq(table, owner, action, commits) for k in keys})
+    )
+    before = (as_dict(table), table.seq)
+    declared_now = {k: ReentrantEq(table, owner, action, commits) for k in keys[::-1][:15]}
+    result = commit(table, owner, declared_now)
+    assert result.upserts == []
+    assert result.deletes == keys[:5]
+    assert [r.kind for r in result.rejections] == [core.EQ_ERROR] * 15
+    for rejection in result.rejections:
+        assert type(rejection.error) is RuntimeError
+        assert str(rejection.error) == f"t: {action}() called during a commit of this table"
+    assert as_dict(table) == {k: v for k, v in before[0].items() if k in declared_now}
+    assert table.keys_of(owner) == frozenset(declared_now)
+    assert table.seq == before[1] + 5
+    # once the commit is done the table changes again as usual
+    assert table.release(owner).deletes == keys[5:]
+    assert len(table) == 0
 
 
 # -- the declarer ------------------------------------------------------------------
