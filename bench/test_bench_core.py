@@ -12,11 +12,18 @@ Every scenario runs three ways (the ``impl`` parameter):
 Each round does what a real component run does: fill a declaration buffer,
 then commit it.  Rounds alternate between two declared states, so that every
 round makes the same number of changes.
+
+``test_memory_per_entry`` measures what a table costs per entry instead, in a
+fresh process; its figures are in each result's ``extra_info``.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -301,3 +308,88 @@ def test_commit_only_many_owners_churn(benchmark: Any, impl: str) -> None:
         runs.append((object(), [a, b]))
     one_round = prepared_commits(impl, runs)
     assert benchmark(one_round) == N_OWNERS * 10
+
+
+# -- memory ----------------------------------------------------------------------------
+
+MEMORY_SCRIPT = r"""
+import gc, importlib, json, sys, tracemalloc
+
+n, n_owners, impl, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+keys = [f"k{i}" for i in range(n)]
+values = list(range(n))
+owners = [object() for _ in range(n_owners)]
+per = n // n_owners
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+if impl == "floor":
+    table = ({}, {}, {})  # key -> value, key -> owner, owner -> key set
+
+    def fill(owner, start):
+        mine = set()
+        for i in range(start, start + per):
+            table[0][keys[i]] = values[i]
+            table[1][keys[i]] = owner
+            mine.add(keys[i])
+        table[2][owner] = mine
+
+else:
+    module = "livemap_core._core" if impl == "cython" else "livemap_core._fallback"
+    table = importlib.import_module(module).Table("memory")
+
+    def fill(owner, start):
+        buf = table.buffer(owner)
+        for i in range(start, start + per):
+            buf.declare(keys[i], values[i])
+        table.commit(buf)
+
+
+gc.collect()
+if mode == "tracemalloc":
+    tracemalloc.start()
+before = (tracemalloc.get_traced_memory()[0], rss(), len(gc.get_objects()))
+for o, owner in enumerate(owners):
+    fill(owner, o * per)
+gc.collect()
+after = (tracemalloc.get_traced_memory()[0], rss(), len(gc.get_objects()))
+bytes_ = after[0] - before[0] if mode == "tracemalloc" else after[1] - before[1]
+print(json.dumps({"bytes_per_entry": bytes_ / n, "tracked_per_entry": (after[2] - before[2]) / n}))
+"""
+
+
+@pytest.mark.parametrize("owners", [1, N_OWNERS])
+def test_memory_per_entry(benchmark: Any, impl: str, owners: int) -> None:
+    """(e) Bytes per entry of a table holding 100k entries (``f"k{i}" -> i``) of
+    one owner or of 1,000 owners x 100: allocated memory as tracemalloc sees
+    it, RSS (measured without tracemalloc) and long-lived GC-tracked objects,
+    each in a fresh process; keys, values and owners are made beforehand."""
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("RSS is read from /proc")
+    result: dict[str, float] = {}
+
+    def measure(mode: str) -> dict[str, float]:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(N_ENTRIES), str(owners), impl, mode],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        return figures
+
+    def run() -> None:
+        traced = measure("tracemalloc")
+        result["traced_bytes_per_entry"] = traced["bytes_per_entry"]
+        result["tracked_per_entry"] = traced["tracked_per_entry"]
+        result["rss_bytes_per_entry"] = measure("rss")["bytes_per_entry"]
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    for name, value in result.items():
+        benchmark.extra_info[name] = round(value, 3 if name == "tracked_per_entry" else 1)
+    assert result["traced_bytes_per_entry"] > 0
