@@ -10,6 +10,7 @@ Compiler directives (``language_level=3``, no bounds or wraparound checks,
 """
 
 cimport cython
+from cpython.contextvars cimport get_value_no_default
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetDefault
 from cpython.long cimport PyLong_FromVoidPtr
 from cpython.object cimport PyObject
@@ -340,7 +341,8 @@ cdef class Declarer:
     __class_getitem__ = classmethod(GenericAlias)
 
     def __call__(self, key, value):
-        cdef object run = self._current.get(None)
+        # the C-API read of the ContextVar: no method lookup and call
+        cdef object run = get_value_no_default(self._current, None)
         cdef object found
         cdef dict buffers
         cdef Buffer buf
