@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from contextvars import Token
 from functools import partial
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -153,14 +154,16 @@ class KeyedRun(Run):
 
     __slots__ = ("_made", "each", "key", "scope", "value")
 
-    def __init__(self, each: EachState, key: Any, value: Any, scope: anyio.CancelScope) -> None:
+    def __init__(self, each: EachState, scope: anyio.CancelScope) -> None:
         self.buffers = None
         self.mounted = None
         self.maps = None
         self._made: Component | None = None
         self.each = each
-        self.key = key
-        self.value = value
+        # what it runs (set by EachState.run_keyed; a worker reuses one
+        # KeyedRun for consecutive runs that leave nothing behind)
+        self.key: Any = None
+        self.value: Any = None
         # the scope of the worker running it, while it does
         self.scope: anyio.CancelScope | None = scope
 
@@ -273,70 +276,83 @@ class EachState:
         comp._adjust(1)
         return child
 
-    async def run_keyed(self, key: Any, gen: int, scope: anyio.CancelScope) -> None:
+    async def run_keyed(
+        self, key: Any, gen: int, run: KeyedRun
+    ) -> tuple[Any, Exception | None] | None:
         """Run ``key``'s pending value (queued by a run of generation ``gen``
-        of the ``mount_each`` component) on a pool worker whose scope is
-        ``scope``; without a component unless the run needs one."""
+        of the ``mount_each`` component) as ``run``, which the pool worker
+        made the current run; without a component unless the run needs one.
+
+        ``None``: the run is over (or was not needed) and ``run`` may be used
+        again.  Otherwise the run made its component or failed: the worker
+        makes ``run`` no longer current and calls :meth:`finish_keyed` with
+        the ``(result, error)`` returned.
+        """
         comp = self.component
         if not comp._alive or comp._generation != gen:
-            return  # queued by an earlier run of the mount_each: it reset us
+            return None  # queued by an earlier run of the mount_each: it reset us
         value = self.pending.pop(key, _NOTHING)
         if value is _NOTHING:
-            return  # dropped meanwhile
-        run = KeyedRun(self, key, value, scope)
+            return None  # dropped meanwhile
+        run.key = key
+        run.value = value
         running = self.running
         running[key] = run
         app_run = comp.app._active
         if app_run is not None:
             app_run.stats.components_run += 1
         handlers = self.handlers
-        t_run = _current_run.set(run)
         t_handlers = _handlers.set(handlers) if _handlers.get() is not handlers else None
         t_prefix = _prefix.set(()) if _prefix.get() else None
-        child: Component | None = None
         result: Any = None
         try:
-            try:
-                fargs = self.fargs
-                result = (
-                    self.call(value, *fargs, **self.kwargs)
-                    if fargs or self.kwargs
-                    else self.call(value)
-                )
-                if type(result) is CoroutineType or inspect.isawaitable(result):
-                    result = await result
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:
-                error: Exception | None = exc
-            else:
-                error = None
-            finally:
-                _current_run.reset(t_run)
-                if t_handlers is not None:
-                    _handlers.reset(t_handlers)
-                if t_prefix is not None:
-                    _prefix.reset(t_prefix)
-            if running.get(key) is not run:
-                return  # dropped while it ran
-            child = run._made
-            if (
-                child is None
-                and error is None
-                and run.buffers is None
-                and run.maps is None
-                and run.mounted is None
-            ):
-                # at rest at once: the common case
-                del running[key]
-                self.leaves[key] = value
-                px = comp._x
-                if px is not None and px.failures:
-                    px.failures.pop(key, None)
-                self._done(key)
-                self.release_if_idle()
-                return
-            if child is None:  # it failed without needing its component
+            fargs = self.fargs
+            kwargs = self.kwargs
+            result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
+            if type(result) is CoroutineType or inspect.isawaitable(result):
+                result = await result
+        except anyio.get_cancelled_exc_class():
+            run.scope = None
+            self._finish_key(key, run)
+            raise
+        except Exception as exc:
+            error: Exception | None = exc
+        else:
+            error = None
+        finally:
+            if t_handlers is not None:
+                _handlers.reset(t_handlers)
+            if t_prefix is not None:
+                _prefix.reset(t_prefix)
+        if running.get(key) is not run:
+            return None  # dropped while it ran
+        if (
+            error is None
+            and run._made is None
+            and run.buffers is None
+            and run.maps is None
+            and run.mounted is None
+        ):
+            # at rest at once: the common case
+            del running[key]
+            self.leaves[key] = value
+            px = comp._x
+            if px is not None and px.failures:
+                px.failures.pop(key, None)
+            self._done(key)
+            self.release_if_idle()
+            return None
+        return result, error
+
+    async def finish_keyed(self, run: KeyedRun, result: Any, error: Exception | None) -> None:
+        """The rest of a keyed run that made its component or failed: the
+        component (made now if the run did not) takes the run over as a
+        first try that already ran."""
+        key = run.key
+        scope = run.scope
+        child = run._made
+        try:
+            if child is None:
                 child = self.materialize(run)
             await child.run_once(
                 1, self.fn, child.args, child.kwargs, raise_errors=False, first=(run, result, error)
@@ -344,7 +360,7 @@ class EachState:
         finally:
             if child is not None and child._cancel is scope:
                 child._cancel = None
-            if running.get(key) is run:
+            if self.running.get(key) is run:
                 run.scope = None  # the worker's part is over
                 if child is not None and child._alive and child._unready:
                     # its component's subtree is still busy: the key is, too
@@ -544,6 +560,10 @@ class Pool:
     async def _work(self, app_run: AppRun) -> None:
         queue = self.queue
         new_event = event_class()
+        # a KeyedRun kept current across consecutive keyed runs: setting a
+        # context variable costs more than the rest of a trivial run
+        slot: KeyedRun | None = None
+        token: Token[Run | None] | None = None
         try:
             while True:
                 while queue:
@@ -563,9 +583,33 @@ class Pool:
                                 self._add_worker(app_run)  # in case this run waits
                             try:
                                 if child is None:
-                                    assert self.each is not None
-                                    await self.each.run_keyed(job, gen, scope)
+                                    each = self.each
+                                    assert each is not None
+                                    if slot is None or slot.each is not each:
+                                        if token is not None:
+                                            _current_run.reset(token)
+                                        slot = KeyedRun(each, scope)
+                                        token = _current_run.set(slot)
+                                    slot.scope = scope
+                                    try:
+                                        outcome = await each.run_keyed(job, gen, slot)
+                                    except BaseException:
+                                        slot = None
+                                        _current_run.reset(token)  # type: ignore[arg-type]
+                                        token = None
+                                        raise
+                                    if outcome is not None:
+                                        # it made its component or failed: the
+                                        # rest runs with no keyed run current
+                                        run, slot = slot, None
+                                        _current_run.reset(token)  # type: ignore[arg-type]
+                                        token = None
+                                        await each.finish_keyed(run, *outcome)
                                     continue
+                                if token is not None:  # no keyed run is current for others
+                                    slot = None
+                                    _current_run.reset(token)
+                                    token = None
                                 if job is not None:
                                     await job()
                                     continue
@@ -585,6 +629,10 @@ class Pool:
                             finally:
                                 if self.app_run is app_run:
                                     self.free += 1
+                if token is not None:  # parked or done: no keyed run is current
+                    slot = None
+                    _current_run.reset(token)
+                    token = None
                 if self.closed or self.app_run is not app_run:
                     return
                 event = new_event()
@@ -592,6 +640,8 @@ class Pool:
                 self.free -= 1
                 await event.wait()
         finally:
+            if token is not None:
+                _current_run.reset(token)
             if self.app_run is app_run:
                 self.workers -= 1
                 self.free -= 1
