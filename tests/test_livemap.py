@@ -1252,3 +1252,48 @@ async def test_per_entry_runs_that_mount_or_fail_get_a_component() -> None:
         assert down.rows == {}
         assert set(each.x.each.leaves) == {"plain", "flaky"}
         assert not each.children
+
+
+async def test_per_entry_run_creating_a_map_keeps_its_component() -> None:
+    """A per-entry run that creates a LiveMap (a pipeline per entry) holds it
+    in its component; a change re-runs it with a new map, a delete retires
+    the map and unmounts what consumed it."""
+    control = Control({"a": ("a", 2), "b": ("b", 1)})
+    holder: dict[str, Any] = {}
+    down = Downstream()
+
+    @coco.fn
+    async def explode(pair: tuple[str, int]) -> None:
+        key, n = pair
+        parts: LiveMap[str, str] = await LiveMap.create()
+        for i in range(n):
+            parts.declare_entry(f"{key}{i}", f"{key}{i}")
+        await coco.mount_each(sink, parts)
+
+    @coco.fn
+    async def sink(part: str) -> None:
+        down.target.declare(part, part)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(LiveProducer, lm, control)
+        holder["each"] = await coco.mount_each(explode, lm)
+
+    async with coco.App("per-entry maps", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+        each = holder["each"]._component
+        assert set(down.rows) == {"a0", "a1", "b0"}
+        assert {rel[0] for rel in each.children} == {"a", "b"}
+        assert not each.x.each.leaves
+
+        control.state["a"] = ("a", 1)
+        del control.state["b"]
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+            await handle.ready()
+        assert set(down.rows) == {"a0"}
+        assert {rel[0] for rel in each.children} == {"a"}
