@@ -238,10 +238,6 @@ class EachState:
         self.kwargs = kwargs or _EMPTY_KWARGS
         self.handlers = handlers
 
-    def busy(self, key: Any) -> bool:
-        """Whether ``key`` has a run under way without a component."""
-        return key in self.pending or key in self.running
-
     def hold(self) -> None:
         if not self.counted:
             self.counted = True
