@@ -171,7 +171,7 @@ class KeyedRun(Run):
     def component(self) -> Component:
         made = self._made
         if made is None:
-            made = self._made = self.each.materialize(self)
+            made = self.each.materialize(self)
         return made
 
     @component.setter
@@ -262,6 +262,7 @@ class EachState:
             "mount_each",
             self.handlers,
         )
+        run._made = child
         child._generation = 1
         child._cancel = run.scope
         child._scope_run = comp.app._active
@@ -405,6 +406,7 @@ class _Extra:
     """The rarely used parts of a component, allocated on first use."""
 
     __slots__ = (
+        "backing_off",
         "busy",
         "consumer",
         "each",
@@ -431,6 +433,7 @@ class _Extra:
         self.marked_ready = False
         self.busy = 0
         self.consumer: Consumer[Any, Any] | None = None
+        self.backing_off = False  # waiting before a retry
 
 
 def event_class() -> Callable[[], anyio.Event]:
@@ -1014,7 +1017,12 @@ class Component:
                 failures += 1
                 if app_run is not None:
                     app_run.stats.retries += 1
-                await anyio.sleep(policy.delay(failures))
+                x = self.x
+                x.backing_off = True  # a newer value may cut the wait short
+                try:
+                    await anyio.sleep(policy.delay(failures))
+                finally:
+                    x.backing_off = False
                 if gen != self._generation or not self._alive:
                     return None
                 continue

@@ -113,8 +113,10 @@ class RetryPolicy:
     unready (and its key in flight) meanwhile.  Only the last failure goes to
     the exception-handler chain.  A key still failing after that stays
     visible in ``LiveMap.stats().failing`` (with its last error) until a
-    later run of it succeeds or it is deleted.  A change to a key that is being
-    retried is delivered (with a fresh count of attempts) once those retries end.
+    later run of it succeeds or it is deleted.  A new value for a key that
+    waits to retry cuts the wait short: it runs at once, with a fresh count
+    of attempts, instead of the old value.  A change that arrives while a
+    try is running, and a delete, wait until the tries are over.
     """
 
     max_attempts: int = 3
@@ -206,7 +208,8 @@ class Consumer(Generic[K, V]):
         limit = self.options.concurrency
         for key in keys:
             if key in in_flight:
-                self.dirty.add(key)
+                if each is None or not self._supersede_retry(each, key):
+                    self.dirty.add(key)
             elif key not in queued:
                 if each is not None and not self.queue and len(in_flight) < limit:
                     self._deliver_each(each, key)
@@ -302,6 +305,29 @@ class Consumer(Generic[K, V]):
             comp._x.consumer = None
         self.live_map._consumer_ended(self)
 
+    def _supersede_retry(self, each: EachSubscriber, key: K) -> bool:
+        """A new value for a key whose child waits to retry a failed run:
+        run the new value now, with a fresh count of attempts, instead of
+        retrying the old one.  The key stays in flight; the readiness
+        callback of its delivery hands it back as usual.  False (the change
+        waits) for a delete, or a child that is not waiting to retry."""
+        value = self.live_map._table.get(key, _MISSING)
+        if value is _MISSING:
+            return False
+        run = each.state.running.get(key)
+        if run is not None:
+            child = run._made
+        else:
+            children = each.component.children
+            child = None if children is None else children.get((key,))  # type: ignore[arg-type]
+        if child is None or child._x is None or not child._x.backing_off:
+            return False
+        fargs = each.each.args
+        child.args = (value, *fargs) if fargs else (value,)
+        child.queue_on(each.pool)  # cancels the wait: a new generation
+        self.deliveries += 1
+        return True
+
     def _deliver_each(self, each: EachSubscriber, key: K) -> None:
         """Deliver to ``mount_each`` without a task: queue the child's run on
         the pool and take the key back when the child is ready."""
@@ -309,9 +335,11 @@ class Consumer(Generic[K, V]):
         state = each.state
         if key in state.pending or key in state.running:
             # still processing an earlier value (from the scan): deliver the
-            # latest state once that is done (EachState tells _finish)
+            # latest state once that is done (EachState tells _finish), or
+            # now if it only waits to retry
             self.in_flight.add(key)
-            self.dirty.add(key)
+            if not self._supersede_retry(each, key):
+                self.dirty.add(key)
             return
         children = each.component.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
@@ -332,9 +360,11 @@ class Consumer(Generic[K, V]):
             return
         if child._unready:
             # still processing an earlier value (from the scan, or a retry):
-            # deliver the latest state once that is done
+            # deliver the latest state once that is done, or now if it only
+            # waits to retry
             self.in_flight.add(key)
-            self.dirty.add(key)
+            if not self._supersede_retry(each, key):
+                self.dirty.add(key)
             child.on_ready(partial(self._finish, key))
             return
         if value is _MISSING:

@@ -1297,3 +1297,47 @@ async def test_per_entry_run_creating_a_map_keeps_its_component() -> None:
             await handle.ready()
         assert set(down.rows) == {"a0"}
         assert {rel[0] for rel in each.children} == {"a"}
+
+
+@pytest.mark.parametrize("first_seen", ["in the scan", "live"])
+async def test_new_value_cuts_a_retry_wait_short(first_seen: str) -> None:
+    """A key waiting (a long backoff) to retry a failed run takes a newer
+    value at once, with a fresh count of attempts."""
+    failing = ("k", 0)
+    control = Control({"k": failing if first_seen == "in the scan" else ("k", 1)})
+    holder: dict[str, Any] = {}
+    calls: list[tuple[str, int]] = []
+
+    @coco.fn
+    async def consume(value: tuple[str, int]) -> None:
+        calls.append(value)
+        if value[1] == 0:
+            raise RuntimeError("version 0 fails")
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        holder["lm"] = lm
+        producer = await coco.mount(LiveProducer, lm, control)
+        await producer.ready()
+        policy = coco.RetryPolicy(max_attempts=5, initial_backoff=600.0, max_backoff=600.0)
+        await coco.mount_each(consume, lm.consumer(retry=policy))
+
+    async with coco.App("cut short", main).update(live=True) as handle:
+        if first_seen == "live":
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            control.state["k"] = failing
+            await control.refresh()
+        await wait_for(lambda: failing in calls)
+        assert holder["lm"].stats().failing == {}  # still retrying, not given up
+
+        control.state["k"] = ("k", 2)
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):  # far less than the 600 s backoff
+            await holder["lm"].settle()
+            await handle.ready()
+        assert calls[-1] == ("k", 2)
+        assert calls.count(failing) == 1
+        assert holder["lm"].stats().failing == {}
+        await handle.stop()
