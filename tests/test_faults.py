@@ -533,10 +533,9 @@ async def churn_then_stop(seed: int, churn_for: float) -> tuple[int, int, int, i
         # (never quiescent while churning: wait for the work itself, not ready());
         # heavy churn first, then stop at a random moment of it
         await wait_for(
-            lambda: processed[0] > 30
-            and log.runs > 30
-            and log.conflicts > 0
-            and len(log.declared) == 3
+            lambda: (
+                processed[0] > 30 and log.runs > 30 and log.conflicts > 0 and len(log.declared) == 3
+            )
         )
         await anyio.sleep(churn_for)
     # the block's exit has stopped the run: nothing of it may still be running

@@ -210,9 +210,11 @@ async def soak(size: Size) -> None:
 
 # The full size (1M changes over 10k keys) is opt-in: LIVEMAP_SOAK=1 replaces
 # the reduced size instead of adding a skipped test to every run.
-SIZES = [pytest.param(FULL, id="full", marks=pytest.mark.slow)] if SOAK else [
-    pytest.param(DEFAULT, id="reduced")
-]
+SIZES = (
+    [pytest.param(FULL, id="full", marks=pytest.mark.slow)]
+    if SOAK
+    else [pytest.param(DEFAULT, id="reduced")]
+)
 
 
 @pytest.mark.parametrize("size", SIZES)
