@@ -475,7 +475,8 @@ class EachSubscriber:
     ``update_all()`` opens an epoch and mounts a child for every entry of a
     view's snapshot; ``mark_ready()`` closes it, unmounting the children of
     keys the epoch did not see.  ``update`` / ``delete`` then follow changes.
-    A LiveMap's consumer skips the protocol and calls :meth:`submit` directly.
+    A LiveMap's consumer skips the protocol and queues runs directly
+    (:meth:`submit_keyed`, or the child's component on :attr:`pool`).
     """
 
     def __init__(
