@@ -193,7 +193,9 @@ class EachState:
     component (see :class:`KeyedRun`), or fails, gets one, which then stays
     in the tree like any other child until a later run leaves nothing behind
     (:meth:`Component._rest_as_leaf`).  A key is in at most one of
-    ``leaves``, ``pending``, ``running`` and the component's children.
+    ``leaves``, ``pending`` and ``running``, and is in the component's
+    children only while in none of them, or while running once its run made
+    its component.
 
     While any key is pending or running, the ``mount_each`` component counts
     one unready child for them all.
