@@ -1078,6 +1078,26 @@ async def test_maps_made_by_a_failed_run_are_kept_until_the_next_commit() -> Non
     assert dict(maps[2].items()) == {"a": 1}
 
 
+def each_app(
+    name: str,
+    control: Control,
+    fn: Any,
+    holder: dict[str, Any],
+    source: Any = lambda lm: lm,
+) -> coco.App:
+    """A live producer of ``control.state`` into a map, and ``mount_each(fn,
+    source(lm))``; the map and the mount_each handle go to ``holder``."""
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[Any, Any] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(LiveProducer, lm, control)
+        holder["each"] = await coco.mount_each(fn, source(lm))
+
+    return coco.App(name, main)
+
+
 # -- children at rest and the pool ---------------------------------------------------
 
 
@@ -1098,14 +1118,7 @@ async def test_children_at_rest_keep_only_their_value() -> None:
         if holds:
             down.target.declare(key, version)
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int, bool]] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        holder["each"] = await coco.mount_each(consume, lm)
-
-    async with coco.App("rest", main).update(live=True) as handle:
+    async with each_app("rest", control, consume, holder).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         each = holder["each"]._component
@@ -1222,15 +1235,9 @@ async def test_per_entry_runs_that_mount_or_fail_get_a_component() -> None:
         if key == "flaky" and tries[key] == 1:
             raise RuntimeError("first try fails")
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        policy = coco.RetryPolicy(max_attempts=2, initial_backoff=0.001)
-        holder["each"] = await coco.mount_each(per_entry, lm.consumer(retry=policy))
-
-    async with coco.App("made", main).update(live=True) as handle:
+    policy = coco.RetryPolicy(max_attempts=2, initial_backoff=0.001)
+    app = each_app("made", control, per_entry, holder, lambda lm: lm.consumer(retry=policy))
+    async with app.update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
             await holder["lm"].settle()
@@ -1274,14 +1281,7 @@ async def test_per_entry_run_creating_a_map_keeps_its_component() -> None:
     async def sink(part: str) -> None:
         down.target.declare(part, part)
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        holder["each"] = await coco.mount_each(explode, lm)
-
-    async with coco.App("per-entry maps", main).update(live=True) as handle:
+    async with each_app("per-entry maps", control, explode, holder).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         each = holder["each"]._component
