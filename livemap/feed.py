@@ -113,10 +113,11 @@ class RetryPolicy:
     unready (and its key in flight) meanwhile.  Only the last failure goes to
     the exception-handler chain.  A key still failing after that stays
     visible in ``LiveMap.stats().failing`` (with its last error) until a
-    later run of it succeeds or it is deleted.  A new value for a key that
-    waits to retry cuts the wait short: it runs at once, with a fresh count
-    of attempts, instead of the old value.  A change that arrives while a
-    try is running, and a delete, wait until the tries are over.
+    later run of it succeeds or it is deleted.  A change to a key that waits
+    to retry cuts the wait short: a new value runs at once, with a fresh
+    count of attempts, instead of the old one, and a delete unmounts the
+    child at once.  A change that arrives while a try is running waits until
+    that try is over.
     """
 
     max_attempts: int = 3
@@ -306,26 +307,38 @@ class Consumer(Generic[K, V]):
         self.live_map._consumer_ended(self)
 
     def _supersede_retry(self, each: EachSubscriber, key: K) -> bool:
-        """A new value for a key whose child waits to retry a failed run:
-        run the new value now, with a fresh count of attempts, instead of
-        retrying the old one.  The key stays in flight; the readiness
-        callback of its delivery hands it back as usual.  False (the change
-        waits) for a delete, or a child that is not waiting to retry."""
-        value = self.live_map._table.get(key, _MISSING)
-        if value is _MISSING:
-            return False
-        run = each.state.running.get(key)
+        """A change to a key (in flight) whose child waits to retry a failed
+        run: apply it now instead of retrying the old value.  A new value
+        runs at once, with a fresh count of attempts; the readiness callback
+        of the key's delivery hands it back as usual.  A delete unmounts the
+        child at once; its cleanup hands the key back.  False (the change
+        waits) if the child is not waiting to retry."""
+        state = each.state
+        run = state.running.get(key)
         if run is not None:
             child = run._made
         else:
             children = each.component.children
             child = None if children is None else children.get((key,))  # type: ignore[arg-type]
-        if child is None or child._x is None or not child._x.backing_off:
+        x = None if child is None else child._x
+        if child is None or x is None or not x.backing_off:
             return False
-        fargs = each.each.args
-        child.args = (value, *fargs) if fargs else (value,)
-        child.queue_on(each.pool)  # cancels the wait: a new generation
         self.deliveries += 1
+        value = self.live_map._table.get(key, _MISSING)
+        if value is not _MISSING:
+            fargs = each.each.args
+            child.args = (value, *fargs) if fargs else (value,)
+            child.queue_on(each.pool)  # cancels the wait: a new generation
+            return True
+        if run is not None:
+            state.drop(key)  # its hand-back is the cleanup's now
+        if x.waiters:  # likewise for the hand-back of the key's delivery
+            finish = self._finish
+            x.waiters = [
+                w for w in x.waiters if not (isinstance(w, partial) and w.func == finish)
+            ] or None
+        child.detach()  # cancels the wait
+        each.pool.submit(child, 0, partial(self._cleanup, child, key))
         return True
 
     def _deliver_each(self, each: EachSubscriber, key: K) -> None:
@@ -365,7 +378,8 @@ class Consumer(Generic[K, V]):
             self.in_flight.add(key)
             if not self._supersede_retry(each, key):
                 self.dirty.add(key)
-            child.on_ready(partial(self._finish, key))
+            if child._alive:  # (a delete that cut a retry short hands back itself)
+                child.on_ready(partial(self._finish, key))
             return
         if value is _MISSING:
             self.in_flight.add(key)

@@ -1341,3 +1341,46 @@ async def test_new_value_cuts_a_retry_wait_short(first_seen: str) -> None:
         assert calls.count(failing) == 1
         assert holder["lm"].stats().failing == {}
         await handle.stop()
+
+
+@pytest.mark.parametrize("k_holds_a_row", [True, False], ids=["component", "at rest"])
+async def test_delete_cuts_a_retry_wait_short(k_holds_a_row: bool) -> None:
+    """Deleting a key whose child waits (a long backoff) to retry unmounts it
+    at once: what it held downstream is released, and settle() returns.
+    (A child at rest gets its component when its run fails.)"""
+    control = Control({"k": ("k", 1), "other": ("other", 1)})
+    holder: dict[str, Any] = {}
+    down = Downstream()
+    calls: list[tuple[str, int]] = []
+
+    @coco.fn
+    async def consume(value: tuple[str, int]) -> None:
+        calls.append(value)
+        if value[1] == 0:
+            raise RuntimeError("version 0 fails")
+        if k_holds_a_row or value[0] != "k":
+            down.target.declare(value[0], value[1])
+
+    policy = coco.RetryPolicy(max_attempts=5, initial_backoff=600.0, max_backoff=600.0)
+    app = each_app("delete cuts", control, consume, holder, lambda lm: lm.consumer(retry=policy))
+    async with app.update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+        before = {"k": 1, "other": 1} if k_holds_a_row else {"other": 1}
+        assert down.rows == before
+        assert ("k" in holder["each"]._component.x.each.leaves) is not k_holds_a_row
+        control.state["k"] = ("k", 0)
+        await control.refresh()
+        await wait_for(lambda: ("k", 0) in calls)
+        assert down.rows == before  # a failed run commits nothing
+
+        del control.state["k"]
+        await control.refresh()
+        with anyio.fail_after(TIMEOUT):  # far less than the 600 s backoff
+            await holder["lm"].settle()
+            await handle.ready()
+        assert down.rows == {"other": 1}
+        assert calls.count(("k", 0)) == 1
+        assert holder["lm"].stats().failing == {}
+        assert not {r[0] for r in holder["each"]._component.children} & {"k"}
+        await handle.stop()
