@@ -78,6 +78,31 @@ class LiveProducer:
             done.set()
 
 
+def each_app(
+    name: str,
+    control: Control,
+    fn: Any,
+    holder: dict[str, Any],
+    source: Any = lambda lm: lm,
+    *,
+    producer_first: bool = False,
+) -> coco.App:
+    """A live producer of ``control.state`` into a map, and ``mount_each(fn,
+    source(lm))`` (once the producer is ready, with ``producer_first``); the
+    map and the mount_each handle go to ``holder``."""
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[Any, Any] = await LiveMap.create()
+        holder["lm"] = lm
+        producer = await coco.mount(LiveProducer, lm, control)
+        if producer_first:
+            await producer.ready()
+        holder["each"] = await coco.mount_each(fn, source(lm))
+
+    return coco.App(name, main)
+
+
 @dataclass
 class Item:
     """A plain (unhashable) dataclass value."""
@@ -769,14 +794,8 @@ async def test_slow_key_is_coalesced_and_does_not_hold_back_others() -> None:
             blocked.set()
             await release.wait()
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        await coco.mount_each(consume, lm.consumer(concurrency=4))
-
-    async with coco.App("t", main).update(live=True) as handle:
+    app = each_app("t", control, consume, holder, lambda lm: lm.consumer(concurrency=4))
+    async with app.update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         lm: LiveMap[str, tuple[str, int]] = holder["lm"]
@@ -820,14 +839,8 @@ async def test_concurrency_limit_and_one_key_never_twice_at_once() -> None:
         await anyio.sleep(0.005)
         active.discard(key)
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        await coco.mount_each(consume, lm.consumer(concurrency=3))
-
-    async with coco.App("t", main).update(live=True) as handle:
+    app = each_app("t", control, consume, holder, lambda lm: lm.consumer(concurrency=3))
+    async with app.update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         peak[0] = 0
@@ -1078,26 +1091,6 @@ async def test_maps_made_by_a_failed_run_are_kept_until_the_next_commit() -> Non
     assert dict(maps[2].items()) == {"a": 1}
 
 
-def each_app(
-    name: str,
-    control: Control,
-    fn: Any,
-    holder: dict[str, Any],
-    source: Any = lambda lm: lm,
-) -> coco.App:
-    """A live producer of ``control.state`` into a map, and ``mount_each(fn,
-    source(lm))``; the map and the mount_each handle go to ``holder``."""
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[Any, Any] = await LiveMap.create()
-        holder["lm"] = lm
-        await coco.mount(LiveProducer, lm, control)
-        holder["each"] = await coco.mount_each(fn, source(lm))
-
-    return coco.App(name, main)
-
-
 # -- children at rest and the pool ---------------------------------------------------
 
 
@@ -1314,16 +1307,16 @@ async def test_new_value_cuts_a_retry_wait_short(first_seen: str) -> None:
         if value[1] == 0:
             raise RuntimeError("version 0 fails")
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
-        holder["lm"] = lm
-        producer = await coco.mount(LiveProducer, lm, control)
-        await producer.ready()
-        policy = coco.RetryPolicy(max_attempts=5, initial_backoff=600.0, max_backoff=600.0)
-        await coco.mount_each(consume, lm.consumer(retry=policy))
-
-    async with coco.App("cut short", main).update(live=True) as handle:
+    policy = coco.RetryPolicy(max_attempts=5, initial_backoff=600.0, max_backoff=600.0)
+    app = each_app(
+        "cut short",
+        control,
+        consume,
+        holder,
+        lambda lm: lm.consumer(retry=policy),
+        producer_first=True,
+    )
+    async with app.update(live=True) as handle:
         if first_seen == "live":
             with anyio.fail_after(TIMEOUT):
                 await handle.ready()
