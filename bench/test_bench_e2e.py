@@ -30,8 +30,7 @@ import anyio.from_thread
 import pytest
 
 import livemap
-import livemap.live_map
-import livemap.targets
+from livemap._runtime import _tables
 
 FILL_N = int(os.environ.get("LIVEMAP_BENCH_FILL", "100000"))
 CHURN_N = 10_000
@@ -66,16 +65,11 @@ def impl(request: pytest.FixtureRequest) -> Iterator[str]:
         core = importlib.import_module(module)
     except ImportError as exc:
         pytest.skip(f"compiled core not available: {exc}")
-    swapped = [(livemap.targets, "Table"), (livemap.targets, "Declarer"),
-               (livemap.live_map, "Declarer")]
-    saved = [getattr(module, attr) for module, attr in swapped]
-    for module, attr in swapped:
-        setattr(module, attr, getattr(core, attr))
+    _tables.use_core(core)
     try:
         yield name
     finally:
-        for (module, attr), value in zip(swapped, saved, strict=True):
-            setattr(module, attr, value)
+        _tables.use_core(None)
 
 
 COCOINDEX_LIVE = (
@@ -572,12 +566,11 @@ MEMORY_SCRIPT = textwrap.dedent(
         import cocoindex as coco
         from cocoindex.resources.live_map import LiveMap
     else:
-        import livemap as coco, livemap.targets, livemap.live_map, importlib
+        import livemap as coco, importlib
         from livemap import LiveMap
-        core = importlib.import_module(
-            "livemap_core._core" if impl == "cython" else "livemap_core._fallback")
-        livemap.targets.Table = core.Table
-        livemap.targets.Declarer = livemap.live_map.Declarer = core.Declarer
+        from livemap._runtime import _tables
+        _tables.use_core(importlib.import_module(
+            "livemap_core._core" if impl == "cython" else "livemap_core._fallback"))
     keys = [f"k{i}" for i in range(N)]
     holder = {}
     size = [10]

@@ -8,17 +8,25 @@ The public names follow CocoIndex v1::
     from livemap import LiveMap
 """
 
-from livemap._version import __version__
-from livemap.app import App, AppConfig, UpdateHandle, UpdateStats
-from livemap.component import (
-    ComponentMountHandle,
-    Function,
-    fn,
-    mount,
-    mount_each,
-    use_mount,
+from livemap._feed._each import mount_each
+from livemap._feed._protocols import (
+    ConsumerOptions,
+    LiveMapFeed,
+    LiveMapSubscriber,
+    LiveMapView,
+    RetryPolicy,
 )
-from livemap.context import ExceptionContext, ExceptionHandler, exception_handler
+from livemap._live_map import LiveMap, LiveMapConsumer, LiveMapStats
+from livemap._paths import ComponentSubpath, StableKey, StablePath, Symbol, component_subpath
+from livemap._runtime._app import App, AppConfig, UpdateHandle
+from livemap._runtime._component import ComponentMountHandle
+from livemap._runtime._context import ExceptionContext, ExceptionHandler, exception_handler
+from livemap._runtime._functions import Function, fn
+from livemap._runtime._live import LiveComponent, LiveComponentOperator, auto_refresh
+from livemap._runtime._mount import mount, use_mount
+from livemap._runtime._session import UpdateStats
+from livemap._runtime._targets import KeyedTarget, TargetBatch
+from livemap._version import __version__
 from livemap.errors import (
     DuplicateDeclarationError,
     DuplicatePathError,
@@ -28,17 +36,6 @@ from livemap.errors import (
     NotInComponentError,
     TargetApplyError,
 )
-from livemap.feed import (
-    ConsumerOptions,
-    LiveMapFeed,
-    LiveMapSubscriber,
-    LiveMapView,
-    RetryPolicy,
-)
-from livemap.live import LiveComponent, LiveComponentOperator, auto_refresh
-from livemap.live_map import LiveMap, LiveMapConsumer, LiveMapStats
-from livemap.paths import ComponentSubpath, StableKey, StablePath, Symbol, component_subpath
-from livemap.targets import KeyedTarget, TargetBatch
 
 __all__ = [
     "App",

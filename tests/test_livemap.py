@@ -1115,7 +1115,7 @@ async def test_children_at_rest_keep_only_their_value() -> None:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
         each = holder["each"]._component
-        leaves = each.x.each.leaves
+        leaves = each.host.leaves
         assert sorted(leaves) == sorted(f"k{i}" for i in range(50) if i % 10)
         assert sorted(rel[0] for rel in each.children) == sorted(f"k{i}" for i in range(0, 50, 10))
         assert down.rows == {f"k{i}": 0 for i in range(0, 50, 10)}
@@ -1164,7 +1164,7 @@ async def test_scan_of_a_big_map_does_not_queue_every_run_at_once() -> None:
 
     @coco.fn
     async def consume(value: int) -> None:
-        seen_queue.append(len(holder["each"]._component.x.pool.queue))
+        seen_queue.append(len(holder["each"]._component.host.pool.queue))
 
     @coco.fn
     async def main() -> None:
@@ -1175,7 +1175,7 @@ async def test_scan_of_a_big_map_does_not_queue_every_run_at_once() -> None:
 
     await run_app(coco.App("paced", main))
     assert len(seen_queue) == n
-    pool = holder["each"]._component.x.pool
+    pool = holder["each"]._component.host.pool
     assert max(seen_queue) < pool.high < n
 
 
@@ -1239,7 +1239,7 @@ async def test_per_entry_runs_that_mount_or_fail_get_a_component() -> None:
         assert tries == {"plain": 1, "nested": 1, "flaky": 2}
         # flaky's failure gave it a component; its retry left nothing behind,
         # so it is at rest again; nested's holds a child with a downstream row
-        assert set(each.x.each.leaves) == {"plain", "flaky"}
+        assert set(each.host.leaves) == {"plain", "flaky"}
         assert {rel[0] for rel in each.children} == {"nested"}
         assert holder["lm"].stats().failing == {}
         assert handle.stats().retries == 1
@@ -1250,7 +1250,7 @@ async def test_per_entry_runs_that_mount_or_fail_get_a_component() -> None:
         with anyio.fail_after(TIMEOUT):
             await holder["lm"].settle()
         assert down.rows == {}
-        assert set(each.x.each.leaves) == {"plain", "flaky"}
+        assert set(each.host.leaves) == {"plain", "flaky"}
         assert not each.children
 
 
@@ -1280,7 +1280,7 @@ async def test_per_entry_run_creating_a_map_keeps_its_component() -> None:
         each = holder["each"]._component
         assert set(down.rows) == {"a0", "a1", "b0"}
         assert {rel[0] for rel in each.children} == {"a", "b"}
-        assert not each.x.each.leaves
+        assert not each.host.leaves
 
         control.state["a"] = ("a", 1)
         del control.state["b"]
@@ -1361,7 +1361,7 @@ async def test_delete_cuts_a_retry_wait_short(k_holds_a_row: bool) -> None:
             await handle.ready()
         before = {"k": 1, "other": 1} if k_holds_a_row else {"other": 1}
         assert down.rows == before
-        assert ("k" in holder["each"]._component.x.each.leaves) is not k_holds_a_row
+        assert ("k" in holder["each"]._component.host.leaves) is not k_holds_a_row
         control.state["k"] = ("k", 0)
         await control.refresh()
         await wait_for(lambda: ("k", 0) in calls)

@@ -15,17 +15,15 @@ import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 
-from livemap.context import _current_run
+from livemap._paths import StablePath, format_path
+from livemap._runtime._hosting import Owner, current_run_var
+from livemap._runtime._tables import new_declarer, new_table
 from livemap.errors import KeyConflictError, NotInComponentError, TargetApplyError
-from livemap.paths import StablePath, format_path
 from livemap_core import CONFLICT, Buffer, Commit, Declarer, Table, TableStats
-
-if TYPE_CHECKING:
-    from livemap.component import Component
 
 __all__ = ["KeyedTarget", "TargetBase", "TargetBatch"]
 
@@ -56,18 +54,19 @@ class TargetBatch(Generic[K, V]):
 
 
 class TargetBase(Generic[K, V]):
-    """What the runtime needs of a target (internal)."""
+    """The runtime's keyed targets: a table of owned entries, committed into
+    by component runs (it implements :class:`._hosting.Target`)."""
 
     __slots__ = ("__weakref__", "_table", "name")
 
     def __init__(self, name: str, *, track_undo: bool) -> None:
         self.name = name
-        self._table: Table[K, V] = Table(name, track_undo=track_undo)
+        self._table: Table[K, V] = new_table(name, track_undo=track_undo)
 
-    def _holds(self, component: Component) -> bool:
+    def holds(self, component: Owner) -> bool:
         return self._table.count_of(component) > 0
 
-    async def _report_rejections(self, component: Component, result: Commit[K, V]) -> None:
+    async def _report_rejections(self, component: Owner, result: Commit[K, V]) -> None:
         for rejection in result.rejections:
             if rejection.kind == CONFLICT:
                 holder = rejection.holder
@@ -83,14 +82,14 @@ class TargetBase(Generic[K, V]):
                 exc.__cause__ = rejection.error
             await component.report(exc)
 
-    async def _commit(
-        self, component: Component, buffer: Buffer[K, V], gen: int
+    async def commit_run(
+        self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
         """Commit one run's buffer (unless run ``gen`` of ``component`` has been
         superseded or unmounted by then); return the sink's failure, if any."""
         raise NotImplementedError
 
-    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
+    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         """Delete everything ``component`` holds (for a commit of run ``gen``:
         unless it has been superseded); return the sink's failure, if any."""
         raise NotImplementedError
@@ -143,10 +142,10 @@ class KeyedTarget(TargetBase[K, V]):
 
     def __init__(self, name: str, apply: Sink[K, V]) -> None:
         super().__init__(name, track_undo=True)
-        self.declare: Declarer[K, V] = Declarer(
+        self.declare: Declarer[K, V] = new_declarer(
             self._table,
             self,
-            _current_run,
+            current_run_var,
             partial(NotInComponentError, f"{name}.declare()"),
             partial(RuntimeError, f"{name} takes no declarations"),
         )
@@ -160,7 +159,7 @@ class KeyedTarget(TargetBase[K, V]):
         """
         self._apply = apply
         self._lock: anyio.Lock | None = None
-        self._orphans: list[Component] = []
+        self._orphans: list[Owner] = []
 
     def __repr__(self) -> str:
         return f"<KeyedTarget {self.name} entries={len(self._table)}>"
@@ -170,7 +169,7 @@ class KeyedTarget(TargetBase[K, V]):
             self._lock = anyio.Lock()
         return self._lock
 
-    async def _send(self, component: Component, result: Commit[K, V]) -> Exception | None:
+    async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
             return None
         batch = TargetBatch(
@@ -197,8 +196,8 @@ class KeyedTarget(TargetBase[K, V]):
             if await self._send(component, self._table.release(component)) is not None:
                 self._orphans.append(component)
 
-    async def _commit(
-        self, component: Component, buffer: Buffer[K, V], gen: int
+    async def commit_run(
+        self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
@@ -209,13 +208,13 @@ class KeyedTarget(TargetBase[K, V]):
             await self._report_rejections(component, result)
             return await self._send(component, result)
 
-    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
+    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         async with self._get_lock():
             if self._orphans:
                 await self._retry_orphans()
             if gen is not None and not component.current(gen):
                 return None
             failed = await self._send(component, self._table.release(component))
-            if failed is not None and not component._alive:
+            if failed is not None and not component.alive:
                 self._orphans.append(component)
             return failed

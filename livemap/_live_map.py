@@ -6,24 +6,23 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from livemap.context import _current_run, current_run
-from livemap.errors import MapRetiredError, NotInComponentError
-from livemap.feed import (
-    Consumer,
+from livemap._feed._consumer import Consumer
+from livemap._feed._protocols import (
     ConsumerOptions,
     LiveMapFeed,
     LiveMapSubscriber,
     LiveMapView,
     RetryPolicy,
 )
-from livemap.targets import TargetBase
+from livemap._runtime._component import Component, current_run
+from livemap._runtime._hosting import Owner, current_run_var
+from livemap._runtime._session import AppRun
+from livemap._runtime._tables import new_declarer
+from livemap._runtime._targets import TargetBase
+from livemap.errors import MapRetiredError, NotInComponentError
 from livemap_core import Buffer, Declarer
-
-if TYPE_CHECKING:
-    from livemap.app import AppRun
-    from livemap.component import Component
 
 __all__ = [
     "LiveMap",
@@ -94,7 +93,7 @@ class LiveMap(TargetBase[K, V]):
 
     Create it with ``await LiveMap.create()`` inside a component; it belongs
     to that run and is retired when the component's next run commits or the
-    component is unmounted.  It is a :class:`~livemap.feed.LiveMapView`:
+    component is unmounted.  It is a :class:`~livemap.LiveMapView`:
     ``async for key, value in lm`` scans a snapshot, ``await lm.watch(sub)``
     follows it, and ``mount_each(fn, lm)`` mounts one component per entry.
     """
@@ -113,10 +112,10 @@ class LiveMap(TargetBase[K, V]):
         if _token is not _CREATE:
             raise TypeError("use `await LiveMap.create()` inside a component to make a LiveMap")
         super().__init__(f"LiveMap#{next(_ids)} (created by {creator.path_str})", track_undo=False)
-        self.declare_entry: Declarer[K, V] = Declarer(
+        self.declare_entry: Declarer[K, V] = new_declarer(
             self._table,
             self,
-            _current_run,
+            current_run_var,
             partial(NotInComponentError, "LiveMap.declare_entry()"),
             partial(MapRetiredError, self.name),
         )
@@ -148,15 +147,15 @@ class LiveMap(TargetBase[K, V]):
         """
         run = current_run("LiveMap.create()")
         lm: LiveMap[K, V] = cls(_CREATE, run.component)
-        if run.maps is None:
-            run.maps = []
-        run.maps.append(lm)
+        if run.created is None:
+            run.created = []
+        run.created.append(lm)
         return lm
 
     # -- producing ---------------------------------------------------------------
 
-    async def _commit(
-        self, component: Component, buffer: Buffer[K, V], gen: int
+    async def commit_run(
+        self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
         if self._retired or not component.current(gen):
             return None
@@ -170,7 +169,7 @@ class LiveMap(TargetBase[K, V]):
             consumer.notify(keys)
         return None
 
-    async def _release(self, component: Component, gen: int | None = None) -> Exception | None:
+    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         if gen is not None and not component.current(gen):
             return None
         result = self._table.release(component)
@@ -179,14 +178,17 @@ class LiveMap(TargetBase[K, V]):
             consumer.notify(result.deletes)
         return None
 
-    def _retire(self) -> None:
+    def retire(self) -> None:
+        """Retire the map (its creating run was superseded or its component
+        unmounted): no more declarations, and its consumer ends."""
         self._retired = True
         self.declare_entry.closed = True
         if self._consumer is not None:
             self._consumer.close()
 
-    def _app_run(self) -> AppRun | None:
-        return self._creator.app._active
+    def app_run(self) -> AppRun | None:
+        """The app run the map belongs to, while it runs (internal)."""
+        return self._creator.session.active
 
     @property
     def retired(self) -> bool:
@@ -201,7 +203,8 @@ class LiveMap(TargetBase[K, V]):
         """A snapshot of the entries as they are now; no side effects."""
         return _Snapshot(self._table.items())
 
-    def _snapshot(self) -> list[tuple[K, V]]:
+    def snapshot(self) -> list[tuple[K, V]]:
+        """The entries as they are now, as a list (what ``async for`` yields)."""
         return self._table.items()
 
     async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
@@ -229,7 +232,7 @@ class LiveMap(TargetBase[K, V]):
         finally:
             consumer.release()
 
-    def _consumer_ended(self, consumer: Consumer[K, V]) -> None:
+    def consumer_ended(self, consumer: Consumer[K, V]) -> None:
         """Free the consumer slot (called once per consumer, when it ends)."""
         self._deliveries += consumer.deliveries
         self._failing = consumer.failing_keys()  # stays visible after the consumer ends
@@ -283,7 +286,7 @@ class LiveMap(TargetBase[K, V]):
 
 class LiveMapConsumer(Generic[K, V]):
     """A :class:`LiveMap` seen through consumer options (see
-    :meth:`LiveMap.consumer`); a :class:`~livemap.feed.LiveMapView`."""
+    :meth:`LiveMap.consumer`); a :class:`~livemap.LiveMapView`."""
 
     __slots__ = ("live_map", "options")
 
@@ -294,8 +297,9 @@ class LiveMapConsumer(Generic[K, V]):
     def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
         return self.live_map.__aiter__()
 
-    def _snapshot(self) -> list[tuple[K, V]]:
-        return self.live_map._table.items()
+    def snapshot(self) -> list[tuple[K, V]]:
+        """The map's entries as they are now, as a list."""
+        return self.live_map.snapshot()
 
     async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
         """Like :meth:`LiveMap.watch`, with these options."""

@@ -41,7 +41,7 @@ def format_path(path: StablePath) -> str:
     return "/" + "/".join(_format_part(p) for p in path)
 
 
-_prefix: ContextVar[StablePath] = ContextVar("livemap_subpath_prefix", default=())
+prefix_var: ContextVar[StablePath] = ContextVar("livemap_subpath_prefix", default=())
 
 
 class ComponentSubpath:
@@ -67,11 +67,11 @@ class ComponentSubpath:
         return ComponentSubpath(*self.parts, *more)
 
     def __enter__(self) -> ComponentSubpath:
-        self._token.append(_prefix.set(_prefix.get() + self.parts))
+        self._token.append(prefix_var.set(prefix_var.get() + self.parts))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        _prefix.reset(self._token.pop())
+        prefix_var.reset(self._token.pop())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ComponentSubpath):
@@ -96,4 +96,4 @@ def component_subpath(*parts: StableKey) -> ComponentSubpath:
 
 def current_prefix() -> StablePath:
     """The subpath prefix of the enclosing ``with component_subpath(...)`` blocks."""
-    return _prefix.get()
+    return prefix_var.get()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
-from livemap.component import Component
-from livemap.context import ExceptionHandler
+from livemap._runtime._component import Component
+from livemap._runtime._context import ExceptionHandler
+from livemap._runtime._session import AppRun, Session, UpdateStats
 
-__all__ = ["App", "AppConfig", "AppRun", "UpdateHandle", "UpdateStats"]
+__all__ = ["App", "AppConfig", "UpdateHandle"]
 
 
 @dataclass(frozen=True)
@@ -23,50 +24,6 @@ class AppConfig:
 
     name: str
     exception_handler: ExceptionHandler | None = None
-
-
-@dataclass
-class UpdateStats:
-    """Counters of one ``app.update()``: component runs started, runs that
-    failed (after any retries), components unmounted, and retries made by
-    ``mount_each`` retry policies."""
-
-    components_run: int = 0
-    components_failed: int = 0
-    components_unmounted: int = 0
-    retries: int = 0
-
-
-@dataclass
-class AppRun:
-    """One ``app.update()`` in progress (internal)."""
-
-    app: App
-    live: bool
-    tg: TaskGroup
-    stats: UpdateStats = field(default_factory=UpdateStats)
-    busy_consumers: int = 0
-    stop_requested: bool = False
-    failure: BaseException | None = None
-    _waiters: list[anyio.Event] = field(default_factory=list)
-
-    def notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for event in waiters:
-            event.set()
-
-    def consumer_busy(self, delta: int) -> None:
-        self.busy_consumers += delta
-        if self.busy_consumers == 0:
-            self.notify()
-
-    def quiescent(self, root: Component) -> bool:
-        return root.subtree_ready and self.busy_consumers == 0
-
-    async def wait(self) -> None:
-        event = anyio.Event()
-        self._waiters.append(event)
-        await event.wait()
 
 
 class App:
@@ -99,8 +56,7 @@ class App:
         self.args = args
         self.kwargs = kwargs
         self._root: Component | None = None
-        self._active: AppRun | None = None
-        self._escalations = False
+        self._session = Session(config.name)
 
     @property
     def name(self) -> str:
@@ -138,16 +94,6 @@ class App:
 
     # -- internal -----------------------------------------------------------------
 
-    def _require_run(self) -> AppRun:
-        run = self._active
-        if run is None:
-            raise RuntimeError(f"app {self.name!r} is not running")
-        return run
-
-    def _notify(self) -> None:
-        if self._active is not None:
-            self._active.notify()
-
     def _root_component(self) -> Component:
         root = self._root
         handlers = (
@@ -155,7 +101,7 @@ class App:
         )
         if root is None:
             root = self._root = Component(
-                self, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
+                self._session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
             )
         return root
 
@@ -265,21 +211,22 @@ class UpdateHandle:
 
     async def _execute(self) -> None:
         app = self._app
-        if app._active is not None:
+        session = app._session
+        if session.active is not None:
             raise RuntimeError(f"app {app.name!r} is already running an update")
         if self._stop:
             return
         run: AppRun | None = None
         try:
             async with anyio.create_task_group() as tg:
-                run = AppRun(app, self._live, tg, stats=self._stats)
+                run = AppRun(self._live, tg, stats=self._stats)
                 self._run = run
-                app._active = run
+                session.active = run
                 root = app._root_component()
                 # The root turns unready here, before anything can look at it.
-                gen = root._begin()
+                gen = root.begin()
                 tg.start_soon(app._run_root, root, run, gen)
-                while not (run.stop_requested or run.failure or run.quiescent(root)):
+                while not (run.stop_requested or run.failure or run.quiescent(root.subtree_ready)):
                     await run.wait()
                 if run.failure is None:
                     self._set_ready()
@@ -289,8 +236,8 @@ class UpdateHandle:
         finally:
             if run is not None:
                 run.stop_requested = True
-                if app._active is run:
-                    app._active = None
+                if session.active is run:
+                    session.active = None
             self._run = None
         if run is not None and run.failure is not None:
             self._error = run.failure

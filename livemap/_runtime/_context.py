@@ -1,4 +1,4 @@
-"""The current component run and the exception-handler chain."""
+"""The exception-handler chain and the context a reported exception carries."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
-from livemap.errors import NotInComponentError
-from livemap.paths import StablePath, format_path
-
-if TYPE_CHECKING:
-    from livemap.component import Run
+from livemap._paths import StablePath, format_path
 
 __all__ = [
     "ExceptionContext",
     "ExceptionHandler",
     "MountKind",
+    "dispatch",
     "exception_handler",
+    "handler_chain",
+    "handlers_var",
+    "processor_name",
 ]
 
 logger = logging.getLogger("livemap")
@@ -55,16 +55,7 @@ ExceptionHandler: TypeAlias = Callable[[BaseException, ExceptionContext], "Await
 exception; raises to pass it (or another exception) on to the next handler
 out, and to make ``handle.ready()`` of the failing component raise it."""
 
-_current_run: ContextVar[Run | None] = ContextVar("livemap_current_run", default=None)
-_handlers: ContextVar[tuple[ExceptionHandler, ...]] = ContextVar("livemap_handlers", default=())
-
-
-def current_run(what: str) -> Run:
-    """The current component run, or :class:`NotInComponentError` naming ``what``."""
-    run = _current_run.get()
-    if run is None:
-        raise NotInComponentError(what)
-    return run
+handlers_var: ContextVar[tuple[ExceptionHandler, ...]] = ContextVar("livemap_handlers", default=())
 
 
 @asynccontextmanager
@@ -75,15 +66,15 @@ async def exception_handler(handler: ExceptionHandler) -> AsyncIterator[None]:
     handler deals with them) are passed to ``handler(exc, ctx)`` before any
     handler further out.  ``handler`` may be a plain or an async function.
     """
-    token = _handlers.set((*_handlers.get(), handler))
+    token = handlers_var.set((*handlers_var.get(), handler))
     try:
         yield
     finally:
-        _handlers.reset(token)
+        handlers_var.reset(token)
 
 
 def handler_chain() -> tuple[ExceptionHandler, ...]:
-    return _handlers.get()
+    return handlers_var.get()
 
 
 async def dispatch(

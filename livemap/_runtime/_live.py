@@ -1,25 +1,27 @@
 """Live components: ``process()`` for a full pass, ``process_live(operator)``
-for the long-running part, and the operator that connects the two."""
+for the long-running part, the operator that connects the two, and the body
+of a live component's task (:func:`run_live`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from livemap.component import ComponentMountHandle, _rel_path
-from livemap.context import MountKind, handler_chain
-from livemap.paths import ComponentSubpath, StableKey, StablePath, check_key
-
-if TYPE_CHECKING:
-    from livemap.component import Component
+from livemap._paths import ComponentSubpath, StableKey, StablePath, check_key
+from livemap._runtime._args import child_path
+from livemap._runtime._component import Component, ComponentMountHandle
+from livemap._runtime._context import handler_chain, handlers_var
+from livemap._runtime._functions import is_live_class
+from livemap._runtime._hosting import current_run_var
 
 __all__ = [
     "LiveComponent",
     "LiveComponentOperator",
     "ReadyHandle",
     "auto_refresh",
+    "run_live",
 ]
 
 
@@ -77,14 +79,12 @@ class LiveComponentOperator:
     unmounts one and returns once it is gone.
     """
 
-    __slots__ = ("_component", "_gen", "_handlers", "_instance", "_kind")
+    __slots__ = ("_component", "_gen", "_instance")
 
     def __init__(self, component: Component, instance: Any, gen: int) -> None:
         self._component = component
         self._instance = instance
         self._gen = gen
-        self._kind: MountKind = "mount"
-        self._handlers = component.handlers
 
     @property
     def stable_path(self) -> StablePath:
@@ -92,15 +92,14 @@ class LiveComponentOperator:
         return self._component.path
 
     def _current(self) -> bool:
-        comp = self._component
-        return comp._alive and comp._generation == self._gen
+        return self._component.current(self._gen)
 
     async def update_full(self) -> None:
         """Run ``process()`` as the component's run and wait for its children."""
         comp = self._component
         if not self._current():
             return
-        comp._hold(1)
+        comp.hold(1)
         try:
             await comp.run_once(
                 self._gen, self._instance.process, (), {}, raise_errors=False, live=True
@@ -109,7 +108,7 @@ class LiveComponentOperator:
                 await child.wait_ready()
         finally:
             if self._current():
-                comp._hold(-1)
+                comp.hold(-1)
 
     async def update(
         self,
@@ -121,8 +120,17 @@ class LiveComponentOperator:
         """(Re)mount the child at ``subpath`` running ``fn(*args, **kwargs)``."""
         comp = self._component
         rel = _subpath(subpath)
-        _rel_path(rel, fn, "update")
-        child = comp._mount_child(None, rel, fn, args, kwargs, self._kind, handler_chain())
+        child_path(rel, fn, "update")
+        child = comp.mount_child(
+            None,
+            rel,
+            fn,
+            args,
+            kwargs,
+            "mount",
+            handler_chain(),
+            run_live if is_live_class(fn) else None,
+        )
         if self._current():
             await child.launch()
         return ComponentMountHandle(child)
@@ -137,7 +145,7 @@ class LiveComponentOperator:
         if child is None or not child.detach():
             return ReadyHandle()
         done = anyio.Event()
-        comp._hold(1)
+        comp.hold(1)
 
         async def finish() -> None:
             try:
@@ -145,17 +153,15 @@ class LiveComponentOperator:
             finally:
                 done.set()
                 if self._current():  # a re-run has reset the count already
-                    comp._hold(-1)
+                    comp.hold(-1)
 
-        comp.app._require_run().tg.start_soon(finish)
+        comp.session.require_run().tg.start_soon(finish)
         return ReadyHandle(done)
 
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
-        comp = self._component
-        if self._current() and not comp.x.marked_ready:
-            comp.x.marked_ready = True
-            comp._refresh_live_ready()
+        if self._current():
+            self._component.mark_live_ready()
 
     async def report_exception(self, exc: BaseException) -> None:
         """Send ``exc`` to the component's exception-handler chain."""
@@ -192,3 +198,40 @@ def auto_refresh(fn: Callable[..., Any], *, interval: float) -> type[LiveCompone
     AutoRefresh.__name__ = name
     AutoRefresh.__qualname__ = f"auto_refresh({getattr(fn, '__qualname__', name)})"
     return AutoRefresh
+
+
+async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
+    """The task of a live component: make the instance, run ``process_live``;
+    its return marks the component ready.  A failure goes to the handler
+    chain (``mount_kind="process_live"``)."""
+    with scope:
+        t_run = current_run_var.set(None)
+        t_handlers = handlers_var.set(comp.handlers)
+        try:
+            try:
+                instance = comp.processor(*comp.args, **comp.kwargs)
+            except Exception as exc:
+                comp.exception = exc
+                app_run = comp.session.active
+                if app_run is not None:
+                    app_run.stats.components_failed += 1
+                await comp.report(exc, "mount")
+                comp.mark_live_ready()
+                return
+            operator = LiveComponentOperator(comp, instance, gen)
+            try:
+                await instance.process_live(operator)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                if comp.current(gen):
+                    comp.exception = exc
+                    app_run = comp.session.active
+                    if app_run is not None:
+                        app_run.stats.components_failed += 1
+                    await comp.report(exc, "process_live")
+            if comp.current(gen):
+                comp.mark_live_ready()
+        finally:
+            current_run_var.reset(t_run)
+            handlers_var.reset(t_handlers)

@@ -1,0 +1,899 @@
+"""``mount_each``: one child component per entry of a collection or a feed.
+
+The ``mount_each`` component is the
+:class:`~livemap._runtime._component.ChildHost` of its children: an
+:class:`EachHost` keeps the children that need no component (at rest, queued,
+or running without one), runs them on its :class:`Pool`, keeps the record of
+failing keys and applies the retry policy.  Over a feed, the component is
+live: its task (:func:`run_each`) watches the feed with an
+:class:`EachSubscriber`, which (re)mounts and unmounts children as entries
+change.  A LiveMap's consumer (:mod:`._consumer`) skips the subscriber
+protocol and queues runs on the host directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable
+from contextvars import Token
+from functools import partial
+from types import CoroutineType
+from typing import Any, Protocol
+
+import anyio
+
+from livemap._feed._protocols import ConsumerOptions, ReadyLike, RetryPolicy, is_feed
+from livemap._paths import StableKey, check_key, prefix_var
+from livemap._runtime._args import child_path, split_args
+from livemap._runtime._component import (
+    EMPTY_KWARGS,
+    Component,
+    ComponentMountHandle,
+    Run,
+    current_run,
+)
+from livemap._runtime._context import (
+    ExceptionHandler,
+    handler_chain,
+    handlers_var,
+    processor_name,
+)
+from livemap._runtime._functions import Function, is_async, is_live_class
+from livemap._runtime._hosting import RunState, current_run_var
+from livemap._runtime._live import LiveComponentOperator, ReadyHandle
+from livemap._runtime._session import AppRun
+
+__all__ = [
+    "EachHost",
+    "EachLive",
+    "EachSubscriber",
+    "KeyWatcher",
+    "KeyedRun",
+    "Pool",
+    "event_class",
+    "mount_each",
+    "run_each",
+]
+
+_NOTHING: Any = object()
+
+
+def _no_processor(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("EachHost.configure() was not called")
+
+
+class KeyWatcher(Protocol):
+    """What waits for keys' runs to be over: a map's consumer."""
+
+    in_flight: set[Any]
+
+    def finish(self, key: Any) -> None:
+        """``key``'s run (its cleanup included) is over."""
+        ...
+
+    def release(self) -> None:
+        """The ``mount_each`` re-runs or stops: end the consumer now."""
+        ...
+
+
+class KeyedRun(Run):
+    """A run of a ``mount_each`` child that has no component yet (see
+    :class:`EachHost`).  Its component is made the first time the run needs
+    one: to declare (the component is the owner), to mount, or to create a
+    map.  A run that never does is over once its function returns."""
+
+    __slots__ = ("host", "key", "made", "scope", "value")
+
+    def __init__(self, host: EachHost, scope: anyio.CancelScope) -> None:
+        self.buffers = None
+        self.mounted = None
+        self.created = None
+        # the component, once the run made it (see component)
+        self.made: Component | None = None
+        self.host = host
+        # what it runs (set by EachHost.run_keyed; a worker reuses one
+        # KeyedRun for consecutive runs that leave nothing behind)
+        self.key: Any = None
+        self.value: Any = None
+        # the scope of the worker running it, while it does
+        self.scope: anyio.CancelScope | None = scope
+
+    @property
+    def component(self) -> Component:
+        made = self.made
+        if made is None:
+            made = self.host.materialize(self)
+        return made
+
+    @component.setter
+    def component(self, value: Component) -> None:
+        self.made = value
+
+    owner = component  # what livemap_core.Declarer records as the owner
+
+
+class EachHost:
+    """What a ``mount_each`` over a feed keeps of its children beyond their
+    components.
+
+    Most per-entry runs leave nothing behind: no target entries, children or
+    maps.  Such a child needs no component.  ``leaves`` holds the value of
+    each child at rest without one; ``pending`` the value of each key whose
+    run is queued, and ``running`` the :class:`KeyedRun` of each key whose
+    run is under way, both without a component.  A run that needs its
+    component (see :class:`KeyedRun`), or fails, gets one, which then stays
+    in the tree like any other child until a later run leaves nothing behind
+    (:meth:`rest`).  A key is in at most one of
+    ``leaves``, ``pending`` and ``running``, and is in the component's
+    children only while in none of them, or while running once its run made
+    its component.
+
+    While any key is pending or running, the ``mount_each`` component counts
+    one unready child for them all.
+    """
+
+    __slots__ = (
+        "call",
+        "component",
+        "consumer",
+        "counted",
+        "failures",
+        "fargs",
+        "fn",
+        "handlers",
+        "keeps_leaves",
+        "kwargs",
+        "leaves",
+        "pending",
+        "pool",
+        "retry",
+        "running",
+    )
+
+    def __init__(
+        self,
+        component: Component,
+        concurrency: int,
+        retry: RetryPolicy | None,
+        *,
+        keeps_leaves: bool,
+    ) -> None:
+        self.component = component
+        # the workers that run the children
+        self.pool = Pool(concurrency)
+        self.pool.host = self
+        # a failing child is tried again by this policy
+        self.retry = retry
+        # over a feed: children at rest are kept as their value alone, and
+        # the keys whose latest run failed are recorded (key -> last error)
+        self.keeps_leaves = keeps_leaves
+        self.failures: dict[Any, BaseException] | None = {} if keeps_leaves else None
+        # the consumer waiting for keys' runs to be over, while one watches
+        self.consumer: KeyWatcher | None = None
+        self.leaves: dict[Any, Any] = {}
+        self.pending: dict[Any, Any] = {}
+        self.running: dict[Any, KeyedRun] = {}
+        self.counted = False
+        self.fn: Any = None  # the processor, and what calling it calls
+        self.call: Callable[..., Any] = _no_processor
+        self.fargs: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = EMPTY_KWARGS
+        self.handlers: tuple[ExceptionHandler, ...] = ()
+
+    def configure(
+        self,
+        fn: Any,
+        fargs: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        handlers: tuple[ExceptionHandler, ...],
+    ) -> None:
+        """What each child runs: ``fn(value, *fargs, **kwargs)``, under ``handlers``."""
+        self.fn = fn
+        self.call = fn.__wrapped__ if type(fn) is Function else fn
+        self.fargs = fargs
+        self.kwargs = kwargs or EMPTY_KWARGS
+        self.handlers = handlers
+
+    def hold(self) -> None:
+        if not self.counted:
+            self.counted = True
+            self.component.adjust(1)
+
+    def release_if_idle(self) -> None:
+        if self.counted and not self.pending and not self.running:
+            self.counted = False
+            self.component.adjust(-1)
+
+    def materialize(self, run: KeyedRun) -> Component:
+        """The component of ``run``'s key, made now, in the run's generation."""
+        comp = self.component
+        fargs = self.fargs
+        child = Component(
+            comp.session,
+            comp,
+            (run.key,),
+            self.fn,
+            (run.value, *fargs) if fargs else (run.value,),
+            self.kwargs,
+            "mount_each",
+            self.handlers,
+        )
+        run.made = child
+        child.generation = 1
+        child.cancel_scope = run.scope
+        child.scope_run = comp.session.active
+        children = comp.children
+        if children is None:
+            children = comp.children = {}
+        children[(run.key,)] = child
+        comp.adjust(1)
+        return child
+
+    async def run_keyed(
+        self, key: Any, gen: int, run: KeyedRun
+    ) -> tuple[Any, Exception | None] | None:
+        """Run ``key``'s pending value (queued by a run of generation ``gen``
+        of the ``mount_each`` component) as ``run``, which the pool worker
+        made the current run; without a component unless the run needs one.
+
+        ``None``: the run is over (or was not needed) and ``run`` may be used
+        again.  Otherwise the run made its component or failed: the worker
+        makes ``run`` no longer current and calls :meth:`finish_keyed` with
+        the ``(result, error)`` returned.
+        """
+        comp = self.component
+        if not comp.alive or comp.generation != gen:
+            return None  # queued by an earlier run of the mount_each: it reset us
+        value = self.pending.pop(key, _NOTHING)
+        if value is _NOTHING:
+            return None  # dropped meanwhile
+        run.key = key
+        run.value = value
+        running = self.running
+        running[key] = run
+        app_run = comp.session.active
+        if app_run is not None:
+            app_run.stats.components_run += 1
+        handlers = self.handlers
+        t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
+        t_prefix = prefix_var.set(()) if prefix_var.get() else None
+        result: Any = None
+        try:
+            fargs = self.fargs
+            kwargs = self.kwargs
+            result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
+            if type(result) is CoroutineType or inspect.isawaitable(result):
+                result = await result
+        except anyio.get_cancelled_exc_class():
+            run.scope = None
+            self._finish_key(key, run)
+            raise
+        except Exception as exc:
+            error: Exception | None = exc
+        else:
+            error = None
+        finally:
+            if t_handlers is not None:
+                handlers_var.reset(t_handlers)
+            if t_prefix is not None:
+                prefix_var.reset(t_prefix)
+        if running.get(key) is not run:
+            return None  # dropped while it ran
+        if (
+            error is None
+            and run.made is None
+            and run.buffers is None
+            and run.created is None
+            and run.mounted is None
+        ):
+            # at rest at once: the common case
+            del running[key]
+            self.leaves[key] = value
+            failures = self.failures
+            if failures:
+                failures.pop(key, None)
+            self._done(key)
+            self.release_if_idle()
+            return None
+        return result, error
+
+    async def finish_keyed(self, run: KeyedRun, result: Any, error: Exception | None) -> None:
+        """The rest of a keyed run that made its component or failed: the
+        component (made now if the run did not) takes the run over as a
+        first try that already ran."""
+        key = run.key
+        scope = run.scope
+        child = run.made
+        try:
+            if child is None:
+                child = self.materialize(run)
+            await child.run_once(
+                1, self.fn, child.args, child.kwargs, raise_errors=False, first=(run, result, error)
+            )
+        finally:
+            if child is not None and child.cancel_scope is scope:
+                child.cancel_scope = None
+            if self.running.get(key) is run:
+                run.scope = None  # the worker's part is over
+                if child is not None and child.alive and child.unready:
+                    # its component's subtree is still busy: the key is, too
+                    child.on_ready(partial(self._finish_key, key, run))
+                else:
+                    self._finish_key(key, run)
+
+    def _finish_key(self, key: Any, run: KeyedRun) -> None:
+        if self.running.get(key) is run:
+            del self.running[key]
+            self._done(key)
+            self.release_if_idle()
+
+    def _done(self, key: Any) -> None:
+        """Tell the consumer, if it waits for ``key``, that its run is over."""
+        consumer = self.consumer
+        if consumer is not None and key in consumer.in_flight:
+            consumer.finish(key)
+
+    def drop(self, key: Any) -> None:
+        """Forget ``key``'s run without a component (cancelled if under way)."""
+        self.pending.pop(key, None)
+        run = self.running.pop(key, None)
+        if run is not None and run.scope is not None:
+            run.scope.cancel()
+        self.release_if_idle()
+
+    def reset(self) -> None:
+        """Cancel every run without a component (a new scan follows)."""
+        self.pending.clear()
+        self.stop_runs()
+        self.running.clear()
+        self.release_if_idle()
+
+    def stop_runs(self) -> None:
+        """Cancel every run without a component that is under way."""
+        for run in self.running.values():
+            if run.scope is not None:
+                run.scope.cancel()
+
+    # -- ChildHost: what the component tree asks of the host --------------------
+
+    def take(self, child: Component) -> bool:
+        """Async children (and all of them under a retry policy) run on the
+        pool; plain sync ones inline, in the caller's task."""
+        if self.retry is not None or is_async(child.processor):
+            self.pool.queue_run(child)
+            return True
+        return False
+
+    def retry_delay(self, failed: int) -> float | None:
+        policy = self.retry
+        if policy is None or failed >= policy.max_attempts:
+            return None
+        return policy.delay(failed)
+
+    def rest(self, child: Component) -> bool:
+        """A child whose run left nothing behind (no target entries, children
+        or maps) is done: over a feed, it leaves the tree and only its value
+        stays, in :attr:`leaves`."""
+        if not self.keeps_leaves:
+            return False
+        key = child.rel[0]
+        self.leaves[key] = child.args[0]
+        failures = self.failures
+        if failures:
+            failures.pop(key, None)
+        child.leave_at_rest()
+        return True
+
+    def outcome(self, child: Component, error: BaseException | None) -> None:
+        failures = self.failures
+        if failures is None:
+            return
+        if error is None:
+            if failures:
+                failures.pop(child.key, None)
+        else:
+            failures[child.key] = error
+
+    def forget(self, child: Component) -> None:
+        failures = self.failures
+        if failures:
+            failures.pop(child.key, None)
+
+    def supersede(self) -> None:
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.release()  # frees the map for a new consumer right away
+
+    def stop(self) -> None:
+        self.stop_runs()
+        self.pool.close()
+
+    def clear(self) -> int:
+        unmounted = len(self.leaves)
+        self.leaves.clear()
+        self.reset()
+        return unmounted
+
+
+def event_class() -> Callable[[], anyio.Event]:
+    """The running backend's event class.  Calling it makes an event like
+    ``anyio.Event()`` does, without looking the backend up each time: for a
+    task that parks on a fresh event over and over."""
+    return type(anyio.Event())
+
+
+class Pool:
+    """Worker tasks that run a parent's children, ``limit`` at a time.
+
+    ``mount_each`` mounts thousands of children: a task each would cost far
+    more than most runs.  A pool starts at most ``limit`` worker tasks, each
+    running queued children one after another in its own task.  An idle
+    worker parks until there is work again (waking a parked worker is
+    cheaper than starting a task); workers end with the app run or when the
+    pool is closed.  A run is cancelled by cancelling the scope of the worker
+    running it (the worker then opens a fresh scope).
+
+    Workers are woken one at a time: a new item wakes (or starts) a worker
+    only when none is free, and a worker that starts a run while more items
+    wait makes sure another one is free to take them.  Runs that never
+    suspend are then run back to back by one worker, while runs that wait
+    on I/O spread over up to ``limit`` workers.
+    """
+
+    __slots__ = (
+        "_room",
+        "app_run",
+        "closed",
+        "free",
+        "high",
+        "host",
+        "limit",
+        "parked",
+        "queue",
+        "workers",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # crowded(): several rounds of work queued for every worker
+        self.high = max(8 * limit, 1024)
+        # (child, generation, None): a run of child; (child, 0, job): job()
+        # instead; (None, generation, key): host.run_keyed(key, generation)
+        self.queue: deque[tuple[Component | None, int, Any]] = deque()
+        # the host whose keyed runs (children without a component) it runs
+        self.host: EachHost | None = None
+        self.workers = 0
+        self.free = 0  # workers started or woken that are not in a run
+        self.parked: list[anyio.Event] = []
+        self.app_run: AppRun | None = None
+        self.closed = False
+        self._room: anyio.Event | None = None
+
+    def crowded(self) -> bool:
+        """Whether the queue holds several rounds of work for every worker."""
+        return len(self.queue) >= self.high
+
+    async def room(self) -> None:
+        """Wait until the queue is down to about one round of work per
+        worker: a bulk producer (a scan of a big map) paces itself on it, so
+        that queued runs do not pile up in memory."""
+        while len(self.queue) > self.limit and not self.closed:
+            if self._room is None:
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    def submit(
+        self,
+        child: Component,
+        gen: int,
+        job: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
+        app_run = child.session.require_run()
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        self.queue.append((child, gen, job))
+        if self.free <= 0:
+            self._add_worker(app_run)
+
+    def queue_run(self, child: Component) -> None:
+        """Run (or re-run) ``child`` here: a new generation of it, queued."""
+        self.submit(child, child.begin())
+
+    def submit_keyed(self, app_run: AppRun, gen: int, key: Any) -> None:
+        """Queue ``host.run_keyed(key, gen)``."""
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        self.queue.append((None, gen, key))
+        if self.free <= 0:
+            self._add_worker(app_run)
+
+    def _new_run(self, app_run: AppRun) -> None:
+        """A new app run: the old workers are gone."""
+        self.app_run = app_run
+        self.queue.clear()
+        self.parked.clear()
+        self.workers = 0
+        self.free = 0
+        self.closed = False
+
+    def _add_worker(self, app_run: AppRun) -> None:
+        if self.parked:
+            self.free += 1
+            self.parked.pop().set()
+        elif self.workers < self.limit:
+            self.workers += 1
+            self.free += 1
+            app_run.tg.start_soon(self._work, app_run)
+
+    def close(self) -> None:
+        """Let the workers end once the queue is empty."""
+        self.closed = True
+        parked, self.parked = self.parked, []
+        self.free += len(parked)
+        for event in parked:
+            event.set()
+        self._wake_room()
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
+
+    async def _work(self, app_run: AppRun) -> None:
+        queue = self.queue
+        new_event = event_class()
+        # a KeyedRun kept current across consecutive keyed runs: setting a
+        # context variable costs more than the rest of a trivial run
+        slot: KeyedRun | None = None
+        token: Token[RunState | None] | None = None
+        try:
+            while True:
+                while queue:
+                    with anyio.CancelScope() as scope:
+                        while queue and not scope.cancel_called:
+                            child, gen, job = queue.popleft()
+                            if self._room is not None and len(queue) <= self.limit:
+                                self._wake_room()
+                            if (
+                                child is not None
+                                and job is None
+                                and (gen != child.generation or not child.alive)
+                            ):
+                                continue  # superseded or unmounted
+                            self.free -= 1
+                            if queue and self.free <= 0:
+                                self._add_worker(app_run)  # in case this run waits
+                            try:
+                                if child is None:
+                                    each = self.host
+                                    assert each is not None
+                                    if slot is None or slot.host is not each:
+                                        if token is not None:
+                                            current_run_var.reset(token)
+                                        slot = KeyedRun(each, scope)
+                                        token = current_run_var.set(slot)
+                                    slot.scope = scope
+                                    try:
+                                        outcome = await each.run_keyed(job, gen, slot)
+                                    except BaseException:
+                                        slot = None
+                                        current_run_var.reset(token)  # type: ignore[arg-type]
+                                        token = None
+                                        raise
+                                    if outcome is not None:
+                                        # it made its component or failed: the
+                                        # rest runs with no keyed run current
+                                        run, slot = slot, None
+                                        current_run_var.reset(token)  # type: ignore[arg-type]
+                                        token = None
+                                        await each.finish_keyed(run, *outcome)
+                                    continue
+                                if token is not None:  # no keyed run is current for others
+                                    slot = None
+                                    current_run_var.reset(token)
+                                    token = None
+                                if job is not None:
+                                    await job()
+                                    continue
+                                child.cancel_scope = scope
+                                child.scope_run = app_run
+                                try:
+                                    await child.run_once(
+                                        gen,
+                                        child.processor,
+                                        child.args,
+                                        child.kwargs,
+                                        raise_errors=False,
+                                    )
+                                finally:
+                                    if child.cancel_scope is scope:
+                                        child.cancel_scope = None
+                            finally:
+                                if self.app_run is app_run:
+                                    self.free += 1
+                if token is not None:  # parked or done: no keyed run is current
+                    slot = None
+                    current_run_var.reset(token)
+                    token = None
+                if self.closed or self.app_run is not app_run:
+                    return
+                event = new_event()
+                self.parked.append(event)
+                self.free -= 1
+                await event.wait()
+        finally:
+            if token is not None:
+                current_run_var.reset(token)
+            if self.app_run is app_run:
+                self.workers -= 1
+                self.free -= 1
+
+
+class EachSubscriber:
+    """``mount_each``'s subscriber: one child component per key (internal).
+
+    ``update_all()`` opens an epoch and mounts a child for every entry of a
+    view's snapshot; ``mark_ready()`` closes it, unmounting the children of
+    keys the epoch did not see.  ``update`` / ``delete`` then follow changes.
+    A LiveMap's consumer skips the protocol and queues runs on :attr:`host`
+    directly (:meth:`submit_keyed`, or the child's component on its pool).
+    """
+
+    def __init__(
+        self, operator: LiveComponentOperator, component: Component, gen: int, source: Any
+    ) -> None:
+        # the mount_each component's operator: its mark_ready and delete
+        self.operator = operator
+        self.component = component
+        self.gen = gen
+        self.source = source
+        host = component.host
+        assert isinstance(host, EachHost)
+        # the children without a component of their own, and the pool
+        self.host = host
+        self.pool = host.pool
+        self.app_run = component.session.require_run()
+        self._epoch: set[Hashable] | None = None
+
+    def drop_leaf(self, key: Any) -> None:
+        """Unmount the child of ``key`` while it is at rest: nothing to release."""
+        del self.host.leaves[key]
+        app_run = self.component.session.active
+        if app_run is not None:
+            app_run.stats.components_unmounted += 1
+
+    def child(self, key: Any, value: Any) -> Component:
+        """The component of ``key``'s child, (re)mounted with ``value``."""
+        if self._epoch is not None:
+            self._epoch.add(key)
+        host = self.host
+        if host.leaves:
+            host.leaves.pop(key, None)
+        if host.counted:
+            host.drop(key)
+        fargs = host.fargs
+        return self.component.mount_child(
+            None,
+            (key,),
+            host.fn,
+            (value, *fargs) if fargs else (value,),
+            host.kwargs,
+            "mount_each",
+            host.handlers,
+        )
+
+    def submit(self, key: Any, value: Any) -> None:
+        """Run ``key``'s child with ``value`` on the pool: as a run without a
+        component (see EachHost) unless the child has one already."""
+        children = self.component.children
+        if children is not None and (key,) in children:
+            self.pool.queue_run(self.child(key, value))
+            return
+        if self.host.leaves:
+            self.host.leaves.pop(key, None)
+        self.submit_keyed(key, value)
+
+    def submit_keyed(self, key: Any, value: Any) -> None:
+        """:meth:`submit` for a key known to have neither a component nor a
+        value at rest."""
+        if self._epoch is not None:
+            self._epoch.add(key)
+        host = self.host
+        if not host.counted:
+            host.hold()
+        host.pending[key] = value
+        self.pool.submit_keyed(self.app_run, self.gen, key)
+
+    async def update_all(self) -> None:
+        # an epoch is only needed to sweep children that were there before
+        host = self.host
+        self._epoch = set() if self.component.children or host.leaves or host.counted else None
+        source = self.source
+        if callable(getattr(source, "__aiter__", None)):
+            # a LiveMap hands its table's items over without an await per item
+            snapshot_of = getattr(source, "snapshot", None)
+            snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
+            if is_async(host.fn) or host.retry is not None:
+                pool = self.pool
+                queue, high = pool.queue, pool.high
+                # the common first scan: no child yet, so no lookups per key
+                fresh = not self.component.children and not host.leaves
+                submit = self.submit_keyed if fresh else self.submit
+                for key, value in snapshot:
+                    submit(key, value)
+                    if len(queue) >= high:  # pool.crowded(), inline
+                        await pool.room()
+            else:
+                for key, value in snapshot:
+                    await self.child(key, value).launch()
+
+    async def mark_ready(self) -> None:
+        epoch = self._epoch
+        if epoch is not None:
+            self._epoch = None
+            host = self.host
+            for key in [k for k in host.pending if k not in epoch]:
+                host.drop(key)
+            for key in [k for k in host.leaves if k not in epoch]:
+                self.drop_leaf(key)
+            children = self.component.children or {}
+            for child in [c for rel, c in children.items() if rel[0] not in epoch]:
+                await child.unmount()
+        await self.operator.mark_ready()
+
+    async def update(self, key: Any, value: Any) -> ReadyLike:
+        child = self.child(key, value)
+        await child.launch()
+        return ComponentMountHandle(child)
+
+    async def delete(self, key: Any) -> ReadyLike:
+        if self._epoch is not None:
+            self._epoch.discard(key)
+        host = self.host
+        if host.counted:
+            host.drop(key)
+        if key in host.leaves:
+            self.drop_leaf(key)
+            return ReadyHandle()
+        return await self.operator.delete((key,))
+
+
+class EachLive:
+    """What a ``mount_each`` over a view or a feed runs: the processor, the
+    source and the processor's own arguments (its task is :func:`run_each`)."""
+
+    __slots__ = ("args", "fn", "kwargs", "options", "source")
+
+    def __init__(self, fn: Any, source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if is_live_class(fn):
+            raise TypeError("mount_each() mounts a function per entry, not a live component")
+        self.fn = fn
+        self.source = source
+        self.args = args
+        self.kwargs = kwargs
+        options = getattr(source, "options", None)
+        self.options = options if isinstance(options, ConsumerOptions) else ConsumerOptions()
+
+
+async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
+    """The task of a ``mount_each`` over a feed: configure the host of its
+    children, then watch the feed until it ends (its component is ready once
+    the initial scan is done and every child it mounted is ready)."""
+    with scope:
+        t_run = current_run_var.set(None)
+        t_handlers = handlers_var.set(comp.handlers)
+        try:
+            each = EachLive(*comp.args, **comp.kwargs)
+            options = each.options
+            host = comp.host
+            if not isinstance(host, EachHost) or host.pool.limit != options.concurrency:
+                host = comp.host = EachHost(
+                    comp, options.concurrency, options.retry, keeps_leaves=True
+                )
+            else:
+                host.reset()  # runs queued by an earlier run of this mount_each
+                host.retry = options.retry
+            host.configure(each.fn, each.args, each.kwargs, comp.handlers)
+            operator = LiveComponentOperator(comp, each, gen)
+            subscriber = EachSubscriber(operator, comp, gen, each.source)
+            try:
+                await each.source.watch(subscriber)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                await comp.report(exc, "mount_each")
+            if comp.current(gen):
+                comp.mark_live_ready()
+        finally:
+            current_run_var.reset(t_run)
+            handlers_var.reset(t_handlers)
+
+
+async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
+    """``mount_each([subpath,] fn, items, *args, **kwargs)``: one child per entry.
+
+    ``items`` is an iterable or async iterable of ``(key, value)`` pairs, a
+    :class:`~livemap.LiveMapView` (a :class:`~livemap.LiveMap`) or a
+    :class:`~livemap.LiveMapFeed` (for example ``lm.consumer(...)``).
+    Each child runs ``fn(value, *args, **kwargs)`` at path ``.../key``.  Over
+    a view or feed the children follow the entries live.
+    """
+    run = current_run("mount_each()")
+    subpath, processor, rest = split_args(args, "mount_each")
+    if not rest:
+        raise TypeError("mount_each() needs the items to mount after the function")
+    items, fargs = rest[0], rest[1:]
+    rel = child_path(subpath, processor, "mount_each")
+    if is_live_class(processor):
+        raise TypeError(
+            f"mount_each() mounts a function per entry, not the live component "
+            f"{processor_name(processor)}"
+        )
+    if is_feed(items):
+        child = run.component.mount_child(
+            run,
+            rel,
+            EachLive,
+            (processor, items, fargs, kwargs),
+            {},
+            "mount_each",
+            handler_chain(),
+            run_each,
+        )
+    elif isinstance(items, (Iterable, AsyncIterable)):
+        child = run.component.mount_child(
+            run,
+            rel,
+            _each_static,
+            (processor, items, fargs, kwargs),
+            {},
+            "mount_each",
+            handler_chain(),
+        )
+    else:
+        raise TypeError(
+            f"mount_each(): items must be an iterable, an async iterable, a LiveMapView or "
+            f"a LiveMapFeed, got {type(items).__name__}"
+        )
+    child.start()
+    return ComponentMountHandle(child)
+
+
+async def _each_static(
+    processor: Any,
+    items: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
+    fargs: tuple[Any, ...],
+    fkwargs: dict[str, Any],
+) -> None:
+    run = current_run("mount_each()")
+    comp = run.component
+    if comp.host is None:
+        comp.host = EachHost(comp, ConsumerOptions().concurrency, None, keeps_leaves=False)
+    handlers = handler_chain()
+
+    async def one(pair: Any) -> None:
+        key, value = _pair(pair)
+        child = comp.mount_child(
+            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers
+        )
+        await child.launch()
+
+    if isinstance(items, AsyncIterable):
+        async for pair in items:
+            await one(pair)
+    else:
+        for pair in items:
+            await one(pair)
+
+
+def _pair(pair: Any) -> tuple[StableKey, Any]:
+    try:
+        key, value = pair
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"mount_each(): each item must be a (key, value) pair, got {pair!r}"
+        ) from None
+    check_key(key)
+    return key, value

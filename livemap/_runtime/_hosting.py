@@ -1,0 +1,87 @@
+"""What the runtime hosts, as protocols it declares itself.
+
+The component tree commits into *targets*, retires what a run *created* when
+the next run commits, and lets a component *host* many children (a
+``mount_each``).  The runtime knows these only through the protocols below;
+the implementations (keyed targets in :mod:`._targets`, LiveMap and the
+``mount_each`` host in upper layers) are found at run time, through the
+objects a run hands it.  The host of children is declared next to the
+component (:class:`livemap._runtime._component.ChildHost`), since it speaks
+of components.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+from livemap._paths import StablePath
+from livemap._runtime._context import MountKind
+
+__all__ = ["Owner", "RetiredWithRun", "RunState", "Target", "current_run_var"]
+
+
+class Owner(Protocol):
+    """What a target needs of a component that declares into it."""
+
+    @property
+    def path(self) -> StablePath: ...
+
+    @property
+    def path_str(self) -> str: ...
+
+    @property
+    def alive(self) -> bool:
+        """Whether the component is still in its app's tree."""
+        ...
+
+    def current(self, gen: int) -> bool:
+        """Whether run ``gen`` is still the component's latest, and it is mounted."""
+        ...
+
+    async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
+        """Send ``exc`` through the component's exception-handler chain."""
+        ...
+
+
+class RunState(Protocol):
+    """What a declaration needs of the current run: its buffers (one per
+    target it declared into, filled by ``livemap_core.Declarer``) and the
+    owner its declarations are recorded for."""
+
+    buffers: dict[Any, Any] | None
+
+    @property
+    def owner(self) -> object: ...
+
+
+current_run_var: ContextVar[RunState | None] = ContextVar("livemap_current_run", default=None)
+"""The run of the component whose code is executing (``None`` outside one).
+
+Set by the component tree around each run; read by every call that needs a
+run (declarations read it in ``livemap_core``, without a Python call)."""
+
+
+class Target(Protocol):
+    """A keyed collection of owned target states that runs commit into."""
+
+    async def commit_run(self, owner: Owner, buffer: Any, gen: int) -> Exception | None:
+        """Commit one run's buffer (unless run ``gen`` of ``owner`` has been
+        superseded or unmounted meanwhile); return a sink failure, if any."""
+        ...
+
+    async def release_owner(self, owner: Owner, gen: int | None = None) -> Exception | None:
+        """Delete everything ``owner`` holds (for the commit of run ``gen``:
+        unless it has been superseded); return a sink failure, if any."""
+        ...
+
+    def holds(self, owner: Owner) -> bool:
+        """Whether ``owner`` holds any key of this target."""
+        ...
+
+
+class RetiredWithRun(Protocol):
+    """Something a run creates that lives until the component's next run
+    commits or the component is unmounted (a LiveMap)."""
+
+    def retire(self) -> None: ...

@@ -1,0 +1,65 @@
+"""``mount`` and ``use_mount``: a component mounting a child in its run.
+
+(``mount_each``, which mounts one child per entry of a collection or a live
+feed, is the feed layer's bridge into the tree: :mod:`livemap._feed._each`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from livemap._runtime._args import child_path, split_args
+from livemap._runtime._component import ComponentMountHandle, current_run
+from livemap._runtime._context import handler_chain, processor_name
+from livemap._runtime._functions import is_live_class
+from livemap._runtime._live import run_live
+
+__all__ = ["mount", "use_mount"]
+
+
+async def mount(*args: Any, **kwargs: Any) -> ComponentMountHandle:
+    """``mount([subpath,] fn_or_live_class, *args, **kwargs)``: mount a child.
+
+    The child's path is the current component's path / ``subpath`` (default
+    ``Symbol(fn.__name__)``).  Returns at once with a handle; ``await
+    handle.ready()`` waits for the child.  Raises
+    :class:`~livemap.errors.DuplicatePathError` when a sibling is already
+    mounted at that path during this run.
+    """
+    run = current_run("mount()")
+    subpath, processor, fargs = split_args(args, "mount")
+    rel = child_path(subpath, processor, "mount")
+    child = run.component.mount_child(
+        run,
+        rel,
+        processor,
+        fargs,
+        kwargs,
+        "mount",
+        handler_chain(),
+        run_live if is_live_class(processor) else None,
+    )
+    await child.launch()
+    return ComponentMountHandle(child)
+
+
+async def use_mount(*args: Any, **kwargs: Any) -> Any:
+    """``use_mount([subpath,] fn, *args, **kwargs)``: mount, wait until ready,
+    return the function's value.
+
+    The child runs in the calling task; its failure raises here, into the
+    caller.  A live-component class is a ``TypeError``.
+    """
+    run = current_run("use_mount()")
+    subpath, processor, fargs = split_args(args, "use_mount")
+    if is_live_class(processor):
+        raise TypeError(
+            f"use_mount() cannot mount the live component {processor_name(processor)}: "
+            "it has no single value; use mount()"
+        )
+    rel = child_path(subpath, processor, "use_mount")
+    child = run.component.mount_child(run, rel, processor, fargs, kwargs, "mount", handler_chain())
+    gen = child.begin()
+    value = await child.run_once(gen, processor, fargs, kwargs, raise_errors=True)
+    await ComponentMountHandle(child).ready()
+    return value

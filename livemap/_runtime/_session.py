@@ -1,0 +1,97 @@
+"""An app's state as its components see it: the :class:`Session` (one per
+app object) and the :class:`AppRun` in progress (one per ``app.update()``).
+
+:class:`App` (in :mod:`._app`) is the public face; components hold the
+session, never the app, so the tree sits below the app in the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup
+
+__all__ = ["AppRun", "Session", "UpdateStats"]
+
+
+@dataclass
+class UpdateStats:
+    """Counters of one ``app.update()``: component runs started, runs that
+    failed (after any retries), components unmounted, and retries made by
+    ``mount_each`` retry policies."""
+
+    components_run: int = 0
+    components_failed: int = 0
+    components_unmounted: int = 0
+    retries: int = 0
+
+
+@dataclass(eq=False)
+class AppRun:
+    """One ``app.update()`` in progress.
+
+    ``tg`` is the run's task group: every task the run starts (component
+    tasks, pool workers, background cleanups) is started in it, so none
+    outlives the run.  ``busy_consumers`` counts the consumers holding
+    undelivered changes; the run is quiescent when the root's subtree is
+    ready and it is zero.  ``notify()`` wakes whoever waits in :meth:`wait`
+    (the run's main loop) to look again.
+    """
+
+    live: bool
+    tg: TaskGroup
+    stats: UpdateStats = field(default_factory=UpdateStats)
+    busy_consumers: int = 0
+    stop_requested: bool = False
+    failure: BaseException | None = None
+    _waiters: list[anyio.Event] = field(default_factory=list)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
+
+    def consumer_busy(self, delta: int) -> None:
+        self.busy_consumers += delta
+        if self.busy_consumers == 0:
+            self.notify()
+
+    def quiescent(self, tree_ready: bool) -> bool:
+        """Whether the run has nothing left to do, given whether the root's
+        subtree is ready: no consumer holds undelivered changes."""
+        return tree_ready and self.busy_consumers == 0
+
+    async def wait(self) -> None:
+        event = anyio.Event()
+        self._waiters.append(event)
+        await event.wait()
+
+
+class Session:
+    """What the components of one app share.
+
+    ``active`` is the :class:`AppRun` in progress, ``None`` between runs; it
+    is set and cleared by the app's update handle only.  ``escalations``
+    becomes true once an exception handler re-raised somewhere in the tree
+    (then ``handle.ready()`` looks for what to raise).
+    """
+
+    __slots__ = ("active", "escalations", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active: AppRun | None = None
+        self.escalations = False
+
+    def require_run(self) -> AppRun:
+        """The run in progress, or ``RuntimeError`` if the app is not running."""
+        run = self.active
+        if run is None:
+            raise RuntimeError(f"app {self.name!r} is not running")
+        return run
+
+    def notify(self) -> None:
+        """Wake the run's main loop (the root's readiness changed)."""
+        if self.active is not None:
+            self.active.notify()
