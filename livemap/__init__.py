@@ -28,6 +28,7 @@ from livemap._runtime._session import UpdateStats
 from livemap._runtime._targets import KeyedTarget, TargetBatch
 from livemap._version import __version__
 from livemap.errors import (
+    ConsumerBusyError,
     DuplicateDeclarationError,
     DuplicatePathError,
     KeyConflictError,
@@ -35,6 +36,8 @@ from livemap.errors import (
     MapRetiredError,
     NotInComponentError,
     TargetApplyError,
+    UpdateInProgressError,
+    ValueComparisonError,
 )
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "AppConfig",
     "ComponentMountHandle",
     "ComponentSubpath",
+    "ConsumerBusyError",
     "ConsumerOptions",
     "DuplicateDeclarationError",
     "DuplicatePathError",
@@ -68,7 +72,9 @@ __all__ = [
     "TargetApplyError",
     "TargetBatch",
     "UpdateHandle",
+    "UpdateInProgressError",
     "UpdateStats",
+    "ValueComparisonError",
     "__version__",
     "auto_refresh",
     "component_subpath",

@@ -21,7 +21,7 @@ from livemap._runtime._hosting import Owner, current_run_var
 from livemap._runtime._session import AppRun
 from livemap._runtime._tables import new_declarer
 from livemap._runtime._targets import TargetBase
-from livemap.errors import MapRetiredError, NotInComponentError
+from livemap.errors import ConsumerBusyError, MapRetiredError, NotInComponentError
 from livemap_core import Buffer, Declarer
 
 __all__ = [
@@ -220,9 +220,7 @@ class LiveMap(TargetBase[K, V]):
 
     async def _watch(self, subscriber: LiveMapSubscriber[K, V], options: ConsumerOptions) -> None:
         if self._consumer is not None:
-            raise RuntimeError(
-                f"{self.name} already has an active consumer; a LiveMap supports one at a time"
-            )
+            raise ConsumerBusyError(self.name)
         if self._retired:
             return
         consumer = Consumer(self, subscriber, options)

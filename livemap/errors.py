@@ -1,15 +1,19 @@
 """Every exception livemap raises or reports on purpose.
 
-Each names the offending key or component path in its message.  Misuse raised
-at a call (a bad key, a duplicate declaration, a second sibling at one path,
-a call outside a component) leaves every map and component as it was.
+All of them are :class:`LiveMapError`; where a builtin exception is part of
+the contract it is a base too.  Each names the offending key or component
+path in its message.  Misuse raised at a call (a bad key, a duplicate
+declaration, a second sibling at one path, a call outside a component)
+leaves every map and component as it was.  ``docs/errors.md`` lists them.
 """
 
 from __future__ import annotations
 
 from livemap_core import DuplicateDeclarationError
+from livemap_core._shared import LiveMapError
 
 __all__ = [
+    "ConsumerBusyError",
     "DuplicateDeclarationError",
     "DuplicatePathError",
     "KeyConflictError",
@@ -17,12 +21,9 @@ __all__ = [
     "MapRetiredError",
     "NotInComponentError",
     "TargetApplyError",
+    "UpdateInProgressError",
+    "ValueComparisonError",
 ]
-
-
-class LiveMapError(Exception):
-    """Base class of livemap's own errors (``DuplicateDeclarationError`` is a
-    ``ValueError`` instead, and a non-stable key is a plain ``TypeError``)."""
 
 
 class NotInComponentError(LiveMapError, RuntimeError):
@@ -77,7 +78,7 @@ class MapRetiredError(LiveMapError, RuntimeError):
         self.target = target
 
 
-class TargetApplyError(LiveMapError):
+class TargetApplyError(LiveMapError, RuntimeError):
     """A target's apply callback raised.
 
     The batch counts as not applied: the target's record stays as before it,
@@ -92,3 +93,41 @@ class TargetApplyError(LiveMapError):
         )
         self.target = target
         self.path = path
+
+
+class ConsumerBusyError(LiveMapError, RuntimeError):
+    """A second consumer of a LiveMap while one is watching it.
+
+    Raised by ``watch()``; a second ``mount_each`` reports it to its handler
+    chain (``mount_kind="mount_each"``) without disturbing the first.
+    """
+
+    def __init__(self, target: str) -> None:
+        super().__init__(
+            f"{target} already has an active consumer; a LiveMap supports one at a time"
+        )
+        self.target = target
+
+
+class ValueComparisonError(LiveMapError, ValueError):
+    """Comparing a newly declared value with the held one (``==``) raised.
+
+    Reported to the declaring component's handler chain; the held value
+    stays.  The original exception is ``__cause__``.
+    """
+
+    def __init__(self, key: object, target: str, error: BaseException | None) -> None:
+        super().__init__(
+            f"comparing the new value of key {key!r} of {target} with the held one raised "
+            f"{error!r}; the held value stays"
+        )
+        self.key = key
+        self.target = target
+
+
+class UpdateInProgressError(LiveMapError, RuntimeError):
+    """``app.update()`` was started while another update of the same app runs."""
+
+    def __init__(self, app: str) -> None:
+        super().__init__(f"app {app!r} is already running an update")
+        self.app = app

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["DuplicateDeclarationError", "Symbol"]
+__all__ = ["DuplicateDeclarationError", "LiveMapError", "Symbol"]
 
 
 class Symbol:
@@ -53,7 +53,18 @@ class Symbol:
         return NotImplemented
 
 
-class DuplicateDeclarationError(ValueError):
+class LiveMapError(Exception):
+    """The base class of every error livemap raises or reports on purpose.
+
+    Where a builtin exception is part of the contract it is a base too (a
+    duplicate declaration is also a ``ValueError``, a call outside a
+    component also a ``RuntimeError``).  Defined here, in the lowest layer,
+    so that the core's own errors belong to the one hierarchy;
+    ``livemap.errors`` re-exports it.
+    """
+
+
+class DuplicateDeclarationError(LiveMapError, ValueError):
     """A key was declared twice into one target during one component run.
 
     Raised at the second ``declare``; the first declaration stands.

@@ -13,6 +13,7 @@ from anyio.abc import TaskGroup
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
 from livemap._runtime._session import AppRun, Session, UpdateStats
+from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle"]
 
@@ -213,7 +214,7 @@ class UpdateHandle:
         app = self._app
         session = app._session
         if session.active is not None:
-            raise RuntimeError(f"app {app.name!r} is already running an update")
+            raise UpdateInProgressError(app.name)
         if self._stop:
             return
         run: AppRun | None = None

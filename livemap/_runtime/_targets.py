@@ -22,7 +22,12 @@ import anyio
 from livemap._paths import StablePath, format_path
 from livemap._runtime._hosting import Owner, current_run_var
 from livemap._runtime._tables import new_declarer, new_table
-from livemap.errors import KeyConflictError, NotInComponentError, TargetApplyError
+from livemap.errors import (
+    KeyConflictError,
+    NotInComponentError,
+    TargetApplyError,
+    ValueComparisonError,
+)
 from livemap_core import CONFLICT, Buffer, Commit, Declarer, Table, TableStats
 
 __all__ = ["KeyedTarget", "TargetBase", "TargetBatch"]
@@ -75,10 +80,7 @@ class TargetBase(Generic[K, V]):
                     rejection.key, self.name, holder_path, component.path_str
                 )
             else:
-                exc = ValueError(
-                    f"comparing the new value of key {rejection.key!r} of {self.name} with the "
-                    f"held one raised {rejection.error!r}; the held value stays"
-                )
+                exc = ValueComparisonError(rejection.key, self.name, rejection.error)
                 exc.__cause__ = rejection.error
             await component.report(exc)
 
