@@ -22,7 +22,12 @@ from livemap._runtime._app import App, AppConfig, UpdateHandle
 from livemap._runtime._component import ComponentMountHandle
 from livemap._runtime._context import ExceptionContext, ExceptionHandler, exception_handler
 from livemap._runtime._functions import Function, fn
-from livemap._runtime._live import LiveComponent, LiveComponentOperator, auto_refresh
+from livemap._runtime._live import (
+    LiveComponent,
+    LiveComponentOperator,
+    ReadyHandle,
+    auto_refresh,
+)
 from livemap._runtime._mount import mount, use_mount
 from livemap._runtime._session import UpdateStats
 from livemap._runtime._targets import KeyedTarget, TargetBatch
@@ -65,6 +70,7 @@ __all__ = [
     "LiveMapView",
     "MapRetiredError",
     "NotInComponentError",
+    "ReadyHandle",
     "RetryPolicy",
     "StableKey",
     "StablePath",

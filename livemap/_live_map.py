@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from livemap._feed._consumer import Consumer
+from livemap._feed._consumer import Consumer, scanning_consumer
 from livemap._feed._protocols import (
     ConsumerOptions,
     LiveMapFeed,
@@ -200,8 +200,16 @@ class LiveMap(TargetBase[K, V]):
     # -- consuming ---------------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
-        """A snapshot of the entries as they are now; no side effects."""
-        return _Snapshot(self._table.items())
+        """A snapshot of the entries as they are now.
+
+        No side effects, except for the watching subscriber itself: a scan
+        made by its ``update_all()`` is the snapshot its watch continues
+        from (see :meth:`watch`)."""
+        items = self._table.items()
+        scanning = scanning_consumer.get()
+        if scanning is not None and scanning is self._consumer:
+            scanning.rebase(items)
+        return _Snapshot(items)
 
     def snapshot(self) -> list[tuple[K, V]]:
         """The entries as they are now, as a list (what ``async for`` yields)."""
@@ -212,9 +220,12 @@ class LiveMap(TargetBase[K, V]):
         later change as ``update(key, value)`` / ``delete(key)``.
 
         Returns when the map is retired.  A second concurrent watch raises
-        ``RuntimeError``.  ``update_all()`` must take its snapshot (start
-        iterating the map) before its first await; then no change is lost or
-        delivered twice between the snapshot and the watch.
+        :class:`~livemap.ConsumerBusyError`.  The seam is exact whatever
+        ``update_all()`` awaits: the scan of the map it makes (``async for``
+        over the map) is the snapshot the watch continues from, so no change
+        is lost or delivered twice between the snapshot and the watch.
+        Without such a scan the watch continues from the map as it stood
+        when ``watch()`` was called.
         """
         await self._watch(subscriber, self._options)
 

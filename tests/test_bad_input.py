@@ -81,10 +81,10 @@ class NullSubscriber:
         pass
 
     async def update(self, key: Any, value: Any) -> Any:
-        return coco.live.ReadyHandle()
+        return coco.ReadyHandle()
 
     async def delete(self, key: Any) -> Any:
-        return coco.live.ReadyHandle()
+        return coco.ReadyHandle()
 
 
 @dataclass

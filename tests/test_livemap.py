@@ -677,10 +677,10 @@ async def test_second_consumer_watch_raises_and_mount_each_reports() -> None:
             pass
 
         async def update(self, key: Any, value: Any) -> Any:
-            return coco.live.ReadyHandle()
+            return coco.ReadyHandle()
 
         async def delete(self, key: Any) -> Any:
-            return coco.live.ReadyHandle()
+            return coco.ReadyHandle()
 
     @coco.fn
     async def consume(value: int) -> None:
@@ -733,11 +733,11 @@ async def test_seam_is_exact_while_update_all_is_held_open() -> None:
 
         async def update(self, key: Any, value: Any) -> Any:
             log.append(("update", key, value))
-            return coco.live.ReadyHandle()
+            return coco.ReadyHandle()
 
         async def delete(self, key: Any) -> Any:
             log.append(("delete", key, None))
-            return coco.live.ReadyHandle()
+            return coco.ReadyHandle()
 
     class Watcher:
         def __init__(self, lm: LiveMap[str, int]) -> None:
@@ -776,6 +776,137 @@ async def test_seam_is_exact_while_update_all_is_held_open() -> None:
     assert scans == [("a", 1), ("b", 1)]
     assert later == [("delete", "b", None), ("update", "a", 3), ("update", "c", 1)]
     assert [kind for kind, _, _ in log].index("ready") == 2
+
+
+class _AwaitingSubscriber:
+    """A subscriber whose ``update_all()`` awaits ``gate`` before it scans."""
+
+    def __init__(self, lm: LiveMap[str, int], gate: anyio.Event, waiting: anyio.Event) -> None:
+        self.lm = lm
+        self.gate = gate
+        self.waiting = waiting
+        self.log: list[tuple[str, Any, Any]] = []
+
+    async def update_all(self) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        async for key, value in self.lm:
+            self.log.append(("scan", key, value))
+
+    async def mark_ready(self) -> None:
+        self.log.append(("ready", None, None))
+
+    async def update(self, key: Any, value: Any) -> Any:
+        self.log.append(("update", key, value))
+        return coco.ReadyHandle()
+
+    async def delete(self, key: Any) -> Any:
+        self.log.append(("delete", key, None))
+        return coco.ReadyHandle()
+
+
+async def test_seam_is_exact_when_update_all_awaits_before_it_scans() -> None:
+    """The scan update_all() makes after an await is the snapshot the watch
+    continues from: an update, a delete and an add that landed before it are
+    in the scan and are not delivered again; a later change is delivered
+    once.  A scan by another task meanwhile changes nothing."""
+    control = Control({"a": 1, "b": 1})
+    holder: dict[str, Any] = {}
+    gate = anyio.Event()
+    waiting = anyio.Event()
+
+    class Watcher:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            await self.lm.watch(
+                holder.setdefault("sub", _AwaitingSubscriber(self.lm, gate, waiting))
+            )
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        h = await coco.mount(LiveProducer, lm, control)
+        await h.ready()
+        await coco.mount(Watcher, lm)
+
+    async with coco.App("t", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            await waiting.wait()
+        control.state["a"] = 2  # update
+        del control.state["b"]  # delete
+        control.state["c"] = 1  # add
+        await control.refresh()
+        # a scan from another task during update_all(): no side effect
+        assert sorted([pair async for pair in holder["lm"]]) == [("a", 2), ("c", 1)]
+        gate.set()
+        sub = holder["sub"]
+        await wait_for(lambda: ("ready", None, None) in sub.log)
+        await anyio.sleep(0.02)
+        control.state["a"] = 3
+        await control.refresh()
+        await wait_for(lambda: ("update", "a", 3) in sub.log)
+        await anyio.sleep(0.02)
+    log = holder["sub"].log
+    assert sorted(entry for entry in log if entry[0] == "scan") == [
+        ("scan", "a", 2),
+        ("scan", "c", 1),
+    ]
+    assert [entry for entry in log if entry[0] in ("update", "delete")] == [("update", "a", 3)]
+
+
+async def test_seam_without_a_scan_continues_from_the_watch_start() -> None:
+    """A subscriber whose update_all() does not scan the map gets every
+    change made after watch() was called, once."""
+    control = Control({"a": 1, "b": 1})
+    holder: dict[str, Any] = {}
+    gate = anyio.Event()
+    waiting = anyio.Event()
+
+    class NoScan(_AwaitingSubscriber):
+        async def update_all(self) -> None:
+            self.waiting.set()
+            await self.gate.wait()
+
+    class Watcher:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            await self.lm.watch(holder.setdefault("sub", NoScan(self.lm, gate, waiting)))
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        h = await coco.mount(LiveProducer, lm, control)
+        await h.ready()
+        await coco.mount(Watcher, lm)
+
+    async with coco.App("t", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            await waiting.wait()
+        control.state["a"] = 2
+        del control.state["b"]
+        control.state["c"] = 1
+        await control.refresh()
+        gate.set()
+        sub = holder["sub"]
+        await wait_for(lambda: len([e for e in sub.log if e[0] != "ready"]) >= 3)
+        await anyio.sleep(0.02)
+    changes = sorted(entry for entry in holder["sub"].log if entry[0] != "ready")
+    assert changes == [("delete", "b", None), ("update", "a", 2), ("update", "c", 1)]
 
 
 async def test_slow_key_is_coalesced_and_does_not_hold_back_others() -> None:

@@ -15,6 +15,7 @@ deliveries arrive in the order of its changes.
 from __future__ import annotations
 
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -26,12 +27,21 @@ from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLi
 from livemap._runtime._component import Component
 from livemap._runtime._session import AppRun
 
-__all__ = ["Consumer", "ConsumedMap"]
+__all__ = ["ConsumedMap", "Consumer", "scanning_consumer"]
 
 K = TypeVar("K")
 V = TypeVar("V")
 
 _MISSING: Any = object()
+
+
+scanning_consumer: ContextVar[Consumer[Any, Any] | None] = ContextVar(
+    "livemap_scanning_consumer", default=None
+)
+"""The consumer whose subscriber's ``update_all()`` is running in this
+context: a scan of the map made there is the snapshot the watch continues
+from (:meth:`Consumer.rebase`).  It follows ``update_all()``'s awaits and the
+tasks it starts, and nothing else."""
 
 
 class ConsumedMap(Protocol[K, V]):
@@ -153,7 +163,11 @@ class Consumer(Generic[K, V]):
 
     async def run(self) -> None:
         try:
-            await self.subscriber.update_all()
+            token = scanning_consumer.set(self)
+            try:
+                await self.subscriber.update_all()
+            finally:
+                scanning_consumer.reset(token)
             await self.subscriber.mark_ready()
             self.started = True
             if self._component is not None:
@@ -182,6 +196,16 @@ class Consumer(Generic[K, V]):
                 tg.cancel_scope.cancel()
         finally:
             self.release()
+
+    def rebase(self, snapshot: list[tuple[K, V]]) -> None:
+        """The watching subscriber scanned the map during ``update_all()``:
+        that scan is what it has, so the watch continues from it.  A change
+        notified before the scan is in it (its delivery finds the value
+        already delivered, or the key already gone, and is skipped); one
+        after it is delivered.  ``mount_each``'s children hold their own
+        values, which is the same for it."""
+        if self.each is None and not self.started:
+            self.delivered = dict(snapshot)
 
     def release(self) -> None:
         """End this consumer now: free the map's consumer slot (a new consumer

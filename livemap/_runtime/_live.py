@@ -42,8 +42,13 @@ class LiveComponent(Protocol):
 
 
 class ReadyHandle:
-    """What ``delete()`` returns: ``ready()`` returns once the unmount is done
-    (its entries released downstream); at once if there was nothing to do."""
+    """A handle whose ``ready()`` waits for an event (or returns at once).
+
+    What ``operator.delete()`` returns: ``ready()`` returns once the unmount
+    is done (its entries released downstream); at once if there was nothing
+    to do.  A hand-written :class:`~livemap.LiveMapSubscriber` may return
+    ``ReadyHandle()`` from ``update`` / ``delete`` when a change is processed
+    by the time the call returns."""
 
     __slots__ = ("_done",)
 
@@ -57,6 +62,7 @@ class ReadyHandle:
 
     @property
     def exception(self) -> BaseException | None:
+        """Always ``None``: what it waits for cannot fail."""
         return None
 
 
