@@ -444,6 +444,7 @@ class Pool:
     __slots__ = (
         "_room",
         "app_run",
+        "busy",
         "closed",
         "free",
         "high",
@@ -463,12 +464,21 @@ class Pool:
         self.queue: deque[tuple[Component | None, int, Any]] = deque()
         # the host whose keyed runs (children without a component) it runs
         self.host: EachHost | None = None
+        # key -> the items of that key waiting for its run under way to end
+        # (None: none wait).  Invariant: a key is here exactly while one
+        # worker runs an item of it, so no two items of a key run at once.
+        self.busy: dict[Any, list[tuple[Component | None, int, Any]] | None] = {}
         self.workers = 0
         self.free = 0  # workers started or woken that are not in a run
         self.parked: list[anyio.Event] = []
         self.app_run: AppRun | None = None
         self.closed = False
         self._room: anyio.Event | None = None
+
+    def resize(self, limit: int) -> None:
+        """Run at most ``limit`` items at once from now on."""
+        self.limit = limit
+        self.high = max(8 * limit, 1024)
 
     def crowded(self) -> bool:
         """Whether the queue holds several rounds of work for every worker."""
@@ -513,6 +523,7 @@ class Pool:
         """A new app run: the old workers are gone."""
         self.app_run = app_run
         self.queue.clear()
+        self.busy.clear()
         self.parked.clear()
         self.workers = 0
         self.free = 0
@@ -542,7 +553,13 @@ class Pool:
             room.set()
 
     async def _work(self, app_run: AppRun) -> None:
+        """A worker: take an item, run it, take the next; park when there is
+        none.  The one rule on top of the queue's order: an item of a key
+        whose previous run (its ``finally`` included) has not ended waits in
+        :attr:`busy` until it has, so a key never runs twice at once, also
+        when a re-mount or a newer value cancelled that run."""
         queue = self.queue
+        busy = self.busy
         new_event = event_class()
         # a KeyedRun kept current across consecutive keyed runs: setting a
         # context variable costs more than the rest of a trivial run
@@ -553,15 +570,24 @@ class Pool:
                 while queue:
                     with anyio.CancelScope() as scope:
                         while queue and not scope.cancel_called:
-                            child, gen, job = queue.popleft()
+                            item = queue.popleft()
+                            child, gen, job = item
                             if self._room is not None and len(queue) <= self.limit:
                                 self._wake_room()
-                            if (
-                                child is not None
-                                and job is None
-                                and (gen != child.generation or not child.alive)
-                            ):
+                            if child is None:
+                                key = job
+                            elif job is None and (gen != child.generation or not child.alive):
                                 continue  # superseded or unmounted
+                            else:
+                                key = child.rel[0]  # a mount_each child: (key,)
+                            if key in busy:  # its previous run is still winding down
+                                waiting = busy[key]
+                                if waiting is None:
+                                    busy[key] = [item]
+                                else:
+                                    waiting.append(item)
+                                continue
+                            busy[key] = None
                             self.free -= 1
                             if queue and self.free <= 0:
                                 self._add_worker(app_run)  # in case this run waits
@@ -576,7 +602,7 @@ class Pool:
                                         token = current_run_var.set(slot)
                                     slot.scope = scope
                                     try:
-                                        outcome = await each.run_keyed(job, gen, slot)
+                                        outcome = await each.run_keyed(key, gen, slot)
                                     except BaseException:
                                         slot = None
                                         current_run_var.reset(token)  # type: ignore[arg-type]
@@ -613,6 +639,9 @@ class Pool:
                             finally:
                                 if self.app_run is app_run:
                                     self.free += 1
+                                    waiting = busy.pop(key, None)
+                                    if waiting:  # their turn now, before newer items
+                                        queue.extendleft(reversed(waiting))
                 if token is not None:  # parked or done: no keyed run is current
                     slot = None
                     current_run_var.reset(token)
@@ -788,13 +817,16 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             each = EachLive(*comp.args, **comp.kwargs)
             options = each.options
             host = comp.host
-            if not isinstance(host, EachHost) or host.pool.limit != options.concurrency:
+            if not isinstance(host, EachHost):
                 host = comp.host = EachHost(
                     comp, options.concurrency, options.retry, keeps_leaves=True
                 )
             else:
+                # the same host and pool: runs of the earlier run of this
+                # mount_each that are still winding down hold their keys
                 host.reset()  # runs queued by an earlier run of this mount_each
                 host.retry = options.retry
+                host.pool.resize(options.concurrency)
             host.configure(each.fn, each.args, each.kwargs, comp.handlers)
             operator = LiveComponentOperator(comp, each, gen)
             subscriber = EachSubscriber(operator, comp, gen, each.source)

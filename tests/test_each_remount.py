@@ -1,0 +1,143 @@
+"""One key is never processed twice at once, also across a re-mount of the
+component holding the ``mount_each``: the old run of a key (its ``finally``
+included) has finished before the key runs again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from helpers import TIMEOUT
+
+import livemap as coco
+from livemap import KeyedTarget, LiveMap
+
+pytestmark = pytest.mark.anyio
+
+KEYS = [f"k{i}" for i in range(20)]
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.active: dict[str, int] = {}
+        self.overlaps: list[str] = []
+        self.runs = 0
+
+    def enter(self, key: str) -> None:
+        self.runs += 1
+        self.active[key] = self.active.get(key, 0) + 1
+        if self.active[key] > 1:
+            self.overlaps.append(key)
+
+    def leave(self, key: str) -> None:
+        self.active[key] -= 1
+
+
+@pytest.mark.parametrize("shape", ["trivial", "declares"])
+async def test_a_key_never_runs_twice_at_once_across_remounts(shape: str) -> None:
+    tracker = Tracker()
+    sink = KeyedTarget[str, int]("rows", lambda batch: None)
+    rounds = 30
+
+    @coco.fn
+    async def process(value: tuple[str, int]) -> None:
+        key, _ = value
+        tracker.enter(key)
+        try:
+            if shape == "declares":
+                sink.declare(key, value[1])
+            await anyio.sleep(0.001)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.002)  # a slow cleanup
+                tracker.leave(key)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, tuple[str, int]], n: int) -> None:
+        for key in KEYS:
+            lm.declare_entry(key, (key, n))
+
+    class Parent:
+        """Re-runs its process() (which mounts the mount_each) over and over."""
+
+        def __init__(self) -> None:
+            self.n = 0
+
+        async def process(self) -> None:
+            lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+            await coco.mount(produce, lm, self.n)
+            # the consumer options change between runs too
+            await coco.mount_each(process, lm.consumer(concurrency=4 + 4 * (self.n % 2)))
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            for n in range(1, rounds):
+                self.n = n
+                with anyio.move_on_after(0.003):
+                    await op.update_full()
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(Parent)
+
+    async with coco.App("remount", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            while tracker.runs < rounds * 5:
+                await anyio.sleep(0.005)
+    assert tracker.runs >= rounds * 5
+    assert tracker.overlaps == []
+
+
+async def test_a_key_never_runs_twice_at_once_when_its_value_changes_mid_run() -> None:
+    """A new value for a key whose run (with a slow shielded cleanup) is
+    cancelled by the change waits for that run to end."""
+    tracker = Tracker()
+    holder: dict[str, Any] = {}
+    values = {"k": 0}
+    step = anyio.Event()
+
+    @coco.fn
+    async def process(value: int) -> None:
+        tracker.enter("k")
+        try:
+            await anyio.sleep(0.001)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.002)
+                tracker.leave("k")
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            self.lm.declare_entry("k", values["k"])
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            await step.wait()
+            for n in range(1, 60):
+                values["k"] = n
+                await op.update_full()
+                await anyio.sleep(0.0005)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(Producer, lm)
+        await coco.mount_each(process, lm)
+
+    async with coco.App("change", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            step.set()
+            while values["k"] < 59:
+                await anyio.sleep(0.005)
+            await holder["lm"].settle()
+    assert tracker.overlaps == []
+    assert tracker.runs >= 2
