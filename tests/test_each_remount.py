@@ -141,3 +141,51 @@ async def test_a_key_never_runs_twice_at_once_when_its_value_changes_mid_run() -
             await holder["lm"].settle()
     assert tracker.overlaps == []
     assert tracker.runs >= 2
+
+
+def _fill_app(n: int, done: set[str], gate: dict[str, bool]) -> coco.App:
+    @coco.fn
+    async def process(value: str) -> None:
+        if gate["slow"]:
+            await anyio.sleep(1)
+        done.add(value)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, str]) -> None:
+        for i in range(n):
+            lm.declare_entry(f"k{i}", f"k{i}")
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(process, lm.consumer(concurrency=4))
+
+    return coco.App("fill", main)
+
+
+@pytest.mark.parametrize(
+    "backends", [("asyncio", "trio"), ("trio", "asyncio"), ("asyncio", "asyncio")]
+)
+def test_nothing_bound_to_one_event_loop_outlives_its_run(backends: tuple[str, str]) -> None:
+    """A run stopped while the initial scan waits for room in the pool's
+    queue leaves nothing of its event loop behind: the next run, on another
+    loop, processes every entry."""
+    n = 5000
+    done: set[str] = set()
+    gate = {"slow": True}
+    app = _fill_app(n, done, gate)
+
+    async def stopped_run() -> None:
+        with anyio.move_on_after(0.3):
+            await app.update()
+
+    async def full_run() -> None:
+        with anyio.fail_after(TIMEOUT * 3):
+            await app.update()
+
+    anyio.run(stopped_run, backend=backends[0])
+    assert len(done) < n
+    gate["slow"] = False
+    anyio.run(full_run, backend=backends[1])
+    assert len(done) == n

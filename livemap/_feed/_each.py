@@ -520,11 +520,14 @@ class Pool:
             self._add_worker(app_run)
 
     def _new_run(self, app_run: AppRun) -> None:
-        """A new app run: the old workers are gone."""
+        """A new app run (maybe on another event loop): the old workers are
+        gone, and nothing made on the old loop (parking and room events) is
+        used again."""
         self.app_run = app_run
         self.queue.clear()
         self.busy.clear()
         self.parked.clear()
+        self._room = None
         self.workers = 0
         self.free = 0
         self.closed = False
