@@ -64,12 +64,29 @@ class ConsumedMap(Protocol[K, V]):
 
 @dataclass
 class _Waiter:
-    keys: set[Any]
+    """One ``settle()`` call: ``keys`` maps each key it waits for to the
+    change sequence number its processing must have started at (or after)
+    to cover every change committed before the call."""
+
+    keys: dict[Any, int]
     event: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Consumer(Generic[K, V]):
-    """The worker between one LiveMap and its one subscriber (internal)."""
+    """The worker between one LiveMap and its one subscriber (internal).
+
+    Fields, per key (a key is in at most one of ``queued`` and
+    ``in_flight``; ``dirty`` is a subset of ``in_flight``):
+
+    * ``queue`` / ``queued``: keys with changes not taken yet, in order.
+    * ``in_flight``: keys being processed; ``dirty``: those of them that
+      changed again meanwhile (taken again once their processing is over).
+    * ``started_at``: for a key in flight, the change sequence number
+      (``seq``) when its processing read the key's state: it covers every
+      change up to that number.  ``seq`` counts ``notify()`` calls.
+    * ``_waiters``: ``settle()`` calls, each waiting for the keys it saw
+      outstanding to be covered up to the changes before the call.
+    """
 
     def __init__(
         self,
@@ -84,11 +101,14 @@ class Consumer(Generic[K, V]):
         self.queued: set[K] = set()
         self.in_flight: set[K] = set()
         self.dirty: set[K] = set()
+        self.seq = 0
+        self.started_at: dict[K, int] = {}
         self.failing: dict[K, BaseException] = {}
         self.deliveries = 0
         self.closed = False
         self.released = False
         self.started = False
+        # set once update_all() and mark_ready() have returned
         self.scanned = anyio.Event()
         self._busy_run: AppRun | None = None
         self._holding: Component | None = None
@@ -107,6 +127,7 @@ class Consumer(Generic[K, V]):
     # -- called from commits (synchronously) ---------------------------------
 
     def notify(self, keys: list[K]) -> None:
+        self.seq += 1
         in_flight = self.in_flight
         queued = self.queued
         self._set_busy(True)
@@ -129,10 +150,6 @@ class Consumer(Generic[K, V]):
     def close(self) -> None:
         self.closed = True
         self._poke()
-
-    def _caught_up(self) -> None:
-        """``mount_each``'s subtree was ready once after the initial scan."""
-        self.scanned.set()
 
     # -- the worker ----------------------------------------------------------
 
@@ -170,10 +187,7 @@ class Consumer(Generic[K, V]):
                 scanning_consumer.reset(token)
             await self.subscriber.mark_ready()
             self.started = True
-            if self._component is not None:
-                # settle() waits for the children the scan mounted: they are
-                # done once the component's subtree has been ready once
-                self._component.on_ready(self._caught_up)
+            self.scanned.set()
             limit = self.options.concurrency
             new_event = event_class()
             async with anyio.create_task_group() as tg:
@@ -187,6 +201,7 @@ class Consumer(Generic[K, V]):
                             self._deliver_each(each, key)
                         else:
                             self.in_flight.add(key)
+                            self.started_at[key] = self.seq
                             tg.start_soon(self._deliver, key)
                     if self.idle():
                         self._set_busy(False)
@@ -244,6 +259,7 @@ class Consumer(Generic[K, V]):
         if child is None or not child.backing_off:
             return False
         self.deliveries += 1
+        self.started_at[key] = self.seq
         value = self.live_map.get(key, _MISSING)
         if value is not _MISSING:
             fargs = each.host.fargs
@@ -281,6 +297,7 @@ class Consumer(Generic[K, V]):
             held = state.leaves.get(key, _MISSING)
             if value is not _MISSING and (held is _MISSING or not _same(held, value)):
                 self.in_flight.add(key)
+                self.started_at[key] = self.seq
                 self.deliveries += 1
                 if held is not _MISSING:
                     del state.leaves[key]
@@ -303,6 +320,7 @@ class Consumer(Generic[K, V]):
             return
         if value is _MISSING:
             self.in_flight.add(key)
+            self.started_at[key] = self.seq
             self.deliveries += 1
             child.detach()
             each.pool.submit(child, 0, partial(self._cleanup, child, key))
@@ -311,6 +329,7 @@ class Consumer(Generic[K, V]):
             self._settled(key)
             return
         self.in_flight.add(key)
+        self.started_at[key] = self.seq
         self.deliveries += 1
         child = each.child(key, value)
         each.pool.queue_run(child)
@@ -323,19 +342,28 @@ class Consumer(Generic[K, V]):
             self.finish(key)
 
     def finish(self, key: K) -> None:
+        """``key``'s processing is over (its run, its ``finally`` included):
+        take it again if it changed meanwhile."""
         self.in_flight.discard(key)
+        covered = self.started_at.pop(key, -1)
         if key in self.dirty:
             self.dirty.discard(key)
             if key not in self.queued:
                 self.queued.add(key)
                 self.queue.append(key)
-        else:
-            self._settled(key)
+        if self._waiters:
+            self._done(key, covered)
         self._poke()
 
-    def _settled(self, key: K) -> None:
+    def scan_run_over(self, key: Any) -> None:
+        """A run of ``key`` that the initial scan started is over."""
         if self._waiters:
-            self._done(key)
+            self._done(key, -1)
+
+    def _settled(self, key: K) -> None:
+        """``key`` needed no processing: its state was already there."""
+        if self._waiters:
+            self._done(key, self.seq)
 
     async def _deliver(self, key: K) -> None:
         try:
@@ -373,25 +401,52 @@ class Consumer(Generic[K, V]):
             return dict(each.host.failures)
         return dict(self.failing)
 
-    def _done(self, key: K) -> None:
+    def _done(self, key: K, covered: int) -> None:
+        """``key``'s processing that covered changes up to ``covered`` is over."""
         remaining = []
         for waiter in self._waiters:
-            waiter.keys.discard(key)
-            if waiter.keys:
+            keys = waiter.keys
+            need = keys.get(key)
+            if need is not None and covered >= need:
+                del keys[key]
+            if keys:
                 remaining.append(waiter)
             else:
                 waiter.event.set()
         self._waiters = remaining
 
     async def settle(self) -> None:
-        if self._component is not None and not self.scanned.is_set() and not self.closed:
+        """Wait until every change committed before the call has been
+        processed, and nothing else: a key that changes again meanwhile
+        counts as settled once the processing that covered the earlier
+        change is over.  During ``mount_each``'s initial scan, the scan's own
+        runs count as changes before the call (its submission is waited for,
+        not a moment when the whole subtree happens to be ready)."""
+        if self.each is not None and not self.started and not self.closed:
             await self.scanned.wait()
-        outstanding = self.queued | self.in_flight | self.dirty
-        if not outstanding or self.closed:
+        if self.closed:
             return
-        waiter = _Waiter(outstanding)
+        now = self.seq
+        need: dict[Any, int] = dict.fromkeys(self.queued, now)
+        dirty = self.dirty
+        started_at = self.started_at
+        for key in self.in_flight:
+            need[key] = now if key in dirty else started_at.get(key, -1)
+        each = self.each
+        if each is not None:
+            host = each.host
+            for key in (*host.pending, *host.running):
+                need.setdefault(key, -1)  # queued or running since the scan
+            for rel, child in list((each.component.children or {}).items()):
+                if child.unready and rel[0] not in need:
+                    need[rel[0]] = -1
+                    child.on_ready(partial(self.scan_run_over, rel[0]))
+        if not need:
+            return
+        waiter = _Waiter(need)
         self._waiters.append(waiter)
         await waiter.event.wait()
+
 
 
 def _same(a: object, b: object) -> bool:

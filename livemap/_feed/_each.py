@@ -72,6 +72,10 @@ class KeyWatcher(Protocol):
         """``key``'s run (its cleanup included) is over."""
         ...
 
+    def scan_run_over(self, key: Any) -> None:
+        """A run of ``key`` not taken from the consumer (the scan's) is over."""
+        ...
+
     def release(self) -> None:
         """The ``mount_each`` re-runs or stops: end the consumer now."""
         ...
@@ -331,8 +335,11 @@ class EachHost:
     def _done(self, key: Any) -> None:
         """Tell the consumer, if it waits for ``key``, that its run is over."""
         consumer = self.consumer
-        if consumer is not None and key in consumer.in_flight:
-            consumer.finish(key)
+        if consumer is not None:
+            if key in consumer.in_flight:
+                consumer.finish(key)
+            else:
+                consumer.scan_run_over(key)
 
     def drop(self, key: Any) -> None:
         """Forget ``key``'s run without a component (cancelled if under way)."""
