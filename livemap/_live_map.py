@@ -19,7 +19,7 @@ from livemap._feed._protocols import (
 from livemap._runtime._component import Component, current_run
 from livemap._runtime._hosting import Owner, current_run_var
 from livemap._runtime._session import AppRun
-from livemap._runtime._tables import new_declarer
+from livemap._runtime._tables import DeclarerDoc, new_declarer
 from livemap._runtime._targets import TargetBase
 from livemap.errors import ConsumerBusyError, MapRetiredError, NotInComponentError
 from livemap_core import Buffer, Declarer
@@ -38,6 +38,26 @@ V = TypeVar("V")
 
 _ids = itertools.count(1)
 _CREATE = object()
+
+_DECLARE_ENTRY_DOC = """Declare ``key -> value`` as owned by the current component run.
+
+Buffered, and committed when the run returns: a key the component's
+previous run declared and this one did not is deleted then, and a value
+``==`` to the one held changes nothing.
+
+Raises ``TypeError`` for a key that is not a stable key,
+:class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
+in one run (the first declaration stands),
+:class:`~livemap.errors.NotInComponentError` outside a component run and
+:class:`~livemap.errors.MapRetiredError` once the map is retired.  A key
+another component holds is rejected at commit: a
+:class:`~livemap.errors.KeyConflictError` goes to the run's
+exception-handler chain.
+"""
+
+# what help(lm.declare_entry) and inspect.signature show: the declarer is the
+# core's fast callable, in a subclass that only documents itself
+_DECLARE_ENTRY = DeclarerDoc("declare_entry", "LiveMapDeclarer", __name__, _DECLARE_ENTRY_DOC)
 
 
 @dataclass(frozen=True)
@@ -98,15 +118,15 @@ class LiveMap(TargetBase[K, V]):
     follows it, and ``mount_each(fn, lm)`` mounts one component per entry.
     """
 
-    __slots__ = (
-        "_consumer",
-        "_creator",
-        "_deliveries",
-        "_failing",
-        "_options",
-        "_retired",
-        "declare_entry",
-    )
+    __slots__ = {
+        "_consumer": None,
+        "_creator": None,
+        "_deliveries": None,
+        "_failing": None,
+        "_options": None,
+        "_retired": None,
+        "declare_entry": "``lm.declare_entry(key, value) -> None``: " + _DECLARE_ENTRY_DOC,
+    }
 
     def __init__(self, _token: object, creator: Component) -> None:
         if _token is not _CREATE:
@@ -118,16 +138,9 @@ class LiveMap(TargetBase[K, V]):
             current_run_var,
             partial(NotInComponentError, "LiveMap.declare_entry()"),
             partial(MapRetiredError, self.name),
+            doc=_DECLARE_ENTRY,
         )
-        """``lm.declare_entry(key, value)``: declare ``key -> value`` as owned by
-        the current component run.
-
-        Buffered and committed with the run.  ``TypeError`` for a key that is
-        not stable, :class:`~livemap.errors.DuplicateDeclarationError` for a
-        key declared twice in one run (the first stands),
-        :class:`~livemap.errors.NotInComponentError` outside a run,
-        :class:`~livemap.errors.MapRetiredError` for a retired map.
-        """
+        """``lm.declare_entry(key, value) -> None``: see ``help(lm.declare_entry)``."""
         self._creator = creator
         self._consumer: Consumer[K, V] | None = None
         self._retired = False

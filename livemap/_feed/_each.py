@@ -19,12 +19,18 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterab
 from contextvars import Token
 from functools import partial
 from types import CoroutineType
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, overload
 
 import anyio
 
-from livemap._feed._protocols import ConsumerOptions, ReadyLike, RetryPolicy, is_feed
-from livemap._paths import StableKey, check_key, prefix_var
+from livemap._feed._protocols import (
+    ConsumerOptions,
+    LiveMapFeed,
+    ReadyLike,
+    RetryPolicy,
+    is_feed,
+)
+from livemap._paths import ComponentSubpath, StableKey, check_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
     EMPTY_KWARGS,
@@ -57,6 +63,15 @@ __all__ = [
 ]
 
 _NOTHING: Any = object()
+
+P = ParamSpec("P")
+V = TypeVar("V")
+
+_Pairs: TypeAlias = Iterable[tuple[Any, V]] | AsyncIterable[tuple[Any, V]]
+EachItems: TypeAlias = _Pairs[V] | LiveMapFeed[Any, V]
+"""What ``mount_each`` takes as its items: ``(key, value)`` pairs of values
+``V``, as an iterable, an async iterable (a :class:`~livemap.LiveMapView`,
+such as a LiveMap or ``lm.consumer(...)``, is one), or a feed of ``V``."""
 
 
 def _no_processor(*args: Any, **kwargs: Any) -> Any:
@@ -853,6 +868,28 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             handlers_var.reset(t_handlers)
 
 
+# As for ``mount``: one overload with the optional subpath, one without.  The
+# processor's first parameter takes the items' values; the rest of its
+# parameters (a ParamSpec) type the arguments after the items.
+
+
+@overload
+async def mount_each(
+    subpath: ComponentSubpath,
+    processor: Callable[Concatenate[V, P], object],
+    items: EachItems[V],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> ComponentMountHandle: ...
+@overload
+async def mount_each(
+    processor: Callable[Concatenate[V, P], object],
+    items: EachItems[V],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> ComponentMountHandle: ...
 async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
     """``mount_each([subpath,] fn, items, *args, **kwargs)``: one child per entry.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "ConsumerOptions",
@@ -52,9 +52,13 @@ class LiveMapSubscriber(Protocol[K_contra, V_contra]):
 @runtime_checkable
 class LiveMapFeed(Protocol[K_co, V_co]):
     """A source of live changes: ``await feed.watch(subscriber)`` runs until
-    the feed ends (or the watching task is cancelled)."""
+    the feed ends (or the watching task is cancelled).
 
-    async def watch(self, subscriber: LiveMapSubscriber[Any, Any]) -> None: ...
+    A ``LiveMapFeed[K, V]`` delivers keys of type ``K`` and values of type
+    ``V``: its subscriber is a ``LiveMapSubscriber[K, V]``.
+    """
+
+    async def watch(self, subscriber: LiveMapSubscriber[K_co, V_co]) -> None: ...
 
 
 @runtime_checkable

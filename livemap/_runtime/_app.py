@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 import anyio
 from anyio.abc import TaskGroup
@@ -16,6 +16,8 @@ from livemap._runtime._session import AppRun, Session, UpdateStats
 from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle"]
+
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,9 @@ class App:
     def __init__(
         self,
         name_or_config: str | AppConfig,
-        main_fn: Callable[..., Any],
-        *args: Any,
-        **kwargs: Any,
+        main_fn: Callable[P, object],
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> None:
         config = (
             name_or_config
@@ -53,9 +55,9 @@ class App:
         if not callable(main_fn):
             raise TypeError(f"App main function must be callable, got {main_fn!r}")
         self.config = config
-        self.main_fn = main_fn
-        self.args = args
-        self.kwargs = kwargs
+        self.main_fn: Callable[..., object] = main_fn
+        self.args: tuple[Any, ...] = args
+        self.kwargs: dict[str, Any] = kwargs
         self._root: Component | None = None
         self._session = Session(config.name)
 

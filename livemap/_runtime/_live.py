@@ -5,7 +5,7 @@ of a live component's task (:func:`run_live`)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 import anyio
 
@@ -23,6 +23,8 @@ __all__ = [
     "auto_refresh",
     "run_live",
 ]
+
+P = ParamSpec("P")
 
 
 @runtime_checkable
@@ -119,9 +121,9 @@ class LiveComponentOperator:
     async def update(
         self,
         subpath: StableKey | ComponentSubpath | StablePath,
-        fn: Callable[..., Any],
-        *args: Any,
-        **kwargs: Any,
+        fn: Callable[P, object],
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> ComponentMountHandle:
         """(Re)mount the child at ``subpath`` running ``fn(*args, **kwargs)``."""
         comp = self._component
@@ -174,18 +176,19 @@ class LiveComponentOperator:
         await self._component.report(exc, "process_live")
 
 
-def auto_refresh(fn: Callable[..., Any], *, interval: float) -> type[LiveComponent]:
+def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, LiveComponent]:
     """A live-component class that runs ``fn(*args, **kwargs)`` as its
     ``process()`` and, in live mode, again every ``interval`` seconds.
 
-    ``mount(auto_refresh(load, interval=5.0), path)`` mounts it.
+    ``mount(auto_refresh(load, interval=5.0), path)`` mounts it; the class
+    takes ``fn``'s arguments (typed as a callable with ``fn``'s parameters).
     """
     if interval <= 0:
         raise ValueError(f"auto_refresh interval must be positive, got {interval!r}")
     name = getattr(fn, "__name__", "refresh")
 
     class AutoRefresh:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: P.args, **kwargs: P.kwargs) -> None:
             self._args = args
             self._kwargs = kwargs
 

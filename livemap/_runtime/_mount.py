@@ -6,8 +6,10 @@ feed, is the feed layer's bridge into the tree: :mod:`livemap._feed._each`.)
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, overload
 
+from livemap._paths import ComponentSubpath
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import ComponentMountHandle, current_run
 from livemap._runtime._context import handler_chain, processor_name
@@ -16,7 +18,25 @@ from livemap._runtime._live import run_live
 
 __all__ = ["mount", "use_mount"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+# The optional subpath first is one overload with it and one without: the
+# processor's parameters (a ParamSpec) then type the rest of the call.
+
+
+@overload
+async def mount(
+    subpath: ComponentSubpath,
+    processor: Callable[P, object],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> ComponentMountHandle: ...
+@overload
+async def mount(
+    processor: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs
+) -> ComponentMountHandle: ...
 async def mount(*args: Any, **kwargs: Any) -> ComponentMountHandle:
     """``mount([subpath,] fn_or_live_class, *args, **kwargs)``: mount a child.
 
@@ -43,6 +63,28 @@ async def mount(*args: Any, **kwargs: Any) -> ComponentMountHandle:
     return ComponentMountHandle(child)
 
 
+@overload
+async def use_mount(
+    subpath: ComponentSubpath,
+    processor: Callable[P, Awaitable[R]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R: ...
+@overload
+async def use_mount(
+    subpath: ComponentSubpath,
+    processor: Callable[P, R],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R: ...
+@overload
+async def use_mount(
+    processor: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+) -> R: ...
+@overload
+async def use_mount(processor: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
 async def use_mount(*args: Any, **kwargs: Any) -> Any:
     """``use_mount([subpath,] fn, *args, **kwargs)``: mount, wait until ready,
     return the function's value.

@@ -21,7 +21,7 @@ import anyio
 
 from livemap._paths import StablePath, format_path
 from livemap._runtime._hosting import Owner, current_run_var
-from livemap._runtime._tables import new_declarer, new_table
+from livemap._runtime._tables import DeclarerDoc, new_declarer, new_table
 from livemap.errors import (
     KeyConflictError,
     NotInComponentError,
@@ -122,6 +122,23 @@ class TargetBase(Generic[K, V]):
 
 Sink = Callable[[TargetBatch[K, V]], "Awaitable[None] | None"]
 
+_DECLARE_DOC = """Declare ``key -> value`` as owned by the current component run.
+
+Buffered, and committed when the run returns: the target's ``apply`` then
+gets the changes.
+
+Raises ``TypeError`` for a key that is not a stable key,
+:class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
+in one run (the first declaration stands) and
+:class:`~livemap.errors.NotInComponentError` outside a component run.  A key
+another component holds is rejected at commit: a
+:class:`~livemap.errors.KeyConflictError` goes to the run's
+exception-handler chain.
+"""
+
+# what help(target.declare) and inspect.signature show (see DeclarerDoc)
+_DECLARE = DeclarerDoc("declare", "KeyedTargetDeclarer", __name__, _DECLARE_DOC)
+
 
 class KeyedTarget(TargetBase[K, V]):
     """A user-defined keyed target: owned entries applied through ``apply``.
@@ -140,7 +157,12 @@ class KeyedTarget(TargetBase[K, V]):
     failed to apply are retried with the target's next batch.
     """
 
-    __slots__ = ("_apply", "_lock", "_orphans", "declare")
+    __slots__ = {
+        "_apply": None,
+        "_lock": None,
+        "_orphans": None,
+        "declare": "``target.declare(key, value) -> None``: " + _DECLARE_DOC,
+    }
 
     def __init__(self, name: str, apply: Sink[K, V]) -> None:
         super().__init__(name, track_undo=True)
@@ -150,15 +172,9 @@ class KeyedTarget(TargetBase[K, V]):
             current_run_var,
             partial(NotInComponentError, f"{name}.declare()"),
             partial(RuntimeError, f"{name} takes no declarations"),
+            doc=_DECLARE,
         )
-        """``target.declare(key, value)``: declare ``key -> value`` as owned by
-        the current component run.
-
-        ``TypeError`` for a key that is not stable,
-        :class:`~livemap.errors.DuplicateDeclarationError` for a key declared
-        twice in one run, :class:`~livemap.errors.NotInComponentError` outside
-        a run.
-        """
+        """``target.declare(key, value) -> None``: see ``help(target.declare)``."""
         self._apply = apply
         self._lock: anyio.Lock | None = None
         self._orphans: list[Owner] = []
