@@ -1,0 +1,97 @@
+"""The consuming half's store: the SQLite table ``entities``, one row per
+entity, and the sink of the ``KeyedTarget`` that keeps it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from livemap import TargetBatch
+
+from .events import Entity
+
+__all__ = ["EntityDB", "EntityRow"]
+
+
+class EntityRow(NamedTuple):
+    """One row of the ``entities`` table (``attrs`` as canonical JSON)."""
+
+    id: str
+    kind: str
+    name: str
+    attrs: str
+
+    @classmethod
+    def of(cls, entity: Entity) -> EntityRow:
+        attrs = json.dumps(entity.attrs, sort_keys=True, separators=(",", ":"))
+        return cls(entity.id, entity.kind, entity.name, attrs)
+
+
+class EntityDB:
+    """The SQLite database: one row per entity in table ``entities``."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS entities (
+            id    TEXT PRIMARY KEY,
+            kind  TEXT NOT NULL,
+            name  TEXT NOT NULL,
+            attrs TEXT NOT NULL  -- JSON
+        )
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        # Autocommit mode: transactions are opened explicitly by transaction().
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        if self.path != ":memory:":
+            self.conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute(self.SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``with db.transaction() as conn:``: commit at the end, roll back on an exception."""
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def apply(self, batch: TargetBatch[str, EntityRow]) -> None:
+        """The target's sink: one commit's upserts and deletes, in one transaction.
+
+        If it raises, the target counts the batch as not applied and reports
+        the error to the committing component."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM entities WHERE id = ?", [(k,) for k in batch.deletes])
+            conn.executemany(
+                "INSERT OR REPLACE INTO entities (id, kind, name, attrs) VALUES (?, ?, ?, ?)",
+                [row for _, row in batch.upserts],
+            )
+
+    def remove_stale(self, keep: Iterable[str]) -> int:
+        """Delete every row whose id is not in ``keep``; return how many."""
+        keep = set(keep)
+        stale = [(i,) for (i,) in self.conn.execute("SELECT id FROM entities") if i not in keep]
+        if stale:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM entities WHERE id = ?", stale)
+        return len(stale)
+
+    def rows(self) -> list[EntityRow]:
+        """Every row, by id."""
+        query = "SELECT id, kind, name, attrs FROM entities ORDER BY id"
+        return [EntityRow(*row) for row in self.conn.execute(query)]
+
+    def count(self) -> int:
+        (n,) = self.conn.execute("SELECT COUNT(*) FROM entities").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,320 @@
+"""The pipeline: producer components declaring entities into a LiveMap, a
+consumer component per entity declaring its row into the SQLite target, and
+:class:`Pipeline`, which runs them (catch-up or live) and reports on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TextIO
+
+import anyio
+import anyio.to_thread
+
+import livemap as coco
+from livemap import KeyedTarget, LiveComponentOperator, LiveMap
+
+from .database import EntityDB, EntityRow
+from .events import Entity, EventFile
+
+__all__ = [
+    "DEFAULT_DB",
+    "DEFAULT_INTERVAL",
+    "DEFAULT_SHARDS",
+    "EventLog",
+    "Pipeline",
+    "Summary",
+    "app_main",
+    "declare_shard",
+    "index_entity",
+]
+
+log = logging.getLogger("livemap.examples.entities")
+
+DEFAULT_DB = "entities.sqlite"
+DEFAULT_SHARDS = 16
+DEFAULT_INTERVAL = 0.5
+
+
+# -- the producing half -------------------------------------------------------------
+
+
+@coco.fn
+def declare_shard(entities: tuple[Entity, ...], lm: LiveMap[str, Entity]) -> None:
+    """Declare one shard's entities.  Whatever this component declared last
+    time and not this time (a deleted entity) leaves the map when it commits."""
+    for entity in entities:
+        lm.declare_entry(entity.id, entity)
+
+
+class EventLog:
+    """A live component following one :class:`EventFile`.
+
+    ``process()`` reads what is new and mounts one :func:`declare_shard` per
+    non-empty shard; ``process_live()`` runs it once, marks the component
+    ready (the initial catch-up), then polls the file every ``interval``
+    seconds and runs it again when the file changed.  In catch-up mode the
+    runtime cancels the polling once everything is quiescent.
+    """
+
+    def __init__(
+        self, source: EventFile, lm: LiveMap[str, Entity], *, shards: int, interval: float
+    ) -> None:
+        self.source = source
+        self.lm = lm
+        self.shards = shards
+        self.interval = interval
+
+    async def process(self) -> None:
+        await anyio.to_thread.run_sync(self.source.read_new)  # file I/O off the event loop
+        await coco.mount_each(declare_shard, self.source.shards(self.shards), self.lm)
+
+    async def process_live(self, operator: LiveComponentOperator) -> None:
+        await operator.update_full()
+        await operator.mark_ready()
+        while True:
+            await anyio.sleep(self.interval)
+            if self.source.has_news():
+                await operator.update_full()
+
+
+# -- the consuming half -------------------------------------------------------------
+
+
+@coco.fn
+def index_entity(entity: Entity, table: KeyedTarget[str, EntityRow]) -> None:
+    """One entity's component: declare its row.  When the entity changes it
+    runs again; when the entity disappears it is unmounted and its row is
+    deleted."""
+    table.declare(entity.id, EntityRow.of(entity))
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+@coco.fn
+async def app_main(pipeline: Pipeline) -> None:
+    """The root component: one LiveMap between the producers and the consumer."""
+    lm: LiveMap[str, Entity] = await LiveMap.create()
+    pipeline.live_map = lm
+    for source in pipeline.sources:
+        await coco.mount(
+            coco.component_subpath("source", str(source.path)),
+            EventLog,
+            source,
+            lm,
+            shards=pipeline.shards,
+            interval=pipeline.interval,
+        )
+    await coco.mount_each(index_entity, lm, pipeline.table)
+
+
+def _log_failure(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+    """The app's exception handler: a key claimed by two input files is a data
+    problem worth one line; anything else is logged with its traceback."""
+    if isinstance(exc, coco.KeyConflictError):
+        log.warning("%s", exc)
+    else:
+        log.error("component %s failed: %s", ctx.path, exc, exc_info=exc)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did (see :meth:`Pipeline.summary`)."""
+
+    mode: Literal["catch-up", "live"]
+    interrupted: bool
+    events: int
+    malformed: int
+    ignored: int
+    entities: int
+    changes: int
+    suppressed: int
+    conflicts: int
+    rows: int
+    stale: int
+    db: str
+    components_run: int
+    components_failed: int
+    elapsed: float
+
+    def format(self) -> str:
+        if self.mode == "live":
+            head = f"live run stopped after {self.elapsed:.2f} s"
+        elif self.interrupted:
+            head = f"catch-up interrupted after {self.elapsed:.2f} s"
+        else:
+            head = f"catch-up done in {self.elapsed:.2f} s"
+        return "\n".join(
+            [
+                head,
+                f"  events      {self.events} read, {self.malformed} malformed, "
+                f"{self.ignored} about missing entities",
+                f"  entities    {self.entities} in the LiveMap",
+                f"  changes     {self.changes} committed, {self.suppressed} suppressed by ==, "
+                f"{self.conflicts} conflicts",
+                f"  sqlite      {self.rows} rows in {self.db}, {self.stale} stale rows removed",
+                f"  components  {self.components_run} run, {self.components_failed} failed",
+                f"  elapsed     {self.elapsed:.2f} s",
+                "",
+            ]
+        )
+
+
+class Pipeline:
+    """The example's app and everything it works on: the input files, the
+    database and its target, and (once ``app_main`` runs) the LiveMap.
+
+    :meth:`run` may be called again: the app re-runs against the component
+    tree of the previous run, and the files are read on from where it stopped.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[str | os.PathLike[str]],
+        db: str | os.PathLike[str] = DEFAULT_DB,
+        *,
+        shards: int = DEFAULT_SHARDS,
+        interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        unique = dict.fromkeys(Path(p).resolve() for p in inputs)
+        self.sources = [EventFile(path) for path in unique]
+        self.db = EntityDB(db)
+        self.table: KeyedTarget[str, EntityRow] = KeyedTarget("sqlite:entities", self.db.apply)
+        self.shards = shards
+        self.interval = interval
+        self.live_map: LiveMap[str, Entity] | None = None
+        config = coco.AppConfig("entities", exception_handler=_log_failure)
+        self.app = coco.App(config, app_main, self)
+        self.stale = 0
+        self.last_summary: Summary | None = None  # of the last run that ended
+        self._handle: coco.UpdateHandle | None = None
+        self._started = time.perf_counter()
+
+    async def run(
+        self,
+        *,
+        live: bool = False,
+        stop: anyio.Event | None = None,
+        out: TextIO | None = None,
+        quiet: bool = False,
+    ) -> Summary:
+        """Run the app: catch-up to quiescence, or live until ``stop`` is set.
+
+        Setting ``stop`` ends a live run (and cuts a catch-up short).  Unless
+        ``quiet``, live progress and the final summary go to ``out`` (default
+        stdout): one line rewritten in place on a terminal, plain lines
+        otherwise.
+        """
+        out = sys.stdout if out is None else out
+        stop = anyio.Event() if stop is None else stop
+        for source in self.sources:
+            source.follow = live
+        progress = _Progress(out, enabled=live and not quiet)
+        if live and not quiet:
+            names = ", ".join(str(s.path) for s in self.sources)
+            out.write(f"following {names} -> {self.db.path} (Ctrl+C to stop)\n")
+            out.flush()
+        self._started = time.perf_counter()
+        async with self.app.update(live=live) as handle, anyio.create_task_group() as tg:
+            self._handle = handle
+            tg.start_soon(_stop_when_set, stop, handle)
+            if live:
+                await handle.ready()  # the initial catch-up
+                self._reconcile(stop)
+                tg.start_soon(self._show_progress, progress)
+            await handle.result()  # catch-up: quiescence; live: stopped
+            if not live:
+                self._reconcile(stop)
+            tg.cancel_scope.cancel()
+        summary = self.last_summary = self.summary(live=live, interrupted=stop.is_set())
+        progress.finish()
+        if not quiet:
+            out.write(summary.format())
+            out.flush()
+        return summary
+
+    def _reconcile(self, stop: anyio.Event) -> None:
+        # Only after a complete catch-up: every live entity's row is declared by now.
+        if not stop.is_set():
+            self.stale += self.db.remove_stale(key for key, _ in self.table.items())
+
+    async def _show_progress(self, progress: _Progress) -> None:
+        while True:
+            progress.show(self.progress())
+            await anyio.sleep(self.interval)
+
+    def progress(self) -> str:
+        """A one-line status: the LiveMap's counters and the rows in SQLite."""
+        events = sum(source.events for source in self.sources)
+        lm = self.live_map
+        if lm is None:
+            return f"events {events} | starting"
+        s = lm.stats()
+        return (
+            f"events {events} | entities {s.entries} | changes {s.changes} | "
+            f"suppressed {s.suppressed} | conflicts {s.conflicts} | pending {s.pending} | "
+            f"rows {self.db.count()}"
+        )
+
+    def summary(self, *, live: bool, interrupted: bool) -> Summary:
+        """The run's numbers so far (usable after the event loop is gone)."""
+        lm = self.live_map
+        stats = lm.stats() if lm is not None else None
+        update = self._handle.stats() if self._handle is not None else coco.UpdateStats()
+        return Summary(
+            mode="live" if live else "catch-up",
+            interrupted=interrupted,
+            events=sum(s.events for s in self.sources),
+            malformed=sum(s.malformed for s in self.sources),
+            ignored=sum(s.ignored for s in self.sources),
+            entities=stats.entries if stats else 0,
+            changes=stats.changes if stats else 0,
+            suppressed=stats.suppressed if stats else 0,
+            conflicts=stats.conflicts if stats else 0,
+            rows=self.db.count(),
+            stale=self.stale,
+            db=self.db.path,
+            components_run=update.components_run,
+            components_failed=update.components_failed,
+            elapsed=time.perf_counter() - self._started,
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+
+async def _stop_when_set(stop: anyio.Event, handle: coco.UpdateHandle) -> None:
+    await stop.wait()
+    await handle.stop()
+
+
+class _Progress:
+    """Progress lines: rewritten in place on a terminal, one per change otherwise."""
+
+    def __init__(self, out: TextIO, *, enabled: bool) -> None:
+        self.out = out
+        self.enabled = enabled
+        self.tty = enabled and out.isatty()
+        self.last = ""
+
+    def show(self, text: str) -> None:
+        if not self.enabled or text == self.last:
+            return
+        self.last = text
+        self.out.write(f"\r{text}\x1b[K" if self.tty else f"{text}\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.last:
+            self.out.write("\n")
+            self.out.flush()
