@@ -20,7 +20,7 @@ from helpers import TIMEOUT, wait_for
 
 import livemap
 from livemap.examples import entities
-from livemap.examples.entities import EntityRow, Pipeline, Summary, main, replay
+from livemap.examples.entities import EntityDB, EntityRow, Pipeline, Summary, main, replay
 
 pytestmark = pytest.mark.anyio
 
@@ -239,6 +239,128 @@ async def test_conflicting_sources_keep_the_first_owner(
     warnings = [r.getMessage() for r in caplog.records if "org:acme" in r.getMessage()]
     assert len(warnings) == 1
     assert "is owned by component" in warnings[0]
+
+
+# -- a sink that fails -------------------------------------------------------------------
+
+
+def failing_sink(monkeypatch: pytest.MonkeyPatch, key: str, times: int | None = 1) -> list[str]:
+    """Make the example's sink raise ``database is locked`` for the batches that
+    write ``key``: the first ``times`` of them, or every one (``None``).
+    Returns the keys it failed for, one per failure."""
+    apply = EntityDB.apply
+    failed: list[str] = []
+
+    def flaky(self: EntityDB, batch: livemap.TargetBatch[str, EntityRow]) -> None:
+        if any(k == key for k, _ in batch.upserts) and (times is None or len(failed) < times):
+            failed.append(key)
+            raise sqlite3.OperationalError("database is locked")
+        apply(self, batch)
+
+    monkeypatch.setattr(EntityDB, "apply", flaky)
+    return failed
+
+
+FAST_RETRY = livemap.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02)
+
+
+async def index_once(events: Path, db: Path) -> None:
+    """A first run, as an earlier process would have left the database."""
+    pipeline = Pipeline([events], db)
+    try:
+        await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert db_rows(db) == ROWS
+
+
+async def test_a_write_that_fails_once_is_retried_and_no_row_is_lost(
+    events: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "entities.sqlite"
+    await index_once(events, db)
+    failed = failing_sink(monkeypatch, "user:1")
+    pipeline = Pipeline([events], db)  # a new process, the example's own retry policy
+    try:
+        with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):
+            summary, text = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert failed == ["user:1"]
+    assert db_rows(db) == ROWS  # the row of user:1 is still there, written again
+    assert (summary.stale, summary.retries, summary.failing) == (0, 1, 0)
+    assert summary.stale_checked
+    assert summary.problems == ()
+    assert "writes      3 rows written, 0 deleted, 1 retries, 0 failing" in text
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
+
+
+async def test_a_write_that_keeps_failing_keeps_the_old_row_and_is_reported(
+    events: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "entities.sqlite"
+    await index_once(events, db)
+    write(events, [line(op="patch", id="user:1", attrs={"status": "away"})], "a")
+    failed = failing_sink(monkeypatch, "user:1", times=None)
+    pipeline = Pipeline([events], db, retry=FAST_RETRY)
+    try:
+        with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):
+            summary, text = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    assert failed == ["user:1"] * 3  # FAST_RETRY's three tries
+    assert db_rows(db) == ROWS  # not updated, and not swept as stale
+    assert (summary.stale, summary.failing, summary.retries) == (0, 1, 2)
+    assert len(summary.problems) == 1
+    assert "user:1" in summary.problems[0] and "database is locked" in summary.problems[0]
+    assert "0 stale rows removed" in text
+    (warning,) = [r for r in caplog.records if "could not write" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and warning.exc_info is None
+    assert "user:1" in warning.getMessage() and "database is locked" in warning.getMessage()
+
+
+async def test_a_producer_that_fails_leaves_the_sweep_out(
+    events: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "entities.sqlite"
+    await index_once(events, db)
+
+    def unreadable(self: entities.EventFile) -> int:
+        raise OSError(5, "Input/output error", str(self.path))
+
+    monkeypatch.setattr(entities.EventFile, "read_new", unreadable)
+    pipeline = Pipeline([events], db)
+    try:
+        with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):
+            summary, text = await run_pipeline(pipeline)
+    finally:
+        pipeline.close()
+    # Nothing was declared, but the run does not know the entities are gone.
+    assert summary.entities == 0
+    assert db_rows(db) == ROWS
+    assert (summary.stale, summary.stale_checked) == (0, False)
+    assert "stale rows not checked" in text
+    assert summary.problems
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("Input/output error" in e for e in errors)
+
+
+def test_cli_reports_rows_it_could_not_write(
+    events: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "cli.sqlite"
+    assert main(["--input", str(events), "--db", str(db), "--quiet"]) == 0
+    failing_sink(monkeypatch, "ticket:1", times=None)
+    write(events, [line(op="patch", id="ticket:1", attrs={"status": "solved"})], "a")
+    assert main(["--input", str(events), "--db", str(db)]) == 1
+    assert db_rows(db) == ROWS
+    out, err = capsys.readouterr()
+    assert "1 failing" in out
+    (error,) = err.splitlines()
+    assert error.startswith("error: ") and "ticket:1" in error and "database is locked" in error
 
 
 # -- live mode --------------------------------------------------------------------------

@@ -42,9 +42,16 @@ entity of the same shard changing) stops at the LiveMap's ``==`` gate.
 
 The LiveMap and the target's record of what it holds live in memory and
 start empty in every process, while the database file stays.  So once a run
-has caught up, rows it did not declare are left over from an earlier process
-(their entities were deleted while nothing was watching) and are deleted too
-(``stale`` in the summary).
+has caught up, having read every input, a row whose id is not in the LiveMap
+is left over from an earlier process (its entity was deleted while nothing
+was watching) and is deleted too (``stale`` in the summary).  The LiveMap is
+what the run *declares*; what the target has *written* is not the test: a
+write that failed leaves its entity declared, so its old row stays.
+
+A write that fails (the sink raises, say ``database is locked``) is not
+applied; the consumer's retry policy runs the entity's component again,
+which sends the row again.  A row that still fails is logged, counted as
+``failing`` and sent again when its entity next changes.
 
 Catch-up mode (the default) reads the files, runs to quiescence and prints a
 summary.  ``--live`` keeps polling the files for appended lines and shows

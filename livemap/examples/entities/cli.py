@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sqlite3
+import sys
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -142,4 +143,6 @@ def _main(argv: Sequence[str] | None) -> int:
             pipeline.close()
     if summary.interrupted and not args.live:
         return 130
-    return 0
+    for problem in summary.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if summary.problems else 0

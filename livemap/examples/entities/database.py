@@ -51,6 +51,8 @@ class EntityDB:
             self.conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute(self.SCHEMA)
+        self.written = 0  # rows upserted by apply(), since this object was made
+        self.deleted = 0  # rows deleted by apply()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -74,6 +76,8 @@ class EntityDB:
                 "INSERT OR REPLACE INTO entities (id, kind, name, attrs) VALUES (?, ?, ?, ?)",
                 [row for _, row in batch.upserts],
             )
+        self.written += len(batch.upserts)
+        self.deleted += len(batch.deletes)
 
     def remove_stale(self, keep: Iterable[str]) -> int:
         """Delete every row whose id is not in ``keep``; return how many."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from .events import Entity, EventFile
 __all__ = [
     "DEFAULT_DB",
     "DEFAULT_INTERVAL",
+    "DEFAULT_RETRY",
     "DEFAULT_SHARDS",
     "EventLog",
     "Pipeline",
@@ -39,6 +41,8 @@ log = logging.getLogger("livemap.examples.entities")
 DEFAULT_DB = "entities.sqlite"
 DEFAULT_SHARDS = 16
 DEFAULT_INTERVAL = 0.5
+DEFAULT_RETRY = coco.RetryPolicy(max_attempts=5, initial_backoff=0.1, max_backoff=2.0)
+"""How often a row whose write failed is tried again: five tries over about 1.5 s."""
 
 
 # -- the producing half -------------------------------------------------------------
@@ -90,7 +94,14 @@ class EventLog:
 def index_entity(entity: Entity, table: KeyedTarget[str, EntityRow]) -> None:
     """One entity's component: declare its row.  When the entity changes it
     runs again; when the entity disappears it is unmounted and its row is
-    deleted."""
+    deleted.
+
+    If the sink fails for the row, the target counts the batch as not
+    applied and this run as failed; the consumer's retry policy runs it
+    again, which sends the row again.  A row that still fails stays listed
+    in the LiveMap's ``stats().failing`` and is sent again the next time the
+    entity changes.
+    """
     table.declare(entity.id, EntityRow.of(entity))
 
 
@@ -111,16 +122,7 @@ async def app_main(pipeline: Pipeline) -> None:
             shards=pipeline.shards,
             interval=pipeline.interval,
         )
-    await coco.mount_each(index_entity, lm, pipeline.table)
-
-
-def _log_failure(exc: BaseException, ctx: coco.ExceptionContext) -> None:
-    """The app's exception handler: a key claimed by two input files is a data
-    problem worth one line; anything else is logged with its traceback."""
-    if isinstance(exc, coco.KeyConflictError):
-        log.warning("%s", exc)
-    else:
-        log.error("component %s failed: %s", ctx.path, exc, exc_info=exc)
+    await coco.mount_each(index_entity, lm.consumer(retry=pipeline.retry), pipeline.table)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,14 @@ class Summary:
     components_run: int
     components_failed: int
     elapsed: float
+    written: int = 0
+    deleted: int = 0
+    retries: int = 0
+    failing: int = 0
+    stale_checked: bool = False
+    problems: tuple[str, ...] = ()
+    """What went wrong, one line each (rows not written, inputs not read);
+    the command line prints them and exits with status 1."""
 
     def format(self) -> str:
         if self.mode == "live":
@@ -150,6 +160,9 @@ class Summary:
             head = f"catch-up interrupted after {self.elapsed:.2f} s"
         else:
             head = f"catch-up done in {self.elapsed:.2f} s"
+        stale = "stale rows not checked"
+        if self.stale_checked:
+            stale = f"{self.stale} stale rows removed"
         return "\n".join(
             [
                 head,
@@ -158,7 +171,9 @@ class Summary:
                 f"  entities    {self.entities} in the LiveMap",
                 f"  changes     {self.changes} committed, {self.suppressed} suppressed by ==, "
                 f"{self.conflicts} conflicts",
-                f"  sqlite      {self.rows} rows in {self.db}, {self.stale} stale rows removed",
+                f"  sqlite      {self.rows} rows in {self.db}, {stale}",
+                f"  writes      {self.written} rows written, {self.deleted} deleted, "
+                f"{self.retries} retries, {self.failing} failing",
                 f"  components  {self.components_run} run, {self.components_failed} failed",
                 f"  elapsed     {self.elapsed:.2f} s",
                 "",
@@ -181,6 +196,7 @@ class Pipeline:
         *,
         shards: int = DEFAULT_SHARDS,
         interval: float = DEFAULT_INTERVAL,
+        retry: coco.RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
@@ -192,10 +208,15 @@ class Pipeline:
         self.table: KeyedTarget[str, EntityRow] = KeyedTarget("sqlite:entities", self.db.apply)
         self.shards = shards
         self.interval = interval
+        self.retry = retry
         self.live_map: LiveMap[str, Entity] | None = None
-        config = coco.AppConfig("entities", exception_handler=_log_failure)
+        config = coco.AppConfig("entities", exception_handler=self._on_failure)
         self.app = coco.App(config, app_main, self)
         self.stale = 0
+        self.stale_checked = False  # whether the last run looked for stale rows
+        self._input_failures = 0  # failed runs of the producing half, this run
+        self._sweep_error: str | None = None
+        self._reported: set[str] = set()  # write errors logged already
         self.last_summary: Summary | None = None  # of the last run that ended
         self._handle: coco.UpdateHandle | None = None
         self._started = time.perf_counter()
@@ -225,16 +246,19 @@ class Pipeline:
             out.write(f"following {names} -> {self.db.path} (Ctrl+C to stop)\n")
             out.flush()
         self._started = time.perf_counter()
+        self._input_failures = 0
+        self._sweep_error = None
+        self.stale_checked = False
         async with self.app.update(live=live) as handle, anyio.create_task_group() as tg:
             self._handle = handle
             tg.start_soon(_stop_when_set, stop, handle)
             if live:
                 await handle.ready()  # the initial catch-up
-                self._reconcile(stop)
+                self._remove_stale(stop)
                 tg.start_soon(self._show_progress, progress)
             await handle.result()  # catch-up: quiescence; live: stopped
             if not live:
-                self._reconcile(stop)
+                self._remove_stale(stop)
             tg.cancel_scope.cancel()
         summary = self.last_summary = self.summary(live=live, interrupted=stop.is_set())
         progress.finish()
@@ -243,10 +267,58 @@ class Pipeline:
             out.flush()
         return summary
 
-    def _reconcile(self, stop: anyio.Event) -> None:
-        # Only after a complete catch-up: every live entity's row is declared by now.
-        if not stop.is_set():
-            self.stale += self.db.remove_stale(key for key, _ in self.table.items())
+    def _remove_stale(self, stop: anyio.Event) -> None:
+        """Delete the rows of entities that no input declares any more.
+
+        Only after a complete catch-up, and only if every input was read:
+        then the LiveMap holds every live entity, so a row whose id it does
+        not hold is known to be stale (left by an earlier process).  The keep
+        set is what is *declared*, not what the target has written: a row
+        whose write failed is still declared, and keeps its old row.
+        """
+        lm = self.live_map
+        if stop.is_set() or self._input_failures or lm is None:
+            return
+        declared = {key for key, _ in lm.items()}
+        try:
+            self.stale += self.db.remove_stale(declared)
+        except sqlite3.Error as exc:
+            self._sweep_error = f"could not remove stale rows from {self.db.path}: {exc}"
+            log.warning("%s", self._sweep_error)
+            return
+        self.stale_checked = True
+
+    def _on_failure(self, exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        """The app's exception handler.
+
+        * a key claimed by two input files: a data problem worth one line;
+        * a row that could not be written, after the retries (the runtime
+          reports only the last failure): one line per kind of error, so a
+          database that fails every write does not flood the log; the
+          summary counts them all;
+        * a producer that failed (an input that could not be read): one line
+          for an ``OSError``, a traceback for anything else (a bug).
+        """
+        if isinstance(exc, coco.KeyConflictError):
+            log.warning("%s", exc)
+            return
+        if isinstance(exc, coco.TargetApplyError) and exc.target == self.table.name:
+            cause = exc.__cause__ or exc
+            what = f"{type(cause).__name__}: {cause}"
+            level = logging.DEBUG if what in self._reported else logging.WARNING
+            self._reported.add(what)
+            log.log(
+                level,
+                "could not write the row of %s to %s: %s (its old row, if any, stays)",
+                ctx.stable_path[-1],
+                self.db.path,
+                cause,
+            )
+            return
+        if ctx.stable_path[:1] == ("source",):
+            self._input_failures += 1
+        traceback = not isinstance(exc, OSError) or log.isEnabledFor(logging.DEBUG)
+        log.error("component %s failed: %s", ctx.path, exc, exc_info=exc if traceback else None)
 
     async def _show_progress(self, progress: _Progress) -> None:
         while True:
@@ -271,6 +343,18 @@ class Pipeline:
         lm = self.live_map
         stats = lm.stats() if lm is not None else None
         update = self._handle.stats() if self._handle is not None else coco.UpdateStats()
+        problems = []
+        if stats is not None and stats.failing:
+            key, exc = next(iter(stats.failing.items()))
+            cause = exc.__cause__ or exc
+            problems.append(
+                f"{len(stats.failing)} rows could not be written to {self.db.path} "
+                f"(first {key}: {cause}); they are written again when their entity changes"
+            )
+        if self._input_failures:
+            problems.append(f"{self._input_failures} runs reading the inputs failed (see above)")
+        if self._sweep_error is not None:
+            problems.append(self._sweep_error)
         return Summary(
             mode="live" if live else "catch-up",
             interrupted=interrupted,
@@ -287,6 +371,12 @@ class Pipeline:
             components_run=update.components_run,
             components_failed=update.components_failed,
             elapsed=time.perf_counter() - self._started,
+            written=self.db.written,
+            deleted=self.db.deleted,
+            retries=update.retries,
+            failing=len(stats.failing) if stats else 0,
+            stale_checked=self.stale_checked,
+            problems=tuple(problems),
         )
 
     def close(self) -> None:
