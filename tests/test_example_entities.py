@@ -561,6 +561,106 @@ def test_cli_live_follows_and_stops_on_ctrl_c(backend: str, events: Path, tmp_pa
     assert "entities    3 in the LiveMap" in out
 
 
+# -- ordinary mistakes: one line and status 1 ------------------------------------------
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line an ordinary mistake leaves on stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def make_read_only(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the database at ``path`` read-only: its mode bits, and for root
+    (whom mode bits do not stop) SQLite's read-only open mode as well."""
+    path.chmod(0o444)
+    if getattr(os, "geteuid", lambda: -1)() != 0:
+        return
+    connect = sqlite3.connect
+
+    def read_only(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if os.fspath(database) == str(path):
+            return connect(f"{path.resolve().as_uri()}?mode=ro", *args, uri=True, **kwargs)
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        ("missing/entities.sqlite", "cannot open the database {db}: there is no directory"),
+        (".", "cannot open the database {db}: it is a directory"),
+        ("not-a-db.sqlite", "cannot use the database {db}: file is not a database"),
+    ],
+)
+def test_cli_db_that_cannot_be_opened(
+    db: str, message: str, events: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / db
+    (tmp_path / "not-a-db.sqlite").write_text("these are not the bytes of a database\n")
+    assert main(["--input", str(events), "--db", str(path)]) == 1
+    assert one_error_line(capsys).startswith("error: " + message.format(db=path))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_read_only_db(
+    events: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "ro.sqlite"
+    assert main(["--input", str(events), "--db", str(db), "--quiet"]) == 0
+    before = db.read_bytes()
+    make_read_only(db, monkeypatch)
+    write(events, MORE_EVENTS, "a")
+    assert main(["--input", str(events), "--db", str(db)]) == 1
+    assert one_error_line(capsys) == (
+        f"error: cannot write to the database {db}: attempt to write a readonly database"
+    )
+    assert db.read_bytes() == before
+    assert db_rows(db) == ROWS
+
+
+def test_cli_generate_into_a_missing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "missing" / "events.jsonl"
+    assert main(["--generate", "10", str(path)]) == 1
+    assert one_error_line(capsys) == f"error: cannot write {path}: No such file or directory"
+
+
+def test_cli_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "missing" / "events.jsonl"
+    assert main(["--generate", "10", str(path), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert "FileNotFoundError" in err
+    assert err.splitlines()[-1] == f"error: cannot write {path}: No such file or directory"
+
+
+def test_cli_subprocess_error_is_one_line(events: Path, tmp_path: Path) -> None:
+    db = tmp_path / "missing" / "entities.sqlite"
+    cmd = [sys.executable, "-m", "livemap.examples.entities", "--input", str(events)]
+    proc = subprocess.run(
+        [*cmd, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: cannot open the database {db}: there is no directory {db.parent}"
+    ]
+
+
 # -- sample data ----------------------------------------------------------------------
 
 

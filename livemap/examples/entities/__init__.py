@@ -68,7 +68,7 @@ The package, one concern a module:
 """
 
 from .cli import main
-from .database import EntityDB, EntityRow
+from .database import EntityDB, EntityDBError, EntityRow
 from .events import (
     BadEvent,
     Entity,
@@ -97,6 +97,7 @@ __all__ = [
     "DEFAULT_DB",
     "Entity",
     "EntityDB",
+    "EntityDBError",
     "EntityRow",
     "Event",
     "EventFile",

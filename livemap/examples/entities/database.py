@@ -8,13 +8,14 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 from livemap import TargetBatch
 
 from .events import Entity
 
-__all__ = ["EntityDB", "EntityRow"]
+__all__ = ["EntityDB", "EntityDBError", "EntityRow"]
 
 
 class EntityRow(NamedTuple):
@@ -31,8 +32,18 @@ class EntityRow(NamedTuple):
         return cls(entity.id, entity.kind, entity.name, attrs)
 
 
+class EntityDBError(Exception):
+    """The database cannot be opened or written; the message says which and why."""
+
+
 class EntityDB:
-    """The SQLite database: one row per entity in table ``entities``."""
+    """The SQLite database: one row per entity in table ``entities``.
+
+    Opening it checks that it can be used, so a wrong ``--db`` is one
+    :class:`EntityDBError` at the start rather than a failed write per row:
+    it must open as an SQLite database (not a directory, not another kind of
+    file, in a directory that exists) and take a write (not read-only).
+    """
 
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS entities (
@@ -45,14 +56,33 @@ class EntityDB:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        # Autocommit mode: transactions are opened explicitly by transaction().
-        self.conn = sqlite3.connect(self.path, isolation_level=None)
-        if self.path != ":memory:":
-            self.conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute(self.SCHEMA)
+        try:
+            # Autocommit mode: transactions are opened explicitly by transaction().
+            self.conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise EntityDBError(f"cannot open the database {self.path}: {self._why(exc)}") from exc
+        try:
+            if self.path != ":memory:":
+                self.conn.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(self.SCHEMA)
+            # A write that changes nothing: it fails on a read-only database.
+            with self.transaction() as conn:
+                conn.execute("DELETE FROM entities WHERE 0")
+        except sqlite3.Error as exc:
+            self.conn.close()
+            verb = "write to" if "readonly" in str(exc) else "use"
+            raise EntityDBError(f"cannot {verb} the database {self.path}: {exc}") from exc
         self.written = 0  # rows upserted by apply(), since this object was made
         self.deleted = 0  # rows deleted by apply()
+
+    def _why(self, exc: sqlite3.Error) -> str:
+        path = Path(self.path)
+        if path.is_dir():
+            return "it is a directory"
+        if not path.parent.is_dir():
+            return f"there is no directory {path.parent}"
+        return str(exc)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
