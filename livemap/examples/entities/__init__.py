@@ -25,7 +25,8 @@ The pipeline has a producing half and a consuming half, joined by a LiveMap::
       └─ EventLog                 live component, one per input file: reads new lines,
          │                        replays them into the current entity states
          └─ declare_shard x N     one component per shard of entity ids:
-                                  lm.declare_entry(entity.id, entity)
+                                  lm.declare_entry(entity.id, entity); a poll runs
+                                  again only the shards whose entities changed
     LiveMap[str, Entity]          owned entries; the consumer hears only of real changes (==)
       └─ index_entity x entity    mount_each: one component per entity:
                                   table.declare(entity.id, EntityRow.of(entity))
@@ -35,10 +36,12 @@ The pipeline has a producing half and a consuming half, joined by a LiveMap::
 Nothing in it deletes anything explicitly.  An entity deleted from the stream
 is no longer declared by its shard, so it leaves the LiveMap; its
 ``index_entity`` component is unmounted, so its row is no longer declared, so
-the SQLite target deletes it.  A shard left with no entities is not mounted
-again and everything it owned goes away the same way.  An entity that is
-re-declared with an equal value (an event that changed nothing, or another
-entity of the same shard changing) stops at the LiveMap's ``==`` gate.
+the SQLite target deletes it.  A shard left with no entities is unmounted
+and everything it owned goes away the same way.  A poll re-runs only the
+shards whose entities the new lines changed (``operator.update`` of one
+child), so a poll that read a partial or malformed line, or an event that
+changed nothing, runs nothing; the other entities of a shard that does run
+are re-declared with equal values and stop at the LiveMap's ``==`` gate.
 
 The LiveMap and the target's record of what it holds live in memory and
 start empty in every process, while the database file stays.  So once a run

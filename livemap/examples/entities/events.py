@@ -132,6 +132,9 @@ class EventFile:
     for later, since the writer may be in the middle of it; otherwise it is
     read too.  A file that shrank was truncated or replaced: it is replayed
     from the start.
+
+    :meth:`take_changed` tells which entities the lines read since its last
+    call changed, so that only their shards are declared again.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, follow: bool = False) -> None:
@@ -144,6 +147,7 @@ class EventFile:
         self._offset = 0  # bytes consumed: the end of the last line read
         self._seen_size = -1  # the file's size when it was last read
         self._line_no = 0
+        self._changed: set[str] | None = set()  # None: replayed from the start
 
     def __repr__(self) -> str:
         return f"<EventFile {self.path} entities={len(self.entities)}>"
@@ -163,6 +167,7 @@ class EventFile:
                 log.warning("%s shrank: replaying it from the start", self.path)
                 self.entities.clear()
                 self._offset = self._line_no = 0
+                self._changed = None
             f.seek(self._offset)
             data = f.read()
         self._seen_size = self._offset + len(data)
@@ -180,13 +185,16 @@ class EventFile:
                 log.warning("%s:%d: skipping a malformed event: %s", self.path, self._line_no, exc)
                 continue
             self.events += 1
+            old = self.entities.get(event.id)
             if not apply_event(self.entities, event):
                 self.ignored += 1
+            elif self._changed is not None and self.entities.get(event.id) != old:
+                self._changed.add(event.id)
         return self.events - before
 
-    def shards(self, count: int) -> list[tuple[int, tuple[Entity, ...]]]:
-        """The live entities grouped by :func:`shard_of`, for ``mount_each``."""
-        groups: dict[int, list[Entity]] = {}
-        for entity in self.entities.values():
-            groups.setdefault(shard_of(entity.id, count), []).append(entity)
-        return [(shard, tuple(groups[shard])) for shard in sorted(groups)]
+    def take_changed(self) -> set[str] | None:
+        """The ids of the entities that changed (appeared, changed or were
+        deleted) in the lines read since the last call; ``None`` if the file
+        was replayed from the start, when any of them may have."""
+        changed, self._changed = self._changed, set()
+        return changed

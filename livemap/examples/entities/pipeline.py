@@ -21,7 +21,7 @@ import livemap as coco
 from livemap import KeyedTarget, LiveComponentOperator, LiveMap
 
 from .database import EntityDB, EntityRow
-from .events import Entity, EventFile
+from .events import Entity, EventFile, shard_of
 
 __all__ = [
     "DEFAULT_DB",
@@ -56,13 +56,22 @@ def declare_shard(entities: tuple[Entity, ...], lm: LiveMap[str, Entity]) -> Non
         lm.declare_entry(entity.id, entity)
 
 
+def _shard_path(shard: int) -> coco.ComponentSubpath:
+    return coco.component_subpath("shard", shard)
+
+
 class EventLog:
     """A live component following one :class:`EventFile`.
 
-    ``process()`` reads what is new and mounts one :func:`declare_shard` per
-    non-empty shard; ``process_live()`` runs it once, marks the component
-    ready (the initial catch-up), then polls the file every ``interval``
-    seconds and runs it again when the file changed.  In catch-up mode the
+    ``process()`` (a full pass) reads what is new and mounts one
+    :func:`declare_shard` per non-empty shard; a shard not mounted again is
+    unmounted, and its entities leave the map.  ``process_live()`` runs it
+    once, marks the component ready (the initial catch-up), then polls the
+    file every ``interval`` seconds.  A poll that read lines changing some
+    entities re-mounts only their shards (``operator.update``), or unmounts
+    a shard left empty (``operator.delete``); the other shards do not run,
+    so their entities are not declared again.  A poll that read nothing new
+    (a partial or malformed line) runs nothing.  In catch-up mode the
     runtime cancels the polling once everything is quiescent.
     """
 
@@ -73,10 +82,17 @@ class EventLog:
         self.lm = lm
         self.shards = shards
         self.interval = interval
+        self.groups: dict[int, dict[str, Entity]] = {}  # shard -> its entities
 
     async def process(self) -> None:
         await anyio.to_thread.run_sync(self.source.read_new)  # file I/O off the event loop
-        await coco.mount_each(declare_shard, self.source.shards(self.shards), self.lm)
+        self.source.take_changed()
+        self.groups = {}
+        for entity in self.source.entities.values():
+            self.groups.setdefault(shard_of(entity.id, self.shards), {})[entity.id] = entity
+        for shard in sorted(self.groups):
+            entities = tuple(self.groups[shard].values())
+            await coco.mount(_shard_path(shard), declare_shard, entities, self.lm)
 
     async def process_live(self, operator: LiveComponentOperator) -> None:
         await operator.update_full()
@@ -84,7 +100,33 @@ class EventLog:
         while True:
             await anyio.sleep(self.interval)
             if self.source.has_news():
-                await operator.update_full()
+                await self.poll(operator)
+
+    async def poll(self, operator: LiveComponentOperator) -> None:
+        """Read what was appended and declare again the shards it changed."""
+        await anyio.to_thread.run_sync(self.source.read_new)
+        changed = self.source.take_changed()
+        if changed is None:  # replayed from the start: a full pass
+            await operator.update_full()
+            return
+        dirty = set()
+        for entity_id in changed:
+            shard = shard_of(entity_id, self.shards)
+            group = self.groups.setdefault(shard, {})
+            entity = self.source.entities.get(entity_id)
+            if entity is None:
+                group.pop(entity_id, None)
+            else:
+                group[entity_id] = entity
+            dirty.add(shard)
+        for shard in sorted(dirty):
+            group = self.groups[shard]
+            if group:
+                entities = tuple(group.values())
+                await operator.update(_shard_path(shard), declare_shard, entities, self.lm)
+            else:
+                del self.groups[shard]
+                await operator.delete(_shard_path(shard))
 
 
 # -- the consuming half -------------------------------------------------------------
