@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -413,7 +414,8 @@ async def test_live_mode_follows_appended_lines(shards: int, events: Path, tmp_p
     assert lines[0].startswith(f"following {events}")
     progress = [x for x in lines if x.startswith("events ")]
     assert progress
-    assert all(" | rows " in x for x in progress)
+    assert all(" | rows written " in x or x.endswith(" | starting") for x in progress)
+    assert " | rows written " in progress[-1]
     assert "live run stopped after" in text
     numbers_in(text, summary)
 
@@ -539,6 +541,109 @@ async def test_stop_cuts_a_catch_up_short(events: Path, tmp_path: Path) -> None:
         pipeline.close()
     assert summary.interrupted
     assert text.startswith("catch-up interrupted after")
+
+
+# -- progress during long work ---------------------------------------------------------
+
+BIG = 100_000
+
+
+@pytest.fixture(scope="module")
+def big_events(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "events.jsonl"
+    entities.write_events(path, BIG)
+    return path
+
+
+PROGRESS = re.compile(
+    r"events (\d+) \| entities (\d+) \| pending (\d+) \| rows written (\d+) \| "
+    r"changes \d+ \| suppressed \d+"
+)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the same on trio; once is enough
+@pytest.mark.parametrize("live", [False, True])
+async def test_progress_shows_during_a_catch_up(
+    live: bool, big_events: Path, tmp_path: Path
+) -> None:
+    pipeline = Pipeline([big_events], tmp_path / "big.sqlite", interval=0.05)
+    out = io.StringIO()
+    stop = anyio.Event()
+    result: list[Summary] = []
+
+    def progress() -> list[tuple[int, ...]]:
+        return [tuple(map(int, m.groups())) for m in PROGRESS.finditer(out.getvalue())]
+
+    def seen_reading_and_writing() -> bool:
+        lines = progress()
+        reading = any(0 < events < BIG for events, *_ in lines)
+        writing = any(rows > 0 and pending > 0 for _, _, pending, rows in lines)
+        return reading and writing
+
+    async def run() -> None:
+        result.append(await pipeline.run(live=live, stop=stop, out=out))
+
+    try:
+        with anyio.fail_after(6 * TIMEOUT):  # a big input on a shared machine
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                # The catch-up is far from done, and it already says how far it got:
+                # events read while the file is read, then rows written and pending.
+                await wait_for(seen_reading_and_writing, timeout=6 * TIMEOUT, interval=0.01)
+                stop.set()
+    finally:
+        pipeline.close()
+    (summary,) = result
+    assert summary.written < summary.entities  # cut short before the end of the catch-up
+    lines = out.getvalue().splitlines()
+    if live:
+        assert lines.pop(0).startswith("following ")
+    numbers = progress()
+    assert len(numbers) >= 3
+    assert [x for x in lines if x.startswith("events ")] == lines[: len(numbers)]
+    for column in (0, 3):  # events read and rows written only grow
+        assert [x[column] for x in numbers] == sorted(x[column] for x in numbers)
+    summary_head = lines[len(numbers)]
+    assert summary_head.startswith("live run stopped" if live else "catch-up interrupted")
+
+
+async def test_a_log_line_does_not_land_on_the_status_line(events: Path, tmp_path: Path) -> None:
+    terminal = TTYBuffer()  # stdout and stderr on one terminal
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    pipeline = Pipeline([events], tmp_path / "entities.sqlite", interval=0.02)
+    stop = anyio.Event()
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: pipeline.run(live=True, stop=stop, out=terminal))
+
+                def status_drawn_last() -> bool:
+                    text = terminal.getvalue()
+                    return text.endswith("\x1b[K") and not text.endswith("\r\x1b[K")
+
+                await wait_for(
+                    lambda: ":9: skipping" in terminal.getvalue() and status_drawn_last()
+                )
+                write(events, ["{oops\n"], "a")
+                await wait_for(lambda: ":13: skipping" in terminal.getvalue())
+                at = terminal.getvalue().index(":13: skipping")
+                await wait_for(lambda: "\revents " in terminal.getvalue()[at:])
+                stop.set()
+    finally:
+        root.removeHandler(handler)
+        pipeline.close()
+    text = terminal.getvalue()
+    assert not handler.filters  # the status line let go of the handler
+    start = text.rindex("WARNING: ", 0, at)
+    assert text[start - 4 : start] == "\r\x1b[K"  # the status line was cleared first
+    warning, _, after = text[start:].partition("\n")
+    assert "skipping a malformed event" in warning and "\r" not in warning
+    assert after.startswith("\revents ")  # and drawn again below the log line
+    for found in re.finditer("WARNING: ", text):  # every log line has a line of its own
+        assert found.start() == 0 or text[: found.start()].endswith(("\n", "\r\x1b[K"))
 
 
 # -- the command line -----------------------------------------------------------------

@@ -57,8 +57,11 @@ which sends the row again.  A row that still fails is logged, counted as
 ``failing`` and sent again when its entity next changes.
 
 Catch-up mode (the default) reads the files, runs to quiescence and prints a
-summary.  ``--live`` keeps polling the files for appended lines and shows
-progress until Ctrl+C (or SIGTERM).
+summary, with a progress line every ``--interval`` seconds meanwhile (events
+read, entities, pending, rows written).  ``--live`` shows progress from the
+start, keeps polling the files for appended lines until Ctrl+C (or SIGTERM).
+On a terminal the progress is one line rewritten in place, and a log line
+first clears it.
 
 The package, one concern a module:
 
@@ -66,6 +69,7 @@ The package, one concern a module:
   incrementally (:class:`EventFile`);
 * :mod:`.pipeline`: the components and :class:`Pipeline`, which runs them;
 * :mod:`.database`: the SQLite table and the target's sink (:class:`EntityDB`);
+* :mod:`.status`: the progress line, kept apart from log lines;
 * :mod:`.sample`: the sample generator and the bundled ``events.jsonl``;
 * :mod:`.cli`: the command line (``__main__`` runs it).
 """

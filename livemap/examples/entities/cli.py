@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=float,
         default=DEFAULT_INTERVAL,
-        help=f"how often --live polls the files and shows progress (default: {DEFAULT_INTERVAL})",
+        help="how often progress is shown and --live polls the files "
+        f"(default: {DEFAULT_INTERVAL})",
     )
     parser.add_argument(
         "--shards",

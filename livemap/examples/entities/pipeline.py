@@ -22,6 +22,7 @@ from livemap import KeyedTarget, LiveComponentOperator, LiveMap
 
 from .database import EntityDB, EntityRow
 from .events import Entity, EventFile, shard_of
+from .status import StatusLine
 
 __all__ = [
     "DEFAULT_DB",
@@ -274,15 +275,18 @@ class Pipeline:
         """Run the app: catch-up to quiescence, or live until ``stop`` is set.
 
         Setting ``stop`` ends a live run (and cuts a catch-up short).  Unless
-        ``quiet``, live progress and the final summary go to ``out`` (default
-        stdout): one line rewritten in place on a terminal, plain lines
-        otherwise.
+        ``quiet``, progress (:meth:`progress`, every ``interval`` seconds)
+        and the final summary go to ``out`` (default stdout): the progress
+        is one line rewritten in place on a terminal, plain lines otherwise.
+        A live run shows it from the start; a catch-up from its first
+        ``interval`` on, so a short one prints only its summary.  On a
+        terminal, a log record first clears the progress line.
         """
         out = sys.stdout if out is None else out
         stop = anyio.Event() if stop is None else stop
         for source in self.sources:
             source.follow = live
-        progress = _Progress(out, enabled=live and not quiet)
+        status = StatusLine(out, enabled=not quiet)
         if live and not quiet:
             names = ", ".join(str(s.path) for s in self.sources)
             out.write(f"following {names} -> {self.db.path} (Ctrl+C to stop)\n")
@@ -291,19 +295,22 @@ class Pipeline:
         self._input_failures = 0
         self._sweep_error = None
         self.stale_checked = False
-        async with self.app.update(live=live) as handle, anyio.create_task_group() as tg:
-            self._handle = handle
-            tg.start_soon(_stop_when_set, stop, handle)
-            if live:
-                await handle.ready()  # the initial catch-up
-                self._remove_stale(stop)
-                tg.start_soon(self._show_progress, progress)
-            await handle.result()  # catch-up: quiescence; live: stopped
-            if not live:
-                self._remove_stale(stop)
-            tg.cancel_scope.cancel()
+        with status.keep_logs_apart():
+            async with self.app.update(live=live) as handle, anyio.create_task_group() as tg:
+                self._handle = handle
+                tg.start_soon(_stop_when_set, stop, handle)
+                tg.start_soon(self._show_progress, status, 0 if live else self.interval)
+                if live:
+                    await handle.ready()  # the initial catch-up
+                    self._remove_stale(stop)
+                await handle.result()  # catch-up: quiescence; live: stopped
+                if not live:
+                    self._remove_stale(stop)
+                tg.cancel_scope.cancel()
+            if status.last:  # shown at least once: show the final numbers
+                status.show(self.progress())
+            status.finish()
         summary = self.last_summary = self.summary(live=live, interrupted=stop.is_set())
-        progress.finish()
         if not quiet:
             out.write(summary.format())
             out.flush()
@@ -362,23 +369,33 @@ class Pipeline:
         traceback = not isinstance(exc, OSError) or log.isEnabledFor(logging.DEBUG)
         log.error("component %s failed: %s", ctx.path, exc, exc_info=exc if traceback else None)
 
-    async def _show_progress(self, progress: _Progress) -> None:
+    async def _show_progress(self, status: StatusLine, delay: float) -> None:
+        await anyio.sleep(delay)
         while True:
-            progress.show(self.progress())
+            status.show(self.progress())
             await anyio.sleep(self.interval)
 
     def progress(self) -> str:
-        """A one-line status: the LiveMap's counters and the rows in SQLite."""
+        """A one-line status, from counters that are cheap to read at any time:
+        events read (the files are read in a worker thread, which counts as
+        it goes), the LiveMap's ``stats()`` (entries, changes, suppressed,
+        and ``pending``: changes the consumer has not processed yet), and the
+        rows the sink has written.  Failing rows and conflicts are added when
+        there are any."""
         events = sum(source.events for source in self.sources)
         lm = self.live_map
         if lm is None:
             return f"events {events} | starting"
         s = lm.stats()
-        return (
-            f"events {events} | entities {s.entries} | changes {s.changes} | "
-            f"suppressed {s.suppressed} | conflicts {s.conflicts} | pending {s.pending} | "
-            f"rows {self.db.count()}"
+        text = (
+            f"events {events} | entities {s.entries} | pending {s.pending + s.in_flight} | "
+            f"rows written {self.db.written} | changes {s.changes} | suppressed {s.suppressed}"
         )
+        if s.failing:
+            text += f" | failing {len(s.failing)}"
+        if s.conflicts:
+            text += f" | conflicts {s.conflicts}"
+        return text
 
     def summary(self, *, live: bool, interrupted: bool) -> Summary:
         """The run's numbers so far (usable after the event loop is gone)."""
@@ -428,25 +445,3 @@ class Pipeline:
 async def _stop_when_set(stop: anyio.Event, handle: coco.UpdateHandle) -> None:
     await stop.wait()
     await handle.stop()
-
-
-class _Progress:
-    """Progress lines: rewritten in place on a terminal, one per change otherwise."""
-
-    def __init__(self, out: TextIO, *, enabled: bool) -> None:
-        self.out = out
-        self.enabled = enabled
-        self.tty = enabled and out.isatty()
-        self.last = ""
-
-    def show(self, text: str) -> None:
-        if not self.enabled or text == self.last:
-            return
-        self.last = text
-        self.out.write(f"\r{text}\x1b[K" if self.tty else f"{text}\n")
-        self.out.flush()
-
-    def finish(self) -> None:
-        if self.tty and self.last:
-            self.out.write("\n")
-            self.out.flush()
