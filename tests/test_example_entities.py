@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -898,3 +899,36 @@ def test_replay_semantics() -> None:
     with pytest.raises(ValueError):
         entities.parse_event("{oops")
     assert entities.shard_of("user:1", 16) == entities.shard_of("user:1", 16) < 16
+
+
+def test_the_example_uses_only_the_public_api() -> None:
+    """It imports nothing from livemap but the names ``import livemap`` offers
+    (the runtime's own modules may move), nor any private name of them."""
+    package = Path(entities.__file__).parent
+    used: set[str] = set()
+    for module in sorted(package.glob("*.py")):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("livemap"):
+                        assert alias.name == "livemap", (module.name, alias.name)
+                        aliases.add(alias.asname or alias.name)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "livemap":
+                    used.update(alias.name for alias in node.names)
+                elif node.module.startswith("livemap"):
+                    assert node.module.startswith("livemap.examples.entities"), (
+                        module.name,
+                        node.module,
+                    )
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
+                used.add(node.attr)
+    assert used
+    assert used <= set(livemap.__all__), used - set(livemap.__all__)

@@ -351,7 +351,7 @@ class Pipeline:
         if isinstance(exc, coco.KeyConflictError):
             log.warning("%s", exc)
             return
-        if isinstance(exc, coco.TargetApplyError) and exc.target == self.table.name:
+        if isinstance(exc, coco.TargetApplyError):  # the app's one target: the table
             cause = exc.__cause__ or exc
             what = f"{type(cause).__name__}: {cause}"
             level = logging.DEBUG if what in self._reported else logging.WARNING
