@@ -259,7 +259,7 @@ class Pipeline:
         self.stale_checked = False  # whether the last run looked for stale rows
         self._input_failures = 0  # failed runs of the producing half, this run
         self._sweep_error: str | None = None
-        self._reported: set[str] = set()  # write errors logged already
+        self._reported: set[str] = set()  # kinds of write errors logged this run
         self.last_summary: Summary | None = None  # of the last run that ended
         self._handle: coco.UpdateHandle | None = None
         self._started = time.perf_counter()
@@ -294,6 +294,7 @@ class Pipeline:
         self._started = time.perf_counter()
         self._input_failures = 0
         self._sweep_error = None
+        self._reported.clear()
         self.stale_checked = False
         with status.keep_logs_apart():
             async with self.app.update(live=live) as handle, anyio.create_task_group() as tg:
