@@ -207,8 +207,14 @@ class KeyedTarget(TargetBase[K, V]):
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
             result = self._table.commit(buffer)
+            # The sink gets the changes before a handler can hold them up: a
+            # report interrupted (the run superseded, stopped or cancelled)
+            # must not leave the record ahead of the sink.
+            failed = await self._send(component, result)
+        if result.rejections:
+            # (outside the lock: a slow handler holds back no other commit)
             await self._report_rejections(component, result)
-            return await self._send(component, result)
+        return failed
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         async with self._get_lock():
