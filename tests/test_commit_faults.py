@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import TIMEOUT, Mirror, Remote, RemoteLive, run_app
+from helpers import TIMEOUT, Mirror, Remote, RemoteLive, run_app, wait_for
 
 import livemap as coco
 from livemap import LiveMap
@@ -165,7 +165,7 @@ async def test_remount_during_conflict_handler_loses_nothing(kind: str) -> None:
             with anyio.fail_after(TIMEOUT):
                 await h.ready()
             await scene.settle()
-            assert scene.handler.cancelled
+            await wait_for(lambda: scene.handler.cancelled)
             assert len(scene.handler.conflicts) == 2  # each run reported its conflict
             scene.check()
 
