@@ -12,11 +12,14 @@ LiveMap, the sink of a KeyedTarget) never depend on what happens after them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import anyio
 import pytest
+from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
 from helpers import TIMEOUT, Mirror, Remote, RemoteLive, run_app, wait_for
 
 import livemap as coco
@@ -203,3 +206,159 @@ async def test_interrupted_conflict_handler_loses_nothing(kind: str, interruptio
         await run_app(app)
         assert len(scene.handler.conflicts) == 2
         scene.check()
+
+
+# -- 2. a BaseException from __eq__ in the middle of a commit ------------------------------
+
+
+class Abort(BaseException):
+    """A non-``Exception`` like ``KeyboardInterrupt`` (which asyncio would
+    re-raise out of the event loop, past the test)."""
+
+
+class InterruptingEq:
+    """A value whose ``==`` raises ``exc_type`` (a ``BaseException``)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, exc_type: type[BaseException]) -> None:
+        self.exc_type = exc_type
+
+    def __eq__(self, other: object) -> bool:
+        raise self.exc_type("interrupted in __eq__")
+
+    def __repr__(self) -> str:
+        return f"InterruptingEq({self.exc_type.__name__})"
+
+
+class DeclaringEq:
+    """A value whose ``==`` declares one more key into the buffer being
+    committed (so the commit's walk over the buffer raises ``RuntimeError``)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.buffer: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        self.buffer.declare("sneaked-in", 0)
+        return False
+
+
+def declared(table: Any, owner: object, pairs: dict[Any, Any]) -> Any:
+    buffer = table.buffer(owner)
+    for key, value in pairs.items():
+        buffer.declare(key, value)
+    return buffer
+
+
+def state(table: Any, owners: list[object]) -> tuple[Any, ...]:
+    """Everything observable of a table."""
+    keys = table.keys()
+    return (
+        table.items(),
+        [table.keys_of(o) for o in owners],
+        [table.count_of(o) for o in owners],
+        [(k, table.owner_of(k), table.get(k)) for k in keys],
+        table.owners(),
+        table.seq,
+        table.stats().as_dict(),
+    )
+
+
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+@pytest.mark.parametrize(
+    "exc_type",
+    [KeyboardInterrupt, SystemExit, asyncio.CancelledError, Abort],
+    ids=["KeyboardInterrupt", "SystemExit", "CancelledError", "Abort"],
+)
+def test_base_exception_from_eq_leaves_the_table_as_it_was(
+    core: ModuleType, exc_type: type[BaseException], track_undo: bool
+) -> None:
+    table = core.Table("t", track_undo=track_undo)
+    other = object()
+    held = InterruptingEq(exc_type)
+    first = table.commit(declared(table, "o", {"a": 0, "k": held, "gone": 1, "b": 0}))
+    table.commit(declared(table, other, {"theirs": 5}))
+    before = state(table, ["o", other])
+    with pytest.raises(exc_type, match="interrupted in __eq__"):
+        # "new" is inserted, "a" updated and then "k"'s comparison raises:
+        # none of it may stay ("later", "theirs" and dropping "gone" never came)
+        table.commit(
+            declared(
+                table,
+                "o",
+                {"new": 2, "a": 1, "theirs": 6, "k": InterruptingEq(exc_type), "b": 1, "later": 3},
+            )
+        )
+    assert state(table, ["o", other]) == before
+    assert table.get("a") == 0 and "new" not in table
+    # the next commit sends the whole difference again
+    result = table.commit(declared(table, "o", {"new": 2, "a": 1, "k": held, "b": 1, "later": 3}))
+    assert result.upserts == [("new", 2), ("a", 1), ("b", 1), ("later", 3)]
+    assert result.deletes == ["gone"]
+    assert (result.first_seq, result.last_seq) == (6, 10)
+    assert dict(table.items()) == {"a": 1, "k": held, "b": 1, "new": 2, "later": 3, "theirs": 5}
+    if track_undo:
+        # the failed commit did not count: the one before is still revertible
+        table.revert(result)
+        assert dict(table.items()) == dict(before[0])
+        assert [table.keys_of(o) for o in ["o", other]] == before[1]
+        with pytest.raises(ValueError, match="only the latest commit"):
+            table.revert(first)
+
+
+def test_buffer_changed_during_its_commit_leaves_the_table_as_it_was(core: ModuleType) -> None:
+    table = core.Table("t", track_undo=True)
+    table.commit(declared(table, "o", {"a": 0, "k": 0}))
+    before = state(table, ["o"])
+    sneaky = DeclaringEq()
+    buffer = declared(table, "o", {"new": 1, "a": 1, "k": sneaky, "later": 2})
+    sneaky.buffer = buffer
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        table.commit(buffer)
+    assert state(table, ["o"]) == before
+
+
+def _only(exc: BaseException, cls: type[BaseException]) -> bool:
+    """Whether ``exc`` is ``cls`` or a group of nothing else."""
+    group = getattr(exc, "exceptions", None)
+    if group is not None and not isinstance(exc, cls):
+        return all(_only(e, cls) for e in group)
+    return isinstance(exc, cls)
+
+
+async def test_keyed_target_stays_in_step_after_base_exception_from_eq() -> None:
+    """A run whose commit is interrupted by ``__eq__`` raising a
+    ``BaseException`` changes neither the target's record nor its sink; the
+    next clean run sends its changes."""
+    mirror = Mirror()
+    kept = object()
+    decls: dict[str, Any] = {"a": 0, "k": kept}
+
+    @coco.fn
+    async def producer() -> None:
+        for key, value in decls.items():
+            mirror.target.declare(key, value)
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(coco.component_subpath("producer"), producer)
+
+    app = coco.App("eq-interrupt", main)
+    await run_app(app)
+    assert mirror.rows == mirror.record() == {"a": 0, "k": kept}
+
+    # "a" changes, then comparing "k" raises a BaseException
+    decls.update(a=1, k=InterruptingEq(Abort))
+    with pytest.raises(BaseException) as info:
+        await run_app(app)
+    assert _only(info.value, Abort), info.value
+    assert mirror.record() == {"a": 0, "k": kept}
+    assert mirror.rows == mirror.record()
+
+    # a clean run sends "a" again
+    decls.update(a=1, k=kept)
+    await run_app(app)
+    assert mirror.rows == mirror.record() == {"a": 1, "k": kept}
+    assert [b.upserts for b in mirror.batches] == [[("a", 0), ("k", kept)], [("a", 1)]]
