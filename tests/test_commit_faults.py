@@ -23,7 +23,7 @@ from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
 from helpers import TIMEOUT, Mirror, Remote, RemoteLive, run_app, wait_for
 
 import livemap as coco
-from livemap import LiveMap
+from livemap import LiveMap, TargetBatch
 
 pytestmark = pytest.mark.anyio
 
@@ -362,3 +362,74 @@ async def test_keyed_target_stays_in_step_after_base_exception_from_eq() -> None
     await run_app(app)
     assert mirror.rows == mirror.record() == {"a": 1, "k": kept}
     assert [b.upserts for b in mirror.batches] == [[("a", 0), ("k", kept)], [("a", 1)]]
+
+
+# -- 3. a KeyedTarget on one event loop after another ----------------------------------------
+
+
+class SlowSink:
+    """An async sink that takes a while per batch and checks that no two
+    batches are applied at once."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] = {}
+        self.active = 0
+        self.most = 0
+        self.batches = 0
+        self.target: coco.KeyedTarget[str, Any] = coco.KeyedTarget("slow", self.apply)
+
+    async def apply(self, batch: TargetBatch[str, Any]) -> None:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            for _ in range(3):
+                await anyio.sleep(0.001)
+            for key in batch.deletes:
+                del self.rows[key]
+            self.rows.update(batch.upserts)
+            self.batches += 1
+        finally:
+            self.active -= 1
+
+
+def _sink_app(name: str, sink: SlowSink, values: dict[str, Any]) -> coco.App:
+    @coco.fn
+    async def declare_one(key: str) -> None:
+        sink.target.declare(key, values["n"])
+
+    @coco.fn
+    async def main() -> None:
+        # two components (so two commits) into the one target at once
+        for part in ("one", "two"):
+            await coco.mount(coco.component_subpath(part), declare_one, f"{name}-{part}")
+
+    return coco.App(name, main)
+
+
+@pytest.mark.parametrize(
+    "backends",
+    [("asyncio", "trio", "asyncio"), ("trio", "asyncio", "trio")],
+    ids=lambda b: "-".join(b),
+)
+def test_keyed_target_on_one_event_loop_after_another(backends: tuple[str, ...]) -> None:
+    """The same target, used by app runs on one event loop after another
+    (each ``anyio.run`` its own loop): every run applies its batches, and
+    commits made at once (two components, two apps) still reach the sink one
+    at a time."""
+    sink = SlowSink()
+    values: dict[str, Any] = {"n": 0}
+    apps = [_sink_app("first", sink, values), _sink_app("second", sink, values)]
+
+    async def one_loop() -> None:
+        async with anyio.create_task_group() as tg:
+            for app in apps:
+                tg.start_soon(run_app, app)
+
+    for n, backend in enumerate(backends, 1):
+        values["n"] = n
+        anyio.run(one_loop, backend=backend)
+        expected = {f"{app.name}-{part}": n for app in apps for part in ("one", "two")}
+        assert dict(sink.target.items()) == expected, backend
+        assert sink.rows == expected, backend
+        assert sink.batches == 4 * n
+        assert sink.most == 1, "two batches were applied at once"

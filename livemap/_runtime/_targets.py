@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from livemap._paths import StablePath, format_path
 from livemap._runtime._hosting import Owner, current_run_var
@@ -140,7 +141,7 @@ class KeyedTarget(TargetBase[K, V]):
     failed to apply are retried with the target's next batch.
     """
 
-    __slots__ = ("_apply", "_lock", "_orphans", "declare")
+    __slots__ = ("_apply", "_locks", "_orphans", "declare")
 
     def __init__(self, name: str, apply: Sink[K, V]) -> None:
         super().__init__(name, track_undo=True)
@@ -160,16 +161,23 @@ class KeyedTarget(TargetBase[K, V]):
         a run.
         """
         self._apply = apply
-        self._lock: anyio.Lock | None = None
+        # A lock is bound to the event loop it was made on, and a target may
+        # be used on one loop after another (each ``anyio.run`` or
+        # ``update_blocking`` makes its own): one lock per loop, kept by the
+        # loop and gone with it.
+        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap KeyedTarget {name} #{next(_ids)}")
         self._orphans: list[Owner] = []
 
     def __repr__(self) -> str:
         return f"<KeyedTarget {self.name} entries={len(self._table)}>"
 
     def _get_lock(self) -> anyio.Lock:
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        return self._lock
+        """The target's lock on the running event loop (made on first use)."""
+        lock = self._locks.get(None)
+        if lock is None:
+            lock = anyio.Lock()
+            self._locks.set(lock)
+        return lock
 
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
