@@ -433,3 +433,79 @@ def test_keyed_target_on_one_event_loop_after_another(backends: tuple[str, ...])
         assert sink.rows == expected, backend
         assert sink.batches == 4 * n
         assert sink.most == 1, "two batches were applied at once"
+
+
+# -- 4. a retry of an unmounted owner's deletes, interrupted ---------------------------------
+
+
+class FlakySink:
+    """An async sink: ``fail`` makes the next batch raise, ``block`` makes
+    the next one wait until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] = {}
+        self.fail = False
+        self.block = False
+        self.blocked = anyio.Event()
+        self.target: coco.KeyedTarget[str, Any] = coco.KeyedTarget("flaky", self.apply)
+
+    async def apply(self, batch: TargetBatch[str, Any]) -> None:
+        await anyio.sleep(0)
+        if self.fail:
+            self.fail = False
+            raise OSError("sink down")
+        if self.block:
+            self.block = False
+            self.blocked.set()
+            await anyio.sleep_forever()
+        for key in batch.deletes:
+            del self.rows[key]
+        self.rows.update(batch.upserts)
+
+
+async def test_interrupted_retry_of_an_unmounted_owners_deletes_is_retried_again() -> None:
+    """The deletes of an unmounted component that failed to apply are retried
+    with the target's next batch; when that batch's commit is cancelled while
+    the retry is in the sink, they are retried with the next one again
+    (nothing stays owned by a component that is gone)."""
+    sink = FlakySink()
+    failures: list[BaseException] = []
+
+    def on_error(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        failures.append(exc)
+
+    @coco.fn
+    async def declare(key: str, value: int) -> None:
+        sink.target.declare(key, value)
+
+    async def scenario(op: coco.LiveComponentOperator) -> None:
+        async with coco.exception_handler(on_error):
+            p = await op.update("p", declare, "p", 0)
+            q = await op.update("q", declare, "q", 0)
+        await p.ready()
+        await q.ready()
+        assert sink.rows == {"p": 0, "q": 0}
+        sink.fail = True  # "p"'s component goes, but its delete fails
+        await (await op.delete("p")).ready()
+        assert [type(e) for e in failures] == [coco.TargetApplyError]
+        assert sink.rows == {"p": 0, "q": 0} == dict(sink.target.items())
+        sink.block = True  # q's next commit retries the delete first: it blocks
+        async with coco.exception_handler(on_error):
+            await op.update("q", declare, "q", 1)
+        await sink.blocked.wait()
+        async with coco.exception_handler(on_error):  # supersedes the blocked commit
+            q = await op.update("q", declare, "q", 2)
+        await q.ready()
+
+    with Remote() as remote:
+
+        @coco.fn
+        async def main() -> None:
+            await coco.mount(RemoteLive, remote)
+
+        async with coco.App("orphans", main).update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            await remote(scenario)
+            assert sink.target.owner_path("p") is None, "'p' stays owned by a component gone"
+            assert dict(sink.target.items()) == sink.rows == {"q": 2}

@@ -201,10 +201,12 @@ class KeyedTarget(TargetBase[K, V]):
         return None
 
     async def _retry_orphans(self) -> None:
-        orphans, self._orphans = self._orphans, []
-        for component in orphans:
-            if await self._send(component, self._table.release(component)) is not None:
-                self._orphans.append(component)
+        # Each stays listed until its deletes are applied: a retry cut short
+        # (the committing run cancelled in the sink) leaves it for the next.
+        orphans = self._orphans
+        for component in list(orphans):
+            if await self._send(component, self._table.release(component)) is None:
+                orphans.remove(component)
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
