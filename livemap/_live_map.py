@@ -173,13 +173,16 @@ class LiveMap(TargetBase[K, V]):
         if self._retired or not component.current(gen):
             return None
         result = self._table.commit(buffer)
-        if result.rejections:
-            await self._report_rejections(component, result)
+        # The consumer hears of the changes before a handler can hold them up:
+        # a report interrupted (the run superseded, stopped or cancelled) must
+        # not leave the map ahead of its consumer.
         consumer = self._consumer
         if consumer is not None and result:
             keys = [key for key, _ in result.upserts]
             keys.extend(result.deletes)
             consumer.notify(keys)
+        if result.rejections:
+            await self._report_rejections(component, result)
         return None
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:

@@ -466,8 +466,12 @@ cdef class Table:
         Keys the owner held but did not declare this time are deleted (in the
         order the owner first declared them); keys held by another owner are
         rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
-        the held one are suppressed; a comparison that raises is rejected
-        (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+        the held one are suppressed; a comparison that raises an
+        ``Exception`` is rejected (:data:`EQ_ERROR`), the held value stays and
+        the owner keeps the key.  Anything else that escapes (a
+        ``BaseException`` from ``__eq__``: ``KeyboardInterrupt``,
+        ``SystemExit``, a cancellation) propagates and leaves the table
+        exactly as it was: a commit is all or nothing.
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
@@ -494,6 +498,10 @@ cdef class Table:
         cdef dict holder = self._holder
         cdef dict added = {}
         cdef list undo, upserts, rejections, deletes
+        # (key, new value) of the owner's keys whose value changed: written
+        # to the record once every comparison is done (made on first use)
+        cdef list changed = None
+        cdef tuple pair
         cdef Commit result
         cdef PyObject* found
         cdef bint track = self._track_undo
@@ -582,14 +590,24 @@ cdef class Table:
                         continue
                 if track:
                     undo.append((key, held))
-                record[key] = value  # the key is there: the record keeps its layout
-                upserts.append((key, value))
+                pair = (key, value)
+                upserts.append(pair)
+                if changed is None:
+                    changed = [pair]
+                else:
+                    changed.append(pair)
         except BaseException:
-            # Whatever escaped (an __eq__'s BaseException, a buffer changed by
-            # one): the keys inserted so far stay, and their owner holds them.
-            if added:
-                self._merge(owner_id, record, None, added)
+            # Whatever escaped (an __eq__'s BaseException such as
+            # KeyboardInterrupt, SystemExit or a cancellation; a buffer changed
+            # by one): the commit is all or nothing.  Only the keys inserted so
+            # far changed the table; they go again, and it is as it was.
+            for key in added:
+                del holder[key]
             raise
+        if changed is not None:
+            for pair in changed:
+                # the key is there: the record keeps its layout
+                record[pair[0]] = pair[1]
         n_added = len(added)
         # Declared keys the owner already held: every declaration that was
         # neither a new key nor a conflict.

@@ -335,8 +335,12 @@ class Table(Generic[K, V]):
         Keys the owner held but did not declare this time are deleted (in the
         order the owner first declared them); keys held by another owner are
         rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
-        the held one are suppressed; a comparison that raises is rejected
-        (:data:`EQ_ERROR`), the held value stays and the owner keeps the key.
+        the held one are suppressed; a comparison that raises an
+        ``Exception`` is rejected (:data:`EQ_ERROR`), the held value stays and
+        the owner keeps the key.  Anything else that escapes (a
+        ``BaseException`` from ``__eq__``: ``KeyboardInterrupt``,
+        ``SystemExit``, a cancellation) propagates and leaves the table
+        exactly as it was: a commit is all or nothing.
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
@@ -369,6 +373,9 @@ class Table(Generic[K, V]):
         upserts = result.upserts
         rejections = result.rejections
         added: dict[K, V] = {}
+        # (key, new value) of the owner's keys whose value changed: written
+        # to the record once every comparison is done
+        changed: list[tuple[K, V]] = []
         eq_errors = 0
         try:
             for key, value in decls.items():
@@ -395,14 +402,20 @@ class Table(Generic[K, V]):
                     continue
                 if undo is not None:
                     undo.append((key, held))
-                record[key] = value  # type: ignore[index]  # held is not _MISSING: a record
-                upserts.append((key, value))
+                pair = (key, value)
+                upserts.append(pair)
+                changed.append(pair)
         except BaseException:
-            # Whatever escaped (an __eq__'s BaseException, a buffer changed by
-            # one): the keys inserted so far stay, and their owner holds them.
-            if added:
-                self._merge(owner_id, record, (), added, undo is not None)
+            # Whatever escaped (an __eq__'s BaseException such as
+            # KeyboardInterrupt, SystemExit or a cancellation; a buffer changed
+            # by one): the commit is all or nothing.  Only the keys inserted so
+            # far changed the table; they go again, and it is as it was.
+            for key in added:
+                del holder[key]
             raise
+        if changed:
+            for key, value in changed:
+                record[key] = value  # type: ignore[index]  # a held key: a record
         n_added = len(added)
         # Declared keys the owner already held: every declaration that was
         # neither a new key nor a conflict.

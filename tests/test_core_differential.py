@@ -89,6 +89,18 @@ class RaisingEq:
         raise EqError(f"cannot compare with {type(other).__name__}")
 
 
+class Interrupt(BaseException):
+    """What an ``__eq__`` may raise that is not an ``Exception`` (like
+    ``KeyboardInterrupt`` or a cancellation): the commit is all or nothing."""
+
+
+class InterruptingEq:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        raise Interrupt(f"interrupted comparing with {type(other).__name__}")
+
+
 class _Truth:
     def __bool__(self) -> bool:
         raise EqError("ambiguous truth value")
@@ -147,6 +159,8 @@ def make_value(spec: tuple[Any, ...], shared: list[object]) -> Any:
         return RaisingEq()
     if kind == "bool-raises":
         return Ambiguous()
+    if kind == "eq-interrupts":
+        return InterruptingEq()
     raise AssertionError(spec)
 
 
@@ -160,6 +174,7 @@ value_specs = st.one_of(
     st.just(("none",)),
     st.just(("eq-raises",)),
     st.just(("bool-raises",)),
+    st.just(("eq-interrupts",)),
 )
 owner_ids = st.integers(0, N_OWNERS - 1)
 key_ids = st.integers(0, len(KEYS) - 1)
@@ -306,6 +321,15 @@ class Model:
     def commit(self, owner: int) -> tuple[Any, ...]:
         before = self._snapshot()
         decls = self.buffers.pop(owner, {})
+        stats = dict(self.stats)
+        try:
+            return self._commit(owner, decls, before)
+        except Interrupt:  # all or nothing: the table is as it was
+            self.entries, self.records = before
+            self.stats = stats
+            raise
+
+    def _commit(self, owner: int, decls: dict[Any, Any], before: Any) -> tuple[Any, ...]:
         record = self.records.get(owner, {})
         upserts: list[tuple[Any, Any]] = []
         rejections: list[tuple[Any, ...]] = []
@@ -443,7 +467,7 @@ class CoreRun:
                 else:
                     self.core.check_key(key)
                 return ("checked", stable)
-        except Exception as exc:
+        except (Exception, Interrupt) as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
 
@@ -516,7 +540,7 @@ class ModelRun:
                 if not stable:
                     m.check(key)
                 return ("checked", stable)
-        except Exception as exc:
+        except (Exception, Interrupt) as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
 

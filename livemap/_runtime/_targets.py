@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from livemap._paths import StablePath, format_path
 from livemap._runtime._hosting import Owner, current_run_var
@@ -159,7 +160,7 @@ class KeyedTarget(TargetBase[K, V]):
 
     __slots__ = {
         "_apply": None,
-        "_lock": None,
+        "_locks": None,
         "_orphans": None,
         "declare": "``target.declare(key, value) -> None``: " + _DECLARE_DOC,
     }
@@ -176,16 +177,23 @@ class KeyedTarget(TargetBase[K, V]):
         )
         """``target.declare(key, value) -> None``: see ``help(target.declare)``."""
         self._apply = apply
-        self._lock: anyio.Lock | None = None
+        # A lock is bound to the event loop it was made on, and a target may
+        # be used on one loop after another (each ``anyio.run`` or
+        # ``update_blocking`` makes its own): one lock per loop, kept by the
+        # loop and gone with it.
+        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap KeyedTarget {name} #{next(_ids)}")
         self._orphans: list[Owner] = []
 
     def __repr__(self) -> str:
         return f"<KeyedTarget {self.name} entries={len(self._table)}>"
 
     def _get_lock(self) -> anyio.Lock:
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        return self._lock
+        """The target's lock on the running event loop (made on first use)."""
+        lock = self._locks.get(None)
+        if lock is None:
+            lock = anyio.Lock()
+            self._locks.set(lock)
+        return lock
 
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
@@ -209,10 +217,12 @@ class KeyedTarget(TargetBase[K, V]):
         return None
 
     async def _retry_orphans(self) -> None:
-        orphans, self._orphans = self._orphans, []
-        for component in orphans:
-            if await self._send(component, self._table.release(component)) is not None:
-                self._orphans.append(component)
+        # Each stays listed until its deletes are applied: a retry cut short
+        # (the committing run cancelled in the sink) leaves it for the next.
+        orphans = self._orphans
+        for component in list(orphans):
+            if await self._send(component, self._table.release(component)) is None:
+                orphans.remove(component)
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
@@ -223,8 +233,14 @@ class KeyedTarget(TargetBase[K, V]):
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
             result = self._table.commit(buffer)
+            # The sink gets the changes before a handler can hold them up: a
+            # report interrupted (the run superseded, stopped or cancelled)
+            # must not leave the record ahead of the sink.
+            failed = await self._send(component, result)
+        if result.rejections:
+            # (outside the lock: a slow handler holds back no other commit)
             await self._report_rejections(component, result)
-            return await self._send(component, result)
+        return failed
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         async with self._get_lock():
