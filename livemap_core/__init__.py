@@ -20,6 +20,7 @@ __all__ = [
     "CONFLICT",
     "EQ_ERROR",
     "IMPLEMENTATION",
+    "MAX_KEY_DEPTH",
     "NO_EXTENSIONS",
     "Buffer",
     "Commit",
@@ -54,6 +55,7 @@ if TYPE_CHECKING or not _COMPILED:  # type checkers see the pure-Python core
     from livemap_core._fallback import (
         CONFLICT,
         EQ_ERROR,
+        MAX_KEY_DEPTH,
         Buffer,
         Commit,
         Declarer,
@@ -69,6 +71,7 @@ else:
     from livemap_core._core import (
         CONFLICT,
         EQ_ERROR,
+        MAX_KEY_DEPTH,
         Buffer,
         Commit,
         Declarer,

@@ -18,11 +18,12 @@ from cpython.object cimport PyObject
 import uuid
 from types import GenericAlias
 
-from livemap_core._shared import DuplicateDeclarationError, Symbol
+from livemap_core._shared import MAX_KEY_DEPTH, DuplicateDeclarationError, Symbol, _key_error
 
 __all__ = [
     "CONFLICT",
     "EQ_ERROR",
+    "MAX_KEY_DEPTH",
     "Buffer",
     "Commit",
     "Declarer",
@@ -49,9 +50,7 @@ EQ_ERROR = _EQ_ERROR
 
 cdef object _UUID = uuid.UUID
 cdef object _SYMBOL = Symbol
-cdef str _KEY_HELP = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
-)
+cdef Py_ssize_t _MAX_DEPTH = MAX_KEY_DEPTH
 
 
 # -- keys ----------------------------------------------------------------------
@@ -70,45 +69,44 @@ cdef inline bint _is_scalar(object key) noexcept:
     )
 
 
-cdef bint _tuple_is_stable(tuple key) except -1:
-    # Iterative, so that nesting depth is not limited by the C stack.
-    cdef list pending = None
-    cdef tuple tup = key
+cdef bint _tuple_is_stable(tuple key, Py_ssize_t level) except -1:
+    # Whether the tuple ``key``, at nesting ``level`` (a key is at level 1),
+    # is stable.  Recursive, but never deeper than MAX_KEY_DEPTH.
     cdef object part
-    while True:
-        for part in tup:
-            if _is_scalar(part):
-                continue
-            if type(part) is tuple:
-                if pending is None:
-                    pending = []
-                pending.append(part)
-                continue
+    for part in key:
+        if _is_scalar(part):
+            continue
+        if type(part) is not tuple or level >= _MAX_DEPTH:
             return False
-        if not pending:
-            return True
-        tup = <tuple>pending.pop()
+        if not _tuple_is_stable(<tuple>part, level + 1):
+            return False
+    return True
 
 
 cdef inline bint _is_stable(object key) except -1:
     if _is_scalar(key):
         return True
     if type(key) is tuple:
-        return _tuple_is_stable(<tuple>key)
+        return _tuple_is_stable(<tuple>key, 1)
     return False
 
 
 def is_stable_key(key):
-    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
+    """Whether ``key`` is a stable key: ``None``, ``bool``, ``int``, ``str``,
+    ``bytes``, ``uuid.UUID``, :class:`Symbol` (exact types, no subclasses), or
+    a tuple of stable keys, nested at most :data:`MAX_KEY_DEPTH` levels deep.
+    """
     return _is_stable(key)
 
 
 cdef int _raise_unstable(object key) except -1:
-    raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+    raise _key_error(key)
 
 
 def check_key(key):
-    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key
+    (:func:`is_stable_key`); a key nested too deep gets a ``TypeError`` that
+    names its depth and :data:`MAX_KEY_DEPTH`."""
     if not _is_stable(key):
         _raise_unstable(key)
 

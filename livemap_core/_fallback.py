@@ -13,14 +13,19 @@ a :class:`Commit`.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Final, Generic, TypeVar
 
-from livemap_core._shared import DuplicateDeclarationError, Symbol
+from livemap_core._shared import (
+    _SCALARS,
+    MAX_KEY_DEPTH,
+    DuplicateDeclarationError,
+    _key_error,
+)
 
 __all__ = [
     "CONFLICT",
     "EQ_ERROR",
+    "MAX_KEY_DEPTH",
     "Buffer",
     "Commit",
     "Declarer",
@@ -39,37 +44,46 @@ CONFLICT: Final = "conflict"
 EQ_ERROR: Final = "eq_error"
 """Rejection kind: comparing the new value with the held one raised."""
 
-_SCALARS: Final[frozenset[type]] = frozenset({type(None), bool, int, str, bytes, uuid.UUID, Symbol})
-_KEY_HELP: Final = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
-)
-
 
 def is_stable_key(key: object) -> bool:
-    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
+    """Whether ``key`` is a stable key: ``None``, ``bool``, ``int``, ``str``,
+    ``bytes``, ``uuid.UUID``, :class:`Symbol` (exact types, no subclasses), or
+    a tuple of stable keys, nested at most :data:`MAX_KEY_DEPTH` levels deep.
+    """
     t = type(key)
     if t in _SCALARS:
         return True
     if t is not tuple:
         return False
-    # Iterative, so that nesting depth is not limited by the recursion limit.
-    pending: list[tuple[object, ...]] = [key]  # type: ignore[list-item]
-    while pending:
-        for part in pending.pop():
+    for part in key:  # type: ignore[attr-defined]
+        if type(part) not in _SCALARS:
+            break
+    else:  # the common case: a flat tuple of scalars
+        return True
+    # Iterative, and never deeper than MAX_KEY_DEPTH.
+    stack = [iter(key)]  # type: ignore[call-overload]
+    while stack:
+        for part in stack[-1]:
             t = type(part)
             if t in _SCALARS:
                 continue
             if t is tuple:
-                pending.append(part)  # type: ignore[arg-type]
-                continue
+                if len(stack) >= MAX_KEY_DEPTH:
+                    return False
+                stack.append(iter(part))
+                break
             return False
+        else:
+            stack.pop()
     return True
 
 
 def check_key(key: object) -> None:
-    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key
+    (:func:`is_stable_key`); a key nested too deep gets a ``TypeError`` that
+    names its depth and :data:`MAX_KEY_DEPTH`."""
     if type(key) not in _SCALARS and not is_stable_key(key):
-        raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+        raise _key_error(key)
 
 
 class Rejection:

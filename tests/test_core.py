@@ -12,7 +12,10 @@ from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
 
 from livemap_core._shared import DuplicateDeclarationError, Symbol
 
-KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+KEY_HELP = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple "
+    "of these nested at most 64 levels deep"
+)
 
 
 class StrSub(str):
@@ -156,6 +159,7 @@ def as_dict(table: Any) -> dict[Any, Any]:
 def test_constants(core: ModuleType) -> None:
     assert core.CONFLICT == "conflict"
     assert core.EQ_ERROR == "eq_error"
+    assert core.MAX_KEY_DEPTH == 64
 
 
 def test_generic_subscription(core: ModuleType) -> None:
@@ -200,12 +204,14 @@ def test_stable_keys(core: ModuleType, key: object) -> None:
 
 
 def test_deeply_nested_tuple_key(core: ModuleType) -> None:
-    key = deep_tuple(5_000)
+    # deep_tuple(n) nests n + 1 tuples; the limit and beyond: tests/test_keys.py
+    key = deep_tuple(core.MAX_KEY_DEPTH - 1)
     assert core.is_stable_key(key) is True
     core.check_key(key)
     buf = core.Table().buffer("o")
     buf.declare(key, 1)
     assert len(buf) == 1
+    assert core.is_stable_key(deep_tuple(core.MAX_KEY_DEPTH)) is False
     assert core.is_stable_key((deep_tuple(5_000), 1.5)) is False
 
 

@@ -47,7 +47,10 @@ PROFILE = settings.get_profile(
 
 CONFLICT = "conflict"
 EQ_ERROR = "eq_error"
-KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+KEY_HELP = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple "
+    "of these nested at most 64 levels deep"
+)
 
 
 # -- the pools operations draw from ------------------------------------------------
