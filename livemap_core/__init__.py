@@ -32,6 +32,7 @@ __all__ = [
     "TableStats",
     "check_key",
     "is_stable_key",
+    "normalize_key",
 ]
 
 NO_EXTENSIONS: bool = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS")) or (
@@ -64,6 +65,7 @@ if TYPE_CHECKING or not _COMPILED:  # type checkers see the pure-Python core
         TableStats,
         check_key,
         is_stable_key,
+        normalize_key,
     )
 
     IMPLEMENTATION = "python"
@@ -80,6 +82,7 @@ else:
         TableStats,
         check_key,
         is_stable_key,
+        normalize_key,
     )
 
     IMPLEMENTATION = "cython"

@@ -11,9 +11,9 @@ from typing import Final
 __all__ = ["MAX_KEY_DEPTH", "DuplicateDeclarationError", "Symbol"]
 
 MAX_KEY_DEPTH: Final = 64
-"""How deep a stable key may nest: at most this many tuples inside one
-another.  ``1`` has depth 0, ``(1,)`` depth 1, ``((1,),)`` depth 2; a key
-nested deeper is not a stable key."""
+"""How deep a stable key may nest: at most this many tuples (or lists) inside
+one another.  ``1`` has depth 0, ``(1,)`` and ``[1]`` depth 1, ``((1,),)``
+depth 2; a key nested deeper is not a stable key."""
 
 
 class Symbol:
@@ -86,7 +86,7 @@ _SCALARS: Final[frozenset[type]] = frozenset({type(None), bool, int, str, bytes,
 """The exact types of the scalar stable keys."""
 
 _KEY_HELP: Final = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple "
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
     f"of these nested at most {MAX_KEY_DEPTH} levels deep"
 )
 
@@ -110,21 +110,21 @@ def _key_error(key: object) -> TypeError:
     The key is walked depth first, left to right, and the first problem met is
     the one reported: a part nested more than :data:`MAX_KEY_DEPTH` levels
     deep, or a part that is not a stable key.  The walk never goes deeper than
-    the limit.
+    the limit (so a list that contains itself is simply too deep).
     """
-    if type(key) is tuple:
+    if type(key) is tuple or type(key) is list:
         stack = [iter(key)]
         while stack:
             for part in stack[-1]:
                 t = type(part)
                 if t in _SCALARS:
                     continue
-                if t is tuple:
+                if t is tuple or t is list:
                     if len(stack) >= MAX_KEY_DEPTH:
                         return TypeError(
                             f"{_short.repr(key)} ({type(key).__name__}) is not a stable key: "
                             f"it is nested at least {MAX_KEY_DEPTH + 1} levels deep, and a "
-                            f"stable key nests tuples at most MAX_KEY_DEPTH = "
+                            f"stable key nests tuples or lists at most MAX_KEY_DEPTH = "
                             f"{MAX_KEY_DEPTH} levels deep"
                         )
                     stack.append(iter(part))

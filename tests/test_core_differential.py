@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import uuid
 from types import ModuleType
 from typing import Any
@@ -48,9 +49,19 @@ PROFILE = settings.get_profile(
 CONFLICT = "conflict"
 EQ_ERROR = "eq_error"
 KEY_HELP = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple "
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
     "of these nested at most 64 levels deep"
 )
+MAX_DEPTH = 64
+TOO_DEEP = (
+    "is not a stable key: it is nested at least 65 levels deep, and a stable key "
+    "nests tuples or lists at most MAX_KEY_DEPTH = 64 levels deep"
+)
+# how a key too deep is shown: reprlib's short form
+SHORT = reprlib.Repr()
+SHORT.maxlevel = 4
+SHORT.maxstring = 40
+SHORT.maxother = 40
 
 
 # -- the pools operations draw from ------------------------------------------------
@@ -58,6 +69,18 @@ KEY_HELP = (
 
 class StrSub(str):
     pass
+
+
+def nest(depth: int, leaf: Any = "leaf", kind: type = tuple) -> Any:
+    """``leaf`` inside ``depth`` tuples (or lists)."""
+    key = leaf
+    for _ in range(depth):
+        key = kind((key,))
+    return key
+
+
+CYCLE: list[Any] = ["c"]
+CYCLE.append(CYCLE)
 
 
 GOOD_KEYS: list[Any] = [
@@ -76,8 +99,31 @@ GOOD_KEYS: list[Any] = [
     (True, "a"),  # == (1, "a")
     ("n", (None, (Symbol("s"), b"x"))),
     (),
+    # lists: each the same key as its tuple
+    [1, "a"],  # == (1, "a")
+    ["n", [None, [Symbol("s"), b"x"]]],  # == ("n", (None, (Symbol("s"), b"x")))
+    [],  # == ()
+    [1],
+    (1, ("x", [0])),
+    # at the depth limit
+    nest(64),
+    nest(64, kind=list),  # == nest(64)
+    nest(62, leaf=[1, [2]]),  # [2] is the 64th container
 ]
-BAD_KEYS: list[Any] = [1.5, [1], ("a", 2.5), StrSub("a"), object(), (1, ("x", [0]))]
+BAD_KEYS: list[Any] = [
+    1.5,
+    ("a", 2.5),
+    StrSub("a"),
+    object(),
+    [1.5],
+    ("k", [{"x"}]),
+    nest(65),
+    nest(65, kind=list),
+    nest(63, leaf=[1, [2]]),  # [2] is the 65th
+    (nest(66), 1.5),  # too deep first
+    (1.5, nest(66)),  # a bad part first
+    CYCLE,
+]
 KEYS = GOOD_KEYS + BAD_KEYS
 
 
@@ -244,9 +290,10 @@ class Driver:
 
 
 def tk(key: Any) -> Any:
-    """A typed form of a key: ``1`` and ``True`` are one dict key but differ here."""
-    if type(key) is tuple:
-        return ("tuple", tuple(tk(part) for part in key))
+    """A typed form of a key: ``1`` and ``True`` are one dict key but differ
+    here, and so do a tuple and a list."""
+    if type(key) in (tuple, list):
+        return (type(key).__name__, tuple(tk(part) for part in key))
     return (type(key).__name__, key)
 
 
@@ -257,10 +304,45 @@ def exc_form(exc: BaseException) -> tuple[str, str]:
 # -- the model --------------------------------------------------------------------
 
 
-def model_is_stable(key: Any) -> bool:
+def model_problem(key: Any, around: int = 0) -> str | None:
+    """The first problem met walking ``key`` depth first, left to right
+    (``around`` containers enclose it): ``"deep"`` for a tuple or list that is
+    the 65th container, ``"bad"`` for a part that is not a stable key; None
+    for a stable key."""
     if key is None or type(key) in (bool, int, str, bytes, uuid.UUID, Symbol):
+        return None
+    if type(key) not in (tuple, list):
+        return "bad"
+    if around == MAX_DEPTH:
+        return "deep"
+    for part in key:
+        problem = model_problem(part, around + 1)
+        if problem is not None:
+            return problem
+    return None
+
+
+def model_is_stable(key: Any) -> bool:
+    return model_problem(key) is None
+
+
+def model_normal(key: Any) -> Any:
+    """A stable key with every list a tuple."""
+    if type(key) in (tuple, list):
+        return tuple(model_normal(part) for part in key)
+    return key
+
+
+def model_has_list(key: Any) -> bool:
+    if type(key) is list:
         return True
-    return type(key) is tuple and all(model_is_stable(part) for part in key)
+    return type(key) is tuple and any(model_has_list(part) for part in key)
+
+
+def model_key_error(key: Any) -> TypeError:
+    if model_problem(key) == "deep":
+        return TypeError(f"{SHORT.repr(key)} ({type(key).__name__}) {TOO_DEEP}")
+    return TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
 
 
 class Model:
@@ -284,10 +366,11 @@ class Model:
 
     def check(self, key: Any) -> None:
         if not model_is_stable(key):
-            raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
+            raise model_key_error(key)
 
     def declare(self, owner: int, owner_obj: object, key: Any, value: Any) -> None:
         self.check(key)
+        key = model_normal(key)
         buf = self.buffers.setdefault(owner, {})
         if key in buf:
             raise DuplicateDeclarationError(key, owner_obj, self.name)
@@ -372,6 +455,11 @@ class Model:
         self.history[index][2] = True
 
 
+NORMAL_GOOD_KEYS = [model_normal(key) for key in GOOD_KEYS]
+"""The good keys as tables hold them (a list is not hashable: it cannot be
+looked up)."""
+
+
 # -- driving the cores and the model ----------------------------------------------------
 
 
@@ -443,9 +531,20 @@ class CoreRun:
                 assert type(stable) is bool
                 if stable:
                     assert self.core.check_key(key) is None
+                    normal = self.core.normalize_key(key)
+                    return ("checked", True, tk(normal), normal is key)
+                try:
+                    self.core.normalize_key(key)
+                except TypeError as exc:
+                    rejected = exc_form(exc)
                 else:
+                    raise AssertionError(f"normalize_key accepted {key!r}")
+                try:
                     self.core.check_key(key)
-                return ("checked", stable)
+                except TypeError as exc:
+                    assert exc_form(exc) == rejected
+                    raise
+                raise AssertionError(f"check_key accepted {key!r}")
         except Exception as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
@@ -455,7 +554,7 @@ class CoreRun:
         items = [(tk(k), id(v)) for k, v in t.items()]
         assert len(t) == len(items)
         per_key = []
-        for key in GOOD_KEYS:
+        for key in NORMAL_GOOD_KEYS:
             holder = t.owner_of(key, "-")
             per_key.append(
                 (
@@ -515,10 +614,8 @@ class ModelRun:
                 return ("ok",)
             if name == "check":
                 key = op[1]
-                stable = model_is_stable(key)
-                if not stable:
-                    m.check(key)
-                return ("checked", stable)
+                m.check(key)
+                return ("checked", True, tk(model_normal(key)), not model_has_list(key))
         except Exception as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
@@ -527,7 +624,7 @@ class ModelRun:
         m = self.model
         items = [(tk(k), id(v)) for k, (_, v) in m.entries.items()]
         per_key = []
-        for key in GOOD_KEYS:
+        for key in NORMAL_GOOD_KEYS:
             present = key in m.entries
             per_key.append(
                 (

@@ -1,15 +1,18 @@
-"""Stable keys: how deep a key may nest, on both cores (``core`` ids ``c`` and
-``py``).
+"""Stable keys, on both cores (``core`` ids ``c`` and ``py``).
 
-A key nests at most ``MAX_KEY_DEPTH`` (64) tuples inside one another.  A key
-nested deeper is rejected with a ``TypeError`` naming the depth and the limit,
-and the check never recurses past the limit: a key nested a million levels
-deep (which would crash the interpreter when hashed) is turned away at once.
+* Depth: a key nests at most ``MAX_KEY_DEPTH`` (64) tuples or lists inside one
+  another.  A key nested deeper is rejected with a ``TypeError`` naming the
+  depth and the limit, and the check never recurses past the limit: a key
+  nested a million levels deep (which would crash the interpreter when
+  hashed) is turned away at once.
+* Lists: a list is a stable key when its parts are; it is declared (and
+  ``normalize_key`` returns it) as the equal tuple, at any depth.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from types import ModuleType
 from typing import Any
 
@@ -17,23 +20,31 @@ import pytest
 from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
 
 import livemap_core
+from livemap_core import DuplicateDeclarationError, Symbol
 
 KEY_HELP = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple "
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
     "of these nested at most 64 levels deep"
 )
 TOO_DEEP = (
     "is not a stable key: it is nested at least 65 levels deep, and a stable key "
-    "nests tuples at most MAX_KEY_DEPTH = 64 levels deep"
+    "nests tuples or lists at most MAX_KEY_DEPTH = 64 levels deep"
 )
 
 
-def nest(depth: int, leaf: Any = "leaf") -> Any:
-    """``leaf`` inside ``depth`` tuples: ``nest(2) == (("leaf",),)``."""
+def nest(depth: int, leaf: Any = "leaf", kind: type = tuple) -> Any:
+    """``leaf`` inside ``depth`` tuples (or lists): ``nest(2) == (("leaf",),)``."""
     key = leaf
     for _ in range(depth):
-        key = (key,)
+        key = kind((key,))
     return key
+
+
+def typed(key: Any) -> Any:
+    """A form of ``key`` that tells tuples from lists and ``1`` from ``True``."""
+    if type(key) in (tuple, list):
+        return (type(key).__name__, [typed(part) for part in key])
+    return (type(key).__name__, key)
 
 
 def declare_fails(core: ModuleType, key: object) -> TypeError:
@@ -128,3 +139,173 @@ def test_a_million_levels_deep_is_rejected_quickly(core: ModuleType) -> None:
         core.check_key((1.5, key))
     # each check stops at the limit: well under a second on the slowest core
     assert time.perf_counter() - started < 1.0
+
+
+def test_lists_count_towards_the_depth(core: ModuleType) -> None:
+    assert core.is_stable_key(nest(64, kind=list)) is True
+    assert core.is_stable_key(nest(32, leaf=nest(32, kind=list))) is True
+    for key in (nest(65, kind=list), nest(32, leaf=nest(33, kind=list))):
+        assert core.is_stable_key(key) is False
+        with pytest.raises(TypeError) as info:
+            core.normalize_key(key)
+        assert "nested at least 65 levels deep" in str(info.value)
+        assert str(declare_fails(core, key)) == str(info.value)
+    normal = core.normalize_key(nest(64, kind=list))
+    assert typed(normal) == typed(nest(64))
+
+
+def test_a_list_that_holds_itself_is_too_deep(core: ModuleType) -> None:
+    key: list[Any] = [1]
+    key.append(key)
+    assert core.is_stable_key(key) is False
+    message = f"[1, [1, [1, [1, [...]]]]] (list) {TOO_DEEP}"
+    for check in (core.check_key, core.normalize_key):
+        with pytest.raises(TypeError) as info:
+            check(key)
+        assert str(info.value) == message
+    assert str(declare_fails(core, key)) == message
+    key.append([key, key])  # each level is wider: the walk still stops at the limit
+    assert core.is_stable_key(key) is False
+
+
+def test_a_million_lists_deep_is_rejected_quickly(core: ModuleType) -> None:
+    key = nest(1_000_000, kind=list)
+    started = time.perf_counter()
+    assert core.is_stable_key(key) is False
+    with pytest.raises(TypeError, match="nested at least 65 levels deep"):
+        core.normalize_key(key)
+    assert "nested at least 65 levels deep" in str(declare_fails(core, key))
+    assert time.perf_counter() - started < 1.0
+
+
+# -- lists become tuples ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "normal"),
+    [
+        ([], ()),
+        ([1, "a"], (1, "a")),
+        ([[1], [2, [3]]], ((1,), (2, (3,)))),
+        (("a", [1, 2]), ("a", (1, 2))),
+        (
+            [None, True, b"x", Symbol("s"), uuid.UUID(int=3)],
+            (None, True, b"x", Symbol("s"), uuid.UUID(int=3)),
+        ),
+        (("t", ("u", [()])), ("t", ("u", ((),)))),
+    ],
+    ids=repr,
+)
+def test_lists_become_tuples(core: ModuleType, key: Any, normal: Any) -> None:
+    assert core.is_stable_key(key) is True
+    assert core.check_key(key) is None
+    got = core.normalize_key(key)
+    assert typed(got) == typed(normal)
+    assert hash(got) == hash(normal)
+    assert core.normalize_key(got) is got  # the normal form is its own
+
+
+def test_parts_without_lists_are_kept(core: ModuleType) -> None:
+    plain = ("p", (1, 2))
+    key = [plain, ["l"], plain[1]]
+    got = core.normalize_key(key)
+    assert got == (plain, ("l",), (1, 2))
+    assert got[0] is plain and got[2] is plain[1]
+    inner = ("i", [1])
+    got = core.normalize_key((plain, inner))
+    assert got == (plain, ("i", (1,)))
+    assert got[0] is plain
+
+
+@pytest.mark.parametrize(
+    "key",
+    [None, True, 0, 2**100, "k", b"k", uuid.UUID(int=1), Symbol("s"), (), (1, ("a", b"b"))],
+    ids=repr,
+)
+def test_a_key_without_lists_is_returned_as_it_is(core: ModuleType, key: Any) -> None:
+    assert core.normalize_key(key) is key
+
+
+@pytest.mark.parametrize(
+    "key", [[1.5], [1, [2, {"a": 1}]], ("a", ["b", 2.5]), [frozenset()]], ids=repr
+)
+def test_a_list_with_a_bad_part_is_not_stable(core: ModuleType, key: Any) -> None:
+    message = f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}"
+    assert core.is_stable_key(key) is False
+    for check in (core.check_key, core.normalize_key):
+        with pytest.raises(TypeError) as info:
+            check(key)
+        assert str(info.value) == message
+    assert str(declare_fails(core, key)) == message
+
+
+def test_declaring_a_list_declares_the_tuple(core: ModuleType) -> None:
+    table = core.Table("t")
+    owner = object()
+    buf = table.buffer(owner)
+    buf.declare([1, 2], "a")
+    buf.declare(("n", ["m"]), "b")
+    assert [typed(k) for k, _ in buf.items()] == [typed((1, 2)), typed(("n", ("m",)))]
+    assert (1, 2) in buf
+    result = table.commit(buf)
+    assert [typed(k) for k, _ in result.upserts] == [typed((1, 2)), typed(("n", ("m",)))]
+    # the table and the owner's record hold the tuples
+    keys = table.keys()
+    assert [typed(k) for k in keys] == [typed((1, 2)), typed(("n", ("m",)))]
+    assert table.keys_of(owner) == frozenset({(1, 2), ("n", ("m",))})
+    assert all(type(k) is tuple for k in table.keys_of(owner))
+    assert table.get((1, 2)) == "a"
+    assert table.owner_of(("n", ("m",))) is owner
+    # the next run spells the key as a tuple: the same key, value unchanged
+    buf = table.buffer(owner)
+    buf.declare((1, 2), "a")
+    buf.declare(["n", ("m",)], "b2")
+    result = table.commit(buf)
+    assert (result.upserts, result.deletes, result.suppressed) == ([(("n", ("m",)), "b2")], [], 1)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [([1, 2], (1, 2)), ((1, 2), [1, 2]), ([1, [2]], (1, [2])), ([True], (1,))],
+    ids=repr,
+)
+def test_a_list_and_its_tuple_are_one_declaration(
+    core: ModuleType, first: Any, second: Any
+) -> None:
+    buf = core.Table("things").buffer("comp")
+    buf.declare(first, "first")
+    with pytest.raises(DuplicateDeclarationError) as info:
+        buf.declare(second, "second")
+    normal = core.normalize_key(second)
+    assert typed(info.value.key) == typed(normal)
+    assert str(info.value) == (
+        f"key {normal!r} was already declared into things during this run of 'comp'; "
+        "the first declaration stands"
+    )
+    assert [(typed(k), v) for k, v in buf.items()] == [(typed(core.normalize_key(first)), "first")]
+
+
+def test_declarer_declares_the_tuple(core: ModuleType) -> None:
+    import contextvars
+
+    class Run:
+        def __init__(self) -> None:
+            self.owner = "o"
+            self.buffers: dict[object, Any] | None = None
+
+    current: contextvars.ContextVar[Run | None] = contextvars.ContextVar("run", default=None)
+    table = core.Table("t")
+    declare = core.Declarer(table, "t", current, LookupError, EOFError)
+    run = Run()
+    token = current.set(run)
+    try:
+        declare(["a", [1]], 1)
+        with pytest.raises(DuplicateDeclarationError):
+            declare(("a", (1,)), 2)
+        with pytest.raises(TypeError, match="nested at least 65 levels deep"):
+            declare(nest(65, kind=list), 3)
+    finally:
+        current.reset(token)
+    assert run.buffers is not None
+    result = table.commit(run.buffers["t"])
+    assert [typed(k) for k, _ in result.upserts] == [typed(("a", (1,)))]
