@@ -79,6 +79,14 @@ def nest(depth: int, leaf: Any = "leaf", kind: type = tuple) -> Any:
     return key
 
 
+def mixed_nest(kinds: list[bool], leaf: Any) -> Any:
+    """``leaf`` inside one list (True) or tuple (False) per item of ``kinds``."""
+    key = leaf
+    for is_list in kinds:
+        key = [key] if is_list else (key,)
+    return key
+
+
 CYCLE: list[Any] = ["c"]
 CYCLE.append(CYCLE)
 
@@ -212,12 +220,34 @@ value_specs = st.one_of(
 )
 owner_ids = st.integers(0, N_OWNERS - 1)
 key_ids = st.integers(0, len(KEYS) - 1)
+# Keys drawn whole: lists and tuples of scalars (now and then a bad part),
+# nested; and keys nested about as deep as the limit, each level a list or a
+# tuple.
+scalar_keys = st.sampled_from(
+    [0, 1, True, False, None, "a", "b", b"a", Symbol("a"), uuid.UUID(int=7)]
+)
+bad_parts = st.sampled_from([1.5, StrSub("a"), frozenset()])
+nested_keys = st.recursive(
+    st.one_of(scalar_keys, scalar_keys, scalar_keys, bad_parts),
+    lambda parts: st.one_of(st.lists(parts, max_size=3), st.lists(parts, max_size=3).map(tuple)),
+    max_leaves=6,
+)
+deep_keys = st.builds(
+    mixed_nest,
+    st.integers(MAX_DEPTH - 3, MAX_DEPTH + 3).flatmap(
+        lambda n: st.lists(st.booleans(), min_size=n, max_size=n)
+    ),
+    st.one_of(scalar_keys, st.lists(scalar_keys, max_size=2), bad_parts),
+)
+drawn_keys = st.one_of(nested_keys, nested_keys, deep_keys)
 # Edits turning an owner's previous run into its next one (see materialise()).
 edits = st.lists(
     st.one_of(
         st.tuples(st.just("drop"), st.integers(0, 63)),
         st.tuples(st.just("move"), st.integers(0, 63), st.integers(0, 63)),
         st.tuples(st.just("insert"), st.integers(0, 63), st.integers(0, 99)),
+        # the same key spelled as a list: a duplicate of the tuple, if there
+        st.tuples(st.just("insert-list"), st.integers(0, 63), st.integers(0, 99)),
         st.tuples(st.just("change"), st.integers(0, 63), value_specs),
     ),
     max_size=6,
@@ -238,6 +268,14 @@ ops = st.one_of(
     st.tuples(st.just("release"), owner_ids),
     st.tuples(st.just("revert"), st.integers(0, 2)),
     st.tuples(st.just("check"), key_ids),
+    # the same with keys drawn whole (see drawn_keys)
+    st.tuples(st.just("declare-drawn"), owner_ids, drawn_keys, value_specs),
+    st.tuples(
+        st.just("run-drawn"),
+        owner_ids,
+        st.lists(st.tuples(drawn_keys, value_specs), max_size=6),
+    ),
+    st.tuples(st.just("check-drawn"), drawn_keys),
 )
 
 
@@ -260,6 +298,14 @@ class Driver:
             pairs = [(KEYS[k], make_value(spec, self.shared)) for k, spec in op[2]]
             self.last_run[op[1]] = pairs
             return ("run", op[1], pairs)
+        if name == "declare-drawn":
+            return ("declare", op[1], op[2], make_value(op[3], self.shared))
+        if name == "check-drawn":
+            return ("check", op[1])
+        if name == "run-drawn":
+            pairs = [(key, make_value(spec, self.shared)) for key, spec in op[2]]
+            self.last_run[op[1]] = pairs
+            return ("run", op[1], pairs)
         if name == "rerun":
             pairs = self.edit(list(self.last_run.get(op[1], [])), op[2])
             self.last_run[op[1]] = pairs
@@ -271,8 +317,10 @@ class Driver:
             pairs = [((k // 8, k), k % 3) for k in range(40)]
         for step in steps:
             kind, at = step[0], step[1] % (len(pairs) + 1)
-            if kind == "insert":
-                key = (step[2] // 8, step[2])
+            if kind in ("insert", "insert-list"):
+                key: Any = (step[2] // 8, step[2])
+                if kind == "insert-list":
+                    key = list(key)
                 if all(k != key for k, _ in pairs):
                     pairs.insert(at, (key, step[2] % 3))
             elif not pairs or at == len(pairs):
