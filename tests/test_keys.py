@@ -309,3 +309,83 @@ def test_declarer_declares_the_tuple(core: ModuleType) -> None:
     assert run.buffers is not None
     result = table.commit(run.buffers["t"])
     assert [typed(k) for k, _ in result.upserts] == [typed(("a", (1,)))]
+
+
+# -- 1 and True are one key ------------------------------------------------------------
+#
+# Keys compare as dict keys do.  A table keeps the key object it got first; a
+# commit's upserts and rejections name the key as declared in that run.
+
+
+def run(table: Any, owner: object, pairs: list[tuple[Any, Any]]) -> Any:
+    buf = table.buffer(owner)
+    for key, value in pairs:
+        buf.declare(key, value)
+    return table.commit(buf)
+
+
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [(1, True), (True, 1), ((1, "a"), (True, "a")), ((1, "a"), [True, "a"]), (0, False)],
+    ids=repr,
+)
+@pytest.mark.parametrize("others", [0, 3], ids=["alone", "among-others"])
+def test_switching_spelling_keeps_the_first_key_object(
+    core: ModuleType, track_undo: bool, first: Any, then: Any, others: int
+) -> None:
+    # among-others: the compiled core finds the held key by walking the
+    # owner's record in step with the declarations; alone: by hashing
+    table = core.Table("t", track_undo=track_undo)
+    owner = object()
+    extra = [(f"x{i}", i) for i in range(others)]
+    run(table, owner, [*extra, (first, "a")])
+    kept = typed(first)
+    declared = typed(core.normalize_key(then))
+
+    result = run(table, owner, [*extra, (then, "b")])
+    assert [(typed(k), v) for k, v in result.upserts] == [(declared, "b")]
+    assert result.deletes == []
+    assert [(typed(k), v) for k, v in table.items()][-1] == (kept, "b")
+    assert [typed(k) for k in table.keys_of(owner) if k == first] == [kept]
+    assert table.get(core.normalize_key(then)) == "b"
+    assert table.get(first) == "b"
+
+    result = run(table, owner, [*extra, (then, "b")])  # equal: suppressed
+    assert (result.upserts, result.deletes, result.suppressed) == ([], [], 1 + others)
+    assert typed(table.keys()[-1]) == kept
+
+    if track_undo:
+        changed = run(table, owner, [*extra, (then, "c")])
+        table.revert(changed)
+        assert [(typed(k), v) for k, v in table.items()][-1] == (kept, "b")
+
+    result = table.release(owner)
+    assert typed(result.deletes[-1]) == kept
+
+    # once the key is gone, the next spelling declared is the one kept
+    run(table, owner, [(then, "d")])
+    assert [typed(k) for k, _ in table.items()] == [declared]
+
+
+def test_another_owner_cannot_take_true_from_one(core: ModuleType) -> None:
+    table = core.Table("t")
+    holder, other = object(), object()
+    run(table, holder, [(1, "a")])
+    result = run(table, other, [(True, "b")])
+    assert result.upserts == []
+    [rejection] = result.rejections
+    assert rejection.kind == core.CONFLICT
+    assert typed(rejection.key) == typed(True)
+    assert rejection.holder is holder
+    assert [(typed(k), v) for k, v in table.items()] == [(typed(1), "a")]
+    assert table.owner_of(True) is holder
+
+
+def test_one_and_true_are_one_declaration(core: ModuleType) -> None:
+    buf = core.Table("t").buffer("o")
+    buf.declare((1, [0]), "a")
+    for key in ((True, (0,)), [1, [False]], (True, [0])):
+        with pytest.raises(DuplicateDeclarationError):
+            buf.declare(key, "b")
+    assert [(typed(k), v) for k, v in buf.items()] == [(typed((1, (0,))), "a")]
