@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from typing import TypeAlias
 
-from livemap_core import Symbol, check_key, is_stable_key
+from livemap_core import Symbol, check_key, is_stable_key, normalize_key
 
 __all__ = [
     "ComponentSubpath",
@@ -18,6 +18,7 @@ __all__ = [
     "component_subpath",
     "format_path",
     "is_stable_key",
+    "normalize_key",
 ]
 
 StableKey: TypeAlias = (
@@ -57,9 +58,7 @@ class ComponentSubpath:
     def __init__(self, *parts: StableKey) -> None:
         if not parts:
             raise ValueError("a component subpath needs at least one part")
-        for part in parts:
-            check_key(part)
-        self.parts: StablePath = parts
+        self.parts: StablePath = tuple(normalize_key(part) for part in parts)
         self._token: list[Token[StablePath]] = []
 
     def __truediv__(self, other: StableKey | ComponentSubpath) -> ComponentSubpath:

@@ -20,6 +20,7 @@ __all__ = [
     "CONFLICT",
     "EQ_ERROR",
     "IMPLEMENTATION",
+    "MAX_KEY_DEPTH",
     "NO_EXTENSIONS",
     "Buffer",
     "Commit",
@@ -31,6 +32,7 @@ __all__ = [
     "TableStats",
     "check_key",
     "is_stable_key",
+    "normalize_key",
 ]
 
 NO_EXTENSIONS: bool = bool(os.environ.get("LIVEMAP_NO_EXTENSIONS")) or (
@@ -54,6 +56,7 @@ if TYPE_CHECKING or not _COMPILED:  # type checkers see the pure-Python core
     from livemap_core._fallback import (
         CONFLICT,
         EQ_ERROR,
+        MAX_KEY_DEPTH,
         Buffer,
         Commit,
         Declarer,
@@ -62,6 +65,7 @@ if TYPE_CHECKING or not _COMPILED:  # type checkers see the pure-Python core
         TableStats,
         check_key,
         is_stable_key,
+        normalize_key,
     )
 
     IMPLEMENTATION = "python"
@@ -69,6 +73,7 @@ else:
     from livemap_core._core import (
         CONFLICT,
         EQ_ERROR,
+        MAX_KEY_DEPTH,
         Buffer,
         Commit,
         Declarer,
@@ -77,6 +82,7 @@ else:
         TableStats,
         check_key,
         is_stable_key,
+        normalize_key,
     )
 
     IMPLEMENTATION = "cython"

@@ -18,11 +18,12 @@ from cpython.object cimport PyObject
 import uuid
 from types import GenericAlias
 
-from livemap_core._shared import DuplicateDeclarationError, Symbol
+from livemap_core._shared import MAX_KEY_DEPTH, DuplicateDeclarationError, Symbol, _key_error
 
 __all__ = [
     "CONFLICT",
     "EQ_ERROR",
+    "MAX_KEY_DEPTH",
     "Buffer",
     "Commit",
     "Declarer",
@@ -31,6 +32,7 @@ __all__ = [
     "TableStats",
     "check_key",
     "is_stable_key",
+    "normalize_key",
 ]
 
 cdef extern from "Python.h":
@@ -49,9 +51,7 @@ EQ_ERROR = _EQ_ERROR
 
 cdef object _UUID = uuid.UUID
 cdef object _SYMBOL = Symbol
-cdef str _KEY_HELP = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
-)
+cdef Py_ssize_t _MAX_DEPTH = MAX_KEY_DEPTH
 
 
 # -- keys ----------------------------------------------------------------------
@@ -70,47 +70,156 @@ cdef inline bint _is_scalar(object key) noexcept:
     )
 
 
-cdef bint _tuple_is_stable(tuple key) except -1:
-    # Iterative, so that nesting depth is not limited by the C stack.
-    cdef list pending = None
-    cdef tuple tup = key
+# What a walk of a tuple or list key found (see _fallback).
+cdef enum:
+    _BAD = 0  # not a stable key
+    _PLAIN = 1  # a stable key that holds no list: its own normal form
+    _LISTS = 2  # a stable key once its lists are tuples
+
+
+cdef inline int _scan_part(object part, Py_ssize_t level) except -1:
+    # One part of a tuple or list at nesting ``level``.
+    cdef object t
+    if _is_scalar(part):
+        return _PLAIN
+    t = type(part)
+    if t is tuple or t is list:
+        if level >= _MAX_DEPTH:
+            return _BAD
+        return _scan(part, level + 1)
+    return _BAD
+
+
+cdef int _scan(object seq, Py_ssize_t level) except -1:
+    # Whether the tuple or list ``seq``, at nesting ``level`` (a key is at
+    # level 1), is stable, and whether it holds a list (itself included).
+    # Recursive, but never deeper than MAX_KEY_DEPTH.
+    cdef int found
+    cdef int sub
     cdef object part
-    while True:
-        for part in tup:
+    if type(seq) is tuple:
+        found = _PLAIN
+        for part in <tuple>seq:
             if _is_scalar(part):
                 continue
-            if type(part) is tuple:
-                if pending is None:
-                    pending = []
-                pending.append(part)
+            sub = _scan_part(part, level)
+            if sub == _BAD:
+                return _BAD
+            if sub == _LISTS:
+                found = _LISTS
+    else:
+        found = _LISTS
+        for part in <list>seq:
+            if _is_scalar(part):
                 continue
-            return False
-        if not pending:
-            return True
-        tup = <tuple>pending.pop()
+            if _scan_part(part, level) == _BAD:
+                return _BAD
+    return found
+
+
+cdef object _tupleize(object seq, Py_ssize_t level):
+    # The normal form of the tuple or list ``seq`` at nesting ``level``: each
+    # list a tuple, each tuple that holds no list kept as it is.  None if
+    # ``seq`` is not stable.  Recursive, but never deeper than MAX_KEY_DEPTH.
+    cdef list parts = []
+    cdef bint changed = type(seq) is list
+    cdef object part, t, done
+    for part in seq:
+        if not _is_scalar(part):
+            t = type(part)
+            if t is not tuple and t is not list:
+                return None
+            if level >= _MAX_DEPTH:
+                return None
+            done = _tupleize(part, level + 1)
+            if done is None:
+                return None
+            if done is not part:
+                changed = True
+                part = done
+        parts.append(part)
+    if not changed:
+        return seq
+    return tuple(parts)
 
 
 cdef inline bint _is_stable(object key) except -1:
+    cdef object t
     if _is_scalar(key):
         return True
-    if type(key) is tuple:
-        return _tuple_is_stable(<tuple>key)
+    t = type(key)
+    if t is tuple or t is list:
+        return _scan(key, 1) != _BAD
     return False
 
 
+cdef int _raise_unstable(object key) except -1:
+    raise _key_error(key)
+
+
+cdef object _normalize(object key):
+    # The key itself when it holds no list (no allocation), else its tuple form.
+    cdef object t = type(key)
+    cdef object out
+    cdef int found
+    if t is tuple:
+        found = _scan(key, 1)
+        if found == _PLAIN:
+            return key
+        if found == _LISTS:
+            out = _tupleize(key, 1)
+            if out is not None:
+                return out
+    elif t is list:
+        out = _tupleize(key, 1)
+        if out is not None:
+            return out
+    elif _is_scalar(key):
+        return key
+    _raise_unstable(key)
+
+
 def is_stable_key(key):
-    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
+    """Whether ``key`` is a stable key: ``None``, ``bool``, ``int``, ``str``,
+    ``bytes``, ``uuid.UUID``, :class:`Symbol` (exact types, no subclasses), or
+    a tuple or list of stable keys, nested at most :data:`MAX_KEY_DEPTH`
+    levels deep.
+
+    A list is a stable key (``is_stable_key([1])`` is true): it is accepted
+    wherever a key is, as the equal tuple (see :func:`normalize_key`).
+
+    Stable keys compare as dict keys do: ``1`` and ``True`` are one key (and
+    so are ``(1, "a")`` and ``(True, "a")``), ``"x"`` and ``Symbol("x")`` are
+    two.  A table keeps the key object it got first: an owner that declared
+    ``1`` and now declares ``True`` keeps the key ``1`` (the commit's upsert
+    names the key as declared, ``True``).
+    """
     return _is_stable(key)
 
 
-cdef int _raise_unstable(object key) except -1:
-    raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
-
-
 def check_key(key):
-    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key
+    (:func:`is_stable_key`); a key nested too deep gets a ``TypeError`` that
+    names its depth and :data:`MAX_KEY_DEPTH`."""
     if not _is_stable(key):
         _raise_unstable(key)
+
+
+def normalize_key(key):
+    """The normal form of the stable key ``key``: every list in it (at any
+    depth, ``key`` itself included) turned into the equal tuple.
+
+    A key that holds no list is returned as it is (no copy), so this is cheap
+    for the usual ``str``, ``int`` and tuple keys; a tuple that holds lists is
+    copied, and only its parts that hold lists are.  Anything else raises
+    ``TypeError`` like :func:`check_key`.  Declarations (:meth:`Buffer.declare`,
+    :class:`Declarer`) store the normal form: ``[1, 2]`` and ``(1, 2)`` are
+    one key, and (as for any stable keys, see :func:`is_stable_key`) so are
+    ``[1]`` and ``(True,)``.
+    """
+    if _is_scalar(key):
+        return key
+    return _normalize(key)
 
 
 # -- results -------------------------------------------------------------------
@@ -284,17 +393,19 @@ cdef class Buffer:
     def declare(self, key, value):
         """Buffer ``key -> value``.
 
-        Raises ``TypeError`` for a key that is not stable and
+        The key is stored in its normal form (:func:`normalize_key`: lists
+        become tuples).  Raises ``TypeError`` for a key that is not stable and
         :class:`DuplicateDeclarationError` for a key already declared into
-        this buffer; either way the buffer is unchanged.
+        this buffer (``[1, 2]`` after ``(1, 2)``, or ``True`` after ``1``, is
+        the same key); either way the buffer is unchanged.
         """
         self._declare(key, value)
 
     cdef int _declare(self, object key, object value) except -1:
         cdef dict decls = self._decls
         cdef Py_ssize_t n
-        if not _is_scalar(key) and not _is_stable(key):
-            _raise_unstable(key)
+        if not _is_scalar(key):
+            key = _normalize(key)
         n = PyDict_GET_SIZE(decls)
         PyDict_SetDefault(decls, key, value)
         if PyDict_GET_SIZE(decls) == n:

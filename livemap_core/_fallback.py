@@ -14,13 +14,20 @@ a :class:`Commit`.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from livemap_core._shared import DuplicateDeclarationError, Symbol
+from livemap_core._shared import (
+    _SCALARS,
+    MAX_KEY_DEPTH,
+    DuplicateDeclarationError,
+    Symbol,
+    _key_error,
+)
 
 __all__ = [
     "CONFLICT",
     "EQ_ERROR",
+    "MAX_KEY_DEPTH",
     "Buffer",
     "Commit",
     "Declarer",
@@ -29,6 +36,7 @@ __all__ = [
     "TableStats",
     "check_key",
     "is_stable_key",
+    "normalize_key",
 ]
 
 K = TypeVar("K")
@@ -39,37 +47,135 @@ CONFLICT: Final = "conflict"
 EQ_ERROR: Final = "eq_error"
 """Rejection kind: comparing the new value with the held one raised."""
 
-_SCALARS: Final[frozenset[type]] = frozenset({type(None), bool, int, str, bytes, uuid.UUID, Symbol})
-_KEY_HELP: Final = (
-    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+StableKey: TypeAlias = (
+    bool | int | str | bytes | uuid.UUID | Symbol | tuple["StableKey", ...] | None
 )
+"""What :func:`normalize_key` returns: a stable key in its normal form (no lists)."""
+
+# What a walk of a tuple or list key found.
+_BAD: Final = 0  # not a stable key
+_PLAIN: Final = 1  # a stable key that holds no list: its own normal form
+_LISTS: Final = 2  # a stable key once its lists are tuples
 
 
-def is_stable_key(key: object) -> bool:
-    """Whether ``key`` is a stable key (exact types only; tuples recursively)."""
-    t = type(key)
-    if t in _SCALARS:
-        return True
-    if t is not tuple:
-        return False
-    # Iterative, so that nesting depth is not limited by the recursion limit.
-    pending: list[tuple[object, ...]] = [key]  # type: ignore[list-item]
-    while pending:
-        for part in pending.pop():
+def _scan(key: tuple[object, ...] | list[object]) -> int:
+    # Whether the tuple or list ``key`` is stable, and whether it holds a list
+    # (itself included).  Iterative, and never deeper than MAX_KEY_DEPTH.
+    plain = type(key) is tuple
+    for part in key:
+        if type(part) not in _SCALARS:
+            break
+    else:  # the common case: a flat tuple of scalars
+        return _PLAIN if plain else _LISTS
+    stack = [iter(key)]
+    while stack:
+        for part in stack[-1]:
             t = type(part)
             if t in _SCALARS:
                 continue
-            if t is tuple:
-                pending.append(part)  # type: ignore[arg-type]
+            if t is tuple or t is list:
+                if len(stack) >= MAX_KEY_DEPTH:
+                    return _BAD
+                if t is list:
+                    plain = False
+                stack.append(iter(part))  # type: ignore[call-overload]
+                break
+            return _BAD
+        else:
+            stack.pop()
+    return _PLAIN if plain else _LISTS
+
+
+def _tupleize(key: tuple[object, ...] | list[object]) -> StableKey | None:
+    # The normal form of the tuple or list ``key``: each list a tuple, each
+    # tuple that holds no list kept as it is.  None if ``key`` is not stable.
+    # Iterative, and never deeper than MAX_KEY_DEPTH.  A frame is [the tuple
+    # or list, its iterator, its parts in normal form so far, whether they
+    # differ from its own].
+    stack: list[list[Any]] = [[key, iter(key), [], type(key) is list]]
+    while True:
+        frame = stack[-1]
+        parts = frame[2]
+        for part in frame[1]:
+            t = type(part)
+            if t in _SCALARS:
+                parts.append(part)
                 continue
-            return False
-    return True
+            if t is tuple or t is list:
+                if len(stack) >= MAX_KEY_DEPTH:
+                    return None
+                stack.append([part, iter(part), [], t is list])
+                break
+            return None
+        else:
+            stack.pop()
+            done = tuple(parts) if frame[3] else frame[0]
+            if not stack:
+                return done
+            parent = stack[-1]
+            parent[2].append(done)
+            if done is not frame[0]:
+                parent[3] = True
+
+
+def is_stable_key(key: object) -> bool:
+    """Whether ``key`` is a stable key: ``None``, ``bool``, ``int``, ``str``,
+    ``bytes``, ``uuid.UUID``, :class:`Symbol` (exact types, no subclasses), or
+    a tuple or list of stable keys, nested at most :data:`MAX_KEY_DEPTH`
+    levels deep.
+
+    A list is a stable key (``is_stable_key([1])`` is true): it is accepted
+    wherever a key is, as the equal tuple (see :func:`normalize_key`).
+
+    Stable keys compare as dict keys do: ``1`` and ``True`` are one key (and
+    so are ``(1, "a")`` and ``(True, "a")``), ``"x"`` and ``Symbol("x")`` are
+    two.  A table keeps the key object it got first: an owner that declared
+    ``1`` and now declares ``True`` keeps the key ``1`` (the commit's upsert
+    names the key as declared, ``True``).
+    """
+    if type(key) in _SCALARS:
+        return True
+    if type(key) is tuple or type(key) is list:
+        return _scan(key) != _BAD
+    return False
 
 
 def check_key(key: object) -> None:
-    """Raise ``TypeError`` naming ``key`` unless it is a stable key."""
+    """Raise ``TypeError`` naming ``key`` unless it is a stable key
+    (:func:`is_stable_key`); a key nested too deep gets a ``TypeError`` that
+    names its depth and :data:`MAX_KEY_DEPTH`."""
     if type(key) not in _SCALARS and not is_stable_key(key):
-        raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+        raise _key_error(key)
+
+
+def normalize_key(key: object) -> StableKey:
+    """The normal form of the stable key ``key``: every list in it (at any
+    depth, ``key`` itself included) turned into the equal tuple.
+
+    A key that holds no list is returned as it is (no copy), so this is cheap
+    for the usual ``str``, ``int`` and tuple keys; a tuple that holds lists is
+    copied, and only its parts that hold lists are.  Anything else raises
+    ``TypeError`` like :func:`check_key`.  Declarations (:meth:`Buffer.declare`,
+    :class:`Declarer`) store the normal form: ``[1, 2]`` and ``(1, 2)`` are
+    one key, and (as for any stable keys, see :func:`is_stable_key`) so are
+    ``[1]`` and ``(True,)``.
+    """
+    if type(key) in _SCALARS:
+        return key  # type: ignore[return-value]  # one of the scalar types
+    out: StableKey | None
+    if type(key) is tuple:
+        found = _scan(key)
+        if found == _PLAIN:
+            return key
+        if found == _LISTS:
+            out = _tupleize(key)
+            if out is not None:
+                return out
+    elif type(key) is list:
+        out = _tupleize(key)
+        if out is not None:
+            return out
+    raise _key_error(key)
 
 
 class Rejection:
@@ -208,13 +314,15 @@ class Buffer(Generic[K, V]):
     def declare(self, key: K, value: V) -> None:
         """Buffer ``key -> value``.
 
-        Raises ``TypeError`` for a key that is not stable and
+        The key is stored in its normal form (:func:`normalize_key`: lists
+        become tuples).  Raises ``TypeError`` for a key that is not stable and
         :class:`DuplicateDeclarationError` for a key already declared into
-        this buffer; either way the buffer is unchanged.
+        this buffer (``[1, 2]`` after ``(1, 2)``, or ``True`` after ``1``, is
+        the same key); either way the buffer is unchanged.
         """
         decls = self._decls
-        if type(key) not in _SCALARS and not is_stable_key(key):
-            check_key(key)
+        if type(key) not in _SCALARS:
+            key = normalize_key(key)  # type: ignore[assignment]
         if key in decls:
             raise DuplicateDeclarationError(key, self.owner, self.table.name)
         decls[key] = value

@@ -4,9 +4,16 @@ catches the other's errors too)."""
 
 from __future__ import annotations
 
+import reprlib
+import uuid
 from typing import Final
 
-__all__ = ["DuplicateDeclarationError", "LiveMapError", "Symbol"]
+__all__ = ["MAX_KEY_DEPTH", "DuplicateDeclarationError", "LiveMapError", "Symbol"]
+
+MAX_KEY_DEPTH: Final = 64
+"""How deep a stable key may nest: at most this many tuples (or lists) inside
+one another.  ``1`` has depth 0, ``(1,)`` and ``[1]`` depth 1, ``((1,),)``
+depth 2; a key nested deeper is not a stable key."""
 
 
 class Symbol:
@@ -79,3 +86,63 @@ class DuplicateDeclarationError(LiveMapError, ValueError):
         self.key = key
         self.owner = owner
         self.target = target
+
+
+# -- what both cores say about keys that are not stable --------------------------------
+#
+# Only the error paths use these; the cores decide on their own (fast) whether
+# a key is stable, and call :func:`_key_error` for the exception to raise.
+
+_SCALARS: Final[frozenset[type]] = frozenset({type(None), bool, int, str, bytes, uuid.UUID, Symbol})
+"""The exact types of the scalar stable keys."""
+
+_KEY_HELP: Final = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
+    f"of these nested at most {MAX_KEY_DEPTH} levels deep"
+)
+
+_short = reprlib.Repr()
+_short.maxlevel = 4
+_short.maxstring = 40
+_short.maxother = 40
+
+
+def _key_repr(key: object) -> str:
+    # A key too deep for repr() (a RecursionError) is shown cut short.
+    try:
+        return repr(key)
+    except RecursionError:
+        return _short.repr(key)
+
+
+def _key_error(key: object) -> TypeError:
+    """The ``TypeError`` for ``key``, which is not a stable key.
+
+    The key is walked depth first, left to right, and the first problem met is
+    the one reported: a part nested more than :data:`MAX_KEY_DEPTH` levels
+    deep, or a part that is not a stable key.  The walk never goes deeper than
+    the limit (so a list that contains itself is simply too deep).
+    """
+    if type(key) is tuple or type(key) is list:
+        stack = [iter(key)]
+        while stack:
+            for part in stack[-1]:
+                t = type(part)
+                if t in _SCALARS:
+                    continue
+                if t is tuple or t is list:
+                    if len(stack) >= MAX_KEY_DEPTH:
+                        return TypeError(
+                            f"{_short.repr(key)} ({type(key).__name__}) is not a stable key: "
+                            f"it is nested at least {MAX_KEY_DEPTH + 1} levels deep, and a "
+                            f"stable key nests tuples or lists at most MAX_KEY_DEPTH = "
+                            f"{MAX_KEY_DEPTH} levels deep"
+                        )
+                    stack.append(iter(part))
+                    break
+                return TypeError(
+                    f"{_key_repr(key)} ({type(key).__name__}) is not a stable key: {_KEY_HELP}"
+                )
+            else:
+                stack.pop()
+    return TypeError(f"{_key_repr(key)} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")

@@ -306,18 +306,18 @@ def _duplicate_target_key(w: World) -> None:
 
 CASES = [
     # a non-stable key: TypeError at the call, naming the key
-    Case("key-list", "producer", TypeError, ("[1, 2]",), declare([1, 2])),
+    Case("key-list", "producer", TypeError, ("[1, 2.5]",), declare([1, 2.5])),
     Case("key-dict", "producer", TypeError, ("{'x': 1}",), declare({"x": 1})),
     Case("key-float", "producer", TypeError, ("1.5",), declare(1.5)),
     Case("key-object", "producer", TypeError, ("<Unstable key>",), declare(Unstable())),
-    Case("key-nested", "producer", TypeError, ("('k', [3])",), declare(("k", [3]))),
+    Case("key-nested", "producer", TypeError, ("('k', [3.5])",), declare(("k", [3.5]))),
     Case("key-str-subclass", "producer", TypeError, ("'sub'", "StrKey"), declare(StrKey("sub"))),
     Case(
         "target-key-list",
         "producer",
         TypeError,
-        ("['t']",),
-        lambda w: w.owned.target.declare(["t"], 1),
+        ("['t', 1.5]",),
+        lambda w: w.owned.target.declare(["t", 1.5], 1),
     ),
     Case("subpath-float", "producer", TypeError, ("1.5",), _mount_under_unstable_subpath),
     # a call outside any component: NotInComponentError naming the call

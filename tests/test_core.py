@@ -12,7 +12,10 @@ from _cores import core_fixture  # noqa: F401  (the ``core`` fixture)
 
 from livemap_core._shared import DuplicateDeclarationError, Symbol
 
-KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+KEY_HELP = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
+    "of these nested at most 64 levels deep"
+)
 
 
 class StrSub(str):
@@ -24,6 +27,10 @@ class IntSub(int):
 
 
 class TupleSub(tuple):  # type: ignore[type-arg]
+    pass
+
+
+class ListSub(list):  # type: ignore[type-arg]
     pass
 
 
@@ -117,7 +124,7 @@ STABLE_KEYS = [
 UNSTABLE_KEYS = [
     1.5,
     float("nan"),
-    [1],
+    [1.5],  # a list is a stable key when its parts are (tests/test_keys.py)
     {"a": 1},
     {1},
     frozenset({1}),
@@ -125,9 +132,10 @@ UNSTABLE_KEYS = [
     StrSub("a"),
     IntSub(1),
     TupleSub((1,)),
+    ListSub([1]),
     Point(1, 2),
     bytearray(b"x"),
-    (1, [2]),
+    (1, [2.0]),
     ("a", (1, (2.0,))),
     (1, StrSub("x")),
     1j,
@@ -156,6 +164,7 @@ def as_dict(table: Any) -> dict[Any, Any]:
 def test_constants(core: ModuleType) -> None:
     assert core.CONFLICT == "conflict"
     assert core.EQ_ERROR == "eq_error"
+    assert core.MAX_KEY_DEPTH == 64
 
 
 def test_generic_subscription(core: ModuleType) -> None:
@@ -193,6 +202,7 @@ def test_no_instance_dict(core: ModuleType) -> None:
 def test_stable_keys(core: ModuleType, key: object) -> None:
     assert core.is_stable_key(key) is True
     assert core.check_key(key) is None
+    assert core.normalize_key(key) is key
     table = core.Table()
     result = commit(table, "o", [(key, "v")])
     assert result.upserts == [(key, "v")]
@@ -200,12 +210,14 @@ def test_stable_keys(core: ModuleType, key: object) -> None:
 
 
 def test_deeply_nested_tuple_key(core: ModuleType) -> None:
-    key = deep_tuple(5_000)
+    # deep_tuple(n) nests n + 1 tuples; the limit and beyond: tests/test_keys.py
+    key = deep_tuple(core.MAX_KEY_DEPTH - 1)
     assert core.is_stable_key(key) is True
     core.check_key(key)
     buf = core.Table().buffer("o")
     buf.declare(key, 1)
     assert len(buf) == 1
+    assert core.is_stable_key(deep_tuple(core.MAX_KEY_DEPTH)) is False
     assert core.is_stable_key((deep_tuple(5_000), 1.5)) is False
 
 
@@ -215,6 +227,9 @@ def test_unstable_keys(core: ModuleType, key: object) -> None:
     message = f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}"
     with pytest.raises(TypeError) as info:
         core.check_key(key)
+    assert str(info.value) == message
+    with pytest.raises(TypeError) as info:
+        core.normalize_key(key)
     assert str(info.value) == message
     buf = core.Table().buffer("o")
     buf.declare("before", 1)
@@ -1024,8 +1039,8 @@ def test_declarer_buffers_into_the_current_run(core: ModuleType) -> None:
         declare(("b", 2), [2])
         with pytest.raises(core_dup_error()):
             declare("a", 3)
-        with pytest.raises(TypeError, match=r"\[1\]"):
-            declare([1], 1)
+        with pytest.raises(TypeError, match=r"\[1\.5\]"):
+            declare([1.5], 1)
         assert run.buffers is not None
         buffer = run.buffers[target]
         assert buffer.owner == "owner-1" and buffer.table is table

@@ -20,6 +20,7 @@ from livemap_core import _shared
 CORE_NAMES = [
     "CONFLICT",
     "EQ_ERROR",
+    "MAX_KEY_DEPTH",
     "Buffer",
     "Commit",
     "Declarer",
@@ -28,6 +29,7 @@ CORE_NAMES = [
     "TableStats",
     "check_key",
     "is_stable_key",
+    "normalize_key",
 ]
 
 

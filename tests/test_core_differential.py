@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import uuid
 from types import ModuleType
 from typing import Any
@@ -47,7 +48,20 @@ PROFILE = settings.get_profile(
 
 CONFLICT = "conflict"
 EQ_ERROR = "eq_error"
-KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a tuple of these"
+KEY_HELP = (
+    "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol, or a tuple or list "
+    "of these nested at most 64 levels deep"
+)
+MAX_DEPTH = 64
+TOO_DEEP = (
+    "is not a stable key: it is nested at least 65 levels deep, and a stable key "
+    "nests tuples or lists at most MAX_KEY_DEPTH = 64 levels deep"
+)
+# how a key too deep is shown: reprlib's short form
+SHORT = reprlib.Repr()
+SHORT.maxlevel = 4
+SHORT.maxstring = 40
+SHORT.maxother = 40
 
 
 # -- the pools operations draw from ------------------------------------------------
@@ -55,6 +69,26 @@ KEY_HELP = "a stable key is None, bool, int, str, bytes, uuid.UUID, Symbol or a 
 
 class StrSub(str):
     pass
+
+
+def nest(depth: int, leaf: Any = "leaf", kind: type = tuple) -> Any:
+    """``leaf`` inside ``depth`` tuples (or lists)."""
+    key = leaf
+    for _ in range(depth):
+        key = kind((key,))
+    return key
+
+
+def mixed_nest(kinds: list[bool], leaf: Any) -> Any:
+    """``leaf`` inside one list (True) or tuple (False) per item of ``kinds``."""
+    key = leaf
+    for is_list in kinds:
+        key = [key] if is_list else (key,)
+    return key
+
+
+CYCLE: list[Any] = ["c"]
+CYCLE.append(CYCLE)
 
 
 GOOD_KEYS: list[Any] = [
@@ -73,8 +107,31 @@ GOOD_KEYS: list[Any] = [
     (True, "a"),  # == (1, "a")
     ("n", (None, (Symbol("s"), b"x"))),
     (),
+    # lists: each the same key as its tuple
+    [1, "a"],  # == (1, "a")
+    ["n", [None, [Symbol("s"), b"x"]]],  # == ("n", (None, (Symbol("s"), b"x")))
+    [],  # == ()
+    [1],
+    (1, ("x", [0])),
+    # at the depth limit
+    nest(64),
+    nest(64, kind=list),  # == nest(64)
+    nest(62, leaf=[1, [2]]),  # [2] is the 64th container
 ]
-BAD_KEYS: list[Any] = [1.5, [1], ("a", 2.5), StrSub("a"), object(), (1, ("x", [0]))]
+BAD_KEYS: list[Any] = [
+    1.5,
+    ("a", 2.5),
+    StrSub("a"),
+    object(),
+    [1.5],
+    ("k", [{"x"}]),
+    nest(65),
+    nest(65, kind=list),
+    nest(63, leaf=[1, [2]]),  # [2] is the 65th
+    (nest(66), 1.5),  # too deep first
+    (1.5, nest(66)),  # a bad part first
+    CYCLE,
+]
 KEYS = GOOD_KEYS + BAD_KEYS
 
 
@@ -178,12 +235,34 @@ value_specs = st.one_of(
 )
 owner_ids = st.integers(0, N_OWNERS - 1)
 key_ids = st.integers(0, len(KEYS) - 1)
+# Keys drawn whole: lists and tuples of scalars (now and then a bad part),
+# nested; and keys nested about as deep as the limit, each level a list or a
+# tuple.
+scalar_keys = st.sampled_from(
+    [0, 1, True, False, None, "a", "b", b"a", Symbol("a"), uuid.UUID(int=7)]
+)
+bad_parts = st.sampled_from([1.5, StrSub("a"), frozenset()])
+nested_keys = st.recursive(
+    st.one_of(scalar_keys, scalar_keys, scalar_keys, bad_parts),
+    lambda parts: st.one_of(st.lists(parts, max_size=3), st.lists(parts, max_size=3).map(tuple)),
+    max_leaves=6,
+)
+deep_keys = st.builds(
+    mixed_nest,
+    st.integers(MAX_DEPTH - 3, MAX_DEPTH + 3).flatmap(
+        lambda n: st.lists(st.booleans(), min_size=n, max_size=n)
+    ),
+    st.one_of(scalar_keys, st.lists(scalar_keys, max_size=2), bad_parts),
+)
+drawn_keys = st.one_of(nested_keys, nested_keys, deep_keys)
 # Edits turning an owner's previous run into its next one (see materialise()).
 edits = st.lists(
     st.one_of(
         st.tuples(st.just("drop"), st.integers(0, 63)),
         st.tuples(st.just("move"), st.integers(0, 63), st.integers(0, 63)),
         st.tuples(st.just("insert"), st.integers(0, 63), st.integers(0, 99)),
+        # the same key spelled as a list: a duplicate of the tuple, if there
+        st.tuples(st.just("insert-list"), st.integers(0, 63), st.integers(0, 99)),
         st.tuples(st.just("change"), st.integers(0, 63), value_specs),
     ),
     max_size=6,
@@ -204,6 +283,14 @@ ops = st.one_of(
     st.tuples(st.just("release"), owner_ids),
     st.tuples(st.just("revert"), st.integers(0, 2)),
     st.tuples(st.just("check"), key_ids),
+    # the same with keys drawn whole (see drawn_keys)
+    st.tuples(st.just("declare-drawn"), owner_ids, drawn_keys, value_specs),
+    st.tuples(
+        st.just("run-drawn"),
+        owner_ids,
+        st.lists(st.tuples(drawn_keys, value_specs), max_size=6),
+    ),
+    st.tuples(st.just("check-drawn"), drawn_keys),
 )
 
 
@@ -226,6 +313,14 @@ class Driver:
             pairs = [(KEYS[k], make_value(spec, self.shared)) for k, spec in op[2]]
             self.last_run[op[1]] = pairs
             return ("run", op[1], pairs)
+        if name == "declare-drawn":
+            return ("declare", op[1], op[2], make_value(op[3], self.shared))
+        if name == "check-drawn":
+            return ("check", op[1])
+        if name == "run-drawn":
+            pairs = [(key, make_value(spec, self.shared)) for key, spec in op[2]]
+            self.last_run[op[1]] = pairs
+            return ("run", op[1], pairs)
         if name == "rerun":
             pairs = self.edit(list(self.last_run.get(op[1], [])), op[2])
             self.last_run[op[1]] = pairs
@@ -237,8 +332,10 @@ class Driver:
             pairs = [((k // 8, k), k % 3) for k in range(40)]
         for step in steps:
             kind, at = step[0], step[1] % (len(pairs) + 1)
-            if kind == "insert":
-                key = (step[2] // 8, step[2])
+            if kind in ("insert", "insert-list"):
+                key: Any = (step[2] // 8, step[2])
+                if kind == "insert-list":
+                    key = list(key)
                 if all(k != key for k, _ in pairs):
                     pairs.insert(at, (key, step[2] % 3))
             elif not pairs or at == len(pairs):
@@ -256,9 +353,10 @@ class Driver:
 
 
 def tk(key: Any) -> Any:
-    """A typed form of a key: ``1`` and ``True`` are one dict key but differ here."""
-    if type(key) is tuple:
-        return ("tuple", tuple(tk(part) for part in key))
+    """A typed form of a key: ``1`` and ``True`` are one dict key but differ
+    here, and so do a tuple and a list."""
+    if type(key) in (tuple, list):
+        return (type(key).__name__, tuple(tk(part) for part in key))
     return (type(key).__name__, key)
 
 
@@ -269,10 +367,45 @@ def exc_form(exc: BaseException) -> tuple[str, str]:
 # -- the model --------------------------------------------------------------------
 
 
-def model_is_stable(key: Any) -> bool:
+def model_problem(key: Any, around: int = 0) -> str | None:
+    """The first problem met walking ``key`` depth first, left to right
+    (``around`` containers enclose it): ``"deep"`` for a tuple or list that is
+    the 65th container, ``"bad"`` for a part that is not a stable key; None
+    for a stable key."""
     if key is None or type(key) in (bool, int, str, bytes, uuid.UUID, Symbol):
+        return None
+    if type(key) not in (tuple, list):
+        return "bad"
+    if around == MAX_DEPTH:
+        return "deep"
+    for part in key:
+        problem = model_problem(part, around + 1)
+        if problem is not None:
+            return problem
+    return None
+
+
+def model_is_stable(key: Any) -> bool:
+    return model_problem(key) is None
+
+
+def model_normal(key: Any) -> Any:
+    """A stable key with every list a tuple."""
+    if type(key) in (tuple, list):
+        return tuple(model_normal(part) for part in key)
+    return key
+
+
+def model_has_list(key: Any) -> bool:
+    if type(key) is list:
         return True
-    return type(key) is tuple and all(model_is_stable(part) for part in key)
+    return type(key) is tuple and any(model_has_list(part) for part in key)
+
+
+def model_key_error(key: Any) -> TypeError:
+    if model_problem(key) == "deep":
+        return TypeError(f"{SHORT.repr(key)} ({type(key).__name__}) {TOO_DEEP}")
+    return TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
 
 
 class Model:
@@ -296,10 +429,11 @@ class Model:
 
     def check(self, key: Any) -> None:
         if not model_is_stable(key):
-            raise TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
+            raise model_key_error(key)
 
     def declare(self, owner: int, owner_obj: object, key: Any, value: Any) -> None:
         self.check(key)
+        key = model_normal(key)
         buf = self.buffers.setdefault(owner, {})
         if key in buf:
             raise DuplicateDeclarationError(key, owner_obj, self.name)
@@ -393,6 +527,11 @@ class Model:
         self.history[index][2] = True
 
 
+NORMAL_GOOD_KEYS = [model_normal(key) for key in GOOD_KEYS]
+"""The good keys as tables hold them (a list is not hashable: it cannot be
+looked up)."""
+
+
 # -- driving the cores and the model ----------------------------------------------------
 
 
@@ -464,9 +603,20 @@ class CoreRun:
                 assert type(stable) is bool
                 if stable:
                     assert self.core.check_key(key) is None
+                    normal = self.core.normalize_key(key)
+                    return ("checked", True, tk(normal), normal is key)
+                try:
+                    self.core.normalize_key(key)
+                except TypeError as exc:
+                    rejected = exc_form(exc)
                 else:
+                    raise AssertionError(f"normalize_key accepted {key!r}")
+                try:
                     self.core.check_key(key)
-                return ("checked", stable)
+                except TypeError as exc:
+                    assert exc_form(exc) == rejected
+                    raise
+                raise AssertionError(f"check_key accepted {key!r}")
         except (Exception, Interrupt) as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
@@ -476,7 +626,7 @@ class CoreRun:
         items = [(tk(k), id(v)) for k, v in t.items()]
         assert len(t) == len(items)
         per_key = []
-        for key in GOOD_KEYS:
+        for key in NORMAL_GOOD_KEYS:
             holder = t.owner_of(key, "-")
             per_key.append(
                 (
@@ -536,10 +686,8 @@ class ModelRun:
                 return ("ok",)
             if name == "check":
                 key = op[1]
-                stable = model_is_stable(key)
-                if not stable:
-                    m.check(key)
-                return ("checked", stable)
+                m.check(key)
+                return ("checked", True, tk(model_normal(key)), not model_has_list(key))
         except (Exception, Interrupt) as exc:
             return ("raised", exc_form(exc))
         raise AssertionError(op)
@@ -548,7 +696,7 @@ class ModelRun:
         m = self.model
         items = [(tk(k), id(v)) for k, (_, v) in m.entries.items()]
         per_key = []
-        for key in GOOD_KEYS:
+        for key in NORMAL_GOOD_KEYS:
             present = key in m.entries
             per_key.append(
                 (

@@ -388,7 +388,7 @@ async def test_unstable_key_is_type_error_naming_key() -> None:
 
     @coco.fn
     async def produce(lm: LiveMap[Any, int]) -> None:
-        for bad in ([1], {"a": 1}, 1.5, object()):
+        for bad in ([1.5], {"a": 1}, 1.5, object()):
             try:
                 lm.declare_entry(bad, 1)
             except TypeError as exc:
@@ -402,7 +402,7 @@ async def test_unstable_key_is_type_error_naming_key() -> None:
 
     await run_app(coco.App("t", main))
     assert len(caught) == 4
-    assert "[1]" in str(caught[0]) and "{'a': 1}" in str(caught[1]) and "1.5" in str(caught[2])
+    assert "[1.5]" in str(caught[0]) and "{'a': 1}" in str(caught[1]) and "1.5" in str(caught[2])
 
 
 class RaisingEq:
@@ -1162,7 +1162,7 @@ async def test_operator_subpath_must_be_stable() -> None:
             pass
 
         async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            for bad in (1.5, ("a", [1])):
+            for bad in (1.5, ("a", [1.5])):
                 try:
                     await op.update(bad, leaf)  # type: ignore[arg-type]
                 except TypeError as exc:
@@ -1174,7 +1174,7 @@ async def test_operator_subpath_must_be_stable() -> None:
 
     await run_app(coco.App("t", main))
     assert len(errors) == 2
-    assert "1.5" in str(errors[0]) and "[1]" in str(errors[1])
+    assert "1.5" in str(errors[0]) and "[1.5]" in str(errors[1])
 
 
 async def test_second_live_update_in_async_with_raises() -> None:

@@ -567,12 +567,12 @@ async def test_mount_each_rejects_unstable_key() -> None:
     @coco.fn
     async def main() -> None:
         async with coco.exception_handler(rec):
-            await coco.mount_each(each, [([1, 2], "x")])
+            await coco.mount_each(each, [([1, 2.5], "x")])
 
     await run_app(coco.App("t", main))
     [(exc, ctx)] = rec.calls
     assert isinstance(exc, TypeError)
-    assert "[1, 2]" in str(exc)
+    assert "[1, 2.5]" in str(exc)
     assert ctx.mount_kind == "mount_each"
 
 

@@ -30,7 +30,7 @@ from livemap._feed._protocols import (
     RetryPolicy,
     is_feed,
 )
-from livemap._paths import ComponentSubpath, StableKey, check_key, prefix_var
+from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
     EMPTY_KWARGS,
@@ -974,5 +974,4 @@ def _pair(pair: Any) -> tuple[StableKey, Any]:
         raise TypeError(
             f"mount_each(): each item must be a (key, value) pair, got {pair!r}"
         ) from None
-    check_key(key)
-    return key, value
+    return normalize_key(key), value

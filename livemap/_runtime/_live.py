@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 import anyio
 
-from livemap._paths import ComponentSubpath, StableKey, StablePath, check_key
+from livemap._paths import ComponentSubpath, StableKey, StablePath, normalize_key
 from livemap._runtime._args import child_path
 from livemap._runtime._component import Component, ComponentMountHandle
 from livemap._runtime._context import handler_chain, handlers_var
@@ -68,13 +68,13 @@ class ReadyHandle:
         return None
 
 
-def _subpath(subpath: StableKey | ComponentSubpath | StablePath) -> StablePath:
+def _subpath(subpath: StableKey | ComponentSubpath | StablePath | list[Any]) -> StablePath:
     if isinstance(subpath, ComponentSubpath):
         return subpath.parts
+    if type(subpath) is list:  # a list is the equal tuple: a path of parts
+        subpath = normalize_key(subpath)
     parts = subpath if type(subpath) is tuple else (subpath,)
-    for part in parts:
-        check_key(part)
-    return parts
+    return tuple(normalize_key(part) for part in parts)
 
 
 class LiveComponentOperator:
