@@ -71,7 +71,15 @@ class PureBuildWarning(UserWarning):
 _pure_reason: str | None = None
 
 
-def _announce_pure(reason: str) -> None:
+FALLBACK_ADVICE = (
+    "To get the compiled core, install a C compiler and the Python headers, then "
+    "reinstall without pip's cached wheel (pip install --no-cache-dir "
+    "--force-reinstall livemap); LIVEMAP_REQUIRE_EXTENSIONS=1 makes a failed "
+    "build an error."
+)
+
+
+def _announce_pure(reason: str, advice: str = FALLBACK_ADVICE) -> None:
     """Record that the build is pure and say why, once per build."""
     global _pure_reason
     if _pure_reason is not None:
@@ -81,11 +89,8 @@ def _announce_pure(reason: str) -> None:
         f"livemap: the compiled core (livemap_core._core) is not built: {reason}. "
         "This is a pure-Python build (a py3-none-any wheel): livemap works the "
         "same on its pure-Python core, only slower (livemap_core.IMPLEMENTATION "
-        'is "python"). To get the compiled core, install a C compiler and the '
-        "Python headers, then reinstall without pip's cached wheel "
-        "(pip install --no-cache-dir --force-reinstall livemap); "
-        "LIVEMAP_REQUIRE_EXTENSIONS=1 makes a failed build an error."
-    )
+        f'is "python"). {advice}'
+    ).rstrip()
     # pip shows a build backend's warnings when it builds a directory (a
     # clone), but an sdist's only with -vv, while it shows the build's output
     # with -v; build and cibuildwheel show both.  So: a warning in a clone, a
@@ -146,12 +151,13 @@ class OptionalBuildExt(build_ext):
 
 
 def _announce_if_pure(dist: Distribution) -> None:
-    if not dist.has_ext_modules():
-        _announce_pure(
-            f"{sys.implementation.name} has no use for it"
-            if NOT_CPYTHON
-            else "LIVEMAP_NO_EXTENSIONS is set"
-        )
+    """Say so when the build was pure from the start (asked for, or not CPython)."""
+    if dist.has_ext_modules():
+        return
+    if NOT_CPYTHON:
+        _announce_pure(f"{sys.implementation.name} has no use for it", "")
+    else:
+        _announce_pure("LIVEMAP_NO_EXTENSIONS is set", "Unset it to build the compiled core.")
 
 
 class BdistWheel(bdist_wheel):
