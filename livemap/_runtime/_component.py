@@ -510,6 +510,12 @@ class Component:
                         if not live:
                             self.set_self_ready(True)
                         return result
+                    if run.mounted and (run.buffers or self.targets):
+                        # CocoIndex's submit order: the children this run
+                        # mounted are ready before its own declarations commit
+                        await self._wait_mounted(run)
+                        if gen != self.generation or not self.alive:
+                            return result
                     error = await self._commit(run, gen, live)
                     if error is None:
                         return result
@@ -580,6 +586,12 @@ class Component:
         if escalated is not None:
             self.escalated = escalated
             self.session.escalations = True
+
+    async def _wait_mounted(self, run: Run) -> None:
+        """Wait until every child ``run`` mounted is ready (or unmounted)."""
+        for child in list((run.mounted or {}).values()):
+            if child.unready and child.alive:
+                await child.wait_ready()
 
     async def _commit(self, run: Run, gen: int, live: bool) -> Exception | None:
         """Commit ``run``; returns the first sink failure, if any (the rest of
