@@ -136,7 +136,7 @@ class LiveMap(TargetBase[K, V]):
             self._table,
             self,
             current_run_var,
-            partial(NotInComponentError, "LiveMap.declare_entry()"),
+            partial(NotInComponentError, "LiveMap.declare_entry()", target=self.name),
             partial(MapRetiredError, self.name),
             doc=_DECLARE_ENTRY,
         )

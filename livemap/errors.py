@@ -29,14 +29,27 @@ __all__ = [
 class NotInComponentError(LiveMapError, RuntimeError):
     """A call that needs a running component (``declare_entry``, ``mount``,
     ``mount_each``, ``use_mount``, ``LiveMap.create()``, ``declare``) was made
-    outside one."""
+    outside one, or from a task or thread that outlived the run it was
+    started in (``ended`` then names that run: its ``str()`` is the
+    component's path; ``target`` the map or target declared into)."""
 
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"{what} must be called inside a component run (an app's main function or a "
-            "function mounted from it)"
-        )
+    def __init__(self, what: str, ended: object = None, *, target: str | None = None) -> None:
+        if ended is None:
+            message = (
+                f"{what} must be called inside a component run (an app's main function or a "
+                "function mounted from it)"
+            )
+        else:
+            into = "" if target is None else f" into {target}"
+            message = (
+                f"{what}{into} was called from a task or thread that outlived its component "
+                f"run (component {ended}): that run has ended and committed; the declaration "
+                "was not made"
+            )
+        super().__init__(message)
         self.what = what
+        self.ended = ended
+        self.target = target
 
 
 class KeyConflictError(LiveMapError):

@@ -429,7 +429,9 @@ cdef class Declarer:
     ``ContextVar`` whose value is ``None`` outside a run, else the run: an
     object with an ``owner`` (the declaring owner) and a writable ``buffers``
     (``None``, or a dict mapping ``target`` to that run's :class:`Buffer` of
-    ``table``).  Outside a run the call raises ``missing()``; once ``closed``
+    ``table``).  Outside a run the call raises ``missing()``; when the run's
+    ``buffers`` is neither ``None`` nor a dict (the marker the runtime leaves
+    there once the run has ended), ``missing(marker)``; once ``closed``
     is set it raises ``closed_error()``.  Otherwise it behaves like
     :meth:`Buffer.declare` on the run's buffer, made on first use.
     """
@@ -466,8 +468,10 @@ cdef class Declarer:
         if found is None:
             buffers = {}
             run.buffers = buffers
+        elif type(found) is not dict:  # the run has ended: its marker
+            raise self._missing(found)
         else:
-            buffers = <dict?>found
+            buffers = <dict>found
         hit = PyDict_GetItemWithError(buffers, self.target)
         if hit == NULL:
             buf = Buffer.__new__(Buffer)

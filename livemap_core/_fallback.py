@@ -344,7 +344,9 @@ class Declarer(Generic[K, V]):
     ``ContextVar`` whose value is ``None`` outside a run, else the run: an
     object with an ``owner`` (the declaring owner) and a writable ``buffers``
     (``None``, or a dict mapping ``target`` to that run's :class:`Buffer` of
-    ``table``).  Outside a run the call raises ``missing()``; once ``closed``
+    ``table``).  Outside a run the call raises ``missing()``; when the run's
+    ``buffers`` is neither ``None`` nor a dict (the marker the runtime leaves
+    there once the run has ended), ``missing(marker)``; once ``closed``
     is set it raises ``closed_error()``.  Otherwise it behaves like
     :meth:`Buffer.declare` on the run's buffer, made on first use.
     """
@@ -375,6 +377,8 @@ class Declarer(Generic[K, V]):
         buffers = run.buffers
         if buffers is None:
             buffers = run.buffers = {}
+        elif type(buffers) is not dict:  # the run has ended: its marker
+            raise self._missing(buffers)
         buffer = buffers.get(self.target)
         if buffer is None:
             buffer = buffers[self.target] = Buffer(self.table, run.owner)

@@ -32,7 +32,7 @@ from livemap._runtime._context import (
     processor_name,
 )
 from livemap._runtime._functions import Function, is_async
-from livemap._runtime._hosting import RetiredWithRun, Target, current_run_var
+from livemap._runtime._hosting import RetiredWithRun, RunEnded, Target, current_run_var
 from livemap._runtime._session import AppRun, Session
 from livemap.errors import DuplicatePathError, NotInComponentError
 
@@ -63,7 +63,7 @@ class Run:
     def __init__(self, component: Component) -> None:
         self.component = component
         self.owner = component
-        self.buffers: dict[Target, Any] | None = None
+        self.buffers: dict[Target, Any] | RunEnded | None = None
         self.mounted: dict[StablePath, Component] | None = None
         self.created: list[RetiredWithRun] | None = None
 
@@ -479,6 +479,7 @@ class Component:
                     if type(result) is CoroutineType or inspect.isawaitable(result):
                         result = await result
                 except anyio.get_cancelled_exc_class():
+                    run.buffers = RunEnded(self)  # cancelled: it commits nothing
                     raise
                 except Exception as exc:
                     error = exc
@@ -490,79 +491,83 @@ class Component:
                         handlers_var.reset(t_handlers)
                     if t_prefix is not None:
                         prefix_var.reset(t_prefix)
-            current = gen == self.generation and self.alive
-            if error is None:
-                if current:
-                    if (
-                        run.buffers is None
-                        and run.created is None
-                        and self.targets is None
-                        and self.created is None
-                        and not self.children
-                    ):
-                        # nothing to commit: the common case of a leaf
-                        parent = self.parent
-                        host = None if parent is None else parent.host
-                        if host is not None:
-                            if not live and host.rest(self):
-                                return result
-                            host.outcome(self, None)
-                        if not live:
-                            self.set_self_ready(True)
-                        return result
-                    if run.mounted and (run.buffers or self.targets):
-                        # CocoIndex's submit order: the children this run
-                        # mounted are ready before its own declarations commit
-                        await self._wait_mounted(run)
-                        if gen != self.generation or not self.alive:
+            try:
+                current = gen == self.generation and self.alive
+                if error is None:
+                    if current:
+                        if (
+                            run.buffers is None
+                            and run.created is None
+                            and self.targets is None
+                            and self.created is None
+                            and not self.children
+                        ):
+                            # nothing to commit: the common case of a leaf
+                            parent = self.parent
+                            host = None if parent is None else parent.host
+                            if host is not None:
+                                if not live and host.rest(self):
+                                    return result
+                                host.outcome(self, None)
+                            if not live:
+                                self.set_self_ready(True)
                             return result
-                    error = await self._commit(run, gen, live)
-                    if error is None:
+                        if run.mounted and (run.buffers or self.targets):
+                            # CocoIndex's submit order: the children this run
+                            # mounted are ready before its own declarations commit
+                            await self._wait_mounted(run)
+                            if gen != self.generation or not self.alive:
+                                return result
+                        error = await self._commit(run, gen, live)
+                        if error is None:
+                            return result
+                        # a sink failed: the run counts as failed (and may be retried)
+                        current = gen == self.generation and self.alive
+                    else:
                         return result
-                    # a sink failed: the run counts as failed (and may be retried)
-                    current = gen == self.generation and self.alive
-                else:
-                    return result
-            elif current and run.created:
-                # What a failed run created stays this component's until its
-                # next successful commit retires it with the older ones: the
-                # children it mounted before raising may already use it.
-                self.created = [*(self.created or ()), *run.created]
-            if not current:
-                if raise_errors:
-                    raise error
-                return None
-            app_run = self.session.active
-            parent = self.parent
-            host = None if parent is None else parent.host
-            delay = None
-            if not raise_errors and host is not None:
-                delay = host.retry_delay(failures + 1)
-            if delay is not None:
-                failures += 1
-                if app_run is not None:
-                    app_run.stats.retries += 1
-                self.backing_off = True  # a newer value may cut the wait short
-                try:
-                    await anyio.sleep(delay)
-                finally:
-                    self.backing_off = False
-                if gen != self.generation or not self.alive:
+                elif current and run.created:
+                    # What a failed run created stays this component's until its
+                    # next successful commit retires it with the older ones: the
+                    # children it mounted before raising may already use it.
+                    self.created = [*(self.created or ()), *run.created]
+                if not current:
+                    if raise_errors:
+                        raise error
                     return None
-                continue
-            self.exception = error
-            if app_run is not None:
-                app_run.stats.components_failed += 1
-            if host is not None:
-                host.outcome(self, error)
-            if raise_errors:
-                if not live:
+                app_run = self.session.active
+                parent = self.parent
+                host = None if parent is None else parent.host
+                delay = None
+                if not raise_errors and host is not None:
+                    delay = host.retry_delay(failures + 1)
+                if delay is not None:
+                    failures += 1
+                    if app_run is not None:
+                        app_run.stats.retries += 1
+                    self.backing_off = True  # a newer value may cut the wait short
+                    try:
+                        await anyio.sleep(delay)
+                    finally:
+                        self.backing_off = False
+                    if gen != self.generation or not self.alive:
+                        return None
+                    continue
+                self.exception = error
+                if app_run is not None:
+                    app_run.stats.components_failed += 1
+                if host is not None:
+                    host.outcome(self, error)
+                if raise_errors:
+                    if not live:
+                        self.set_self_ready(True)
+                    raise error
+                await self.report(error, kind)
+                if not live and gen == self.generation and self.alive:
                     self.set_self_ready(True)
-                raise error
-            await self.report(error, kind)
-            if not live and gen == self.generation and self.alive:
-                self.set_self_ready(True)
-            return None
+                return None
+            finally:
+                # a declaration reaching this run from now on raises
+                run.buffers = RunEnded(self)
 
     def leave_at_rest(self) -> None:
         """Leave the tree as a child at rest (see :meth:`ChildHost.rest`): the
@@ -596,7 +601,7 @@ class Component:
     async def _commit(self, run: Run, gen: int, live: bool) -> Exception | None:
         """Commit ``run``; returns the first sink failure, if any (the rest of
         the commit still happens, and the component is then left unready)."""
-        buffers = run.buffers or {}
+        buffers = run.buffers if isinstance(run.buffers, dict) else {}
         previous = self.targets
         error: Exception | None = None
         if buffers or previous:

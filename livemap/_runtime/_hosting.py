@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from livemap._paths import StablePath
 from livemap._runtime._context import MountKind
 
-__all__ = ["Owner", "RetiredWithRun", "RunState", "Target", "current_run_var"]
+__all__ = ["Owner", "RetiredWithRun", "RunEnded", "RunState", "Target", "current_run_var"]
 
 
 class Owner(Protocol):
@@ -44,12 +44,29 @@ class Owner(Protocol):
         ...
 
 
+class RunEnded:
+    """What a run's ``buffers`` become once the run is over.
+
+    A task or a thread that the run started keeps the run in its context; a
+    declaration it makes afterwards finds this marker instead of a dict and
+    raises :class:`~livemap.errors.NotInComponentError` naming the component
+    (its ``str()``), instead of going into a buffer nobody commits."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
+
+    def __str__(self) -> str:
+        return self.owner.path_str
+
+
 class RunState(Protocol):
     """What a declaration needs of the current run: its buffers (one per
     target it declared into, filled by ``livemap_core.Declarer``) and the
     owner its declarations are recorded for."""
 
-    buffers: dict[Any, Any] | None
+    buffers: dict[Any, Any] | RunEnded | None
 
     @property
     def owner(self) -> object: ...

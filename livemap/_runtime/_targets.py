@@ -171,7 +171,7 @@ class KeyedTarget(TargetBase[K, V]):
             self._table,
             self,
             current_run_var,
-            partial(NotInComponentError, f"{name}.declare()"),
+            partial(NotInComponentError, f"{name}.declare()", target=name),
             partial(RuntimeError, f"{name} takes no declarations"),
             doc=_DECLARE,
         )

@@ -1,0 +1,115 @@
+"""A declaration into a run that has ended raises ``NotInComponentError`` at
+the call, naming the map (or target) and the component; it is never
+silently dropped."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from helpers import TIMEOUT, run_app
+
+import livemap as coco
+from livemap import KeyedTarget, LiveMap
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_declaration_from_a_context_copied_in_a_run_raises_after_it() -> None:
+    held: dict[str, Any] = {}
+    target: KeyedTarget[str, int] = KeyedTarget("rows", lambda batch: None)
+
+    @coco.fn
+    async def producer(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+        target.declare("a", 1)
+        held["context"] = contextvars.copy_context()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        held["lm"] = lm
+        await coco.mount(producer, lm)
+
+    await run_app(coco.App("late", main))
+    lm = held["lm"]
+    with pytest.raises(coco.NotInComponentError) as caught:
+        held["context"].run(lm.declare_entry, "b", 2)
+    message = str(caught.value)
+    assert lm.name in message and "/producer" in message
+    with pytest.raises(coco.NotInComponentError, match="rows") as caught_target:
+        held["context"].run(target.declare, "b", 2)
+    assert "/producer" in str(caught_target.value)
+    assert "b" not in lm and "b" not in target
+    assert lm.get("a") == 1
+
+
+async def test_a_thread_started_by_a_run_cannot_declare_after_the_run() -> None:
+    held: dict[str, Any] = {}
+    committed = threading.Event()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def late(lm: LiveMap[str, int]) -> None:
+        committed.wait(TIMEOUT)
+        try:
+            lm.declare_entry("late", 1)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    @coco.fn
+    async def producer(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(late, lm), daemon=True).start()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        held["lm"] = lm
+        h = await coco.mount(producer, lm)
+        await h.ready()
+        committed.set()
+        with anyio.fail_after(TIMEOUT):
+            while not done.is_set():
+                await anyio.sleep(0.001)
+
+    await run_app(coco.App("thread", main))
+    assert len(errors) == 1 and isinstance(errors[0], coco.NotInComponentError)
+    assert "late" not in held["lm"]
+
+
+async def test_a_run_that_is_cancelled_ends_too() -> None:
+    held: dict[str, Any] = {}
+    started = anyio.Event()
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        async def process(self) -> None:
+            held["context"] = contextvars.copy_context()
+            started.set()
+            await anyio.sleep(TIMEOUT)
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            await op.update_full()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        held["lm"] = lm
+        await coco.mount(Producer, lm)
+
+    async with coco.App("cancelled", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await started.wait()
+        del handle  # leaving the block stops the run: the producer's run is cancelled
+    with pytest.raises(coco.NotInComponentError):
+        held["context"].run(held["lm"].declare_entry, "x", 1)
