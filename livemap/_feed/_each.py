@@ -47,7 +47,7 @@ from livemap._runtime._context import (
 )
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
-from livemap._runtime._live import LiveComponentOperator, ReadyHandle
+from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context
 from livemap._runtime._session import AppRun
 
 __all__ = [
@@ -522,12 +522,7 @@ class Pool:
         job: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
-        app_run = child.session.require_run()
-        if self.app_run is not app_run:
-            self._new_run(app_run)
-        self.queue.append((child, gen, job))
-        if self.free <= 0:
-            self._add_worker(app_run)
+        self._enqueue(child.session.require_run(), (child, gen, job))
 
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
@@ -535,9 +530,12 @@ class Pool:
 
     def submit_keyed(self, app_run: AppRun, gen: int, key: Any) -> None:
         """Queue ``host.run_keyed(key, gen)``."""
+        self._enqueue(app_run, (None, gen, key))
+
+    def _enqueue(self, app_run: AppRun, item: tuple[Component | None, int, Any]) -> None:
         if self.app_run is not app_run:
             self._new_run(app_run)
-        self.queue.append((None, gen, key))
+        self.queue.append(item)
         if self.free <= 0:
             self._add_worker(app_run)
 
@@ -835,37 +833,31 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
     """The task of a ``mount_each`` over a feed: configure the host of its
     children, then watch the feed until it ends (its component is ready once
     the initial scan is done and every child it mounted is ready)."""
-    with scope:
-        t_run = current_run_var.set(None)
-        t_handlers = handlers_var.set(comp.handlers)
+    with scope, live_task_context(comp):
+        each = EachLive(*comp.args, **comp.kwargs)
+        options = each.options
+        host = comp.host
+        if not isinstance(host, EachHost):
+            host = comp.host = EachHost(
+                comp, options.concurrency, options.retry, keeps_leaves=True
+            )
+        else:
+            # the same host and pool: runs of the earlier run of this
+            # mount_each that are still winding down hold their keys
+            host.reset()  # runs queued by an earlier run of this mount_each
+            host.retry = options.retry
+            host.pool.resize(options.concurrency)
+        host.configure(each.fn, each.args, each.kwargs, comp.handlers)
+        operator = LiveComponentOperator(comp, each, gen)
+        subscriber = EachSubscriber(operator, comp, gen, each.source)
         try:
-            each = EachLive(*comp.args, **comp.kwargs)
-            options = each.options
-            host = comp.host
-            if not isinstance(host, EachHost):
-                host = comp.host = EachHost(
-                    comp, options.concurrency, options.retry, keeps_leaves=True
-                )
-            else:
-                # the same host and pool: runs of the earlier run of this
-                # mount_each that are still winding down hold their keys
-                host.reset()  # runs queued by an earlier run of this mount_each
-                host.retry = options.retry
-                host.pool.resize(options.concurrency)
-            host.configure(each.fn, each.args, each.kwargs, comp.handlers)
-            operator = LiveComponentOperator(comp, each, gen)
-            subscriber = EachSubscriber(operator, comp, gen, each.source)
-            try:
-                await each.source.watch(subscriber)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:
-                await comp.report(exc, "mount_each")
-            if comp.current(gen):
-                comp.mark_live_ready()
-        finally:
-            current_run_var.reset(t_run)
-            handlers_var.reset(t_handlers)
+            await each.source.watch(subscriber)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            await comp.report(exc, "mount_each")
+        if comp.current(gen):
+            comp.mark_live_ready()
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The

@@ -4,7 +4,8 @@ of a live component's task (:func:`run_live`)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 import anyio
@@ -21,6 +22,7 @@ __all__ = [
     "LiveComponentOperator",
     "ReadyHandle",
     "auto_refresh",
+    "live_task_context",
     "run_live",
 ]
 
@@ -209,38 +211,46 @@ def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, Liv
     return AutoRefresh
 
 
+@contextmanager
+def live_task_context(comp: Component) -> Iterator[None]:
+    """The context a live component's task runs in: no current run (its
+    ``process()`` runs get their own, through ``update_full()``), and the
+    component's exception-handler chain."""
+    t_run = current_run_var.set(None)
+    t_handlers = handlers_var.set(comp.handlers)
+    try:
+        yield
+    finally:
+        current_run_var.reset(t_run)
+        handlers_var.reset(t_handlers)
+
+
 async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
     """The task of a live component: make the instance, run ``process_live``;
     its return marks the component ready.  A failure goes to the handler
     chain (``mount_kind="process_live"``)."""
-    with scope:
-        t_run = current_run_var.set(None)
-        t_handlers = handlers_var.set(comp.handlers)
+    with scope, live_task_context(comp):
         try:
-            try:
-                instance = comp.processor(*comp.args, **comp.kwargs)
-            except Exception as exc:
+            instance = comp.processor(*comp.args, **comp.kwargs)
+        except Exception as exc:
+            comp.exception = exc
+            app_run = comp.session.active
+            if app_run is not None:
+                app_run.stats.components_failed += 1
+            await comp.report(exc, "mount")
+            comp.mark_live_ready()
+            return
+        operator = LiveComponentOperator(comp, instance, gen)
+        try:
+            await instance.process_live(operator)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if comp.current(gen):
                 comp.exception = exc
                 app_run = comp.session.active
                 if app_run is not None:
                     app_run.stats.components_failed += 1
-                await comp.report(exc, "mount")
-                comp.mark_live_ready()
-                return
-            operator = LiveComponentOperator(comp, instance, gen)
-            try:
-                await instance.process_live(operator)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:
-                if comp.current(gen):
-                    comp.exception = exc
-                    app_run = comp.session.active
-                    if app_run is not None:
-                        app_run.stats.components_failed += 1
-                    await comp.report(exc, "process_live")
-            if comp.current(gen):
-                comp.mark_live_ready()
-        finally:
-            current_run_var.reset(t_run)
-            handlers_var.reset(t_handlers)
+                await comp.report(exc, "process_live")
+        if comp.current(gen):
+            comp.mark_live_ready()
