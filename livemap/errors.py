@@ -10,7 +10,7 @@ leaves every map and component as it was.  ``docs/errors.md`` lists them.
 from __future__ import annotations
 
 from livemap_core import DuplicateDeclarationError
-from livemap_core._shared import LiveMapError
+from livemap_core._shared import LiveMapError, StableKeyError
 
 __all__ = [
     "ConsumerBusyError",
@@ -20,6 +20,7 @@ __all__ = [
     "LiveMapError",
     "MapRetiredError",
     "NotInComponentError",
+    "StableKeyError",
     "TargetApplyError",
     "UpdateInProgressError",
     "ValueComparisonError",

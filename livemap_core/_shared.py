@@ -8,7 +8,13 @@ import reprlib
 import uuid
 from typing import Final
 
-__all__ = ["MAX_KEY_DEPTH", "DuplicateDeclarationError", "LiveMapError", "Symbol"]
+__all__ = [
+    "MAX_KEY_DEPTH",
+    "DuplicateDeclarationError",
+    "LiveMapError",
+    "StableKeyError",
+    "Symbol",
+]
 
 MAX_KEY_DEPTH: Final = 64
 """How deep a stable key may nest: at most this many tuples (or lists) inside
@@ -71,6 +77,14 @@ class LiveMapError(Exception):
     """
 
 
+class StableKeyError(LiveMapError, TypeError):
+    """A key (or path part) that is not a stable key: raised at the call.
+
+    A ``TypeError`` too, as the contract has it; the message names the key
+    (cut short when it is too deep to print) and what a stable key is.
+    """
+
+
 class DuplicateDeclarationError(LiveMapError, ValueError):
     """A key was declared twice into one target during one component run.
 
@@ -115,8 +129,8 @@ def _key_repr(key: object) -> str:
         return _short.repr(key)
 
 
-def _key_error(key: object) -> TypeError:
-    """The ``TypeError`` for ``key``, which is not a stable key.
+def _key_error(key: object) -> StableKeyError:
+    """The :class:`StableKeyError` for ``key``, which is not a stable key.
 
     The key is walked depth first, left to right, and the first problem met is
     the one reported: a part nested more than :data:`MAX_KEY_DEPTH` levels
@@ -132,7 +146,7 @@ def _key_error(key: object) -> TypeError:
                     continue
                 if t is tuple or t is list:
                     if len(stack) >= MAX_KEY_DEPTH:
-                        return TypeError(
+                        return StableKeyError(
                             f"{_short.repr(key)} ({type(key).__name__}) is not a stable key: "
                             f"it is nested at least {MAX_KEY_DEPTH + 1} levels deep, and a "
                             f"stable key nests tuples or lists at most MAX_KEY_DEPTH = "
@@ -140,9 +154,11 @@ def _key_error(key: object) -> TypeError:
                         )
                     stack.append(iter(part))
                     break
-                return TypeError(
+                return StableKeyError(
                     f"{_key_repr(key)} ({type(key).__name__}) is not a stable key: {_KEY_HELP}"
                 )
             else:
                 stack.pop()
-    return TypeError(f"{_key_repr(key)} ({type(key).__name__}) is not a stable key: {_KEY_HELP}")
+    return StableKeyError(
+        f"{_key_repr(key)} ({type(key).__name__}) is not a stable key: {_KEY_HELP}"
+    )

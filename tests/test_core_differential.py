@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemap_core import _fallback
-from livemap_core._shared import DuplicateDeclarationError, Symbol
+from livemap_core._shared import DuplicateDeclarationError, StableKeyError, Symbol
 
 settings.register_profile(
     "livemap-core",
@@ -402,10 +402,10 @@ def model_has_list(key: Any) -> bool:
     return type(key) is tuple and any(model_has_list(part) for part in key)
 
 
-def model_key_error(key: Any) -> TypeError:
+def model_key_error(key: Any) -> StableKeyError:
     if model_problem(key) == "deep":
-        return TypeError(f"{SHORT.repr(key)} ({type(key).__name__}) {TOO_DEEP}")
-    return TypeError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
+        return StableKeyError(f"{SHORT.repr(key)} ({type(key).__name__}) {TOO_DEEP}")
+    return StableKeyError(f"{key!r} ({type(key).__name__}) is not a stable key: {KEY_HELP}")
 
 
 class Model:

@@ -26,6 +26,7 @@ BUILTIN_BASE: dict[str, type[Exception] | None] = {
     "LiveMapError": None,
     "MapRetiredError": RuntimeError,
     "NotInComponentError": RuntimeError,
+    "StableKeyError": TypeError,
     "TargetApplyError": RuntimeError,
     "UpdateInProgressError": RuntimeError,
     "ValueComparisonError": ValueError,
