@@ -1,0 +1,411 @@
+"""CocoIndex's API shapes: ``ExceptionContext``'s fields, the live operator's
+mount kinds and delete handle, ``auto_refresh`` intervals, and ``fn``
+(``fn.as_async``, its options, methods)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from helpers import TIMEOUT, Recorder, run_app
+
+import livemap as coco
+from livemap import ComponentPath, KeyedTarget, LiveMap, Symbol, TargetBatch
+
+pytestmark = pytest.mark.anyio
+
+
+class Sink:
+    """A sink that fails its batches that delete while ``fail_deletes`` is set."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Any, Any] = {}
+        self.fail_deletes = False
+
+    def __call__(self, batch: TargetBatch[Any, Any]) -> None:
+        if self.fail_deletes and batch.deletes:
+            raise OSError("cannot delete")
+        for key in batch.deletes:
+            del self.rows[key]
+        for key, value in batch.upserts:
+            self.rows[key] = value
+
+
+# -- ComponentPath --------------------------------------------------------------------
+
+
+def test_component_path_is_the_tuple_and_prints_as_a_path() -> None:
+    path = ComponentPath((Symbol("process"), "k1", 2))
+    assert path == (Symbol("process"), "k1", 2)
+    assert hash(path) == hash((Symbol("process"), "k1", 2))
+    assert {path: 1}[(Symbol("process"), "k1", 2)] == 1
+    assert isinstance(path, tuple)
+    assert str(path) == "/process/'k1'/2"
+    assert f"{path}" == "/process/'k1'/2"
+    assert path[0] == Symbol("process")
+    assert path[:2] == (Symbol("process"), "k1")
+    assert str(ComponentPath(())) == "/"
+
+
+# -- ExceptionContext -----------------------------------------------------------------
+
+
+async def test_context_fields_of_a_failed_mount() -> None:
+    rec = Recorder()
+
+    @coco.fn
+    async def child() -> None:
+        raise ValueError("boom")
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(coco.component_subpath("a", 1), child)
+
+    await run_app(coco.App("ctx-app", main))
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, ValueError)
+    assert isinstance(ctx.stable_path, ComponentPath)
+    assert ctx.stable_path == ("a", 1)
+    assert str(ctx.stable_path) == "/'a'/1" == ctx.path
+    assert ctx.parent_stable_path == ()
+    assert isinstance(ctx.parent_stable_path, ComponentPath)
+    assert str(ctx.parent_stable_path) == "/"
+    assert ctx.env_name == "ctx-app" == ctx.app_name
+    assert ctx.mount_kind == "mount"
+    assert ctx.processor_name == child.__qualname__
+    assert ctx.is_background is True
+    assert ctx.source == "component"
+    assert ctx.original_exception is None
+
+
+async def test_parent_stable_path_is_the_mounting_component() -> None:
+    rec = Recorder()
+
+    @coco.fn
+    async def grandchild() -> None:
+        raise ValueError("deep")
+
+    @coco.fn
+    async def child() -> None:
+        await coco.mount(coco.component_subpath("g"), grandchild)
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(child)
+
+    await run_app(coco.App("t", main))
+    [(_, ctx)] = rec.calls
+    assert ctx.stable_path == (Symbol("child"), "g")
+    assert ctx.parent_stable_path == (Symbol("child"),)
+    assert str(ctx.parent_stable_path) == "/child"
+
+
+@pytest.mark.parametrize("source", ["list", "livemap"])
+async def test_mount_each_child_parent_is_the_caller(source: str) -> None:
+    """As in CocoIndex, a mount_each child's parent is the component that
+    called mount_each, not the component hosting the children."""
+    rec = Recorder()
+
+    @coco.fn
+    async def item(value: int) -> None:
+        if value == 2:
+            raise ValueError("two")
+
+    @coco.fn
+    async def caller() -> None:
+        async with coco.exception_handler(rec):
+            if source == "list":
+                await coco.mount_each(item, [("a", 1), ("b", 2)])
+            else:
+                lm: LiveMap[str, int] = await LiveMap.create()
+                lm.declare_entry("a", 1)
+                lm.declare_entry("b", 2)
+                await coco.mount_each(item, lm)
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(caller)
+
+    await run_app(coco.App("t", main))
+    [(_, ctx)] = rec.calls
+    assert ctx.mount_kind == "mount_each"
+    assert ctx.stable_path == (Symbol("caller"), Symbol("item"), "b")
+    assert ctx.parent_stable_path == (Symbol("caller"),)
+
+
+async def test_mount_each_host_failure_has_the_caller_as_parent() -> None:
+    rec = Recorder()
+
+    @coco.fn
+    async def item(value: int) -> None:
+        pass
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount_each(item, [("a", 1), "not a pair"])
+
+    await run_app(coco.App("t", main))
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, TypeError)
+    assert ctx.mount_kind == "mount_each"
+    assert ctx.stable_path == (Symbol("item"),)
+    assert ctx.parent_stable_path == ()
+
+
+async def test_source_and_original_exception_along_the_chain() -> None:
+    seen: list[tuple[str, str, str, BaseException | None]] = []
+    original = ValueError("component")
+
+    def innermost(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        seen.append(("innermost", type(exc).__name__, ctx.source, ctx.original_exception))
+        raise RuntimeError("innermost handler failed")
+
+    async def middle(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        seen.append(("middle", type(exc).__name__, ctx.source, ctx.original_exception))
+        raise KeyError("middle handler failed")
+
+    def outer(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        seen.append(("outer", type(exc).__name__, ctx.source, ctx.original_exception))
+
+    @coco.fn
+    async def child() -> None:
+        raise original
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(middle), coco.exception_handler(innermost):
+            await coco.mount(child)
+
+    await run_app(coco.App(coco.AppConfig("t", exception_handler=outer), main))
+    assert seen == [
+        ("innermost", "ValueError", "component", None),
+        ("middle", "RuntimeError", "handler", original),
+        ("outer", "KeyError", "handler", original),
+    ]
+
+
+async def test_operator_update_children_report_process_live() -> None:
+    rec = Recorder()
+    raised: list[BaseException] = []
+
+    @coco.fn
+    async def bad(n: int) -> None:
+        raise ValueError(f"bad {n}")
+
+    def reraise(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        rec(exc, ctx)
+        raise exc
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            h = await op.update("child", bad, 1)
+            try:
+                with anyio.fail_after(TIMEOUT):
+                    await h.ready()
+            except ValueError as exc:
+                raised.append(exc)
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(reraise):
+            await coco.mount(coco.component_subpath("live"), Live)
+
+    await run_app(coco.App(coco.AppConfig("t", exception_handler=lambda e, c: None), main))
+    [(exc, ctx)] = rec.calls
+    assert ctx.mount_kind == "process_live"
+    assert ctx.stable_path == ("live", "child")
+    assert ctx.parent_stable_path == ("live",)
+    assert ctx.processor_name == bad.__qualname__
+    assert raised == [exc]
+
+
+async def test_live_class_constructor_failure_reports_its_mount_kind() -> None:
+    rec = Recorder()
+
+    class Broken:
+        def __init__(self) -> None:
+            raise ValueError("no")
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            pass
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            h = await op.update("inner", Broken)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(Broken)
+            await coco.mount(Live)
+
+    await run_app(coco.App("t", main))
+    kinds = sorted((str(c.stable_path), c.mount_kind) for _, c in rec.calls)
+    assert kinds == [("/Broken", "mount"), ("/Live/'inner'", "process_live")]
+
+
+async def test_update_full_failure_reports_process_live() -> None:
+    rec = Recorder()
+
+    class Live:
+        def process(self) -> None:
+            raise ValueError("full pass failed")
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(Live)
+
+    await run_app(coco.App("t", main))
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, ValueError)
+    assert ctx.mount_kind == "process_live"
+    assert ctx.stable_path == (Symbol("Live"),)
+    assert ctx.parent_stable_path == ()
+    assert ctx.processor_name == Live.__qualname__
+
+
+async def test_auto_refresh_cycle_failure_reports_process_live() -> None:
+    rec = Recorder()
+    calls: list[int] = []
+
+    def load() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("second cycle failed")
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(coco.component_subpath("cfg"), coco.auto_refresh(load, interval=0.001))
+
+    async with coco.App("t", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            while len(calls) < 3:  # the cycle after the failing one still comes
+                await anyio.sleep(0.001)
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, ValueError)
+    assert ctx.mount_kind == "process_live"
+    assert ctx.stable_path == ("cfg",)
+    assert ctx.parent_stable_path == ()
+
+
+# -- operator.delete() ----------------------------------------------------------------
+
+
+def _deleting_live(
+    target: KeyedTarget[str, int], sink: Sink, out: list[Any]
+) -> type[coco.LiveComponent]:
+    @coco.fn
+    def leaf(n: int) -> None:
+        target.declare(f"k{n}", n)
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            h = await op.update("c", leaf, 1)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+            sink.fail_deletes = True
+            dh = await op.delete("c")
+            try:
+                with anyio.fail_after(TIMEOUT):
+                    await dh.ready()
+            except Exception as exc:
+                out.append(exc)
+            out.append(dh.exception)
+            sink.fail_deletes = False
+            await op.mark_ready()
+
+    return Live
+
+
+async def test_delete_handle_raises_what_a_handler_raised() -> None:
+    sink = Sink()
+    target: KeyedTarget[str, int] = KeyedTarget("rows", sink)
+    rec = Recorder()
+    out: list[Any] = []
+
+    def reraise(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        rec(exc, ctx)
+        raise exc
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(reraise):
+            await coco.mount(coco.component_subpath("live"), _deleting_live(target, sink, out))
+
+    await run_app(coco.App(coco.AppConfig("t", exception_handler=lambda e, c: None), main))
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, coco.TargetApplyError)
+    assert ctx.mount_kind == "process_live"
+    assert ctx.stable_path == ("live", "c")
+    assert out == [exc, exc]  # ready() raised it; exception is it
+
+
+async def test_delete_handle_does_not_raise_for_a_handled_failure() -> None:
+    sink = Sink()
+    target: KeyedTarget[str, int] = KeyedTarget("rows", sink)
+    rec = Recorder()
+    out: list[Any] = []
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(_deleting_live(target, sink, out))
+
+    await run_app(coco.App("t", main))
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, coco.TargetApplyError)
+    assert ctx.mount_kind == "process_live"
+    assert out == [None]  # ready() returned; nothing to raise
+
+
+async def test_delete_handle_of_a_missing_child_and_a_plain_handle() -> None:
+    out: list[Any] = []
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            dh = await op.delete("nothing here")
+            with anyio.fail_after(TIMEOUT):
+                await dh.ready()
+            out.append(dh.exception)
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(Live)
+
+    await run_app(coco.App("t", main))
+    assert out == [None]
+    handle = coco.ReadyHandle()
+    with anyio.fail_after(TIMEOUT):
+        await handle.ready()
+    assert handle.exception is None
