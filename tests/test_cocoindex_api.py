@@ -4,6 +4,7 @@ mount kinds and delete handle, ``auto_refresh`` intervals, and ``fn``
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -409,3 +410,40 @@ async def test_delete_handle_of_a_missing_child_and_a_plain_handle() -> None:
     with anyio.fail_after(TIMEOUT):
         await handle.ready()
     assert handle.exception is None
+
+
+# -- auto_refresh(interval=...) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [timedelta(milliseconds=1), 0.001, 1])
+async def test_auto_refresh_takes_seconds_or_a_timedelta(interval: float | timedelta) -> None:
+    calls: list[float] = []
+
+    def load(tag: str) -> None:
+        calls.append(anyio.current_time())
+
+    refresh = coco.auto_refresh(load, interval=interval)
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(refresh, "x")
+
+    async with coco.App("t", main).update(live=True) as handle:
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            if interval == 1:
+                return  # a one-second interval: the first run is enough
+            while len(calls) < 3:
+                await anyio.sleep(0.001)
+    assert calls[2] - calls[1] >= 0.001 * 0.9
+
+
+def test_auto_refresh_rejects_a_timedelta_interval_of_zero_or_less() -> None:
+    for bad in (timedelta(0), timedelta(seconds=-1), timedelta(microseconds=-1)):
+        with pytest.raises(ValueError, match="positive"):
+            coco.auto_refresh(lambda: None, interval=bad)
+    for bad_seconds in (0, 0.0, -1.5, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            coco.auto_refresh(lambda: None, interval=bad_seconds)
+    with pytest.raises(TypeError, match="timedelta"):
+        coco.auto_refresh(lambda: None, interval="5")  # type: ignore[arg-type]

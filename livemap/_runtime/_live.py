@@ -5,6 +5,7 @@ of a live component's task (:func:`run_live`)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 import anyio
@@ -215,14 +216,26 @@ class LiveComponentOperator:
         await self._component.report(exc, "process_live")
 
 
-def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, LiveComponent]:
+def auto_refresh(
+    fn: Callable[P, object], *, interval: float | timedelta
+) -> Callable[P, LiveComponent]:
     """A live-component class that runs ``fn(*args, **kwargs)`` as its
-    ``process()`` and, in live mode, again every ``interval`` seconds.
+    ``process()`` and, in live mode, again ``interval`` after each run ends
+    (a fixed delay: runs never overlap).
 
-    ``mount(auto_refresh(load, interval=5.0), path)`` mounts it; the class
-    takes ``fn``'s arguments (typed as a callable with ``fn``'s parameters).
+    ``interval`` is in seconds or a :class:`datetime.timedelta`; zero or
+    less is a ``ValueError``.  ``mount(auto_refresh(load, interval=5.0),
+    path)`` mounts it; the class takes ``fn``'s arguments (typed as a
+    callable with ``fn``'s parameters).  A failing run goes to the handler
+    chain (``mount_kind="process_live"``) and the next one still comes.
     """
-    if interval <= 0:
+    if isinstance(interval, timedelta):
+        seconds = interval.total_seconds()
+    elif isinstance(interval, (int, float)):
+        seconds = float(interval)
+    else:
+        raise TypeError(f"auto_refresh interval must be seconds or a timedelta, got {interval!r}")
+    if not seconds > 0:  # also NaN
         raise ValueError(f"auto_refresh interval must be positive, got {interval!r}")
     name = getattr(fn, "__name__", "refresh")
 
@@ -240,7 +253,7 @@ def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, Liv
             await operator.update_full()
             await operator.mark_ready()
             while True:
-                await anyio.sleep(interval)
+                await anyio.sleep(seconds)
                 await operator.update_full()
 
     AutoRefresh.__name__ = name
