@@ -447,3 +447,176 @@ def test_auto_refresh_rejects_a_timedelta_interval_of_zero_or_less() -> None:
             coco.auto_refresh(lambda: None, interval=bad_seconds)
     with pytest.raises(TypeError, match="timedelta"):
         coco.auto_refresh(lambda: None, interval="5")  # type: ignore[arg-type]
+
+
+# -- fn on methods --------------------------------------------------------------------
+
+
+class Scaler:
+    def __init__(self, factor: int, target: KeyedTarget[Any, int] | None = None) -> None:
+        self.factor = factor
+        self.target = target
+
+    @coco.fn
+    def run(self, x: int) -> int:
+        if self.target is not None:
+            self.target.declare(("run", x), x * self.factor)
+        return x * self.factor
+
+    @coco.fn
+    async def run_async(self, x: int, *, offset: int = 0) -> int:
+        await anyio.sleep(0)
+        if self.target is not None:
+            self.target.declare(("run_async", x), x * self.factor + offset)
+        return x * self.factor + offset
+
+    @coco.fn
+    def fail(self, x: int) -> None:
+        raise ValueError(f"fail {x}")
+
+    @staticmethod
+    @coco.fn
+    def static(x: int) -> int:
+        return -x
+
+    @classmethod
+    @coco.fn
+    def klass(cls, x: int) -> str:
+        return f"{cls.__name__}:{x}"
+
+
+def test_fn_on_a_method_binds_self() -> None:
+    s = Scaler(2)
+    assert s.run(21) == 42
+    assert Scaler.run(s, 21) == 42
+    assert Scaler.static(3) == -3
+    assert Scaler.klass(3) == "Scaler:3"
+    assert s.klass(4) == "Scaler:4"
+    bound = s.run
+    assert isinstance(bound, coco.Function)
+    assert type(bound) is coco.Function  # what the runtime's hot path unwraps
+    assert bound.__self__ is s
+    assert bound.__func__ is Scaler.__dict__["run"]
+    assert bound.__name__ == "run"
+    assert bound.__qualname__ == "Scaler.run"
+    assert bound.__wrapped__.__self__ is s
+    assert bound.is_async is False
+    assert s.run_async.is_async is True
+    assert bound.__get__(Scaler(5)) is bound  # bound once, stays bound
+    assert Scaler.run.__get__(None, Scaler) is Scaler.__dict__["run"]
+    assert "Scaler.run of" in repr(bound)
+
+
+async def test_fn_on_an_async_method_binds_self() -> None:
+    s = Scaler(3)
+    assert await s.run_async(2, offset=1) == 7
+    assert await Scaler.run_async(s, 2) == 6
+
+
+async def test_mount_and_use_mount_of_bound_methods() -> None:
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[Any, int] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+    s = Scaler(10, target)
+    paths: list[Any] = []
+    values: list[int] = []
+
+    @coco.fn
+    async def main() -> None:
+        h1 = await coco.mount(s.run, 1)
+        h2 = await coco.mount(s.run_async, 2, offset=5)
+        h3 = await coco.mount(coco.component_subpath("explicit"), s.run, 3)
+        with anyio.fail_after(TIMEOUT):
+            for h in (h1, h2, h3):
+                await h.ready()
+        paths.extend([h1.path, h2.path, h3.path])
+        values.append(await coco.use_mount(coco.component_subpath("u"), s.run, 4))
+        values.append(await coco.use_mount(coco.component_subpath("v"), s.run_async, 5))
+
+    await run_app(coco.App("t", main))
+    assert paths == [(Symbol("run"),), (Symbol("run_async"),), ("explicit",)]
+    assert values == [40, 50]
+    assert rows == {
+        ("run", 1): 10,
+        ("run_async", 2): 25,
+        ("run", 3): 30,
+        ("run", 4): 40,
+        ("run_async", 5): 50,
+    }
+
+
+@pytest.mark.parametrize("method", ["run", "run_async"])
+@pytest.mark.parametrize("source", ["list", "livemap"])
+async def test_mount_each_of_a_bound_method(method: str, source: str) -> None:
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[Any, int] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+    s = Scaler(7, target)
+    bound = getattr(s, method)
+
+    @coco.fn
+    async def main() -> None:
+        if source == "list":
+            h = await coco.mount_each(bound, [("a", 1), ("b", 2)])
+        else:
+            lm: LiveMap[str, int] = await LiveMap.create()
+            lm.declare_entry("a", 1)
+            lm.declare_entry("b", 2)
+            h = await coco.mount_each(bound, lm)
+        assert h.path == (Symbol(method),)
+
+    await run_app(coco.App("t", main))
+    assert rows == {(method, 1): 7, (method, 2): 14}
+
+
+async def test_operator_update_of_a_bound_method_and_its_failure() -> None:
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[Any, int] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+    s = Scaler(2, target)
+    rec = Recorder()
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            h = await op.update("a", s.run_async, 4)
+            h2 = await op.update("b", s.fail, 1)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+                await h2.ready()
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(rec):
+            await coco.mount(Live)
+
+    await run_app(coco.App("t", main))
+    assert rows == {("run_async", 4): 8}
+    [(exc, ctx)] = rec.calls
+    assert isinstance(exc, ValueError)
+    assert ctx.processor_name == "Scaler.fail"
+    assert ctx.stable_path == (Symbol("Live"), "b")
+
+
+async def test_a_live_component_may_decorate_its_methods() -> None:
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[str, int] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+
+    class Live:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        @coco.fn
+        def process(self) -> None:
+            target.declare("n", self.n)
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(Live, 3)
+
+    await run_app(coco.App("t", main))
+    assert rows == {"n": 3}
