@@ -4,6 +4,8 @@ mount kinds and delete handle, ``auto_refresh`` intervals, and ``fn``
 
 from __future__ import annotations
 
+import inspect
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -620,3 +622,130 @@ async def test_a_live_component_may_decorate_its_methods() -> None:
 
     await run_app(coco.App("t", main))
     assert rows == {"n": 3}
+
+
+# -- fn.as_async ----------------------------------------------------------------------
+
+
+def _loop_thread() -> int:
+    return threading.get_ident()
+
+
+async def test_fn_as_async_runs_a_sync_function_in_a_worker_thread() -> None:
+    threads: list[int] = []
+
+    @coco.fn.as_async
+    def double(x: int) -> int:
+        threads.append(threading.get_ident())
+        return 2 * x
+
+    @coco.fn.as_async()
+    def triple(x: int, *, plus: int = 0) -> int:
+        threads.append(threading.get_ident())
+        return 3 * x + plus
+
+    assert double.is_async and triple.is_async
+    assert isinstance(double, coco.Function)
+    assert double.__name__ == "double"
+    coro = double(4)
+    assert inspect.iscoroutine(coro)
+    assert await coro == 8
+    assert await triple(2, plus=1) == 7
+    assert threads and _loop_thread() not in threads
+
+
+async def test_fn_as_async_of_an_async_function_is_fn() -> None:
+    @coco.fn.as_async
+    async def f(x: int) -> int:
+        return x + 1
+
+    assert type(f) is coco.Function  # the same as @fn: nothing to adapt
+    assert f.is_async
+    assert await f(1) == 2
+
+
+async def test_mounting_an_as_async_function_runs_it_in_a_worker_thread() -> None:
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[Any, Any] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+    threads: list[int] = []
+    loop_thread: list[int] = []
+    got: list[Any] = []
+
+    @coco.fn.as_async
+    def load(name: str) -> str:
+        threads.append(threading.get_ident())
+        target.declare(name, len(name))  # declarations work from the thread
+        return name.upper()
+
+    @coco.fn.as_async
+    def each(value: int, lm: LiveMap[int, int]) -> None:
+        threads.append(threading.get_ident())
+        lm.declare_entry(value, value * value)
+
+    @coco.fn
+    async def main() -> None:
+        loop_thread.append(threading.get_ident())
+        lm: LiveMap[int, int] = await LiveMap.create()
+        h = await coco.mount(load, "abc")
+        h2 = await coco.mount_each(each, [(1, 1), (2, 2)], lm)
+        with anyio.fail_after(TIMEOUT):
+            await h.ready()
+            await h2.ready()
+        got.append(await coco.use_mount(coco.component_subpath("u"), load, "de"))
+        got.append(dict(lm.items()))
+
+    await run_app(coco.App("t", main))
+    assert rows == {"abc": 3, "de": 2}
+    assert got == ["DE", {1: 1, 2: 4}]
+    assert len(threads) == 4 and loop_thread[0] not in threads
+
+
+async def test_fn_as_async_on_a_method() -> None:
+    class H:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        @coco.fn.as_async
+        def blocking(self, x: int) -> int:
+            self.seen.append(threading.get_ident())
+            return x * 10
+
+    h = H()
+    assert await h.blocking(2) == 20
+    assert h.seen and _loop_thread() not in h.seen
+    out: list[int] = []
+
+    @coco.fn
+    async def main() -> None:
+        out.append(await coco.use_mount(h.blocking, 3))
+
+    await run_app(coco.App("t", main))
+    assert out == [30]
+
+
+async def test_function_as_async_method_calls_from_async_code() -> None:
+    threads: list[int] = []
+
+    @coco.fn
+    def sync(x: int) -> int:
+        threads.append(threading.get_ident())
+        return x - 1
+
+    @coco.fn
+    async def asynchronous(x: int) -> int:
+        threads.append(threading.get_ident())
+        return x + 1
+
+    assert await sync.as_async(5) == 4
+    assert threads[-1] != _loop_thread()
+    assert await asynchronous.as_async(5) == 6
+    assert threads[-1] == _loop_thread()
+    assert await Scaler(3).run.as_async(2) == 6  # bound, too
+    assert sync(5) == 4  # the primary call stays sync
+
+
+def test_fn_takes_functions_only() -> None:
+    with pytest.raises(TypeError, match="decorates a function"):
+        coco.fn(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="decorates a function"):
+        coco.fn.as_async()(42)  # type: ignore[call-overload]

@@ -1,9 +1,10 @@
-"""``fn`` on methods binds ``self``: forms that must type-check under
-``mypy --strict``."""
+"""``fn``: methods bind ``self``, ``fn.as_async`` makes a function async;
+forms that must type-check under ``mypy --strict``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from typing_extensions import assert_type
 
@@ -22,6 +23,25 @@ class Handler:
     async def run_async(self, x: int, *, tag: str = "") -> str:
         return f"{tag}{x * self.factor}"
 
+    @coco.fn.as_async
+    def blocking(self, x: int) -> int:
+        return x
+
+
+@coco.fn.as_async
+def sync_to_async(name: str) -> int:
+    return len(name)
+
+
+@coco.fn.as_async()
+async def already_async(name: str) -> int:
+    return len(name)
+
+
+@coco.fn()
+def plain(x: int) -> str:
+    return str(x)
+
 
 async def main() -> None:
     h = Handler(2)
@@ -31,6 +51,19 @@ async def main() -> None:
     assert_type(h.run(21), int)
     assert_type(Handler.run(h, 21), int)
     assert_type(await h.run_async(1, tag="x"), str)
+    assert_type(await h.blocking(1), int)
+    made_async: Callable[[str], Coroutine[Any, Any, int]] = sync_to_async
+    assert_type(await made_async("a"), int)
+    assert_type(await sync_to_async("a"), int)
+    assert_type(await already_async("a"), int)
+    assert_type(plain(1), str)
+    assert_type(await plain.as_async(1), str)
+    assert_type(await already_async.as_async("a"), int)
+    assert_type(await h.run.as_async(2), int)
+    await coco.mount(sync_to_async, "a")
+    await coco.mount(h.blocking, 1)
+    assert_type(await coco.use_mount(sync_to_async, "a"), int)
+    assert_type(await coco.use_mount(already_async, "a"), int)
     await coco.mount(h.run, 21)
     await coco.mount(coco.component_subpath("a"), h.run_async, 1, tag="t")
     await coco.mount_each(h.run, [("k", 1)])
