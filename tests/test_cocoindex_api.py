@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import threading
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import anyio
@@ -749,3 +750,313 @@ def test_fn_takes_functions_only() -> None:
         coco.fn(42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="decorates a function"):
         coco.fn.as_async()(42)  # type: ignore[call-overload]
+
+
+# -- fn's options ---------------------------------------------------------------------
+
+
+def test_fn_accepts_cocoindex_options_it_ignores() -> None:
+    @coco.fn(memo=True, memo_key={"x": None}, version=3, logic_tracking="self", deps="prompt")
+    def f(x: int) -> int:
+        return x + 1
+
+    @coco.fn(logic_tracking=None)
+    async def g(x: int) -> int:
+        return x
+
+    @coco.fn(runner=object())  # an async function: the runner is ignored
+    async def h(x: int) -> int:
+        return x
+
+    @coco.fn.as_async(memo=True, runner=object(), version=1)
+    def k(x: int) -> int:
+        return x
+
+    assert type(f) is coco.Function and f(1) == 2
+    assert g.is_async and h.is_async and k.is_async
+
+
+def test_fn_rejects_what_cocoindex_rejects() -> None:
+    with pytest.raises(TypeError):
+        coco.fn(memoize=True)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="logic_tracking"):
+        coco.fn(logic_tracking=None, deps="prompt")
+    with pytest.raises(ValueError, match="logic_tracking"):
+        coco.fn.as_async(logic_tracking=None, deps=("a", 1))
+    with pytest.raises(ValueError, match=r"fn\.as_async\(batching=\.\.\.\)"):
+
+        @coco.fn(batching=True)
+        def sync_batch(xs: list[int]) -> list[int]:
+            return xs
+
+    with pytest.raises(ValueError, match=r"fn\.as_async\(runner=\.\.\.\)"):
+
+        @coco.fn(runner=object())
+        def sync_runner(x: int) -> int:
+            return x
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            coco.fn.as_async(batching=True, max_batch_size=bad)  # type: ignore[arg-type]
+
+
+# -- fn(batching=True) ----------------------------------------------------------------
+
+
+@coco.fn.as_async(batching=True)
+def _double_sync(xs: list[int]) -> list[int]:
+    return [2 * x for x in xs]
+
+
+@coco.fn(batching=True)
+async def _double_async(xs: list[int]) -> list[int]:
+    await anyio.sleep(0)
+    return [2 * x for x in xs]
+
+
+async def test_batching_single_calls() -> None:
+    assert await _double_sync(5) == 10
+    assert await _double_async(6) == 12
+    assert _double_sync.is_async and _double_async.is_async
+    assert await _double_async.as_async(7) == 14
+
+
+class Gate:
+    """A batching function whose batches wait for ``release``; records them."""
+
+    def __init__(self, max_batch_size: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.release = anyio.Event()
+
+        @coco.fn.as_async(batching=True, max_batch_size=max_batch_size)
+        async def gated(xs: list[int]) -> list[int]:
+            self.batches.append(list(xs))
+            await self.release.wait()
+            return [10 * x for x in xs]
+
+        self.fn = gated
+
+
+async def _gather(fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+    results: dict[int, Any] = {}
+
+    async def one(i: int, x: Any) -> None:
+        results[i] = await fn(x, *args, **kwargs)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            for i, x in enumerate(inputs):
+                tg.start_soon(one, i, x)
+    return [results[i] for i in range(len(inputs))]
+
+
+async def test_batching_gathers_the_calls_made_while_a_batch_runs() -> None:
+    gate = Gate()
+    results: dict[int, int] = {}
+
+    async def call(x: int) -> None:
+        results[x] = await gate.fn(x)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            while not gate.batches:
+                await anyio.sleep(0.001)
+            for x in (2, 3, 4, 5):
+                tg.start_soon(call, x)
+            await anyio.sleep(0.01)
+            assert gate.batches == [[1]]  # the first call ran at once, alone
+            gate.release.set()
+    assert sorted(map(sorted, gate.batches)) == [[1], [2, 3, 4, 5]]
+    assert results == {x: 10 * x for x in (1, 2, 3, 4, 5)}
+
+
+async def test_batching_respects_max_batch_size() -> None:
+    gate = Gate(max_batch_size=2)
+    gate.release.set()
+    results = await _gather(gate.fn, list(range(7)))
+    assert results == [10 * x for x in range(7)]
+    assert all(len(b) <= 2 for b in gate.batches)
+    assert sorted(x for b in gate.batches for x in b) == list(range(7))
+    assert any(len(b) == 2 for b in gate.batches)
+
+
+async def test_batching_keeps_calls_with_other_arguments_or_instances_apart() -> None:
+    batches: list[tuple[Any, list[int]]] = []
+
+    class Embedder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @coco.fn.as_async(batching=True)
+        async def embed(self, xs: list[int], scale: int = 1, *, tag: Any = "") -> list[str]:
+            batches.append(((self.name, scale, tag), list(xs)))
+            await anyio.sleep(0.01)
+            return [f"{self.name}{x * scale}{tag}" for x in xs]
+
+    a, b = Embedder("a"), Embedder("b")
+    results: list[Any] = []
+
+    async def run(f: Any, *args: Any, **kwargs: Any) -> None:
+        results.extend(await _gather(f, [1, 2, 3], *args, **kwargs))
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, a.embed)
+            tg.start_soon(run, b.embed)
+            tg.start_soon(run, a.embed, 10)
+            tg.start_soon(partial(run, a.embed, tag=["unhashable"]))
+    assert sorted(results) == sorted(
+        ["a1", "a2", "a3", "b1", "b2", "b3", "a10", "a20", "a30"]
+        + [f"a{x}['unhashable']" for x in (1, 2, 3)]
+    )
+    for (name, _scale, tag), xs in batches:
+        # each batch holds the calls of one instance with one set of arguments
+        assert name in ("a", "b") and xs
+        if tag:
+            assert len(xs) == 1  # unhashable further arguments: a batch of one
+    by_args = {(n, s, str(t)) for (n, s, t), _ in batches}
+    assert by_args == {("a", 1, ""), ("b", 1, ""), ("a", 10, ""), ("a", 1, "['unhashable']")}
+
+
+async def test_a_failing_batch_fails_every_call_in_it_and_not_the_next() -> None:
+    release = anyio.Event()
+    batches: list[list[int]] = []
+
+    @coco.fn(batching=True)
+    async def flaky(xs: list[int]) -> list[int]:
+        batches.append(list(xs))
+        await release.wait()
+        if 2 in xs:
+            raise OSError("batch with 2 failed")
+        if 9 in xs:
+            return []  # the wrong number of outputs
+        return list(xs)
+
+    outcomes: dict[int, Any] = {}
+
+    async def call(x: int) -> None:
+        try:
+            outcomes[x] = await flaky(x)
+        except Exception as exc:
+            outcomes[x] = exc
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            while not batches:
+                await anyio.sleep(0.001)
+            tg.start_soon(call, 2)
+            tg.start_soon(call, 3)
+            await anyio.sleep(0.01)
+            release.set()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 4)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 9)
+    assert outcomes[1] == 1 and outcomes[4] == 4
+    assert isinstance(outcomes[2], OSError) and outcomes[3] is outcomes[2]
+    assert isinstance(outcomes[9], ValueError) and "0 outputs" in str(outcomes[9])
+
+
+async def test_batching_survives_cancelled_callers() -> None:
+    gate = Gate()
+    results: dict[int, Any] = {}
+
+    async def call(x: int, scope: anyio.CancelScope | None = None) -> None:
+        if scope is None:
+            results[x] = await gate.fn(x)
+            return
+        with scope:
+            results[x] = await gate.fn(x)
+        results.setdefault(x, "cancelled")
+
+    leader, waiter = anyio.CancelScope(), anyio.CancelScope()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1, leader)
+            while not gate.batches:
+                await anyio.sleep(0.001)
+            tg.start_soon(call, 2, waiter)
+            tg.start_soon(call, 3)
+            tg.start_soon(call, 4)
+            await anyio.sleep(0.01)
+            waiter.cancel()  # a call waiting for the next batch leaves
+            await anyio.sleep(0.01)
+            leader.cancel()  # the call running the batch leaves: the rest go on
+            await anyio.sleep(0.01)
+            gate.release.set()
+    assert results == {1: "cancelled", 2: "cancelled", 3: 30, 4: 40}
+    assert gate.batches[0] == [1]
+    assert sorted(gate.batches[-1]) == [3, 4]
+    # nothing is left behind: a new call runs at once
+    assert await _gather(gate.fn, [5]) == [50]
+
+
+async def test_batching_across_mount_each_children() -> None:
+    sizes: list[int] = []
+
+    @coco.fn.as_async(batching=True, max_batch_size=8)
+    def embed(texts: list[str]) -> list[int]:
+        sizes.append(len(texts))
+        return [len(t) for t in texts]
+
+    rows: dict[Any, Any] = {}
+    target: KeyedTarget[str, int] = KeyedTarget("rows", lambda b: rows.update(b.upserts))
+
+    @coco.fn
+    async def child(text: str) -> None:
+        target.declare(text, await embed(text))
+
+    items = [(f"k{i}", "x" * i) for i in range(40)]
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount_each(child, items)
+
+    await run_app(coco.App("t", main))
+    assert rows == {text: len(text) for _, text in items}
+    assert sum(sizes) == 40 and max(sizes) > 1 and max(sizes) <= 8
+
+
+async def test_batching_reruns_a_cancelled_leaders_batch_for_the_others() -> None:
+    events = [anyio.Event() for _ in range(3)]  # what the n-th batch waits for
+    batches: list[list[int]] = []
+
+    @coco.fn(batching=True)
+    async def gated(xs: list[int]) -> list[int]:
+        n = len(batches)
+        batches.append(list(xs))
+        await events[n].wait()
+        return [10 * x for x in xs]
+
+    results: dict[int, Any] = {}
+    scopes = {x: anyio.CancelScope() for x in (1, 2, 3, 4)}
+
+    async def call(x: int) -> None:
+        with scopes[x]:
+            results[x] = await gated(x)
+        results.setdefault(x, "cancelled")
+
+    async def until(n: int) -> None:
+        while len(batches) < n:
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            await until(1)
+            for x in (2, 3, 4):
+                tg.start_soon(call, x)
+            await anyio.sleep(0.01)
+            events[0].set()
+            await until(2)  # 2, 3 and 4, run by the call that came first
+            first, other, last = batches[1]
+            scopes[other].cancel()  # a call in the running batch leaves
+            await anyio.sleep(0.01)
+            scopes[first].cancel()  # then the call running it: the last goes on alone
+            await until(3)
+            events[2].set()
+    assert batches[0] == [1] and sorted(batches[1]) == [2, 3, 4]
+    assert batches[2] == [last]
+    assert results == {1: 10, first: "cancelled", other: "cancelled", last: 10 * last}

@@ -1,5 +1,6 @@
-"""``fn``: methods bind ``self``, ``fn.as_async`` makes a function async;
-forms that must type-check under ``mypy --strict``."""
+"""``fn``: methods bind ``self``, ``fn.as_async`` makes a function async,
+``batching=True`` takes one input; forms that must type-check under
+``mypy --strict``."""
 
 from __future__ import annotations
 
@@ -19,13 +20,21 @@ class Handler:
     def run(self, x: int) -> int:
         return x * self.factor
 
-    @coco.fn
+    @coco.fn(memo=True, version=2)
     async def run_async(self, x: int, *, tag: str = "") -> str:
         return f"{tag}{x * self.factor}"
 
     @coco.fn.as_async
     def blocking(self, x: int) -> int:
         return x
+
+    @coco.fn.as_async(batching=True, max_batch_size=8)
+    def embed(self, texts: list[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    @coco.fn(batching=True)
+    async def embed_async(self, texts: list[str]) -> list[float]:
+        return [float(len(t)) for t in texts]
 
 
 @coco.fn.as_async
@@ -38,9 +47,24 @@ async def already_async(name: str) -> int:
     return len(name)
 
 
-@coco.fn()
+@coco.fn.as_async(batching=True)
+def batched(texts: list[str]) -> list[int]:
+    return [len(t) for t in texts]
+
+
+@coco.fn(batching=True, max_batch_size=4)
+async def batched_async(texts: list[str]) -> list[bool]:
+    return [bool(t) for t in texts]
+
+
+@coco.fn(logic_tracking="self", deps={"prompt": "p"}, runner=None)
 def plain(x: int) -> str:
     return str(x)
+
+
+@coco.fn()
+def bare_call(x: int) -> int:
+    return x
 
 
 async def main() -> None:
@@ -57,6 +81,15 @@ async def main() -> None:
     assert_type(await sync_to_async("a"), int)
     assert_type(await already_async("a"), int)
     assert_type(plain(1), str)
+    assert_type(bare_call(1), int)
+    assert_type(await h.embed("a"), int)
+    assert_type(await h.embed_async("a"), float)
+    assert_type(await batched("a"), int)
+    assert_type(await batched_async("a"), bool)
+    assert_type(await h.embed.as_async("a"), int)
+    assert_type(await coco.use_mount(batched, "a"), int)
+    assert_type(await coco.use_mount(h.embed_async, "a"), float)
+    await coco.mount_each(batched, [("k", "text")])
     assert_type(await plain.as_async(1), str)
     assert_type(await already_async.as_async("a"), int)
     assert_type(await h.run.as_async(2), int)
