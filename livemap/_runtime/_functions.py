@@ -344,7 +344,9 @@ class _BatchingDecorator(Protocol):
 
 
 class _FunctionDecorator:
-    """``@fn``: mark a function (sync or async) as a component function.
+    """The type of :data:`fn` (``help(livemap.fn)`` shows this).
+
+    ``@fn``: mark a function (sync or async) as a component function.
 
     Works bare (``@fn``) and called (``@fn(...)``), on functions and on
     methods (``instance.method`` is then bound).  The result is a
@@ -536,11 +538,33 @@ class _FunctionDecorator:
 
 
 fn = _FunctionDecorator()
-"""``@fn`` / ``@fn(...)`` / ``@fn.as_async``: mark a component function (see
-:class:`Function`).  Options: ``batching=True`` (with ``max_batch_size``)
-batches concurrent calls; CocoIndex's other options (``memo``, ``memo_key``,
-``version``, ``logic_tracking``, ``deps``, ``runner``) are accepted and
-ignored."""
+"""``@fn``: mark a function (sync or async) as a component function.
+
+Works bare (``@fn``) and called (``@fn(...)``), on functions and on
+methods (``instance.method`` is then bound).  The result is a
+:class:`Function`: called, it calls the function as usual (sync stays
+sync, async stays async); mounted, it runs as a component.
+
+``@fn.as_async`` (or ``@fn.as_async(...)``) makes the result async
+whatever the function: a sync function then runs in a worker thread,
+when called and when mounted, and does not block the event loop.
+
+CocoIndex's options, keyword-only:
+
+* ``batching=True``: the function takes a list of inputs (after ``self``
+  for a method) and returns the list of outputs; callers pass one input
+  and await its output (``await embed("text")``).  Calls made while a
+  batch runs make up the next one, of at most ``max_batch_size``.  It
+  needs an async function under ``@fn``; ``@fn.as_async(batching=True)``
+  takes a sync one too (it runs in a worker thread).
+* ``memo``, ``memo_key``, ``version``, ``logic_tracking``, ``deps``:
+  accepted and ignored, since livemap re-runs a component every time it
+  is mounted (``deps`` with ``logic_tracking=None`` is a ``ValueError``,
+  as in CocoIndex).
+* ``runner``: accepted and ignored: the function runs in this process,
+  in the calling task (or a worker thread, under ``fn.as_async``).  Like
+  ``batching``, it needs an async function under ``@fn``.
+"""
 
 
 def is_live_class(obj: object) -> bool:
