@@ -17,7 +17,14 @@ from livemap._feed._protocols import (
     RetryPolicy,
 )
 from livemap._live_map import LiveMap, LiveMapConsumer, LiveMapStats
-from livemap._paths import ComponentSubpath, StableKey, StablePath, Symbol, component_subpath
+from livemap._paths import (
+    ComponentPath,
+    ComponentSubpath,
+    StableKey,
+    StablePath,
+    Symbol,
+    component_subpath,
+)
 from livemap._runtime._app import App, AppConfig, UpdateHandle
 from livemap._runtime._component import ComponentMountHandle
 from livemap._runtime._context import ExceptionContext, ExceptionHandler, exception_handler
@@ -50,6 +57,7 @@ __all__ = [
     "App",
     "AppConfig",
     "ComponentMountHandle",
+    "ComponentPath",
     "ComponentSubpath",
     "ConsumerBusyError",
     "ConsumerOptions",

@@ -10,6 +10,7 @@ from typing import TypeAlias
 from livemap_core import Symbol, check_key, is_stable_key, normalize_key
 
 __all__ = [
+    "ComponentPath",
     "ComponentSubpath",
     "StableKey",
     "StablePath",
@@ -40,6 +41,22 @@ def _format_part(part: StableKey) -> str:
 def format_path(path: StablePath) -> str:
     """``/`` for the root, else ``/part/part``: symbols by name, other keys by repr."""
     return "/" + "/".join(_format_part(p) for p in path)
+
+
+class ComponentPath(tuple[StableKey, ...]):
+    """A component's path as an :class:`~livemap.ExceptionContext` gives it.
+
+    A tuple of the path's stable keys: it equals (and hashes as) the plain
+    tuple, so ``ctx.stable_path == (Symbol("child"), "a")`` holds, and it
+    indexes and slices as one (a slice is a plain tuple).  ``str()`` gives
+    the printable form, ``/child/'a'`` (see :func:`format_path`), ``/`` for
+    the root.
+    """
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return format_path(self)
 
 
 prefix_var: ContextVar[StablePath] = ContextVar("livemap_subpath_prefix", default=())

@@ -367,7 +367,7 @@ CASES = [
         coco.KeyConflictError,
         ("'a'", PRODUCER, INTRUDER),
         lambda w: w.map.declare_entry("a", ("a", 5)),
-        reported="mount",
+        reported="process_live",  # mounted by operator.update()
         path=INTRUDER,
         deltas={"lm.conflicts": 1},
     ),
@@ -377,7 +377,7 @@ CASES = [
         coco.KeyConflictError,
         ("'t'", PRODUCER, INTRUDER, "owned"),
         lambda w: w.owned.target.declare("t", 5),
-        reported="mount",
+        reported="process_live",  # mounted by operator.update()
         path=INTRUDER,
         deltas={"owned.conflicts": 1},
     ),
@@ -407,7 +407,7 @@ CASES = [
         ValueError,
         ("'a'", "cannot compare this value"),
         values={"a": ("a", RaisingEq())},
-        reported="mount",
+        reported="process_live",  # mounted by operator.update()
         path=PRODUCER,
         deltas={"lm.eq_errors": 1, "lm.suppressed": -1},
     ),

@@ -44,7 +44,7 @@ async def test_list_parts_become_tuples() -> None:
             await coco.mount(Live)
 
     await run_app(coco.App("t", main))
-    got = {str(exc): typed(ctx.stable_path) for exc, ctx in rec.calls}
+    got = {str(exc): typed(tuple(ctx.stable_path)) for exc, ctx in rec.calls}
     assert got["subpath"] == typed(((1, 2),))
     assert got["each"] == typed((coco.Symbol("leaf"), (3, (4,))))
     assert got["op-list"] == typed((coco.Symbol("Live"), "l", (1,)))

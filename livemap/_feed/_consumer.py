@@ -448,7 +448,6 @@ class Consumer(Generic[K, V]):
         await waiter.event.wait()
 
 
-
 def _same(a: object, b: object) -> bool:
     if a is b:
         return True

@@ -838,9 +838,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         options = each.options
         host = comp.host
         if not isinstance(host, EachHost):
-            host = comp.host = EachHost(
-                comp, options.concurrency, options.retry, keeps_leaves=True
-            )
+            host = comp.host = EachHost(comp, options.concurrency, options.retry, keeps_leaves=True)
         else:
             # the same host and pool: runs of the earlier run of this
             # mount_each that are still winding down hold their keys

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from livemap._paths import StablePath, format_path, prefix_var
+from livemap._paths import ComponentPath, StablePath, format_path, prefix_var
 from livemap._runtime._context import (
     ExceptionContext,
     ExceptionHandler,
@@ -243,8 +243,18 @@ class Component:
         return self.rel[0] if len(self.rel) == 1 else self.rel
 
     def context(self, kind: MountKind | None = None) -> ExceptionContext:
+        """The context of an exception this component reports (as ``kind``,
+        by default its own mount kind)."""
+        parent = self.parent
+        if parent is not None and parent.host is not None and self.mount_kind == "mount_each":
+            # a mount_each child: its parent is the component that called mount_each
+            parent = parent.parent
         return ExceptionContext(
-            self.path, kind or self.mount_kind, processor_name(self.processor), self.session.name
+            env_name=self.session.name,
+            stable_path=ComponentPath(self.path),
+            processor_name=processor_name(self.processor),
+            mount_kind=kind or self.mount_kind,
+            parent_stable_path=None if parent is None else ComponentPath(parent.path),
         )
 
     # -- readiness -------------------------------------------------------------

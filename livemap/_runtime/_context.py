@@ -7,14 +7,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
-from livemap._paths import StablePath, format_path
+from livemap._paths import ComponentPath, format_path
 
 __all__ = [
     "ExceptionContext",
     "ExceptionHandler",
+    "ExceptionSource",
     "MountKind",
     "dispatch",
     "exception_handler",
@@ -28,25 +29,55 @@ logger = logging.getLogger("livemap")
 MountKind: TypeAlias = Literal["mount", "mount_each", "process_live"]
 
 
-@dataclass(frozen=True)
-class ExceptionContext:
-    """Where a reported exception came from.
+ExceptionSource: TypeAlias = Literal["component", "handler"]
 
-    ``stable_path`` is the component's path (a tuple of stable keys; ``path``
-    is its printable form), ``mount_kind`` how the component was mounted
-    (``"mount"``, ``"mount_each"``) or ``"process_live"`` for a live
-    component's ``process_live``, ``processor_name`` the qualified name of the
-    function or live-component class.
+
+@dataclass(frozen=True, slots=True)
+class ExceptionContext:
+    """Where a reported exception came from: what a handler gets with it.
+
+    The fields are CocoIndex's:
+
+    * ``env_name``: the app's name (``app_name`` is the same).
+    * ``stable_path``: the failing component's path, a
+      :class:`~livemap.ComponentPath` (equal to the tuple of its stable keys;
+      ``str()`` gives ``/process_entry/'k1'``, as does ``path``).
+    * ``processor_name``: the qualified name of the function or
+      live-component class.
+    * ``mount_kind``: how the component was mounted (``"mount"``,
+      ``"mount_each"``), or ``"process_live"`` for a live component's own
+      failures (``process_live``, ``update_full()``, ``report_exception()``)
+      and for the children ``operator.update()`` mounted.
+    * ``parent_stable_path``: the path of the component that mounted it (for
+      a ``mount_each`` child: the component that called ``mount_each``);
+      ``None`` for the root.
+    * ``is_background``: always ``True``: handlers see failures of work that
+      runs apart from its caller (``use_mount`` raises into its caller
+      instead).
+    * ``source``: ``"component"`` when the exception is the component's own;
+      ``"handler"`` when a handler further in raised it (its own exception,
+      or the one it got) and passed it on.
+    * ``original_exception``: with ``source="handler"``, the component's own
+      exception; else ``None``.
     """
 
-    stable_path: StablePath
-    mount_kind: MountKind
+    env_name: str
+    stable_path: ComponentPath
     processor_name: str
-    app_name: str
+    mount_kind: MountKind
+    parent_stable_path: ComponentPath | None
+    is_background: bool = True
+    source: ExceptionSource = "component"
+    original_exception: BaseException | None = None
+
+    @property
+    def app_name(self) -> str:
+        """The app's name: the same as ``env_name``."""
+        return self.env_name
 
     @property
     def path(self) -> str:
-        """The printable path, e.g. ``/process_entry/'k1'``."""
+        """The printable path, e.g. ``/process_entry/'k1'``: ``str(stable_path)``."""
         return format_path(self.stable_path)
 
 
@@ -83,7 +114,8 @@ async def dispatch(
     """Pass ``exc`` through ``chain``, innermost handler first.
 
     A handler that returns deals with the exception; one that raises hands
-    what it raised to the next handler out.  When no handler deals with it,
+    what it raised to the next handler out (whose context then has
+    ``source="handler"`` and ``original_exception=exc``).  When no handler deals with it,
     it is logged at ERROR.  Returns the exception to *escalate* (what
     ``handle.ready()`` of the failing component raises): the first exception
     a handler raised, if any, whether or not a handler further out dealt
@@ -99,6 +131,7 @@ async def dispatch(
         except Exception as raised:
             if escalated is None:
                 escalated = raised
+                ctx = replace(ctx, source="handler", original_exception=exc)
             current = raised
             continue
         return escalated

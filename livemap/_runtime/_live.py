@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, ParamSpec, Protocol, runtime_checkable
 
 import anyio
@@ -50,24 +51,44 @@ class ReadyHandle:
 
     What ``operator.delete()`` returns: ``ready()`` returns once the unmount
     is done (its entries released downstream); at once if there was nothing
-    to do.  A hand-written :class:`~livemap.LiveMapSubscriber` may return
-    ``ReadyHandle()`` from ``update`` / ``delete`` when a change is processed
-    by the time the call returns."""
+    to do.  Like ``ComponentMountHandle.ready()``, it raises when a failure
+    of the unmount (a sink that failed to apply its deletes: a
+    :class:`~livemap.errors.TargetApplyError`) was reported to a handler that
+    raised: then it raises what the handler raised.  A hand-written
+    :class:`~livemap.LiveMapSubscriber` may return ``ReadyHandle()`` from
+    ``update`` / ``delete`` when a change is processed by the time the call
+    returns."""
 
-    __slots__ = ("_done",)
+    __slots__ = ("_done", "_escalated")
 
     def __init__(self, done: anyio.Event | None = None) -> None:
         self._done = done
+        self._escalated: BaseException | None = None
 
     async def ready(self) -> None:
-        """Wait until the unmount is complete."""
+        """Wait until the unmount is complete; raise what a handler raised for
+        a failure of it, if one did."""
         if self._done is not None:
             await self._done.wait()
+        if self._escalated is not None:
+            raise self._escalated
 
     @property
     def exception(self) -> BaseException | None:
-        """Always ``None``: what it waits for cannot fail."""
-        return None
+        """What ``ready()`` raises once the unmount is complete (what a handler
+        raised for a failure of it), else ``None``."""
+        return self._escalated
+
+
+def _subtree(comp: Component) -> list[Component]:
+    found = [comp]
+    i = 0
+    while i < len(found):
+        children = found[i].children
+        if children:
+            found.extend(children.values())
+        i += 1
+    return found
 
 
 def _subpath(subpath: StableKey | ComponentSubpath | StablePath | list[Any]) -> StablePath:
@@ -84,7 +105,8 @@ class LiveComponentOperator:
 
     Every method is async.  ``update_full()`` runs ``process()`` and returns
     when it has committed and its children are ready (a failure goes to the
-    exception-handler chain, it is not raised).  ``update()`` (re)mounts one
+    exception-handler chain with ``mount_kind="process_live"``, it is not
+    raised).  ``update()`` (re)mounts one
     child and returns its handle without waiting for it; ``delete()``
     unmounts one and returns once it is gone.
     """
@@ -112,7 +134,13 @@ class LiveComponentOperator:
         comp.hold(1)
         try:
             await comp.run_once(
-                self._gen, self._instance.process, (), {}, raise_errors=False, live=True
+                self._gen,
+                self._instance.process,
+                (),
+                {},
+                raise_errors=False,
+                kind="process_live",
+                live=True,
             )
             for child in list((comp.children or {}).values()):
                 await child.wait_ready()
@@ -127,7 +155,10 @@ class LiveComponentOperator:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> ComponentMountHandle:
-        """(Re)mount the child at ``subpath`` running ``fn(*args, **kwargs)``."""
+        """(Re)mount the child at ``subpath`` running ``fn(*args, **kwargs)``.
+
+        Its failures reach the handler chain with ``mount_kind="process_live"``.
+        """
         comp = self._component
         rel = _subpath(subpath)
         child_path(rel, fn, "update")
@@ -137,7 +168,7 @@ class LiveComponentOperator:
             fn,
             args,
             kwargs,
-            "mount",
+            "process_live",
             handler_chain(),
             run_live if is_live_class(fn) else None,
         )
@@ -148,25 +179,34 @@ class LiveComponentOperator:
     async def delete(self, subpath: StableKey | ComponentSubpath | StablePath) -> ReadyHandle:
         """Unmount the child at ``subpath`` (if any): it leaves the tree at once;
         releasing what it owned goes on in the background (the live component
-        counts as busy meanwhile), and the handle's ``ready()`` waits for it."""
+        counts as busy meanwhile), and the handle's ``ready()`` waits for it
+        (and raises if a handler raised for a failure of the release)."""
         comp = self._component
         children = comp.children
         child = None if children is None else children.get(_subpath(subpath))
         if child is None or not child.detach():
             return ReadyHandle()
         done = anyio.Event()
+        handle = ReadyHandle(done)
         comp.hold(1)
 
         async def finish() -> None:
+            subtree = _subtree(child)
+            before = [c.escalated for c in subtree]
             try:
                 await child.cleanup()
             finally:
+                # what a handler raised for a release that failed meanwhile
+                for c, old in zip(subtree, before, strict=True):
+                    if c.escalated is not None and c.escalated is not old:
+                        handle._escalated = c.escalated
+                        break
                 done.set()
                 if self._current():  # a re-run has reset the count already
                     comp.hold(-1)
 
         comp.session.require_run().tg.start_soon(finish)
-        return ReadyHandle(done)
+        return handle
 
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
@@ -178,14 +218,26 @@ class LiveComponentOperator:
         await self._component.report(exc, "process_live")
 
 
-def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, LiveComponent]:
+def auto_refresh(
+    fn: Callable[P, object], *, interval: float | timedelta
+) -> Callable[P, LiveComponent]:
     """A live-component class that runs ``fn(*args, **kwargs)`` as its
-    ``process()`` and, in live mode, again every ``interval`` seconds.
+    ``process()`` and, in live mode, again ``interval`` after each run ends
+    (a fixed delay: runs never overlap).
 
-    ``mount(auto_refresh(load, interval=5.0), path)`` mounts it; the class
-    takes ``fn``'s arguments (typed as a callable with ``fn``'s parameters).
+    ``interval`` is in seconds or a :class:`datetime.timedelta`; zero or
+    less is a ``ValueError``.  ``mount(auto_refresh(load, interval=5.0),
+    path)`` mounts it; the class takes ``fn``'s arguments (typed as a
+    callable with ``fn``'s parameters).  A failing run goes to the handler
+    chain (``mount_kind="process_live"``) and the next one still comes.
     """
-    if interval <= 0:
+    if isinstance(interval, timedelta):
+        seconds = interval.total_seconds()
+    elif isinstance(interval, (int, float)):
+        seconds = float(interval)
+    else:
+        raise TypeError(f"auto_refresh interval must be seconds or a timedelta, got {interval!r}")
+    if not seconds > 0:  # also NaN
         raise ValueError(f"auto_refresh interval must be positive, got {interval!r}")
     name = getattr(fn, "__name__", "refresh")
 
@@ -203,7 +255,7 @@ def auto_refresh(fn: Callable[P, object], *, interval: float) -> Callable[P, Liv
             await operator.update_full()
             await operator.mark_ready()
             while True:
-                await anyio.sleep(interval)
+                await anyio.sleep(seconds)
                 await operator.update_full()
 
     AutoRefresh.__name__ = name
@@ -228,7 +280,8 @@ def live_task_context(comp: Component) -> Iterator[None]:
 async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
     """The task of a live component: make the instance, run ``process_live``;
     its return marks the component ready.  A failure goes to the handler
-    chain (``mount_kind="process_live"``)."""
+    chain (``mount_kind="process_live"``; a constructor's failure with the
+    kind the component was mounted with)."""
     with scope, live_task_context(comp):
         try:
             instance = comp.processor(*comp.args, **comp.kwargs)
@@ -237,7 +290,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             app_run = comp.session.active
             if app_run is not None:
                 app_run.stats.components_failed += 1
-            await comp.report(exc, "mount")
+            await comp.report(exc)  # as mounted: "mount", or "process_live"
             comp.mark_live_ready()
             return
         operator = LiveComponentOperator(comp, instance, gen)
