@@ -70,28 +70,25 @@ class App:
     def update(self, *, live: bool = False) -> UpdateHandle:
         """A handle for one run of the app; nothing runs until it is awaited.
 
-        ``await app.update()`` runs to the end (catch-up mode: until every
-        component is ready and every LiveMap change has been delivered, then
-        live components are cancelled).  ``async with app.update(live=True)
-        as h:`` runs in live mode for the body of the block.
+        ``await app.update()`` runs to the end and returns the main
+        function's value (catch-up mode: until every component is ready and
+        every LiveMap change has been delivered, then live components are
+        cancelled).  ``async with app.update(live=True) as h:`` runs in live
+        mode for the body of the block.
         """
         return UpdateHandle(self, live)
 
     def update_blocking(
         self, *, live: bool = False, backend: Literal["asyncio", "trio"] = "asyncio"
-    ) -> UpdateStats:
+    ) -> Any:
         """:meth:`update` from synchronous code, on its own event loop.
 
-        Returns the run's stats; raises what ``result()`` raises.  In live mode
-        it runs until the process is interrupted.
+        Returns the main function's value (the run's stats are on
+        ``app.update()``'s handle); raises what ``result()`` raises.  In live
+        mode it runs until the process is interrupted.
         """
         handle = self.update(live=live)
-
-        async def main() -> UpdateStats:
-            await handle.result()
-            return handle.stats()
-
-        return anyio.run(main, backend=backend)
+        return anyio.run(handle.result, backend=backend)
 
     # -- internal -----------------------------------------------------------------
 
@@ -106,15 +103,6 @@ class App:
             )
         return root
 
-    async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
-        try:
-            await root.run_once(gen, self.main_fn, self.args, self.kwargs, raise_errors=True)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            run.failure = exc
-            run.notify()
-
 
 class UpdateHandle:
     """One run of an app.  Await it (or :meth:`result`) to run it; use it as
@@ -126,6 +114,7 @@ class UpdateHandle:
         self._state: Literal["new", "running", "done"] = "new"
         self._run: AppRun | None = None
         self._stats = UpdateStats()
+        self._value: Any = None
         self._error: BaseException | None = None
         self._stop = False
         self._ready_event: anyio.Event | None = None
@@ -142,7 +131,7 @@ class UpdateHandle:
         """Counters of this run (live while it runs)."""
         return self._stats
 
-    def __await__(self) -> Generator[Any, None, None]:
+    def __await__(self) -> Generator[Any, None, Any]:
         return self.result().__await__()
 
     def _event(self, which: Literal["ready", "done"]) -> anyio.Event:
@@ -158,13 +147,15 @@ class UpdateHandle:
                 self._done_event.set()
         return self._done_event
 
-    async def result(self) -> None:
-        """Run the app here, in this task, to the end.
+    async def result(self) -> Any:
+        """Run the app here, in this task, to the end; return the main
+        function's value.
 
         Returns when the run ends: in catch-up mode at quiescence, in live
-        mode after :meth:`stop`.  Raises only if the main function itself
-        failed.  Awaited again (or from another task), it waits for the same
-        run to end.
+        mode after :meth:`stop` (which makes it return the main function's
+        value if it had returned, else ``None``).  Raises only if the main
+        function itself failed.  Awaited again (or from another task), it
+        waits for the same run to end.
         """
         if self._state == "new":
             self._state = "running"
@@ -180,6 +171,7 @@ class UpdateHandle:
             await self._event("done").wait()
         if self._error is not None:
             raise self._error
+        return self._value
 
     async def ready(self) -> None:
         """Wait until the initial catch-up is done (also in live mode), or the
@@ -226,7 +218,7 @@ class UpdateHandle:
                 root = app._root_component()
                 # The root turns unready here, before anything can look at it.
                 gen = root.begin()
-                tg.start_soon(app._run_root, root, run, gen)
+                tg.start_soon(self._run_root, root, run, gen)
                 while not (run.stop_requested or run.failure or run.quiescent(root.subtree_ready)):
                     await run.wait()
                 if run.failure is None:
@@ -242,6 +234,17 @@ class UpdateHandle:
             self._run = None
         if run is not None and run.failure is not None:
             self._error = run.failure
+
+    async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
+        try:
+            self._value = await root.run_once(
+                gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            run.failure = exc
+            run.notify()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":
