@@ -1,18 +1,34 @@
-"""What an app run gives back: the main function's value."""
+"""How an app run ends and what it gives back: the main function's value,
+and live runs that end by themselves."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import anyio
 import pytest
-from helpers import TIMEOUT
+from helpers import TIMEOUT, current_tasks, wait_for
 
 import livemap as coco
+from livemap import KeyedTarget, LiveMap, TargetBatch
 
 pytestmark = pytest.mark.anyio
 
 BACKENDS = ["asyncio", "trio"]
+
+
+class Rows:
+    """A KeyedTarget whose sink keeps the rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Any, Any] = {}
+        self.target: KeyedTarget[Any, Any] = KeyedTarget("rows", self._apply)
+
+    def _apply(self, batch: TargetBatch[Any, Any]) -> None:
+        for key in batch.deletes:
+            del self.rows[key]
+        self.rows.update(batch.upserts)
 
 
 # -- the main function's value -----------------------------------------------------
@@ -104,3 +120,194 @@ async def test_async_with_gives_the_value_through_result() -> None:
             await handle.ready()
     with anyio.fail_after(TIMEOUT):
         assert await handle.result() == 5
+
+
+# -- live runs end when nothing live is left ---------------------------------------
+
+
+def finite_app(rows: Rows, steps: list[int]) -> coco.App:
+    """Plain components, and a live component whose ``process_live`` makes a
+    few changes and returns."""
+
+    @coco.fn
+    def plain(key: str, value: int) -> None:
+        rows.target.declare(key, value)
+
+    class Finite:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def process(self) -> None:
+            rows.target.declare("live", self.n)
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            for _ in range(3):
+                await anyio.sleep(0.01)
+                self.n += 1
+                steps.append(self.n)
+                await op.update_full()
+
+    @coco.fn
+    async def main() -> str:
+        await coco.mount(coco.component_subpath("a"), plain, "a", 1)
+        await coco.mount(coco.component_subpath("b"), plain, "b", 2)
+        await coco.mount(Finite)
+        return "finished"
+
+    return coco.App("finite", main)
+
+
+async def test_a_live_run_ends_once_nothing_live_is_left() -> None:
+    rows = Rows()
+    steps: list[int] = []
+    before = current_tasks()
+    with anyio.fail_after(TIMEOUT):
+        assert await finite_app(rows, steps).update(live=True) == "finished"
+    assert steps == [1, 2, 3]  # process_live ran to its end
+    assert rows.rows == {"a": 1, "b": 2, "live": 3}
+    assert current_tasks() == before
+
+
+async def test_a_live_run_of_plain_components_ends_after_its_catch_up() -> None:
+    rows = Rows()
+
+    @coco.fn
+    def main() -> int:
+        rows.target.declare("k", 1)
+        return 1
+
+    handle = coco.App("plain", main).update(live=True)
+    with anyio.fail_after(TIMEOUT):
+        assert await handle == 1
+        await handle.ready()
+    assert rows.rows == {"k": 1}
+
+
+def blocking(call: Any) -> Any:
+    """``call()`` on a thread of its own, failing the test if it has not
+    returned within the timeout (a sync call cannot be cancelled)."""
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(call()), daemon=True)
+    thread.start()
+    thread.join(TIMEOUT)
+    if thread.is_alive():
+        pytest.fail(f"still running after {TIMEOUT} s")
+    assert outcome, "the call raised (see the thread's traceback)"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_blocking_live_ends_once_nothing_live_is_left(backend: str) -> None:
+    rows = Rows()
+    steps: list[int] = []
+    app = finite_app(rows, steps)
+    assert blocking(lambda: app.update_blocking(live=True, backend=backend)) == "finished"
+    assert steps == [1, 2, 3]
+    assert rows.rows == {"a": 1, "b": 2, "live": 3}
+
+
+async def test_a_live_run_with_auto_refresh_lasts_until_stop() -> None:
+    ticks: list[int] = []
+
+    @coco.fn
+    async def main() -> str:
+        await coco.mount(coco.auto_refresh(lambda: ticks.append(1), interval=0.005))
+        return "main"
+
+    handle = coco.App("refresh", main).update(live=True)
+    ended = anyio.Event()
+    got: list[Any] = []
+    before = current_tasks()
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            got.append(await handle.result())
+            ended.set()
+
+        tg.start_soon(run)
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+            await wait_for(lambda: len(ticks) >= 5)
+        assert not ended.is_set()  # the refresh is live: the run goes on
+        with anyio.fail_after(TIMEOUT):
+            await handle.stop()
+    assert got == ["main"]
+    assert current_tasks() == before
+
+
+async def test_a_live_run_with_a_map_consumer_lasts_until_stop() -> None:
+    seen: dict[str, int] = {}
+
+    @coco.fn
+    def produce(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        seen["a"] = value
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(consume, lm)
+
+    handle = coco.App("consumer", main).update(live=True)
+    ended = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            await handle.result()
+            ended.set()
+
+        tg.start_soon(run)
+        with anyio.fail_after(TIMEOUT):
+            await handle.ready()
+        assert seen == {"a": 1}
+        await anyio.sleep(0.05)
+        # the consumer follows the map until it is retired: still live
+        assert not ended.is_set()
+        with anyio.fail_after(TIMEOUT):
+            await handle.stop()
+    assert ended.is_set()
+
+
+async def test_a_live_run_ends_once_its_map_consumer_ends() -> None:
+    seen: list[int] = []
+
+    @coco.fn
+    def produce(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        seen.append(value)
+
+    @coco.fn
+    async def pipeline() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(consume, lm)
+
+    class Once:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            handle = await op.update("pipeline", pipeline)
+            await handle.ready()
+            await op.mark_ready()
+            await (await op.delete("pipeline")).ready()  # the consumer ends with it
+
+    @coco.fn
+    async def main() -> str:
+        await coco.mount(Once)
+        return "over"
+
+    before = current_tasks()
+    with anyio.fail_after(TIMEOUT):
+        assert await coco.App("consumer ends", main).update(live=True) == "over"
+    assert seen == [1]
+    assert current_tasks() == before

@@ -73,8 +73,9 @@ class App:
         ``await app.update()`` runs to the end and returns the main
         function's value (catch-up mode: until every component is ready and
         every LiveMap change has been delivered, then live components are
-        cancelled).  ``async with app.update(live=True) as h:`` runs in live
-        mode for the body of the block.
+        cancelled; live mode: until nothing live is left, or ``stop()``).
+        ``async with app.update(live=True) as h:`` runs in live mode for the
+        body of the block.
         """
         return UpdateHandle(self, live)
 
@@ -84,8 +85,9 @@ class App:
         """:meth:`update` from synchronous code, on its own event loop.
 
         Returns the main function's value (the run's stats are on
-        ``app.update()``'s handle); raises what ``result()`` raises.  In live
-        mode it runs until the process is interrupted.
+        ``app.update()``'s handle); raises what ``result()`` raises.  A live
+        run ends when nothing live is left in it (or the process is
+        interrupted).
         """
         handle = self.update(live=live)
         return anyio.run(handle.result, backend=backend)
@@ -152,8 +154,9 @@ class UpdateHandle:
         function's value.
 
         Returns when the run ends: in catch-up mode at quiescence, in live
-        mode after :meth:`stop` (which makes it return the main function's
-        value if it had returned, else ``None``).  Raises only if the main
+        mode when nothing live is left or after :meth:`stop` (then it
+        returns the main function's value if it had returned, else
+        ``None``).  Raises only if the main
         function itself failed.  Awaited again (or from another task), it
         waits for the same run to end.
         """
@@ -219,12 +222,7 @@ class UpdateHandle:
                 # The root turns unready here, before anything can look at it.
                 gen = root.begin()
                 tg.start_soon(self._run_root, root, run, gen)
-                while not (run.stop_requested or run.failure or run.quiescent(root.subtree_ready)):
-                    await run.wait()
-                if run.failure is None:
-                    self._set_ready()
-                while self._live and not (run.stop_requested or run.failure):
-                    await run.wait()
+                await self._until_done(run, root)
                 tg.cancel_scope.cancel()
         finally:
             if run is not None:
@@ -245,6 +243,23 @@ class UpdateHandle:
         except Exception as exc:
             run.failure = exc
             run.notify()
+
+    async def _until_done(self, run: AppRun, root: Component) -> None:
+        """Wait until the run is over: stopped, failed, or (catch-up mode)
+        quiescent, or (live mode) inactive."""
+
+        def over() -> bool:
+            return run.stop_requested or run.failure is not None
+
+        while not (over() or run.quiescent(root.subtree_ready)):
+            await run.wait()
+        if run.failure is None:
+            self._set_ready()
+        if self._live:
+            # A live run ends by itself once nothing in it can change any
+            # more: no live task is left and every change has been delivered.
+            while not (over() or run.inactive(root.subtree_ready)):
+                await run.wait()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":

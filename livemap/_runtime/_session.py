@@ -35,14 +35,17 @@ class AppRun:
     tasks, pool workers, background cleanups) is started in it, so none
     outlives the run.  ``busy_consumers`` counts the consumers holding
     undelivered changes; the run is quiescent when the root's subtree is
-    ready and it is zero.  ``notify()`` wakes whoever waits in :meth:`wait`
-    (the run's main loop) to look again.
+    ready and it is zero.  ``live_tasks`` counts the live tasks running
+    (live components' ``process_live`` and ``mount_each`` watches).
+    ``notify()`` wakes whoever waits in :meth:`wait` (the run's main loop)
+    to look again.
     """
 
     live: bool
     tg: TaskGroup
     stats: UpdateStats = field(default_factory=UpdateStats)
     busy_consumers: int = 0
+    live_tasks: int = 0
     stop_requested: bool = False
     failure: BaseException | None = None
     _waiters: list[anyio.Event] = field(default_factory=list)
@@ -57,10 +60,23 @@ class AppRun:
         if self.busy_consumers == 0:
             self.notify()
 
+    def live_started(self) -> None:
+        """A live task starts (a live component's or a ``mount_each`` watch)."""
+        self.live_tasks += 1
+
+    def live_ended(self) -> None:
+        self.live_tasks -= 1
+        self.notify()
+
     def quiescent(self, tree_ready: bool) -> bool:
         """Whether the run has nothing left to do, given whether the root's
         subtree is ready: no consumer holds undelivered changes."""
         return tree_ready and self.busy_consumers == 0
+
+    def inactive(self, tree_ready: bool) -> bool:
+        """Quiescent, and no live task is running: nothing in the run can
+        change any more (a live run ends by itself then)."""
+        return self.live_tasks == 0 and self.quiescent(tree_ready)
 
     async def wait(self) -> None:
         event = anyio.Event()
