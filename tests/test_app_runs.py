@@ -1,5 +1,5 @@
 """How an app run ends and what it gives back: the main function's value,
-and live runs that end by themselves."""
+live runs that end by themselves, and the end of a catch-up run."""
 
 from __future__ import annotations
 
@@ -310,4 +310,50 @@ async def test_a_live_run_ends_once_its_map_consumer_ends() -> None:
     with anyio.fail_after(TIMEOUT):
         assert await coco.App("consumer ends", main).update(live=True) == "over"
     assert seen == [1]
+    assert current_tasks() == before
+
+
+# -- the end of a catch-up run --------------------------------------------------------
+
+
+def ticking_app(seen: dict[str, int], holder: dict[str, Any]) -> coco.App:
+    """A producer on a short timer (three keys, a new value each time) and a
+    ``mount_each`` of an async function recording what it is given."""
+    counter = [0]
+
+    def tick() -> None:
+        counter[0] += 1
+        for key in ("a", "b", "c"):
+            holder["lm"].declare_entry(key, (key, counter[0]))
+
+    @coco.fn
+    async def consume(value: tuple[str, int]) -> None:
+        key, n = value
+        seen[key] = n
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(coco.auto_refresh(tick, interval=0.0002))
+        await coco.mount_each(consume, lm)
+
+    return coco.App("catch-up end", main)
+
+
+async def test_a_catch_up_run_delivers_what_a_live_producer_commits_as_it_ends() -> None:
+    """The producer's timer may fire just as the run reaches quiescence:
+    whatever it commits then is still delivered, so the consumer's view
+    matches the map's final state after every run."""
+    mismatches: list[tuple[int, Any, Any]] = []
+    before = current_tasks()
+    for attempt in range(100):
+        seen: dict[str, int] = {}
+        holder: dict[str, Any] = {}
+        with anyio.fail_after(TIMEOUT):
+            await ticking_app(seen, holder).update()
+        final = {key: n for key, (_, n) in holder["lm"].snapshot()}
+        if seen != final:
+            mismatches.append((attempt, seen, final))
+    assert mismatches == []
     assert current_tasks() == before

@@ -246,7 +246,7 @@ class UpdateHandle:
 
     async def _until_done(self, run: AppRun, root: Component) -> None:
         """Wait until the run is over: stopped, failed, or (catch-up mode)
-        quiescent, or (live mode) inactive."""
+        quiescent and its live components ended, or (live mode) inactive."""
 
         def over() -> bool:
             return run.stop_requested or run.failure is not None
@@ -260,6 +260,13 @@ class UpdateHandle:
             # more: no live task is left and every change has been delivered.
             while not (over() or run.inactive(root.subtree_ready)):
                 await run.wait()
+            return
+        # Catch-up mode: end the live components first.  A last step of one
+        # may still commit (its timer fired as quiescence was reached); the
+        # consumers deliver that before the run ends.
+        run.close()
+        while not (over() or (not run.producers and run.quiescent(root.subtree_ready))):
+            await run.wait()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":

@@ -426,7 +426,7 @@ class Component:
         self.scope_run = app_run
         body = self.live_body
         if body is not None:
-            app_run.live_started()
+            app_run.live_started(scope, self.mount_kind != "mount_each")
             app_run.tg.start_soon(self._live_task, body, app_run, scope, gen)
         else:
             app_run.tg.start_soon(self._run_task, scope, gen)
@@ -439,7 +439,10 @@ class Component:
         try:
             await body(self, scope, gen)
         finally:
-            app_run.live_ended()
+            app_run.live_ended(scope)
+            if app_run.closing and self.current(gen):
+                # ended by a catch-up run winding down: it counts as ready
+                self.mark_live_ready()
 
     async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
         with scope:

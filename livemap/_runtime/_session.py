@@ -36,7 +36,10 @@ class AppRun:
     outlives the run.  ``busy_consumers`` counts the consumers holding
     undelivered changes; the run is quiescent when the root's subtree is
     ready and it is zero.  ``live_tasks`` counts the live tasks running
-    (live components' ``process_live`` and ``mount_each`` watches).
+    (live components' ``process_live`` and ``mount_each`` watches);
+    ``producers`` holds the cancel scopes of the running live components
+    (the live tasks that are not ``mount_each`` watches).  ``closing``: a
+    catch-up run reached quiescence and is ending its live components.
     ``notify()`` wakes whoever waits in :meth:`wait` (the run's main loop)
     to look again.
     """
@@ -46,6 +49,8 @@ class AppRun:
     stats: UpdateStats = field(default_factory=UpdateStats)
     busy_consumers: int = 0
     live_tasks: int = 0
+    producers: set[anyio.CancelScope] = field(default_factory=set)
+    closing: bool = False
     stop_requested: bool = False
     failure: BaseException | None = None
     _waiters: list[anyio.Event] = field(default_factory=list)
@@ -60,13 +65,28 @@ class AppRun:
         if self.busy_consumers == 0:
             self.notify()
 
-    def live_started(self) -> None:
-        """A live task starts (a live component's or a ``mount_each`` watch)."""
+    def live_started(self, scope: anyio.CancelScope, producer: bool) -> None:
+        """A live task starts in ``scope``; ``producer``: it is a live
+        component's (it can commit at any time), not a ``mount_each`` watch.
+        A live component that starts while the run is closing is cancelled
+        at once."""
         self.live_tasks += 1
+        if producer:
+            self.producers.add(scope)
+            if self.closing:
+                scope.cancel()
 
-    def live_ended(self) -> None:
+    def live_ended(self, scope: anyio.CancelScope) -> None:
         self.live_tasks -= 1
+        self.producers.discard(scope)
         self.notify()
+
+    def close(self) -> None:
+        """A catch-up run is quiescent: cancel every live component (what
+        their last steps commit is still delivered before the run ends)."""
+        self.closing = True
+        for scope in self.producers:
+            scope.cancel()
 
     def quiescent(self, tree_ready: bool) -> bool:
         """Whether the run has nothing left to do, given whether the root's
