@@ -1,8 +1,13 @@
 """How an app run ends and what it gives back: the main function's value,
-live runs that end by themselves, and the end of a catch-up run."""
+live runs that end by themselves, interrupts raised by user code, and the
+end of a catch-up run."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
 import threading
 from typing import Any
 
@@ -311,6 +316,145 @@ async def test_a_live_run_ends_once_its_map_consumer_ends() -> None:
         assert await coco.App("consumer ends", main).update(live=True) == "over"
     assert seen == [1]
     assert current_tasks() == before
+
+
+# -- KeyboardInterrupt and SystemExit come out bare ----------------------------------
+
+
+def interrupting_app(where: str, exc_type: type[BaseException]) -> coco.App:
+    """An app whose user code raises ``exc_type`` in ``where``: the main
+    function, an async child (a task of its own), a sync child, a live
+    component, an exception handler, a ``mount_each`` child."""
+
+    @coco.fn
+    async def async_child() -> None:
+        await anyio.sleep(0)
+        raise exc_type
+
+    @coco.fn
+    def sync_child() -> None:
+        raise exc_type
+
+    @coco.fn
+    async def failing() -> None:
+        raise ValueError("handled by a handler that raises")
+
+    def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        raise exc_type
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await anyio.sleep(0.01)
+            raise exc_type
+
+    @coco.fn
+    def produce(lm: LiveMap[str, int]) -> None:
+        for key, value in [("a", 1), ("b", 2), ("c", 3)]:
+            lm.declare_entry(key, value)
+
+    @coco.fn
+    async def per_entry(value: int) -> None:
+        if value == 2:
+            raise exc_type
+
+    @coco.fn
+    async def main() -> None:
+        if where == "main":
+            raise exc_type
+        if where == "async child":
+            await coco.mount(async_child)
+        elif where == "sync child":
+            await coco.mount(sync_child)
+        elif where == "live":
+            await coco.mount(Live)
+        elif where == "handler":
+            async with coco.exception_handler(handler):
+                await coco.mount(failing)
+        elif where == "mount_each":
+            lm: LiveMap[str, int] = await LiveMap.create()
+            await coco.mount(produce, lm)
+            await coco.mount_each(per_entry, lm)
+
+    return coco.App("interrupted", main)
+
+
+WHERE = ["main", "async child", "sync child", "live", "handler", "mount_each"]
+
+
+@pytest.mark.parametrize("where", WHERE)
+async def test_system_exit_comes_out_of_update_bare(
+    where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = current_tasks()
+    with caplog.at_level(logging.WARNING):
+        with anyio.fail_after(TIMEOUT), pytest.raises(SystemExit) as info:
+            await interrupting_app(where, SystemExit).update()
+        assert type(info.value) is SystemExit
+        handle = interrupting_app(where, SystemExit).update(live=True)
+        with anyio.fail_after(TIMEOUT), pytest.raises(SystemExit):
+            await handle.result()
+        with pytest.raises(SystemExit):  # awaited again
+            await handle.result()
+    assert current_tasks() == before
+    assert caplog.records == []
+
+
+async def test_system_exit_ends_an_async_with_block_bare() -> None:
+    body_cancelled = False
+    with anyio.fail_after(TIMEOUT), pytest.raises(SystemExit):
+        async with interrupting_app("live", SystemExit).update(live=True):
+            try:
+                await anyio.sleep_forever()
+            finally:
+                body_cancelled = True
+    assert body_cancelled
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", WHERE)
+def test_system_exit_comes_out_of_update_blocking_bare(
+    backend: str, where: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as info:
+        interrupting_app(where, SystemExit).update_blocking(backend=backend)
+    assert type(info.value) is SystemExit
+    assert caplog.records == []
+    assert capfd.readouterr().err == ""
+
+
+KEYBOARD_INTERRUPT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_app_runs import interrupting_app
+
+backend, where = sys.argv[1], sys.argv[2]
+try:
+    interrupting_app(where, KeyboardInterrupt).update_blocking(backend=backend)
+except KeyboardInterrupt as exc:
+    print("bare" if type(exc) is KeyboardInterrupt else type(exc).__name__)
+except BaseException as exc:
+    print("wrapped", type(exc).__name__, repr(exc))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["main", "async child", "live", "mount_each"])
+def test_keyboard_interrupt_comes_out_of_update_blocking_bare(backend: str, where: str) -> None:
+    import pathlib
+
+    script = KEYBOARD_INTERRUPT_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), backend, where],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "bare", done.stdout + done.stderr
+    assert done.stderr == ""
 
 
 # -- the end of a catch-up run --------------------------------------------------------

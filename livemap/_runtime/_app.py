@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import importlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -12,7 +14,7 @@ from anyio.abc import TaskGroup
 
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
-from livemap._runtime._session import AppRun, Session, UpdateStats
+from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
 from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle"]
@@ -85,8 +87,9 @@ class App:
         """:meth:`update` from synchronous code, on its own event loop.
 
         Returns the main function's value (the run's stats are on
-        ``app.update()``'s handle); raises what ``result()`` raises.  A live
-        run ends when nothing live is left in it (or the process is
+        ``app.update()``'s handle); raises what ``result()`` raises, and a
+        ``KeyboardInterrupt`` or ``SystemExit`` raised in the run as it is.
+        A live run ends when nothing live is left in it (or the process is
         interrupted).
         """
         handle = self.update(live=live)
@@ -156,8 +159,9 @@ class UpdateHandle:
         Returns when the run ends: in catch-up mode at quiescence, in live
         mode when nothing live is left or after :meth:`stop` (then it
         returns the main function's value if it had returned, else
-        ``None``).  Raises only if the main
-        function itself failed.  Awaited again (or from another task), it
+        ``None``).  Raises only if the main function itself failed, or what
+        interrupted the run (a ``KeyboardInterrupt`` or ``SystemExit`` raised
+        anywhere in it, as it is).  Awaited again (or from another task), it
         waits for the same run to end.
         """
         if self._state == "new":
@@ -165,6 +169,8 @@ class UpdateHandle:
             try:
                 await self._execute()
             except Exception as exc:  # e.g. another update of the app is running
+                self._error = exc
+            except (KeyboardInterrupt, SystemExit) as exc:
                 self._error = exc
             finally:
                 self._state = "done"
@@ -212,25 +218,31 @@ class UpdateHandle:
             raise UpdateInProgressError(app.name)
         if self._stop:
             return
-        run: AppRun | None = None
+        run = AppRun(self._live, stats=self._stats)
         try:
             async with anyio.create_task_group() as tg:
-                run = AppRun(self._live, tg, stats=self._stats)
+                run.bind(tg)
                 self._run = run
                 session.active = run
                 root = app._root_component()
                 # The root turns unready here, before anything can look at it.
                 gen = root.begin()
-                tg.start_soon(self._run_root, root, run, gen)
+                run.tg.start_soon(self._run_root, root, run, gen)
                 await self._until_done(run, root)
                 tg.cancel_scope.cancel()
+        except BaseException as exc:
+            # What interrupted the run's own task (on trio, wrapped in a group
+            # with the cancellations of its other tasks) comes out bare.
+            interrupt = _lone_interrupt(exc)
+            if interrupt is None or interrupt is exc:
+                raise
+            raise interrupt from None
         finally:
-            if run is not None:
-                run.stop_requested = True
-                if session.active is run:
-                    session.active = None
+            run.stop_requested = True
+            if session.active is run:
+                session.active = None
             self._run = None
-        if run is not None and run.failure is not None:
+        if run.failure is not None:
             self._error = run.failure
 
     async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
@@ -241,7 +253,8 @@ class UpdateHandle:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            run.failure = exc
+            if run.failure is None:  # (an interrupt elsewhere came first)
+                run.failure = exc
             run.notify()
 
     async def _until_done(self, run: AppRun, root: Component) -> None:
@@ -274,14 +287,18 @@ class UpdateHandle:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._background)
+        tg.start_soon(self._background, tg)
         return self
 
-    async def _background(self) -> None:
+    async def _background(self, tg: TaskGroup) -> None:
         try:
             await self.result()
         except Exception:  # kept in self._error and raised by __aexit__
             pass
+        except (KeyboardInterrupt, SystemExit):
+            # kept in self._error: the body of the block is interrupted too,
+            # and __aexit__ raises it
+            tg.cancel_scope.cancel()
 
     async def __aexit__(
         self,
@@ -302,6 +319,27 @@ class UpdateHandle:
                 await tg.__aexit__(exc_type, exc, tb)
             else:
                 await tg.__aexit__(None, None, None)
-        if exc_type is None and self._error is not None:
-            raise self._error
+        error = self._error
+        if error is not None and (exc_type is None or is_interrupt(error)):
+            raise error
         return None
+
+
+def _lone_interrupt(exc: BaseException) -> BaseException | None:
+    """The ``KeyboardInterrupt`` or ``SystemExit`` that ``exc`` is, or that an
+    exception group ``exc`` holds besides cancellations only; else ``None``."""
+    group = getattr(builtins, "BaseExceptionGroup", None)
+    if group is None:  # Python 3.10: anyio depends on the backport there
+        group = importlib.import_module("exceptiongroup").BaseExceptionGroup
+    cancelled = anyio.get_cancelled_exc_class()
+    found: BaseException | None = None
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, group):
+            stack.extend(current.exceptions)
+        elif is_interrupt(current):
+            found = found or current
+        elif not isinstance(current, cancelled):
+            return None
+    return found

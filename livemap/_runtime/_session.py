@@ -7,12 +7,21 @@ session, never the app, so the tree sits below the app in the layers.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-__all__ = ["AppRun", "Session", "UpdateStats"]
+__all__ = ["AppRun", "RunTasks", "Session", "UpdateStats", "is_interrupt"]
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``KeyboardInterrupt`` or a ``SystemExit``: raised
+    by user code anywhere in a run, it ends the run and comes out of it
+    bare."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit))
 
 
 @dataclass
@@ -25,6 +34,29 @@ class UpdateStats:
     components_failed: int = 0
     components_unmounted: int = 0
     retries: int = 0
+
+
+class RunTasks:
+    """The task group of an app run, as the run's code sees it: every task
+    started here is guarded, so that a ``KeyboardInterrupt`` or ``SystemExit``
+    raised in it ends the run (see :meth:`AppRun.interrupt`) instead of
+    escaping through the task machinery (where asyncio would re-raise it in
+    the event loop and trio would wrap it in an exception group)."""
+
+    __slots__ = ("_run", "_tg")
+
+    def __init__(self, tg: TaskGroup, run: AppRun) -> None:
+        self._tg = tg
+        self._run = run
+
+    def start_soon(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._tg.start_soon(self._guard, func, args, name=getattr(func, "__qualname__", None))
+
+    async def _guard(self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await func(*args)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._run.interrupt(exc)
 
 
 @dataclass(eq=False)
@@ -45,7 +77,7 @@ class AppRun:
     """
 
     live: bool
-    tg: TaskGroup
+    tg: RunTasks = field(init=False)
     stats: UpdateStats = field(default_factory=UpdateStats)
     busy_consumers: int = 0
     live_tasks: int = 0
@@ -54,6 +86,10 @@ class AppRun:
     stop_requested: bool = False
     failure: BaseException | None = None
     _waiters: list[anyio.Event] = field(default_factory=list)
+
+    def bind(self, tg: TaskGroup) -> None:
+        """Start the run's tasks in ``tg`` from now on."""
+        self.tg = RunTasks(tg, self)
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -64,6 +100,13 @@ class AppRun:
         self.busy_consumers += delta
         if self.busy_consumers == 0:
             self.notify()
+
+    def interrupt(self, exc: BaseException) -> None:
+        """A ``KeyboardInterrupt`` or ``SystemExit`` came out of a task of the
+        run: the run ends and raises it (the first one, if several)."""
+        if self.failure is None or not is_interrupt(self.failure):
+            self.failure = exc
+        self.notify()
 
     def live_started(self, scope: anyio.CancelScope, producer: bool) -> None:
         """A live task starts in ``scope``; ``producer``: it is a live
