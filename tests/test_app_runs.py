@@ -1,6 +1,6 @@
 """How an app run ends and what it gives back: the main function's value,
-live runs that end by themselves, interrupts raised by user code, and the
-end of a catch-up run."""
+live runs that end by themselves, ``update_blocking`` inside a running event
+loop, interrupts raised by user code, and the end of a catch-up run."""
 
 from __future__ import annotations
 
@@ -316,6 +316,47 @@ async def test_a_live_run_ends_once_its_map_consumer_ends() -> None:
         assert await coco.App("consumer ends", main).update(live=True) == "over"
     assert seen == [1]
     assert current_tasks() == before
+
+
+# -- update_blocking inside a running event loop ------------------------------------
+
+
+@pytest.mark.parametrize("helper_backend", BACKENDS)
+async def test_update_blocking_inside_a_running_loop(helper_backend: str) -> None:
+    threads: list[int] = []
+
+    @coco.fn
+    async def main(x: int) -> int:
+        threads.append(threading.get_ident())
+        await anyio.sleep(0)
+        return x * 2
+
+    app = coco.App("nested", main, 21)
+    value = app.update_blocking(backend=helper_backend)
+    assert value == 42
+    assert threads and threads[0] != threading.get_ident()  # on a helper thread
+    assert app.update_blocking(backend=helper_backend) == 42
+
+
+@pytest.mark.parametrize("helper_backend", BACKENDS)
+async def test_update_blocking_inside_a_running_loop_raises_the_failure(
+    helper_backend: str,
+) -> None:
+    @coco.fn
+    async def main() -> None:
+        raise ValueError("main failed")
+
+    with pytest.raises(ValueError, match="main failed"):
+        coco.App("nested", main).update_blocking(backend=helper_backend)
+
+
+@pytest.mark.parametrize("helper_backend", BACKENDS)
+async def test_update_blocking_inside_a_running_loop_raises_an_interrupt_bare(
+    helper_backend: str,
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        interrupting_app("async child", SystemExit).update_blocking(backend=helper_backend)
+    assert type(info.value) is SystemExit
 
 
 # -- KeyboardInterrupt and SystemExit come out bare ----------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import importlib
+import sys
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -90,9 +93,13 @@ class App:
         ``app.update()``'s handle); raises what ``result()`` raises, and a
         ``KeyboardInterrupt`` or ``SystemExit`` raised in the run as it is.
         A live run ends when nothing live is left in it (or the process is
-        interrupted).
+        interrupted).  Called where an event loop is running (from a sync
+        function called by async code), it runs the update on a helper
+        thread with an event loop of its own and blocks until it ends.
         """
         handle = self.update(live=live)
+        if _loop_running():
+            return _run_on_helper_thread(handle, backend)
         return anyio.run(handle.result, backend=backend)
 
     # -- internal -----------------------------------------------------------------
@@ -194,17 +201,21 @@ class UpdateHandle:
     async def stop(self) -> None:
         """End the run: every live component is cancelled and cleaned up, and no
         task of the run is left, before this returns."""
-        self._stop = True
+        self._request_stop()
         if self._state == "new":
             self._state = "done"
             self._set_ready()
             return
+        if self._state != "done":
+            await self._event("done").wait()
+
+    def _request_stop(self) -> None:
+        """The synchronous half of :meth:`stop`: tell the run to end."""
+        self._stop = True
         run = self._run
         if run is not None:
             run.stop_requested = True
             run.notify()
-        if self._state != "done":
-            await self._event("done").wait()
 
     def _set_ready(self) -> None:
         self._is_ready = True
@@ -343,3 +354,65 @@ def _lone_interrupt(exc: BaseException) -> BaseException | None:
         elif not isinstance(current, cancelled):
             return None
     return found
+
+
+def _loop_running() -> bool:
+    """Whether this thread is running an event loop (asyncio or trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return True
+    return False
+
+
+def _run_on_helper_thread(handle: UpdateHandle, backend: Literal["asyncio", "trio"]) -> Any:
+    """Run ``handle`` on a new thread with an event loop of its own; block
+    until it ends, then return its value or raise its exception.  If this
+    thread is interrupted meanwhile, the run is stopped before this raises."""
+    outcome: list[Any] = []
+    wakers: list[Callable[[Callable[[], object]], object]] = []
+
+    async def main() -> Any:
+        if backend == "trio":
+            wakers.append(sys.modules["trio"].lowlevel.current_trio_token().run_sync_soon)
+        else:
+            wakers.append(asyncio.get_running_loop().call_soon_threadsafe)
+        return await handle.result()
+
+    def target() -> None:
+        try:
+            outcome.append((True, anyio.run(main, backend=backend)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"livemap update of {handle._app.name}")
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        # interrupted while waiting: stop the run and wait for its end
+        handle._stop = True  # in case the run has not started yet
+        if wakers:
+            try:
+                wakers[0](handle._request_stop)
+            except RuntimeError:  # the loop has ended already
+                pass
+        thread.join()
+        raise
+    ok, value = outcome[0]
+    if ok:
+        return value
+    try:
+        raise value
+    finally:
+        del value
