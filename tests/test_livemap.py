@@ -1180,7 +1180,8 @@ async def test_operator_subpath_must_be_stable() -> None:
 async def test_second_live_update_in_async_with_raises() -> None:
     @coco.fn
     async def main() -> None:
-        pass
+        # something live, so that the first run does not end by itself
+        await coco.mount(coco.auto_refresh(lambda: None, interval=60))
 
     app = coco.App("t", main)
     async with app.update(live=True) as first:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import builtins
+import importlib
+import sys
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -12,7 +17,7 @@ from anyio.abc import TaskGroup
 
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
-from livemap._runtime._session import AppRun, Session, UpdateStats
+from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
 from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle"]
@@ -72,28 +77,32 @@ class App:
     def update(self, *, live: bool = False) -> UpdateHandle:
         """A handle for one run of the app; nothing runs until it is awaited.
 
-        ``await app.update()`` runs to the end (catch-up mode: until every
-        component is ready and every LiveMap change has been delivered, then
-        live components are cancelled).  ``async with app.update(live=True)
-        as h:`` runs in live mode for the body of the block.
+        ``await app.update()`` runs to the end and returns the main
+        function's value (catch-up mode: until every component is ready and
+        every LiveMap change has been delivered, then live components are
+        cancelled; live mode: until nothing live is left, or ``stop()``).
+        ``async with app.update(live=True) as h:`` runs in live mode for the
+        body of the block.
         """
         return UpdateHandle(self, live)
 
     def update_blocking(
         self, *, live: bool = False, backend: Literal["asyncio", "trio"] = "asyncio"
-    ) -> UpdateStats:
+    ) -> Any:
         """:meth:`update` from synchronous code, on its own event loop.
 
-        Returns the run's stats; raises what ``result()`` raises.  In live mode
-        it runs until the process is interrupted.
+        Returns the main function's value (the run's stats are on
+        ``app.update()``'s handle); raises what ``result()`` raises, and a
+        ``KeyboardInterrupt`` or ``SystemExit`` raised in the run as it is.
+        A live run ends when nothing live is left in it (or the process is
+        interrupted).  Called where an event loop is running (from a sync
+        function called by async code), it runs the update on a helper
+        thread with an event loop of its own and blocks until it ends.
         """
         handle = self.update(live=live)
-
-        async def main() -> UpdateStats:
-            await handle.result()
-            return handle.stats()
-
-        return anyio.run(main, backend=backend)
+        if _loop_running():
+            return _run_on_helper_thread(handle, backend)
+        return anyio.run(handle.result, backend=backend)
 
     # -- internal -----------------------------------------------------------------
 
@@ -108,15 +117,6 @@ class App:
             )
         return root
 
-    async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
-        try:
-            await root.run_once(gen, self.main_fn, self.args, self.kwargs, raise_errors=True)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            run.failure = exc
-            run.notify()
-
 
 class UpdateHandle:
     """One run of an app.  Await it (or :meth:`result`) to run it; use it as
@@ -128,6 +128,7 @@ class UpdateHandle:
         self._state: Literal["new", "running", "done"] = "new"
         self._run: AppRun | None = None
         self._stats = UpdateStats()
+        self._value: Any = None
         self._error: BaseException | None = None
         self._stop = False
         self._ready_event: anyio.Event | None = None
@@ -144,7 +145,7 @@ class UpdateHandle:
         """Counters of this run (live while it runs)."""
         return self._stats
 
-    def __await__(self) -> Generator[Any, None, None]:
+    def __await__(self) -> Generator[Any, None, Any]:
         return self.result().__await__()
 
     def _event(self, which: Literal["ready", "done"]) -> anyio.Event:
@@ -160,19 +161,25 @@ class UpdateHandle:
                 self._done_event.set()
         return self._done_event
 
-    async def result(self) -> None:
-        """Run the app here, in this task, to the end.
+    async def result(self) -> Any:
+        """Run the app here, in this task, to the end; return the main
+        function's value.
 
         Returns when the run ends: in catch-up mode at quiescence, in live
-        mode after :meth:`stop`.  Raises only if the main function itself
-        failed.  Awaited again (or from another task), it waits for the same
-        run to end.
+        mode when nothing live is left or after :meth:`stop` (then it
+        returns the main function's value if it had returned, else
+        ``None``).  Raises only if the main function itself failed, or what
+        interrupted the run (a ``KeyboardInterrupt`` or ``SystemExit`` raised
+        anywhere in it, as it is).  Awaited again (or from another task), it
+        waits for the same run to end.
         """
         if self._state == "new":
             self._state = "running"
             try:
                 await self._execute()
             except Exception as exc:  # e.g. another update of the app is running
+                self._error = exc
+            except (KeyboardInterrupt, SystemExit) as exc:
                 self._error = exc
             finally:
                 self._state = "done"
@@ -182,6 +189,7 @@ class UpdateHandle:
             await self._event("done").wait()
         if self._error is not None:
             raise self._error
+        return self._value
 
     async def ready(self) -> None:
         """Wait until the initial catch-up is done (also in live mode), or the
@@ -195,17 +203,21 @@ class UpdateHandle:
     async def stop(self) -> None:
         """End the run: every live component is cancelled and cleaned up, and no
         task of the run is left, before this returns."""
-        self._stop = True
+        self._request_stop()
         if self._state == "new":
             self._state = "done"
             self._set_ready()
             return
+        if self._state != "done":
+            await self._event("done").wait()
+
+    def _request_stop(self) -> None:
+        """The synchronous half of :meth:`stop`: tell the run to end."""
+        self._stop = True
         run = self._run
         if run is not None:
             run.stop_requested = True
             run.notify()
-        if self._state != "done":
-            await self._event("done").wait()
 
     def _set_ready(self) -> None:
         self._is_ready = True
@@ -219,31 +231,68 @@ class UpdateHandle:
             raise UpdateInProgressError(app.name)
         if self._stop:
             return
-        run: AppRun | None = None
+        run = AppRun(self._live, stats=self._stats)
         try:
             async with anyio.create_task_group() as tg:
-                run = AppRun(self._live, tg, stats=self._stats)
+                run.bind(tg)
                 self._run = run
                 session.active = run
                 root = app._root_component()
                 # The root turns unready here, before anything can look at it.
                 gen = root.begin()
-                tg.start_soon(app._run_root, root, run, gen)
-                while not (run.stop_requested or run.failure or run.quiescent(root.subtree_ready)):
-                    await run.wait()
-                if run.failure is None:
-                    self._set_ready()
-                while self._live and not (run.stop_requested or run.failure):
-                    await run.wait()
+                run.tg.start_soon(self._run_root, root, run, gen)
+                await self._until_done(run, root)
                 tg.cancel_scope.cancel()
+        except BaseException as exc:
+            # What interrupted the run's own task (on trio, wrapped in a group
+            # with the cancellations of its other tasks) comes out bare.
+            interrupt = _lone_interrupt(exc)
+            if interrupt is None or interrupt is exc:
+                raise
+            raise interrupt from None
         finally:
-            if run is not None:
-                run.stop_requested = True
-                if session.active is run:
-                    session.active = None
+            run.stop_requested = True
+            if session.active is run:
+                session.active = None
             self._run = None
-        if run is not None and run.failure is not None:
+        if run.failure is not None:
             self._error = run.failure
+
+    async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
+        try:
+            self._value = await root.run_once(
+                gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if run.failure is None:  # (an interrupt elsewhere came first)
+                run.failure = exc
+            run.notify()
+
+    async def _until_done(self, run: AppRun, root: Component) -> None:
+        """Wait until the run is over: stopped, failed, or (catch-up mode)
+        quiescent and its live components ended, or (live mode) inactive."""
+
+        def over() -> bool:
+            return run.stop_requested or run.failure is not None
+
+        while not (over() or run.quiescent(root.subtree_ready)):
+            await run.wait()
+        if run.failure is None:
+            self._set_ready()
+        if self._live:
+            # A live run ends by itself once nothing in it can change any
+            # more: no live task is left and every change has been delivered.
+            while not (over() or run.inactive(root.subtree_ready)):
+                await run.wait()
+            return
+        # Catch-up mode: end the live components first.  A last step of one
+        # may still commit (its timer fired as quiescence was reached); the
+        # consumers deliver that before the run ends.
+        run.close()
+        while not (over() or (not run.producers and run.quiescent(root.subtree_ready))):
+            await run.wait()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":
@@ -251,14 +300,18 @@ class UpdateHandle:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._background)
+        tg.start_soon(self._background, tg)
         return self
 
-    async def _background(self) -> None:
+    async def _background(self, tg: TaskGroup) -> None:
         try:
             await self.result()
         except Exception:  # kept in self._error and raised by __aexit__
             pass
+        except (KeyboardInterrupt, SystemExit):
+            # kept in self._error: the body of the block is interrupted too,
+            # and __aexit__ raises it
+            tg.cancel_scope.cancel()
 
     async def __aexit__(
         self,
@@ -279,6 +332,89 @@ class UpdateHandle:
                 await tg.__aexit__(exc_type, exc, tb)
             else:
                 await tg.__aexit__(None, None, None)
-        if exc_type is None and self._error is not None:
-            raise self._error
+        error = self._error
+        if error is not None and (exc_type is None or is_interrupt(error)):
+            raise error
         return None
+
+
+def _lone_interrupt(exc: BaseException) -> BaseException | None:
+    """The ``KeyboardInterrupt`` or ``SystemExit`` that ``exc`` is, or that an
+    exception group ``exc`` holds besides cancellations only; else ``None``."""
+    group = getattr(builtins, "BaseExceptionGroup", None)
+    if group is None:  # Python 3.10: anyio depends on the backport there
+        group = importlib.import_module("exceptiongroup").BaseExceptionGroup
+    cancelled = anyio.get_cancelled_exc_class()
+    found: BaseException | None = None
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, group):
+            stack.extend(current.exceptions)
+        elif is_interrupt(current):
+            found = found or current
+        elif not isinstance(current, cancelled):
+            return None
+    return found
+
+
+def _loop_running() -> bool:
+    """Whether this thread is running an event loop (asyncio or trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return True
+    return False
+
+
+def _run_on_helper_thread(handle: UpdateHandle, backend: Literal["asyncio", "trio"]) -> Any:
+    """Run ``handle`` on a new thread with an event loop of its own; block
+    until it ends, then return its value or raise its exception.  If this
+    thread is interrupted meanwhile, the run is stopped before this raises."""
+    outcome: list[Any] = []
+    wakers: list[Callable[[Callable[[], object]], object]] = []
+
+    async def main() -> Any:
+        if backend == "trio":
+            wakers.append(sys.modules["trio"].lowlevel.current_trio_token().run_sync_soon)
+        else:
+            wakers.append(asyncio.get_running_loop().call_soon_threadsafe)
+        return await handle.result()
+
+    def target() -> None:
+        try:
+            outcome.append((True, anyio.run(main, backend=backend)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"livemap update of {handle._app.name}")
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        # interrupted while waiting: stop the run and wait for its end
+        handle._stop = True  # in case the run has not started yet
+        if wakers:
+            try:
+                wakers[0](handle._request_stop)
+            except RuntimeError:  # the loop has ended already
+                pass
+        thread.join()
+        raise
+    ok, value = outcome[0]
+    if ok:
+        return value
+    try:
+        raise value
+    finally:
+        del value

@@ -436,9 +436,23 @@ class Component:
         self.scope_run = app_run
         body = self.live_body
         if body is not None:
-            app_run.tg.start_soon(body, self, scope, gen)
+            app_run.live_started(scope, self.mount_kind != "mount_each")
+            app_run.tg.start_soon(self._live_task, body, app_run, scope, gen)
         else:
             app_run.tg.start_soon(self._run_task, scope, gen)
+
+    async def _live_task(
+        self, body: LiveBody, app_run: AppRun, scope: anyio.CancelScope, gen: int
+    ) -> None:
+        """The task of a live component or of a ``mount_each`` watch: the app
+        run counts it while it runs (a live run ends once none is left)."""
+        try:
+            await body(self, scope, gen)
+        finally:
+            app_run.live_ended(scope)
+            if app_run.closing and self.current(gen):
+                # ended by a catch-up run winding down: it counts as ready
+                self.mark_live_ready()
 
     async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
         with scope:
