@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -713,6 +714,39 @@ async def test_second_consumer_watch_raises_and_mount_each_reports() -> None:
     assert seen == [1]
 
 
+class Watcher:
+    """A live component that marks itself ready, then watches ``lm`` with the
+    subscriber ``make(lm)`` gives."""
+
+    def __init__(self, lm: LiveMap[str, int], make: Callable[[LiveMap[str, int]], Any]) -> None:
+        self.lm = lm
+        self.make = make
+
+    def process(self) -> None:
+        pass
+
+    async def process_live(self, op: coco.LiveComponentOperator) -> None:
+        await op.mark_ready()
+        await self.lm.watch(self.make(self.lm))
+
+
+def watching_app(
+    control: Control, holder: dict[str, Any], make: Callable[[LiveMap[str, int]], Any]
+) -> coco.App:
+    """A live producer driven by ``control`` into a map (``holder["lm"]``),
+    and a :class:`Watcher` of it, mounted once the producer is ready."""
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        h = await coco.mount(LiveProducer, lm, control)
+        await h.ready()
+        await coco.mount(Watcher, lm, make)
+
+    return coco.App("t", main)
+
+
 async def test_seam_is_exact_while_update_all_is_held_open() -> None:
     """Changes landing while update_all() is still running are each delivered once."""
     control = Control({"a": 1, "b": 1})
@@ -739,26 +773,9 @@ async def test_seam_is_exact_while_update_all_is_held_open() -> None:
             log.append(("delete", key, None))
             return coco.ReadyHandle()
 
-    class Watcher:
-        def __init__(self, lm: LiveMap[str, int]) -> None:
-            self.lm = lm
-
-        def process(self) -> None:
-            pass
-
-        async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            await op.mark_ready()
-            await self.lm.watch(HoldingSubscriber())
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        holder["lm"] = lm
-        h = await coco.mount(LiveProducer, lm, control)
-        await h.ready()
-        await coco.mount(Watcher, lm)
-
-    async with coco.App("t", main).update(live=True) as handle:
+    async with watching_app(control, holder, lambda lm: HoldingSubscriber()).update(
+        live=True
+    ) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
             await in_update_all.wait()
@@ -815,28 +832,10 @@ async def test_seam_is_exact_when_update_all_awaits_before_it_scans() -> None:
     gate = anyio.Event()
     waiting = anyio.Event()
 
-    class Watcher:
-        def __init__(self, lm: LiveMap[str, int]) -> None:
-            self.lm = lm
+    def subscriber(lm: LiveMap[str, int]) -> _AwaitingSubscriber:
+        return holder.setdefault("sub", _AwaitingSubscriber(lm, gate, waiting))
 
-        def process(self) -> None:
-            pass
-
-        async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            await op.mark_ready()
-            await self.lm.watch(
-                holder.setdefault("sub", _AwaitingSubscriber(self.lm, gate, waiting))
-            )
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        holder["lm"] = lm
-        h = await coco.mount(LiveProducer, lm, control)
-        await h.ready()
-        await coco.mount(Watcher, lm)
-
-    async with coco.App("t", main).update(live=True) as handle:
+    async with watching_app(control, holder, subscriber).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
             await waiting.wait()
@@ -875,25 +874,10 @@ async def test_seam_without_a_scan_continues_from_the_watch_start() -> None:
             self.waiting.set()
             await self.gate.wait()
 
-    class Watcher:
-        def __init__(self, lm: LiveMap[str, int]) -> None:
-            self.lm = lm
+    def subscriber(lm: LiveMap[str, int]) -> NoScan:
+        return holder.setdefault("sub", NoScan(lm, gate, waiting))
 
-        def process(self) -> None:
-            pass
-
-        async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            await op.mark_ready()
-            await self.lm.watch(holder.setdefault("sub", NoScan(self.lm, gate, waiting)))
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        h = await coco.mount(LiveProducer, lm, control)
-        await h.ready()
-        await coco.mount(Watcher, lm)
-
-    async with coco.App("t", main).update(live=True) as handle:
+    async with watching_app(control, holder, subscriber).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
             await waiting.wait()
