@@ -7,7 +7,7 @@ import builtins
 import importlib
 import sys
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, ParamSpec
@@ -17,10 +17,17 @@ from anyio.abc import TaskGroup
 
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
-from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
+from livemap._runtime._session import (
+    AppRun,
+    Session,
+    UpdateSnapshot,
+    UpdateStats,
+    UpdateStatus,
+    is_interrupt,
+)
 from livemap.errors import UpdateInProgressError
 
-__all__ = ["App", "AppConfig", "UpdateHandle"]
+__all__ = ["App", "AppConfig", "UpdateHandle", "app_name", "current_snapshot", "root_of"]
 
 P = ParamSpec("P")
 
@@ -142,8 +149,29 @@ class UpdateHandle:
         return self._live
 
     def stats(self) -> UpdateStats:
-        """Counters of this run (live while it runs)."""
+        """Counters of this run (live while it runs; ``stats().copy()`` is a
+        snapshot)."""
         return self._stats
+
+    def watch(self) -> AsyncIterator[UpdateSnapshot[Any]]:
+        """Progress snapshots of this run, as it goes.
+
+        Yields an :class:`~livemap.UpdateSnapshot` whenever something changed
+        since the last one (a slow loop body gets the latest state, not every
+        step): status ``RUNNING`` until the initial catch-up is done,
+        ``READY`` from then on; the last snapshot, once the run has ended,
+        is ``READY`` and carries the main function's value as ``result``,
+        and then the iteration ends.  If the main function failed, the
+        iteration raises its exception instead of the last snapshot.
+
+        Watching does not run the update: the run happens in the task that
+        awaits the handle (``async with app.update() as h: async for snap
+        in h.watch(): ...``, or :func:`~livemap.show_progress`).  On a handle
+        not started yet it waits for the start.  Any number of tasks may
+        watch one run; leaving the loop (or cancelling it) leaves the run
+        alone.
+        """
+        return _Watch(self)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self.result().__await__()
@@ -185,6 +213,7 @@ class UpdateHandle:
                 self._state = "done"
                 self._set_ready()
                 self._event("done").set()
+                self._stats.touch()  # watchers take their last snapshot
         else:
             await self._event("done").wait()
         if self._error is not None:
@@ -207,6 +236,7 @@ class UpdateHandle:
         if self._state == "new":
             self._state = "done"
             self._set_ready()
+            self._stats.touch()
             return
         if self._state != "done":
             await self._event("done").wait()
@@ -220,7 +250,9 @@ class UpdateHandle:
             run.notify()
 
     def _set_ready(self) -> None:
-        self._is_ready = True
+        if not self._is_ready:
+            self._is_ready = True
+            self._stats.touch()
         if self._ready_event is not None:
             self._ready_event.set()
 
@@ -336,6 +368,61 @@ class UpdateHandle:
         if error is not None and (exc_type is None or is_interrupt(error)):
             raise error
         return None
+
+
+class _Watch:
+    """The iterator of :meth:`UpdateHandle.watch` (a plain object, not an
+    async generator: leaving the loop early leaves nothing to finalize)."""
+
+    __slots__ = ("_ended", "_handle", "_seen")
+
+    def __init__(self, handle: UpdateHandle) -> None:
+        self._handle = handle
+        self._seen = (0, False)  # (stats version, ready): nothing happened yet
+        self._ended = False
+
+    def __aiter__(self) -> _Watch:
+        return self
+
+    async def __anext__(self) -> UpdateSnapshot[Any]:
+        handle = self._handle
+        stats = handle._stats
+        while not self._ended:
+            if handle._state == "done":
+                self._ended = True
+                error = handle._error
+                if error is not None:
+                    raise error
+                return UpdateSnapshot(stats.copy(), UpdateStatus.READY, handle._value)
+            now = (stats.version, handle._is_ready)
+            if now == self._seen:
+                await stats.changed().wait()
+                continue
+            self._seen = now
+            status = UpdateStatus.READY if handle._is_ready else UpdateStatus.RUNNING
+            return UpdateSnapshot(stats.copy(), status, None)
+        raise StopAsyncIteration
+
+
+def current_snapshot(
+    handle: UpdateHandle,
+) -> tuple[UpdateSnapshot[Any], bool, BaseException | None]:
+    """What ``handle``'s run shows now, without waiting: its snapshot (with
+    the result once it has ended), whether it has ended, and the exception
+    it ended with, if any."""
+    done = handle._state == "done"
+    status = UpdateStatus.READY if handle._is_ready else UpdateStatus.RUNNING
+    snapshot = UpdateSnapshot(handle._stats.copy(), status, handle._value if done else None)
+    return snapshot, done, handle._error if done else None
+
+
+def root_of(handle: UpdateHandle) -> Component | None:
+    """The root component of ``handle``'s app, once it has one."""
+    return handle._app._root
+
+
+def app_name(handle: UpdateHandle) -> str:
+    return handle._app.name
 
 
 def _lone_interrupt(exc: BaseException) -> BaseException | None:

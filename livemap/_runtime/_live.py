@@ -289,7 +289,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             comp.exception = exc
             app_run = comp.session.active
             if app_run is not None:
-                app_run.stats.components_failed += 1
+                app_run.stats.run_failed(comp.processor)
             await comp.report(exc)  # as mounted: "mount", or "process_live"
             comp.mark_live_ready()
             return
@@ -303,7 +303,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
                 comp.exception = exc
                 app_run = comp.session.active
                 if app_run is not None:
-                    app_run.stats.components_failed += 1
+                    app_run.stats.run_failed(comp.processor)
                 await comp.report(exc, "process_live")
         if comp.current(gen):
             comp.mark_live_ready()

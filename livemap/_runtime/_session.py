@@ -7,14 +7,28 @@ session, never the app, so the tree sits below the app in the layers.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import enum
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 
-__all__ = ["AppRun", "RunTasks", "Session", "UpdateStats", "is_interrupt"]
+from livemap._runtime._context import processor_name
+
+__all__ = [
+    "AppRun",
+    "ComponentStats",
+    "RunTasks",
+    "Session",
+    "UpdateSnapshot",
+    "UpdateStats",
+    "UpdateStatus",
+    "is_interrupt",
+]
+
+R = TypeVar("R")
 
 
 def is_interrupt(exc: BaseException) -> bool:
@@ -24,16 +38,239 @@ def is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit))
 
 
-@dataclass
-class UpdateStats:
-    """Counters of one ``app.update()``: component runs started, runs that
-    failed (after any retries), components unmounted, and retries made by
-    ``mount_each`` retry policies."""
+class ComponentStats(NamedTuple):
+    """CocoIndex's counters of one processor (one component function or live
+    class) in one app run.
 
-    components_run: int = 0
-    components_failed: int = 0
-    components_unmounted: int = 0
-    retries: int = 0
+    ``num_execution_starts``: runs started (a run cancelled before it
+    finished — superseded by a newer run, unmounted, or ended with the app
+    run — is taken back: its successor, if any, counts instead), plus one
+    per unmount; ``num_unchanged``: always 0 (livemap does not memoize: every
+    mounted component runs); ``num_adds``: runs that succeeded and were the
+    component's first; ``num_reprocesses``: runs that succeeded again;
+    ``num_deletes``: components unmounted; ``num_errors``: runs that failed
+    (after any retries).
+    """
+
+    num_execution_starts: int = 0
+    num_unchanged: int = 0
+    num_adds: int = 0
+    num_deletes: int = 0
+    num_reprocesses: int = 0
+    num_errors: int = 0
+
+    @property
+    def num_processed(self) -> int:
+        """Runs and unmounts that succeeded."""
+        return self.num_unchanged + self.num_adds + self.num_deletes + self.num_reprocesses
+
+    @property
+    def num_finished(self) -> int:
+        """Runs and unmounts that are over: succeeded or failed."""
+        return self.num_processed + self.num_errors
+
+    @property
+    def num_in_progress(self) -> int:
+        """Runs started and not over yet."""
+        return max(0, self.num_execution_starts - self.num_finished)
+
+
+# the slots of a processor's counters in UpdateStats._groups (ComponentStats' order)
+_STARTS, _UNCHANGED, _ADDS, _DELETES, _REPROCESSES, _ERRORS = range(6)
+
+
+class UpdateStats:
+    """Counters of one ``app.update()``, live while it runs.
+
+    livemap's own: ``components_run`` (runs started, also those cancelled
+    before they finished), ``components_failed`` (runs that failed, after
+    any retries), ``components_unmounted``, and ``retries`` made by
+    ``mount_each`` retry policies.  CocoIndex's views of the same run:
+    ``by_component`` (processor name → :class:`ComponentStats`) and
+    ``total`` (their sum).  ``version`` grows with every change.
+
+    The runtime changes the counters through the methods below; a snapshot
+    (``copy()``, what ``UpdateHandle.watch()`` yields) no longer changes.
+    """
+
+    __slots__ = (
+        "_event",
+        "_groups",
+        "components_failed",
+        "components_run",
+        "components_unmounted",
+        "retries",
+        "version",
+    )
+
+    def __init__(
+        self,
+        components_run: int = 0,
+        components_failed: int = 0,
+        components_unmounted: int = 0,
+        retries: int = 0,
+        *,
+        by_component: Mapping[str, ComponentStats] | None = None,
+    ) -> None:
+        self.components_run = components_run
+        self.components_failed = components_failed
+        self.components_unmounted = components_unmounted
+        self.retries = retries
+        self.version = 0
+        # processor (a function, a live class, or its name) -> its counters,
+        # in ComponentStats' order; named only when by_component is read
+        self._groups: dict[Any, list[int]] = {
+            name: list(group) for name, group in (by_component or {}).items()
+        }
+        # set at the next change (see changed()); None while nobody waits
+        self._event: anyio.Event | None = None
+
+    # -- CocoIndex's views --------------------------------------------------------
+
+    @property
+    def by_component(self) -> dict[str, ComponentStats]:
+        """Processor name (its qualified name) → its :class:`ComponentStats`, in
+        the order the processors first started; a new dict each time."""
+        found: dict[str, list[int]] = {}
+        for proc, group in self._groups.items():
+            name = proc if isinstance(proc, str) else processor_name(proc)
+            into = found.get(name)
+            if into is None:
+                found[name] = list(group)
+            else:  # two processors of one name: one group, as in CocoIndex
+                for i, n in enumerate(group):
+                    into[i] += n
+        return {name: ComponentStats(*group) for name, group in found.items()}
+
+    @property
+    def total(self) -> ComponentStats:
+        """The sum of :attr:`by_component` over every processor."""
+        sums = [0] * 6
+        for group in self._groups.values():
+            for i, n in enumerate(group):
+                sums[i] += n
+        return ComponentStats(*sums)
+
+    def copy(self) -> UpdateStats:
+        """A snapshot: these counters as they are now, detached from the run."""
+        other = UpdateStats(
+            self.components_run,
+            self.components_failed,
+            self.components_unmounted,
+            self.retries,
+        )
+        other._groups = {proc: list(group) for proc, group in self._groups.items()}
+        other.version = self.version
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UpdateStats):
+            return NotImplemented
+        return (
+            self.components_run == other.components_run
+            and self.components_failed == other.components_failed
+            and self.components_unmounted == other.components_unmounted
+            and self.retries == other.retries
+            and self.by_component == other.by_component
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return (
+            f"UpdateStats(components_run={self.components_run}, "
+            f"components_failed={self.components_failed}, "
+            f"components_unmounted={self.components_unmounted}, "
+            f"retries={self.retries}, by_component={self.by_component!r})"
+        )
+
+    # -- what the runtime counts --------------------------------------------------
+
+    def _group(self, proc: Any) -> list[int]:
+        group = self._groups.get(proc)
+        if group is None:
+            group = self._groups[proc] = [0, 0, 0, 0, 0, 0]
+        return group
+
+    def touch(self) -> None:
+        """Something a snapshot shows changed (a counter, or the run's status)."""
+        self.version += 1
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
+
+    def changed(self) -> anyio.Event:
+        """An event set at the next :meth:`touch`."""
+        event = self._event
+        if event is None:
+            event = self._event = anyio.Event()
+        return event
+
+    def run_started(self, proc: Any) -> None:
+        """A run of ``proc`` starts."""
+        self.components_run += 1
+        self._group(proc)[_STARTS] += 1
+        self.touch()
+
+    def run_cancelled(self, proc: Any) -> None:
+        """A run of ``proc`` ended without finishing (cancelled): it is taken
+        back from ``num_execution_starts`` (``components_run`` keeps it)."""
+        group = self._group(proc)
+        if group[_STARTS] > 0:
+            group[_STARTS] -= 1
+        self.touch()
+
+    def run_succeeded(self, proc: Any, again: bool) -> None:
+        """A run of ``proc`` succeeded; ``again``: not the component's first."""
+        self._group(proc)[_REPROCESSES if again else _ADDS] += 1
+        self.touch()
+
+    def run_failed(self, proc: Any) -> None:
+        """A run of ``proc`` failed for good."""
+        self.components_failed += 1
+        self._group(proc)[_ERRORS] += 1
+        self.touch()
+
+    def retried(self) -> None:
+        """A failed run is tried again."""
+        self.retries += 1
+        self.touch()
+
+    def unmounted(self, proc: Any, count: int = 1) -> None:
+        """``count`` components of ``proc`` were unmounted."""
+        self.components_unmounted += count
+        group = self._group(proc)
+        group[_STARTS] += count
+        group[_DELETES] += count
+        self.touch()
+
+
+class UpdateStatus(str, enum.Enum):
+    """Where a run stands in an :class:`UpdateSnapshot`: ``RUNNING`` until the
+    initial catch-up is done, ``READY`` from then on (also while a live run
+    goes on, and in the final snapshot)."""
+
+    RUNNING = "running"
+    READY = "ready"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+@dataclass(frozen=True)
+class UpdateSnapshot(Generic[R]):
+    """What ``UpdateHandle.watch()`` yields: the run's ``stats`` (a copy, as
+    they were then), its ``status``, and ``result``: the main function's
+    value in the final snapshot, ``None`` before.  Unpacks as
+    ``stats, status, result``."""
+
+    stats: UpdateStats
+    status: UpdateStatus
+    result: R | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.stats, self.status, self.result))
 
 
 class RunTasks:
