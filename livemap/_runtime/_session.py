@@ -208,8 +208,9 @@ class UpdateStats:
         return event
 
     def run_started(self, proc: Any) -> None:
-        """A run of ``proc`` starts."""
-        self.components_run += 1
+        """A run of ``proc`` starts (``components_run`` is counted apart: once
+        per generation of a component, and per run of a ``mount_each``
+        child without one)."""
         self._group(proc)[_STARTS] += 1
         self.touch()
 
@@ -226,10 +227,14 @@ class UpdateStats:
         self._group(proc)[_REPROCESSES if again else _ADDS] += 1
         self.touch()
 
-    def run_failed(self, proc: Any) -> None:
-        """A run of ``proc`` failed for good."""
+    def run_failed(self, proc: Any, *, start: bool = False) -> None:
+        """A run of ``proc`` failed for good; ``start``: count its start too
+        (a live component's task, whose start was not counted)."""
         self.components_failed += 1
-        self._group(proc)[_ERRORS] += 1
+        group = self._group(proc)
+        group[_ERRORS] += 1
+        if start:
+            group[_STARTS] += 1
         self.touch()
 
     def retried(self) -> None:
