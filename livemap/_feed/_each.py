@@ -274,8 +274,10 @@ class EachHost:
         running = self.running
         running[key] = run
         app_run = comp.session.active
-        if app_run is not None:
-            app_run.stats.components_run += 1
+        stats = None if app_run is None else app_run.stats
+        if stats is not None:
+            stats.components_run += 1
+            stats.run_started(self.fn)
         handlers = self.handlers
         t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
         t_prefix = prefix_var.set(()) if prefix_var.get() else None
@@ -289,6 +291,8 @@ class EachHost:
         except anyio.get_cancelled_exc_class():
             run.scope = None
             self._finish_key(key, run)
+            if stats is not None:
+                stats.run_cancelled(self.fn)
             raise
         except Exception as exc:
             error: Exception | None = exc
@@ -300,6 +304,8 @@ class EachHost:
             if t_prefix is not None:
                 prefix_var.reset(t_prefix)
         if running.get(key) is not run:
+            if stats is not None:
+                stats.run_cancelled(self.fn)
             return None  # dropped while it ran
         if (
             error is None
@@ -309,6 +315,8 @@ class EachHost:
             and run.mounted is None
         ):
             # at rest at once: the common case
+            if stats is not None:
+                stats.run_succeeded(self.fn, False)
             del running[key]
             self.leaves[key] = value
             failures = self.failures
@@ -723,7 +731,7 @@ class EachSubscriber:
         del self.host.leaves[key]
         app_run = self.component.session.active
         if app_run is not None:
-            app_run.stats.components_unmounted += 1
+            app_run.stats.unmounted(self.host.fn)
 
     def child(self, key: Any, value: Any) -> Component:
         """The component of ``key``'s child, (re)mounted with ``value``."""

@@ -85,6 +85,10 @@ class ChildHost(Protocol):
     component's :attr:`Component.host`; the tree calls it at these points of
     a child's life."""
 
+    fn: Any
+    """What each child runs (its processor), for the stats of children the
+    host keeps without a component."""
+
     def take(self, child: Component) -> bool:
         """Whether the host runs ``child`` itself (it has begun the run then)."""
         ...

@@ -106,6 +106,13 @@ async def run_once(
     failures = 0
     if type(func) is Function:
         func = func.__wrapped__  # one call less per run
+    # CocoIndex's counters (UpdateStats): a start, then one outcome; a run
+    # that ends neither way (cancelled, superseded) takes its start back
+    active = comp.session.active
+    stats = None if active is None else active.stats
+    if stats is not None and first is None:  # (a host's first try counted it)
+        stats.run_started(comp.processor)
+    outcome = 0  # 1: succeeded, 2: failed, 3: tried again
     while True:
         error: Exception | None
         if first is not None:
@@ -125,6 +132,8 @@ async def run_once(
                     result = await result
             except anyio.get_cancelled_exc_class():
                 run.buffers = RunEnded(comp)  # cancelled: it commits nothing
+                if stats is not None:
+                    stats.run_cancelled(comp.processor)
                 raise
             except Exception as exc:
                 error = exc
@@ -150,6 +159,7 @@ async def run_once(
                         # nothing to commit: the common case of a leaf
                         parent = comp.parent
                         host = None if parent is None else parent.host
+                        outcome = 1
                         if host is not None:
                             if not live and host.rest(comp):
                                 return result
@@ -165,6 +175,7 @@ async def run_once(
                             return result
                     error = await commit(comp, run, gen, live)
                     if error is None:
+                        outcome = 1
                         return result
                     # a sink failed: the run counts as failed (and may be retried)
                     current = gen == comp.generation and comp.alive
@@ -188,7 +199,7 @@ async def run_once(
             if delay is not None:
                 failures += 1
                 if app_run is not None:
-                    app_run.stats.retries += 1
+                    app_run.stats.retried()
                 comp.backing_off = True  # a newer value may cut the wait short
                 try:
                     await anyio.sleep(delay)
@@ -196,10 +207,12 @@ async def run_once(
                     comp.backing_off = False
                 if gen != comp.generation or not comp.alive:
                     return None
+                outcome = 3
                 continue
             comp.exception = error
+            outcome = 2
             if app_run is not None:
-                app_run.stats.components_failed += 1
+                app_run.stats.run_failed(comp.processor)
             if host is not None:
                 host.outcome(comp, error)
             if raise_errors:
@@ -213,3 +226,9 @@ async def run_once(
         finally:
             # a declaration reaching this run from now on raises
             run.buffers = RunEnded(comp)
+            if stats is not None and outcome != 2:
+                if outcome == 1:
+                    stats.run_succeeded(comp.processor, gen > 1)
+                elif outcome == 0:
+                    stats.run_cancelled(comp.processor)
+                outcome = 0
