@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import importlib
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Generator
@@ -33,13 +34,32 @@ __all__ = ["App", "AppConfig", "UpdateHandle", "app_name", "current_snapshot", "
 P = ParamSpec("P")
 
 
+DEFAULT_MAX_INFLIGHT_COMPONENTS = 1024
+"""CocoIndex's default bound on components running at once."""
+
+MAX_INFLIGHT_ENV = "LIVEMAP_MAX_INFLIGHT_COMPONENTS"
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    """An app's settings: its ``name`` and an optional app-wide
-    ``exception_handler`` (the outermost handler of every component)."""
+    """An app's settings: its ``name``, an optional app-wide
+    ``exception_handler`` (the outermost handler of every component), and
+    ``max_inflight_components``: how many component runs may execute at
+    once in one update (``None``: the ``LIVEMAP_MAX_INFLIGHT_COMPONENTS``
+    environment variable if set, else 1024).
+
+    A run holds its slot from the call of its function until it has
+    committed, and gives it back when it mounts its first child: a parent
+    waiting for its children holds none, so even a bound of 1 cannot
+    deadlock a tree (as in CocoIndex).  A run waiting for other work by
+    other means (an event, ``lm.settle()``) keeps its slot meanwhile.  A live
+    component's ``process_live`` holds none; its ``process()`` runs do, and
+    so does each ``mount_each`` child's run.
+    """
 
     name: str
     exception_handler: ExceptionHandler | None = None
+    max_inflight_components: int | None = None
 
 
 class App:
@@ -68,6 +88,7 @@ class App:
         if not callable(main_fn):
             raise TypeError(f"App main function must be callable, got {main_fn!r}")
         self.config = config
+        self._max_inflight = _max_inflight(config.max_inflight_components)
         self.main_fn: Callable[..., object] = main_fn
         self.args: tuple[Any, ...] = args
         self.kwargs: dict[str, Any] = kwargs
@@ -264,7 +285,7 @@ class UpdateHandle:
             raise UpdateInProgressError(app.name)
         if self._stop:
             return
-        run = AppRun(self._live, stats=self._stats)
+        run = AppRun(self._live, stats=self._stats, max_inflight=app._max_inflight)
         try:
             async with anyio.create_task_group() as tg:
                 run.bind(tg)
@@ -424,6 +445,25 @@ def root_of(handle: UpdateHandle) -> Component | None:
 
 def app_name(handle: UpdateHandle) -> str:
     return handle._app.name
+
+
+def _max_inflight(configured: int | None) -> int:
+    """The bound on components running at once: ``configured``, else the
+    environment's, else the default; ``ValueError`` unless a positive int."""
+    source = "max_inflight_components"
+    value: object = configured
+    if configured is None:
+        text = os.environ.get(MAX_INFLIGHT_ENV)
+        if text is None or not text.strip():
+            return DEFAULT_MAX_INFLIGHT_COMPONENTS
+        source = MAX_INFLIGHT_ENV
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{source} must be a positive int, got {value!r}")
+    return value
 
 
 def _lone_interrupt(exc: BaseException) -> BaseException | None:

@@ -316,6 +316,14 @@ class AppRun:
     catch-up run reached quiescence and is ending its live components.
     ``notify()`` wakes whoever waits in :meth:`wait` (the run's main loop)
     to look again.
+
+    ``limiter`` bounds the runs executing at once (the app's
+    ``max_inflight_components``); ``slot_holders`` are the runs holding one
+    of its slots.  Invariant: a run is in ``slot_holders`` exactly while the
+    limiter counts it as a borrower.  A run takes its slot before its
+    function is called and gives it back when it ends, before a retry's
+    wait, or when it mounts its first child (so that a parent waiting for
+    its children never holds a slot they need).
     """
 
     live: bool
@@ -327,11 +335,37 @@ class AppRun:
     closing: bool = False
     stop_requested: bool = False
     failure: BaseException | None = None
+    max_inflight: int | None = None
+    limiter: anyio.CapacityLimiter | None = field(default=None, init=False)
+    slot_holders: set[object] = field(default_factory=set, init=False)
     _waiters: list[anyio.Event] = field(default_factory=list)
 
     def bind(self, tg: TaskGroup) -> None:
-        """Start the run's tasks in ``tg`` from now on."""
+        """Start the run's tasks in ``tg`` from now on (and make the limiter,
+        which belongs to this event loop)."""
         self.tg = RunTasks(tg, self)
+        if self.max_inflight is not None:
+            self.limiter = anyio.CapacityLimiter(self.max_inflight)
+
+    async def take_slot(self, holder: object) -> None:
+        """Wait for a slot for the run ``holder`` (at once when one is free:
+        no event-loop step)."""
+        limiter = self.limiter
+        if limiter is None or holder in self.slot_holders:
+            return
+        try:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        except anyio.WouldBlock:
+            await limiter.acquire_on_behalf_of(holder)
+        self.slot_holders.add(holder)
+
+    def give_slot(self, holder: object) -> None:
+        """``holder`` gives its slot back, if it holds one."""
+        holders = self.slot_holders
+        if holder in holders:
+            holders.discard(holder)
+            assert self.limiter is not None
+            self.limiter.release_on_behalf_of(holder)
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
