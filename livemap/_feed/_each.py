@@ -283,6 +283,8 @@ class EachHost:
         t_prefix = prefix_var.set(()) if prefix_var.get() else None
         result: Any = None
         try:
+            if app_run is not None and app_run.limiter is not None:
+                await app_run.take_slot(run)
             fargs = self.fargs
             kwargs = self.kwargs
             result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
@@ -291,6 +293,8 @@ class EachHost:
         except anyio.get_cancelled_exc_class():
             run.scope = None
             self._finish_key(key, run)
+            if app_run is not None:
+                app_run.give_slot(run)
             if stats is not None:
                 stats.run_cancelled(self.fn)
             raise
@@ -304,6 +308,8 @@ class EachHost:
             if t_prefix is not None:
                 prefix_var.reset(t_prefix)
         if running.get(key) is not run:
+            if app_run is not None:
+                app_run.give_slot(run)
             if stats is not None:
                 stats.run_cancelled(self.fn)
             return None  # dropped while it ran
@@ -315,6 +321,8 @@ class EachHost:
             and run.mounted is None
         ):
             # at rest at once: the common case
+            if app_run is not None:
+                app_run.give_slot(run)
             if stats is not None:
                 stats.run_succeeded(self.fn, False)
             del running[key]
@@ -325,7 +333,7 @@ class EachHost:
             self._done(key)
             self.release_if_idle()
             return None
-        return result, error
+        return result, error  # its slot, if any, goes with it to finish_keyed
 
     async def finish_keyed(self, run: KeyedRun, result: Any, error: Exception | None) -> None:
         """The rest of a keyed run that made its component or failed: the
@@ -347,6 +355,9 @@ class EachHost:
                 first=(run, result, error),
             )
         finally:
+            app_run = self.component.session.active
+            if app_run is not None:
+                app_run.give_slot(run)  # (run_once gave it back, unless it never began)
             if child is not None and child.cancel_scope is scope:
                 child.cancel_scope = None
             if self.running.get(key) is run:

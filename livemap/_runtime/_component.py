@@ -298,6 +298,9 @@ class Component:
             mounted = run.mounted
             if mounted is None:
                 mounted = run.mounted = {}
+                active = self.session.active
+                if active is not None:  # its first child: the run gives its slot up
+                    active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
         children = self.children

@@ -127,11 +127,15 @@ async def run_once(
             )
             t_prefix = prefix_var.set(()) if prefix_var.get() else None
             try:
+                if active is not None and active.limiter is not None:
+                    await active.take_slot(run)
                 result = func(*args, **kwargs)
                 if type(result) is CoroutineType or inspect.isawaitable(result):
                     result = await result
             except anyio.get_cancelled_exc_class():
                 run.buffers = RunEnded(comp)  # cancelled: it commits nothing
+                if active is not None:
+                    active.give_slot(run)
                 if stats is not None:
                     stats.run_cancelled(comp.processor)
                 raise
@@ -200,6 +204,8 @@ async def run_once(
                 failures += 1
                 if app_run is not None:
                     app_run.stats.retried()
+                if active is not None:
+                    active.give_slot(run)  # none held while it waits
                 comp.backing_off = True  # a newer value may cut the wait short
                 try:
                     await anyio.sleep(delay)
@@ -226,6 +232,8 @@ async def run_once(
         finally:
             # a declaration reaching this run from now on raises
             run.buffers = RunEnded(comp)
+            if active is not None:
+                active.give_slot(run)
             if stats is not None and outcome != 2:
                 if outcome == 1:
                     stats.run_succeeded(comp.processor, gen > 1)
