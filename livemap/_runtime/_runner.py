@@ -56,7 +56,13 @@ def start(comp: Component) -> None:
     comp.scope_run = app_run
     body = comp.live_body
     if body is not None:
-        app_run.live_started(scope, comp.mount_kind != "mount_each")
+        # a producer can commit at any time: a live component, also one per
+        # entry of a mount_each (a child of a host); not a mount_each's watch
+        parent = comp.parent
+        producer = comp.mount_kind != "mount_each" or (
+            parent is not None and parent.host is not None
+        )
+        app_run.live_started(scope, producer)
         app_run.tg.start_soon(_live_task, comp, body, app_run, scope, gen)
     else:
         app_run.tg.start_soon(_run_task, comp, scope, gen)
