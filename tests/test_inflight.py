@@ -330,3 +330,34 @@ async def test_stop_while_runs_wait_for_slots() -> None:
     tracker.now = 0
     await run(app)
     assert tracker.now == 5
+
+
+async def test_a_slot_handed_to_a_waiter_cancelled_meanwhile_goes_on() -> None:
+    from livemap._runtime._session import Slots
+
+    slots = Slots(1)
+    a, b, c = object(), object(), object()
+    assert slots.take_now(a)
+    got: list[object] = []
+    scope_b = anyio.CancelScope()
+
+    async def take(holder: object, scope: anyio.CancelScope) -> None:
+        with scope:
+            await slots.take(holder)  # a run gives its slot back when it ends
+            try:
+                got.append(holder)
+                await anyio.sleep(0)
+            finally:
+                slots.give(holder)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, b, scope_b)
+            await wait_for(lambda: len(slots.waiting) == 1)
+            tg.start_soon(take, c, anyio.CancelScope())
+            await wait_for(lambda: len(slots.waiting) == 2)
+            slots.give(a)  # handed to b ...
+            scope_b.cancel()  # ... which is cancelled as it wakes
+    # however the backend orders the wake-up and the cancellation, c got it
+    assert got in ([c], [b, c])
+    assert slots.free == 1 and not slots.holders and not slots.waiting

@@ -8,6 +8,7 @@ session, never the app, so the tree sits below the app in the layers.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -195,9 +196,13 @@ class UpdateStats:
     def touch(self) -> None:
         """Something a snapshot shows changed (a counter, or the run's status)."""
         self.version += 1
+        if self._event is not None:
+            self._wake()
+
+    def _wake(self) -> None:
         event = self._event
+        self._event = None
         if event is not None:
-            self._event = None
             event.set()
 
     def changed(self) -> anyio.Event:
@@ -211,8 +216,13 @@ class UpdateStats:
         """A run of ``proc`` starts (``components_run`` is counted apart: once
         per generation of a component, and per run of a ``mount_each``
         child without one)."""
-        self._group(proc)[_STARTS] += 1
-        self.touch()
+        group = self._groups.get(proc)
+        if group is None:
+            group = self._group(proc)
+        group[_STARTS] += 1
+        self.version += 1  # touch(), inline: once per run
+        if self._event is not None:
+            self._wake()
 
     def run_cancelled(self, proc: Any) -> None:
         """A run of ``proc`` ended without finishing (cancelled): it is taken
@@ -224,8 +234,13 @@ class UpdateStats:
 
     def run_succeeded(self, proc: Any, again: bool) -> None:
         """A run of ``proc`` succeeded; ``again``: not the component's first."""
-        self._group(proc)[_REPROCESSES if again else _ADDS] += 1
-        self.touch()
+        group = self._groups.get(proc)
+        if group is None:
+            group = self._group(proc)
+        group[_REPROCESSES if again else _ADDS] += 1
+        self.version += 1  # touch(), inline: once per run
+        if self._event is not None:
+            self._wake()
 
     def run_failed(self, proc: Any, *, start: bool = False) -> None:
         """A run of ``proc`` failed for good; ``start``: count its start too
@@ -301,6 +316,65 @@ class RunTasks:
             self._run.interrupt(exc)
 
 
+class Slots:
+    """A bound on the runs executing at once: first come, first served.
+
+    ``free``: slots nobody holds; ``holders``: the runs holding one;
+    ``waiting``: the runs waiting for one, in order, each with the event
+    that tells it it got one.  Invariants: ``free + len(holders)`` is the
+    bound; ``free > 0`` only while nobody waits (a slot given back goes to
+    the first waiter directly, who is a holder from then on).
+    """
+
+    __slots__ = ("free", "holders", "waiting")
+
+    def __init__(self, bound: int) -> None:
+        self.free = bound
+        self.holders: set[object] = set()
+        self.waiting: deque[tuple[object, anyio.Event]] = deque()
+
+    def take_now(self, holder: object) -> bool:
+        """Take a slot for ``holder`` if one is free (or it holds one);
+        whether it holds one now.  No event-loop step: the common case."""
+        if self.free > 0:
+            if holder not in self.holders:
+                self.free -= 1
+                self.holders.add(holder)
+            return True
+        return holder in self.holders
+
+    async def take(self, holder: object) -> None:
+        """Take a slot for ``holder``: at once when one is free, else once
+        one is given back to it.  Cancelled while it waits, it takes none
+        (one handed to it meanwhile goes on)."""
+        if self.take_now(holder):
+            return
+        entry = (holder, anyio.Event())
+        self.waiting.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry[1].is_set():
+                self.give(holder)  # handed to it as it was cancelled: pass it on
+            else:
+                self.waiting.remove(entry)
+            raise
+
+    def give(self, holder: object) -> None:
+        """``holder`` gives its slot back (if it holds one): to the first
+        waiter, if any."""
+        holders = self.holders
+        if holder in holders:
+            holders.remove(holder)
+            waiting = self.waiting
+            if waiting:
+                taker, event = waiting.popleft()
+                holders.add(taker)
+                event.set()
+            else:
+                self.free += 1
+
+
 @dataclass(eq=False)
 class AppRun:
     """One ``app.update()`` in progress.
@@ -317,13 +391,11 @@ class AppRun:
     ``notify()`` wakes whoever waits in :meth:`wait` (the run's main loop)
     to look again.
 
-    ``limiter`` bounds the runs executing at once (the app's
-    ``max_inflight_components``); ``slot_holders`` are the runs holding one
-    of its slots.  Invariant: a run is in ``slot_holders`` exactly while the
-    limiter counts it as a borrower.  A run takes its slot before its
-    function is called and gives it back when it ends, before a retry's
-    wait, or when it mounts its first child (so that a parent waiting for
-    its children never holds a slot they need).
+    ``slots`` bounds the runs executing at once (the app's
+    ``max_inflight_components``; see :class:`Slots`).  A run takes its slot
+    before its function is called and gives it back when it ends, before a
+    retry's wait, or when it mounts its first child (so that a parent
+    waiting for its children never holds a slot they need).
     """
 
     live: bool
@@ -336,36 +408,65 @@ class AppRun:
     stop_requested: bool = False
     failure: BaseException | None = None
     max_inflight: int | None = None
-    limiter: anyio.CapacityLimiter | None = field(default=None, init=False)
-    slot_holders: set[object] = field(default_factory=set, init=False)
+    slots: Slots | None = field(default=None, init=False)
     _waiters: list[anyio.Event] = field(default_factory=list)
 
     def bind(self, tg: TaskGroup) -> None:
-        """Start the run's tasks in ``tg`` from now on (and make the limiter,
-        which belongs to this event loop)."""
+        """Start the run's tasks in ``tg`` from now on (and make its slots,
+        whose waits belong to this event loop)."""
         self.tg = RunTasks(tg, self)
         if self.max_inflight is not None:
-            self.limiter = anyio.CapacityLimiter(self.max_inflight)
+            self.slots = Slots(self.max_inflight)
 
-    async def take_slot(self, holder: object) -> None:
-        """Wait for a slot for the run ``holder`` (at once when one is free:
-        no event-loop step)."""
-        limiter = self.limiter
-        if limiter is None or holder in self.slot_holders:
-            return
-        try:
-            limiter.acquire_on_behalf_of_nowait(holder)
-        except anyio.WouldBlock:
-            await limiter.acquire_on_behalf_of(holder)
-        self.slot_holders.add(holder)
+    def keyed_run_begins(self, proc: Any, holder: object) -> bool:
+        """A run of a ``mount_each`` child without a component (of ``proc``,
+        run as ``holder``) begins: it is counted, and takes a slot if one is
+        free; whether it holds one (else it waits in ``slots.take``).  One
+        call for the runtime's commonest run."""
+        stats = self.stats
+        stats.components_run += 1
+        group = stats._groups.get(proc)
+        if group is None:
+            group = stats._group(proc)
+        group[_STARTS] += 1
+        stats.version += 1
+        if stats._event is not None:
+            stats._wake()
+        slots = self.slots
+        if slots is None:
+            return True
+        if slots.free > 0:  # Slots.take_now, inline
+            holders = slots.holders
+            if holder not in holders:
+                slots.free -= 1
+                holders.add(holder)
+            return True
+        return holder in slots.holders
+
+    def keyed_run_rests(self, proc: Any, holder: object) -> None:
+        """That run succeeded and left nothing behind: its slot goes back,
+        and it counts as an add."""
+        slots = self.slots
+        if slots is not None:
+            if slots.waiting:
+                slots.give(holder)
+            elif holder in slots.holders:  # Slots.give, inline
+                slots.holders.remove(holder)
+                slots.free += 1
+        stats = self.stats
+        group = stats._groups.get(proc)
+        if group is None:
+            group = stats._group(proc)
+        group[_ADDS] += 1
+        stats.version += 1
+        if stats._event is not None:
+            stats._wake()
 
     def give_slot(self, holder: object) -> None:
         """``holder`` gives its slot back, if it holds one."""
-        holders = self.slot_holders
-        if holder in holders:
-            holders.discard(holder)
-            assert self.limiter is not None
-            self.limiter.release_on_behalf_of(holder)
+        slots = self.slots
+        if slots is not None:
+            slots.give(holder)
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
