@@ -273,17 +273,15 @@ class EachHost:
         running = self.running
         running[key] = run
         app_run = comp.session.active
-        stats = None if app_run is None else app_run.stats
-        if stats is not None:
-            stats.components_run += 1
-            stats.run_started(self.fn)
+        slotted = app_run is None or app_run.keyed_run_begins(self.fn, run)
         handlers = self.handlers
         t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
         t_prefix = prefix_var.set(()) if prefix_var.get() else None
         result: Any = None
         try:
-            if app_run is not None and app_run.limiter is not None:
-                await app_run.take_slot(run)
+            if not slotted:
+                assert app_run is not None and app_run.slots is not None
+                await app_run.slots.take(run)
             fargs = self.fargs
             kwargs = self.kwargs
             result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
@@ -294,8 +292,7 @@ class EachHost:
             self._finish_key(key, run)
             if app_run is not None:
                 app_run.give_slot(run)
-            if stats is not None:
-                stats.run_cancelled(self.fn)
+                app_run.stats.run_cancelled(self.fn)
             raise
         except Exception as exc:
             error: Exception | None = exc
@@ -309,8 +306,7 @@ class EachHost:
         if running.get(key) is not run:
             if app_run is not None:
                 app_run.give_slot(run)
-            if stats is not None:
-                stats.run_cancelled(self.fn)
+                app_run.stats.run_cancelled(self.fn)
             return None  # dropped while it ran
         if (
             error is None
@@ -321,9 +317,7 @@ class EachHost:
         ):
             # at rest at once: the common case
             if app_run is not None:
-                app_run.give_slot(run)
-            if stats is not None:
-                stats.run_succeeded(self.fn, False)
+                app_run.keyed_run_rests(self.fn, run)
             del running[key]
             self.leaves[key] = value
             failures = self.failures

@@ -115,7 +115,10 @@ async def run_once(
     # CocoIndex's counters (UpdateStats): a start, then one outcome; a run
     # that ends neither way (cancelled, superseded) takes its start back
     active = comp.session.active
-    stats = None if active is None else active.stats
+    stats = slots = None
+    if active is not None:
+        stats = active.stats
+        slots = active.slots
     if stats is not None and first is None:  # (a host's first try counted it)
         stats.run_started(comp.processor)
     outcome = 0  # 1: succeeded, 2: failed, 3: tried again
@@ -133,15 +136,15 @@ async def run_once(
             )
             t_prefix = prefix_var.set(()) if prefix_var.get() else None
             try:
-                if active is not None and active.limiter is not None:
-                    await active.take_slot(run)
+                if slots is not None and not slots.take_now(run):
+                    await slots.take(run)
                 result = func(*args, **kwargs)
                 if type(result) is CoroutineType or inspect.isawaitable(result):
                     result = await result
             except anyio.get_cancelled_exc_class():
                 run.buffers = RunEnded(comp)  # cancelled: it commits nothing
-                if active is not None:
-                    active.give_slot(run)
+                if slots is not None:
+                    slots.give(run)
                 if stats is not None:
                     stats.run_cancelled(comp.processor)
                 raise
@@ -210,8 +213,8 @@ async def run_once(
                 failures += 1
                 if app_run is not None:
                     app_run.stats.retried()
-                if active is not None:
-                    active.give_slot(run)  # none held while it waits
+                if slots is not None:
+                    slots.give(run)  # none held while it waits
                 comp.backing_off = True  # a newer value may cut the wait short
                 try:
                     await anyio.sleep(delay)
@@ -238,8 +241,8 @@ async def run_once(
         finally:
             # a declaration reaching this run from now on raises
             run.buffers = RunEnded(comp)
-            if active is not None:
-                active.give_slot(run)
+            if slots is not None:
+                slots.give(run)
             if stats is not None and outcome != 2:
                 if outcome == 1:
                     stats.run_succeeded(comp.processor, gen > 1)
