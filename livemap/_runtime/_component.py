@@ -447,7 +447,8 @@ class Component:
         """The task of a live component or of a ``mount_each`` watch: the app
         run counts it while it runs (a live run ends once none is left)."""
         try:
-            await body(self, scope, gen)
+            if gen == self.generation and self.alive:  # not superseded before it began
+                await body(self, scope, gen)
         finally:
             app_run.live_ended(scope)
             if app_run.closing and self.current(gen):
@@ -455,6 +456,11 @@ class Component:
                 self.mark_live_ready()
 
     async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
+        # A run superseded before its task got going never calls the user's
+        # function: a call that does not await would otherwise run to its end
+        # (with the newer run's arguments) before the cancellation lands.
+        if gen != self.generation or not self.alive:
+            return
         with scope:
             await self.run_once(gen, self.processor, self.args, self.kwargs, raise_errors=False)
 
