@@ -19,7 +19,11 @@ import uuid
 from functools import partial
 from types import GenericAlias
 
-from livemap_core import _claims
+from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import note_claims as _note_claims
+from livemap_core._claims import reset as _reset
+from livemap_core._claims import slow_commit as _slow_commit
+from livemap_core._claims import slow_release as _slow_release
 from livemap_core._shared import MAX_KEY_DEPTH, DuplicateDeclarationError, Symbol, _key_error
 
 __all__ = [
@@ -644,7 +648,7 @@ cdef class Table:
     cdef Commit _slow_commit(self, object owner, dict decls, bint defer):
         cdef Commit result = _new_commit(owner, self._seq + 1)
         cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
-        undo, suppressed, eq_errors = _claims.slow_commit(
+        undo, suppressed, eq_errors = _slow_commit(
             self, owner, decls, defer, result, Rejection, self._track_undo
         )
         if undo is not None:
@@ -802,14 +806,14 @@ cdef class Table:
         if n_added or deletes:
             self._merge(owner_id, record, deletes, added)
         if len(rejections) > eq_errors:  # conflicts: remembered as claims
-            _claims.note_claims(self, owner, rejections)
+            _note_claims(self, owner, rejections)
             claimed = True
         if track:
             result._undo = undo
             result._prev_record = record
             result._table = self
             if claimed:  # there were no claims nor deferred drops before
-                result._restore = partial(_claims.reset, self)
+                result._restore = partial(_reset, self)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -853,7 +857,7 @@ cdef class Table:
         self._check_idle("release")
         result = _new_commit(owner, self._seq + 1)
         if self._claims or self._dropping:
-            return self._slow(owner, result, _claims.slow_release)
+            return self._slow(owner, result, _slow_release)
         deletes = result.deletes
         record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
         if record is not None:
@@ -874,7 +878,7 @@ cdef class Table:
         ``defer`` and has not declared again since: each goes to its first
         claimant or is deleted."""
         self._check_idle("drop_deferred")
-        return self._slow(owner, _new_commit(owner, self._seq + 1), _claims.drop_deferred)
+        return self._slow(owner, _new_commit(owner, self._seq + 1), _drop_deferred)
 
     cdef Commit _slow(self, object owner, Commit result, object step):
         cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))

@@ -17,7 +17,11 @@ import uuid
 from functools import partial
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from livemap_core import _claims
+from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import note_claims as _note_claims
+from livemap_core._claims import reset as _reset
+from livemap_core._claims import slow_commit as _slow_commit
+from livemap_core._claims import slow_release as _slow_release
 from livemap_core._shared import (
     _SCALARS,
     MAX_KEY_DEPTH,
@@ -508,7 +512,7 @@ class Table(Generic[K, V]):
     def _slow_commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         record = self._owned.get(id(owner))
-        undo, suppressed, eq_errors = _claims.slow_commit(
+        undo, suppressed, eq_errors = _slow_commit(
             self, owner, decls, defer, result, Rejection, self._track_undo
         )
         if undo is not None:
@@ -596,14 +600,14 @@ class Table(Generic[K, V]):
         if n_added or deletes:
             self._merge(owner_id, record, deletes, added, undo is not None)
         if len(rejections) > eq_errors:  # conflicts: remembered as claims
-            _claims.note_claims(self, owner, rejections)
+            _note_claims(self, owner, rejections)
             claimed = True
         if undo is not None:
             result._undo = undo
             result._prev_record = record
             result._table = self
             if claimed:  # there were no claims nor deferred drops before
-                result._restore = partial(_claims.reset, self)
+                result._restore = partial(_reset, self)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -641,7 +645,7 @@ class Table(Generic[K, V]):
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         if self._claims or self._dropping:
-            return self._slow(owner, result, _claims.slow_release)
+            return self._slow(owner, result, _slow_release)
         record = self._owned.pop(id(owner), None)
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         if record is not None:
@@ -665,7 +669,7 @@ class Table(Generic[K, V]):
         claimant or is deleted."""
         self._check_idle("drop_deferred")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
-        return self._slow(owner, result, _claims.drop_deferred)
+        return self._slow(owner, result, _drop_deferred)
 
     def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
         record = self._owned.get(id(owner))
