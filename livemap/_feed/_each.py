@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterab
 from contextvars import Token
 from functools import partial
 from types import CoroutineType
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
 import anyio
 
@@ -857,14 +857,32 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
         operator = LiveComponentOperator(comp, each, gen)
         subscriber = EachSubscriber(operator, comp, gen, each.source)
+        app_run = comp.session.active
+        if app_run is not None and app_run.catching_up:
+            # a live run's initial catch-up waits for this consumer's too
+            app_run.settlers[subscriber] = settler(each.source, comp)
         try:
             await each.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
             await comp.report(exc, "mount_each")
+        finally:
+            if app_run is not None:
+                app_run.settlers.pop(subscriber, None)
         if comp.current(gen):
             comp.readiness.mark_live_ready()
+
+
+def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
+    """How to wait for what ``source`` has committed so far to be processed:
+    its ``settle()`` (a :class:`~livemap.LiveMap`, or a view of one with
+    consumer options); for a view without one, the ``mount_each``'s subtree
+    being ready once."""
+    settle = getattr(source, "settle", None)
+    if callable(settle):
+        return cast("Callable[[], Awaitable[None]]", settle)
+    return comp.readiness.wait_ready
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The

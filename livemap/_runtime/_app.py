@@ -351,8 +351,20 @@ class UpdateHandle:
         def over() -> bool:
             return run.stop_requested or run.failure is not None
 
-        while not (over() or run.quiescent(not root.readiness.unready)):
-            await run.wait()
+        if self._live:
+            # Live mode: ready once the initial catch-up is done, even if
+            # producers keep changing things (or at quiescence, if sooner).
+            caught_up = anyio.CancelScope()
+            run.tg.start_soon(self._catch_up, run, caught_up)
+            while not (
+                over() or not run.catching_up or run.quiescent(not root.readiness.unready)
+            ):
+                await run.wait()
+            caught_up.cancel()
+            run.end_catch_up()
+        else:
+            while not (over() or run.quiescent(not root.readiness.unready)):
+                await run.wait()
         if run.failure is None:
             self._set_ready()
         if self._live:
@@ -367,6 +379,38 @@ class UpdateHandle:
         run.close()
         while not (over() or (not run.producers and run.quiescent(not root.readiness.unready))):
             await run.wait()
+
+    @staticmethod
+    async def _catch_up(run: AppRun, scope: anyio.CancelScope) -> None:
+        """A live run's initial catch-up: every component of the tree has
+        finished its first run of this update (a consumer's per-entry
+        children aside), and then every consumer has processed what its map
+        held: its initial scan, and what the catch-up of the consumers
+        upstream of it committed into it.
+
+        The consumers are settled in passes, as many as there are consumers
+        (plus one): a chain of maps, each consumed by per-entry components
+        that declare into the next, is covered link by link, one link a
+        pass, whatever order the passes take them in.  Each ``settle()``
+        waits only for the changes committed before it was called, so the
+        catch-up ends however fast producers go on changing entries.
+        """
+        with scope:
+            while True:
+                while run.first_runs > 0:
+                    await run.wait()
+                passes = 0
+                while True:
+                    settlers = dict(run.settlers)
+                    for settle in settlers.values():
+                        await settle()
+                    passes += 1
+                    if passes > len(run.settlers) and run.settlers.keys() == settlers.keys():
+                        break
+                if run.first_runs <= 0:
+                    break
+            run.catching_up = False
+            run.notify()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":

@@ -441,12 +441,25 @@ class Component:
             self.cancel_tasks()
         self.generation += 1
         app_run = self.session.active
-        if app_run is not None:
-            app_run.stats.components_run += 1
         self.exception = None
         self.escalated = None
         self.readiness.restart()
+        if app_run is not None:
+            app_run.stats.components_run += 1
+            if app_run.catching_up and not self.in_consumer():
+                app_run.count_first_run(self, self.readiness)
         return self.generation
+
+    def in_consumer(self) -> bool:
+        """Whether this component runs for a consumer: a per-entry child of a
+        ``mount_each`` over a feed, or below one (the consumer's ``settle()``
+        accounts for those)."""
+        parent = self.parent
+        while parent is not None:
+            if parent.host is not None and parent.live_body is not None:
+                return True
+            parent = parent.parent
+        return False
 
 
 class ComponentMountHandle:

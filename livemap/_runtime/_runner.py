@@ -68,7 +68,8 @@ async def _live_task(
     """The task of a live component or of a ``mount_each`` watch: the app
     run counts it while it runs (a live run ends once none is left)."""
     try:
-        await body(comp, scope, gen)
+        if comp.current(gen):  # not superseded before it began
+            await body(comp, scope, gen)
     finally:
         app_run.live_ended(scope)
         if app_run.closing and comp.current(gen):
@@ -77,6 +78,11 @@ async def _live_task(
 
 
 async def _run_task(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
+    # A run superseded before its task got going never calls the user's
+    # function: a call that does not await would otherwise run to its end
+    # (with the newer run's arguments) before the cancellation lands.
+    if not comp.current(gen):
+        return
     with scope:
         await run_once(comp, gen, comp.processor, comp.args, comp.kwargs, raise_errors=False)
 
