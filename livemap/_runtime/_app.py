@@ -27,9 +27,26 @@ from livemap._runtime._session import (
     UpdateStatus,
     is_interrupt,
 )
+from livemap._runtime._unmount import unmount
 from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle", "app_name", "current_snapshot", "root_of"]
+
+
+class _Tree:
+    """The component tree of one app name: its session and root, shared by
+    every ``App`` object of that name until :meth:`App.drop`."""
+
+    __slots__ = ("root", "session")
+
+    def __init__(self, name: str) -> None:
+        self.session = Session(name)
+        self.root: Component | None = None
+
+
+_trees: dict[str, _Tree] = {}
+"""The trees of the apps of this process, by name (made by an app's first
+update, forgotten by its ``drop()``)."""
 
 P = ParamSpec("P")
 
@@ -66,9 +83,14 @@ class App:
     """The top-level runnable: ``App(name_or_config, main_fn, *args, **kwargs)``.
 
     ``main_fn(*args, **kwargs)`` runs as the root component.  The component
-    tree lives as long as the app object: calling :meth:`update` again re-runs
-    the main function against the previous tree (components at the same paths
-    are re-run, vanished ones unmounted).
+    tree belongs to the app's name, in this process: calling :meth:`update`
+    again re-runs the main function against the previous tree (components at
+    the same paths are re-run, vanished ones unmounted), and so does an
+    update of a new ``App`` object with the same name (it takes the keys of
+    the previous one's components back, as a re-run would).  Ownership is
+    scoped per app: apps of two names own keys apart, and a conflict between
+    them names the owning app.  :meth:`drop` releases everything the app
+    owns and forgets its tree.
     """
 
     def __init__(
@@ -92,8 +114,17 @@ class App:
         self.main_fn: Callable[..., object] = main_fn
         self.args: tuple[Any, ...] = args
         self.kwargs: dict[str, Any] = kwargs
-        self._root: Component | None = None
-        self._session = Session(config.name)
+
+    @property
+    def _tree(self) -> _Tree:
+        tree = _trees.get(self.config.name)
+        if tree is None:
+            tree = _trees[self.config.name] = _Tree(self.config.name)
+        return tree
+
+    @property
+    def _session(self) -> Session:
+        return self._tree.session
 
     @property
     def name(self) -> str:
@@ -136,15 +167,57 @@ class App:
     # -- internal -----------------------------------------------------------------
 
     def _root_component(self) -> Component:
-        root = self._root
+        tree = self._tree
+        root = tree.root
         handlers = (
             (self.config.exception_handler,) if self.config.exception_handler is not None else ()
         )
         if root is None:
-            root = self._root = Component(
-                self._session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
+            root = tree.root = Component(
+                tree.session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
             )
+        else:  # this object's main function and handler, on the name's tree
+            root.processor = self.main_fn
+            root.args = self.args
+            root.kwargs = self.kwargs
+            root.handlers = handlers
         return root
+
+    async def drop(self) -> None:
+        """Release everything the app owns: every component of its tree is
+        unmounted, so each entry it declared is deleted downstream (a LiveMap
+        it created is retired); then the tree is forgotten, and the next
+        update (of this object or of a new ``App`` of the same name) starts
+        from an empty one.  Raises :class:`~livemap.errors.UpdateInProgressError`
+        while an update of the app is running."""
+        tree = _trees.get(self.config.name)
+        if tree is None:
+            return
+        if tree.session.active is not None:
+            raise UpdateInProgressError(self.name)
+        del _trees[self.config.name]
+        if tree.root is not None:
+            await unmount(tree.root)
+
+    def drop_blocking(self, *, backend: Literal["asyncio", "trio"] = "asyncio") -> None:
+        """:meth:`drop` from synchronous code, on its own event loop (on a
+        helper thread when called where an event loop is running)."""
+        if not _loop_running():
+            anyio.run(self.drop, backend=backend)
+            return
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                anyio.run(self.drop, backend=backend)
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=target, name=f"livemap drop of {self.name}")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
 
 
 class UpdateHandle:
@@ -484,7 +557,7 @@ def current_snapshot(
 
 def root_of(handle: UpdateHandle) -> Component | None:
     """The root component of ``handle``'s app, once it has one."""
-    return handle._app._root
+    return handle._app._tree.root
 
 
 def app_name(handle: UpdateHandle) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from livemap._paths import prefix_var
-from livemap._runtime._commit import commit, wait_mounted
+from livemap._runtime._commit import commit, settle, wait_mounted
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
@@ -236,6 +236,8 @@ async def run_once(
                 app_run.stats.run_failed(comp.processor)
             if host is not None:
                 host.outcome(comp, error)
+            if comp.settle is not None:  # the update it scoped is over all the same
+                await settle(comp)
             if raise_errors:
                 if not live:
                     comp.readiness.set_self_ready(True)

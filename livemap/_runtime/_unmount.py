@@ -76,6 +76,10 @@ async def _release_subtree(comp: Component) -> None:
             failed = await target.release_owner(comp)
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
+    if comp.settle:  # what waited for a run of this component to settle
+        jobs, comp.settle = comp.settle, None
+        for job in jobs.values():
+            await job()
     if comp.created:
         created, comp.created = comp.created, None
         for item in created:
