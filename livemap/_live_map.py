@@ -247,6 +247,10 @@ class LiveMap(TargetBase[K, V]):
         """The entries as they are now, as a list (what ``async for`` yields)."""
         return self._table.items()
 
+    def active_consumer(self) -> Consumer[K, V] | None:
+        """The consumer watching the map now, if any (for ``mount_each``)."""
+        return self._consumer
+
     async def watch(self, subscriber: LiveMapSubscriber[K, V]) -> None:
         """Follow the map: ``update_all()``, ``mark_ready()``, then every
         later change as ``update(key, value)`` / ``delete(key)``.
@@ -349,6 +353,10 @@ class LiveMapConsumer(Generic[K, V]):
     async def settle(self) -> None:
         """The map's :meth:`LiveMap.settle`."""
         await self.live_map.settle()
+
+    def active_consumer(self) -> Consumer[K, V] | None:
+        """The map's :meth:`LiveMap.active_consumer`."""
+        return self.live_map.active_consumer()
 
     def __repr__(self) -> str:
         return f"<consumer of {self.live_map.name} {self.options}>"

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import TIMEOUT
+from helpers import TIMEOUT, wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap
@@ -189,3 +189,74 @@ def test_nothing_bound_to_one_event_loop_outlives_its_run(backends: tuple[str, s
     gate["slow"] = False
     anyio.run(full_run, backend=backends[1])
     assert len(done) == n
+
+
+@pytest.mark.parametrize("swap", ["processor", "subpath", "arguments"])
+async def test_a_mount_each_replaced_by_its_parent_takes_over_the_map(swap: str) -> None:
+    """The parent re-runs and mounts the consumer with another processor (or
+    at another subpath, or the same with other arguments): the new mount_each
+    is the map's consumer at once, not a second one; every entry is processed
+    again and its rows replace the old ones without a delete."""
+    reported: list[BaseException] = []
+    batches: list[tuple[list[Any], list[Any]]] = []
+    sink = KeyedTarget[str, int](
+        "rows", lambda b: batches.append((list(b.upserts), list(b.deletes)))
+    )
+    done = anyio.Event()
+
+    @coco.fn
+    async def first(value: tuple[str, int], offset: int) -> None:
+        sink.declare(value[0], value[1] + offset)
+
+    @coco.fn
+    async def second(value: tuple[str, int], offset: int) -> None:
+        sink.declare(value[0], value[1] + offset)
+
+    @coco.fn
+    async def host(lm: LiveMap[str, tuple[str, int]], n: int) -> None:
+        fn = second if n and swap == "processor" else first
+        if swap == "processor":  # the path is the processor's name: a new path
+            await coco.mount_each(fn, lm, 100 * n)
+            return
+        sub = coco.component_subpath("each", n if swap == "subpath" else 0)
+        await coco.mount_each(sub, fn, lm, 100 * n)
+
+    class Driver:
+        def __init__(self, lm: LiveMap[str, tuple[str, int]]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            # (main's entries commit once this component is ready)
+            await wait_for(lambda: self.lm.stats().entries == 5)
+            for n in range(2):
+                h = await op.update("consumer", host, self.lm, n)
+                with anyio.fail_after(TIMEOUT):
+                    await h.ready()
+                    await self.lm.settle()
+            done.set()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        for i, key in enumerate(KEYS[:5]):
+            lm.declare_entry(key, (key, i))
+        await coco.mount(Driver, lm)
+
+    config = coco.AppConfig("takeover", exception_handler=lambda e, c: reported.append(e))
+    handle = coco.App(config, main).update(live=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.result)
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+            await handle.stop()
+    assert reported == []
+    deletes = [k for _, d in batches for k in d]
+    assert deletes == []
+    final: dict[str, int] = {}
+    for upserts, _ in batches:
+        final.update(upserts)
+    assert final == {key: i + 100 for i, key in enumerate(KEYS[:5])}

@@ -940,6 +940,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             if is_live_class(each.fn)
             else EachSubscriber(operator, comp, gen, each.source)
         )
+        take_over(each.source, comp)
         app_run = comp.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
@@ -955,6 +956,37 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
                 app_run.settlers.pop(subscriber, None)
         if comp.current(gen):
             comp.readiness.mark_live_ready()
+
+
+class _Watched(Protocol):
+    """A consumer as :func:`take_over` sees it: the ``mount_each`` it feeds."""
+
+    each: EachSubscriber | None
+
+
+def take_over(source: Any, comp: Component) -> None:
+    """A ``mount_each`` that replaces another over the same map (its parent's
+    latest run mounted this one and no longer mounts the one holding the
+    map: another processor, or another subpath) frees the map at once.  The
+    one replaced is unmounted when that run commits; until then it would
+    make this one's watch a second consumer."""
+    active = getattr(source, "active_consumer", None)
+    if active is None:
+        return
+    consumer = cast("_Watched | None", active())
+    held = None if consumer is None else consumer.each
+    if held is None:
+        return
+    old = held.component
+    parent = comp.parent
+    if old is comp or parent is None or old.parent is not parent:
+        return
+    run = parent.latest_run
+    mounted = None if run is None else run.mounted
+    if mounted is None or mounted.get(comp.rel) is not comp or old.rel in mounted:
+        return
+    if old.host is not None:
+        old.host.supersede()
 
 
 def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
