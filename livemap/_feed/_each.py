@@ -930,6 +930,10 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         else:
             # the same host and pool: runs of the earlier run of this
             # mount_each that are still winding down hold their keys
+            if host.pool.app_run is not comp.session.active:
+                # an earlier app run (maybe on another event loop) ended with
+                # its runs: their tasks and cancel scopes are gone with it
+                host.running.clear()
             host.reset()  # runs queued by an earlier run of this mount_each
             host.retry = options.retry
             host.pool.resize(options.concurrency)
