@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Container,
+    Hashable,
+    Iterable,
+)
 from contextvars import Token
 from functools import partial
 from types import CoroutineType
@@ -81,7 +88,10 @@ def _no_processor(*args: Any, **kwargs: Any) -> Any:
 class KeyWatcher(Protocol):
     """What waits for keys' runs to be over: a map's consumer."""
 
-    in_flight: set[Any]
+    @property
+    def in_flight(self) -> Container[Any]:
+        """The keys whose runs it waits for."""
+        ...
 
     def finish(self, key: Any) -> None:
         """``key``'s run (its cleanup included) is over."""
