@@ -478,10 +478,24 @@ class Consumer(Generic[K, V]):
             host = each.host
             for key in (*host.pending, *host.running):
                 need.setdefault(key, -1)  # queued or running since the scan
-            for rel, child in list((each.component.children or {}).items()):
-                if child.unready and rel[0] not in need:
-                    need[rel[0]] = -1
-                    child.on_ready(partial(self.scan_run_over, rel[0]))
+            comp = each.component
+            children = comp.children
+            # The children still busy from runs this queue did not start
+            # (the scan's, or a child's own): looked for only if the
+            # component's count of unready children says there are more
+            # than the keys already waited for.
+            if children:
+                busy = comp.unready - (not comp.self_ready) - host.counted
+                if busy > 0:
+                    for key in need:
+                        child = children.get((key,))  # type: ignore[arg-type]
+                        if child is not None and child.unready:
+                            busy -= 1
+                if busy > 0:
+                    for rel, child in list(children.items()):
+                        if child.unready and rel[0] not in need:
+                            need[rel[0]] = -1
+                            child.on_ready(partial(self.scan_run_over, rel[0]))
         await self.queue.settle(need)
 
 

@@ -777,19 +777,17 @@ class EachSubscriber:
             # a LiveMap hands its table's items over without an await per item
             snapshot_of = getattr(source, "snapshot", None)
             snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
-            if is_async(host.fn) or host.retry is not None:
-                pool = self.pool
-                queue, high = pool.queue, pool.high
-                # the common first scan: no child yet, so no lookups per key
-                fresh = not self.component.children and not host.leaves
-                submit = self.submit_keyed if fresh else self.submit
-                for key, value in snapshot:
-                    submit(key, value)
-                    if len(queue) >= high:  # pool.crowded(), inline
-                        await pool.room()
-            else:
-                for key, value in snapshot:
-                    await self.child(key, value).launch()
+            # sync processors too: a keyed run on a pool worker costs less
+            # than a component mounted inline
+            pool = self.pool
+            queue, high = pool.queue, pool.high
+            # the common first scan: no child yet, so no lookups per key
+            fresh = not self.component.children and not host.leaves
+            submit = self.submit_keyed if fresh else self.submit
+            for key, value in snapshot:
+                submit(key, value)
+                if len(queue) >= high:  # pool.crowded(), inline
+                    await pool.room()
 
     async def mark_ready(self) -> None:
         epoch = self._epoch
