@@ -55,7 +55,9 @@ from livemap._runtime._context import (
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
 from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context
+from livemap._runtime._runner import launch, run_once, start
 from livemap._runtime._session import AppRun
+from livemap._runtime._unmount import unmount
 
 __all__ = [
     "EachHost",
@@ -227,12 +229,12 @@ class EachHost:
     def hold(self) -> None:
         if not self.counted:
             self.counted = True
-            self.component.adjust(1)
+            self.component.readiness.adjust(1)
 
     def release_if_idle(self) -> None:
         if self.counted and not self.pending and not self.running:
             self.counted = False
-            self.component.adjust(-1)
+            self.component.readiness.adjust(-1)
 
     def materialize(self, run: KeyedRun) -> Component:
         """The component of ``run``'s key, made now, in the run's generation."""
@@ -256,7 +258,7 @@ class EachHost:
         if children is None:
             children = comp.children = {}
         children[(run.key,)] = child
-        comp.adjust(1)
+        comp.readiness.adjust(1)
         return child
 
     async def run_keyed(
@@ -337,17 +339,23 @@ class EachHost:
         try:
             if child is None:
                 child = self.materialize(run)
-            await child.run_once(
-                1, self.fn, child.args, child.kwargs, raise_errors=False, first=(run, result, error)
+            await run_once(
+                child,
+                1,
+                self.fn,
+                child.args,
+                child.kwargs,
+                raise_errors=False,
+                first=(run, result, error),
             )
         finally:
             if child is not None and child.cancel_scope is scope:
                 child.cancel_scope = None
             if self.running.get(key) is run:
                 run.scope = None  # the worker's part is over
-                if child is not None and child.alive and child.unready:
+                if child is not None and child.alive and child.readiness.unready:
                     # its component's subtree is still busy: the key is, too
-                    child.on_ready(partial(self._finish_key, key, run))
+                    child.readiness.on_ready(partial(self._finish_key, key, run))
                 else:
                     self._finish_key(key, run)
 
@@ -659,7 +667,8 @@ class Pool:
                                 child.cancel_scope = scope
                                 child.scope_run = app_run
                                 try:
-                                    await child.run_once(
+                                    await run_once(
+                                        child,
                                         gen,
                                         child.processor,
                                         child.args,
@@ -800,12 +809,12 @@ class EachSubscriber:
                 self.drop_leaf(key)
             children = self.component.children or {}
             for child in [c for rel, c in children.items() if rel[0] not in epoch]:
-                await child.unmount()
+                await unmount(child)
         await self.operator.mark_ready()
 
     async def update(self, key: Any, value: Any) -> ReadyLike:
         child = self.child(key, value)
-        await child.launch()
+        await launch(child)
         return ComponentMountHandle(child)
 
     async def delete(self, key: Any) -> ReadyLike:
@@ -863,7 +872,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         except Exception as exc:
             await comp.report(exc, "mount_each")
         if comp.current(gen):
-            comp.mark_live_ready()
+            comp.readiness.mark_live_ready()
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The
@@ -934,7 +943,7 @@ async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
             f"mount_each(): items must be an iterable, an async iterable, a LiveMapView or "
             f"a LiveMapFeed, got {type(items).__name__}"
         )
-    child.start()
+    start(child)
     return ComponentMountHandle(child)
 
 
@@ -955,7 +964,7 @@ async def _each_static(
         child = comp.mount_child(
             run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers
         )
-        await child.launch()
+        await launch(child)
 
     if isinstance(items, AsyncIterable):
         async for pair in items:

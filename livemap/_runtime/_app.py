@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
+from livemap._runtime._runner import run_once
 from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
 from livemap.errors import UpdateInProgressError
 
@@ -260,8 +261,8 @@ class UpdateHandle:
 
     async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
         try:
-            self._value = await root.run_once(
-                gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
+            self._value = await run_once(
+                root, gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
             )
         except anyio.get_cancelled_exc_class():
             raise
@@ -277,21 +278,21 @@ class UpdateHandle:
         def over() -> bool:
             return run.stop_requested or run.failure is not None
 
-        while not (over() or run.quiescent(root.subtree_ready)):
+        while not (over() or run.quiescent(not root.readiness.unready)):
             await run.wait()
         if run.failure is None:
             self._set_ready()
         if self._live:
             # A live run ends by itself once nothing in it can change any
             # more: no live task is left and every change has been delivered.
-            while not (over() or run.inactive(root.subtree_ready)):
+            while not (over() or run.inactive(not root.readiness.unready)):
                 await run.wait()
             return
         # Catch-up mode: end the live components first.  A last step of one
         # may still commit (its timer fired as quiescence was reached); the
         # consumers deliver that before the run ends.
         run.close()
-        while not (over() or (not run.producers and run.quiescent(root.subtree_ready))):
+        while not (over() or (not run.producers and run.quiescent(not root.readiness.unready))):
             await run.wait()
 
     async def __aenter__(self) -> UpdateHandle:
