@@ -19,7 +19,7 @@ Every scenario comes in two consumer shapes (the ``shape`` parameter):
   declared, the downstream diff, the view and the sink.
 
 Run: ``pytest bench/test_bench_e2e.py --benchmark-only`` (add
-``--benchmark-columns=min,median,max,rounds --benchmark-group-by=func,param:shape``
+``--benchmark-columns=min,median,max,rounds --benchmark-group-by=func``
 for a compact table).  ``LIVEMAP_BENCH_SCALE=1000000`` makes the scale scenario
 (a realistic fill, its time and peak RSS, in a fresh process) fill a million
 entries; it fills ``LIVEMAP_BENCH_FILL`` entries otherwise.
@@ -859,20 +859,23 @@ def test_io_bound(benchmark: Any, impl: str, shape: str) -> None:
 
 
 def io_floor(benchmark: Any) -> None:
+    """The ideal at IO_CONCURRENCY: that many tasks, each sleeping its share
+    of the IO_CHANGES sleeps one after another, nothing else."""
     with anyio.from_thread.start_blocking_portal("asyncio") as portal:
 
         async def one_round() -> None:
-            limiter = anyio.CapacityLimiter(IO_CONCURRENCY)
+            todo = iter(range(IO_CHANGES))
 
-            async def one(_: int) -> None:
-                async with limiter:
+            async def worker() -> None:
+                for _ in todo:
                     await anyio.sleep(IO_SLEEP)
 
             async with anyio.create_task_group() as tg:
-                for i in range(IO_CHANGES):
-                    tg.start_soon(one, i)
+                for _ in range(IO_CONCURRENCY):
+                    tg.start_soon(worker)
 
         benchmark.pedantic(lambda: portal.call(one_round), rounds=5, iterations=1)
+    benchmark.extra_info["ideal_ms"] = -(-IO_CHANGES // IO_CONCURRENCY) * IO_SLEEP * 1000
 
 
 # -- 7. memory -----------------------------------------------------------------------
