@@ -155,9 +155,13 @@ class Downstream:
             del sink[key]
 
     async def create(self) -> None:
-        """Make the downstream map (in the app's main function) and mount its watcher."""
+        """Make the downstream map and a fresh target (in the app's main
+        function: a target keeps its owners across app runs, and a new run's
+        components are new owners of the same keys) and mount the watcher."""
         self.down = await livemap.LiveMap.create()
+        self.target = livemap.KeyedTarget(unique("sink"), self.apply)
         self.view.clear()
+        self.sink.clear()
         await livemap.mount(ViewWatcher, self)
 
     async def settle(self) -> None:
@@ -342,7 +346,6 @@ class Harness:
                 harness.note(key_of(value), value)
 
             return process  # type: ignore[no-any-return]
-        target = downstream.target
 
         @coco.fn
         async def declare(value: Any, key_of: Any) -> None:
@@ -350,7 +353,7 @@ class Harness:
                 await anyio.sleep(harness.sleep)
             key = key_of(value)
             downstream.down.declare_entry(key, value)
-            target.declare(key, value)
+            downstream.target.declare(key, value)
 
         return declare  # type: ignore[no-any-return]
 
@@ -481,13 +484,12 @@ def test_fill(benchmark: Any, impl: str, shape: str) -> None:
 
     process: Any = count_one
     if downstream is not None:
-        target = downstream.target
 
         @coco.fn
         async def declare(value: int) -> None:
             key = f"k{value}"
             downstream.down.declare_entry(key, value)
-            target.declare(key, value)
+            downstream.target.declare(key, value)
 
         process = declare
 
@@ -926,7 +928,6 @@ MEMORY_SCRIPT = textwrap.dedent(
             sys.path.insert(0, os.getcwd())
             from bench.test_bench_e2e import Downstream
             downstream = Downstream()
-            target = downstream.target
 
         @coco.fn
         async def produce(lm):
@@ -941,7 +942,7 @@ MEMORY_SCRIPT = textwrap.dedent(
         async def declare(value):
             key = keys[value]
             downstream.down.declare_entry(key, value)
-            target.declare(key, value)
+            downstream.target.declare(key, value)
 
         process = count if shape == "trivial" else declare
 
