@@ -38,6 +38,11 @@ class Readiness:
     * ``closed``: the component left the tree (unmounted, or at rest): no
       crossing travels up any more and a new waiter is called at once.  Set
       once, never cleared.
+    * ``on_first``: called once (then cleared) the next time the component
+      is done with a run for the first time: it turns self-ready, or (a live
+      component) it marks itself ready although work holds it busy, or it
+      leaves the tree.  Set by a live app run's initial catch-up
+      (:meth:`AppRun.count_first_run`), ``None`` otherwise.
     * ``live_marked`` / ``live_busy`` (live components only): it marked
       itself ready (its initial catch-up is done) / the number of pieces of
       work in progress that keep it unready.  A live component is self-ready
@@ -49,6 +54,7 @@ class Readiness:
         "closed",
         "live_busy",
         "live_marked",
+        "on_first",
         "self_ready",
         "unready",
         "up",
@@ -64,6 +70,7 @@ class Readiness:
         self.closed = False
         self.live_marked = False
         self.live_busy = 0
+        self.on_first: Callable[[], object] | None = None
 
     def adjust(self, delta: int) -> None:
         """Change ``unready`` by ``delta``; a zero crossing goes up (or, at the
@@ -96,6 +103,14 @@ class Readiness:
         if self.self_ready is not ready:
             self.self_ready = ready
             self.adjust(-1 if ready else 1)
+        if ready and self.on_first is not None:
+            self.first_done()
+
+    def first_done(self) -> None:
+        """Call (and clear) ``on_first``."""
+        on_first, self.on_first = self.on_first, None
+        if on_first is not None:
+            on_first()
 
     def restart(self) -> None:
         """A new run begins: not self-ready, live marks cleared."""
@@ -113,6 +128,8 @@ class Readiness:
         if not self.live_marked:
             self.live_marked = True
             self.set_self_ready(self.live_busy == 0)
+        if self.on_first is not None:
+            self.first_done()
 
     def on_ready(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` once the subtree is ready (now, if it is), or
@@ -137,6 +154,8 @@ class Readiness:
         self.closed = True
         self.up = None
         self.call_waiters()
+        if self.on_first is not None:
+            self.first_done()
 
     def close_at_rest(self) -> None:
         """The component leaves the tree as a child at rest: it counts as
