@@ -1,29 +1,34 @@
 """The consumer of a map: the worker between one LiveMap and its one
 subscriber.
 
-The consumer worker is where a LiveMap meets its consumer.  A commit marks
-the changed keys *pending*; the worker takes pending keys that are not in
-flight, reads each key's current state from the map at that moment, and
-delivers ``update(key, value)`` or ``delete(key)``.  Reading the latest state
-at delivery time is what coalesces: a key that changed fifty times while it
-waited is one pending key, so pending work is bounded by the number of
-distinct keys.  A key that changes while in flight is taken again when its
-delivery is done, so one key is never processed twice at once and its
-deliveries arrive in the order of its changes.
+The consumer is where a LiveMap meets its consumer.  A commit adds the
+changed keys to the consumer's :class:`~._queue.WorkQueue`; a worker takes a
+key, reads its current state from the map at that moment, delivers
+``update(key, value)`` or ``delete(key)``, and marks the key done.  Reading
+the latest state at delivery time is what coalesces, and the queue never
+hands out a key that is in flight, so one key is never processed twice at
+once and its deliveries arrive in the order of its changes.
+
+A hand-written subscriber's deliveries run on up to ``concurrency`` worker
+tasks, started as needed and parked when there is nothing to take, so that
+deliveries that never wait run back to back in one task.  ``mount_each``'s
+subscriber is skipped: its per-entry runs are queued on its pool straight
+from the commit (:meth:`Consumer._deliver_each`), and the pool hands each
+key back when its run is over.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
+import anyio.abc
 
 from livemap._feed._each import EachSubscriber, event_class
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLike
+from livemap._feed._queue import WorkQueue
 from livemap._runtime._component import Component
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import cleanup, detach
@@ -63,30 +68,22 @@ class ConsumedMap(Protocol[K, V]):
         ...
 
 
-@dataclass
-class _Waiter:
-    """One ``settle()`` call: ``keys`` maps each key it waits for to the
-    change sequence number its processing must have started at (or after)
-    to cover every change committed before the call."""
-
-    keys: dict[Any, int]
-    event: anyio.Event = field(default_factory=anyio.Event)
-
-
 class Consumer(Generic[K, V]):
     """The worker between one LiveMap and its one subscriber (internal).
 
-    Fields, per key (a key is in at most one of ``queued`` and
-    ``in_flight``; ``dirty`` is a subset of ``in_flight``):
+    ``queue`` holds every key with work and where it stands (see
+    :class:`~._queue.WorkQueue` for its invariants).  Besides it:
 
-    * ``queue`` / ``queued``: keys with changes not taken yet, in order.
-    * ``in_flight``: keys being processed; ``dirty``: those of them that
-      changed again meanwhile (taken again once their processing is over).
-    * ``started_at``: for a key in flight, the change sequence number
-      (``seq``) when its processing read the key's state: it covers every
-      change up to that number.  ``seq`` counts ``notify()`` calls.
-    * ``_waiters``: ``settle()`` calls, each waiting for the keys it saw
-      outstanding to be covered up to the changes before the call.
+    * ``delivered``: for a hand-written subscriber, what it has (the map as
+      its scan saw it, then every delivery); a try that finds the key's
+      state already there delivers nothing.
+    * ``failing``: keys whose latest delivery failed, with the error.
+    * ``started``: the subscriber's ``update_all()`` and ``mark_ready()``
+      returned; no key is taken before.  ``closed``: no key is taken any
+      more; ``released``: the map's consumer slot is free again.
+    * ``_workers`` / ``_free`` / ``_parked``: the worker tasks of a
+      hand-written subscriber (at most ``concurrency``): how many run, how
+      many of them are not in a delivery, and the events of the parked ones.
     """
 
     def __init__(
@@ -98,12 +95,7 @@ class Consumer(Generic[K, V]):
         self.live_map = live_map
         self.subscriber = subscriber
         self.options = options
-        self.queue: deque[K] = deque()
-        self.queued: set[K] = set()
-        self.in_flight: set[K] = set()
-        self.dirty: set[K] = set()
-        self.seq = 0
-        self.started_at: dict[K, int] = {}
+        self.queue: WorkQueue[K] = WorkQueue()
         self.failing: dict[K, BaseException] = {}
         self.deliveries = 0
         self.closed = False
@@ -114,7 +106,10 @@ class Consumer(Generic[K, V]):
         self._busy_run: AppRun | None = None
         self._holding: Component | None = None
         self._wake: anyio.Event | None = None
-        self._waiters: list[_Waiter] = []
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._workers = 0
+        self._free = 0
+        self._parked: list[anyio.Event] = []
         each = subscriber if isinstance(subscriber, EachSubscriber) else None
         self.each = each
         self._component = each.component if each is not None else None
@@ -125,32 +120,50 @@ class Consumer(Generic[K, V]):
         # delivery.  ``mount_each``'s children hold their own value instead.
         self.delivered: dict[K, V] = {} if each is not None else dict(live_map.items())
 
+    @property
+    def queued(self) -> set[K]:
+        """Keys with changes not taken yet."""
+        return self.queue.waiting
+
+    @property
+    def in_flight(self) -> dict[K, int]:
+        """Keys being processed (a try of each is under way)."""
+        return self.queue.in_flight
+
     # -- called from commits (synchronously) ---------------------------------
 
     def notify(self, keys: list[K]) -> None:
-        self.seq += 1
-        in_flight = self.in_flight
-        queued = self.queued
+        queue = self.queue
+        queue.changed()
+        in_flight = queue.in_flight
         self._set_busy(True)
         # mount_each, past its initial scan: deliver at once while there is
         # room, from the committing task (no hop through the worker loop)
         each = self.each if self.started and not self.closed else None
+        if each is None:
+            for key in keys:
+                queue.add(key)
+            if self.started:
+                self._kick()
+            else:
+                self._poke()
+            return
         limit = self.options.concurrency
         for key in keys:
             if key in in_flight:
-                if each is None or not self._supersede_retry(each, key):
-                    self.dirty.add(key)
-            elif key not in queued:
-                if each is not None and not self.queue and len(in_flight) < limit:
+                if not self._supersede_retry(each, key):
+                    queue.add(key)  # dirty
+            elif key not in queue.waiting:
+                if not queue.order and len(in_flight) < limit:
                     self._deliver_each(each, key)
                 else:
-                    queued.add(key)
-                    self.queue.append(key)
+                    queue.add(key)
         self._poke()
 
     def close(self) -> None:
         self.closed = True
         self._poke()
+        self._unpark()
 
     # -- the worker ----------------------------------------------------------
 
@@ -177,7 +190,7 @@ class Consumer(Generic[K, V]):
             run.consumer_busy(-1)
 
     def idle(self) -> bool:
-        return not self.queue and not self.in_flight
+        return self.queue.idle()
 
     async def run(self) -> None:
         try:
@@ -189,29 +202,93 @@ class Consumer(Generic[K, V]):
             await self.subscriber.mark_ready()
             self.started = True
             self.scanned.set()
-            limit = self.options.concurrency
-            new_event = event_class()
             async with anyio.create_task_group() as tg:
-                while not self.closed:
-                    queue = self.queue
-                    each = self.each
-                    while queue and len(self.in_flight) < limit:
-                        key = queue.popleft()
-                        self.queued.discard(key)
-                        if each is not None:
-                            self._deliver_each(each, key)
-                        else:
-                            self.in_flight.add(key)
-                            self.started_at[key] = self.seq
-                            tg.start_soon(self._deliver, key)
-                    if self.idle():
-                        self._set_busy(False)
-                    self._wake = new_event()
-                    if not self.closed and not (queue and len(self.in_flight) < limit):
-                        await self._wake.wait()
+                if self.each is not None:
+                    await self._run_each(self.each)
+                else:
+                    await self._run_workers(tg)
                 tg.cancel_scope.cancel()
         finally:
             self.release()
+
+    async def _run_each(self, each: EachSubscriber) -> None:
+        """``mount_each``: take the keys that could not be delivered at once
+        (during the scan, or beyond ``concurrency``) as room frees up."""
+        limit = self.options.concurrency
+        queue = self.queue
+        new_event = event_class()
+        while not self.closed:
+            while queue.order and len(queue.in_flight) < limit:
+                key = queue.pop()
+                assert key is not None
+                self._deliver_each(each, key)
+            if queue.idle():
+                self._set_busy(False)
+            self._wake = new_event()
+            if not self.closed and not (queue.order and len(queue.in_flight) < limit):
+                await self._wake.wait()
+
+    async def _run_workers(self, tg: anyio.abc.TaskGroup) -> None:
+        """A hand-written subscriber: workers take the keys (see :meth:`_work`);
+        this task waits until the consumer closes, then ends them."""
+        self._tg = tg
+        new_event = event_class()
+        self._kick()
+        while not self.closed:
+            if self.queue.idle():
+                self._set_busy(False)
+            self._wake = new_event()
+            if not self.closed:
+                await self._wake.wait()
+
+    def _kick(self) -> None:
+        """Make sure a worker is free to take the waiting keys: wake a
+        parked one, or start one while there are fewer than ``concurrency``."""
+        if self._free > 0 or self.closed or not self.queue.order:
+            return
+        if self._parked:
+            self._free += 1
+            self._parked.pop().set()
+        elif self._tg is not None and self._workers < self.options.concurrency:
+            self._workers += 1
+            self._free += 1
+            self._tg.start_soon(self._work)
+
+    def _unpark(self) -> None:
+        parked, self._parked = self._parked, []
+        self._free += len(parked)
+        for event in parked:
+            event.set()
+
+    async def _work(self) -> None:
+        """A worker: take a key, run its try, mark it done; park when no key
+        waits.  One that starts a try while more keys wait makes sure
+        another worker is free to take them, so tries that wait on I/O
+        spread over the workers."""
+        queue = self.queue
+        new_event = event_class()
+        try:
+            while not self.closed:
+                key = queue.take()
+                if key is None:
+                    if queue.idle():
+                        self._poke()  # the consumer is idle: its task says so
+                    event = new_event()
+                    self._parked.append(event)
+                    self._free -= 1
+                    await event.wait()
+                    continue
+                self._free -= 1
+                if queue.order:
+                    self._kick()
+                try:
+                    await self._deliver(key)
+                finally:
+                    self._free += 1
+                    queue.done(key)
+        finally:
+            self._workers -= 1
+            self._free -= 1
 
     def rebase(self, snapshot: list[tuple[K, V]]) -> None:
         """The watching subscriber scanned the map during ``update_all()``:
@@ -234,10 +311,9 @@ class Consumer(Generic[K, V]):
         self.closed = True
         self.scanned.set()
         self._set_busy(False)
-        for waiter in self._waiters:
-            waiter.event.set()
-        self._waiters.clear()
+        self.queue.release()
         self._poke()
+        self._unpark()
         each = self.each
         if each is not None and each.host.consumer is self:
             each.host.consumer = None
@@ -260,7 +336,7 @@ class Consumer(Generic[K, V]):
         if child is None or not child.backing_off:
             return False
         self.deliveries += 1
-        self.started_at[key] = self.seq
+        self.queue.restart(key)
         value = self.live_map.get(key, _MISSING)
         if value is not _MISSING:
             fargs = each.host.fargs
@@ -282,15 +358,16 @@ class Consumer(Generic[K, V]):
     def _deliver_each(self, each: EachSubscriber, key: K) -> None:
         """Deliver to ``mount_each`` without a task: queue the child's run on
         the pool and take the key back when the child is ready."""
+        queue = self.queue
         value = self.live_map.get(key, _MISSING)
         state = each.host
         if key in state.pending or key in state.running:
             # still processing an earlier value (from the scan): deliver the
             # latest state once that is done (EachHost tells finish), or
             # now if it only waits to retry
-            self.in_flight.add(key)
+            queue.hold(key)
             if not self._supersede_retry(each, key):
-                self.dirty.add(key)
+                queue.add(key)  # dirty
             return
         children = each.component.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
@@ -298,8 +375,7 @@ class Consumer(Generic[K, V]):
             # at rest (a leaf: only its value is kept), or not mounted
             held = state.leaves.get(key, _MISSING)
             if value is not _MISSING and (held is _MISSING or not _same(held, value)):
-                self.in_flight.add(key)
-                self.started_at[key] = self.seq
+                queue.begin(key)
                 self.deliveries += 1
                 if held is not _MISSING:
                     del state.leaves[key]
@@ -308,30 +384,28 @@ class Consumer(Generic[K, V]):
             if value is _MISSING and held is not _MISSING:
                 self.deliveries += 1
                 each.drop_leaf(key)
-            self._settled(key)
+            queue.settled(key)
             return
         if child.readiness.unready:
             # still processing an earlier value (from the scan, or a retry):
             # deliver the latest state once that is done, or now if it only
             # waits to retry
-            self.in_flight.add(key)
+            queue.hold(key)
             if not self._supersede_retry(each, key):
-                self.dirty.add(key)
+                queue.add(key)  # dirty
             if child.alive:  # (a delete that cut a retry short hands back itself)
                 child.readiness.on_ready(partial(self.finish, key))
             return
         if value is _MISSING:
-            self.in_flight.add(key)
-            self.started_at[key] = self.seq
+            queue.begin(key)
             self.deliveries += 1
             detach(child)
             each.pool.submit(child, 0, partial(self._cleanup, child, key))
             return
         if _same(child.args[0], value):
-            self._settled(key)
+            queue.settled(key)
             return
-        self.in_flight.add(key)
-        self.started_at[key] = self.seq
+        queue.begin(key)
         self.deliveries += 1
         child = each.child(key, value)
         each.pool.queue_run(child)
@@ -344,57 +418,43 @@ class Consumer(Generic[K, V]):
             self.finish(key)
 
     def finish(self, key: K) -> None:
-        """``key``'s processing is over (its run, its ``finally`` included):
-        take it again if it changed meanwhile."""
-        self.in_flight.discard(key)
-        covered = self.started_at.pop(key, -1)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            if key not in self.queued:
-                self.queued.add(key)
-                self.queue.append(key)
-        if self._waiters:
-            self._done(key, covered)
+        """``mount_each``: ``key``'s run (its ``finally`` included) is over:
+        the queue decides what follows, and the loop takes the next keys."""
+        self.queue.done(key)
         self._poke()
 
     def scan_run_over(self, key: Any) -> None:
         """A run of ``key`` that the initial scan started is over."""
-        if self._waiters:
-            self._done(key, -1)
-
-    def _settled(self, key: K) -> None:
-        """``key`` needed no processing: its state was already there."""
-        if self._waiters:
-            self._done(key, self.seq)
+        self.queue.outside_done(key)
 
     async def _deliver(self, key: K) -> None:
+        """One try of ``key`` for a hand-written subscriber: deliver its
+        state now unless the subscriber has it already."""
+        value = self.live_map.get(key, _MISSING)
+        had = self.delivered.get(key, _MISSING)
+        if value is _MISSING:
+            if had is _MISSING:
+                return
+            del self.delivered[key]
+            self.failing.pop(key, None)
+            handle: ReadyLike = await self.subscriber.delete(key)
+        else:
+            if had is not _MISSING and _same(had, value):
+                return
+            self.delivered[key] = value
+            handle = await self.subscriber.update(key, value)
+        self.deliveries += 1
+        error: BaseException | None
         try:
-            value = self.live_map.get(key, _MISSING)
-            had = self.delivered.get(key, _MISSING)
-            if value is _MISSING:
-                if had is _MISSING:
-                    return
-                del self.delivered[key]
+            await handle.ready()
+            error = getattr(handle, "exception", None)
+        except Exception as exc:  # a handler re-raised: the key counts as failing
+            error = exc
+        if error is None:
+            if self.failing:
                 self.failing.pop(key, None)
-                handle: ReadyLike = await self.subscriber.delete(key)
-            else:
-                if had is not _MISSING and _same(had, value):
-                    return
-                self.delivered[key] = value
-                handle = await self.subscriber.update(key, value)
-            self.deliveries += 1
-            error: BaseException | None
-            try:
-                await handle.ready()
-                error = getattr(handle, "exception", None)
-            except Exception as exc:  # a handler re-raised: the key counts as failing
-                error = exc
-            if error is None:
-                self.failing.pop(key, None)
-            else:
-                self.failing[key] = error
-        finally:
-            self.finish(key)
+        else:
+            self.failing[key] = error
 
     def failing_keys(self) -> dict[K, BaseException]:
         """Keys whose latest processing failed, with the last error."""
@@ -402,20 +462,6 @@ class Consumer(Generic[K, V]):
         if each is not None and each.host.failures is not None:
             return dict(each.host.failures)
         return dict(self.failing)
-
-    def _done(self, key: K, covered: int) -> None:
-        """``key``'s processing that covered changes up to ``covered`` is over."""
-        remaining = []
-        for waiter in self._waiters:
-            keys = waiter.keys
-            need = keys.get(key)
-            if need is not None and covered >= need:
-                del keys[key]
-            if keys:
-                remaining.append(waiter)
-            else:
-                waiter.event.set()
-        self._waiters = remaining
 
     async def settle(self) -> None:
         """Wait until every change committed before the call has been
@@ -428,26 +474,32 @@ class Consumer(Generic[K, V]):
             await self.scanned.wait()
         if self.closed:
             return
-        now = self.seq
-        need: dict[Any, int] = dict.fromkeys(self.queued, now)
-        dirty = self.dirty
-        started_at = self.started_at
-        for key in self.in_flight:
-            need[key] = now if key in dirty else started_at.get(key, -1)
+        need = self.queue.outstanding()
         each = self.each
         if each is not None:
             host = each.host
             for key in (*host.pending, *host.running):
                 need.setdefault(key, -1)  # queued or running since the scan
-            for rel, child in list((each.component.children or {}).items()):
-                if child.readiness.unready and rel[0] not in need:
-                    need[rel[0]] = -1
-                    child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
-        if not need:
-            return
-        waiter = _Waiter(need)
-        self._waiters.append(waiter)
-        await waiter.event.wait()
+            comp = each.component
+            children = comp.children
+            # The children still busy from runs this queue did not start
+            # (the scan's, or a child's own): looked for only if the
+            # component's count of unready children says there are more
+            # than the keys already waited for.
+            if children:
+                readiness = comp.readiness
+                busy = readiness.unready - (not readiness.self_ready) - host.counted
+                if busy > 0:
+                    for key in need:
+                        child = children.get((key,))  # type: ignore[arg-type]
+                        if child is not None and child.readiness.unready:
+                            busy -= 1
+                if busy > 0:
+                    for rel, child in list(children.items()):
+                        if child.readiness.unready and rel[0] not in need:
+                            need[rel[0]] = -1
+                            child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
+        await self.queue.settle(need)
 
 
 def _same(a: object, b: object) -> bool:

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Container,
+    Hashable,
+    Iterable,
+)
 from contextvars import Token
 from functools import partial
 from types import CoroutineType
@@ -82,7 +89,10 @@ def _no_processor(*args: Any, **kwargs: Any) -> Any:
 class KeyWatcher(Protocol):
     """What waits for keys' runs to be over: a map's consumer."""
 
-    in_flight: set[Any]
+    @property
+    def in_flight(self) -> Container[Any]:
+        """The keys whose runs it waits for."""
+        ...
 
     def finish(self, key: Any) -> None:
         """``key``'s run (its cleanup included) is over."""
@@ -791,19 +801,17 @@ class EachSubscriber:
             # a LiveMap hands its table's items over without an await per item
             snapshot_of = getattr(source, "snapshot", None)
             snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
-            if is_async(host.fn) or host.retry is not None:
-                pool = self.pool
-                queue, high = pool.queue, pool.high
-                # the common first scan: no child yet, so no lookups per key
-                fresh = not self.component.children and not host.leaves
-                submit = self.submit_keyed if fresh else self.submit
-                for key, value in snapshot:
-                    submit(key, value)
-                    if len(queue) >= high:  # pool.crowded(), inline
-                        await pool.room()
-            else:
-                for key, value in snapshot:
-                    await launch(self.child(key, value))
+            # sync processors too: a keyed run on a pool worker costs less
+            # than a component mounted inline
+            pool = self.pool
+            queue, high = pool.queue, pool.high
+            # the common first scan: no child yet, so no lookups per key
+            fresh = not self.component.children and not host.leaves
+            submit = self.submit_keyed if fresh else self.submit
+            for key, value in snapshot:
+                submit(key, value)
+                if len(queue) >= high:  # pool.crowded(), inline
+                    await pool.room()
 
     async def mark_ready(self) -> None:
         epoch = self._epoch
