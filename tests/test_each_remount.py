@@ -204,13 +204,25 @@ async def test_a_mount_each_replaced_by_its_parent_takes_over_the_map(swap: str)
     )
     done = anyio.Event()
 
+    tracker = Tracker()
+
+    async def process(value: tuple[str, int], offset: int) -> None:
+        tracker.enter(value[0])
+        try:
+            sink.declare(value[0], value[1] + offset)
+            await anyio.sleep(0.001)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.002)  # a slow cleanup
+                tracker.leave(value[0])
+
     @coco.fn
     async def first(value: tuple[str, int], offset: int) -> None:
-        sink.declare(value[0], value[1] + offset)
+        await process(value, offset)
 
     @coco.fn
     async def second(value: tuple[str, int], offset: int) -> None:
-        sink.declare(value[0], value[1] + offset)
+        await process(value, offset)
 
     @coco.fn
     async def host(lm: LiveMap[str, tuple[str, int]], n: int) -> None:
@@ -232,11 +244,13 @@ async def test_a_mount_each_replaced_by_its_parent_takes_over_the_map(swap: str)
             await op.mark_ready()
             # (main's entries commit once this component is ready)
             await wait_for(lambda: self.lm.stats().entries == 5)
-            for n in range(2):
-                h = await op.update("consumer", host, self.lm, n)
-                with anyio.fail_after(TIMEOUT):
-                    await h.ready()
-                    await self.lm.settle()
+            await op.update("consumer", host, self.lm, 0)
+            # re-mounted while the first one's runs are under way
+            await wait_for(lambda: any(tracker.active.values()))
+            h = await op.update("consumer", host, self.lm, 1)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+                await self.lm.settle()
             done.set()
 
     @coco.fn
@@ -254,6 +268,7 @@ async def test_a_mount_each_replaced_by_its_parent_takes_over_the_map(swap: str)
             await done.wait()
             await handle.stop()
     assert reported == []
+    assert tracker.overlaps == []
     deletes = [k for _, d in batches for k in d]
     assert deletes == []
     final: dict[str, int] = {}

@@ -952,7 +952,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             if is_live_class(each.fn)
             else EachSubscriber(operator, comp, gen, each.source)
         )
-        take_over(each.source, comp)
+        await take_over(each.source, comp)
         app_run = comp.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
@@ -976,12 +976,14 @@ class _Watched(Protocol):
     each: EachSubscriber | None
 
 
-def take_over(source: Any, comp: Component) -> None:
+async def take_over(source: Any, comp: Component) -> None:
     """A ``mount_each`` that replaces another over the same map (its parent's
     latest run mounted this one and no longer mounts the one holding the
-    map: another processor, or another subpath) frees the map at once.  The
-    one replaced is unmounted when that run commits; until then it would
-    make this one's watch a second consumer."""
+    map: another processor, or another subpath) takes the map over: the old
+    one's consumer ends and its runs are cancelled now, and this one starts
+    once they have ended (their ``finally`` included: a key never runs in
+    both at once).  The one replaced is unmounted when the parent's run
+    commits; until then it would make this one's watch a second consumer."""
     active = getattr(source, "active_consumer", None)
     if active is None:
         return
@@ -997,8 +999,18 @@ def take_over(source: Any, comp: Component) -> None:
     mounted = None if run is None else run.mounted
     if mounted is None or mounted.get(comp.rel) is not comp or old.rel in mounted:
         return
-    if old.host is not None:
-        old.host.supersede()
+    host = old.host
+    if not isinstance(host, EachHost):
+        return
+    host.supersede()
+    host.stop_runs()
+    for child in list((old.children or {}).values()):
+        child.cancel_tasks()
+    pool = host.pool
+    # cancelled runs winding down (a shielded cleanup may await); the runs
+    # of an earlier app run ended with it
+    while pool.busy and pool.app_run is comp.session.active:
+        await anyio.sleep(0.001)
 
 
 def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
