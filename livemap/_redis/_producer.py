@@ -381,7 +381,7 @@ class RedisLiveMap(TargetBase[K, V]):
             for member in members:
                 shard, _, ek = bytes(member).partition(b"|")
                 if (oi, shard.decode(), ek) not in declared:
-                    extra += ("d", shard.decode(), ek, b"", str(oi))
+                    extra += ("r", shard.decode(), ek, b"", str(oi))
         return [*args, *extra]
 
     def _conflicts(self, header: list[str], reply: list[Any]) -> list[KeyConflictError]:

@@ -62,8 +62,10 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
 # owner: owner id, reclaim flag ('1': its first commit from this instance,
-# delete what it held and no longer declares), then per change: op ('u' or
-# 'd'), shard, encoded key, encoded value ('' for 'd'), owner index (1-based).
+# delete what it held and no longer declares), then per change: op ('u',
+# 'd', or 'r': delete what the owner holds from any instance), shard, encoded key, encoded value ('' for 'd'), owner index (1-based).
+# A delete applies only to what this instance holds (or claims): a map
+# instance retired after a newer one took its keys over deletes nothing.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
 # else {'ok', key, holder id, owner index, key, holder id, owner index, ...}
 # for the claims that met another owner (new ones only).
@@ -179,15 +181,18 @@ while i <= n do
         end
       end
     end
+  elseif op == 'r' then
+    if rec and split(rec) == oid then
+      drop(s, k, oid)
+    end
   else
     if rec then
-      local hid = split(rec)
-      if hid == oid then
+      if rec == oid .. SEP .. inst then
         drop(s, k, oid)
       else
         local c = base .. ':c:' .. s
         local claim = redis.call('HGET', c, k)
-        if claim and split(claim) == oid then
+        if claim == oid .. SEP .. inst then
           redis.call('HDEL', c, k)
           redis.call('HDEL', base .. ':cv:' .. s, k)
         end

@@ -152,6 +152,7 @@ class RedisLiveMapView(Generic[K, V]):
         self._consumer: Consumer[K, V] | None = None
         self._app_run: AppRun | None = None
         self._progress: anyio.Event | None = None
+        self._synced: anyio.Event | None = None
         self._applied = 0
         self._resyncs = 0
         self._errors = 0
@@ -388,6 +389,7 @@ class RedisLiveMapView(Generic[K, V]):
     async def _watch(self, client: Any, subscriber: LiveMapSubscriber[K, V]) -> None:
         consumer = Consumer(self, subscriber, self.options)
         self._consumer = consumer
+        synced = self._synced = anyio.Event()
         if isinstance(subscriber, EachSubscriber):
             self._app_run = subscriber.component.session.active
         lease_keys: list[str] = []
@@ -400,6 +402,7 @@ class RedisLiveMapView(Generic[K, V]):
                 self._values = {}
                 self._keys = {}
                 await self._snapshot(client)
+                synced.set()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._keep_lease, client, lease_keys)
                     tg.start_soon(self._run_reader, client)
@@ -413,6 +416,7 @@ class RedisLiveMapView(Generic[K, V]):
                     except Exception:
                         pass
         finally:
+            synced.set()
             consumer.release()
             self._app_run = None
 
@@ -421,7 +425,10 @@ class RedisLiveMapView(Generic[K, V]):
         call has been applied and processed by the consumer.  Returns at once
         when no consumer is watching."""
         consumer = self._consumer
-        if consumer is None or not self._shards:
+        if consumer is None or self._synced is None:
+            return
+        await self._synced.wait()  # the first snapshot
+        if self._consumer is not consumer:
             return
         client = self._client
         if client is None:

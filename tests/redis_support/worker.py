@@ -1,0 +1,116 @@
+"""A producer or a consumer of a shared map, as its own process (for the
+Redis tests).
+
+``worker.py produce URL NAME APP BACKEND [SHARDS]``: reads one JSON object per
+line on stdin, the entries the app's one component declares (``{key:
+value}``), runs a catch-up update of the app with them and answers one line:
+``{"ok": true, "errors": [messages reported to the handler]}``.
+
+``worker.py consume URL NAME BACKEND LOG [SHARDS]``: follows the map with
+``mount_each``; each per-entry run appends ``["call", key, value]`` to LOG and
+declares its entry into a KeyedTarget whose sink appends ``["u", key, value]``
+or ``["d", key]``.  Prints ``ready`` once the first snapshot is processed; on
+a ``settle`` line it settles the view and answers ``settled``.  Values are
+``{"k": key, "v": ...}`` (the processor sees only the value).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import anyio
+import anyio.abc
+
+import livemap as coco
+from livemap.redis import RedisLiveMap, RedisLiveMapView, connect
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def produce(url: str, name: str, app_name: str, shards: int) -> None:
+    errors: list[str] = []
+    state: dict[str, Any] = {}
+
+    def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+    async with connect(url) as client:
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, Any] = await RedisLiveMap.create(
+                client, name, shards=shards, maxlen=50
+            )
+            for key, value in state.items():
+                lm.declare_entry(key, value)
+
+        app = coco.App(coco.AppConfig(app_name, exception_handler=handler), main)
+        stdin = anyio.wrap_file(sys.stdin)
+        async for line in stdin:
+            state = json.loads(line)
+            errors.clear()
+            with anyio.fail_after(30):
+                await app.update()
+            out(json.dumps({"ok": True, "errors": errors}))
+
+
+async def consume(url: str, name: str, log_path: str, shards: list[int] | None) -> None:
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def write(entry: list[Any]) -> None:
+        log.write(json.dumps(entry) + "\n")
+
+    def apply(batch: coco.TargetBatch[str, Any]) -> None:
+        for key, value in batch.upserts:
+            write(["u", key, value])
+        for key in batch.deletes:
+            write(["d", key])
+
+    target: coco.KeyedTarget[str, Any] = coco.KeyedTarget("seen", apply)
+
+    def process(value: dict[str, Any]) -> None:
+        write(["call", value["k"], value])
+        target.declare(value["k"], value)
+
+    async with connect(url) as client:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(
+            client, name, shards=shards, lease_ttl=1.0, lease_wait=10.0, block=0.2
+        )
+
+        async def main() -> None:
+            await coco.mount_each(process, view)
+
+        app = coco.App("consumer", main)
+        async with app.update(live=True) as handle:
+            with anyio.fail_after(30):
+                while not view.stats().consumer:
+                    await anyio.sleep(0.01)
+                await view.settle()
+            out("ready")
+            stdin = anyio.wrap_file(sys.stdin)
+            async for line in stdin:
+                if line.strip() == "settle":
+                    with anyio.fail_after(30):
+                        await view.settle()
+                    out("settled " + json.dumps(view.stats().resyncs))
+            await handle.stop()
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "produce":
+        url, name, app_name, backend = sys.argv[2:6]
+        shards = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+        anyio.run(produce, url, name, app_name, shards, backend=backend)
+    else:
+        url, name, backend, log_path = sys.argv[2:6]
+        wanted = [int(s) for s in sys.argv[6].split(",")] if len(sys.argv) > 6 else None
+        anyio.run(consume, url, name, log_path, wanted, backend=backend)
+
+
+if __name__ == "__main__":
+    main()
