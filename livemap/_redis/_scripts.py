@@ -63,7 +63,8 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
 # owner: owner id, reclaim flag ('1': its first commit from this instance,
 # delete what it held and no longer declares), then per change: op ('u',
-# 'd', or 'r': delete what the owner holds from any instance), shard, encoded key, encoded value ('' for 'd'), owner index (1-based).
+# 'd', or 'r': delete what the owner holds from any instance), shard,
+# encoded key, encoded value ('' for deletes), owner index (1-based).
 # A delete applies only to what this instance holds (or claims): a map
 # instance retired after a newer one took its keys over deletes nothing.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
