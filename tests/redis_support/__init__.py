@@ -62,12 +62,21 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--protected-mode", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--protected-mode",
+                "no",
+                # small stream nodes: MAXLEN ~ trims close to its length
+                "--stream-node-max-entries",
+                "10",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -188,9 +197,7 @@ async def start_worker(*args: str) -> Worker:
     return Worker(proc)
 
 
-async def start_producer(
-    url: str, name: str, app: str, backend: str, shards: int = 1
-) -> Worker:
+async def start_producer(url: str, name: str, app: str, backend: str, shards: int = 1) -> Worker:
     return await start_worker("produce", url, name, app, backend, str(shards))
 
 

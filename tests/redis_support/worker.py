@@ -2,8 +2,8 @@
 Redis tests).
 
 ``worker.py produce URL NAME APP BACKEND [SHARDS]``: reads one JSON object per
-line on stdin, the entries the app's one component declares (``{key:
-value}``), runs a catch-up update of the app with them and answers one line:
+line on stdin, the entries the app's live component declares (``{key:
+value}``; see redis_support.Producer), commits them and answers one line:
 ``{"ok": true, "errors": [messages reported to the handler]}``.
 
 ``worker.py consume URL NAME BACKEND LOG [SHARDS]``: follows the map with
@@ -17,14 +17,17 @@ a ``settle`` line it settles the view and answers ``settled``.  Values are
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import anyio
-import anyio.abc
 
 import livemap as coco
-from livemap.redis import RedisLiveMap, RedisLiveMapView, connect
+from livemap.redis import RedisLiveMapView, connect
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from redis_support import Producer
 
 
 def out(line: str) -> None:
@@ -33,28 +36,15 @@ def out(line: str) -> None:
 
 
 async def produce(url: str, name: str, app_name: str, shards: int) -> None:
-    errors: list[str] = []
-    state: dict[str, Any] = {}
-
-    def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
-        errors.append(f"{type(exc).__name__}: {exc}")
-
-    async with connect(url) as client:
-
-        async def main() -> None:
-            lm: RedisLiveMap[str, Any] = await RedisLiveMap.create(
-                client, name, shards=shards, maxlen=50
-            )
-            for key, value in state.items():
-                lm.declare_entry(key, value)
-
-        app = coco.App(coco.AppConfig(app_name, exception_handler=handler), main)
+    async with (
+        connect(url) as client,
+        Producer(client, name, app=app_name, shards=shards, maxlen=50) as producer,
+    ):
         stdin = anyio.wrap_file(sys.stdin)
         async for line in stdin:
-            state = json.loads(line)
-            errors.clear()
-            with anyio.fail_after(30):
-                await app.update()
+            producer.errors.clear()
+            await producer.commit(json.loads(line))
+            errors = [f"{type(e).__name__}: {e}" for e in producer.errors]
             out(json.dumps({"ok": True, "errors": errors}))
 
 
