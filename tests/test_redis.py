@@ -90,6 +90,20 @@ def test_codecs() -> None:
     assert isinstance(json_codec, Codec) and isinstance(packed, Codec)
 
 
+def test_without_a_server_the_tests_skip_unless_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis_support import require_server
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("LIVEMAP_REQUIRE_REDIS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not on PATH"):
+        require_server()
+    monkeypatch.setenv("LIVEMAP_REQUIRE_REDIS", "1")
+    with pytest.raises(pytest.fail.Exception, match="LIVEMAP_REQUIRE_REDIS=1"):
+        require_server()
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
