@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ _ids = itertools.count(1)
 # changes per script call: each call is one atomic step, so a commit bigger
 # than this is several steps (each complete in itself)
 CHUNK = 20_000
+# one change, as the commit script reads it: op, shard, owner index, key length
+_RECORD = struct.Struct(">cHHI")
+_LENGTH = struct.Struct(">I")
+_NO_VALUE = _LENGTH.pack(0)
 
 _DECLARE_ENTRY_DOC = """Declare ``key -> value`` as owned by the current component run.
 
@@ -274,26 +279,28 @@ class RedisLiveMap(TargetBase[K, V]):
 
     def _changes(
         self, component: Owner, result: Commit[K, V], reclaim: bool
-    ) -> tuple[list[str], list[bytes | str]]:
-        """The owners' header and the changes of ``result``, as script
-        arguments.  Raises CodecError naming the key whose value failed."""
+    ) -> tuple[list[str], list[bytes]]:
+        """The owners' header and the changes of ``result``, packed (see
+        :data:`._scripts.COMMIT`).  Raises CodecError naming the key whose
+        value failed."""
         owners: dict[str, int] = {}
         header: list[str] = []
-        args: list[bytes | str] = []
+        records: list[bytes] = []
         table = self._table
         encode = self._codec.encode
         shards = self.shards
-        default = self._owner_id(component)
+        pack = _RECORD.pack
+        size = _LENGTH.pack
 
-        def index(oid: str) -> str:
+        def index(oid: str) -> int:
             i = owners.get(oid)
             if i is None:
                 i = owners[oid] = len(owners) + 1
                 header.append(oid)
                 header.append("1" if reclaim and oid not in self._seen else "0")
-            return str(i)
+            return i
 
-        mine = index(default)
+        mine = index(self._owner_id(component))
         for key, value in result.upserts:
             try:
                 data = encode(value)
@@ -307,18 +314,27 @@ class RedisLiveMap(TargetBase[K, V]):
             ek = encode_key(key)
             holder = table.owner_of(key)
             oi = mine if holder is None or holder is component else index(self._owner_id(holder))
-            args += ("u", str(shard_of(ek, shards)), ek, data, oi)
+            records.append(
+                pack(b"u", shard_of(ek, shards), oi, len(ek)) + ek + size(len(data)) + data
+            )
         for key in result.deletes:
             ek = encode_key(key)
-            args += ("d", str(shard_of(ek, shards)), ek, b"", mine)
-        return header, args
+            records.append(pack(b"d", shard_of(ek, shards), mine, len(ek)) + ek + _NO_VALUE)
+        return header, records
 
-    async def _step(self, header: list[str], args: Sequence[bytes | str]) -> list[Any] | None:
+    async def _step(self, header: list[str], records: Sequence[bytes]) -> list[Any] | None:
         """Run one commit script; None if the epoch moved (Redis lost its data)."""
         self._steps += 1
         reply = await self._commit(
             keys=[self._base],
-            args=[self._epoch, self._instance, self._maxlen, str(len(header) // 2), *header, *args],
+            args=[
+                self._epoch,
+                self._instance,
+                self._maxlen,
+                str(len(header) // 2),
+                *header,
+                b"".join(records),
+            ],
         )
         if reply[0] == b"epoch":
             return None
@@ -332,19 +348,18 @@ class RedisLiveMap(TargetBase[K, V]):
         if not result:
             return None, []
         try:
-            header, args = self._changes(component, result, reclaim)
+            header, records = self._changes(component, result, reclaim)
         except CodecError as exc:
             self._table.revert(result)
             return exc, []
         conflicts: list[KeyConflictError] = []
         try:
-            if len(args) > CHUNK * 5 and any(f == "1" for f in header[1::2]):
+            if len(records) > CHUNK and any(f == "1" for f in header[1::2]):
                 # several steps: the first must not delete what a later one
                 # declares, so what the owners no longer declare is found here
-                args = await self._stale(header, args)
-            for start in range(0, max(len(args), 1), CHUNK * 5):
-                chunk = args[start : start + CHUNK * 5]
-                reply = await self._step(header, chunk)
+                records = await self._stale(header, records)
+            for start in range(0, len(records), CHUNK):
+                reply = await self._step(header, records[start : start + CHUNK])
                 if reply is None:
                     await self._resync()
                     break
@@ -363,15 +378,15 @@ class RedisLiveMap(TargetBase[K, V]):
             self._seen.add(header[i])
         return None, conflicts
 
-    async def _stale(self, header: list[str], args: list[bytes | str]) -> list[bytes | str]:
-        """``args`` plus a delete of each key a reclaiming owner held in Redis
-        and does not declare now; the owners' reclaim flags cleared."""
-        declared = {
-            (int(args[i + 4]), args[i + 1], args[i + 2])
-            for i in range(0, len(args), 5)
-            if args[i] == "u"
-        }
-        extra: list[bytes | str] = []
+    async def _stale(self, header: list[str], records: list[bytes]) -> list[bytes]:
+        """``records`` plus a delete of each key a reclaiming owner held in
+        Redis and does not declare now; the owners' reclaim flags cleared."""
+        declared = set()
+        for record in records:
+            op, shard, oi, size = _RECORD.unpack_from(record)
+            if op == b"u":
+                declared.add((oi, shard, record[_RECORD.size : _RECORD.size + size]))
+        extra: list[bytes] = []
         for o in range(0, len(header), 2):
             if header[o + 1] != "1":
                 continue
@@ -379,10 +394,11 @@ class RedisLiveMap(TargetBase[K, V]):
             oi = o // 2 + 1
             members = await self._client.smembers(f"{self._base}:k:{header[o]}")
             for member in members:
-                shard, _, ek = bytes(member).partition(b"|")
-                if (oi, shard.decode(), ek) not in declared:
-                    extra += ("r", shard.decode(), ek, b"", str(oi))
-        return [*args, *extra]
+                shard_text, _, ek = bytes(member).partition(b"|")
+                shard = int(shard_text)
+                if (oi, shard, ek) not in declared:
+                    extra.append(_RECORD.pack(b"r", shard, oi, len(ek)) + ek + _NO_VALUE)
+        return [*records, *extra]
 
     def _conflicts(self, header: list[str], reply: list[Any]) -> list[KeyConflictError]:
         out = []
@@ -405,7 +421,7 @@ class RedisLiveMap(TargetBase[K, V]):
                 keys=[self._base], args=[uuid.uuid4().hex, str(self.shards)]
             )
             self._epoch = epoch.decode()
-            by_owner: dict[str, list[bytes | str]] = {}
+            by_owner: dict[str, list[bytes]] = {}
             encode = self._codec.encode
             table = self._table
             for key, value in table.items():
@@ -413,13 +429,17 @@ class RedisLiveMap(TargetBase[K, V]):
                 if holder is None:
                     continue
                 ek = encode_key(key)
-                by_owner.setdefault(self._owner_id(holder), []).extend(
-                    ("u", str(shard_of(ek, self.shards)), ek, encode(value), "1")
+                data = encode(value)
+                by_owner.setdefault(self._owner_id(holder), []).append(
+                    _RECORD.pack(b"u", shard_of(ek, self.shards), 1, len(ek))
+                    + ek
+                    + _LENGTH.pack(len(data))
+                    + data
                 )
             moved = False
-            for oid, args in by_owner.items():
-                for start in range(0, len(args), CHUNK * 5):
-                    reply = await self._step([oid, "0"], args[start : start + CHUNK * 5])
+            for oid, records in by_owner.items():
+                for start in range(0, len(records), CHUNK):
+                    reply = await self._step([oid, "0"], records[start : start + CHUNK])
                     if reply is None:
                         moved = True
                         break

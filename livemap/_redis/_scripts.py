@@ -62,9 +62,12 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
 # owner: owner id, reclaim flag ('1': its first commit from this instance,
-# delete what it held and no longer declares), then per change: op ('u',
-# 'd', or 'r': delete what the owner holds from any instance), shard,
-# encoded key, encoded value ('' for deletes), owner index (1-based).
+# delete what it held and no longer declares), then blobs of changes, each
+# change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner holds
+# from any instance), shard (2 bytes), owner index (2 bytes, 1-based), then
+# the encoded key and the encoded value ('' for deletes), each after its
+# 4-byte length (one argument per blob, not five per change: a client
+# encodes each argument, which costs more than Lua's struct.unpack).
 # A delete applies only to what this instance holds (or claims): a map
 # instance retired after a newer one took its keys over deletes nothing.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
@@ -83,10 +86,29 @@ local SEP = '\\30'
 local owners = {}
 local reclaim = {}
 local i = 5
+local mine = {}
 for o = 1, nown do
   owners[o] = ARGV[i]
+  mine[o] = ARGV[i] .. SEP .. inst
   reclaim[o] = ARGV[i + 1] == '1'
   i = i + 2
+end
+local D, O = {}, {}
+local function dkey(s)
+  local key = D[s]
+  if key == nil then
+    key = base .. ':d:' .. s
+    D[s] = key
+  end
+  return key
+end
+local function okey(s)
+  local key = O[s]
+  if key == nil then
+    key = base .. ':o:' .. s
+    O[s] = key
+  end
+  return key
 end
 local recs = {}
 local touched = {}
@@ -101,7 +123,7 @@ local function emit(s, rec)
   l[#l + 1] = rec
 end
 local function put(s, k, v)
-  local d = base .. ':d:' .. s
+  local d = dkey(s)
   if redis.call('HGET', d, k) ~= v then
     redis.call('HSET', d, k, v)
     emit(s, 'u' .. struct.pack('>I4', #k) .. k .. struct.pack('>I4', #v) .. v)
@@ -140,62 +162,67 @@ local function drop(s, k, oid)
 end
 local declared = {}
 local n = #ARGV
+local unpack = struct.unpack
 while i <= n do
-  local op = ARGV[i]
-  local s = ARGV[i + 1]
-  local k = ARGV[i + 2]
-  local v = ARGV[i + 3]
-  local oi = tonumber(ARGV[i + 4])
-  local oid = owners[oi]
-  i = i + 5
-  local o = base .. ':o:' .. s
-  local rec = redis.call('HGET', o, k)
-  if op == 'u' then
-    if reclaim[oi] then
-      declared[oid .. SEP .. s .. '|' .. k] = true
-    end
-    if not rec then
-      take(s, k, oid, nil)
-      put(s, k, v)
-    else
-      local hid, hinst = split(rec)
-      if hid == oid then
-        if hinst ~= inst then
-          redis.call('HSET', o, k, oid .. SEP .. inst)
-        end
+  local blob = ARGV[i]
+  i = i + 1
+  local pos = 1
+  local size = #blob
+  while pos <= size do
+    local op, s, oi, k, v
+    op, s, oi, k, v, pos = unpack('>c1I2I2I4c0I4c0', blob, pos)
+    local oid = owners[oi]
+    local o = okey(s)
+    local rec = redis.call('HGET', o, k)
+    if op == 'u' then
+      if reclaim[oi] then
+        declared[oid .. SEP .. s .. '|' .. k] = true
+      end
+      if rec == mine[oi] then
         put(s, k, v)
-      elseif hinst == inst then
-        take(s, k, oid, hid)
+      elseif not rec then
+        take(s, k, oid, nil)
         put(s, k, v)
       else
-        local c = base .. ':c:' .. s
-        local claim = redis.call('HGET', c, k)
-        local cid = claim and split(claim)
-        if not claim or cid == oid then
-          redis.call('HSET', c, k, oid .. SEP .. inst)
-          redis.call('HSET', base .. ':cv:' .. s, k, v)
-        end
-        if claim ~= oid .. SEP .. inst then
-          conflicts[#conflicts + 1] = k
-          conflicts[#conflicts + 1] = hid
-          conflicts[#conflicts + 1] = oi
+        local hid, hinst = split(rec)
+        if hid == oid then
+          if hinst ~= inst then
+            redis.call('HSET', o, k, oid .. SEP .. inst)
+          end
+          put(s, k, v)
+        elseif hinst == inst then
+          take(s, k, oid, hid)
+          put(s, k, v)
+        else
+          local c = base .. ':c:' .. s
+          local claim = redis.call('HGET', c, k)
+          local cid = claim and split(claim)
+          if not claim or cid == oid then
+            redis.call('HSET', c, k, oid .. SEP .. inst)
+            redis.call('HSET', base .. ':cv:' .. s, k, v)
+          end
+          if claim ~= oid .. SEP .. inst then
+            conflicts[#conflicts + 1] = k
+            conflicts[#conflicts + 1] = hid
+            conflicts[#conflicts + 1] = oi
+          end
         end
       end
-    end
-  elseif op == 'r' then
-    if rec and split(rec) == oid then
-      drop(s, k, oid)
-    end
-  else
-    if rec then
-      if rec == oid .. SEP .. inst then
+    elseif op == 'r' then
+      if rec and split(rec) == oid then
         drop(s, k, oid)
-      else
-        local c = base .. ':c:' .. s
-        local claim = redis.call('HGET', c, k)
-        if claim == oid .. SEP .. inst then
-          redis.call('HDEL', c, k)
-          redis.call('HDEL', base .. ':cv:' .. s, k)
+      end
+    else
+      if rec then
+        if rec == mine[oi] then
+          drop(s, k, oid)
+        else
+          local c = base .. ':c:' .. s
+          local claim = redis.call('HGET', c, k)
+          if claim == oid .. SEP .. inst then
+            redis.call('HDEL', c, k)
+            redis.call('HDEL', base .. ':cv:' .. s, k)
+          end
         end
       end
     end
