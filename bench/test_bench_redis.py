@@ -31,9 +31,9 @@ import pytest
 import livemap as coco
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from redis_support import RedisServer  # noqa: E402 - the tests' helpers
+from redis_support import RedisServer
 
-from livemap.redis import RedisLiveMap, RedisLiveMapView, connect  # noqa: E402
+from livemap.redis import RedisLiveMap, RedisLiveMapView, connect
 
 CHANGES = int(os.environ.get("LIVEMAP_BENCH_FILL", "100000")) * 2
 BATCH = 2_000
