@@ -524,3 +524,39 @@ async def test_sigstop_under_load_loses_nothing(own_redis_server: RedisServer) -
             assert producer.errors == []
             await settle(view)
             assert seen.rows == state
+
+
+async def test_client_pause_under_load_loses_nothing(redis_server: RedisServer) -> None:
+    name = unique()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, block=0.1)
+        state = {f"k{i}": 0 for i in range(10)}
+        await producer.commit(entries(state))
+        async with consuming(view) as seen:
+            async with connect(redis_server.url) as admin:
+                await admin.client_pause(300)  # every client waits 0.3 s
+            for round_ in range(1, 20):
+                state[f"k{round_ % 10}"] = round_
+                await producer.commit(entries(state))
+            assert producer.errors == []
+            await settle(view)
+            assert seen.rows == state
+
+
+async def test_a_view_that_loses_its_lease_ends(redis_server: RedisServer) -> None:
+    name = unique()
+    async with connect(redis_server.url) as client:
+        await produce_once(client, name, entries({"a": 1}))
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, lease_ttl=0.3)
+        async with anyio.create_task_group() as tg:
+
+            async def steal() -> None:
+                with anyio.fail_after(TIMEOUT):
+                    while view.stats().entries == 0:
+                        await anyio.sleep(0.01)
+                await client.set(f"livemap:{{{name}}}:lease:0", "intruder", px=5000)
+
+            tg.start_soon(steal)
+            with anyio.fail_after(TIMEOUT), pytest.raises(coco.ConsumerBusyError, match="intruder"):
+                await view.watch(_NullSubscriber())
+        assert not view.stats().consumer

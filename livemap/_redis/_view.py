@@ -334,7 +334,16 @@ class RedisLiveMapView(Generic[K, V]):
                 )
             await anyio.sleep(min(0.1, self._lease_ttl / 4))
 
-    async def _keep_lease(self, client: Any, keys: list[str]) -> None:
+    async def _keep_lease(
+        self, client: Any, keys: list[str], lost: list[BaseException], scope: anyio.CancelScope
+    ) -> None:
+        try:
+            await self._refresh_lease(client, keys)
+        except ConsumerBusyError as exc:
+            lost.append(exc)
+            scope.cancel()
+
+    async def _refresh_lease(self, client: Any, keys: list[str]) -> None:
         script = client.register_script(LEASE_ACQUIRE)
         ttl = str(int(self._lease_ttl * 1000))
         while True:
@@ -403,11 +412,14 @@ class RedisLiveMapView(Generic[K, V]):
                 self._keys = {}
                 await self._snapshot(client)
                 synced.set()
+                lost: list[BaseException] = []
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._keep_lease, client, lease_keys)
+                    tg.start_soon(self._keep_lease, client, lease_keys, lost, tg.cancel_scope)
                     tg.start_soon(self._run_reader, client)
                     await consumer.run()
                     tg.cancel_scope.cancel()
+                if lost:
+                    raise lost[0]
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     try:
