@@ -560,3 +560,45 @@ async def test_a_view_that_loses_its_lease_ends(redis_server: RedisServer) -> No
             with anyio.fail_after(TIMEOUT), pytest.raises(coco.ConsumerBusyError, match="intruder"):
                 await view.watch(_NullSubscriber())
         assert not view.stats().consumer
+
+
+class _Recording:
+    """A plain subscriber (not mount_each) that never scans the view."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any, Any]] = []
+        self.ready = False
+
+    async def update_all(self) -> None:
+        pass
+
+    async def mark_ready(self) -> None:
+        self.ready = True
+
+    async def update(self, key: Any, value: Any) -> coco.ReadyHandle:
+        self.events.append(("u", key, value))
+        return coco.ReadyHandle()
+
+    async def delete(self, key: Any) -> coco.ReadyHandle:
+        self.events.append(("d", key, None))
+        return coco.ReadyHandle()
+
+
+async def test_a_plain_subscriber_continues_from_the_snapshot(redis_server: RedisServer) -> None:
+    name = unique()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        await producer.commit({"a": 1, "b": 2})
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name)
+        subscriber = _Recording()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view.watch, subscriber)
+            with anyio.fail_after(TIMEOUT):
+                while not subscriber.ready:
+                    await anyio.sleep(0.01)
+            assert sorted([item async for item in view]) == [("a", 1), ("b", 2)]
+            await producer.commit({"a": 1, "b": 3, "c": 4})
+            await producer.commit({"b": 3, "c": 4})
+            await settle(view)
+            assert sorted(subscriber.events) == [("d", "a", None), ("u", "b", 3), ("u", "c", 4)]
+            tg.cancel_scope.cancel()
+        assert not view.stats().consumer

@@ -202,9 +202,10 @@ class RedisLiveMapView(Generic[K, V]):
                 return list(range(int(total)))
             await anyio.sleep(min(0.1, self._block_ms / 1000))
 
-    async def _snapshot(self, client: Any) -> None:
+    async def _snapshot(self, client: Any, *, notify: bool = True) -> None:
         """Read the shards' snapshot and bring the mirror to it, telling the
-        consumer which keys differ."""
+        consumer which keys differ (unless ``notify`` is false: the first
+        snapshot, which the consumer's initial scan reads whole)."""
         script = client.register_script(SNAPSHOT)
         reply = await script(keys=[self._base], args=[str(s) for s in self._shards])
         epoch = await client.get(f"{self._base}:epoch")
@@ -229,7 +230,7 @@ class RedisLiveMapView(Generic[K, V]):
             self._seq[shard] = int(seq)
             self._ids[shard] = bytes(last)
         self._epoch = b"" if epoch is None else bytes(epoch)
-        if changed and self._consumer is not None:
+        if changed and notify and self._consumer is not None:
             self._consumer.notify(changed)
         self._wake()
 
@@ -410,7 +411,10 @@ class RedisLiveMapView(Generic[K, V]):
                 self._raw = {}
                 self._values = {}
                 self._keys = {}
-                await self._snapshot(client)
+                await self._snapshot(client, notify=False)
+                # a subscriber that does not scan the view continues from this
+                # snapshot, as from the map when watch() was called
+                consumer.rebase(self.items())
                 synced.set()
                 lost: list[BaseException] = []
                 async with anyio.create_task_group() as tg:
