@@ -17,6 +17,7 @@ per commit) -> the consumer's stream read -> ``mount_each``'s processor.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import pytest
 import livemap as coco
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from redis_support import RedisServer
+from redis_support import RedisServer, Worker, start_worker
 
 from livemap.redis import RedisLiveMap, RedisLiveMapView, connect
 
@@ -238,6 +239,56 @@ def test_throughput_redis(benchmark: Any, server: RedisServer, shards: int) -> N
                 ]
 
             return await _run(_redis_map(producer_client, name, shards), views, _throughput)
+
+    _scenario(benchmark, "asyncio", fn)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_throughput_redis_consumer_processes(
+    benchmark: Any, server: RedisServer, shards: int
+) -> None:
+    """The same, with the consumers in processes of their own (one per
+    shard): the producer and each consumer get a core when there is one."""
+
+    async def fn() -> dict[str, Any]:
+        name = f"tpp-{shards}-{time.monotonic_ns()}"
+        workers: list[Worker] = []
+
+        async def measure(source: _Source, views: Any, calls: Any, seen: Any) -> dict[str, Any]:
+            for s in range(shards):
+                worker = await start_worker("count", server.url, name, "asyncio", str(s))
+                workers.append(worker)
+                assert await worker.read_line(60) == "ready"
+            rounds = CHANGES // BATCH
+            start = time.perf_counter()
+            state: dict[str, Any] = {}
+            for r in range(rounds):
+                base = (r * BATCH) % KEYS
+                state = dict(state)
+                for i in range(base, base + BATCH):
+                    state[f"k{i}"] = [f"k{i}", r]
+                await _commit(source, state)
+            committed = time.perf_counter()
+            for worker in workers:
+                await worker.send("settle")
+            replies = [json.loads(await worker.read_line(TIMEOUT)) for worker in workers]
+            end = time.perf_counter()
+            assert sum(reply["keys"] for reply in replies) == len(state)
+            assert sum(reply["sum"] for reply in replies) == sum(v[1] for v in state.values())
+            return {
+                "changes": rounds * BATCH,
+                "changes_per_s": round(rounds * BATCH / (end - start)),
+                "commit_only_per_s": round(rounds * BATCH / (committed - start)),
+                "processor_calls": sum(reply["calls"] for reply in replies),
+                "seconds": round(end - start, 3),
+            }
+
+        try:
+            async with connect(server.url) as producer_client:
+                return await _run(_redis_map(producer_client, name, shards), lambda _: [], measure)
+        finally:
+            for worker in workers:
+                await worker.close()
 
     _scenario(benchmark, "asyncio", fn)
 

@@ -10,7 +10,10 @@ value}``; see redis_support.Producer), commits them and answers one line:
 ``mount_each``; each per-entry run appends ``["call", key, value]`` to LOG and
 declares its entry into a KeyedTarget whose sink appends ``["u", key, value]``
 or ``["d", key]``.  Prints ``ready`` once the first snapshot is processed; on
-a ``settle`` line it settles the view and answers ``settled``.  Values are
+a ``settle`` line it settles the view and answers ``settled``.
+
+``worker.py count URL NAME BACKEND [SHARDS]``: the benchmark's consumer
+(see :func:`count`).  Values are
 ``{"k": key, "v": ...}`` (the processor sees only the value).
 """
 
@@ -90,8 +93,48 @@ async def consume(url: str, name: str, log_path: str, shards: list[int] | None) 
             await handle.stop()
 
 
+async def count(url: str, name: str, shards: list[int] | None) -> None:
+    """Follow the map, keeping each key's latest value; on a ``settle`` line,
+    settle and answer ``{"calls": ..., "keys": ..., "sum": ...}`` (the sum
+    of the values' second items: ``[key, n]`` values, as the benchmark
+    declares)."""
+    held: dict[str, Any] = {}
+    calls = 0
+
+    def process(value: list[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        held[value[0]] = value[1]
+
+    async with connect(url) as client:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(
+            client, name, shards=shards, lease_ttl=5.0, lease_wait=10.0, block=0.2, batch=10_000
+        )
+
+        async def main() -> None:
+            await coco.mount_each(process, view)
+
+        async with coco.App("counter", main).update(live=True) as handle:
+            with anyio.fail_after(30):
+                while not view.stats().consumer:
+                    await anyio.sleep(0.01)
+                await view.settle()
+            out("ready")
+            stdin = anyio.wrap_file(sys.stdin)
+            async for line in stdin:
+                if line.strip() == "settle":
+                    await view.settle()
+                    out(json.dumps({"calls": calls, "keys": len(held), "sum": sum(held.values())}))
+            await handle.stop()
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "count":
+        url, name, backend = sys.argv[2:5]
+        wanted = [int(s) for s in sys.argv[5].split(",")] if len(sys.argv) > 5 else None
+        anyio.run(count, url, name, wanted, backend=backend)
+        return
     if mode == "produce":
         url, name, app_name, backend = sys.argv[2:6]
         shards = int(sys.argv[6]) if len(sys.argv) > 6 else 1
