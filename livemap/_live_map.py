@@ -330,5 +330,9 @@ class LiveMapConsumer(Generic[K, V]):
         """Like :meth:`LiveMap.watch`, with these options."""
         await self.live_map._watch(subscriber, self.options)
 
+    async def settle(self) -> None:
+        """The map's :meth:`LiveMap.settle`."""
+        await self.live_map.settle()
+
     def __repr__(self) -> str:
         return f"<consumer of {self.live_map.name} {self.options}>"

@@ -9,15 +9,19 @@ bursts of runs that change a key and change it back), and starts, stops and
 restarts the consumer (a ``mount_each`` over the map whose per-entry
 components declare into a ``KeyedTarget``, the downstream view) with varying
 speed, concurrency, retry policy, and a processor that may fail on some
-values.
+values.  Hostile steps: a producer run cancelled by a re-mount or an unmount
+while it waits (it must commit nothing), a declaration made in a finished
+run's context (``NotInComponentError``, nothing changes), and a slow async
+exception handler.
 
 After every step the map (entries, owners, counters, reported exceptions)
 equals the model; after every settle (``lm.settle()`` plus the consumer's
 readiness) the downstream view equals the model too (a key whose current
 value fails keeps the last value processed, and is among ``failing``).
 Throughout, every consumer call must answer a real change (never a call for
-the value the consumer already has, retries of a failed value aside), and
-each key's calls must follow the order of that key's changes.
+the value the consumer already has, retries of a failed value aside), each
+key's calls must follow the order of that key's changes, and no key is
+processed twice at once (the processor's cleanup awaits).
 
 Profiles (``HYPOTHESIS_PROFILE``): ``livemap-stateful`` (the default, also
 used for ``ci``: 200 examples of up to 50 steps on each backend) and
@@ -28,6 +32,7 @@ to this machine only (never loaded globally).
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
@@ -122,6 +127,12 @@ class World:
         self.lm: LiveMap[Any, list[Any]] | None = None
         self.consumer: coco.ComponentMountHandle | None = None
         self.send, self.recv = anyio.create_memory_object_stream[Job](10)
+        # per key: how many consumer calls are running now, across consumers
+        # (a re-mounted consumer's old runs included)
+        self.running: dict[Any, int] = {}
+        self.overlaps: list[Any] = []
+        self.handler_delay = 0.0  # the (async) handler sleeps this long
+        self.context: contextvars.Context | None = None  # a copy taken by a run
 
     def _apply(self, batch: TargetBatch[Any, Any]) -> None:
         epoch = self.epoch
@@ -135,8 +146,19 @@ class World:
         for key, value in batch.upserts:
             self.rows[key] = value
 
-    def handler(self, exc: BaseException, ctx: coco.ExceptionContext) -> None:
+    async def handler(self, exc: BaseException, ctx: coco.ExceptionContext) -> None:
         self.reported.append((exc, ctx))
+        if self.handler_delay:
+            await anyio.sleep(self.handler_delay)
+
+    def enter(self, key: Any) -> None:
+        count = self.running.get(key, 0)
+        if count:
+            self.overlaps.append(key)
+        self.running[key] = count + 1
+
+    def leave(self, key: Any) -> None:
+        self.running[key] -= 1
 
 
 @coco.fn
@@ -151,6 +173,26 @@ def sync_producer(
     world: World, lm: LiveMap[Any, list[Any]], decls: list[tuple[Any, int]], raises: bool
 ) -> None:
     declare(world, lm, decls, raises)
+
+
+@coco.fn
+async def gated_producer(
+    world: World, lm: LiveMap[Any, list[Any]], decls: list[tuple[Any, int]], gate: anyio.Event
+) -> None:
+    """Declares, then waits for an event nobody sets: only cancellation (a
+    re-mount or an unmount) ends this run, and it must commit nothing."""
+    declare(world, lm, decls, False)
+    await gate.wait()
+
+
+@coco.fn
+async def keeping_producer(
+    world: World, lm: LiveMap[Any, list[Any]], decls: list[tuple[Any, int]]
+) -> None:
+    """Declares, and leaves a copy of its context behind (as a task or a
+    thread it started would keep)."""
+    declare(world, lm, decls, False)
+    world.context = contextvars.copy_context()
 
 
 def declare(
@@ -194,22 +236,33 @@ def observe(world: World, epoch: Epoch, value: list[Any]) -> bool:
 
 @coco.fn
 async def process_entry(value: list[Any], world: World, epoch: Epoch) -> None:
-    poisoned = observe(world, epoch, value)
-    delay = world.delays.get(value[0], 0.0)
-    if delay:
-        await anyio.sleep(delay)
-    else:
-        await anyio.sleep(0)
-    if poisoned:
-        raise Poisoned(f"poison value {value!r}")
-    world.down.declare(value[0], value)
+    world.enter(value[0])
+    try:
+        poisoned = observe(world, epoch, value)
+        delay = world.delays.get(value[0], 0.0)
+        if delay:
+            await anyio.sleep(delay)
+        else:
+            await anyio.sleep(0)
+        if poisoned:
+            raise Poisoned(f"poison value {value!r}")
+        world.down.declare(value[0], value)
+    finally:
+        # a cleanup that awaits: the key must not run again before it is done
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0)
+            world.leave(value[0])
 
 
 @coco.fn
 def process_entry_sync(value: list[Any], world: World, epoch: Epoch) -> None:
-    if observe(world, epoch, value):
-        raise Poisoned(f"poison value {value!r}")
-    world.down.declare(value[0], value)
+    world.enter(value[0])
+    try:
+        if observe(world, epoch, value):
+            raise Poisoned(f"poison value {value!r}")
+        world.down.declare(value[0], value)
+    finally:
+        world.leave(value[0])
 
 
 @coco.fn
@@ -375,6 +428,7 @@ class Driver:
         )
         assert stats.eq_errors == 0
         assert stats.pending + stats.in_flight <= len(KEYS)
+        assert self.world.overlaps == [], "a key ran twice at once"
         epoch = self.world.epoch
         if epoch is not None:
             assert epoch.violations == []
@@ -548,6 +602,73 @@ class LiveMapMachine(RuleBasedStateMachine):
         self.model.release(slot)
         self.step(job)
 
+    @rule(
+        slot=slots,
+        first=decl_lists,
+        second=decl_lists,
+        yields=st.integers(0, 3),
+        unmount=st.booleans(),
+    )
+    def cancel_producer(
+        self,
+        slot: int,
+        first: list[tuple[Any, int]],
+        second: list[tuple[Any, int]],
+        yields: int,
+        unmount: bool,
+    ) -> None:
+        """A run that declares and then waits is cancelled by a re-mount (or an
+        unmount) after 0-3 yields: none of its declarations commit, wherever
+        it was when it was cancelled."""
+        driver = self.driver
+        first = list(dict(first).items())  # no duplicates: they may never be raised
+        gate = anyio.Event()
+
+        async def job(op: coco.LiveComponentOperator) -> None:
+            world, lm = driver.world, driver.lm
+            await op.update(("p", slot), gated_producer, world, lm, first, gate)
+            for _ in range(yields):
+                await anyio.sleep(0)
+            if unmount:
+                await (await op.delete(("p", slot))).ready()
+            else:
+                h = await op.update(("p", slot), producer, world, lm, second, False)
+                with anyio.fail_after(TIMEOUT):
+                    await h.ready()
+
+        duplicates = 0
+        expected: list[tuple[str, Any]] = []
+        if unmount:
+            self.mounted.discard(slot)
+            self.model.release(slot)
+        else:
+            self.mounted.add(slot)
+            duplicates, expected = self.model.produce(slot, second, False)
+        self.step(job, expected, duplicates)
+
+    @rule(slot=slots, decls=decl_lists, key=st.sampled_from(KEYS))
+    def declare_late(self, slot: int, decls: list[tuple[Any, int]], key: Any) -> None:
+        """A declaration made in a run's context after the run has committed
+        raises at the call, names the map and the path, and changes nothing."""
+        driver = self.driver
+        world = driver.world
+
+        async def job(op: coco.LiveComponentOperator) -> None:
+            lm = driver.lm
+            h = await op.update(("p", slot), keeping_producer, world, lm, decls)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+            context, world.context = world.context, None
+            assert context is not None
+            with pytest.raises(coco.NotInComponentError) as info:
+                context.run(lm.declare_entry, key, [key, 9])
+            message = str(info.value)
+            assert f"'p'/{slot}" in message and "LiveMap" in message, message
+
+        self.mounted.add(slot)
+        duplicates, expected = self.model.produce(slot, decls, False)
+        self.step(job, expected, duplicates)
+
     def _start_job(
         self, spec: tuple[int | None, bool, bool, int]
     ) -> Callable[[coco.LiveComponentOperator], Awaitable[None]]:
@@ -598,6 +719,16 @@ class LiveMapMachine(RuleBasedStateMachine):
             await start(op)
 
         self.step(job)
+
+    @rule(delay=st.sampled_from([0.0, 0.0, 0.0005, 0.002]))
+    def set_handler_speed(self, delay: float) -> None:
+        """The (async) exception handler takes this long from now on."""
+        world = self.driver.world
+
+        async def go() -> None:
+            world.handler_delay = delay
+
+        self.call(go)
 
     @rule(key_delays=st.dictionaries(st.sampled_from(KEYS), delays, max_size=3))
     def set_speed(self, key_delays: dict[Any, float]) -> None:

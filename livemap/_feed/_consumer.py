@@ -26,6 +26,7 @@ from livemap._feed._each import EachSubscriber, event_class
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLike
 from livemap._runtime._component import Component
 from livemap._runtime._session import AppRun
+from livemap._runtime._unmount import cleanup, detach
 
 __all__ = ["ConsumedMap", "Consumer", "scanning_consumer"]
 
@@ -167,12 +168,12 @@ class Consumer(Generic[K, V]):
                     comp = self._component
                     if comp is not None and comp.alive:
                         self._holding = comp
-                        comp.hold(1)
+                        comp.readiness.hold(1)
         elif self._busy_run is not None:
             run, self._busy_run = self._busy_run, None
             holding, self._holding = self._holding, None
             if holding is not None and holding.alive:
-                holding.hold(-1)
+                holding.readiness.hold(-1)
             run.consumer_busy(-1)
 
     def idle(self) -> bool:
@@ -268,12 +269,13 @@ class Consumer(Generic[K, V]):
             return True
         if run is not None:
             state.drop(key)  # its hand-back is the cleanup's now
-        if child.waiters:  # likewise for the hand-back of the key's delivery
+        waiters = child.readiness.waiters
+        if waiters:  # likewise for the hand-back of the key's delivery
             finish = self.finish
-            child.waiters = [
-                w for w in child.waiters if not (isinstance(w, partial) and w.func == finish)
+            child.readiness.waiters = [
+                w for w in waiters if not (isinstance(w, partial) and w.func == finish)
             ] or None
-        child.detach()  # cancels the wait
+        detach(child)  # cancels the wait
         each.pool.submit(child, 0, partial(self._cleanup, child, key))
         return True
 
@@ -308,7 +310,7 @@ class Consumer(Generic[K, V]):
                 each.drop_leaf(key)
             self._settled(key)
             return
-        if child.unready:
+        if child.readiness.unready:
             # still processing an earlier value (from the scan, or a retry):
             # deliver the latest state once that is done, or now if it only
             # waits to retry
@@ -316,13 +318,13 @@ class Consumer(Generic[K, V]):
             if not self._supersede_retry(each, key):
                 self.dirty.add(key)
             if child.alive:  # (a delete that cut a retry short hands back itself)
-                child.on_ready(partial(self.finish, key))
+                child.readiness.on_ready(partial(self.finish, key))
             return
         if value is _MISSING:
             self.in_flight.add(key)
             self.started_at[key] = self.seq
             self.deliveries += 1
-            child.detach()
+            detach(child)
             each.pool.submit(child, 0, partial(self._cleanup, child, key))
             return
         if _same(child.args[0], value):
@@ -333,11 +335,11 @@ class Consumer(Generic[K, V]):
         self.deliveries += 1
         child = each.child(key, value)
         each.pool.queue_run(child)
-        child.on_ready(partial(self.finish, key))
+        child.readiness.on_ready(partial(self.finish, key))
 
     async def _cleanup(self, child: Component, key: K) -> None:
         try:
-            await child.cleanup()
+            await cleanup(child)
         finally:
             self.finish(key)
 
@@ -438,9 +440,9 @@ class Consumer(Generic[K, V]):
             for key in (*host.pending, *host.running):
                 need.setdefault(key, -1)  # queued or running since the scan
             for rel, child in list((each.component.children or {}).items()):
-                if child.unready and rel[0] not in need:
+                if child.readiness.unready and rel[0] not in need:
                     need[rel[0]] = -1
-                    child.on_ready(partial(self.scan_run_over, rel[0]))
+                    child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
         if not need:
             return
         waiter = _Waiter(need)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterab
 from contextvars import Token
 from functools import partial
 from types import CoroutineType
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
 import anyio
 
@@ -48,7 +48,9 @@ from livemap._runtime._context import (
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
 from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context
+from livemap._runtime._runner import launch, run_once, start
 from livemap._runtime._session import AppRun
+from livemap._runtime._unmount import unmount
 
 __all__ = [
     "EachHost",
@@ -217,12 +219,12 @@ class EachHost:
     def hold(self) -> None:
         if not self.counted:
             self.counted = True
-            self.component.adjust(1)
+            self.component.readiness.adjust(1)
 
     def release_if_idle(self) -> None:
         if self.counted and not self.pending and not self.running:
             self.counted = False
-            self.component.adjust(-1)
+            self.component.readiness.adjust(-1)
 
     def materialize(self, run: KeyedRun) -> Component:
         """The component of ``run``'s key, made now, in the run's generation."""
@@ -246,7 +248,7 @@ class EachHost:
         if children is None:
             children = comp.children = {}
         children[(run.key,)] = child
-        comp.adjust(1)
+        comp.readiness.adjust(1)
         return child
 
     async def run_keyed(
@@ -327,17 +329,23 @@ class EachHost:
         try:
             if child is None:
                 child = self.materialize(run)
-            await child.run_once(
-                1, self.fn, child.args, child.kwargs, raise_errors=False, first=(run, result, error)
+            await run_once(
+                child,
+                1,
+                self.fn,
+                child.args,
+                child.kwargs,
+                raise_errors=False,
+                first=(run, result, error),
             )
         finally:
             if child is not None and child.cancel_scope is scope:
                 child.cancel_scope = None
             if self.running.get(key) is run:
                 run.scope = None  # the worker's part is over
-                if child is not None and child.alive and child.unready:
+                if child is not None and child.alive and child.readiness.unready:
                     # its component's subtree is still busy: the key is, too
-                    child.on_ready(partial(self._finish_key, key, run))
+                    child.readiness.on_ready(partial(self._finish_key, key, run))
                 else:
                     self._finish_key(key, run)
 
@@ -649,7 +657,8 @@ class Pool:
                                 child.cancel_scope = scope
                                 child.scope_run = app_run
                                 try:
-                                    await child.run_once(
+                                    await run_once(
+                                        child,
                                         gen,
                                         child.processor,
                                         child.args,
@@ -779,7 +788,7 @@ class EachSubscriber:
                         await pool.room()
             else:
                 for key, value in snapshot:
-                    await self.child(key, value).launch()
+                    await launch(self.child(key, value))
 
     async def mark_ready(self) -> None:
         epoch = self._epoch
@@ -792,12 +801,12 @@ class EachSubscriber:
                 self.drop_leaf(key)
             children = self.component.children or {}
             for child in [c for rel, c in children.items() if rel[0] not in epoch]:
-                await child.unmount()
+                await unmount(child)
         await self.operator.mark_ready()
 
     async def update(self, key: Any, value: Any) -> ReadyLike:
         child = self.child(key, value)
-        await child.launch()
+        await launch(child)
         return ComponentMountHandle(child)
 
     async def delete(self, key: Any) -> ReadyLike:
@@ -848,14 +857,32 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
         operator = LiveComponentOperator(comp, each, gen)
         subscriber = EachSubscriber(operator, comp, gen, each.source)
+        app_run = comp.session.active
+        if app_run is not None and app_run.catching_up:
+            # a live run's initial catch-up waits for this consumer's too
+            app_run.settlers[subscriber] = settler(each.source, comp)
         try:
             await each.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
             await comp.report(exc, "mount_each")
+        finally:
+            if app_run is not None:
+                app_run.settlers.pop(subscriber, None)
         if comp.current(gen):
-            comp.mark_live_ready()
+            comp.readiness.mark_live_ready()
+
+
+def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
+    """How to wait for what ``source`` has committed so far to be processed:
+    its ``settle()`` (a :class:`~livemap.LiveMap`, or a view of one with
+    consumer options); for a view without one, the ``mount_each``'s subtree
+    being ready once."""
+    settle = getattr(source, "settle", None)
+    if callable(settle):
+        return cast("Callable[[], Awaitable[None]]", settle)
+    return comp.readiness.wait_ready
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The
@@ -926,7 +953,7 @@ async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
             f"mount_each(): items must be an iterable, an async iterable, a LiveMapView or "
             f"a LiveMapFeed, got {type(items).__name__}"
         )
-    child.start()
+    start(child)
     return ComponentMountHandle(child)
 
 
@@ -947,7 +974,7 @@ async def _each_static(
         child = comp.mount_child(
             run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers
         )
-        await child.launch()
+        await launch(child)
 
     if isinstance(items, AsyncIterable):
         async for pair in items:

@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
+from livemap._runtime._runner import run_once
 from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
 from livemap.errors import UpdateInProgressError
 
@@ -260,8 +261,8 @@ class UpdateHandle:
 
     async def _run_root(self, root: Component, run: AppRun, gen: int) -> None:
         try:
-            self._value = await root.run_once(
-                gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
+            self._value = await run_once(
+                root, gen, self._app.main_fn, self._app.args, self._app.kwargs, raise_errors=True
             )
         except anyio.get_cancelled_exc_class():
             raise
@@ -277,22 +278,66 @@ class UpdateHandle:
         def over() -> bool:
             return run.stop_requested or run.failure is not None
 
-        while not (over() or run.quiescent(root.subtree_ready)):
-            await run.wait()
+        if self._live:
+            # Live mode: ready once the initial catch-up is done, even if
+            # producers keep changing things (or at quiescence, if sooner).
+            caught_up = anyio.CancelScope()
+            run.tg.start_soon(self._catch_up, run, caught_up)
+            while not (
+                over() or not run.catching_up or run.quiescent(not root.readiness.unready)
+            ):
+                await run.wait()
+            caught_up.cancel()
+            run.end_catch_up()
+        else:
+            while not (over() or run.quiescent(not root.readiness.unready)):
+                await run.wait()
         if run.failure is None:
             self._set_ready()
         if self._live:
             # A live run ends by itself once nothing in it can change any
             # more: no live task is left and every change has been delivered.
-            while not (over() or run.inactive(root.subtree_ready)):
+            while not (over() or run.inactive(not root.readiness.unready)):
                 await run.wait()
             return
         # Catch-up mode: end the live components first.  A last step of one
         # may still commit (its timer fired as quiescence was reached); the
         # consumers deliver that before the run ends.
         run.close()
-        while not (over() or (not run.producers and run.quiescent(root.subtree_ready))):
+        while not (over() or (not run.producers and run.quiescent(not root.readiness.unready))):
             await run.wait()
+
+    @staticmethod
+    async def _catch_up(run: AppRun, scope: anyio.CancelScope) -> None:
+        """A live run's initial catch-up: every component of the tree has
+        finished its first run of this update (a consumer's per-entry
+        children aside), and then every consumer has processed what its map
+        held: its initial scan, and what the catch-up of the consumers
+        upstream of it committed into it.
+
+        The consumers are settled in passes, as many as there are consumers
+        (plus one): a chain of maps, each consumed by per-entry components
+        that declare into the next, is covered link by link, one link a
+        pass, whatever order the passes take them in.  Each ``settle()``
+        waits only for the changes committed before it was called, so the
+        catch-up ends however fast producers go on changing entries.
+        """
+        with scope:
+            while True:
+                while run.first_runs > 0:
+                    await run.wait()
+                passes = 0
+                while True:
+                    settlers = dict(run.settlers)
+                    for settle in settlers.values():
+                        await settle()
+                    passes += 1
+                    if passes > len(run.settlers) and run.settlers.keys() == settlers.keys():
+                        break
+                if run.first_runs <= 0:
+                    break
+            run.catching_up = False
+            run.notify()
 
     async def __aenter__(self) -> UpdateHandle:
         if self._state != "new":

@@ -1,11 +1,16 @@
-"""The component tree: runs, commits, unmounting and readiness.
+"""The component tree: each node's place, identity and generation.
 
 A :class:`Component` is one node of an app's tree, at a :data:`StablePath`.
 Each *run* calls its function with a fresh :class:`Run` as the current run;
 declarations made during the run are buffered per target, and when the
-function returns they are committed as one unit per target, children the run
-did not mount again are unmounted, and what the component's earlier runs
-created (LiveMaps) is retired.  A run that raises commits nothing.
+function returns they are committed as one unit per target.  The tree's
+other rooms take a component and work on the fields it documents:
+
+* :mod:`._readiness`: the unready count of its subtree and its waiters;
+* :mod:`._unmount`: leaving the tree and releasing what a subtree owns;
+* :mod:`._commit`: the commit of a run into its targets;
+* :mod:`._runner`: scheduling and trying runs (task, inline or a host's),
+  retries, failure records, the task of a live component.
 
 The tree knows its neighbours only through protocols: targets and things
 retired with a run (:mod:`._hosting`), the host of many children
@@ -15,24 +20,21 @@ task (given by whoever mounts it, :mod:`._live`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Coroutine
-from types import CoroutineType
 from typing import Any, Protocol
 
 import anyio
 
-from livemap._paths import ComponentPath, StablePath, format_path, prefix_var
+from livemap._paths import ComponentPath, StablePath, format_path
 from livemap._runtime._context import (
     ExceptionContext,
     ExceptionHandler,
     MountKind,
     dispatch,
-    handlers_var,
     processor_name,
 )
-from livemap._runtime._functions import Function, is_async
 from livemap._runtime._hosting import RetiredWithRun, RunEnded, Target, current_run_var
+from livemap._runtime._readiness import Readiness
 from livemap._runtime._session import AppRun, Session
 from livemap.errors import DuplicatePathError, NotInComponentError
 
@@ -134,27 +136,25 @@ class Component:
       the next run runs; set by the mounter before each run.
     * ``live_body``: set for a live component, the body of its task.
     * ``children``: the mounted children by relative path, ``None`` if none.
-    * ``alive``: in the tree.  Cleared once, by :meth:`detach`/:meth:`stop`
-      or by :meth:`leave_at_rest`, never set again.
+      Invariant: a child is in its parent's ``children`` exactly while it is
+      ``alive``.
+    * ``alive``: in the tree.  Cleared once, by :func:`._unmount.detach` /
+      :func:`._unmount.stop` or by :meth:`leave_at_rest`, never set again;
+      ``readiness`` is closed at the same moment.
+    * ``readiness``: the unready count of the subtree and its waiters
+      (:class:`._readiness.Readiness`); it counts into the parent's.
     * ``generation``: the latest run's number; :meth:`begin` increments it.
       A run (or a commit) of an older generation changes nothing.
-    * ``self_ready``: the latest run committed or failed (a live component:
-      it marked itself ready and is not busy).
-    * ``unready``: 1 while not self-ready, plus 1 per child whose subtree is
-      not ready.  Invariant: the subtree is ready exactly when it is 0, and
-      the parent counts this component exactly while it is alive and
-      ``unready > 0``; only :meth:`adjust` changes it, and it tells the
-      parent on the zero crossings.
     * ``cancel_scope`` / ``scope_run``: the scope of the task or worker
       running the current run and the app run it belongs to (a scope of an
       earlier app run is never cancelled: it may belong to another loop).
-    * ``targets``: the targets this component holds keys of.
+      Set together by whoever starts the run, cleared by :meth:`begin` and
+      :meth:`cancel_tasks`.
+    * ``targets``: the targets this component holds keys of (kept by
+      :func:`._commit.commit`, emptied by :func:`._unmount.cleanup`).
     * ``created``: what earlier runs created, retired by the next commit.
-    * ``waiters``: callbacks for the next time the subtree is ready.
     * ``exception`` / ``escalated``: the latest run's failure, and what a
-      handler re-raised for it.
-    * ``live_marked`` / ``live_busy``: a live component marked itself ready
-      / the work in progress that keeps it unready.
+      handler re-raised for it; cleared by :meth:`begin`.
     * ``backing_off``: waiting before a retry (a newer value may cut it short).
     * ``host``: the :class:`ChildHost` of this component's children, if any.
     """
@@ -173,18 +173,14 @@ class Component:
         "host",
         "kwargs",
         "live_body",
-        "live_busy",
-        "live_marked",
         "mount_kind",
         "parent",
         "processor",
+        "readiness",
         "rel",
         "scope_run",
-        "self_ready",
         "session",
         "targets",
-        "unready",
-        "waiters",
     )
 
     def __init__(
@@ -209,18 +205,16 @@ class Component:
         self.live_body: LiveBody | None = None
         self.children: dict[StablePath, Component] | None = None
         self.alive = True
-        self.self_ready = False
-        self.unready = 1
+        self.readiness: Readiness = (
+            Readiness(None, session.notify) if parent is None else Readiness(parent.readiness, None)
+        )
         self.generation = 0
         self.cancel_scope: anyio.CancelScope | None = None
         self.scope_run: AppRun | None = None
         self.targets: set[Target] | None = None
         self.created: list[RetiredWithRun] | None = None
-        self.waiters: list[Callable[[], object]] | None = None
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None
-        self.live_marked = False
-        self.live_busy = 0
         self.backing_off = False
         self.host: ChildHost | None = None
 
@@ -257,77 +251,10 @@ class Component:
             parent_stable_path=None if parent is None else ComponentPath(parent.path),
         )
 
-    # -- readiness -------------------------------------------------------------
-
-    def adjust(self, delta: int) -> None:
-        """Change :attr:`unready` by ``delta``, telling the parent (or, at the
-        root, the session) on the zero crossings."""
-        before = self.unready
-        after = before + delta
-        self.unready = after
-        if before == 0:
-            if after > 0 and self.alive and self.parent is not None:
-                self.parent.adjust(1)
-            return
-        if after == 0:
-            self._fire_waiters()
-            if self.parent is None:
-                self.session.notify()
-            elif self.alive:
-                self.parent.adjust(-1)
-
-    def _fire_waiters(self) -> None:
-        waiters = self.waiters
-        if waiters:
-            self.waiters = None
-            for callback in waiters:
-                callback()
-
-    def set_self_ready(self, ready: bool) -> None:
-        if self.self_ready is not ready:
-            self.self_ready = ready
-            self.adjust(-1 if ready else 1)
-
-    def _refresh_live_ready(self) -> None:
-        self.set_self_ready(self.live_marked and self.live_busy == 0)
-
-    def hold(self, delta: int) -> None:
-        """Live components: count work in progress that keeps them unready."""
-        self.live_busy += delta
-        self._refresh_live_ready()
-
-    def mark_live_ready(self) -> None:
-        """A live component's initial catch-up is done."""
-        if not self.live_marked:
-            self.live_marked = True
-            self._refresh_live_ready()
-
     def current(self, gen: int) -> bool:
         """Whether run generation ``gen`` is still this component's latest and
         the component is mounted: a commit checks it before changing a table."""
         return self.alive and self.generation == gen
-
-    @property
-    def subtree_ready(self) -> bool:
-        return self.unready == 0
-
-    def on_ready(self, callback: Callable[[], object]) -> None:
-        """Call ``callback`` once this subtree is ready (now, if it is), or
-        when the component is unmounted."""
-        if self.unready == 0 or not self.alive:
-            callback()
-            return
-        if self.waiters is None:
-            self.waiters = [callback]
-        else:
-            self.waiters.append(callback)
-
-    async def wait_ready(self) -> None:
-        """Wait until this component and all its descendants are ready."""
-        while self.unready and self.alive:
-            event = anyio.Event()
-            self.on_ready(event.set)
-            await event.wait()
 
     def first_escalated(self) -> BaseException | None:
         stack = [self]
@@ -339,7 +266,14 @@ class Component:
                 stack.extend(comp.children.values())
         return None
 
-    # -- mounting --------------------------------------------------------------
+    async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
+        """Send ``exc`` through this component's handler chain."""
+        escalated = await dispatch(self.handlers, exc, self.context(kind))
+        if escalated is not None:
+            self.escalated = escalated
+            self.session.escalations = True
+
+    # -- the tree --------------------------------------------------------------
 
     def mount_child(
         self,
@@ -369,7 +303,7 @@ class Component:
         if child is None:
             child = Component(self.session, self, rel, processor, args, kwargs, kind, handlers)
             children[rel] = child
-            self.adjust(1)
+            self.readiness.adjust(1)
         else:
             child.processor = processor
             child.args = args
@@ -381,7 +315,22 @@ class Component:
             mounted[rel] = child
         return child
 
-    def _cancel_tasks(self) -> None:
+    def leave_at_rest(self) -> None:
+        """Leave the tree as a child at rest (see :meth:`ChildHost.rest`): the
+        host keeps its value, a later change of its key mounts a fresh
+        component (the same as re-running this one, since it holds
+        nothing).  Its readiness waiters run as if it had become ready."""
+        parent = self.parent
+        assert parent is not None and parent.children is not None
+        del parent.children[self.rel]
+        self.alive = False
+        self.readiness.close_at_rest()
+
+    # -- generations -----------------------------------------------------------
+
+    def cancel_tasks(self) -> None:
+        """End what this component has in flight: its host's work and the
+        scope of its current run (if it belongs to the current app run)."""
         host = self.host
         if host is not None:
             host.supersede()  # e.g. frees a map for a new consumer right away
@@ -398,337 +347,28 @@ class Component:
         """Supersede whatever is in flight and start a new generation (a run,
         counted in the app run's stats)."""
         if self.cancel_scope is not None or self.host is not None:
-            self._cancel_tasks()
+            self.cancel_tasks()
         self.generation += 1
         app_run = self.session.active
-        if app_run is not None:
-            app_run.stats.components_run += 1
         self.exception = None
         self.escalated = None
-        self.live_marked = False
-        self.live_busy = 0
-        self.set_self_ready(False)
+        self.readiness.restart()
+        if app_run is not None:
+            app_run.stats.components_run += 1
+            if app_run.catching_up and not self.in_consumer():
+                app_run.count_first_run(self, self.readiness)
         return self.generation
 
-    async def launch(self) -> None:
-        """Run (or re-run) this component.
-
-        A child whose parent hosts it (``mount_each``) goes to the host if it
-        takes it.  A live component, or an async function, gets a task of
-        its own; a plain sync function runs inline, in the caller's task.
-        """
+    def in_consumer(self) -> bool:
+        """Whether this component runs for a consumer: a per-entry child of a
+        ``mount_each`` over a feed, or below one (the consumer's ``settle()``
+        accounts for those)."""
         parent = self.parent
-        host = None if parent is None else parent.host
-        if host is not None and host.take(self):
-            return
-        processor = self.processor
-        if self.live_body is not None or is_async(processor):
-            self.start()
-        else:
-            gen = self.begin()
-            await self.run_once(gen, processor, self.args, self.kwargs, raise_errors=False)
-
-    def start(self) -> None:
-        """Run (or re-run) this component in a new task of the current app run."""
-        gen = self.begin()
-        app_run = self.session.require_run()
-        scope = self.cancel_scope = anyio.CancelScope()
-        self.scope_run = app_run
-        body = self.live_body
-        if body is not None:
-            app_run.live_started(scope, self.mount_kind != "mount_each")
-            app_run.tg.start_soon(self._live_task, body, app_run, scope, gen)
-        else:
-            app_run.tg.start_soon(self._run_task, scope, gen)
-
-    async def _live_task(
-        self, body: LiveBody, app_run: AppRun, scope: anyio.CancelScope, gen: int
-    ) -> None:
-        """The task of a live component or of a ``mount_each`` watch: the app
-        run counts it while it runs (a live run ends once none is left)."""
-        try:
-            await body(self, scope, gen)
-        finally:
-            app_run.live_ended(scope)
-            if app_run.closing and self.current(gen):
-                # ended by a catch-up run winding down: it counts as ready
-                self.mark_live_ready()
-
-    async def _run_task(self, scope: anyio.CancelScope, gen: int) -> None:
-        with scope:
-            await self.run_once(gen, self.processor, self.args, self.kwargs, raise_errors=False)
-
-    async def run_once(
-        self,
-        gen: int,
-        func: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        raise_errors: bool,
-        kind: MountKind | None = None,
-        live: bool = False,
-        first: tuple[Run, Any, Exception | None] | None = None,
-    ) -> Any:
-        """One run: call ``func`` as this component, then commit.
-
-        A run that raises commits nothing.  A run whose commit hits a failing
-        sink (a ``TargetApplyError``) counts as failed too.  The failure is
-        raised (with ``raise_errors``) or, once the host's retries (if any)
-        are used up, reported to the handler chain.  ``first`` is a first try
-        that already ran (``(run, result, error)``, made by a host that runs
-        children before they have a component): it is taken from where a call
-        would have left it.
-        """
-        failures = 0
-        if type(func) is Function:
-            func = func.__wrapped__  # one call less per run
-        while True:
-            error: Exception | None
-            if first is not None:
-                run, result, error = first
-                first = None
-            else:
-                run = Run(self)
-                t_run = current_run_var.set(run)
-                # the handler chain and subpath prefix are usually right already
-                t_handlers = (
-                    handlers_var.set(self.handlers)
-                    if handlers_var.get() is not self.handlers
-                    else None
-                )
-                t_prefix = prefix_var.set(()) if prefix_var.get() else None
-                try:
-                    result = func(*args, **kwargs)
-                    if type(result) is CoroutineType or inspect.isawaitable(result):
-                        result = await result
-                except anyio.get_cancelled_exc_class():
-                    run.buffers = RunEnded(self)  # cancelled: it commits nothing
-                    raise
-                except Exception as exc:
-                    error = exc
-                else:
-                    error = None
-                finally:
-                    current_run_var.reset(t_run)
-                    if t_handlers is not None:
-                        handlers_var.reset(t_handlers)
-                    if t_prefix is not None:
-                        prefix_var.reset(t_prefix)
-            try:
-                current = gen == self.generation and self.alive
-                if error is None:
-                    if current:
-                        if (
-                            run.buffers is None
-                            and run.created is None
-                            and self.targets is None
-                            and self.created is None
-                            and not self.children
-                        ):
-                            # nothing to commit: the common case of a leaf
-                            parent = self.parent
-                            host = None if parent is None else parent.host
-                            if host is not None:
-                                if not live and host.rest(self):
-                                    return result
-                                host.outcome(self, None)
-                            if not live:
-                                self.set_self_ready(True)
-                            return result
-                        if run.mounted and (run.buffers or self.targets):
-                            # CocoIndex's submit order: the children this run
-                            # mounted are ready before its own declarations commit
-                            await self._wait_mounted(run)
-                            if gen != self.generation or not self.alive:
-                                return result
-                        error = await self._commit(run, gen, live)
-                        if error is None:
-                            return result
-                        # a sink failed: the run counts as failed (and may be retried)
-                        current = gen == self.generation and self.alive
-                    else:
-                        return result
-                elif current and run.created:
-                    # What a failed run created stays this component's until its
-                    # next successful commit retires it with the older ones: the
-                    # children it mounted before raising may already use it.
-                    self.created = [*(self.created or ()), *run.created]
-                if not current:
-                    if raise_errors:
-                        raise error
-                    return None
-                app_run = self.session.active
-                parent = self.parent
-                host = None if parent is None else parent.host
-                delay = None
-                if not raise_errors and host is not None:
-                    delay = host.retry_delay(failures + 1)
-                if delay is not None:
-                    failures += 1
-                    if app_run is not None:
-                        app_run.stats.retries += 1
-                    self.backing_off = True  # a newer value may cut the wait short
-                    try:
-                        await anyio.sleep(delay)
-                    finally:
-                        self.backing_off = False
-                    if gen != self.generation or not self.alive:
-                        return None
-                    continue
-                self.exception = error
-                if app_run is not None:
-                    app_run.stats.components_failed += 1
-                if host is not None:
-                    host.outcome(self, error)
-                if raise_errors:
-                    if not live:
-                        self.set_self_ready(True)
-                    raise error
-                await self.report(error, kind)
-                if not live and gen == self.generation and self.alive:
-                    self.set_self_ready(True)
-                return None
-            finally:
-                # a declaration reaching this run from now on raises
-                run.buffers = RunEnded(self)
-
-    def leave_at_rest(self) -> None:
-        """Leave the tree as a child at rest (see :meth:`ChildHost.rest`): the
-        host keeps its value, a later change of its key mounts a fresh
-        component (the same as re-running this one, since it holds
-        nothing).  Its readiness waiters run as if it had become ready."""
-        parent = self.parent
-        assert parent is not None and parent.children is not None
-        del parent.children[self.rel]
-        self.alive = False
-        self.self_ready = True
-        counted = self.unready > 0
-        self.unready = 0
-        self._fire_waiters()
-        if counted:
-            parent.adjust(-1)
-
-    async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
-        """Send ``exc`` through this component's handler chain."""
-        escalated = await dispatch(self.handlers, exc, self.context(kind))
-        if escalated is not None:
-            self.escalated = escalated
-            self.session.escalations = True
-
-    async def _wait_mounted(self, run: Run) -> None:
-        """Wait until every child ``run`` mounted is ready (or unmounted)."""
-        for child in list((run.mounted or {}).values()):
-            if child.unready and child.alive:
-                await child.wait_ready()
-
-    async def _commit(self, run: Run, gen: int, live: bool) -> Exception | None:
-        """Commit ``run``; returns the first sink failure, if any (the rest of
-        the commit still happens, and the component is then left unready)."""
-        buffers = run.buffers if isinstance(run.buffers, dict) else {}
-        previous = self.targets
-        error: Exception | None = None
-        if buffers or previous:
-            # Known before the first await: an unmount while this commit is
-            # paused must release these targets too.
-            if buffers:
-                self.targets = (previous or set()) | buffers.keys()
-            for target, buffer in buffers.items():
-                failed = await target.commit_run(self, buffer, gen)
-                error = error or failed
-            if previous:
-                for target in previous:
-                    if target not in buffers:
-                        failed = await target.release_owner(self, gen)
-                        error = error or failed
-            if self.alive:
-                self.targets = {t for t in self.targets or () if t.holds(self)} or None
-        if gen != self.generation or not self.alive:
-            return error
-        children = self.children
-        if children:
-            mounted = run.mounted or {}
-            if len(mounted) != len(children):
-                for child in [c for rel, c in children.items() if rel not in mounted]:
-                    await child.unmount()
-        retired = self.created
-        self.created = run.created
-        if retired:
-            for item in retired:
-                item.retire()
-        if error is not None:
-            return error
-        parent = self.parent
-        if parent is not None and parent.host is not None:
-            parent.host.outcome(self, None)
-        if not live:
-            self.set_self_ready(True)
-        return None
-
-    async def unmount(self) -> None:
-        """Unmount this component and its subtree, releasing what they own."""
-        if self.detach():
-            await self.cleanup()
-
-    def detach(self) -> bool:
-        """The synchronous half of :meth:`unmount`: leave the tree and stop the
-        whole subtree at once (tasks cancelled, consumers released, readiness
-        waiters woken).  False if already detached."""
-        if not self.alive:
-            return False
-        parent = self.parent
-        if parent is not None:
-            assert parent.children is not None
-            del parent.children[self.rel]
-            if self.unready > 0:
-                parent.adjust(-1)
-            if parent.host is not None:
-                parent.host.forget(self)
-        self.stop()
-        return True
-
-    def stop(self) -> None:
-        """Stop this subtree: not alive, tasks cancelled, waiters woken."""
-        self.alive = False
-        self._cancel_tasks()
-        host = self.host
-        if host is not None:
-            host.stop()
-        self._fire_waiters()
-        if self.children:
-            for child in self.children.values():
-                child.stop()
-
-    async def cleanup(self) -> None:
-        """The asynchronous half of :meth:`unmount`, for a detached subtree:
-        release every target entry (children first) and retire what its runs
-        created.  Shielded from cancellation: a stop() or an unmount of an
-        ancestor meanwhile must not leave entries owned by a component that
-        is no longer in any tree."""
-        with anyio.CancelScope(shield=True):
-            await self._cleanup()
-
-    async def _cleanup(self) -> None:
-        children, self.children = self.children, None
-        if children:
-            for child in children.values():
-                await child._cleanup()
-        if self.targets:
-            targets, self.targets = self.targets, None
-            for target in targets:
-                failed = await target.release_owner(self)
-                if failed is not None:  # kept by the target and retried with its next batch
-                    await self.report(failed)
-        unmounted = 1
-        if self.created:
-            created, self.created = self.created, None
-            for item in created:
-                item.retire()
-        if self.host is not None:
-            unmounted += self.host.clear()
-        app_run = self.session.active
-        if app_run is not None:
-            app_run.stats.components_unmounted += unmounted
+        while parent is not None:
+            if parent.host is not None and parent.live_body is not None:
+                return True
+            parent = parent.parent
+        return False
 
 
 class ComponentMountHandle:
@@ -757,7 +397,7 @@ class ComponentMountHandle:
         raised (then the first such exception in the subtree is raised here).
         """
         comp = self._component
-        await comp.wait_ready()
+        await comp.readiness.wait_ready()
         if comp.session.escalations:
             escalated = comp.first_escalated()
             if escalated is not None:

@@ -17,6 +17,8 @@ from livemap._runtime._component import Component, ComponentMountHandle
 from livemap._runtime._context import handler_chain, handlers_var
 from livemap._runtime._functions import is_live_class
 from livemap._runtime._hosting import current_run_var
+from livemap._runtime._runner import launch, run_once
+from livemap._runtime._unmount import cleanup, detach
 
 __all__ = [
     "LiveComponent",
@@ -131,9 +133,10 @@ class LiveComponentOperator:
         comp = self._component
         if not self._current():
             return
-        comp.hold(1)
+        comp.readiness.hold(1)
         try:
-            await comp.run_once(
+            await run_once(
+                comp,
                 self._gen,
                 self._instance.process,
                 (),
@@ -143,10 +146,10 @@ class LiveComponentOperator:
                 live=True,
             )
             for child in list((comp.children or {}).values()):
-                await child.wait_ready()
+                await child.readiness.wait_ready()
         finally:
             if self._current():
-                comp.hold(-1)
+                comp.readiness.hold(-1)
 
     async def update(
         self,
@@ -173,7 +176,7 @@ class LiveComponentOperator:
             run_live if is_live_class(fn) else None,
         )
         if self._current():
-            await child.launch()
+            await launch(child)
         return ComponentMountHandle(child)
 
     async def delete(self, subpath: StableKey | ComponentSubpath | StablePath) -> ReadyHandle:
@@ -184,17 +187,17 @@ class LiveComponentOperator:
         comp = self._component
         children = comp.children
         child = None if children is None else children.get(_subpath(subpath))
-        if child is None or not child.detach():
+        if child is None or not detach(child):
             return ReadyHandle()
         done = anyio.Event()
         handle = ReadyHandle(done)
-        comp.hold(1)
+        comp.readiness.hold(1)
 
         async def finish() -> None:
             subtree = _subtree(child)
             before = [c.escalated for c in subtree]
             try:
-                await child.cleanup()
+                await cleanup(child)
             finally:
                 # what a handler raised for a release that failed meanwhile
                 for c, old in zip(subtree, before, strict=True):
@@ -203,7 +206,7 @@ class LiveComponentOperator:
                         break
                 done.set()
                 if self._current():  # a re-run has reset the count already
-                    comp.hold(-1)
+                    comp.readiness.hold(-1)
 
         comp.session.require_run().tg.start_soon(finish)
         return handle
@@ -211,7 +214,7 @@ class LiveComponentOperator:
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
         if self._current():
-            self._component.mark_live_ready()
+            self._component.readiness.mark_live_ready()
 
     async def report_exception(self, exc: BaseException) -> None:
         """Send ``exc`` to the component's exception-handler chain."""
@@ -291,7 +294,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             if app_run is not None:
                 app_run.stats.components_failed += 1
             await comp.report(exc)  # as mounted: "mount", or "process_live"
-            comp.mark_live_ready()
+            comp.readiness.mark_live_ready()
             return
         operator = LiveComponentOperator(comp, instance, gen)
         try:
@@ -306,4 +309,4 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
                     app_run.stats.components_failed += 1
                 await comp.report(exc, "process_live")
         if comp.current(gen):
-            comp.mark_live_ready()
+            comp.readiness.mark_live_ready()

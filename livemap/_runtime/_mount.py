@@ -15,6 +15,7 @@ from livemap._runtime._component import ComponentMountHandle, current_run
 from livemap._runtime._context import handler_chain, processor_name
 from livemap._runtime._functions import is_live_class
 from livemap._runtime._live import run_live
+from livemap._runtime._runner import launch, run_once
 
 __all__ = ["mount", "use_mount"]
 
@@ -59,7 +60,7 @@ async def mount(*args: Any, **kwargs: Any) -> ComponentMountHandle:
         handler_chain(),
         run_live if is_live_class(processor) else None,
     )
-    await child.launch()
+    await launch(child)
     return ComponentMountHandle(child)
 
 
@@ -102,6 +103,6 @@ async def use_mount(*args: Any, **kwargs: Any) -> Any:
     rel = child_path(subpath, processor, "use_mount")
     child = run.component.mount_child(run, rel, processor, fargs, kwargs, "mount", handler_chain())
     gen = child.begin()
-    value = await child.run_once(gen, processor, fargs, kwargs, raise_errors=True)
+    value = await run_once(child, gen, processor, fargs, kwargs, raise_errors=True)
     await ComponentMountHandle(child).ready()
     return value

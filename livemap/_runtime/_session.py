@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from livemap._runtime._readiness import Readiness
+
 __all__ = ["AppRun", "RunTasks", "Session", "UpdateStats", "is_interrupt"]
 
 
@@ -86,6 +88,40 @@ class AppRun:
     stop_requested: bool = False
     failure: BaseException | None = None
     _waiters: list[anyio.Event] = field(default_factory=list)
+    # A live run's initial catch-up (see :meth:`count_first_run`):
+    # ``catching_up`` while it is not done; ``first_runs``: the components of
+    # the tree (a consumer's per-entry children aside) whose first run of
+    # this update is not done yet; ``counted``: those counted so far (each
+    # once per update); ``settlers``: per ``mount_each`` over a feed
+    # running now, how to wait for what its map has committed so far.
+    catching_up: bool = False
+    first_runs: int = 0
+    counted: set[object] = field(default_factory=set)
+    settlers: dict[object, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.catching_up = self.live
+
+    def count_first_run(self, component: object, readiness: Readiness) -> None:
+        """During a live run's initial catch-up: ``component`` begins a run;
+        if it is its first of this update, the catch-up waits for it
+        (``readiness.on_first`` tells when it is done)."""
+        if component in self.counted:
+            return
+        self.counted.add(component)
+        self.first_runs += 1
+        readiness.on_first = self._first_run_done
+
+    def _first_run_done(self) -> None:
+        self.first_runs -= 1
+        if self.first_runs <= 0:
+            self.notify()
+
+    def end_catch_up(self) -> None:
+        """The initial catch-up is over (done, or the run reached quiescence
+        first): nothing is counted any more."""
+        self.catching_up = False
+        self.counted.clear()
 
     def bind(self, tg: TaskGroup) -> None:
         """Start the run's tasks in ``tg`` from now on."""

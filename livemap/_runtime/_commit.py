@@ -1,0 +1,69 @@
+"""The commit step: a run that returned goes into its targets.
+
+:func:`commit` hands each target the run's buffer for it, releases the
+targets the component held keys of but did not declare into this time,
+unmounts the children the run did not mount again and retires what the
+component's previous run created.  It writes only the component's
+``targets`` and ``created`` (and its readiness, once committed).
+"""
+
+from __future__ import annotations
+
+from livemap._runtime._component import Component, Run
+from livemap._runtime._unmount import unmount
+
+__all__ = ["commit", "wait_mounted"]
+
+
+async def wait_mounted(run: Run) -> None:
+    """Wait until every child ``run`` mounted is ready (or unmounted)."""
+    for child in list((run.mounted or {}).values()):
+        readiness = child.readiness
+        if readiness.unready and child.alive:
+            await readiness.wait_ready()
+
+
+async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception | None:
+    """Commit ``run`` of ``comp`` (generation ``gen``); returns the first sink
+    failure, if any (the rest of the commit still happens, and the component
+    is then left unready).  ``live``: the run is a live component's, whose
+    readiness its own task decides."""
+    buffers = run.buffers if isinstance(run.buffers, dict) else {}
+    previous = comp.targets
+    error: Exception | None = None
+    if buffers or previous:
+        # Known before the first await: an unmount while this commit is
+        # paused must release these targets too.
+        if buffers:
+            comp.targets = (previous or set()) | buffers.keys()
+        for target, buffer in buffers.items():
+            failed = await target.commit_run(comp, buffer, gen)
+            error = error or failed
+        if previous:
+            for target in previous:
+                if target not in buffers:
+                    failed = await target.release_owner(comp, gen)
+                    error = error or failed
+        if comp.alive:
+            comp.targets = {t for t in comp.targets or () if t.holds(comp)} or None
+    if gen != comp.generation or not comp.alive:
+        return error
+    children = comp.children
+    if children:
+        mounted = run.mounted or {}
+        if len(mounted) != len(children):
+            for child in [c for rel, c in children.items() if rel not in mounted]:
+                await unmount(child)
+    retired = comp.created
+    comp.created = run.created
+    if retired:
+        for item in retired:
+            item.retire()
+    if error is not None:
+        return error
+    parent = comp.parent
+    if parent is not None and parent.host is not None:
+        parent.host.outcome(comp, None)
+    if not live:
+        comp.readiness.set_self_ready(True)
+    return None

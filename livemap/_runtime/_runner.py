@@ -1,0 +1,221 @@
+"""Scheduling and trying a component's runs.
+
+:func:`launch` decides where a run happens: on the host of a ``mount_each``
+child if it takes it, in a task of its own (an async function, a live
+component: :func:`start`), or inline in the caller's task (a sync function).
+:func:`run_once` is one run with its retries: it calls the function as the
+current run, commits it (:mod:`._commit`), and on a failure asks the host
+for a retry delay (``comp.backing_off`` while it waits), then records the
+failure (``comp.exception``) and reports it.  A live component's task
+(:func:`start`) is counted by the app run while it runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import CoroutineType
+from typing import Any
+
+import anyio
+
+from livemap._paths import prefix_var
+from livemap._runtime._commit import commit, wait_mounted
+from livemap._runtime._component import Component, LiveBody, Run
+from livemap._runtime._context import MountKind, handlers_var
+from livemap._runtime._functions import Function, is_async
+from livemap._runtime._hosting import RunEnded, current_run_var
+from livemap._runtime._session import AppRun
+
+__all__ = ["launch", "run_once", "start"]
+
+
+async def launch(comp: Component) -> None:
+    """Run (or re-run) ``comp``.
+
+    A child whose parent hosts it (``mount_each``) goes to the host if it
+    takes it.  A live component, or an async function, gets a task of
+    its own; a plain sync function runs inline, in the caller's task.
+    """
+    parent = comp.parent
+    host = None if parent is None else parent.host
+    if host is not None and host.take(comp):
+        return
+    processor = comp.processor
+    if comp.live_body is not None or is_async(processor):
+        start(comp)
+    else:
+        gen = comp.begin()
+        await run_once(comp, gen, processor, comp.args, comp.kwargs, raise_errors=False)
+
+
+def start(comp: Component) -> None:
+    """Run (or re-run) ``comp`` in a new task of the current app run."""
+    gen = comp.begin()
+    app_run = comp.session.require_run()
+    scope = comp.cancel_scope = anyio.CancelScope()
+    comp.scope_run = app_run
+    body = comp.live_body
+    if body is not None:
+        app_run.live_started(scope, comp.mount_kind != "mount_each")
+        app_run.tg.start_soon(_live_task, comp, body, app_run, scope, gen)
+    else:
+        app_run.tg.start_soon(_run_task, comp, scope, gen)
+
+
+async def _live_task(
+    comp: Component, body: LiveBody, app_run: AppRun, scope: anyio.CancelScope, gen: int
+) -> None:
+    """The task of a live component or of a ``mount_each`` watch: the app
+    run counts it while it runs (a live run ends once none is left)."""
+    try:
+        if comp.current(gen):  # not superseded before it began
+            await body(comp, scope, gen)
+    finally:
+        app_run.live_ended(scope)
+        if app_run.closing and comp.current(gen):
+            # ended by a catch-up run winding down: it counts as ready
+            comp.readiness.mark_live_ready()
+
+
+async def _run_task(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
+    # A run superseded before its task got going never calls the user's
+    # function: a call that does not await would otherwise run to its end
+    # (with the newer run's arguments) before the cancellation lands.
+    if not comp.current(gen):
+        return
+    with scope:
+        await run_once(comp, gen, comp.processor, comp.args, comp.kwargs, raise_errors=False)
+
+
+async def run_once(
+    comp: Component,
+    gen: int,
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    raise_errors: bool,
+    kind: MountKind | None = None,
+    live: bool = False,
+    first: tuple[Run, Any, Exception | None] | None = None,
+) -> Any:
+    """One run: call ``func`` as ``comp``, then commit.
+
+    A run that raises commits nothing.  A run whose commit hits a failing
+    sink (a ``TargetApplyError``) counts as failed too.  The failure is
+    raised (with ``raise_errors``) or, once the host's retries (if any)
+    are used up, reported to the handler chain.  ``first`` is a first try
+    that already ran (``(run, result, error)``, made by a host that runs
+    children before they have a component): it is taken from where a call
+    would have left it.
+    """
+    failures = 0
+    if type(func) is Function:
+        func = func.__wrapped__  # one call less per run
+    while True:
+        error: Exception | None
+        if first is not None:
+            run, result, error = first
+            first = None
+        else:
+            run = Run(comp)
+            t_run = current_run_var.set(run)
+            # the handler chain and subpath prefix are usually right already
+            t_handlers = (
+                handlers_var.set(comp.handlers) if handlers_var.get() is not comp.handlers else None
+            )
+            t_prefix = prefix_var.set(()) if prefix_var.get() else None
+            try:
+                result = func(*args, **kwargs)
+                if type(result) is CoroutineType or inspect.isawaitable(result):
+                    result = await result
+            except anyio.get_cancelled_exc_class():
+                run.buffers = RunEnded(comp)  # cancelled: it commits nothing
+                raise
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+            finally:
+                current_run_var.reset(t_run)
+                if t_handlers is not None:
+                    handlers_var.reset(t_handlers)
+                if t_prefix is not None:
+                    prefix_var.reset(t_prefix)
+        try:
+            current = gen == comp.generation and comp.alive
+            if error is None:
+                if current:
+                    if (
+                        run.buffers is None
+                        and run.created is None
+                        and comp.targets is None
+                        and comp.created is None
+                        and not comp.children
+                    ):
+                        # nothing to commit: the common case of a leaf
+                        parent = comp.parent
+                        host = None if parent is None else parent.host
+                        if host is not None:
+                            if not live and host.rest(comp):
+                                return result
+                            host.outcome(comp, None)
+                        if not live:
+                            comp.readiness.set_self_ready(True)
+                        return result
+                    if run.mounted and (run.buffers or comp.targets):
+                        # CocoIndex's submit order: the children this run
+                        # mounted are ready before its own declarations commit
+                        await wait_mounted(run)
+                        if gen != comp.generation or not comp.alive:
+                            return result
+                    error = await commit(comp, run, gen, live)
+                    if error is None:
+                        return result
+                    # a sink failed: the run counts as failed (and may be retried)
+                    current = gen == comp.generation and comp.alive
+                else:
+                    return result
+            elif current and run.created:
+                # What a failed run created stays ``comp``'s until its
+                # next successful commit retires it with the older ones: the
+                # children it mounted before raising may already use it.
+                comp.created = [*(comp.created or ()), *run.created]
+            if not current:
+                if raise_errors:
+                    raise error
+                return None
+            app_run = comp.session.active
+            parent = comp.parent
+            host = None if parent is None else parent.host
+            delay = None
+            if not raise_errors and host is not None:
+                delay = host.retry_delay(failures + 1)
+            if delay is not None:
+                failures += 1
+                if app_run is not None:
+                    app_run.stats.retries += 1
+                comp.backing_off = True  # a newer value may cut the wait short
+                try:
+                    await anyio.sleep(delay)
+                finally:
+                    comp.backing_off = False
+                if gen != comp.generation or not comp.alive:
+                    return None
+                continue
+            comp.exception = error
+            if app_run is not None:
+                app_run.stats.components_failed += 1
+            if host is not None:
+                host.outcome(comp, error)
+            if raise_errors:
+                if not live:
+                    comp.readiness.set_self_ready(True)
+                raise error
+            await comp.report(error, kind)
+            if not live and gen == comp.generation and comp.alive:
+                comp.readiness.set_self_ready(True)
+            return None
+        finally:
+            # a declaration reaching this run from now on raises
+            run.buffers = RunEnded(comp)

@@ -1,0 +1,88 @@
+"""Unmounting: a subtree leaves the tree, then releases what it owns.
+
+Unmounting has two halves.  :func:`detach` is synchronous: the component
+leaves its parent's ``children`` (and the parent's unready count), and
+:func:`stop` ends the whole subtree at once (not alive, readiness closed,
+tasks cancelled, the host's children stopped).  :func:`cleanup` is the
+asynchronous half, for a detached subtree: it releases every target entry
+(children first), retires what the subtree's runs created and counts the
+unmounted components.  :func:`unmount` is both.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from livemap._runtime._component import Component
+
+__all__ = ["cleanup", "detach", "stop", "unmount"]
+
+
+async def unmount(comp: Component) -> None:
+    """Unmount ``comp`` and its subtree, releasing what they own."""
+    if detach(comp):
+        await cleanup(comp)
+
+
+def detach(comp: Component) -> bool:
+    """The synchronous half of :func:`unmount`: leave the tree and stop the
+    whole subtree at once (tasks cancelled, consumers released, readiness
+    waiters woken).  False if already detached."""
+    if not comp.alive:
+        return False
+    parent = comp.parent
+    if parent is not None:
+        assert parent.children is not None
+        del parent.children[comp.rel]
+        if comp.readiness.unready > 0:
+            parent.readiness.adjust(-1)
+        if parent.host is not None:
+            parent.host.forget(comp)
+    stop(comp)
+    return True
+
+
+def stop(comp: Component) -> None:
+    """Stop ``comp``'s subtree: not alive, tasks cancelled, waiters woken."""
+    comp.alive = False
+    comp.cancel_tasks()
+    host = comp.host
+    if host is not None:
+        host.stop()
+    comp.readiness.close()
+    if comp.children:
+        for child in comp.children.values():
+            stop(child)
+
+
+async def cleanup(comp: Component) -> None:
+    """The asynchronous half of :func:`unmount`, for a detached subtree:
+    release every target entry (children first) and retire what its runs
+    created.  Shielded from cancellation: a :func:`stop` or an unmount of
+    an ancestor meanwhile must not leave entries owned by a component that
+    is no longer in any tree."""
+    with anyio.CancelScope(shield=True):
+        await _release_subtree(comp)
+
+
+async def _release_subtree(comp: Component) -> None:
+    children, comp.children = comp.children, None
+    if children:
+        for child in children.values():
+            await _release_subtree(child)
+    if comp.targets:
+        targets, comp.targets = comp.targets, None
+        for target in targets:
+            failed = await target.release_owner(comp)
+            if failed is not None:  # kept by the target and retried with its next batch
+                await comp.report(failed)
+    unmounted = 1
+    if comp.created:
+        created, comp.created = comp.created, None
+        for item in created:
+            item.retire()
+    if comp.host is not None:
+        unmounted += comp.host.clear()
+    app_run = comp.session.active
+    if app_run is not None:
+        app_run.stats.components_unmounted += unmounted
