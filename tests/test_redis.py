@@ -602,3 +602,15 @@ async def test_a_plain_subscriber_continues_from_the_snapshot(redis_server: Redi
             assert sorted(subscriber.events) == [("d", "a", None), ("u", "b", 3), ("u", "c", 4)]
             tg.cancel_scope.cancel()
         assert not view.stats().consumer
+
+
+async def test_a_view_made_from_a_url(redis_server: RedisServer) -> None:
+    name = unique()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        await producer.commit(entries({"a": 1}))
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(redis_server.url, name)
+        async with consuming(view) as seen:
+            assert seen.rows == {"a": 1}
+            await producer.commit(entries({"a": 2, "b": 3}))
+            await settle(view)
+            assert seen.rows == {"a": 2, "b": 3}

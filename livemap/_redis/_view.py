@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from livemap._feed._consumer import Consumer, scanning_consumer
 from livemap._feed._each import EachSubscriber
@@ -131,6 +132,7 @@ class RedisLiveMapView(Generic[K, V]):
             raise ValueError(f"shards must be shard numbers (ints >= 0), got {shards!r}")
         if lease_ttl <= 0 or lease_wait < 0 or block <= 0 or batch < 1:
             raise ValueError("lease_ttl and block must be > 0, lease_wait >= 0, batch >= 1")
+        self._own_client: Any = None  # the connection a URL view opened
         self.name = f"RedisLiveMapView {name!r}"
         self.map_name = name
         self.options = ConsumerOptions(concurrency, retry)
@@ -394,7 +396,11 @@ class RedisLiveMapView(Generic[K, V]):
         assert self._url is not None
         client = Redis.from_url(self._url, decode_responses=False)
         async with client:
-            await self._watch(client, subscriber)
+            self._own_client = client
+            try:
+                await self._watch(client, subscriber)
+            finally:
+                self._own_client = None
 
     async def _watch(self, client: Any, subscriber: LiveMapSubscriber[K, V]) -> None:
         consumer = Consumer(self, subscriber, self.options)
@@ -446,14 +452,22 @@ class RedisLiveMapView(Generic[K, V]):
         await self._synced.wait()  # the first snapshot
         if self._consumer is not consumer:
             return
-        client = self._client
+        client = self._client if self._client is not None else self._own_client
         if client is None:
-            raise RuntimeError("settle() needs a view made with a client, not a URL")
+            return
         keys = [f"{self._base}:n:{s}" for s in self._shards]
+        keys.append(f"{self._base}:epoch")
         while True:
-            values = await client.mget(keys)
-            target = {s: int(v or 0) for s, v in zip(self._shards, values, strict=True)}
-            epoch = await client.get(f"{self._base}:epoch")
+            # shielded (for a while): a read cancelled as it opens a
+            # connection leaves coredis's half-made connection behind
+            values: Any = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                values = await client.mget(keys)
+            if values is None:
+                await anyio.lowlevel.checkpoint()  # a cancellation lands here
+                continue
+            *counts, epoch = values
+            target = {s: int(v or 0) for s, v in zip(self._shards, counts, strict=True)}
             if (
                 all(self._seq.get(s, 0) >= n for s, n in target.items())
                 and (b"" if epoch is None else bytes(epoch)) == self._epoch
