@@ -614,3 +614,45 @@ async def test_a_view_made_from_a_url(redis_server: RedisServer) -> None:
             await producer.commit(entries({"a": 2, "b": 3}))
             await settle(view)
             assert seen.rows == {"a": 2, "b": 3}
+
+
+async def test_a_key_moving_between_components_across_map_instances(
+    redis_server: RedisServer,
+) -> None:
+    """A catch-up app makes a new map instance each update; a key that moves
+    from one of its components to another is a transfer, not a conflict."""
+    name = unique()
+    errors: list[BaseException] = []
+    async with connect(redis_server.url) as client:
+        owners: dict[str, dict[str, Any]] = {"a": {"k": {"k": "k", "v": 1}}, "b": {}}
+
+        def declare(lm: RedisLiveMap[str, Any], entries: dict[str, Any]) -> None:
+            for key, value in entries.items():
+                lm.declare_entry(key, value)
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, Any] = await RedisLiveMap.create(client, name)
+            for child, state in owners.items():
+                await coco.mount(coco.component_subpath(child), declare, lm, state)
+
+        app = coco.App(
+            coco.AppConfig("mover", exception_handler=lambda e, c: errors.append(e)), main
+        )
+        with anyio.fail_after(TIMEOUT):
+            await app.update()
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name)
+        async with consuming(view) as seen:
+            owners = {"a": {}, "b": {"k": {"k": "k", "v": 2}}}
+            with anyio.fail_after(TIMEOUT):
+                await app.update()
+            await settle(view)
+            assert seen.rows == {"k": 2}
+            assert seen.calls == [("k", 1), ("k", 2)]
+            assert errors == []
+            owner = await client.hget(f"livemap:{{{name}}}:o:0", encode_key("k"))
+            assert owner is not None and bytes(owner).startswith(b"mover\x1f/'b'\x1e")
+            owners = {"a": {"k": {"k": "k", "v": 2}}, "b": {}}
+            with anyio.fail_after(TIMEOUT):
+                await app.update()
+            await settle(view)
+            assert seen.rows == {"k": 2} and errors == []

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -99,9 +100,23 @@ def check_client(client: object) -> None:
         raise TypeError(f"expected a coredis client, got {type(client).__name__}")
 
 
-def instance_token() -> str:
-    """What tells this process's owner records from another's."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+_process: tuple[int, str] | None = None
+# per (map, app): the map instance made last in this process
+_latest: weakref.WeakValueDictionary[tuple[str, str], RedisLiveMap[Any, Any]] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def instance_token(app: str) -> str:
+    """What tells this process's owner records (for app ``app``) from another
+    process's, or another app's: the host, the pid, a random part, the app.
+    Every map instance an app makes in one process shares it, so a key moving
+    between its components across two instances of the map is a transfer."""
+    global _process
+    pid = os.getpid()
+    if _process is None or _process[0] != pid:
+        _process = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:12]}")
+    return f"{_process[1]}:{app}"
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,7 @@ class RedisLiveMap(TargetBase[K, V]):
         self._maxlen = str(maxlen)
         self._commit = client.register_script(COMMIT)
         self._init = client.register_script(INIT)
-        self._instance = instance_token()
+        self._instance = instance_token(creator.session.name)
         self._epoch = ""
         self._seen: set[str] = set()
         self._orphans: list[Owner] = []
@@ -249,6 +264,7 @@ class RedisLiveMap(TargetBase[K, V]):
             _CREATE, run.component, client, name, shards, codec, prefix, maxlen
         )
         await lm._start()
+        _latest[(lm._base, lm.app)] = lm
         if run.created is None:
             run.created = []
         run.created.append(lm)
@@ -317,7 +333,12 @@ class RedisLiveMap(TargetBase[K, V]):
             records.append(
                 pack(b"u", shard_of(ek, shards), oi, len(ek)) + ek + size(len(data)) + data
             )
+        newer = _latest.get((self._base, self.app))
+        if newer is self:
+            newer = None
         for key in result.deletes:
+            if newer is not None and key in newer:
+                continue  # a newer instance of the map holds it now
             ek = encode_key(key)
             records.append(pack(b"d", shard_of(ek, shards), mine, len(ek)) + ek + _NO_VALUE)
         return header, records

@@ -15,8 +15,8 @@ so a script touching several of them is valid on a cluster too.  Per map:
 
 An owner id is ``<app name> US <component path>`` (US: the unit separator,
 0x1f); an owner record is ``<owner id> RS <instance token>`` (RS: 0x1e), the
-token telling one producer process from another (and from its own earlier
-life).  A stream entry has the fields ``n`` (the shard's counter after it:
+token telling one producer process (and app) from another, and from its own
+earlier life.  A stream entry has the fields ``n`` (the shard's counter after it:
 one more than the entry before, so a consumer sees a gap), ``e`` (the
 epoch) and ``p``: the
 changes, each ``u`` + 4-byte length + key + 4-byte length + value, or ``d``
@@ -68,8 +68,8 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 # the encoded key and the encoded value ('' for deletes), each after its
 # 4-byte length (one argument per blob, not five per change: a client
 # encodes each argument, which costs more than Lua's struct.unpack).
-# A delete applies only to what this instance holds (or claims): a map
-# instance retired after a newer one took its keys over deletes nothing.
+# A delete applies only to what this instance (this app in this process)
+# holds or claims.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
 # else {'ok', key, holder id, owner index, key, holder id, owner index, ...}
 # for the claims that met another owner (new ones only).
