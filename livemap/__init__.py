@@ -36,7 +36,8 @@ from livemap._runtime._live import (
     auto_refresh,
 )
 from livemap._runtime._mount import mount, use_mount
-from livemap._runtime._session import UpdateStats
+from livemap._runtime._progress import show_progress
+from livemap._runtime._session import ComponentStats, UpdateSnapshot, UpdateStats, UpdateStatus
 from livemap._runtime._targets import KeyedTarget, TargetBatch
 from livemap._version import __version__
 from livemap.errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "AppConfig",
     "ComponentMountHandle",
     "ComponentPath",
+    "ComponentStats",
     "ComponentSubpath",
     "ConsumerBusyError",
     "ConsumerOptions",
@@ -89,7 +91,9 @@ __all__ = [
     "TargetBatch",
     "UpdateHandle",
     "UpdateInProgressError",
+    "UpdateSnapshot",
     "UpdateStats",
+    "UpdateStatus",
     "ValueComparisonError",
     "__version__",
     "auto_refresh",
@@ -98,5 +102,6 @@ __all__ = [
     "fn",
     "mount",
     "mount_each",
+    "show_progress",
     "use_mount",
 ]

@@ -22,7 +22,7 @@ from livemap._runtime._session import AppRun
 from livemap._runtime._tables import DeclarerDoc, new_declarer
 from livemap._runtime._targets import TargetBase
 from livemap.errors import ConsumerBusyError, MapRetiredError, NotInComponentError
-from livemap_core import Buffer, Declarer
+from livemap_core import Buffer, Commit, Declarer
 
 __all__ = [
     "LiveMap",
@@ -49,10 +49,15 @@ Raises ``TypeError`` for a key that is not a stable key,
 :class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
 in one run (the first declaration stands),
 :class:`~livemap.errors.NotInComponentError` outside a component run and
-:class:`~livemap.errors.MapRetiredError` once the map is retired.  A key
-another component holds is rejected at commit: a
+:class:`~livemap.errors.MapRetiredError` once the map is retired.
+
+A key another component holds and still declares is not applied: it is
+kept as a claim while the component keeps declaring it, the key passes to
+it (one update, no delete) when its owner lets it go, and a
 :class:`~livemap.errors.KeyConflictError` goes to the run's
-exception-handler chain.
+exception-handler chain if the update that made the claim settles with the
+claim still pending.  A key the old owner drops in the same update (it
+stops declaring it or is unmounted) is a transfer: one update, no error.
 """
 
 # what help(lm.declare_entry) and inspect.signature show: the declarer is the
@@ -172,26 +177,37 @@ class LiveMap(TargetBase[K, V]):
     ) -> Exception | None:
         if self._retired or not component.current(gen):
             return None
-        result = self._table.commit(buffer)
+        result = self._table.commit(buffer, component.defers_drops)
         # The consumer hears of the changes before a handler can hold them up:
         # a report interrupted (the run superseded, stopped or cancelled) must
         # not leave the map ahead of its consumer.
+        self._notify(result)
+        if self._settled(component, result):
+            self._notify(self._table.drop_deferred(component))
+        if result.rejections:
+            await self._report_rejections(component, result)
+        return None
+
+    def _notify(self, result: Commit[K, V]) -> None:
         consumer = self._consumer
         if consumer is not None and result:
             keys = [key for key, _ in result.upserts]
             keys.extend(result.deletes)
             consumer.notify(keys)
-        if result.rejections:
-            await self._report_rejections(component, result)
-        return None
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         if gen is not None and not component.current(gen):
             return None
-        result = self._table.release(component)
-        consumer = self._consumer
-        if consumer is not None and result:
-            consumer.notify(result.deletes)
+        result = self._let_go(component)
+        self._notify(result)
+        if self._settled(component, result):
+            self._notify(self._table.drop_deferred(component))
+        return None
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        result = self._table.drop_deferred(component)
+        self._notify(result)
+        self._settled(component, result)
         return None
 
     def retire(self) -> None:

@@ -54,22 +54,45 @@ class NotInComponentError(LiveMapError, RuntimeError):
 
 
 class KeyConflictError(LiveMapError):
-    """A component declared a key that another component owns.
+    """A component keeps declaring a key that another component owns and
+    still declares.
 
     The first owner keeps the key and its value; the conflicting declaration
-    is not applied (nor remembered).  Reported to the declaring component's
-    exception-handler chain, not raised at the call.
+    is not applied, but it is remembered as a claim while the declaring
+    component keeps declaring the key: when the owner lets the key go (stops
+    declaring it or is unmounted), the claimant gets it with the value it
+    declared last, without declaring it again.  Reported to the declaring
+    component's exception-handler chain (not raised at the call) once the
+    update that made the claim has settled with the claim still pending.
+    ``owner_app`` / ``declarer_app`` name the apps of the two components.
     """
 
-    def __init__(self, key: object, target: str, owner_path: str, declarer_path: str) -> None:
+    def __init__(
+        self,
+        key: object,
+        target: str,
+        owner_path: str,
+        declarer_path: str,
+        *,
+        owner_app: str | None = None,
+        declarer_app: str | None = None,
+    ) -> None:
+        owner = f"component {owner_path}"
+        if owner_app is not None:
+            owner += f" of app {owner_app!r}"
+        declarer = f"component {declarer_path}"
+        if declarer_app is not None and declarer_app != owner_app:
+            declarer += f" of app {declarer_app!r}"
         super().__init__(
-            f"key {key!r} of {target} is owned by component {owner_path}; "
-            f"the declaration by component {declarer_path} was not applied"
+            f"key {key!r} of {target} is owned by {owner}; the declaration by {declarer} "
+            "was not applied (it is kept as a claim while that component declares it)"
         )
         self.key = key
         self.target = target
         self.owner_path = owner_path
         self.declarer_path = declarer_path
+        self.owner_app = owner_app
+        self.declarer_app = declarer_app
 
 
 class DuplicatePathError(LiveMapError, ValueError):

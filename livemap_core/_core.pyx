@@ -16,8 +16,14 @@ from cpython.long cimport PyLong_FromVoidPtr
 from cpython.object cimport PyObject
 
 import uuid
+from functools import partial
 from types import GenericAlias
 
+from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import note_claims as _note_claims
+from livemap_core._claims import reset as _reset
+from livemap_core._claims import slow_commit as _slow_commit
+from livemap_core._claims import slow_release as _slow_release
 from livemap_core._shared import MAX_KEY_DEPTH, DuplicateDeclarationError, Symbol, _key_error
 
 __all__ = [
@@ -264,8 +270,14 @@ cdef class Commit:
     """What one commit (or release) changed.
 
     ``upserts`` are ``(key, new value)`` pairs for keys that appeared or whose
-    value changed under ``==``, in declaration order; ``deletes`` are the keys
-    that disappeared.  Each change has a sequence number: the upserts carry
+    value changed under ``==``, in declaration order (then the keys handed
+    to a claimant, in the order the owner first declared them); ``deletes``
+    are the keys that disappeared.  ``transfers`` are ``(key, previous
+    owner, new owner)`` for keys that changed owner (a key the committing
+    owner took over from one that was dropping it, a key it let go that
+    went to the key's first claimant): one upsert of the new owner's value,
+    or nothing if it is equal under ``==``, never a delete and an insert
+    (an empty tuple when there is none).  Each change has a sequence number: the upserts carry
     ``first_seq, first_seq + 1, ...`` and the deletes follow them, up to
     ``last_seq``.  Sequence numbers grow strictly across all commits of a
     table.  ``suppressed`` counts declarations the ``==`` gate turned into
@@ -276,11 +288,13 @@ cdef class Commit:
     cdef public list upserts
     cdef public list deletes
     cdef public list rejections
+    cdef public object transfers
     cdef public Py_ssize_t suppressed
     cdef public Py_ssize_t first_seq
     cdef public Py_ssize_t last_seq
     cdef list _undo
     cdef dict _prev_record
+    cdef object _restore
     cdef object _table
     cdef Py_ssize_t _serial
 
@@ -288,17 +302,20 @@ cdef class Commit:
         self.upserts = []
         self.deletes = []
         self.rejections = []
+        self.transfers = ()
 
     def __init__(self, owner, Py_ssize_t first_seq):
         self.owner = owner
         self.upserts = []
         self.deletes = []
         self.rejections = []
+        self.transfers = ()
         self.suppressed = 0
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
         self._undo = None
         self._prev_record = None
+        self._restore = None
         self._table = None
         self._serial = 0
 
@@ -533,8 +550,13 @@ cdef class Table:
     # No object per key (see _fallback): key -> the owner holding it, in
     # insertion order; and id(owner) -> {key: held value} of the keys it
     # holds, in first-declaration order.
-    cdef dict _holder
-    cdef dict _owned
+    cdef public dict _holder
+    cdef public dict _owned
+    # claims and deferred drops (see _fallback and livemap_core._claims,
+    # which handles every commit while any exists)
+    cdef public dict _claims
+    cdef public dict _claimed
+    cdef public dict _dropping
     # set during a commit (see _fallback)
     cdef bint _busy
     cdef Py_ssize_t _seq
@@ -549,12 +571,18 @@ cdef class Table:
     def __cinit__(self):
         self._holder = {}
         self._owned = {}
+        self._claims = {}
+        self._claimed = {}
+        self._dropping = {}
 
     def __init__(self, name="table", *, track_undo=False):
         self.name = name
         self._track_undo = track_undo
         self._holder = {}
         self._owned = {}
+        self._claims = {}
+        self._claimed = {}
+        self._dropping = {}
         self._busy = False
         self._seq = 0
         self._top = 0
@@ -575,12 +603,20 @@ cdef class Table:
         buf.owner = owner
         return buf
 
-    def commit(self, buffer):
+    def commit(self, buffer, bint defer=False):
         """Make ``buffer`` the owner's declared set and return what changed.
 
-        Keys the owner held but did not declare this time are deleted (in the
-        order the owner first declared them); keys held by another owner are
-        rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
+        Keys the owner held but did not declare this time are let go (in the
+        order the owner first declared them): each goes to its first claimant
+        (a transfer), or, with ``defer``, stays held until
+        :meth:`drop_deferred` (a declaration of it by another owner meanwhile
+        takes it over), or is deleted.  Keys held by another owner that still
+        declares them are rejected (:data:`CONFLICT`) and left alone, and the
+        declaration is remembered as a claim: it is withdrawn by a commit of
+        the claimant that does not declare the key again (or its release), and
+        the key goes to the claimant with its latest declared value when the
+        owner lets it go.  A key that its holder is dropping (``defer``) is
+        taken over by the declaring owner.  Values equal (``==``) to
         the held one are suppressed; a comparison that raises an
         ``Exception`` is rejected (:data:`EQ_ERROR`), the held value stays and
         the owner keeps the key.  Anything else that escapes (a
@@ -603,11 +639,27 @@ cdef class Table:
         self._check_idle("commit")
         self._busy = True
         try:
-            return self._commit(buf.owner, buf._decls)
+            if self._claims or self._dropping:
+                return self._slow_commit(buf.owner, buf._decls, defer)
+            return self._commit(buf.owner, buf._decls, defer)
         finally:
             self._busy = False
 
-    cdef Commit _commit(self, object owner, dict decls):
+    cdef Commit _slow_commit(self, object owner, dict decls, bint defer):
+        cdef Commit result = _new_commit(owner, self._seq + 1)
+        cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        undo, suppressed, eq_errors = _slow_commit(
+            self, owner, decls, defer, result, Rejection, self._track_undo
+        )
+        if undo is not None:
+            result._undo = []
+            result._prev_record = record
+            result._restore = undo
+            result._table = self
+        self._finish(result, suppressed, eq_errors)
+        return result
+
+    cdef Commit _commit(self, object owner, dict decls, bint defer):
         cdef object owner_id, key, value, held
         cdef dict record
         cdef dict holder = self._holder
@@ -636,6 +688,8 @@ cdef class Table:
         cdef list passed = []
         cdef bint clean
         cdef bint walk
+        cdef bint claimed = False
+        cdef list gone
 
         owner_id = PyLong_FromVoidPtr(<void*>owner)
         found = PyDict_GetItemWithError(self._owned, owner_id)
@@ -728,31 +782,38 @@ cdef class Table:
         # neither a new key nor a conflict.
         kept = len(decls) - n_added - (len(rejections) - eq_errors)
         suppressed = kept - (len(upserts) - n_added) - eq_errors
+        gone = deletes
+        if defer:  # each stays held until drop_deferred()
+            gone = []
         if clean and PyDict_GET_SIZE(record) == rsize:
             for key in passed:
-                del holder[key]
-                deletes.append(key)
-                if track:
-                    undo.append((key, None, owner))
+                gone.append(key)
             while PyDict_Next(record, &rpos, &rkey, &rval):
-                key = <object>rkey
-                del holder[key]
-                deletes.append(key)
-                if track:
-                    undo.append((key, None, owner))
+                gone.append(<object>rkey)
         elif record is not None and kept < PyDict_GET_SIZE(record):
             for key in record:
                 if key not in decls:
-                    del holder[key]
-                    deletes.append(key)
-                    if track:
-                        undo.append((key, None, owner))
+                    gone.append(key)
+        if defer:
+            if gone:
+                self._dropping[owner_id] = dict.fromkeys(gone)
+                claimed = True
+        else:
+            for key in deletes:
+                del holder[key]
+                if track:
+                    undo.append((key, None, owner))
         if n_added or deletes:
             self._merge(owner_id, record, deletes, added)
+        if len(rejections) > eq_errors:  # conflicts: remembered as claims
+            _note_claims(self, owner, rejections)
+            claimed = True
         if track:
             result._undo = undo
             result._prev_record = record
             result._table = self
+            if claimed:  # there were no claims nor deferred drops before
+                result._restore = partial(_reset, self)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -783,7 +844,9 @@ cdef class Table:
         return 0
 
     def release(self, owner):
-        """Delete every key ``owner`` holds (the owner went away)."""
+        """Let go of every key ``owner`` holds (the owner went away): each
+        goes to its first claimant (a transfer) or is deleted; the owner's own
+        claims are withdrawn."""
         cdef Commit result
         cdef dict holder = self._holder
         cdef dict record
@@ -793,6 +856,8 @@ cdef class Table:
         cdef object key
         self._check_idle("release")
         result = _new_commit(owner, self._seq + 1)
+        if self._claims or self._dropping:
+            return self._slow(owner, result, _slow_release)
         deletes = result.deletes
         record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
         if record is not None:
@@ -806,6 +871,24 @@ cdef class Table:
             result._prev_record = record
             result._table = self
         self._finish(result, 0, 0)
+        return result
+
+    def drop_deferred(self, owner):
+        """Let go of the keys ``owner`` stopped declaring in commits made with
+        ``defer`` and has not declared again since: each goes to its first
+        claimant or is deleted."""
+        self._check_idle("drop_deferred")
+        return self._slow(owner, _new_commit(owner, self._seq + 1), _drop_deferred)
+
+    cdef Commit _slow(self, object owner, Commit result, object step):
+        cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        undo = step(self, owner, result, self._track_undo)
+        if self._track_undo:
+            result._undo = []
+            result._prev_record = record
+            result._restore = undo
+            result._table = self
+        self._finish(result, result.suppressed, 0)
         return result
 
     cdef inline void _finish(self, Commit result, Py_ssize_t suppressed, Py_ssize_t eq_errors):
@@ -868,6 +951,9 @@ cdef class Table:
                 del holder[step[0]]
             else:  # (key, None, owner): a delete (the record still has the key)
                 holder[step[0]] = step[2]
+        if res._restore is not None:  # claims, transfers, deferred drops
+            res._restore()
+            res._restore = None
         self._changes -= len(res.upserts) + len(res.deletes)
         self._top -= 1
         res._undo = None
@@ -893,6 +979,20 @@ cdef class Table:
         """How many keys ``owner`` holds."""
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
         return 0 if record is None else len(<dict>record)
+
+    def claims_of(self, owner):
+        """The keys ``owner`` claims: keys another owner holds and still
+        declares, which ``owner`` declared in its latest commit."""
+        return frozenset(self._claimed.get(PyLong_FromVoidPtr(<void*>owner), ()))
+
+    def claimants(self, key):
+        """The owners claiming ``key``, first claim first."""
+        return tuple(self._claims.get(key, ()))
+
+    def deferred_of(self, owner):
+        """The keys ``owner`` holds but stopped declaring in a commit made
+        with ``defer``: they wait for :meth:`drop_deferred`."""
+        return frozenset(self._dropping.get(PyLong_FromVoidPtr(<void*>owner), ()))
 
     def owners(self):
         """How many owners hold at least one key."""

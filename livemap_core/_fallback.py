@@ -14,8 +14,14 @@ a :class:`Commit`.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
+from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import note_claims as _note_claims
+from livemap_core._claims import reset as _reset
+from livemap_core._claims import slow_commit as _slow_commit
+from livemap_core._claims import slow_release as _slow_release
 from livemap_core._shared import (
     _SCALARS,
     MAX_KEY_DEPTH,
@@ -205,8 +211,14 @@ class Commit(Generic[K, V]):
     """What one commit (or release) changed.
 
     ``upserts`` are ``(key, new value)`` pairs for keys that appeared or whose
-    value changed under ``==``, in declaration order; ``deletes`` are the keys
-    that disappeared.  Each change has a sequence number: the upserts carry
+    value changed under ``==``, in declaration order (then the keys handed
+    to a claimant, in the order the owner first declared them); ``deletes``
+    are the keys that disappeared.  ``transfers`` are ``(key, previous
+    owner, new owner)`` for keys that changed owner (a key the committing
+    owner took over from one that was dropping it, a key it let go that
+    went to the key's first claimant): one upsert of the new owner's value,
+    or nothing if it is equal under ``==``, never a delete and an insert
+    (an empty tuple when there is none).  Each change has a sequence number: the upserts carry
     ``first_seq, first_seq + 1, ...`` and the deletes follow them, up to
     ``last_seq``.  Sequence numbers grow strictly across all commits of a
     table.  ``suppressed`` counts declarations the ``==`` gate turned into
@@ -215,6 +227,7 @@ class Commit(Generic[K, V]):
 
     __slots__ = (
         "_prev_record",
+        "_restore",
         "_serial",
         "_table",
         "_undo",
@@ -224,6 +237,7 @@ class Commit(Generic[K, V]):
         "owner",
         "rejections",
         "suppressed",
+        "transfers",
         "upserts",
     )
 
@@ -232,11 +246,13 @@ class Commit(Generic[K, V]):
         self.upserts: list[tuple[K, V]] = []
         self.deletes: list[K] = []
         self.rejections: list[Rejection] = []
+        self.transfers: list[tuple[K, object, object]] | tuple[()] = ()
         self.suppressed = 0
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
         self._undo: list[tuple[Any, ...]] | None = None
         self._prev_record: dict[Any, Any] | None = None
+        self._restore: Any = None
         self._table: object = None
         self._serial = 0
 
@@ -397,8 +413,11 @@ class Table(Generic[K, V]):
     __slots__ = (
         "_busy",
         "_changes",
+        "_claimed",
+        "_claims",
         "_commits",
         "_conflicts",
+        "_dropping",
         "_eq_errors",
         "_holder",
         "_owned",
@@ -423,6 +442,14 @@ class Table(Generic[K, V]):
         # new dict in its place, and its undo keeps the previous one); held
         # values are changed in place and the undo remembers the old ones.
         self._owned: dict[int, dict[K, V]] = {}
+        # Claims and deferred drops (see livemap_core._claims, which handles
+        # every commit while any exists): key -> its claimants in claim order;
+        # id(claimant) -> {key: its value}; id(owner) -> {key: None} of the
+        # keys it holds but no longer declares, deleted by drop_deferred().
+        # All empty in the common case: a commit then costs two checks more.
+        self._claims: dict[K, list[object]] = {}
+        self._claimed: dict[int, dict[K, V]] = {}
+        self._dropping: dict[int, dict[K, None]] = {}
         # Set during a commit: an __eq__ it calls must not change the table
         # under it.
         self._busy = False
@@ -441,12 +468,20 @@ class Table(Generic[K, V]):
         """A new, empty buffer for one run of ``owner``."""
         return Buffer(self, owner)
 
-    def commit(self, buffer: Buffer[K, V]) -> Commit[K, V]:
+    def commit(self, buffer: Buffer[K, V], defer: bool = False) -> Commit[K, V]:
         """Make ``buffer`` the owner's declared set and return what changed.
 
-        Keys the owner held but did not declare this time are deleted (in the
-        order the owner first declared them); keys held by another owner are
-        rejected (:data:`CONFLICT`) and left alone; values equal (``==``) to
+        Keys the owner held but did not declare this time are let go (in the
+        order the owner first declared them): each goes to its first claimant
+        (a transfer), or, with ``defer``, stays held until
+        :meth:`drop_deferred` (a declaration of it by another owner meanwhile
+        takes it over), or is deleted.  Keys held by another owner that still
+        declares them are rejected (:data:`CONFLICT`) and left alone, and the
+        declaration is remembered as a claim: it is withdrawn by a commit of
+        the claimant that does not declare the key again (or its release), and
+        the key goes to the claimant with its latest declared value when the
+        owner lets it go.  A key that its holder is dropping (``defer``) is
+        taken over by the declaring owner.  Values equal (``==``) to
         the held one are suppressed; a comparison that raises an
         ``Exception`` is rejected (:data:`EQ_ERROR`), the held value stays and
         the owner keeps the key.  Anything else that escapes (a
@@ -468,11 +503,27 @@ class Table(Generic[K, V]):
         self._check_idle("commit")
         self._busy = True
         try:
-            return self._commit(buffer.owner, buffer._decls)
+            if self._claims or self._dropping:
+                return self._slow_commit(buffer.owner, buffer._decls, defer)
+            return self._commit(buffer.owner, buffer._decls, defer)
         finally:
             self._busy = False
 
-    def _commit(self, owner: object, decls: dict[K, V]) -> Commit[K, V]:
+    def _slow_commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
+        result: Commit[K, V] = Commit(owner, self._seq + 1)
+        record = self._owned.get(id(owner))
+        undo, suppressed, eq_errors = _slow_commit(
+            self, owner, decls, defer, result, Rejection, self._track_undo
+        )
+        if undo is not None:
+            result._undo = []
+            result._prev_record = record
+            result._restore = undo
+            result._table = self
+        self._finish(result, suppressed, eq_errors)
+        return result
+
+    def _commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
         holder = self._holder
         owner_id = id(owner)
         record = self._owned.get(owner_id)
@@ -534,19 +585,29 @@ class Table(Generic[K, V]):
         kept = len(decls) - n_added - (len(rejections) - eq_errors)
         suppressed = kept - (len(upserts) - n_added) - eq_errors
         deletes = result.deletes
+        claimed = False
         if record is not None and kept < len(record):
-            for key in record:
-                if key not in decls:
-                    del holder[key]
-                    deletes.append(key)
-                    if undo is not None:
-                        undo.append((key, None, owner))
+            if defer:  # each stays held until drop_deferred()
+                self._dropping[owner_id] = {key: None for key in record if key not in decls}
+                claimed = True
+            else:
+                for key in record:
+                    if key not in decls:
+                        del holder[key]
+                        deletes.append(key)
+                        if undo is not None:
+                            undo.append((key, None, owner))
         if n_added or deletes:
             self._merge(owner_id, record, deletes, added, undo is not None)
+        if len(rejections) > eq_errors:  # conflicts: remembered as claims
+            _note_claims(self, owner, rejections)
+            claimed = True
         if undo is not None:
             result._undo = undo
             result._prev_record = record
             result._table = self
+            if claimed:  # there were no claims nor deferred drops before
+                result._restore = partial(_reset, self)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -578,9 +639,13 @@ class Table(Generic[K, V]):
             raise RuntimeError(f"{self.name}: {what}() called during a commit of this table")
 
     def release(self, owner: object) -> Commit[K, V]:
-        """Delete every key ``owner`` holds (the owner went away)."""
+        """Let go of every key ``owner`` holds (the owner went away): each
+        goes to its first claimant (a transfer) or is deleted; the owner's own
+        claims are withdrawn."""
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
+        if self._claims or self._dropping:
+            return self._slow(owner, result, _slow_release)
         record = self._owned.pop(id(owner), None)
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         if record is not None:
@@ -596,6 +661,25 @@ class Table(Generic[K, V]):
             result._prev_record = record
             result._table = self
         self._finish(result, 0, 0)
+        return result
+
+    def drop_deferred(self, owner: object) -> Commit[K, V]:
+        """Let go of the keys ``owner`` stopped declaring in commits made with
+        ``defer`` and has not declared again since: each goes to its first
+        claimant or is deleted."""
+        self._check_idle("drop_deferred")
+        result: Commit[K, V] = Commit(owner, self._seq + 1)
+        return self._slow(owner, result, _drop_deferred)
+
+    def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
+        record = self._owned.get(id(owner))
+        undo = step(self, owner, result, self._track_undo)
+        if self._track_undo:
+            result._undo = []
+            result._prev_record = record
+            result._restore = undo
+            result._table = self
+        self._finish(result, result.suppressed, 0)
         return result
 
     def _finish(self, result: Commit[K, V], suppressed: int, eq_errors: int) -> None:
@@ -651,6 +735,9 @@ class Table(Generic[K, V]):
                 del holder[step[0]]
             else:  # (key, None, owner): a delete (the record still has the key)
                 holder[step[0]] = step[2]
+        if result._restore is not None:  # claims, transfers, deferred drops
+            result._restore()
+            result._restore = None
         self._changes -= len(result.upserts) + len(result.deletes)
         self._top -= 1
         result._undo = None
@@ -676,6 +763,20 @@ class Table(Generic[K, V]):
         """How many keys ``owner`` holds."""
         record = self._owned.get(id(owner))
         return 0 if record is None else len(record)
+
+    def claims_of(self, owner: object) -> frozenset[K]:
+        """The keys ``owner`` claims: keys another owner holds and still
+        declares, which ``owner`` declared in its latest commit."""
+        return frozenset(self._claimed.get(id(owner), ()))
+
+    def claimants(self, key: K) -> tuple[object, ...]:
+        """The owners claiming ``key``, first claim first."""
+        return tuple(self._claims.get(key, ()))
+
+    def deferred_of(self, owner: object) -> frozenset[K]:
+        """The keys ``owner`` holds but stopped declaring in a commit made
+        with ``defer``: they wait for :meth:`drop_deferred`."""
+        return frozenset(self._dropping.get(id(owner), ()))
 
     def owners(self) -> int:
         """How many owners hold at least one key."""

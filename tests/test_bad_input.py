@@ -283,10 +283,6 @@ async def _use_mount_live(w: World) -> None:
     await coco.use_mount(Live)
 
 
-async def _mount_each_live(w: World) -> None:
-    await coco.mount_each(Live, w.map)
-
-
 async def _mount_each_not_iterable(w: World) -> None:
     await coco.mount_each(noop, 42)
 
@@ -420,7 +416,6 @@ CASES = [
         _declare_into_retired_map,
     ),
     Case("use-mount-live-class", "producer", TypeError, ("Live",), _use_mount_live),
-    Case("mount-each-live-class", "producer", TypeError, ("Live",), _mount_each_live),
     Case("mount-each-not-iterable", "producer", TypeError, ("int",), _mount_each_not_iterable),
 ]
 

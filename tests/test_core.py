@@ -567,24 +567,137 @@ def test_conflict_first_owner_keeps_key(core: ModuleType) -> None:
     assert (result.first_seq, result.last_seq) == (3, 4)
 
 
-def test_rejected_declaration_is_not_remembered(core: ModuleType) -> None:
+def test_claim_is_remembered_and_transfers_when_owner_drops(core: ModuleType) -> None:
+    table = core.Table()
+    first, second = object(), object()
+    commit(table, first, {"k": 1})
+    claim = commit(table, second, {"k": 2})
+    assert [r.kind for r in claim.rejections] == [core.CONFLICT]
+    assert table.claims_of(second) == frozenset({"k"})
+    assert table.claimants("k") == (second,)
+    assert table.get("k") == 1
+    # the first owner drops the key: the claimant gets it, one upsert, no delete
+    dropped = commit(table, first, {})
+    assert dropped.upserts == [("k", 2)]
+    assert dropped.deletes == []
+    assert dropped.transfers == [("k", first, second)]
+    assert table.owner_of("k") is second
+    assert table.get("k") == 2
+    assert table.keys_of(second) == frozenset({"k"})
+    assert table.claims_of(second) == frozenset()
+    assert table.claimants("k") == ()
+    assert table.owners() == 1
+    # the new owner lets it go as its own
+    assert commit(table, second, {}).deletes == ["k"]
+    assert len(table) == 0
+
+
+def test_claim_transfers_on_release_with_equal_value_as_nothing(core: ModuleType) -> None:
+    table = core.Table()
+    first, second = object(), object()
+    commit(table, first, {"k": [1]})
+    commit(table, second, {"k": [1]})
+    released = table.release(first)
+    assert not released
+    assert released.transfers == [("k", first, second)]
+    assert released.suppressed == 1
+    assert table.owner_of("k") is second
+    assert table.get("k") == [1]
+
+
+def test_claimant_that_stops_declaring_drops_its_claim(core: ModuleType) -> None:
     table = core.Table()
     first, second = object(), object()
     commit(table, first, {"k": 1})
     commit(table, second, {"k": 2})
-    # the first owner drops the key: it goes away, the second owner does not get it
+    assert not commit(table, second, {"j": 3}).rejections
+    assert table.claims_of(second) == frozenset()
     dropped = commit(table, first, {})
     assert dropped.deletes == ["k"]
+    assert dropped.transfers == ()
     assert "k" not in table
-    assert table.keys_of(second) == frozenset()
-    assert table.owners() == 0
-    # ... not even when it commits again without declaring it
-    assert not commit(table, second, {})
-    assert "k" not in table
-    # declaring it again does
-    result = commit(table, second, {"k": 2})
-    assert result.upserts == [("k", 2)]
+
+
+def test_claims_are_served_in_claim_order_with_latest_values(core: ModuleType) -> None:
+    table = core.Table()
+    a, b, c = object(), object(), object()
+    commit(table, a, {"k": 1})
+    commit(table, b, {"k": 2})
+    commit(table, c, {"k": 3})
+    commit(table, b, {"k": 22})  # a claim again: its value is the latest
+    assert table.claimants("k") == (b, c)
+    assert table.release(a).upserts == [("k", 22)]
+    assert table.owner_of("k") is b
+    assert table.claimants("k") == (c,)
+    assert table.release(b).upserts == [("k", 3)]
+    assert table.owner_of("k") is c
+    # a released claimant's claims go with it
+    commit(table, a, {"k": 9})
+    table.release(a)
+    assert table.claimants("k") == ()
+
+
+def test_deferred_drop_is_taken_over_by_a_later_declaration(core: ModuleType) -> None:
+    table = core.Table()
+    first, second = object(), object()
+    commit(table, first, {"k": 1, "j": 5})
+    dropped = table.commit(table.buffer(first), defer=True)
+    assert not dropped
+    assert table.deferred_of(first) == frozenset({"k", "j"})
+    assert table.get("k") == 1
+    taken = commit(table, second, {"k": 2})
+    assert taken.upserts == [("k", 2)]
+    assert taken.transfers == [("k", first, second)]
+    assert not taken.rejections
     assert table.owner_of("k") is second
+    assert table.deferred_of(first) == frozenset({"j"})
+    settled = table.drop_deferred(first)
+    assert settled.deletes == ["j"]
+    assert table.deferred_of(first) == frozenset()
+    assert table.owners() == 1
+    assert not table.drop_deferred(first)
+
+
+def test_deferred_drop_declared_again_stays(core: ModuleType) -> None:
+    table = core.Table()
+    owner = object()
+    commit(table, owner, {"k": 1})
+    table.commit(table.buffer(owner), defer=True)
+    again = commit(table, owner, {"k": 1})
+    assert not again
+    assert table.deferred_of(owner) == frozenset()
+    assert not table.drop_deferred(owner)
+    assert table.get("k") == 1
+
+
+def test_revert_takes_back_a_transfer(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    first, second = object(), object()
+    commit(table, first, {"k": 1})
+    commit(table, second, {"k": 2})
+    released = table.release(first)
+    assert released.upserts == [("k", 2)]
+    table.revert(released)
+    assert table.owner_of("k") is first
+    assert table.get("k") == 1
+    assert table.claimants("k") == (second,)
+    assert table.keys_of(second) == frozenset()
+
+
+def test_revert_takes_back_a_claim_and_a_deferred_drop(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    first, second = object(), object()
+    commit(table, first, {"k": 1, "j": 2})
+    claim = commit(table, second, {"k": 2})
+    table.revert(claim)
+    assert table.claimants("k") == ()
+    buffer = table.buffer(first)
+    buffer.declare("k", 1)
+    deferred = table.commit(buffer, defer=True)
+    assert table.deferred_of(first) == frozenset({"j"})
+    table.revert(deferred)
+    assert table.deferred_of(first) == frozenset()
+    assert table.keys_of(first) == frozenset({"k", "j"})
 
 
 def test_conflict_only_commit_leaves_no_record(core: ModuleType) -> None:
@@ -848,7 +961,9 @@ def test_keys(core: ModuleType) -> None:
     assert keys == [key for key, _ in table.items()]
     # a snapshot: later changes do not show in it, and changing it changes nothing
     result = commit(table, "a", {"z": 5})
-    assert table.keys() == [("t", 1), "z"]
+    # ("x" went to "b", which claimed it: it keeps its place)
+    assert table.keys() == ["x", ("t", 1), "z"]
+    assert table.get("x") == 4
     assert keys == ["x", "y", ("t", 1)]
     keys.append("w")
     assert "w" not in table

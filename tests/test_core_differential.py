@@ -271,6 +271,8 @@ ops = st.one_of(
     st.tuples(st.just("declare"), owner_ids, key_ids, value_specs),
     st.tuples(st.just("declare"), owner_ids, st.integers(0, 4), value_specs),  # crowd
     st.tuples(st.just("commit"), owner_ids),
+    st.tuples(st.just("commit-defer"), owner_ids),
+    st.tuples(st.just("drop-deferred"), owner_ids),
     # a whole component run: a few declarations, then the commit
     st.tuples(
         st.just("run"),
@@ -280,6 +282,8 @@ ops = st.one_of(
     # the owner's previous run again, a little changed: bigger key sets
     st.tuples(st.just("rerun"), owner_ids, edits),
     st.tuples(st.just("rerun"), owner_ids, edits),
+    # the same, its drops deferred
+    st.tuples(st.just("rerun-defer"), owner_ids, edits),
     st.tuples(st.just("release"), owner_ids),
     st.tuples(st.just("revert"), st.integers(0, 2)),
     st.tuples(st.just("check"), key_ids),
@@ -321,10 +325,10 @@ class Driver:
             pairs = [(key, make_value(spec, self.shared)) for key, spec in op[2]]
             self.last_run[op[1]] = pairs
             return ("run", op[1], pairs)
-        if name == "rerun":
+        if name in ("rerun", "rerun-defer"):
             pairs = self.edit(list(self.last_run.get(op[1], [])), op[2])
             self.last_run[op[1]] = pairs
-            return ("run", op[1], pairs)
+            return ("run" if name == "rerun" else "run-defer", op[1], pairs)
         return op
 
     def edit(self, pairs: list[tuple[Any, Any]], steps: list[tuple[Any, ...]]) -> Any:
@@ -417,6 +421,11 @@ class Model:
         self.entries: dict[Any, tuple[int, Any]] = {}
         # owner -> its keys in the order it first declared them
         self.records: dict[int, dict[Any, None]] = {}
+        # key -> its claimants, first claim first; owner -> {claimed key: value}
+        self.claims: dict[Any, list[int]] = {}
+        self.claimed: dict[int, dict[Any, Any]] = {}
+        # owner -> keys it holds but stopped declaring (with defer)
+        self.dropping: dict[int, dict[Any, None]] = {}
         self.buffers: dict[int, dict[Any, Any]] = {}
         self.seq = 0
         self.stats = dict.fromkeys(
@@ -440,7 +449,81 @@ class Model:
         buf[key] = value
 
     def _snapshot(self) -> Any:
-        return dict(self.entries), {o: dict(keys) for o, keys in self.records.items()}
+        return (
+            dict(self.entries),
+            {o: dict(keys) for o, keys in self.records.items()},
+            {k: list(who) for k, who in self.claims.items()},
+            {o: dict(keys) for o, keys in self.claimed.items()},
+            {o: dict(keys) for o, keys in self.dropping.items()},
+        )
+
+    def _restore(self, before: Any) -> None:
+        entries, records, claims, claimed, dropping = before
+        self.entries = dict(entries)
+        self.records = {o: dict(keys) for o, keys in records.items()}
+        self.claims = {k: list(who) for k, who in claims.items()}
+        self.claimed = {o: dict(keys) for o, keys in claimed.items()}
+        self.dropping = {o: dict(keys) for o, keys in dropping.items()}
+
+    def _move(self, key: Any, old: int, new: int, value: Any) -> None:
+        """``key`` changes owner."""
+        del self.records[old][key]
+        if not self.records[old]:
+            del self.records[old]
+        self.records.setdefault(new, {})[key] = None
+        self.entries[key] = (new, value)
+        self.dropping.get(old, {}).pop(key, None)
+        if old in self.dropping and not self.dropping[old]:
+            del self.dropping[old]
+
+    def _unclaim(self, owner: int, key: Any) -> None:
+        del self.claimed[owner][key]
+        if not self.claimed[owner]:
+            del self.claimed[owner]
+        self.claims[key].remove(owner)
+        if not self.claims[key]:
+            del self.claims[key]
+
+    def _let_go(
+        self, owner: int, keys: list[Any], defer: bool, upserts: list[Any], transfers: list[Any]
+    ) -> tuple[list[Any], int]:
+        """Each key goes to its first claimant, stays dropping, or is deleted."""
+        plan = []
+        for key in keys:  # every comparison first
+            if self.claims.get(key):
+                claimant = self.claims[key][0]
+                value = self.claimed[claimant][key]
+                held = self.entries[key][1]
+                try:
+                    same = value is held or bool(value == held)
+                except Exception:
+                    same = False
+                plan.append((key, claimant, value, same))
+            else:
+                plan.append((key, None, None, False))
+        deletes = []
+        suppressed = 0
+        for key, claimant, value, same in plan:
+            if claimant is not None:
+                self._unclaim(claimant, key)
+                self._move(key, owner, claimant, value)
+                transfers.append((key, owner, claimant))
+                if same:
+                    suppressed += 1
+                else:
+                    upserts.append((key, value))
+            elif defer:
+                self.dropping.setdefault(owner, {})[key] = None
+            else:
+                del self.entries[key]
+                del self.records[owner][key]
+                if not self.records[owner]:
+                    del self.records[owner]
+                self.dropping.get(owner, {}).pop(key, None)
+                if owner in self.dropping and not self.dropping[owner]:
+                    del self.dropping[owner]
+                deletes.append(key)
+        return deletes, suppressed
 
     def _finish(self, upserts: list[Any], deletes: list[Any], before: Any) -> tuple[int, int]:
         first = self.seq + 1
@@ -452,65 +535,93 @@ class Model:
         self.history.append([n, before, False])
         return first, self.seq
 
-    def commit(self, owner: int) -> tuple[Any, ...]:
+    def commit(self, owner: int, defer: bool = False) -> tuple[Any, ...]:
+        return self._guarded(self._commit, owner, self.buffers.pop(owner, {}), defer)
+
+    def _guarded(self, step: Any, *args: Any) -> tuple[Any, ...]:
         before = self._snapshot()
-        decls = self.buffers.pop(owner, {})
         stats = dict(self.stats)
         try:
-            return self._commit(owner, decls, before)
+            return step(*args, before)  # type: ignore[no-any-return]
         except Interrupt:  # all or nothing: the table is as it was
-            self.entries, self.records = before
+            self._restore(before)
             self.stats = stats
             raise
 
-    def _commit(self, owner: int, decls: dict[Any, Any], before: Any) -> tuple[Any, ...]:
-        record = self.records.get(owner, {})
+    def _commit(
+        self, owner: int, decls: dict[Any, Any], defer: bool, before: Any
+    ) -> tuple[Any, ...]:
+        record = dict(self.records.get(owner, {}))
         upserts: list[tuple[Any, Any]] = []
         rejections: list[tuple[Any, ...]] = []
-        added: list[Any] = []
+        transfers: list[Any] = []
         suppressed = 0
         for key, value in decls.items():
             if key not in self.entries:
                 self.entries[key] = (owner, value)
-                added.append(key)
+                self.records.setdefault(owner, {})[key] = None
                 upserts.append((key, value))
                 continue
             holder, held = self.entries[key]
-            if holder != owner:
+            if holder != owner and key not in self.dropping.get(holder, {}):
                 rejections.append((CONFLICT, key, value, holder, None))
                 self.stats["conflicts"] += 1
+                if key not in self.claimed.get(owner, {}):
+                    self.claims.setdefault(key, []).append(owner)
+                self.claimed.setdefault(owner, {})[key] = value
                 continue
             try:
                 same = held is value or bool(value == held)
             except Exception as exc:
                 rejections.append((EQ_ERROR, key, value, owner, exc))
                 self.stats["eq_errors"] += 1
-                continue
+                same = None
+            if holder != owner:  # taken over from an owner dropping it
+                self._move(key, holder, owner, held)
+                transfers.append((key, holder, owner))
+            else:
+                self.dropping.get(owner, {}).pop(key, None)
+                if owner in self.dropping and not self.dropping[owner]:
+                    del self.dropping[owner]
             if same:
                 suppressed += 1
-            else:
+            elif same is not None:
                 self.entries[key] = (owner, value)
                 upserts.append((key, value))
-        deletes = [key for key in record if key not in decls]
-        for key in deletes:
-            del self.entries[key]
-        new_record = {key: None for key in record if key in decls}
-        new_record.update(dict.fromkeys(added))
-        if new_record:
-            self.records[owner] = new_record
-        else:
-            self.records.pop(owner, None)
+        for key in [key for key in self.claimed.get(owner, {}) if key not in decls]:
+            self._unclaim(owner, key)
+        gone = [key for key in record if key not in decls]
+        deletes, given = self._let_go(owner, gone, defer, upserts, transfers)
+        suppressed += given
         self.stats["suppressed"] += suppressed
         first, last = self._finish(upserts, deletes, before)
-        return upserts, deletes, rejections, suppressed, first, last
+        return upserts, deletes, rejections, suppressed, first, last, transfers
 
     def release(self, owner: int) -> tuple[Any, ...]:
-        before = self._snapshot()
-        deletes = list(self.records.pop(owner, {}))
-        for key in deletes:
-            del self.entries[key]
-        first, last = self._finish([], deletes, before)
-        return [], deletes, [], 0, first, last
+        return self._guarded(self._release, owner)
+
+    def _release(self, owner: int, before: Any) -> tuple[Any, ...]:
+        for key in list(self.claimed.get(owner, {})):
+            self._unclaim(owner, key)
+        upserts: list[Any] = []
+        transfers: list[Any] = []
+        keys = list(self.records.get(owner, {}))
+        deletes, suppressed = self._let_go(owner, keys, False, upserts, transfers)
+        self.stats["suppressed"] += suppressed
+        first, last = self._finish(upserts, deletes, before)
+        return upserts, deletes, [], suppressed, first, last, transfers
+
+    def drop_deferred(self, owner: int) -> tuple[Any, ...]:
+        return self._guarded(self._drop_deferred, owner)
+
+    def _drop_deferred(self, owner: int, before: Any) -> tuple[Any, ...]:
+        upserts: list[Any] = []
+        transfers: list[Any] = []
+        keys = list(self.dropping.get(owner, {}))
+        deletes, suppressed = self._let_go(owner, keys, False, upserts, transfers)
+        self.stats["suppressed"] += suppressed
+        first, last = self._finish(upserts, deletes, before)
+        return upserts, deletes, [], suppressed, first, last, transfers
 
     def revert(self, index: int) -> None:
         n, before, reverted = self.history[index]
@@ -522,7 +633,7 @@ class Model:
         if self.in_effect[-1] != index:
             raise ValueError(f"{self.name}: only the latest commit can be reverted")
         self.in_effect.pop()
-        self.entries, self.records = before
+        self._restore(before)
         self.stats["changes"] -= n
         self.history[index][2] = True
 
@@ -567,12 +678,14 @@ class CoreRun:
             res.suppressed,
             res.first_seq,
             res.last_seq,
+            [(tk(k), self.holder(a), self.holder(b)) for k, a, b in res.transfers],
         )
 
     def apply(self, op: tuple[Any, ...]) -> Any:
-        if op[0] == "run":
+        if op[0] in ("run", "run-defer"):
             out = [self.apply(("declare", op[1], key, value)) for key, value in op[2]]
-            return (out, self.apply(("commit", op[1])))
+            commit = "commit" if op[0] == "run" else "commit-defer"
+            return (out, self.apply((commit, op[1])))
         name = op[0]
         try:
             if name == "declare":
@@ -587,13 +700,17 @@ class CoreRun:
                     assert len(buf) == size
                     raise
                 return ("ok",)
-            if name == "commit":
+            if name in ("commit", "commit-defer"):
                 buf = self.buffers.pop(op[1], None)
                 if buf is None:
                     buf = self.table.buffer(self.owners[op[1]])
-                return self.result(self.table.commit(buf))
+                if name == "commit":
+                    return self.result(self.table.commit(buf))
+                return self.result(self.table.commit(buf, defer=True))
             if name == "release":
                 return self.result(self.table.release(self.owners[op[1]]))
+            if name == "drop-deferred":
+                return self.result(self.table.drop_deferred(self.owners[op[1]]))
             if name == "revert":
                 self.table.revert(self.commits[-1 - op[1]])
                 return ("ok",)
@@ -639,6 +756,9 @@ class CoreRun:
             items if ordered else sorted(items, key=repr),
             [sorted(map(tk, t.keys_of(o)), key=repr) for o in self.owners],
             [t.count_of(o) for o in self.owners],
+            [sorted(map(tk, t.claims_of(o)), key=repr) for o in self.owners],
+            [sorted(map(tk, t.deferred_of(o)), key=repr) for o in self.owners],
+            [[self.holder(c) for c in t.claimants(key)] for key in NORMAL_GOOD_KEYS],
             per_key,
             t.owners(),
             t.seq,
@@ -653,7 +773,7 @@ class ModelRun:
         self.commits: list[int] = []
 
     def result(self, out: tuple[Any, ...]) -> tuple[Any, ...]:
-        upserts, deletes, rejections, suppressed, first, last = out
+        upserts, deletes, rejections, suppressed, first, last, transfers = out
         self.commits.append(len(self.model.history) - 1)
         return (
             [(tk(k), id(v)) for k, v in upserts],
@@ -665,12 +785,14 @@ class ModelRun:
             suppressed,
             first,
             last,
+            [(tk(k), a, b) for k, a, b in transfers],
         )
 
     def apply(self, op: tuple[Any, ...]) -> Any:
-        if op[0] == "run":
+        if op[0] in ("run", "run-defer"):
             out = [self.apply(("declare", op[1], key, value)) for key, value in op[2]]
-            return (out, self.apply(("commit", op[1])))
+            commit = "commit" if op[0] == "run" else "commit-defer"
+            return (out, self.apply((commit, op[1])))
         m = self.model
         name = op[0]
         try:
@@ -679,8 +801,12 @@ class ModelRun:
                 return ("ok",)
             if name == "commit":
                 return self.result(m.commit(op[1]))
+            if name == "commit-defer":
+                return self.result(m.commit(op[1], defer=True))
             if name == "release":
                 return self.result(m.release(op[1]))
+            if name == "drop-deferred":
+                return self.result(m.drop_deferred(op[1]))
             if name == "revert":
                 m.revert(self.commits[-1 - op[1]])
                 return ("ok",)
@@ -710,6 +836,9 @@ class ModelRun:
             sorted(items, key=repr),
             [sorted(map(tk, m.records.get(o, {})), key=repr) for o in range(N_OWNERS)],
             [len(m.records.get(o, {})) for o in range(N_OWNERS)],
+            [sorted(map(tk, m.claimed.get(o, {})), key=repr) for o in range(N_OWNERS)],
+            [sorted(map(tk, m.dropping.get(o, {})), key=repr) for o in range(N_OWNERS)],
+            [list(m.claims.get(key, [])) for key in NORMAL_GOOD_KEYS],
             per_key,
             len(m.records),
             m.seq,

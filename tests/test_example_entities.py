@@ -32,6 +32,14 @@ SUBPROCESS_TIMEOUT = 60.0
 Row = tuple[str, str, str, str]
 
 
+def new_process() -> None:
+    """Forget the app trees of this process, as a new process starts with
+    none (an app's tree lives on by its name within one process)."""
+    from livemap._runtime import _app
+
+    _app._trees.clear()
+
+
 def line(**event: Any) -> str:
     return json.dumps(event) + "\n"
 
@@ -282,6 +290,7 @@ async def test_a_write_that_fails_once_is_retried_and_no_row_is_lost(
     db = tmp_path / "entities.sqlite"
     await index_once(events, db)
     failed = failing_sink(monkeypatch, "user:1")
+    new_process()
     pipeline = Pipeline([events], db)  # a new process, the example's own retry policy
     try:
         with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):
@@ -304,6 +313,7 @@ async def test_a_write_that_keeps_failing_keeps_the_old_row_and_is_reported(
     await index_once(events, db)
     write(events, [line(op="patch", id="user:1", attrs={"status": "away"})], "a")
     failed = failing_sink(monkeypatch, "user:1", times=None)
+    new_process()
     pipeline = Pipeline([events], db, retry=FAST_RETRY)
     try:
         with caplog.at_level(logging.WARNING, logger="livemap.examples.entities"):

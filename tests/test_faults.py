@@ -546,17 +546,21 @@ async def churn_then_stop(seed: int, churn_for: float) -> tuple[int, int, int, i
     assert len(current_tasks()) == tasks_before
     lm: LiveMap[str, tuple[int, int, str]] = holder["lm"]
     assert not lm.stats().consumer
-    # the map is exactly what its owners committed last: each producer owns
-    # its latest declarations minus those that commit rejected
+    # the map is exactly what its owners committed last: each entry is its
+    # owner's latest declaration, and every key a producer declared last is
+    # there, its own or held by another producer that declares it too (the
+    # claim waits; a key whose owner let it go passed to its claimant)
     owned: dict[int, dict[str, tuple[int, int, str]]] = {slot: {} for slot in range(3)}
     for key, value in lm.items():
         owner = lm.owner_path(key)
         assert owner is not None and owner[:1] == ("churn",), (key, owner)
         owned[owner[1]][key] = value
+        assert log.declared[owner[1]].get(key) == value, (key, owner)
     for slot in range(3):
-        rejected = log.rejected[slot]
-        expected = {k: v for k, v in log.declared[slot].items() if k not in rejected}
-        assert owned[slot] == expected, slot
+        for key in log.declared[slot]:
+            holder = lm.owner_path(key)
+            assert holder is not None, (slot, key)
+            assert key in log.declared[holder[1]], (slot, key, holder)
     assert lm.stats().entries == sum(len(v) for v in owned.values())
     # the consumer's target is consistent with what its sink applied
     assert mirror.rows == mirror.record()

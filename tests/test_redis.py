@@ -296,8 +296,9 @@ async def test_conflict_across_producers_names_both_owners(redis_server: RedisSe
             (error,) = claimant.errors
             assert isinstance(error, coco.KeyConflictError)
             assert error.key == "shared"
-            assert error.owner_path == "/'declare' (app 'alpha')"
-            assert error.declarer_path == "/'declare' (app 'beta')"
+            assert (error.owner_app, error.owner_path) == ("alpha", "/'declare'")
+            assert (error.declarer_app, error.declarer_path) == ("beta", "/'declare'")
+            assert "app 'alpha'" in str(error) and "app 'beta'" in str(error)
             assert owner.errors == []
             # the claim stands while it is declared, reported once
             await claimant.commit(entries({"shared": 3, "b": 2}))

@@ -118,7 +118,7 @@ async def test_two_producer_processes_claim_one_key(
         errors = await beta.declare(entries({"shared": 2, "b": 2}))
         assert len(errors) == 1
         assert errors[0].startswith("KeyConflictError: key 'shared'")
-        assert "(app 'alpha')" in errors[0] and "(app 'beta')" in errors[0]
+        assert "of app 'alpha'" in errors[0] and "of app 'beta'" in errors[0]
         consumer = await start_consumer(url, name, anyio_backend, log)
         workers.append(consumer)
         assert held(log) == {"shared": 1, "a": 1, "b": 2}

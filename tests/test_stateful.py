@@ -318,6 +318,33 @@ class Model:
         self.changes = 0
         self.suppressed = 0
         self.conflicts = 0
+        # key -> the slots claiming it, first claim first; slot -> {key: n}
+        self.claims: dict[Any, list[int]] = {}
+        self.claimed: dict[int, dict[Any, int]] = {}
+
+    def _unclaim(self, slot: int, key: Any) -> int:
+        n = self.claimed[slot].pop(key)
+        self.claims[key].remove(slot)
+        if not self.claims[key]:
+            del self.claims[key]
+        return n
+
+    def _let_go(self, key: Any) -> None:
+        """The owner of ``key`` lets it go: its first claimant gets it (one
+        change, or none if the value is equal), or it is deleted."""
+        waiting = self.claims.get(key)
+        if waiting:
+            claimant = waiting[0]
+            n = self._unclaim(claimant, key)
+            held = self.entries[key][1]
+            self.entries[key] = (claimant, n)
+            if n == held:
+                self.suppressed += 1
+            else:
+                self._set(key, n)
+            return
+        del self.entries[key]
+        self._set(key, ABSENT)
 
     def _set(self, key: Any, state: Any) -> None:
         self.history[key].append(state)
@@ -339,23 +366,28 @@ class Model:
             if held is None:
                 self.entries[key] = (slot, n)
                 self._set(key, n)
-            elif held[0] != slot:
+            elif held[0] != slot:  # a claim, remembered
                 self.conflicts += 1
                 reported.append(("conflict", key))
+                if key not in self.claimed.setdefault(slot, {}):
+                    self.claims.setdefault(key, []).append(slot)
+                self.claimed[slot][key] = n
             elif held[1] == n:
                 self.suppressed += 1
             else:
                 self.entries[key] = (slot, n)
                 self._set(key, n)
+        for key in [k for k in self.claimed.get(slot, {}) if k not in effective]:
+            self._unclaim(slot, key)
         for key in [k for k, (s, _) in self.entries.items() if s == slot and k not in effective]:
-            del self.entries[key]
-            self._set(key, ABSENT)
+            self._let_go(key)
         return duplicates, reported
 
     def release(self, slot: int) -> None:
+        for key in list(self.claimed.get(slot, {})):
+            self._unclaim(slot, key)
         for key in [k for k, (s, _) in self.entries.items() if s == slot]:
-            del self.entries[key]
-            self._set(key, ABSENT)
+            self._let_go(key)
 
     def expected_rows(self) -> dict[Any, list[Any]]:
         return {key: [key, n] for key, (_, n) in self.entries.items()}

@@ -43,11 +43,10 @@ from livemap._runtime._context import (
     ExceptionHandler,
     handler_chain,
     handlers_var,
-    processor_name,
 )
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
-from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context
+from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context, run_live
 from livemap._runtime._runner import launch, run_once, start
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import unmount
@@ -274,13 +273,15 @@ class EachHost:
         running = self.running
         running[key] = run
         app_run = comp.session.active
-        if app_run is not None:
-            app_run.stats.components_run += 1
+        slotted = app_run is None or app_run.keyed_run_begins(self.fn, run)
         handlers = self.handlers
         t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
         t_prefix = prefix_var.set(()) if prefix_var.get() else None
         result: Any = None
         try:
+            if not slotted:
+                assert app_run is not None and app_run.slots is not None
+                await app_run.slots.take(run)
             fargs = self.fargs
             kwargs = self.kwargs
             result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
@@ -289,6 +290,9 @@ class EachHost:
         except anyio.get_cancelled_exc_class():
             run.scope = None
             self._finish_key(key, run)
+            if app_run is not None:
+                app_run.give_slot(run)
+                app_run.stats.run_cancelled(self.fn)
             raise
         except Exception as exc:
             error: Exception | None = exc
@@ -300,6 +304,9 @@ class EachHost:
             if t_prefix is not None:
                 prefix_var.reset(t_prefix)
         if running.get(key) is not run:
+            if app_run is not None:
+                app_run.give_slot(run)
+                app_run.stats.run_cancelled(self.fn)
             return None  # dropped while it ran
         if (
             error is None
@@ -309,6 +316,8 @@ class EachHost:
             and run.mounted is None
         ):
             # at rest at once: the common case
+            if app_run is not None:
+                app_run.keyed_run_rests(self.fn, run)
             del running[key]
             self.leaves[key] = value
             failures = self.failures
@@ -317,7 +326,7 @@ class EachHost:
             self._done(key)
             self.release_if_idle()
             return None
-        return result, error
+        return result, error  # its slot, if any, goes with it to finish_keyed
 
     async def finish_keyed(self, run: KeyedRun, result: Any, error: Exception | None) -> None:
         """The rest of a keyed run that made its component or failed: the
@@ -339,6 +348,9 @@ class EachHost:
                 first=(run, result, error),
             )
         finally:
+            app_run = self.component.session.active
+            if app_run is not None:
+                app_run.give_slot(run)  # (run_once gave it back, unless it never began)
             if child is not None and child.cancel_scope is scope:
                 child.cancel_scope = None
             if self.running.get(key) is run:
@@ -389,7 +401,10 @@ class EachHost:
 
     def take(self, child: Component) -> bool:
         """Async children (and all of them under a retry policy) run on the
-        pool; plain sync ones inline, in the caller's task."""
+        pool; plain sync ones inline, in the caller's task; live components
+        in a task of their own."""
+        if child.live_body is not None:
+            return False
         if self.retry is not None or is_async(child.processor):
             self.pool.queue_run(child)
             return True
@@ -723,7 +738,7 @@ class EachSubscriber:
         del self.host.leaves[key]
         app_run = self.component.session.active
         if app_run is not None:
-            app_run.stats.components_unmounted += 1
+            app_run.stats.unmounted(self.host.fn)
 
     def child(self, key: Any, value: Any) -> Component:
         """The component of ``key``'s child, (re)mounted with ``value``."""
@@ -821,6 +836,72 @@ class EachSubscriber:
         return await self.operator.delete((key,))
 
 
+class EachLiveSubscriber:
+    """``mount_each``'s subscriber when its processor is a live-component
+    class (internal): one live component per key, made with the key's value
+    (``cls(value, *args, **kwargs)``), made again when the value changes (the
+    old one is cancelled), unmounted with its key.  A change counts as
+    processed once the key's live component has been (re)started: the next
+    change of the key is delivered at once, even to a component that has not
+    marked itself ready yet (it is superseded); the components' readiness is
+    the tree's, counted by the ``mount_each`` component.  The consumer's
+    ordinary deliveries drive it (no children at rest, no runs on the
+    pool)."""
+
+    def __init__(self, operator: LiveComponentOperator, component: Component, source: Any) -> None:
+        self.operator = operator
+        self.component = component
+        self.source = source
+        host = component.host
+        assert isinstance(host, EachHost)
+        self.host = host
+        self._epoch: set[Hashable] | None = None
+
+    def _mount(self, key: Any, value: Any) -> Component:
+        if self._epoch is not None:
+            self._epoch.add(key)
+        host = self.host
+        fargs = host.fargs
+        return self.component.mount_child(
+            None,
+            (key,),
+            host.fn,
+            (value, *fargs) if fargs else (value,),
+            host.kwargs,
+            "mount_each",
+            host.handlers,
+            run_live,
+        )
+
+    async def update_all(self) -> None:
+        self._epoch = set() if self.component.children else None
+        source = self.source
+        if callable(getattr(source, "__aiter__", None)):
+            # the snapshot is taken before the first await (the seam)
+            snapshot_of = getattr(source, "snapshot", None)
+            snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
+            for key, value in snapshot:
+                await launch(self._mount(key, value))
+
+    async def mark_ready(self) -> None:
+        epoch = self._epoch
+        if epoch is not None:
+            self._epoch = None
+            children = self.component.children or {}
+            for child in [c for rel, c in children.items() if rel[0] not in epoch]:
+                await unmount(child)
+        await self.operator.mark_ready()
+
+    async def update(self, key: Any, value: Any) -> ReadyLike:
+        await launch(self._mount(key, value))
+        return ReadyHandle()  # started: the next change need not wait for it
+
+    async def delete(self, key: Any) -> ReadyLike:
+        if self._epoch is not None:
+            self._epoch.discard(key)
+        return await self.operator.delete((key,))
+
+
 class EachLive:
     """What a ``mount_each`` over a view or a feed runs: the processor, the
     source and the processor's own arguments (its task is :func:`run_each`)."""
@@ -828,8 +909,6 @@ class EachLive:
     __slots__ = ("args", "fn", "kwargs", "options", "source")
 
     def __init__(self, fn: Any, source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if is_live_class(fn):
-            raise TypeError("mount_each() mounts a function per entry, not a live component")
         self.fn = fn
         self.source = source
         self.args = args
@@ -856,7 +935,11 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             host.pool.resize(options.concurrency)
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
         operator = LiveComponentOperator(comp, each, gen)
-        subscriber = EachSubscriber(operator, comp, gen, each.source)
+        subscriber: EachSubscriber | EachLiveSubscriber = (
+            EachLiveSubscriber(operator, comp, each.source)
+            if is_live_class(each.fn)
+            else EachSubscriber(operator, comp, gen, each.source)
+        )
         app_run = comp.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
@@ -922,11 +1005,6 @@ async def mount_each(*args: Any, **kwargs: Any) -> ComponentMountHandle:
         raise TypeError("mount_each() needs the items to mount after the function")
     items, fargs = rest[0], rest[1:]
     rel = child_path(subpath, processor, "mount_each")
-    if is_live_class(processor):
-        raise TypeError(
-            f"mount_each() mounts a function per entry, not the live component "
-            f"{processor_name(processor)}"
-        )
     if is_feed(items):
         child = run.component.mount_child(
             run,
@@ -968,11 +1046,12 @@ async def _each_static(
     if comp.host is None:
         comp.host = EachHost(comp, ConsumerOptions().concurrency, None, keeps_leaves=False)
     handlers = handler_chain()
+    live_body = run_live if is_live_class(processor) else None
 
     async def one(pair: Any) -> None:
         key, value = _pair(pair)
         child = comp.mount_child(
-            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers
+            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers, live_body
         )
         await launch(child)
 

@@ -38,7 +38,6 @@ from livemap._redis._scripts import (
     INIT,
     OWNER_SEP,
     base_key,
-    format_owner,
 )
 from livemap._runtime._component import Component, current_run
 from livemap._runtime._hosting import Owner, current_run_var
@@ -427,8 +426,17 @@ class RedisLiveMap(TargetBase[K, V]):
             key = decode_key(reply[i])
             holder = reply[i + 1].decode()
             claimant = header[(int(reply[i + 2]) - 1) * 2]
+            holder_app, _, holder_path = holder.partition(OWNER_SEP)
+            claimant_app, _, claimant_path = claimant.partition(OWNER_SEP)
             out.append(
-                KeyConflictError(key, self.name, format_owner(holder), format_owner(claimant))
+                KeyConflictError(
+                    key,
+                    self.name,
+                    holder_path,
+                    claimant_path,
+                    owner_app=holder_app,
+                    declarer_app=claimant_app,
+                )
             )
         self._remote_conflicts += len(out)
         return out
@@ -471,10 +479,13 @@ class RedisLiveMap(TargetBase[K, V]):
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
 
     async def _retry_orphans(self) -> None:
+        # each stays listed until its deletes are in Redis
         for component in list(self._orphans):
-            failed, _ = await self._send(component, self._table.release(component), False)
+            result = self._table.release(component)
+            failed, _ = await self._send(component, result, False)
             if failed is None:
                 self._orphans.remove(component)
+                self._settled(component, result)
 
     async def commit_run(self, component: Owner, buffer: Any, gen: int) -> Exception | None:
         if self._retired or not component.current(gen):
@@ -484,8 +495,11 @@ class RedisLiveMap(TargetBase[K, V]):
                 await self._retry_orphans()
             if self._retired or not component.current(gen):
                 return None
-            result = self._table.commit(buffer)
+            result = self._table.commit(buffer, component.defers_drops)
             failed, conflicts = await self._send(component, result)
+            drop_now = failed is None and self._settled(component, result)
+        if drop_now:
+            failed = await self._apply_deferred(component)
         if result.rejections:
             await self._report_rejections(component, result)
         for exc in conflicts:
@@ -498,8 +512,24 @@ class RedisLiveMap(TargetBase[K, V]):
                 await self._retry_orphans()
             if gen is not None and not component.current(gen):
                 return None
-            failed, _ = await self._send(component, self._table.release(component), False)
+            result = self._let_go(component)
+            failed, _ = await self._send(component, result, False)
+            drop_now = failed is None and self._settled(component, result)
             if failed is not None and not component.alive:
+                self._orphans.append(component)
+        if drop_now:
+            failed = await self._apply_deferred(component)
+        return failed
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = self._table.drop_deferred(component)
+            failed, _ = await self._send(component, result, False)
+            if failed is None:
+                self._settled(component, result)
+            elif not component.alive:
                 self._orphans.append(component)
             return failed
 

@@ -34,7 +34,6 @@ __all__ = [
     "RECORD_SEP",
     "SNAPSHOT",
     "base_key",
-    "format_owner",
 ]
 
 OWNER_SEP = "\x1f"
@@ -44,12 +43,6 @@ RECORD_SEP = "\x1e"
 def base_key(prefix: str, name: str) -> str:
     """``<prefix>:{<name>}``, the start of every key of the map."""
     return f"{prefix}:{{{name}}}"
-
-
-def format_owner(owner_id: str) -> str:
-    """An owner id as an error message names it: ``/path (app 'name')``."""
-    app, _, path = owner_id.partition(OWNER_SEP)
-    return f"{path} (app {app!r})"
 
 
 # KEYS[1] base; ARGV: new epoch, shards.  Returns {epoch, shards}.

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import importlib
+import os
 import sys
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, ParamSpec
@@ -18,30 +19,78 @@ from anyio.abc import TaskGroup
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
 from livemap._runtime._runner import run_once
-from livemap._runtime._session import AppRun, Session, UpdateStats, is_interrupt
+from livemap._runtime._session import (
+    AppRun,
+    Session,
+    UpdateSnapshot,
+    UpdateStats,
+    UpdateStatus,
+    is_interrupt,
+)
+from livemap._runtime._unmount import unmount
 from livemap.errors import UpdateInProgressError
 
-__all__ = ["App", "AppConfig", "UpdateHandle"]
+__all__ = ["App", "AppConfig", "UpdateHandle", "app_name", "current_snapshot", "root_of"]
+
+
+class _Tree:
+    """The component tree of one app name: its session and root, shared by
+    every ``App`` object of that name until :meth:`App.drop`."""
+
+    __slots__ = ("root", "session")
+
+    def __init__(self, name: str) -> None:
+        self.session = Session(name)
+        self.root: Component | None = None
+
+
+_trees: dict[str, _Tree] = {}
+"""The trees of the apps of this process, by name (made by an app's first
+update, forgotten by its ``drop()``)."""
 
 P = ParamSpec("P")
 
 
+DEFAULT_MAX_INFLIGHT_COMPONENTS = 1024
+"""CocoIndex's default bound on components running at once."""
+
+MAX_INFLIGHT_ENV = "LIVEMAP_MAX_INFLIGHT_COMPONENTS"
+
+
 @dataclass(frozen=True)
 class AppConfig:
-    """An app's settings: its ``name`` and an optional app-wide
-    ``exception_handler`` (the outermost handler of every component)."""
+    """An app's settings: its ``name``, an optional app-wide
+    ``exception_handler`` (the outermost handler of every component), and
+    ``max_inflight_components``: how many component runs may execute at
+    once in one update (``None``: the ``LIVEMAP_MAX_INFLIGHT_COMPONENTS``
+    environment variable if set, else 1024).
+
+    A run holds its slot from the call of its function until it has
+    committed, and gives it back when it mounts its first child: a parent
+    waiting for its children holds none, so even a bound of 1 cannot
+    deadlock a tree (as in CocoIndex).  A run waiting for other work by
+    other means (an event, ``lm.settle()``) keeps its slot meanwhile.  A live
+    component's ``process_live`` holds none; its ``process()`` runs do, and
+    so does each ``mount_each`` child's run.
+    """
 
     name: str
     exception_handler: ExceptionHandler | None = None
+    max_inflight_components: int | None = None
 
 
 class App:
     """The top-level runnable: ``App(name_or_config, main_fn, *args, **kwargs)``.
 
     ``main_fn(*args, **kwargs)`` runs as the root component.  The component
-    tree lives as long as the app object: calling :meth:`update` again re-runs
-    the main function against the previous tree (components at the same paths
-    are re-run, vanished ones unmounted).
+    tree belongs to the app's name, in this process: calling :meth:`update`
+    again re-runs the main function against the previous tree (components at
+    the same paths are re-run, vanished ones unmounted), and so does an
+    update of a new ``App`` object with the same name (it takes the keys of
+    the previous one's components back, as a re-run would).  Ownership is
+    scoped per app: apps of two names own keys apart, and a conflict between
+    them names the owning app.  :meth:`drop` releases everything the app
+    owns and forgets its tree.
     """
 
     def __init__(
@@ -61,11 +110,21 @@ class App:
         if not callable(main_fn):
             raise TypeError(f"App main function must be callable, got {main_fn!r}")
         self.config = config
+        self._max_inflight = _max_inflight(config.max_inflight_components)
         self.main_fn: Callable[..., object] = main_fn
         self.args: tuple[Any, ...] = args
         self.kwargs: dict[str, Any] = kwargs
-        self._root: Component | None = None
-        self._session = Session(config.name)
+
+    @property
+    def _tree(self) -> _Tree:
+        tree = _trees.get(self.config.name)
+        if tree is None:
+            tree = _trees[self.config.name] = _Tree(self.config.name)
+        return tree
+
+    @property
+    def _session(self) -> Session:
+        return self._tree.session
 
     @property
     def name(self) -> str:
@@ -108,15 +167,57 @@ class App:
     # -- internal -----------------------------------------------------------------
 
     def _root_component(self) -> Component:
-        root = self._root
+        tree = self._tree
+        root = tree.root
         handlers = (
             (self.config.exception_handler,) if self.config.exception_handler is not None else ()
         )
         if root is None:
-            root = self._root = Component(
-                self._session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
+            root = tree.root = Component(
+                tree.session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
             )
+        else:  # this object's main function and handler, on the name's tree
+            root.processor = self.main_fn
+            root.args = self.args
+            root.kwargs = self.kwargs
+            root.handlers = handlers
         return root
+
+    async def drop(self) -> None:
+        """Release everything the app owns: every component of its tree is
+        unmounted, so each entry it declared is deleted downstream (a LiveMap
+        it created is retired); then the tree is forgotten, and the next
+        update (of this object or of a new ``App`` of the same name) starts
+        from an empty one.  Raises :class:`~livemap.errors.UpdateInProgressError`
+        while an update of the app is running."""
+        tree = _trees.get(self.config.name)
+        if tree is None:
+            return
+        if tree.session.active is not None:
+            raise UpdateInProgressError(self.name)
+        del _trees[self.config.name]
+        if tree.root is not None:
+            await unmount(tree.root)
+
+    def drop_blocking(self, *, backend: Literal["asyncio", "trio"] = "asyncio") -> None:
+        """:meth:`drop` from synchronous code, on its own event loop (on a
+        helper thread when called where an event loop is running)."""
+        if not _loop_running():
+            anyio.run(self.drop, backend=backend)
+            return
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                anyio.run(self.drop, backend=backend)
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=target, name=f"livemap drop of {self.name}")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
 
 
 class UpdateHandle:
@@ -143,8 +244,29 @@ class UpdateHandle:
         return self._live
 
     def stats(self) -> UpdateStats:
-        """Counters of this run (live while it runs)."""
+        """Counters of this run (live while it runs; ``stats().copy()`` is a
+        snapshot)."""
         return self._stats
+
+    def watch(self) -> AsyncIterator[UpdateSnapshot[Any]]:
+        """Progress snapshots of this run, as it goes.
+
+        Yields an :class:`~livemap.UpdateSnapshot` whenever something changed
+        since the last one (a slow loop body gets the latest state, not every
+        step): status ``RUNNING`` until the initial catch-up is done,
+        ``READY`` from then on; the last snapshot, once the run has ended,
+        is ``READY`` and carries the main function's value as ``result``,
+        and then the iteration ends.  If the main function failed, the
+        iteration raises its exception instead of the last snapshot.
+
+        Watching does not run the update: the run happens in the task that
+        awaits the handle (``async with app.update() as h: async for snap
+        in h.watch(): ...``, or :func:`~livemap.show_progress`).  On a handle
+        not started yet it waits for the start.  Any number of tasks may
+        watch one run; leaving the loop (or cancelling it) leaves the run
+        alone.
+        """
+        return _Watch(self)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self.result().__await__()
@@ -186,6 +308,7 @@ class UpdateHandle:
                 self._state = "done"
                 self._set_ready()
                 self._event("done").set()
+                self._stats.touch()  # watchers take their last snapshot
         else:
             await self._event("done").wait()
         if self._error is not None:
@@ -208,6 +331,7 @@ class UpdateHandle:
         if self._state == "new":
             self._state = "done"
             self._set_ready()
+            self._stats.touch()
             return
         if self._state != "done":
             await self._event("done").wait()
@@ -221,7 +345,9 @@ class UpdateHandle:
             run.notify()
 
     def _set_ready(self) -> None:
-        self._is_ready = True
+        if not self._is_ready:
+            self._is_ready = True
+            self._stats.touch()
         if self._ready_event is not None:
             self._ready_event.set()
 
@@ -232,7 +358,7 @@ class UpdateHandle:
             raise UpdateInProgressError(app.name)
         if self._stop:
             return
-        run = AppRun(self._live, stats=self._stats)
+        run = AppRun(self._live, stats=self._stats, max_inflight=app._max_inflight)
         try:
             async with anyio.create_task_group() as tg:
                 run.bind(tg)
@@ -381,6 +507,80 @@ class UpdateHandle:
         if error is not None and (exc_type is None or is_interrupt(error)):
             raise error
         return None
+
+
+class _Watch:
+    """The iterator of :meth:`UpdateHandle.watch` (a plain object, not an
+    async generator: leaving the loop early leaves nothing to finalize)."""
+
+    __slots__ = ("_ended", "_handle", "_seen")
+
+    def __init__(self, handle: UpdateHandle) -> None:
+        self._handle = handle
+        self._seen = (0, False)  # (stats version, ready): nothing happened yet
+        self._ended = False
+
+    def __aiter__(self) -> _Watch:
+        return self
+
+    async def __anext__(self) -> UpdateSnapshot[Any]:
+        handle = self._handle
+        stats = handle._stats
+        while not self._ended:
+            if handle._state == "done":
+                self._ended = True
+                error = handle._error
+                if error is not None:
+                    raise error
+                return UpdateSnapshot(stats.copy(), UpdateStatus.READY, handle._value)
+            now = (stats.version, handle._is_ready)
+            if now == self._seen:
+                await stats.changed().wait()
+                continue
+            self._seen = now
+            status = UpdateStatus.READY if handle._is_ready else UpdateStatus.RUNNING
+            return UpdateSnapshot(stats.copy(), status, None)
+        raise StopAsyncIteration
+
+
+def current_snapshot(
+    handle: UpdateHandle,
+) -> tuple[UpdateSnapshot[Any], bool, BaseException | None]:
+    """What ``handle``'s run shows now, without waiting: its snapshot (with
+    the result once it has ended), whether it has ended, and the exception
+    it ended with, if any."""
+    done = handle._state == "done"
+    status = UpdateStatus.READY if handle._is_ready else UpdateStatus.RUNNING
+    snapshot = UpdateSnapshot(handle._stats.copy(), status, handle._value if done else None)
+    return snapshot, done, handle._error if done else None
+
+
+def root_of(handle: UpdateHandle) -> Component | None:
+    """The root component of ``handle``'s app, once it has one."""
+    return handle._app._tree.root
+
+
+def app_name(handle: UpdateHandle) -> str:
+    return handle._app.name
+
+
+def _max_inflight(configured: int | None) -> int:
+    """The bound on components running at once: ``configured``, else the
+    environment's, else the default; ``ValueError`` unless a positive int."""
+    source = "max_inflight_components"
+    value: object = configured
+    if configured is None:
+        text = os.environ.get(MAX_INFLIGHT_ENV)
+        if text is None or not text.strip():
+            return DEFAULT_MAX_INFLIGHT_COMPONENTS
+        source = MAX_INFLIGHT_ENV
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{source} must be a positive int, got {value!r}")
+    return value
 
 
 def _lone_interrupt(exc: BaseException) -> BaseException | None:

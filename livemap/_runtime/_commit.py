@@ -5,6 +5,11 @@ targets the component held keys of but did not declare into this time,
 unmounts the children the run did not mount again and retires what the
 component's previous run created.  It writes only the component's
 ``targets`` and ``created`` (and its readiness, once committed).
+
+Then the update the run scopes has *settled*: :func:`settle` runs what its
+descendants' commits left for that moment (``comp.settle``): the keys they
+stopped declaring that no one took over are deleted, and the claims still
+pending are reported as conflicts.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from livemap._runtime._component import Component, Run
 from livemap._runtime._unmount import unmount
 
-__all__ = ["commit", "wait_mounted"]
+__all__ = ["commit", "settle", "wait_mounted"]
 
 
 async def wait_mounted(run: Run) -> None:
@@ -52,6 +57,14 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     if children:
         mounted = run.mounted or {}
         if len(mounted) != len(children):
+            if mounted:
+                # the children mounted instead are ready first (their commits
+                # are in): a key passing from an unmounted child to one of
+                # them is a transfer, not a delete and an insert
+                await wait_mounted(run)
+                if gen != comp.generation or not comp.alive:
+                    return error
+                children = comp.children or {}
             for child in [c for rel, c in children.items() if rel not in mounted]:
                 await unmount(child)
     retired = comp.created
@@ -59,6 +72,8 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     if retired:
         for item in retired:
             item.retire()
+    if comp.settle is not None:
+        await settle(comp)
     if error is not None:
         return error
     parent = comp.parent
@@ -67,3 +82,12 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     if not live:
         comp.readiness.set_self_ready(True)
     return None
+
+
+async def settle(comp: Component) -> None:
+    """Run what waits for ``comp``'s update to settle (see
+    :meth:`Component.settle_after`), jobs added meanwhile included."""
+    while comp.settle:
+        jobs, comp.settle = comp.settle, None
+        for job in jobs.values():
+            await job()

@@ -20,7 +20,7 @@ task (given by whoever mounts it, :mod:`._live`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -65,6 +65,7 @@ class Run:
     def __init__(self, component: Component) -> None:
         self.component = component
         self.owner = component
+        component.latest_run = self
         self.buffers: dict[Target, Any] | RunEnded | None = None
         self.mounted: dict[StablePath, Component] | None = None
         self.created: list[RetiredWithRun] | None = None
@@ -84,6 +85,10 @@ class ChildHost(Protocol):
     them.  The upper layer that mounts the children sets it as the hosting
     component's :attr:`Component.host`; the tree calls it at these points of
     a child's life."""
+
+    fn: Any
+    """What each child runs (its processor), for the stats of children the
+    host keeps without a component."""
 
     def take(self, child: Component) -> bool:
         """Whether the host runs ``child`` itself (it has begun the run then)."""
@@ -157,6 +162,14 @@ class Component:
       handler re-raised for it; cleared by :meth:`begin`.
     * ``backing_off``: waiting before a retry (a newer value may cut it short).
     * ``host``: the :class:`ChildHost` of this component's children, if any.
+    * ``settle``: what waits for this component's run in progress to settle
+      (commit and unmount what it no longer mounts): the deferred drops and
+      the conflict reports of the update it scopes, by a key that makes each
+      one job.  Filled by :meth:`settle_after`, run and emptied by
+      :func:`._commit.settle` (after a commit, a failure, an unmount).
+    * ``latest_run``: the :class:`Run` made last for this component (set by
+      ``Run()``); its run is in progress until its ``buffers`` become
+      :class:`RunEnded` (:attr:`running`).
     """
 
     __slots__ = (
@@ -172,6 +185,7 @@ class Component:
         "handlers",
         "host",
         "kwargs",
+        "latest_run",
         "live_body",
         "mount_kind",
         "parent",
@@ -180,6 +194,7 @@ class Component:
         "rel",
         "scope_run",
         "session",
+        "settle",
         "targets",
     )
 
@@ -217,6 +232,8 @@ class Component:
         self.escalated: BaseException | None = None
         self.backing_off = False
         self.host: ChildHost | None = None
+        self.settle: dict[Any, Callable[[], Awaitable[None]]] | None = None
+        self.latest_run: Run | None = None
 
     def __repr__(self) -> str:
         return f"<component {format_path(self.path)}>"
@@ -266,6 +283,84 @@ class Component:
                 stack.extend(comp.children.values())
         return None
 
+    @property
+    def app_name(self) -> str:
+        """The name of the app whose tree this component is in."""
+        return self.session.name
+
+    def adopt(self, target: Target) -> None:
+        """``target`` handed this component a key it claimed (a transfer)."""
+        if self.alive:
+            if self.targets is None:
+                self.targets = {target}
+            else:
+                self.targets.add(target)
+
+    @property
+    def running(self) -> bool:
+        """A run of this component is in progress: its function, or its commit
+        (the unmounting of what it no longer mounts and the settling of its
+        update included).  A live component runs only within
+        ``update_full()``, not for all of ``process_live``."""
+        run = self.latest_run
+        return self.alive and run is not None and type(run.buffers) is not RunEnded
+
+    def _update_parent(self) -> Component | None:
+        """The nearest ancestor still in the tree (the parent, unless this
+        component is in a subtree being unmounted)."""
+        up = self.parent
+        while up is not None and not up.alive:
+            up = up.parent
+        return up
+
+    @property
+    def defers_drops(self) -> bool:
+        """Whether keys this component lets go (stops declaring, or releases
+        as it is unmounted) wait for the update to settle before they are
+        deleted: the run of its parent (the nearest ancestor still in the
+        tree) is in progress, so another component of the same update may
+        take them over."""
+        up = self._update_parent()
+        return up is not None and up.running
+
+    def settle_after(
+        self, job_key: object, job: Callable[[], Awaitable[None]], other: object = None
+    ) -> bool:
+        """Keep ``job`` until the update this component's commit belongs to
+        has settled; False if none is in progress (then the caller runs it).
+
+        Without ``other`` the update is scoped by the highest ancestor whose
+        runs, up from the parent, are all in progress (a deferred drop waits
+        for every sibling and cousin the update may hand the key to).  With
+        ``other`` (the component owning a key this one claims) it is scoped
+        by the two components' nearest common ancestor, if that one's run is
+        in progress.
+        """
+        scope: Component | None = None
+        if other is None:
+            up = self._update_parent()
+            while up is not None and up.running:
+                scope = up
+                up = up.parent
+        elif isinstance(other, Component) and other.session is self.session:
+            above: set[int] = set()
+            node: Component | None = other
+            while node is not None:
+                above.add(id(node))
+                node = node.parent
+            node = self
+            while node is not None and id(node) not in above:
+                node = node.parent
+            if node is not None and node.running:
+                scope = node
+        if scope is None:
+            return False
+        if scope.settle is None:
+            scope.settle = {job_key: job}
+        else:
+            scope.settle.setdefault(job_key, job)
+        return True
+
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:
         """Send ``exc`` through this component's handler chain."""
         escalated = await dispatch(self.handlers, exc, self.context(kind))
@@ -294,6 +389,9 @@ class Component:
             mounted = run.mounted
             if mounted is None:
                 mounted = run.mounted = {}
+                active = self.session.active
+                if active is not None:  # its first child: the run gives its slot up
+                    active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
         children = self.children

@@ -12,6 +12,7 @@ of components.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -37,6 +38,29 @@ class Owner(Protocol):
 
     def current(self, gen: int) -> bool:
         """Whether run ``gen`` is still the component's latest, and it is mounted."""
+        ...
+
+    @property
+    def app_name(self) -> str:
+        """The name of the app whose tree the component is in."""
+        ...
+
+    @property
+    def defers_drops(self) -> bool:
+        """Whether keys the component stops declaring wait for its update to
+        settle (another component of that update may take them over)."""
+        ...
+
+    def adopt(self, target: Target) -> None:
+        """``target`` handed the component a key it claimed (a transfer)."""
+        ...
+
+    def settle_after(
+        self, job_key: object, job: Callable[[], Awaitable[None]], other: object = None
+    ) -> bool:
+        """Keep ``job`` until the component's update has settled (with
+        ``other``, the owner of a key it claims: the update of their nearest
+        common ancestor); False if no such update is in progress."""
         ...
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:

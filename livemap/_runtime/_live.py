@@ -292,7 +292,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             comp.exception = exc
             app_run = comp.session.active
             if app_run is not None:
-                app_run.stats.components_failed += 1
+                app_run.stats.run_failed(comp.processor, start=True)
             await comp.report(exc)  # as mounted: "mount", or "process_live"
             comp.readiness.mark_live_ready()
             return
@@ -306,7 +306,7 @@ async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
                 comp.exception = exc
                 app_run = comp.session.active
                 if app_run is not None:
-                    app_run.stats.components_failed += 1
+                    app_run.stats.run_failed(comp.processor, start=True)
                 await comp.report(exc, "process_live")
         if comp.current(gen):
             comp.readiness.mark_live_ready()

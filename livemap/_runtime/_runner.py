@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from livemap._paths import prefix_var
-from livemap._runtime._commit import commit, wait_mounted
+from livemap._runtime._commit import commit, settle, wait_mounted
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
@@ -56,7 +56,13 @@ def start(comp: Component) -> None:
     comp.scope_run = app_run
     body = comp.live_body
     if body is not None:
-        app_run.live_started(scope, comp.mount_kind != "mount_each")
+        # a producer can commit at any time: a live component, also one per
+        # entry of a mount_each (a child of a host); not a mount_each's watch
+        parent = comp.parent
+        producer = comp.mount_kind != "mount_each" or (
+            parent is not None and parent.host is not None
+        )
+        app_run.live_started(scope, producer)
         app_run.tg.start_soon(_live_task, comp, body, app_run, scope, gen)
     else:
         app_run.tg.start_soon(_run_task, comp, scope, gen)
@@ -112,6 +118,16 @@ async def run_once(
     failures = 0
     if type(func) is Function:
         func = func.__wrapped__  # one call less per run
+    # CocoIndex's counters (UpdateStats): a start, then one outcome; a run
+    # that ends neither way (cancelled, superseded) takes its start back
+    active = comp.session.active
+    stats = slots = None
+    if active is not None:
+        stats = active.stats
+        slots = active.slots
+    if stats is not None and first is None:  # (a host's first try counted it)
+        stats.run_started(comp.processor)
+    outcome = 0  # 1: succeeded, 2: failed, 3: tried again
     while True:
         error: Exception | None
         if first is not None:
@@ -126,11 +142,17 @@ async def run_once(
             )
             t_prefix = prefix_var.set(()) if prefix_var.get() else None
             try:
+                if slots is not None and not slots.take_now(run):
+                    await slots.take(run)
                 result = func(*args, **kwargs)
                 if type(result) is CoroutineType or inspect.isawaitable(result):
                     result = await result
             except anyio.get_cancelled_exc_class():
                 run.buffers = RunEnded(comp)  # cancelled: it commits nothing
+                if slots is not None:
+                    slots.give(run)
+                if stats is not None:
+                    stats.run_cancelled(comp.processor)
                 raise
             except Exception as exc:
                 error = exc
@@ -156,6 +178,7 @@ async def run_once(
                         # nothing to commit: the common case of a leaf
                         parent = comp.parent
                         host = None if parent is None else parent.host
+                        outcome = 1
                         if host is not None:
                             if not live and host.rest(comp):
                                 return result
@@ -171,6 +194,7 @@ async def run_once(
                             return result
                     error = await commit(comp, run, gen, live)
                     if error is None:
+                        outcome = 1
                         return result
                     # a sink failed: the run counts as failed (and may be retried)
                     current = gen == comp.generation and comp.alive
@@ -194,7 +218,9 @@ async def run_once(
             if delay is not None:
                 failures += 1
                 if app_run is not None:
-                    app_run.stats.retries += 1
+                    app_run.stats.retried()
+                if slots is not None:
+                    slots.give(run)  # none held while it waits
                 comp.backing_off = True  # a newer value may cut the wait short
                 try:
                     await anyio.sleep(delay)
@@ -202,12 +228,16 @@ async def run_once(
                     comp.backing_off = False
                 if gen != comp.generation or not comp.alive:
                     return None
+                outcome = 3
                 continue
             comp.exception = error
+            outcome = 2
             if app_run is not None:
-                app_run.stats.components_failed += 1
+                app_run.stats.run_failed(comp.processor)
             if host is not None:
                 host.outcome(comp, error)
+            if comp.settle is not None:  # the update it scoped is over all the same
+                await settle(comp)
             if raise_errors:
                 if not live:
                     comp.readiness.set_self_ready(True)
@@ -219,3 +249,11 @@ async def run_once(
         finally:
             # a declaration reaching this run from now on raises
             run.buffers = RunEnded(comp)
+            if slots is not None:
+                slots.give(run)
+            if stats is not None and outcome != 2:
+                if outcome == 1:
+                    stats.run_succeeded(comp.processor, gen > 1)
+                elif outcome == 0:
+                    stats.run_cancelled(comp.processor)
+                outcome = 0

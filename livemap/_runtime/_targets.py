@@ -70,20 +70,74 @@ class TargetBase(Generic[K, V]):
         self._table: Table[K, V] = new_table(name, track_undo=track_undo)
 
     def holds(self, component: Owner) -> bool:
-        return self._table.count_of(component) > 0
+        """Whether ``component`` holds or claims a key of this target."""
+        table = self._table
+        return table.count_of(component) > 0 or bool(table.claims_of(component))
+
+    def _settled(self, component: Owner, result: Commit[K, V]) -> bool:
+        """After a commit (or release) ``result`` of ``component`` reached the
+        sink: claimants that got keys hold this target now, and drops the
+        commit deferred wait for its update to settle.  True if they cannot
+        (the update ended meanwhile): then the caller applies them at once."""
+        if result.transfers:
+            for _, _, new in result.transfers:
+                if new is not component:
+                    owner: Owner = new  # type: ignore[assignment]  # the table's owners are Owners
+                    owner.adopt(self)
+        if self._table.deferred_of(component):
+            job = partial(self._drop_deferred, component)
+            return not component.settle_after((self, component), job)
+        return False
+
+    def _let_go(self, component: Owner) -> Commit[K, V]:
+        """``component`` lets go of every key it holds here (it declared none
+        this time, or it is unmounted): within an update in progress, as a
+        commit of nothing whose drops wait for the update to settle."""
+        table = self._table
+        if component.defers_drops:
+            return table.commit(table.buffer(component), True)
+        return table.release(component)
+
+    async def _drop_deferred(self, component: Owner) -> None:
+        """Delete the keys ``component`` dropped in its update and nobody took."""
+        if not self._table.deferred_of(component):
+            return  # declared again, taken over or released meanwhile
+        failed = await self._apply_deferred(component)
+        if failed is not None:
+            await component.report(failed)
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        raise NotImplementedError
 
     async def _report_rejections(self, component: Owner, result: Commit[K, V]) -> None:
         for rejection in result.rejections:
             if rejection.kind == CONFLICT:
-                holder = rejection.holder
-                holder_path = getattr(holder, "path_str", repr(holder))
-                exc: BaseException = KeyConflictError(
-                    rejection.key, self.name, holder_path, component.path_str
-                )
-            else:
-                exc = ValueComparisonError(rejection.key, self.name, rejection.error)
-                exc.__cause__ = rejection.error
+                # a claim: reported once the update that made it has settled,
+                # unless the key has passed to the claimant by then
+                key, holder = rejection.key, rejection.holder
+                job = partial(self._report_claim, component, key, holder)
+                if not component.settle_after((self, component, key), job, holder):
+                    await job()
+                continue
+            exc = ValueComparisonError(rejection.key, self.name, rejection.error)
+            exc.__cause__ = rejection.error
             await component.report(exc)
+
+    async def _report_claim(self, claimant: Owner, key: Any, holder: Any) -> None:
+        """Report ``claimant``'s claim on ``key`` if it is still pending."""
+        table = self._table
+        if not claimant.alive or claimant not in table.claimants(key):
+            return  # withdrawn, or the key has passed to the claimant
+        holder = table.owner_of(key, holder)
+        exc = KeyConflictError(
+            key,
+            self.name,
+            getattr(holder, "path_str", repr(holder)),
+            claimant.path_str,
+            owner_app=getattr(holder, "app_name", None),
+            declarer_app=claimant.app_name,
+        )
+        await claimant.report(exc)
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
@@ -132,9 +186,13 @@ Raises ``TypeError`` for a key that is not a stable key,
 :class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
 in one run (the first declaration stands) and
 :class:`~livemap.errors.NotInComponentError` outside a component run.  A key
-another component holds is rejected at commit: a
+another component holds and still declares is not applied: it is kept as
+a claim while the component keeps declaring it, the key passes to it
+(without a delete) when its owner lets it go, and a
 :class:`~livemap.errors.KeyConflictError` goes to the run's
-exception-handler chain.
+exception-handler chain if the update that made the claim settles with the
+claim still pending.  A key the old owner drops in the same update (it
+stops declaring it or is unmounted) is a transfer: one upsert, no error.
 """
 
 # what help(target.declare) and inspect.signature show (see DeclarerDoc)
@@ -221,8 +279,10 @@ class KeyedTarget(TargetBase[K, V]):
         # (the committing run cancelled in the sink) leaves it for the next.
         orphans = self._orphans
         for component in list(orphans):
-            if await self._send(component, self._table.release(component)) is None:
+            result = self._table.release(component)
+            if await self._send(component, result) is None:
                 orphans.remove(component)
+                self._settled(component, result)
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
@@ -232,11 +292,14 @@ class KeyedTarget(TargetBase[K, V]):
                 await self._retry_orphans()
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
-            result = self._table.commit(buffer)
+            result = self._table.commit(buffer, component.defers_drops)
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
             failed = await self._send(component, result)
+            drop_now = failed is None and self._settled(component, result)
+        if drop_now:
+            failed = await self._apply_deferred(component)
         if result.rejections:
             # (outside the lock: a slow handler holds back no other commit)
             await self._report_rejections(component, result)
@@ -248,7 +311,23 @@ class KeyedTarget(TargetBase[K, V]):
                 await self._retry_orphans()
             if gen is not None and not component.current(gen):
                 return None
-            failed = await self._send(component, self._table.release(component))
+            result = self._let_go(component)
+            failed = await self._send(component, result)
+            drop_now = failed is None and self._settled(component, result)
             if failed is not None and not component.alive:
+                self._orphans.append(component)
+        if drop_now:
+            failed = await self._apply_deferred(component)
+        return failed
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = self._table.drop_deferred(component)
+            failed = await self._send(component, result)
+            if failed is None:
+                self._settled(component, result)  # (nothing is deferred any more)
+            elif not component.alive:  # retried with the target's next batch
                 self._orphans.append(component)
             return failed

@@ -76,13 +76,19 @@ async def _release_subtree(comp: Component) -> None:
             failed = await target.release_owner(comp)
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
-    unmounted = 1
+    if comp.settle:  # what waited for a run of this component to settle
+        jobs, comp.settle = comp.settle, None
+        for job in jobs.values():
+            await job()
     if comp.created:
         created, comp.created = comp.created, None
         for item in created:
             item.retire()
-    if comp.host is not None:
-        unmounted += comp.host.clear()
+    host = comp.host
+    at_rest = 0 if host is None else host.clear()
     app_run = comp.session.active
     if app_run is not None:
-        app_run.stats.components_unmounted += unmounted
+        app_run.stats.unmounted(comp.processor)
+        if at_rest:
+            assert host is not None
+            app_run.stats.unmounted(host.fn, at_rest)

@@ -261,7 +261,8 @@ class Producer:
                     producer.map.declare_entry(key, value)
 
             async def process_live(self, operator: coco.LiveComponentOperator) -> None:
-                await operator.update_full()
+                # no run before the first commit: a restarted producer's first
+                # commit is what it declares (an empty one would delete all)
                 await operator.mark_ready()
                 async for done in producer._receive:
                     await operator.update_full()

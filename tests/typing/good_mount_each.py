@@ -65,3 +65,22 @@ async def main() -> None:
 
 
 app = coco.App("each", main)
+
+
+class PerEntry:
+    """A live-component class as ``mount_each``'s processor."""
+
+    def __init__(self, value: str, prefix: str) -> None:
+        self.value = value
+        self.prefix = prefix
+
+    def process(self) -> None: ...
+
+    async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+        await operator.mark_ready()
+
+
+async def live_per_entry() -> None:
+    lm: LiveMap[str, str] = await LiveMap.create()
+    await coco.mount_each(PerEntry, lm, "p")
+    await coco.mount_each(coco.component_subpath("list"), PerEntry, [("k", "v")], prefix="p")

@@ -1,0 +1,382 @@
+"""Claims, transfers and deferred drops: the rare path of a table, shared by
+both cores.
+
+A table's hot path (``Table._commit`` in each twin) handles the common case:
+no key in the table is claimed by a second owner and no owner's drops are
+deferred.  Everything else runs here, in plain Python, on the table's own
+dicts (both twins expose them under the same names), so the two cores cannot
+drift apart on it.
+
+The state this module keeps, next to a table's ``_holder`` (key -> owner)
+and ``_owned`` (id(owner) -> {key: held value}):
+
+* ``_claims``: key -> list of the owners claiming it, in the order they
+  claimed it.  A claim is a declaration of a key another owner holds and
+  still declares.  Invariant: a claimed key is held, and its holder is not
+  among its claimants.
+* ``_claimed``: id(claimant) -> {key: the value it declared last}.
+  Invariant: ``claimant in _claims[key]`` exactly when
+  ``key in _claimed[id(claimant)]``.
+* ``_dropping``: id(owner) -> {key: None}, keys the owner no longer declares
+  whose deletion waits (a commit made with ``defer=True``) until
+  ``drop_deferred(owner)``.  Invariant: a dropping key is held by that owner
+  and has no claimant (a claim on it is a transfer, made at once).
+
+An owner that lets a key go (stops declaring it, is released, or its
+deferred drops are applied) hands it to the key's first claimant if it has
+one: a *transfer*, an upsert of the claimant's value (nothing if equal under
+``==``), never a delete then an insert.  A declaration of a key whose holder
+is dropping it takes it over the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = ["drop_deferred", "note_claims", "reset", "slow_commit", "slow_release"]
+
+_MISSING: Final[object] = object()
+_EMPTY: Final[dict[Any, Any]] = {}
+
+CONFLICT: Final = "conflict"
+EQ_ERROR: Final = "eq_error"
+
+
+def _same(value: Any, held: Any) -> bool | Exception:
+    """``value == held`` as a bool (identity first), or the ``Exception`` it
+    raised; a ``BaseException`` propagates."""
+    if value is held:
+        return True
+    try:
+        return bool(value == held)
+    except Exception as exc:
+        return exc
+
+
+def _remove(items: list[Any], obj: object) -> None:
+    for i, item in enumerate(items):
+        if item is obj:
+            del items[i]
+            return
+
+
+def _transfer(result: Any, key: Any, old: object, new: object) -> None:
+    # a commit's transfers are an empty tuple until it has one
+    if result.transfers:
+        result.transfers.append((key, old, new))
+    else:
+        result.transfers = [(key, old, new)]
+
+
+class _Undo:
+    """What a slow commit of a ``track_undo`` table changed, to take it back:
+    the records, holders and claim state as they were before."""
+
+    __slots__ = ("claimed", "claims", "dropping", "holders", "records", "table")
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.records: dict[int, dict[Any, Any] | None] = {}
+        self.holders: dict[Any, object] = {}
+        self.claims = {key: list(who) for key, who in table._claims.items()}
+        self.claimed = {oid: dict(keys) for oid, keys in table._claimed.items()}
+        self.dropping = {oid: dict(keys) for oid, keys in table._dropping.items()}
+
+    def record(self, oid: int) -> None:
+        if oid not in self.records:
+            self.records[oid] = self.table._owned.get(oid)
+
+    def holder(self, key: Any) -> None:
+        if key not in self.holders:
+            self.holders[key] = self.table._holder.get(key, _MISSING)
+
+    def __call__(self) -> None:
+        table = self.table
+        owned = table._owned
+        for oid, record in self.records.items():
+            if record is None:
+                owned.pop(oid, None)
+            else:
+                owned[oid] = record
+        holder = table._holder
+        for key, who in self.holders.items():
+            if who is _MISSING:
+                holder.pop(key, None)
+            else:
+                holder[key] = who
+        for name in ("claims", "claimed", "dropping"):
+            state = getattr(table, "_" + name)
+            state.clear()
+            state.update(getattr(self, name))
+
+
+class _Writer:
+    """The changes of one slow commit or release, applied as they are made
+    (every comparison has been done before the first one)."""
+
+    __slots__ = ("records", "table", "undo")
+
+    def __init__(self, table: Any, track: bool) -> None:
+        self.table = table
+        self.undo = _Undo(table) if track else None
+        # id(owner) -> its new record (a copy of the old one, made on first change)
+        self.records: dict[int, dict[Any, Any]] = {}
+
+    def rec(self, oid: int) -> dict[Any, Any]:
+        record = self.records.get(oid)
+        if record is None:
+            if self.undo is not None:
+                self.undo.record(oid)
+            record = self.records[oid] = dict(self.table._owned.get(oid, _EMPTY))
+        return record
+
+    def set_holder(self, key: Any, owner: object | None) -> None:
+        if self.undo is not None:
+            self.undo.holder(key)
+        if owner is None:
+            del self.table._holder[key]
+        else:
+            self.table._holder[key] = owner
+
+    def unclaim(self, claimant: object, key: Any) -> None:
+        table = self.table
+        oid = id(claimant)
+        keys = table._claimed[oid]
+        del keys[key]
+        if not keys:
+            del table._claimed[oid]
+        who = table._claims[key]
+        _remove(who, claimant)
+        if not who:
+            del table._claims[key]
+
+    def claim(self, claimant: object, key: Any, value: Any) -> None:
+        table = self.table
+        keys = table._claimed.get(id(claimant))
+        if keys is None:
+            keys = table._claimed[id(claimant)] = {}
+        if key not in keys:
+            who = table._claims.get(key)
+            if who is None:
+                table._claims[key] = [claimant]
+            else:
+                who.append(claimant)
+        keys[key] = value
+
+    def undrop(self, oid: int, key: Any) -> None:
+        dropping = self.table._dropping
+        keys = dropping.get(oid)
+        if keys is not None and key in keys:
+            del keys[key]
+            if not keys:
+                del dropping[oid]
+
+    def store(self) -> None:
+        owned = self.table._owned
+        for oid, record in self.records.items():
+            if record:
+                owned[oid] = record
+            else:
+                owned.pop(oid, None)
+
+
+def _plan_let_go(
+    table: Any, keys: list[Any], record: dict[Any, Any]
+) -> list[tuple[Any, object | None, Any, bool]]:
+    """For each key an owner lets go: ``(key, claimant or None, value, changed)``;
+    the comparisons (which may raise a ``BaseException``) before any change."""
+    claims = table._claims
+    plan: list[tuple[Any, object | None, Any, bool]] = []
+    for key in keys:
+        waiting = claims.get(key)
+        if waiting:
+            claimant = waiting[0]
+            value = table._claimed[id(claimant)][key]
+            same = _same(value, record[key])
+            # a comparison that raises counts as a change: the new value is sent
+            plan.append((key, claimant, value, same is not True))
+        else:
+            plan.append((key, None, None, True))
+    return plan
+
+
+def _let_go(
+    w: _Writer,
+    owner: object,
+    plan: list[tuple[Any, object | None, Any, bool]],
+    defer: bool,
+    result: Any,
+) -> int:
+    """Hand each planned key to its claimant, keep it dropping (``defer``) or
+    delete it; returns how many transfers changed nothing (suppressed)."""
+    oid = id(owner)
+    dropping = w.table._dropping
+    suppressed = 0
+    for key, claimant, value, changed in plan:
+        if claimant is not None:
+            rec = w.rec(oid)
+            del rec[key]
+            w.undrop(oid, key)
+            w.unclaim(claimant, key)
+            w.set_holder(key, claimant)
+            w.rec(id(claimant))[key] = value
+            _transfer(result, key, owner, claimant)
+            if changed:
+                result.upserts.append((key, value))
+            else:
+                suppressed += 1
+        elif defer:
+            keys = dropping.get(oid)
+            if keys is None:
+                keys = dropping[oid] = {}
+            keys[key] = None
+        else:
+            del w.rec(oid)[key]
+            w.undrop(oid, key)
+            w.set_holder(key, None)
+            result.deletes.append(key)
+    return suppressed
+
+
+def slow_commit(
+    table: Any,
+    owner: object,
+    decls: dict[Any, Any],
+    defer: bool,
+    result: Any,
+    rejection: Callable[..., Any],
+    track: bool,
+) -> tuple[Callable[[], None] | None, int, int]:
+    """Commit ``decls`` as ``owner``'s declared set into ``result`` (a new
+    ``Commit``), with claims, transfers and deferred drops.
+
+    Returns ``(undo, suppressed, eq_errors)``; ``undo`` (with ``track``)
+    takes the commit back.  Every comparison is made before the table
+    changes: a ``BaseException`` from ``__eq__`` leaves it as it was.
+    """
+    holder = table._holder
+    owned = table._owned
+    dropping = table._dropping
+    oid = id(owner)
+    record = owned.get(oid, _EMPTY)
+    upserts = result.upserts
+    rejections = result.rejections
+    # (what, key, value, holder): "keep" a held key (value unchanged), "set"
+    # a held key's value, "insert" a new key, "take" a key its holder is
+    # dropping, "claim" a key another owner holds
+    plan: list[tuple[str, Any, Any, object]] = []
+    suppressed = eq_errors = 0
+    for key, value in decls.items():
+        held = record.get(key, _MISSING)
+        if held is not _MISSING:
+            same = _same(value, held)
+            if same is True:
+                suppressed += 1
+                plan.append(("keep", key, None, None))
+            elif same is False:
+                upserts.append((key, value))
+                plan.append(("set", key, value, None))
+            else:
+                rejections.append(rejection(EQ_ERROR, key, value, owner, same))
+                eq_errors += 1
+                plan.append(("keep", key, None, None))
+            continue
+        held_by = holder.get(key, _MISSING)
+        if held_by is _MISSING:
+            upserts.append((key, value))
+            plan.append(("insert", key, value, None))
+        elif key in dropping.get(id(held_by), _EMPTY):
+            held = owned[id(held_by)][key]
+            same = _same(value, held)
+            if same is True:
+                suppressed += 1
+                plan.append(("take", key, held, held_by))
+            elif same is False:
+                upserts.append((key, value))
+                plan.append(("take", key, value, held_by))
+            else:  # the key is taken over; the held value stays
+                rejections.append(rejection(EQ_ERROR, key, value, owner, same))
+                eq_errors += 1
+                plan.append(("take", key, held, held_by))
+        else:
+            rejections.append(rejection(CONFLICT, key, value, held_by, None))
+            plan.append(("claim", key, value, held_by))
+    gone = [key for key in record if key not in decls]
+    let_go = _plan_let_go(table, gone, record)
+
+    w = _Writer(table, track)
+    my_claims = table._claimed.get(oid, _EMPTY)
+    for what, key, value, held_by in plan:
+        if what == "keep":
+            w.undrop(oid, key)
+        elif what == "set":
+            w.rec(oid)[key] = value
+            w.undrop(oid, key)
+        elif what == "insert":
+            w.set_holder(key, owner)
+            w.rec(oid)[key] = value
+        elif what == "take":
+            from_id = id(held_by)
+            del w.rec(from_id)[key]
+            w.undrop(from_id, key)
+            w.set_holder(key, owner)
+            w.rec(oid)[key] = value
+            _transfer(result, key, held_by, owner)
+        else:
+            w.claim(owner, key, value)
+    for key in [key for key in my_claims if key not in decls]:
+        w.unclaim(owner, key)  # the claimant stopped declaring it
+    suppressed += _let_go(w, owner, let_go, defer, result)
+    w.store()
+    return w.undo, suppressed, eq_errors
+
+
+def slow_release(table: Any, owner: object, result: Any, track: bool) -> Callable[[], None] | None:
+    """Release everything ``owner`` holds into ``result``: each key goes to
+    its first claimant, or is deleted; the owner's own claims are
+    withdrawn.  Returns the undo (with ``track``)."""
+    oid = id(owner)
+    record = table._owned.get(oid, _EMPTY)
+    let_go = _plan_let_go(table, list(record), record)
+    w = _Writer(table, track)
+    for key in list(table._claimed.get(oid, _EMPTY)):
+        w.unclaim(owner, key)
+    result.suppressed = _let_go(w, owner, let_go, False, result)
+    w.store()
+    return w.undo
+
+
+def drop_deferred(
+    table: Any, owner: object, result: Any, track: bool
+) -> Callable[[], None] | None:
+    """Apply ``owner``'s deferred drops into ``result``: each key it still
+    does not declare is deleted (or goes to a claimant).  Returns the undo."""
+    oid = id(owner)
+    keys = table._dropping.get(oid)
+    if not keys:
+        return None
+    record = table._owned[oid]
+    let_go = _plan_let_go(table, list(keys), record)
+    w = _Writer(table, track)
+    result.suppressed = _let_go(w, owner, let_go, False, result)
+    w.store()
+    return w.undo
+
+
+def note_claims(table: Any, owner: object, rejections: list[Any]) -> None:
+    """After a hot-path commit (the table had no claims and no deferred
+    drops): remember each ``CONFLICT`` rejection as a claim of ``owner``
+    (its undo is :func:`reset`)."""
+    w = _Writer(table, False)
+    for r in rejections:
+        if r.kind == CONFLICT:
+            w.claim(owner, r.key, r.value)
+
+
+def reset(table: Any) -> None:
+    """Forget every claim and deferred drop (the undo of a hot-path commit:
+    there were none before it)."""
+    table._claims.clear()
+    table._claimed.clear()
+    table._dropping.clear()
