@@ -110,7 +110,9 @@ async def _run(make_map: Any, views: Any, measure: Any) -> dict[str, Any]:
         seen[key] = value
 
     with anyio.fail_after(TIMEOUT):
-        async with _app(source, make_map, "bench-producer").update(live=True) as producer:
+        async with _app(source, make_map, f"bench-producer-{time.monotonic_ns()}").update(
+            live=True
+        ) as producer:
             await producer.ready()
             consumed = views(source.target)
 
@@ -118,7 +120,9 @@ async def _run(make_map: Any, views: Any, measure: Any) -> dict[str, Any]:
                 for i, view in enumerate(consumed):
                     await coco.mount_each(coco.component_subpath(i), _Keyed(process), view)
 
-            async with coco.App("bench-consumer", consumer_main).update(live=True) as consumer:
+            async with coco.App(f"bench-consumer-{time.monotonic_ns()}", consumer_main).update(
+                live=True
+            ) as consumer:
                 await consumer.ready()
                 result = await measure(source, consumed, calls, seen)
                 await consumer.stop()
