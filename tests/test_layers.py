@@ -26,12 +26,14 @@ LAYERS: list[tuple[str, int]] = [
     ("livemap._runtime", 2),
     ("livemap._feed", 3),
     ("livemap._live_map", 4),
+    ("livemap._redis", 5),
+    ("livemap.redis", 6),  # public: the shared map's names
     ("livemap.examples", 7),
     ("livemap", 6),  # the package itself: the public names, nothing else
 ]
 
 # what code above the library (the examples) may import of it
-PUBLIC = {"livemap", "livemap.errors", "livemap_core"}
+PUBLIC = {"livemap", "livemap.errors", "livemap.redis", "livemap_core"}
 
 
 def layer_of(module: str) -> int:

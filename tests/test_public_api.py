@@ -14,7 +14,7 @@ import livemap_core
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
-PUBLIC_MODULES = ["livemap", "livemap.errors", "livemap_core"]
+PUBLIC_MODULES = ["livemap", "livemap.errors", "livemap.redis", "livemap_core"]
 """The public modules; every other module of the distribution is private
 (``_``-prefixed; ``tests/test_layers.py`` checks that)."""
 

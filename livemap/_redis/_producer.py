@@ -1,0 +1,559 @@
+"""``RedisLiveMap``: a keyed target whose entries live in Redis.
+
+A component declares entries as into a LiveMap.  The process keeps the
+usual table (ownership among its own components, the ``==`` gate, the
+buffers), and each commit's changes go to Redis in one script
+(:data:`._scripts.COMMIT`): the owner check across processes, the gate on
+the encoded values, the snapshot hashes and one stream entry per shard
+touched, all one atomic step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from livemap._paths import format_path
+from livemap._redis._codecs import (
+    Codec,
+    CodecError,
+    JsonCodec,
+    decode_key,
+    encode_key,
+    shard_of,
+)
+from livemap._redis._scripts import (
+    COMMIT,
+    INIT,
+    OWNER_SEP,
+    base_key,
+)
+from livemap._runtime._component import Component, current_run
+from livemap._runtime._hosting import Owner, current_run_var
+from livemap._runtime._tables import DeclarerDoc, new_declarer
+from livemap._runtime._targets import TargetBase
+from livemap.errors import (
+    KeyConflictError,
+    MapRetiredError,
+    NotInComponentError,
+    TargetApplyError,
+)
+from livemap_core import Commit, Declarer
+
+__all__ = ["RedisLiveMap", "RedisMapStats", "check_client", "check_name"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_CREATE = object()
+_ids = itertools.count(1)
+# changes per script call: each call is one atomic step, so a commit bigger
+# than this is several steps (each complete in itself)
+CHUNK = 20_000
+# one change, as the commit script reads it: op, shard, owner index, key length
+_RECORD = struct.Struct(">cHHI")
+_LENGTH = struct.Struct(">I")
+_NO_VALUE = _LENGTH.pack(0)
+
+_DECLARE_ENTRY_DOC = """Declare ``key -> value`` as owned by the current component run.
+
+Buffered, and committed with the run into Redis, in one atomic step: a key
+the component's previous run declared and this one did not is deleted, and
+a value whose encoding equals the one held changes nothing.
+
+Raises ``TypeError`` for a key that is not a stable key,
+:class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
+in one run, :class:`~livemap.errors.NotInComponentError` outside a component
+run and :class:`~livemap.errors.MapRetiredError` once the map is retired.  A
+key another component holds, in this process or another, is rejected at
+commit: a :class:`~livemap.errors.KeyConflictError` naming both owners goes
+to the run's exception-handler chain.
+"""
+
+_DECLARE_ENTRY = DeclarerDoc("declare_entry", "RedisLiveMapDeclarer", __name__, _DECLARE_ENTRY_DOC)
+
+
+def check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name or "{" in name or "}" in name:
+        raise ValueError(f"{what} must be a non-empty str without braces, got {name!r}")
+    return name
+
+
+def check_client(client: object) -> None:
+    """Refuse a client that decodes responses: values are bytes."""
+    pool = getattr(client, "connection_pool", None)
+    if getattr(client, "decode_responses", False) or getattr(pool, "decode_responses", False):
+        raise ValueError("the Redis client must not decode responses (decode_responses=False)")
+    if not callable(getattr(client, "register_script", None)):
+        raise TypeError(f"expected a coredis client, got {type(client).__name__}")
+
+
+_process: tuple[int, str] | None = None
+# per (map, app): the map instance made last in this process
+_latest: weakref.WeakValueDictionary[tuple[str, str], RedisLiveMap[Any, Any]] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def instance_token(app: str) -> str:
+    """What tells this process's owner records (for app ``app``) from another
+    process's, or another app's: the host, the pid, a random part, the app.
+    Every map instance an app makes in one process shares it, so a key moving
+    between its components across two instances of the map is a transfer."""
+    global _process
+    pid = os.getpid()
+    if _process is None or _process[0] != pid:
+        _process = (pid, f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:12]}")
+    return f"{_process[1]}:{app}"
+
+
+@dataclass(frozen=True)
+class RedisMapStats:
+    """A snapshot of one RedisLiveMap's counters (this process's side).
+
+    ``entries``: keys this process's components hold; ``commits``,
+    ``changes``, ``suppressed``, ``eq_errors``: as for a LiveMap (the
+    process's table); ``conflicts``: declarations rejected, by a component of
+    this process or by another process's owner; ``steps``: scripts run in
+    Redis; ``resyncs``: uploads of everything held after Redis lost its data.
+    """
+
+    entries: int
+    commits: int
+    changes: int
+    suppressed: int
+    conflicts: int
+    eq_errors: int
+    steps: int
+    resyncs: int
+
+
+class RedisLiveMap(TargetBase[K, V]):
+    """A LiveMap whose entries live in Redis, for consumers in any process.
+
+    Create it inside a component with ``await RedisLiveMap.create(client,
+    name)``; declare entries with :attr:`declare_entry`.  It is retired, like
+    a LiveMap, when its creating component's next run commits or the
+    component is unmounted; the entries stay in Redis, owned by the
+    components that declared them, until those components drop them.
+    Consumers follow it with :class:`RedisLiveMapView`.
+    """
+
+    __slots__ = {
+        "_base": None,
+        "_client": None,
+        "_codec": None,
+        "_commit": None,
+        "_creator": None,
+        "_epoch": None,
+        "_init": None,
+        "_instance": None,
+        "_locks": None,
+        "_maxlen": None,
+        "_orphans": None,
+        "_remote_conflicts": None,
+        "_resyncs": None,
+        "_retired": None,
+        "_seen": None,
+        "_steps": None,
+        "app": None,
+        "declare_entry": "``rlm.declare_entry(key, value) -> None``: " + _DECLARE_ENTRY_DOC,
+        "map_name": None,
+        "shards": None,
+    }
+
+    def __init__(
+        self,
+        _token: object,
+        creator: Component,
+        client: Any,
+        name: str,
+        shards: int,
+        codec: Codec,
+        prefix: str,
+        maxlen: int,
+    ) -> None:
+        if _token is not _CREATE:
+            raise TypeError(
+                "use `await RedisLiveMap.create(client, name)` inside a component to make one"
+            )
+        super().__init__(f"RedisLiveMap {name!r} (created by {creator.path_str})", track_undo=True)
+        self.declare_entry: Declarer[K, V] = new_declarer(
+            self._table,
+            self,
+            current_run_var,
+            partial(NotInComponentError, "RedisLiveMap.declare_entry()", target=self.name),
+            partial(MapRetiredError, self.name),
+            doc=_DECLARE_ENTRY,
+        )
+        """``rlm.declare_entry(key, value) -> None``: see ``help(rlm.declare_entry)``."""
+        self._creator = creator
+        self._client = client
+        self._codec = codec
+        self._base = base_key(prefix, name)
+        self._maxlen = str(maxlen)
+        self._commit = client.register_script(COMMIT)
+        self._init = client.register_script(INIT)
+        self._instance = instance_token(creator.session.name)
+        self._epoch = ""
+        self._seen: set[str] = set()
+        self._orphans: list[Owner] = []
+        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap RedisLiveMap #{next(_ids)}")
+        self._retired = False
+        self._steps = 0
+        self._resyncs = 0
+        self._remote_conflicts = 0
+        self.map_name = name
+        self.shards = shards
+        self.app = creator.session.name
+
+    def __repr__(self) -> str:
+        state = " retired" if self._retired else ""
+        return f"<{self.name} shards={self.shards} entries={len(self._table)}{state}>"
+
+    @classmethod
+    async def create(
+        cls,
+        client: Any,
+        name: str,
+        *,
+        shards: int = 1,
+        codec: Codec | None = None,
+        prefix: str = "livemap",
+        maxlen: int = 10_000,
+    ) -> RedisLiveMap[K, V]:
+        """A map named ``name`` in Redis, owned by the current component run.
+
+        ``client``: an entered ``coredis.Redis`` client (``async with
+        client:``, see :func:`livemap.redis.connect`), without
+        ``decode_responses``.  ``shards``: how many change streams the keys
+        are spread over (fixed by the first producer; a different number
+        raises ``ValueError``).  ``codec``: how values are encoded
+        (:class:`JsonCodec` by default).  ``prefix``: the start of every
+        Redis key of the map (maps of one name under two prefixes are two
+        maps).  ``maxlen``: about how many entries each shard's stream keeps
+        (a consumer further behind re-reads the snapshot).
+
+        Raises :class:`~livemap.errors.NotInComponentError` outside a run.
+        """
+        run = current_run("RedisLiveMap.create()")
+        check_name(name, "the map's name")
+        check_name(prefix, "the key prefix")
+        check_client(client)
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+        if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
+            raise ValueError(f"maxlen must be an int >= 1, got {maxlen!r}")
+        if codec is None:
+            codec = JsonCodec()
+        elif not isinstance(codec, Codec):
+            raise TypeError(f"codec must have encode() and decode(), got {codec!r}")
+        lm: RedisLiveMap[K, V] = cls(
+            _CREATE, run.component, client, name, shards, codec, prefix, maxlen
+        )
+        await lm._start()
+        _latest[(lm._base, lm.app)] = lm
+        if run.created is None:
+            run.created = []
+        run.created.append(lm)
+        return lm
+
+    async def _start(self) -> None:
+        epoch, shards = await self._init(
+            keys=[self._base], args=[uuid.uuid4().hex, str(self.shards)]
+        )
+        if int(shards) != self.shards:
+            raise ValueError(
+                f"map {self.map_name!r} has {int(shards)} shards in Redis, "
+                f"not the {self.shards} asked for"
+            )
+        self._epoch = epoch.decode()
+
+    # -- the target ------------------------------------------------------------
+
+    def _get_lock(self) -> anyio.Lock:
+        lock = self._locks.get(None)
+        if lock is None:
+            lock = anyio.Lock()
+            self._locks.set(lock)
+        return lock
+
+    def _owner_id(self, owner: Any) -> str:
+        return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
+
+    def _changes(
+        self, component: Owner, result: Commit[K, V], reclaim: bool
+    ) -> tuple[list[str], list[bytes]]:
+        """The owners' header and the changes of ``result``, packed (see
+        :data:`._scripts.COMMIT`).  Raises CodecError naming the key whose
+        value failed."""
+        owners: dict[str, int] = {}
+        header: list[str] = []
+        records: list[bytes] = []
+        table = self._table
+        encode = self._codec.encode
+        shards = self.shards
+        pack = _RECORD.pack
+        size = _LENGTH.pack
+
+        def index(oid: str) -> int:
+            i = owners.get(oid)
+            if i is None:
+                i = owners[oid] = len(owners) + 1
+                header.append(oid)
+                header.append("1" if reclaim and oid not in self._seen else "0")
+            return i
+
+        mine = index(self._owner_id(component))
+        for key, value in result.upserts:
+            try:
+                data = encode(value)
+            except CodecError as exc:
+                raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
+            if not isinstance(data, bytes):
+                raise CodecError(
+                    f"key {key!r} of {self.name}: the codec returned "
+                    f"{type(data).__name__}, not bytes"
+                )
+            ek = encode_key(key)
+            holder = table.owner_of(key)
+            oi = mine if holder is None or holder is component else index(self._owner_id(holder))
+            records.append(
+                pack(b"u", shard_of(ek, shards), oi, len(ek)) + ek + size(len(data)) + data
+            )
+        newer = _latest.get((self._base, self.app))
+        if newer is self:
+            newer = None
+        for key in result.deletes:
+            if newer is not None and key in newer:
+                continue  # a newer instance of the map holds it now
+            ek = encode_key(key)
+            records.append(pack(b"d", shard_of(ek, shards), mine, len(ek)) + ek + _NO_VALUE)
+        return header, records
+
+    async def _step(self, header: list[str], records: Sequence[bytes]) -> list[Any] | None:
+        """Run one commit script; None if the epoch moved (Redis lost its data)."""
+        self._steps += 1
+        reply = await self._commit(
+            keys=[self._base],
+            args=[
+                self._epoch,
+                self._instance,
+                self._maxlen,
+                str(len(header) // 2),
+                *header,
+                b"".join(records),
+            ],
+        )
+        if reply[0] == b"epoch":
+            return None
+        return list(reply[1:])
+
+    async def _send(
+        self, component: Owner, result: Commit[K, V], reclaim: bool = True
+    ) -> tuple[Exception | None, list[KeyConflictError]]:
+        """Send ``result`` to Redis.  On failure the table goes back to what
+        it was before ``result`` and the error is returned."""
+        if not result:
+            return None, []
+        try:
+            header, records = self._changes(component, result, reclaim)
+        except CodecError as exc:
+            self._table.revert(result)
+            return exc, []
+        conflicts: list[KeyConflictError] = []
+        try:
+            if len(records) > CHUNK and any(f == "1" for f in header[1::2]):
+                # several steps: the first must not delete what a later one
+                # declares, so what the owners no longer declare is found here
+                records = await self._stale(header, records)
+            for start in range(0, len(records), CHUNK):
+                reply = await self._step(header, records[start : start + CHUNK])
+                if reply is None:
+                    await self._resync()
+                    break
+                conflicts.extend(self._conflicts(header, reply))
+        except Exception as exc:
+            self._table.revert(result)
+            error = TargetApplyError(
+                self.name,
+                format_path(component.path),
+                len(result.upserts),
+                len(result.deletes),
+            )
+            error.__cause__ = exc
+            return error, conflicts
+        for i in range(0, len(header), 2):
+            self._seen.add(header[i])
+        return None, conflicts
+
+    async def _stale(self, header: list[str], records: list[bytes]) -> list[bytes]:
+        """``records`` plus a delete of each key a reclaiming owner held in
+        Redis and does not declare now; the owners' reclaim flags cleared."""
+        declared = set()
+        for record in records:
+            op, shard, oi, size = _RECORD.unpack_from(record)
+            if op == b"u":
+                declared.add((oi, shard, record[_RECORD.size : _RECORD.size + size]))
+        extra: list[bytes] = []
+        for o in range(0, len(header), 2):
+            if header[o + 1] != "1":
+                continue
+            header[o + 1] = "0"
+            oi = o // 2 + 1
+            members = await self._client.smembers(f"{self._base}:k:{header[o]}")
+            for member in members:
+                shard_text, _, ek = bytes(member).partition(b"|")
+                shard = int(shard_text)
+                if (oi, shard, ek) not in declared:
+                    extra.append(_RECORD.pack(b"r", shard, oi, len(ek)) + ek + _NO_VALUE)
+        return [*records, *extra]
+
+    def _conflicts(self, header: list[str], reply: list[Any]) -> list[KeyConflictError]:
+        out = []
+        for i in range(0, len(reply), 3):
+            key = decode_key(reply[i])
+            holder = reply[i + 1].decode()
+            claimant = header[(int(reply[i + 2]) - 1) * 2]
+            holder_app, _, holder_path = holder.partition(OWNER_SEP)
+            claimant_app, _, claimant_path = claimant.partition(OWNER_SEP)
+            out.append(
+                KeyConflictError(
+                    key,
+                    self.name,
+                    holder_path,
+                    claimant_path,
+                    owner_app=holder_app,
+                    declarer_app=claimant_app,
+                )
+            )
+        self._remote_conflicts += len(out)
+        return out
+
+    async def _resync(self) -> None:
+        """Redis lost the map's data (or another producer found it lost and
+        started a new epoch): upload everything this process holds."""
+        self._resyncs += 1
+        for _ in range(5):
+            epoch, _ = await self._init(
+                keys=[self._base], args=[uuid.uuid4().hex, str(self.shards)]
+            )
+            self._epoch = epoch.decode()
+            by_owner: dict[str, list[bytes]] = {}
+            encode = self._codec.encode
+            table = self._table
+            for key, value in table.items():
+                holder = table.owner_of(key)
+                if holder is None:
+                    continue
+                ek = encode_key(key)
+                data = encode(value)
+                by_owner.setdefault(self._owner_id(holder), []).append(
+                    _RECORD.pack(b"u", shard_of(ek, self.shards), 1, len(ek))
+                    + ek
+                    + _LENGTH.pack(len(data))
+                    + data
+                )
+            moved = False
+            for oid, records in by_owner.items():
+                for start in range(0, len(records), CHUNK):
+                    reply = await self._step([oid, "0"], records[start : start + CHUNK])
+                    if reply is None:
+                        moved = True
+                        break
+                if moved:
+                    break
+            if not moved:
+                return
+        raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
+
+    async def _retry_orphans(self) -> None:
+        # each stays listed until its deletes are in Redis
+        for component in list(self._orphans):
+            result = self._table.release(component)
+            failed, _ = await self._send(component, result, False)
+            if failed is None:
+                self._orphans.remove(component)
+                self._settled(component, result)
+
+    async def commit_run(self, component: Owner, buffer: Any, gen: int) -> Exception | None:
+        if self._retired or not component.current(gen):
+            return None
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            if self._retired or not component.current(gen):
+                return None
+            result = self._table.commit(buffer, component.defers_drops)
+            failed, conflicts = await self._send(component, result)
+            drop_now = failed is None and self._settled(component, result)
+        if drop_now:
+            failed = await self._apply_deferred(component)
+        if result.rejections:
+            await self._report_rejections(component, result)
+        for exc in conflicts:
+            await component.report(exc)
+        return failed
+
+    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            if gen is not None and not component.current(gen):
+                return None
+            result = self._let_go(component)
+            failed, _ = await self._send(component, result, False)
+            drop_now = failed is None and self._settled(component, result)
+            if failed is not None and not component.alive:
+                self._orphans.append(component)
+        if drop_now:
+            failed = await self._apply_deferred(component)
+        return failed
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = self._table.drop_deferred(component)
+            failed, _ = await self._send(component, result, False)
+            if failed is None:
+                self._settled(component, result)
+            elif not component.alive:
+                self._orphans.append(component)
+            return failed
+
+    def retire(self) -> None:
+        """No more declarations (the creating run was superseded or its
+        component unmounted).  The entries stay in Redis with their owners."""
+        self._retired = True
+        self.declare_entry.closed = True
+
+    @property
+    def retired(self) -> bool:
+        """Whether the map takes no more declarations."""
+        return self._retired
+
+    def stats(self) -> RedisMapStats:
+        """This process's counters (see :class:`RedisMapStats`)."""
+        table = self._table.stats()
+        return RedisMapStats(
+            entries=table.entries,
+            commits=table.commits,
+            changes=table.changes,
+            suppressed=table.suppressed,
+            conflicts=table.conflicts + self._remote_conflicts,
+            eq_errors=table.eq_errors,
+            steps=self._steps,
+            resyncs=self._resyncs,
+        )

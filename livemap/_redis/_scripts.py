@@ -1,0 +1,299 @@
+"""The Lua scripts a shared map runs in Redis, and the names of its keys.
+
+All keys of one map share the hash tag ``{name}`` (``<prefix>:{<name>}:...``),
+so a script touching several of them is valid on a cluster too.  Per map:
+
+* ``epoch``: a random token set when the map's data first appears; a
+  producer that finds it missing or changed knows Redis lost its data (a
+  restart without persistence) and uploads what it holds again.
+* ``meta``: the number of shards, fixed at first use.
+* per shard ``s``: ``d:s`` (hash: encoded key -> encoded value, the
+  snapshot), ``o:s`` (hash: key -> owner record), ``c:s`` / ``cv:s``
+  (hashes: a pending claim's record and value), ``n:s`` (the shard's change
+  counter), ``x:s`` (the change stream), ``lease:s`` (the consumer's lease).
+* per owner: ``k:<owner id>`` (set of ``s|key``: what the owner holds).
+
+An owner id is ``<app name> US <component path>`` (US: the unit separator,
+0x1f); an owner record is ``<owner id> RS <instance token>`` (RS: 0x1e), the
+token telling one producer process (and app) from another, and from its own
+earlier life.  A stream entry has the fields ``n`` (the shard's counter after it:
+one more than the entry before, so a consumer sees a gap), ``e`` (the
+epoch) and ``p``: the
+changes, each ``u`` + 4-byte length + key + 4-byte length + value, or ``d``
++ 4-byte length + key.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "COMMIT",
+    "INIT",
+    "LEASE_ACQUIRE",
+    "LEASE_RELEASE",
+    "OWNER_SEP",
+    "RECORD_SEP",
+    "SNAPSHOT",
+    "base_key",
+]
+
+OWNER_SEP = "\x1f"
+RECORD_SEP = "\x1e"
+
+
+def base_key(prefix: str, name: str) -> str:
+    """``<prefix>:{<name>}``, the start of every key of the map."""
+    return f"{prefix}:{{{name}}}"
+
+
+# KEYS[1] base; ARGV: new epoch, shards.  Returns {epoch, shards}.
+INIT = """
+local base = KEYS[1]
+redis.call('SET', base .. ':epoch', ARGV[1], 'NX')
+redis.call('HSETNX', base .. ':meta', 'shards', ARGV[2])
+return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta', 'shards')}
+"""
+
+# KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
+# owner: owner id, reclaim flag ('1': its first commit from this instance,
+# delete what it held and no longer declares), then blobs of changes, each
+# change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner holds
+# from any instance), shard (2 bytes), owner index (2 bytes, 1-based), then
+# the encoded key and the encoded value ('' for deletes), each after its
+# 4-byte length (one argument per blob, not five per change: a client
+# encodes each argument, which costs more than Lua's struct.unpack).
+# A delete applies only to what this instance (this app in this process)
+# holds or claims.
+# Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
+# else {'ok', key, holder id, owner index, key, holder id, owner index, ...}
+# for the claims that met another owner (new ones only).
+COMMIT = """
+local base = KEYS[1]
+local epoch = redis.call('GET', base .. ':epoch')
+if epoch ~= ARGV[1] then
+  return {'epoch', epoch or ''}
+end
+local inst = ARGV[2]
+local maxlen = ARGV[3]
+local nown = tonumber(ARGV[4])
+local SEP = '\\30'
+local owners = {}
+local reclaim = {}
+local i = 5
+local mine = {}
+for o = 1, nown do
+  owners[o] = ARGV[i]
+  mine[o] = ARGV[i] .. SEP .. inst
+  reclaim[o] = ARGV[i + 1] == '1'
+  i = i + 2
+end
+local D, O = {}, {}
+local function dkey(s)
+  local key = D[s]
+  if key == nil then
+    key = base .. ':d:' .. s
+    D[s] = key
+  end
+  return key
+end
+local function okey(s)
+  local key = O[s]
+  if key == nil then
+    key = base .. ':o:' .. s
+    O[s] = key
+  end
+  return key
+end
+local recs = {}
+local touched = {}
+local conflicts = {'ok'}
+local function emit(s, rec)
+  local l = recs[s]
+  if l == nil then
+    l = {}
+    recs[s] = l
+    touched[#touched + 1] = s
+  end
+  l[#l + 1] = rec
+end
+local function put(s, k, v)
+  local d = dkey(s)
+  if redis.call('HGET', d, k) ~= v then
+    redis.call('HSET', d, k, v)
+    emit(s, 'u' .. struct.pack('>I4', #k) .. k .. struct.pack('>I4', #v) .. v)
+  end
+end
+local function split(rec)
+  local p = string.find(rec, SEP, 1, true)
+  return string.sub(rec, 1, p - 1), string.sub(rec, p + 1)
+end
+local function take(s, k, oid, old)
+  if old then
+    redis.call('SREM', base .. ':k:' .. old, s .. '|' .. k)
+  end
+  redis.call('HSET', base .. ':o:' .. s, k, oid .. SEP .. inst)
+  redis.call('SADD', base .. ':k:' .. oid, s .. '|' .. k)
+end
+local function drop(s, k, oid)
+  redis.call('SREM', base .. ':k:' .. oid, s .. '|' .. k)
+  local c = base .. ':c:' .. s
+  local claim = redis.call('HGET', c, k)
+  if claim then
+    local cv = base .. ':cv:' .. s
+    local v = redis.call('HGET', cv, k)
+    redis.call('HDEL', c, k)
+    redis.call('HDEL', cv, k)
+    local cid = split(claim)
+    redis.call('HSET', base .. ':o:' .. s, k, claim)
+    redis.call('SADD', base .. ':k:' .. cid, s .. '|' .. k)
+    put(s, k, v)
+  else
+    redis.call('HDEL', base .. ':o:' .. s, k)
+    if redis.call('HDEL', base .. ':d:' .. s, k) == 1 then
+      emit(s, 'd' .. struct.pack('>I4', #k) .. k)
+    end
+  end
+end
+local declared = {}
+local n = #ARGV
+local unpack = struct.unpack
+while i <= n do
+  local blob = ARGV[i]
+  i = i + 1
+  local pos = 1
+  local size = #blob
+  while pos <= size do
+    local op, s, oi, k, v
+    op, s, oi, k, v, pos = unpack('>c1I2I2I4c0I4c0', blob, pos)
+    local oid = owners[oi]
+    local o = okey(s)
+    local rec = redis.call('HGET', o, k)
+    if op == 'u' then
+      if reclaim[oi] then
+        declared[oid .. SEP .. s .. '|' .. k] = true
+      end
+      if rec == mine[oi] then
+        put(s, k, v)
+      elseif not rec then
+        take(s, k, oid, nil)
+        put(s, k, v)
+      else
+        local hid, hinst = split(rec)
+        if hid == oid then
+          if hinst ~= inst then
+            redis.call('HSET', o, k, oid .. SEP .. inst)
+          end
+          put(s, k, v)
+        elseif hinst == inst then
+          take(s, k, oid, hid)
+          put(s, k, v)
+        else
+          local c = base .. ':c:' .. s
+          local claim = redis.call('HGET', c, k)
+          local cid = claim and split(claim)
+          if not claim or cid == oid then
+            redis.call('HSET', c, k, oid .. SEP .. inst)
+            redis.call('HSET', base .. ':cv:' .. s, k, v)
+          end
+          if claim ~= oid .. SEP .. inst then
+            conflicts[#conflicts + 1] = k
+            conflicts[#conflicts + 1] = hid
+            conflicts[#conflicts + 1] = oi
+          end
+        end
+      end
+    elseif op == 'r' then
+      if rec and split(rec) == oid then
+        drop(s, k, oid)
+      end
+    else
+      if rec then
+        if rec == mine[oi] then
+          drop(s, k, oid)
+        else
+          local c = base .. ':c:' .. s
+          local claim = redis.call('HGET', c, k)
+          if claim == oid .. SEP .. inst then
+            redis.call('HDEL', c, k)
+            redis.call('HDEL', base .. ':cv:' .. s, k)
+          end
+        end
+      end
+    end
+  end
+end
+for o = 1, nown do
+  if reclaim[o] then
+    local oid = owners[o]
+    local members = redis.call('SMEMBERS', base .. ':k:' .. oid)
+    for _, m in ipairs(members) do
+      if not declared[oid .. SEP .. m] then
+        local p = string.find(m, '|', 1, true)
+        local s = string.sub(m, 1, p - 1)
+        local k = string.sub(m, p + 1)
+        local rec = redis.call('HGET', base .. ':o:' .. s, k)
+        if rec and split(rec) == oid then
+          drop(s, k, oid)
+        else
+          redis.call('SREM', base .. ':k:' .. oid, m)
+        end
+      end
+    end
+  end
+end
+for _, s in ipairs(touched) do
+  local seq = redis.call('INCR', base .. ':n:' .. s)
+  redis.call('XADD', base .. ':x:' .. s, 'MAXLEN', '~', maxlen, '*',
+             'n', seq, 'e', epoch, 'p', table.concat(recs[s]))
+end
+return conflicts
+"""
+
+# KEYS[1] base; ARGV: shards.  Returns, per shard: counter, last stream id,
+# then {key, value, key, value, ...} (the whole snapshot, in one atomic step).
+SNAPSHOT = """
+local base = KEYS[1]
+local out = {}
+for _, s in ipairs(ARGV) do
+  local seq = redis.call('GET', base .. ':n:' .. s) or '0'
+  local last = redis.call('XREVRANGE', base .. ':x:' .. s, '+', '-', 'COUNT', 1)
+  local id = '0-0'
+  if last[1] then
+    id = last[1][1]
+  end
+  out[#out + 1] = seq
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', base .. ':d:' .. s)
+end
+return out
+"""
+
+# KEYS: lease keys; ARGV: token, ttl ms.  Takes (or refreshes) every lease or
+# none: returns 0 and the holders' tokens in order, or 1.
+LEASE_ACQUIRE = """
+local holders = {}
+local busy = false
+for i, k in ipairs(KEYS) do
+  local h = redis.call('GET', k)
+  holders[i] = h or ''
+  if h and h ~= ARGV[1] then
+    busy = true
+  end
+end
+if busy then
+  return {0, holders}
+end
+for _, k in ipairs(KEYS) do
+  redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
+end
+return {1, holders}
+"""
+
+# KEYS: lease keys; ARGV: token.  Deletes the leases the token holds.
+LEASE_RELEASE = """
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    redis.call('DEL', k)
+  end
+end
+return 1
+"""

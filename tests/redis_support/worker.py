@@ -1,0 +1,149 @@
+"""A producer or a consumer of a shared map, as its own process (for the
+Redis tests).
+
+``worker.py produce URL NAME APP BACKEND [SHARDS]``: reads one JSON object per
+line on stdin, the entries the app's live component declares (``{key:
+value}``; see redis_support.Producer), commits them and answers one line:
+``{"ok": true, "errors": [messages reported to the handler]}``.
+
+``worker.py consume URL NAME BACKEND LOG [SHARDS]``: follows the map with
+``mount_each``; each per-entry run appends ``["call", key, value]`` to LOG and
+declares its entry into a KeyedTarget whose sink appends ``["u", key, value]``
+or ``["d", key]``.  Prints ``ready`` once the first snapshot is processed; on
+a ``settle`` line it settles the view and answers ``settled``.
+
+``worker.py count URL NAME BACKEND [SHARDS]``: the benchmark's consumer
+(see :func:`count`).  Values are
+``{"k": key, "v": ...}`` (the processor sees only the value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import anyio
+
+import livemap as coco
+from livemap.redis import RedisLiveMapView, connect
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from redis_support import Producer
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def produce(url: str, name: str, app_name: str, shards: int) -> None:
+    async with (
+        connect(url) as client,
+        Producer(client, name, app=app_name, shards=shards, maxlen=50) as producer,
+    ):
+        stdin = anyio.wrap_file(sys.stdin)
+        async for line in stdin:
+            producer.errors.clear()
+            await producer.commit(json.loads(line))
+            errors = [f"{type(e).__name__}: {e}" for e in producer.errors]
+            out(json.dumps({"ok": True, "errors": errors}))
+
+
+async def consume(url: str, name: str, log_path: str, shards: list[int] | None) -> None:
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def write(entry: list[Any]) -> None:
+        log.write(json.dumps(entry) + "\n")
+
+    def apply(batch: coco.TargetBatch[str, Any]) -> None:
+        for key, value in batch.upserts:
+            write(["u", key, value])
+        for key in batch.deletes:
+            write(["d", key])
+
+    target: coco.KeyedTarget[str, Any] = coco.KeyedTarget("seen", apply)
+
+    def process(value: dict[str, Any]) -> None:
+        write(["call", value["k"], value])
+        target.declare(value["k"], value)
+
+    async with connect(url) as client:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(
+            client, name, shards=shards, lease_ttl=1.0, lease_wait=10.0, block=0.2
+        )
+
+        async def main() -> None:
+            await coco.mount_each(process, view)
+
+        app = coco.App("consumer", main)
+        async with app.update(live=True) as handle:
+            with anyio.fail_after(30):
+                while not view.stats().consumer:
+                    await anyio.sleep(0.01)
+                await view.settle()
+            out("ready")
+            stdin = anyio.wrap_file(sys.stdin)
+            async for line in stdin:
+                if line.strip() == "settle":
+                    with anyio.fail_after(30):
+                        await view.settle()
+                    out("settled " + json.dumps(view.stats().resyncs))
+            await handle.stop()
+
+
+async def count(url: str, name: str, shards: list[int] | None) -> None:
+    """Follow the map, keeping each key's latest value; on a ``settle`` line,
+    settle and answer ``{"calls": ..., "keys": ..., "sum": ...}`` (the sum
+    of the values' second items: ``[key, n]`` values, as the benchmark
+    declares)."""
+    held: dict[str, Any] = {}
+    calls = 0
+
+    def process(value: list[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        held[value[0]] = value[1]
+
+    async with connect(url) as client:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(
+            client, name, shards=shards, lease_ttl=5.0, lease_wait=10.0, block=0.2, batch=10_000
+        )
+
+        async def main() -> None:
+            await coco.mount_each(process, view)
+
+        async with coco.App("counter", main).update(live=True) as handle:
+            with anyio.fail_after(30):
+                while not view.stats().consumer:
+                    await anyio.sleep(0.01)
+                await view.settle()
+            out("ready")
+            stdin = anyio.wrap_file(sys.stdin)
+            async for line in stdin:
+                if line.strip() == "settle":
+                    await view.settle()
+                    out(json.dumps({"calls": calls, "keys": len(held), "sum": sum(held.values())}))
+            await handle.stop()
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    if mode == "count":
+        url, name, backend = sys.argv[2:5]
+        wanted = [int(s) for s in sys.argv[5].split(",")] if len(sys.argv) > 5 else None
+        anyio.run(count, url, name, wanted, backend=backend)
+        return
+    if mode == "produce":
+        url, name, app_name, backend = sys.argv[2:6]
+        shards = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+        anyio.run(produce, url, name, app_name, shards, backend=backend)
+    else:
+        url, name, backend, log_path = sys.argv[2:6]
+        wanted = [int(s) for s in sys.argv[6].split(",")] if len(sys.argv) > 6 else None
+        anyio.run(consume, url, name, log_path, wanted, backend=backend)
+
+
+if __name__ == "__main__":
+    main()
