@@ -275,3 +275,64 @@ async def test_a_mount_each_replaced_by_its_parent_takes_over_the_map(swap: str)
     for upserts, _ in batches:
         final.update(upserts)
     assert final == {key: i + 100 for i, key in enumerate(KEYS[:5])}
+
+
+async def test_a_failing_key_deleted_across_a_remount_fails_no_more() -> None:
+    """A key whose processing failed is deleted while its consumer is being
+    re-mounted: the new scan does not see it, and it is not reported as
+    failing any more."""
+    done = anyio.Event()
+
+    @coco.fn
+    async def process(value: int, round_: int) -> None:
+        if value < 0:
+            raise ValueError(f"bad value {value}")
+
+    @coco.fn
+    async def host(lm: LiveMap[str, int], round_: int) -> None:
+        if round_ == 0:
+            retry = coco.RetryPolicy(max_attempts=2, initial_backoff=0.0)
+            await coco.mount_each(process, lm.consumer(concurrency=8, retry=retry), round_)
+        else:
+            await coco.mount_each(process, lm.consumer(concurrency=1), round_)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int], values: dict[str, int]) -> None:
+        for key, n in values.items():
+            lm.declare_entry(key, n)
+
+    class Driver:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            with anyio.fail_after(TIMEOUT):
+                await (await op.update("p", produce, self.lm, {"bad": -1, "ok": 1})).ready()
+                await (await op.update("consumer", host, self.lm, 0)).ready()
+                await self.lm.settle()
+            assert set(self.lm.stats().failing) == {"bad"}
+            # re-mount the consumer and drop the failing key in one breath
+            h = await op.update("consumer", host, self.lm, 1)
+            with anyio.fail_after(TIMEOUT):
+                await (await op.update("p", produce, self.lm, {"ok": 1})).ready()
+                await h.ready()
+                await self.lm.settle()
+            assert self.lm.stats().failing == {}
+            done.set()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(Driver, lm)
+
+    config = coco.AppConfig("failing-gone", exception_handler=lambda e, c: None)
+    handle = coco.App(config, main).update(live=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.result)
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+            await handle.stop()

@@ -795,7 +795,11 @@ class EachSubscriber:
     async def update_all(self) -> None:
         # an epoch is only needed to sweep children that were there before
         host = self.host
-        self._epoch = set() if self.component.children or host.leaves or host.counted else None
+        self._epoch = (
+            set()
+            if self.component.children or host.leaves or host.counted or host.failures
+            else None
+        )
         source = self.source
         if callable(getattr(source, "__aiter__", None)):
             # a LiveMap hands its table's items over without an await per item
@@ -822,6 +826,10 @@ class EachSubscriber:
                 host.drop(key)
             for key in [k for k in host.leaves if k not in epoch]:
                 self.drop_leaf(key)
+            failures = host.failures
+            if failures:  # a key that failed and is gone: it fails no more
+                for key in [k for k in failures if k not in epoch]:
+                    del failures[key]
             children = self.component.children or {}
             for child in [c for rel, c in children.items() if rel[0] not in epoch]:
                 await unmount(child)
