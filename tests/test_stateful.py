@@ -783,23 +783,6 @@ class LiveMapMachine(RuleBasedStateMachine):
 
         self.step(job)
 
-    @precondition(lambda self: self.consuming)
-    @rule(spec=consumers, yields=st.integers(0, 2))
-    def remount_consumer(self, spec: tuple[int | None, bool, bool, int], yields: int) -> None:
-        """Re-mount the consumer's parent with new arguments (maybe another
-        processor: the per-entry components move to new paths) while its
-        keys may be running: the new consumer starts from a fresh scan, its
-        downstream rows pass over without a delete, and no key runs in both
-        at once (the old run's ``finally`` included)."""
-        start = self._start_job(spec, remount=True)
-
-        async def job(op: coco.LiveComponentOperator) -> None:
-            for _ in range(yields):
-                await anyio.sleep(0)
-            await start(op)
-
-        self.step(job)
-
     @rule(delay=st.sampled_from([0.0, 0.0, 0.0005, 0.002]))
     def set_handler_speed(self, delay: float) -> None:
         """The (async) exception handler takes this long from now on."""

@@ -504,6 +504,7 @@ class Pool:
         "free",
         "high",
         "host",
+        "idle_waiters",
         "limit",
         "parked",
         "queue",
@@ -523,6 +524,8 @@ class Pool:
         # (None: none wait).  Invariant: a key is here exactly while one
         # worker runs an item of it, so no two items of a key run at once.
         self.busy: dict[Any, list[tuple[Component | None, int, Any]] | None] = {}
+        # events set once ``busy`` is empty (see :meth:`wait_idle`)
+        self.idle_waiters: list[anyio.Event] | None = None
         self.workers = 0
         self.free = 0  # workers started or woken that are not in a run
         self.parked: list[anyio.Event] = []
@@ -579,6 +582,7 @@ class Pool:
         self.app_run = app_run
         self.queue.clear()
         self.busy.clear()
+        self.idle_waiters = None  # (of an earlier app run, maybe another loop)
         self.parked.clear()
         self._room = None
         self.workers = 0
@@ -607,6 +611,21 @@ class Pool:
         room, self._room = self._room, None
         if room is not None:
             room.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no run of this pool's current app run is under way."""
+        while self.busy:
+            event = anyio.Event()
+            if self.idle_waiters is None:
+                self.idle_waiters = [event]
+            else:
+                self.idle_waiters.append(event)
+            await event.wait()
+
+    def _wake_idle(self) -> None:
+        waiters, self.idle_waiters = self.idle_waiters, None
+        for event in waiters or ():
+            event.set()
 
     async def _work(self, app_run: AppRun) -> None:
         """A worker: take an item, run it, take the next; park when there is
@@ -699,6 +718,8 @@ class Pool:
                                     waiting = busy.pop(key, None)
                                     if waiting:  # their turn now, before newer items
                                         queue.extendleft(reversed(waiting))
+                                    if not busy and self.idle_waiters:
+                                        self._wake_idle()
                 if token is not None:  # parked or done: no keyed run is current
                     slot = None
                     current_run_var.reset(token)
@@ -1017,8 +1038,8 @@ async def take_over(source: Any, comp: Component) -> None:
     pool = host.pool
     # cancelled runs winding down (a shielded cleanup may await); the runs
     # of an earlier app run ended with it
-    while pool.busy and pool.app_run is comp.session.active:
-        await anyio.sleep(0.001)
+    if pool.app_run is comp.session.active:
+        await pool.wait_idle()
 
 
 def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
