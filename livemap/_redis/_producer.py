@@ -10,7 +10,6 @@ touched, all one atomic step.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import struct
@@ -20,9 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
-
-import anyio
-from anyio.lowlevel import RunVar
 
 from livemap._paths import format_path
 from livemap._redis._codecs import (
@@ -42,7 +38,7 @@ from livemap._redis._scripts import (
 from livemap._runtime._component import Component, current_run
 from livemap._runtime._hosting import Owner, current_run_var
 from livemap._runtime._tables import DeclarerDoc, new_declarer
-from livemap._runtime._targets import TargetBase
+from livemap._runtime._targets import SinkTarget
 from livemap.errors import (
     KeyConflictError,
     MapRetiredError,
@@ -57,7 +53,6 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _CREATE = object()
-_ids = itertools.count(1)
 # changes per script call: each call is one atomic step, so a commit bigger
 # than this is several steps (each complete in itself)
 CHUNK = 20_000
@@ -139,7 +134,7 @@ class RedisMapStats:
     resyncs: int
 
 
-class RedisLiveMap(TargetBase[K, V]):
+class RedisLiveMap(SinkTarget[K, V]):
     """A LiveMap whose entries live in Redis, for consumers in any process.
 
     Create it inside a component with ``await RedisLiveMap.create(client,
@@ -159,9 +154,7 @@ class RedisLiveMap(TargetBase[K, V]):
         "_epoch": None,
         "_init": None,
         "_instance": None,
-        "_locks": None,
         "_maxlen": None,
-        "_orphans": None,
         "_remote_conflicts": None,
         "_resyncs": None,
         "_retired": None,
@@ -208,8 +201,6 @@ class RedisLiveMap(TargetBase[K, V]):
         self._instance = instance_token(creator.session.name)
         self._epoch = ""
         self._seen: set[str] = set()
-        self._orphans: list[Owner] = []
-        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap RedisLiveMap #{next(_ids)}")
         self._retired = False
         self._steps = 0
         self._resyncs = 0
@@ -281,13 +272,6 @@ class RedisLiveMap(TargetBase[K, V]):
         self._epoch = epoch.decode()
 
     # -- the target ------------------------------------------------------------
-
-    def _get_lock(self) -> anyio.Lock:
-        lock = self._locks.get(None)
-        if lock is None:
-            lock = anyio.Lock()
-            self._locks.set(lock)
-        return lock
 
     def _owner_id(self, owner: Any) -> str:
         return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
@@ -478,14 +462,9 @@ class RedisLiveMap(TargetBase[K, V]):
                 return
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
 
-    async def _retry_orphans(self) -> None:
-        # each stays listed until its deletes are in Redis
-        for component in list(self._orphans):
-            result = self._table.release(component)
-            failed, _ = await self._send(component, result, False)
-            if failed is None:
-                self._orphans.remove(component)
-                self._settled(component, result)
+    async def _send_drops(self, component: Owner, result: Commit[K, V]) -> Exception | None:
+        failed, _ = await self._send(component, result, False)
+        return failed
 
     async def commit_run(self, component: Owner, buffer: Any, gen: int) -> Exception | None:
         if self._retired or not component.current(gen):
@@ -505,33 +484,6 @@ class RedisLiveMap(TargetBase[K, V]):
         for exc in conflicts:
             await component.report(exc)
         return failed
-
-    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
-        async with self._get_lock():
-            if self._orphans:
-                await self._retry_orphans()
-            if gen is not None and not component.current(gen):
-                return None
-            result = self._let_go(component)
-            failed, _ = await self._send(component, result, False)
-            drop_now = failed is None and self._settled(component, result)
-            if failed is not None and not component.alive:
-                self._orphans.append(component)
-        if drop_now:
-            failed = await self._apply_deferred(component)
-        return failed
-
-    async def _apply_deferred(self, component: Owner) -> Exception | None:
-        async with self._get_lock():
-            if self._orphans:
-                await self._retry_orphans()
-            result = self._table.drop_deferred(component)
-            failed, _ = await self._send(component, result, False)
-            if failed is None:
-                self._settled(component, result)
-            elif not component.alive:
-                self._orphans.append(component)
-            return failed
 
     def retire(self) -> None:
         """No more declarations (the creating run was superseded or its

@@ -31,7 +31,7 @@ from livemap.errors import (
 )
 from livemap_core import CONFLICT, Buffer, Commit, Declarer, Table, TableStats
 
-__all__ = ["KeyedTarget", "TargetBase", "TargetBatch"]
+__all__ = ["KeyedTarget", "SinkTarget", "TargetBase", "TargetBatch"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -199,7 +199,81 @@ stops declaring it or is unmounted) is a transfer: one upsert, no error.
 _DECLARE = DeclarerDoc("declare", "KeyedTargetDeclarer", __name__, _DECLARE_DOC)
 
 
-class KeyedTarget(TargetBase[K, V]):
+class SinkTarget(TargetBase[K, V]):
+    """A target whose commits reach an outside sink, one at a time under a
+    lock: what :class:`KeyedTarget` and a Redis-backed map share.
+
+    The lock is bound to the event loop it was made on, and a target may be
+    used on one loop after another (each ``anyio.run`` or ``update_blocking``
+    makes its own): one lock per loop, kept by the loop and gone with it.
+    ``_orphans``: unmounted components whose deletes the sink did not take;
+    each stays listed until they are applied, retried before every commit.
+    A subclass sends changes with :meth:`_send_drops` (for releases and
+    deferred drops) and commits with its own ``commit_run``.
+    """
+
+    __slots__ = ("_locks", "_orphans")
+
+    def __init__(self, name: str, *, track_undo: bool) -> None:
+        super().__init__(name, track_undo=track_undo)
+        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap target {name} #{next(_ids)}")
+        self._orphans: list[Owner] = []
+
+    def _get_lock(self) -> anyio.Lock:
+        """The target's lock on the running event loop (made on first use)."""
+        lock = self._locks.get(None)
+        if lock is None:
+            # fast_acquire: a free lock is taken without an event-loop step
+            # (a step per commit was most of a per-entry run's cost)
+            lock = anyio.Lock(fast_acquire=True)
+            self._locks.set(lock)
+        return lock
+
+    async def _send_drops(self, component: Owner, result: Commit[K, V]) -> Exception | None:
+        """Send a release or a deferred drop of ``component`` to the sink; on
+        failure the table goes back to before ``result`` and the error is
+        returned."""
+        raise NotImplementedError
+
+    async def _retry_orphans(self) -> None:
+        # Each stays listed until its deletes are applied: a retry cut short
+        # (the committing run cancelled in the sink) leaves it for the next.
+        orphans = self._orphans
+        for component in list(orphans):
+            result = self._table.release(component)
+            if await self._send_drops(component, result) is None:
+                orphans.remove(component)
+                self._settled(component, result)
+
+    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            if gen is not None and not component.current(gen):
+                return None
+            result = self._let_go(component)
+            failed = await self._send_drops(component, result)
+            drop_now = failed is None and self._settled(component, result)
+            if failed is not None and not component.alive:
+                self._orphans.append(component)
+        if drop_now:
+            failed = await self._apply_deferred(component)
+        return failed
+
+    async def _apply_deferred(self, component: Owner) -> Exception | None:
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = self._table.drop_deferred(component)
+            failed = await self._send_drops(component, result)
+            if failed is None:
+                self._settled(component, result)  # (nothing is deferred any more)
+            elif not component.alive:
+                self._orphans.append(component)
+            return failed
+
+
+class KeyedTarget(SinkTarget[K, V]):
     """A user-defined keyed target: owned entries applied through ``apply``.
 
     ``apply(batch)`` (sync or async) receives a :class:`TargetBatch` for each
@@ -218,8 +292,6 @@ class KeyedTarget(TargetBase[K, V]):
 
     __slots__ = {
         "_apply": None,
-        "_locks": None,
-        "_orphans": None,
         "declare": "``target.declare(key, value) -> None``: " + _DECLARE_DOC,
     }
 
@@ -235,25 +307,9 @@ class KeyedTarget(TargetBase[K, V]):
         )
         """``target.declare(key, value) -> None``: see ``help(target.declare)``."""
         self._apply = apply
-        # A lock is bound to the event loop it was made on, and a target may
-        # be used on one loop after another (each ``anyio.run`` or
-        # ``update_blocking`` makes its own): one lock per loop, kept by the
-        # loop and gone with it.
-        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap KeyedTarget {name} #{next(_ids)}")
-        self._orphans: list[Owner] = []
 
     def __repr__(self) -> str:
         return f"<KeyedTarget {self.name} entries={len(self._table)}>"
-
-    def _get_lock(self) -> anyio.Lock:
-        """The target's lock on the running event loop (made on first use)."""
-        lock = self._locks.get(None)
-        if lock is None:
-            # fast_acquire: a free lock is taken without an event-loop step
-            # (a step per commit was most of a per-entry run's cost)
-            lock = anyio.Lock(fast_acquire=True)
-            self._locks.set(lock)
-        return lock
 
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
@@ -276,15 +332,7 @@ class KeyedTarget(TargetBase[K, V]):
             raise
         return None
 
-    async def _retry_orphans(self) -> None:
-        # Each stays listed until its deletes are applied: a retry cut short
-        # (the committing run cancelled in the sink) leaves it for the next.
-        orphans = self._orphans
-        for component in list(orphans):
-            result = self._table.release(component)
-            if await self._send(component, result) is None:
-                orphans.remove(component)
-                self._settled(component, result)
+    _send_drops = _send  # a release is sent like a commit
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
@@ -306,30 +354,3 @@ class KeyedTarget(TargetBase[K, V]):
             # (outside the lock: a slow handler holds back no other commit)
             await self._report_rejections(component, result)
         return failed
-
-    async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
-        async with self._get_lock():
-            if self._orphans:
-                await self._retry_orphans()
-            if gen is not None and not component.current(gen):
-                return None
-            result = self._let_go(component)
-            failed = await self._send(component, result)
-            drop_now = failed is None and self._settled(component, result)
-            if failed is not None and not component.alive:
-                self._orphans.append(component)
-        if drop_now:
-            failed = await self._apply_deferred(component)
-        return failed
-
-    async def _apply_deferred(self, component: Owner) -> Exception | None:
-        async with self._get_lock():
-            if self._orphans:
-                await self._retry_orphans()
-            result = self._table.drop_deferred(component)
-            failed = await self._send(component, result)
-            if failed is None:
-                self._settled(component, result)  # (nothing is deferred any more)
-            elif not component.alive:  # retried with the target's next batch
-                self._orphans.append(component)
-            return failed
