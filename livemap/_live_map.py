@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from livemap._feed._consumer import Consumer, scanning_consumer
+from livemap._feed._consumer import Consumer, scan
 from livemap._feed._protocols import (
     ConsumerOptions,
     LiveMapFeed,
@@ -94,22 +94,6 @@ class LiveMapStats:
     in_flight: int
     failing: dict[Any, BaseException]
     consumer: bool
-
-
-class _Snapshot(Generic[K, V]):
-    __slots__ = ("_it",)
-
-    def __init__(self, items: list[tuple[K, V]]) -> None:
-        self._it = iter(items)
-
-    def __aiter__(self) -> _Snapshot[K, V]:
-        return self
-
-    async def __anext__(self) -> tuple[K, V]:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise StopAsyncIteration from None
 
 
 class LiveMap(TargetBase[K, V]):
@@ -237,11 +221,7 @@ class LiveMap(TargetBase[K, V]):
         No side effects, except for the watching subscriber itself: a scan
         made by its ``update_all()`` is the snapshot its watch continues
         from (see :meth:`watch`)."""
-        items = self._table.items()
-        scanning = scanning_consumer.get()
-        if scanning is not None and scanning is self._consumer:
-            scanning.rebase(items)
-        return _Snapshot(items)
+        return scan(self._consumer, self._table.items())
 
     def snapshot(self) -> list[tuple[K, V]]:
         """The entries as they are now, as a list (what ``async for`` yields)."""

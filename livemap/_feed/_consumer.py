@@ -19,6 +19,7 @@ key back when its run is over.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -33,7 +34,7 @@ from livemap._runtime._component import Component
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import cleanup, detach
 
-__all__ = ["ConsumedMap", "Consumer", "scanning_consumer"]
+__all__ = ["ConsumedMap", "Consumer", "scan", "scanning_consumer"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -48,6 +49,34 @@ scanning_consumer: ContextVar[Consumer[Any, Any] | None] = ContextVar(
 context: a scan of the map made there is the snapshot the watch continues
 from (:meth:`Consumer.rebase`).  It follows ``update_all()``'s awaits and the
 tasks it starts, and nothing else."""
+
+
+class _Snapshot(Generic[K, V]):
+    """An async iterator over a list of entries taken at once."""
+
+    __slots__ = ("_it",)
+
+    def __init__(self, items: list[tuple[K, V]]) -> None:
+        self._it = iter(items)
+
+    def __aiter__(self) -> _Snapshot[K, V]:
+        return self
+
+    async def __anext__(self) -> tuple[K, V]:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+def scan(consumer: Consumer[K, V] | None, items: list[tuple[K, V]]) -> AsyncIterator[tuple[K, V]]:
+    """What ``async for`` over a view yields: ``items``, the view's entries
+    now.  Made by the subscriber of ``consumer`` (the view's watch) in its
+    ``update_all()``, the scan is also the snapshot the watch continues from."""
+    scanning = scanning_consumer.get()
+    if scanning is not None and scanning is consumer:
+        scanning.rebase(items)
+    return _Snapshot(items)
 
 
 class ConsumedMap(Protocol[K, V]):

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 
-from livemap._feed._consumer import Consumer, scanning_consumer
+from livemap._feed._consumer import Consumer, scan
 from livemap._feed._each import EachSubscriber
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, RetryPolicy
 from livemap._redis._codecs import Codec, JsonCodec, decode_key
@@ -66,22 +66,6 @@ class RedisViewStats:
     in_flight: int
     failing: dict[Any, BaseException]
     consumer: bool
-
-
-class _Snapshot(Generic[K, V]):
-    __slots__ = ("_it",)
-
-    def __init__(self, items: list[tuple[K, V]]) -> None:
-        self._it = iter(items)
-
-    def __aiter__(self) -> _Snapshot[K, V]:
-        return self
-
-    async def __anext__(self) -> tuple[K, V]:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise StopAsyncIteration from None
 
 
 class RedisLiveMapView(Generic[K, V]):
@@ -187,11 +171,7 @@ class RedisLiveMapView(Generic[K, V]):
 
     def __aiter__(self) -> AsyncIterator[tuple[K, V]]:
         """What the view holds now (empty until a watch has read the snapshot)."""
-        items = self.items()
-        scanning = scanning_consumer.get()
-        if scanning is not None and scanning is self._consumer:
-            scanning.rebase(items)
-        return _Snapshot(items)
+        return scan(self._consumer, self.items())
 
     # -- reading Redis ----------------------------------------------------------
 
