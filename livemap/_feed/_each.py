@@ -43,6 +43,7 @@ from livemap._runtime._component import (
     EMPTY_KWARGS,
     Component,
     ComponentMountHandle,
+    LiveBody,
     Run,
     current_run,
 )
@@ -224,6 +225,21 @@ class EachHost:
         self.fargs = fargs
         self.kwargs = kwargs or EMPTY_KWARGS
         self.handlers = handlers
+
+    def mount_entry(self, key: Any, value: Any, live_body: LiveBody | None = None) -> Component:
+        """The component of ``key``'s child, (re)mounted to run with ``value``
+        (a live component per entry: with ``live_body``)."""
+        fargs = self.fargs
+        return self.component.mount_child(
+            None,
+            (key,),
+            self.fn,
+            (value, *fargs) if fargs else (value,),
+            self.kwargs,
+            "mount_each",
+            self.handlers,
+            live_body,
+        )
 
     def hold(self) -> None:
         if not self.counted:
@@ -780,16 +796,7 @@ class EachSubscriber:
             host.leaves.pop(key, None)
         if host.counted:
             host.drop(key)
-        fargs = host.fargs
-        return self.component.mount_child(
-            None,
-            (key,),
-            host.fn,
-            (value, *fargs) if fargs else (value,),
-            host.kwargs,
-            "mount_each",
-            host.handlers,
-        )
+        return host.mount_entry(key, value)
 
     def submit(self, key: Any, value: Any) -> None:
         """Run ``key``'s child with ``value`` on the pool: as a run without a
@@ -897,18 +904,7 @@ class EachLiveSubscriber:
     def _mount(self, key: Any, value: Any) -> Component:
         if self._epoch is not None:
             self._epoch.add(key)
-        host = self.host
-        fargs = host.fargs
-        return self.component.mount_child(
-            None,
-            (key,),
-            host.fn,
-            (value, *fargs) if fargs else (value,),
-            host.kwargs,
-            "mount_each",
-            host.handlers,
-            run_live,
-        )
+        return self.host.mount_entry(key, value, run_live)
 
     async def update_all(self) -> None:
         self._epoch = set() if self.component.children else None
