@@ -362,7 +362,7 @@ class Consumer(Generic[K, V]):
         else:
             children = each.component.children
             child = None if children is None else children.get((key,))  # type: ignore[arg-type]
-        if child is None or not child.backing_off:
+        if child is None or not each.host.backing_off(child):
             return False
         self.deliveries += 1
         self.queue.restart(key)
@@ -370,7 +370,7 @@ class Consumer(Generic[K, V]):
         if value is not _MISSING:
             fargs = each.host.fargs
             child.args = (value, *fargs) if fargs else (value,)
-            each.pool.queue_run(child)  # cancels the wait: a new generation
+            each.pool.queue_run(child)  # cuts the backoff short: a newer run
             return True
         if run is not None:
             state.drop(key)  # its hand-back is the cleanup's now
@@ -380,8 +380,8 @@ class Consumer(Generic[K, V]):
             child.readiness.waiters = [
                 w for w in waiters if not (isinstance(w, partial) and w.func == finish)
             ] or None
-        detach(child)  # cancels the wait
-        each.pool.submit(child, 0, partial(self._cleanup, child, key))
+        detach(child)  # drops its try again
+        each.pool.cleanup(child, partial(self._cleanup, child, key))
         return True
 
     def _deliver_each(self, each: EachSubscriber, key: K) -> None:
@@ -390,7 +390,7 @@ class Consumer(Generic[K, V]):
         queue = self.queue
         value = self.live_map.get(key, _MISSING)
         state = each.host
-        if key in state.pending or key in state.running:
+        if key in state.running or state.pending(key):
             # still processing an earlier value (from the scan): deliver the
             # latest state once that is done (EachHost tells finish), or
             # now if it only waits to retry
@@ -429,7 +429,7 @@ class Consumer(Generic[K, V]):
             queue.begin(key)
             self.deliveries += 1
             detach(child)
-            each.pool.submit(child, 0, partial(self._cleanup, child, key))
+            each.pool.cleanup(child, partial(self._cleanup, child, key))
             return
         if _same(child.args[0], value):
             queue.settled(key)
@@ -507,7 +507,7 @@ class Consumer(Generic[K, V]):
         each = self.each
         if each is not None:
             host = each.host
-            for key in (*host.pending, *host.running):
+            for key in (*host.pending_keys(), *host.running):
                 need.setdefault(key, -1)  # queued or running since the scan
             comp = each.component
             children = comp.children

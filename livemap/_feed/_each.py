@@ -14,7 +14,6 @@ protocol and queues runs on the host directly.
 from __future__ import annotations
 
 import inspect
-from collections import deque
 from collections.abc import (
     AsyncIterable,
     Awaitable,
@@ -37,6 +36,7 @@ from livemap._feed._protocols import (
     RetryPolicy,
     is_feed,
 )
+from livemap._feed._queue import RunQueue, Work
 from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
@@ -70,8 +70,6 @@ __all__ = [
     "mount_each",
     "run_each",
 ]
-
-_NOTHING: Any = object()
 
 P = ParamSpec("P")
 V = TypeVar("V")
@@ -150,18 +148,18 @@ class EachHost:
 
     Most per-entry runs leave nothing behind: no target entries, children or
     maps.  Such a child needs no component.  ``leaves`` holds the value of
-    each child at rest without one; ``pending`` the value of each key whose
-    run is queued, and ``running`` the :class:`KeyedRun` of each key whose
-    run is under way, both without a component.  A run that needs its
-    component (see :class:`KeyedRun`), or fails, gets one, which then stays
-    in the tree like any other child until a later run leaves nothing behind
-    (:meth:`rest`).  A key is in at most one of
-    ``leaves``, ``pending`` and ``running``, and is in the component's
-    children only while in none of them, or while running once its run made
-    its component.
+    each child at rest without one; the pool's queue holds the value of each
+    key whose run is queued without one (a :class:`RunKeyed`: the key is
+    *pending*), and ``running`` the :class:`KeyedRun` of each key whose run
+    is under way without one.  A run that needs its component (see
+    :class:`KeyedRun`), or fails, gets one, which then stays in the tree
+    like any other child until a later run leaves nothing behind
+    (:meth:`rest`).  A key is in at most one of ``leaves``, pending and
+    ``running``, and is in the component's children only while in none of
+    them, or while running once its run made its component.
 
     While any key is pending or running, the ``mount_each`` component counts
-    one unready child for them all.
+    one unready child for them all (``counted``).
     """
 
     __slots__ = (
@@ -176,7 +174,6 @@ class EachHost:
         "keeps_leaves",
         "kwargs",
         "leaves",
-        "pending",
         "pool",
         "retry",
         "running",
@@ -203,7 +200,6 @@ class EachHost:
         # the consumer waiting for keys' runs to be over, while one watches
         self.consumer: KeyWatcher | None = None
         self.leaves: dict[Any, Any] = {}
-        self.pending: dict[Any, Any] = {}
         self.running: dict[Any, KeyedRun] = {}
         self.counted = False
         self.fn: Any = None  # the processor, and what calling it calls
@@ -246,8 +242,16 @@ class EachHost:
             self.counted = True
             self.component.readiness.adjust(1)
 
+    def pending(self, key: Any) -> bool:
+        """Whether a run of ``key`` without a component is queued."""
+        return type(self.pool.queue.latest(key)) is RunKeyed
+
+    def pending_keys(self) -> list[Any]:
+        """The keys whose run without a component is queued."""
+        return list(self.pool.queue.keys_waiting(RunKeyed))
+
     def release_if_idle(self) -> None:
-        if self.counted and not self.pending and not self.running:
+        if self.counted and not self.pool.queue.holding and not self.running:
             self.counted = False
             self.component.readiness.adjust(-1)
 
@@ -277,11 +281,12 @@ class EachHost:
         return child
 
     async def run_keyed(
-        self, key: Any, gen: int, run: KeyedRun
+        self, key: Any, gen: int, value: Any, run: KeyedRun
     ) -> tuple[Any, Exception | None] | None:
-        """Run ``key``'s pending value (queued by a run of generation ``gen``
-        of the ``mount_each`` component) as ``run``, which the pool worker
-        made the current run; without a component unless the run needs one.
+        """Run ``key``'s child on ``value`` (queued by a run of generation
+        ``gen`` of the ``mount_each`` component) as ``run``, which the pool
+        worker made the current run; without a component unless the run
+        needs one.
 
         ``None``: the run is over (or was not needed) and ``run`` may be used
         again.  Otherwise the run made its component or failed: the worker
@@ -291,9 +296,6 @@ class EachHost:
         comp = self.component
         if not comp.alive or comp.generation != gen:
             return None  # queued by an earlier run of the mount_each: it reset us
-        value = self.pending.pop(key, _NOTHING)
-        if value is _NOTHING:
-            return None  # dropped meanwhile
         run.key = key
         run.value = value
         running = self.running
@@ -404,7 +406,7 @@ class EachHost:
 
     def drop(self, key: Any) -> None:
         """Forget ``key``'s run without a component (cancelled if under way)."""
-        self.pending.pop(key, None)
+        self.pool.queue.discard(key)
         run = self.running.pop(key, None)
         if run is not None and run.scope is not None:
             run.scope.cancel()
@@ -412,13 +414,21 @@ class EachHost:
 
     def reset(self) -> None:
         """Cancel every run without a component (a new scan follows)."""
-        self.pending.clear()
-        self.stop_runs()
+        self.pool.queue.discard_where(_is_keyed)
+        self._cancel_running()
         self.running.clear()
         self.release_if_idle()
 
     def stop_runs(self) -> None:
-        """Cancel every run without a component that is under way."""
+        """Cancel every run without a component that is under way, and drop
+        every run still waiting (a try again in its backoff too; cleanups
+        stay): nothing runs here again until new work comes."""
+        self._cancel_running()
+        queue = self.pool.queue
+        queue.cancel_backoff()
+        queue.discard_where(_any_run)
+
+    def _cancel_running(self) -> None:
         for run in self.running.values():
             if run.scope is not None:
                 run.scope.cancel()
@@ -435,6 +445,19 @@ class EachHost:
             self.pool.queue_run(child)
             return True
         return False
+
+    def try_again(self, child: Component, gen: int) -> bool:
+        """Run ``gen`` of ``child`` failed: the pool's queue tries it again
+        after the policy's wait, while the policy has tries left."""
+        return self.pool.try_again(child, gen)
+
+    def backing_off(self, child: Component) -> bool:
+        """Whether ``child`` waits to try a failed run again: out its
+        backoff, or for a worker to take its try again."""
+        queue = self.pool.queue
+        key = child.rel[0]
+        again = queue.backing_off(key) or queue.latest(key)
+        return type(again) is RunChild and again[2] and again[0] is child
 
     def retry_delay(self, failed: int) -> float | None:
         policy = self.retry
@@ -470,6 +493,7 @@ class EachHost:
         failures = self.failures
         if failures:
             failures.pop(child.key, None)
+        self.pool.forget(child)
 
     def supersede(self) -> None:
         consumer = self.consumer
@@ -487,11 +511,50 @@ class EachHost:
         return unmounted
 
 
+def _is_keyed(work: Work) -> bool:
+    return type(work) is RunKeyed
+
+
+def _any_run(work: Work) -> bool:
+    return True
+
+
 def event_class() -> Callable[[], anyio.Event]:
     """The running backend's event class.  Calling it makes an event like
     ``anyio.Event()`` does, without looking the backend up each time: for a
     task that parks on a fresh event over and over."""
     return type(anyio.Event())
+
+
+class RunChild(Work):
+    """``RunChild((child, gen, again))``: a run of ``child``'s generation
+    ``gen`` (``again``: the try again of a failed one, whose start is
+    counted already)."""
+
+    __slots__ = ()
+
+    @property
+    def child(self) -> Component:
+        return cast(Component, self[0])
+
+
+class RunKeyed(Work):
+    """``RunKeyed((gen, value))``: a run of a child without a component (see
+    :class:`EachHost`) on ``value``, queued by run ``gen`` of the
+    ``mount_each`` component."""
+
+    __slots__ = ()
+
+    holds = True  # the host counts one unready child for them all
+
+
+class Cleanup(Work):
+    """``Cleanup((job,))``: ``job()`` releases what a detached child held
+    (it must happen, whatever newer work comes for the key)."""
+
+    __slots__ = ()
+
+    replaceable = False
 
 
 class Pool:
@@ -505,17 +568,24 @@ class Pool:
     pool is closed.  A run is cancelled by cancelling the scope of the worker
     running it (the worker then opens a fresh scope).
 
+    What to run, by key, is :attr:`queue`'s (a :class:`~._queue.RunQueue`):
+    it hands out a key only while no worker runs it (also when a re-mount
+    or a newer value cancelled that run), keeps only the latest run of a
+    key waiting, and holds failed tries waiting out their backoff.  A worker
+    is ``take, run, done``; :meth:`retry` asks the queue whether a failed
+    try goes again.
+
     Workers are woken one at a time: a new item wakes (or starts) a worker
     only when none is free, and a worker that starts a run while more items
     wait makes sure another one is free to take them.  Runs that never
     suspend are then run back to back by one worker, while runs that wait
-    on I/O spread over up to ``limit`` workers.
+    on I/O spread over up to ``limit`` workers.  A parked worker also wakes
+    when the first backoff ends.
     """
 
     __slots__ = (
         "_room",
         "app_run",
-        "busy",
         "closed",
         "free",
         "high",
@@ -531,16 +601,11 @@ class Pool:
         self.limit = limit
         # crowded(): several rounds of work queued for every worker
         self.high = max(8 * limit, 1024)
-        # (child, generation, None): a run of child; (child, 0, job): job()
-        # instead; (None, generation, key): host.run_keyed(key, generation)
-        self.queue: deque[tuple[Component | None, int, Any]] = deque()
-        # the host whose keyed runs (children without a component) it runs
+        # every key with work, and where it stands
+        self.queue: RunQueue[Any, Work] = RunQueue()
+        # the host whose children it runs (its keyed runs, its retry policy)
         self.host: EachHost | None = None
-        # key -> the items of that key waiting for its run under way to end
-        # (None: none wait).  Invariant: a key is here exactly while one
-        # worker runs an item of it, so no two items of a key run at once.
-        self.busy: dict[Any, list[tuple[Component | None, int, Any]] | None] = {}
-        # events set once ``busy`` is empty (see :meth:`wait_idle`)
+        # events set once no key is in flight (see :meth:`wait_idle`)
         self.idle_waiters: list[anyio.Event] | None = None
         self.workers = 0
         self.free = 0  # workers started or woken that are not in a run
@@ -556,40 +621,61 @@ class Pool:
 
     def crowded(self) -> bool:
         """Whether the queue holds several rounds of work for every worker."""
-        return len(self.queue) >= self.high
+        return len(self.queue.order) >= self.high
 
     async def room(self) -> None:
         """Wait until the queue is down to about one round of work per
         worker: a bulk producer (a scan of a big map) paces itself on it, so
         that queued runs do not pile up in memory."""
-        while len(self.queue) > self.limit and not self.closed:
+        while len(self.queue.order) > self.limit and not self.closed:
             if self._room is None:
                 self._room = anyio.Event()
             await self._room.wait()
 
-    def submit(
-        self,
-        child: Component,
-        gen: int,
-        job: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Queue a run of ``child`` (generation ``gen``), or ``job()`` instead."""
-        self._enqueue(child.session.require_run(), (child, gen, job))
+    # -- work in ---------------------------------------------------------------
 
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
-        self.submit(child, child.begin())
+        gen = child.begin()
+        self._add(child.session.require_run(), child.rel[0], RunChild((child, gen, False)))
 
-    def submit_keyed(self, app_run: AppRun, gen: int, key: Any) -> None:
-        """Queue ``host.run_keyed(key, gen)``."""
-        self._enqueue(app_run, (None, gen, key))
+    def submit_keyed(self, app_run: AppRun, gen: int, key: Any, value: Any) -> None:
+        """Queue ``host.run_keyed`` of ``key`` on ``value`` (for run ``gen``
+        of the ``mount_each``)."""
+        self._add(app_run, key, RunKeyed((gen, value)))
 
-    def _enqueue(self, app_run: AppRun, item: tuple[Component | None, int, Any]) -> None:
+    def cleanup(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
+        """Queue ``job()``, the release of detached ``child``'s holdings."""
+        self._add(child.session.require_run(), child.rel[0], Cleanup((job,)))
+
+    def _add(self, app_run: AppRun, key: Any, work: Work) -> None:
         if self.app_run is not app_run:
             self._new_run(app_run)
-        self.queue.append(item)
+        self.queue.add(key, work)
         if self.free <= 0:
             self._add_worker(app_run)
+
+    # -- after a failed try ------------------------------------------------------
+
+    def try_again(self, child: Component, gen: int) -> bool:
+        """Run ``gen`` of ``child`` failed: whether it is tried again, after
+        the host's retry policy's wait (the queue holds it meanwhile)."""
+        host = self.host
+        policy = None if host is None else host.retry
+        if policy is None:
+            return False
+        return self.queue.retry(
+            child.rel[0], RunChild((child, gen, True)), policy.max_attempts, policy.delay
+        )
+
+    def forget(self, child: Component) -> None:
+        """``child`` is unmounted: its try again, if it waits, is dropped."""
+        key = child.rel[0]
+        again = self.queue.backing_off(key)
+        if isinstance(again, RunChild) and again.child is child:
+            self.queue.forget(key)
+
+    # -- workers -----------------------------------------------------------------
 
     def _new_run(self, app_run: AppRun) -> None:
         """A new app run (maybe on another event loop): the old workers are
@@ -597,7 +683,6 @@ class Pool:
         used again."""
         self.app_run = app_run
         self.queue.clear()
-        self.busy.clear()
         self.idle_waiters = None  # (of an earlier app run, maybe another loop)
         self.parked.clear()
         self._room = None
@@ -615,8 +700,9 @@ class Pool:
             app_run.tg.start_soon(self._work, app_run)
 
     def close(self) -> None:
-        """Let the workers end once the queue is empty."""
+        """Let the workers end once the queue is empty (no try again waits)."""
         self.closed = True
+        self.queue.cancel_backoff()
         parked, self.parked = self.parked, []
         self.free += len(parked)
         for event in parked:
@@ -630,7 +716,7 @@ class Pool:
 
     async def wait_idle(self) -> None:
         """Wait until no run of this pool's current app run is under way."""
-        while self.busy:
+        while self.queue.in_flight:
             event = anyio.Event()
             if self.idle_waiters is None:
                 self.idle_waiters = [event]
@@ -644,13 +730,10 @@ class Pool:
             event.set()
 
     async def _work(self, app_run: AppRun) -> None:
-        """A worker: take an item, run it, take the next; park when there is
-        none.  The one rule on top of the queue's order: an item of a key
-        whose previous run (its ``finally`` included) has not ended waits in
-        :attr:`busy` until it has, so a key never runs twice at once, also
-        when a re-mount or a newer value cancelled that run."""
+        """A worker: take a key, run its work, mark it done; park when no
+        key can be taken (until the first backoff ends, if one waits).  The
+        queue hands out no key in flight, so a key never runs twice at once."""
         queue = self.queue
-        busy = self.busy
         new_event = event_class()
         # a KeyedRun kept current across consecutive keyed runs: setting a
         # context variable costs more than the rest of a trivial run
@@ -658,32 +741,29 @@ class Pool:
         token: Token[RunState | None] | None = None
         try:
             while True:
-                while queue:
+                if queue.backoff and anyio.current_time() >= queue.first_due:
+                    queue.due(anyio.current_time())
+                if queue.order:
                     with anyio.CancelScope() as scope:
-                        while queue and not scope.cancel_called:
-                            item = queue.popleft()
-                            child, gen, job = item
-                            if self._room is not None and len(queue) <= self.limit:
+                        while not scope.cancel_called:
+                            if queue.backoff and anyio.current_time() >= queue.first_due:
+                                queue.due(anyio.current_time())
+                            taken = queue.take()
+                            if taken is None:
+                                break
+                            key, work = taken
+                            if self._room is not None and len(queue.order) <= self.limit:
                                 self._wake_room()
-                            if child is None:
-                                key = job
-                            elif job is None and (gen != child.generation or not child.alive):
-                                continue  # superseded or unmounted
-                            else:
-                                key = child.rel[0]  # a mount_each child: (key,)
-                            if key in busy:  # its previous run is still winding down
-                                waiting = busy[key]
-                                if waiting is None:
-                                    busy[key] = [item]
-                                else:
-                                    waiting.append(item)
+                            if type(work) is RunChild and (
+                                work[1] != work[0].generation or not work[0].alive
+                            ):
+                                queue.done(key)  # superseded or unmounted
                                 continue
-                            busy[key] = None
                             self.free -= 1
-                            if queue and self.free <= 0:
+                            if queue.order and self.free <= 0:
                                 self._add_worker(app_run)  # in case this run waits
                             try:
-                                if child is None:
+                                if type(work) is RunKeyed:
                                     each = self.host
                                     assert each is not None
                                     if slot is None or slot.host is not each:
@@ -693,7 +773,8 @@ class Pool:
                                         token = current_run_var.set(slot)
                                     slot.scope = scope
                                     try:
-                                        outcome = await each.run_keyed(key, gen, slot)
+                                        gen, value = work
+                                        outcome = await each.run_keyed(key, gen, value, slot)
                                     except BaseException:
                                         slot = None
                                         current_run_var.reset(token)  # type: ignore[arg-type]
@@ -711,31 +792,18 @@ class Pool:
                                     slot = None
                                     current_run_var.reset(token)
                                     token = None
-                                if job is not None:
-                                    await job()
+                                if type(work) is Cleanup:
+                                    await work[0]()
                                     continue
-                                child.cancel_scope = scope
-                                child.scope_run = app_run
-                                try:
-                                    await run_once(
-                                        child,
-                                        gen,
-                                        child.processor,
-                                        child.args,
-                                        child.kwargs,
-                                        raise_errors=False,
-                                    )
-                                finally:
-                                    if child.cancel_scope is scope:
-                                        child.cancel_scope = None
+                                assert isinstance(work, RunChild)
+                                await self._run_child(app_run, scope, work)
                             finally:
                                 if self.app_run is app_run:
                                     self.free += 1
-                                    waiting = busy.pop(key, None)
-                                    if waiting:  # their turn now, before newer items
-                                        queue.extendleft(reversed(waiting))
-                                    if not busy and self.idle_waiters:
+                                    queue.done(key)
+                                    if not queue.in_flight and self.idle_waiters:
                                         self._wake_idle()
+                    continue
                 if token is not None:  # parked or done: no keyed run is current
                     slot = None
                     current_run_var.reset(token)
@@ -745,13 +813,39 @@ class Pool:
                 event = new_event()
                 self.parked.append(event)
                 self.free -= 1
-                await event.wait()
+                if not queue.backoff:
+                    await event.wait()
+                    continue
+                with anyio.move_on_at(queue.first_due):
+                    await event.wait()
+                if not event.is_set() and self.app_run is app_run:
+                    self.parked.remove(event)  # woken by the end of a backoff
+                    self.free += 1
         finally:
             if token is not None:
                 current_run_var.reset(token)
             if self.app_run is app_run:
                 self.workers -= 1
                 self.free -= 1
+
+    @staticmethod
+    async def _run_child(app_run: AppRun, scope: anyio.CancelScope, work: RunChild) -> None:
+        child, gen, again = work
+        child.cancel_scope = scope
+        child.scope_run = app_run
+        try:
+            await run_once(
+                child,
+                gen,
+                child.processor,
+                child.args,
+                child.kwargs,
+                raise_errors=False,
+                again=again,
+            )
+        finally:
+            if child.cancel_scope is scope:
+                child.cancel_scope = None
 
 
 class EachSubscriber:
@@ -817,8 +911,7 @@ class EachSubscriber:
         host = self.host
         if not host.counted:
             host.hold()
-        host.pending[key] = value
-        self.pool.submit_keyed(self.app_run, self.gen, key)
+        self.pool.submit_keyed(self.app_run, self.gen, key, value)
 
     async def update_all(self) -> None:
         # an epoch is only needed to sweep children that were there before
@@ -836,7 +929,7 @@ class EachSubscriber:
             # sync processors too: a keyed run on a pool worker costs less
             # than a component mounted inline
             pool = self.pool
-            queue, high = pool.queue, pool.high
+            queue, high = pool.queue.order, pool.high
             # the common first scan: no child yet, so no lookups per key
             fresh = not self.component.children and not host.leaves
             submit = self.submit_keyed if fresh else self.submit
@@ -850,7 +943,7 @@ class EachSubscriber:
         if epoch is not None:
             self._epoch = None
             host = self.host
-            for key in [k for k in host.pending if k not in epoch]:
+            for key in [k for k in host.pending_keys() if k not in epoch]:
                 host.drop(key)
             for key in [k for k in host.leaves if k not in epoch]:
                 self.drop_leaf(key)

@@ -1,5 +1,12 @@
-"""A consumer's work-queue: every key with work to do, and where it stands.
+"""Work-queues: every key with work to do, and where it stands.
 
+Two queues, one per worker set: a consumer's :class:`WorkQueue` (the keys
+of a map with changes to deliver) and a pool's :class:`RunQueue` (the runs
+of a ``mount_each``'s children, by key).  Each owns the whole life of a key
+on its side: a worker takes a key, runs it, marks it done, and the queue
+alone decides what follows.
+
+**The consumer's queue.**
 One :class:`WorkQueue` per consumer holds each key's consumer-side life: it
 is *waiting* (changed, not taken yet), *in flight* (taken: a try of it is
 under way), *dirty* (in flight and changed again since its try read the
@@ -14,18 +21,30 @@ waited is one waiting key, and its try reads the latest state, so the work
 waiting is bounded by the number of distinct keys.  A key is never in
 flight twice, so it is never processed twice at once, and its tries run in
 the order of its changes.
+
+**The pool's queue.**  :class:`RunQueue` holds what a pool's workers run,
+by the key of the child it is for: the work *waiting* for each key (its
+latest run, after any cleanup still to do), the keys *in flight* (a worker
+runs one of their works), and the keys *backing off* (a failed try waits
+out its retry policy's delay).  A key in flight is not taken again until
+it is done, also when a re-mount or a newer value cancelled its run; a
+newer run replaces the one waiting (coalescing) and cuts a backoff short,
+with a fresh count of attempts.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 
-__all__ = ["WorkQueue"]
+__all__ = ["RunQueue", "Work", "WorkQueue"]
 
 K = TypeVar("K")
+W = TypeVar("W", bound="Work")
 
 
 class _Waiter:
@@ -192,3 +211,243 @@ class WorkQueue(Generic[K]):
         for waiter in self.waiters:
             waiter.event.set()
         self.waiters.clear()
+
+
+class Work(tuple[Any, ...]):
+    """One piece of work a :class:`RunQueue` holds for a key; a subclass
+    says what to run (a tuple: made and read without a Python call)."""
+
+    __slots__ = ()
+
+    replaceable: ClassVar[bool] = True
+    """Whether a newer work for the key replaces this one while it waits
+    (a run: the newer one runs the latest state); ``False`` for work that
+    must happen even so (a cleanup)."""
+
+    holds: ClassVar[bool] = False
+    """Whether the host counts this work, while it waits, in its readiness
+    (see :attr:`RunQueue.holding`)."""
+
+
+class RunQueue(Generic[K, W]):
+    """The runs a pool's workers take, by key (internal).
+
+    One field per state of a key.  A key is in at most one of ``order``,
+    ``in_flight`` and ``backoff``, except that a key goes into ``backoff``
+    from the try in flight that failed, which ends right after; a key in
+    flight may have work in ``waiting`` (its turn comes when it is done).
+    """
+
+    __slots__ = (
+        "attempts",
+        "backoff",
+        "first_due",
+        "holding",
+        "in_flight",
+        "later",
+        "order",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        # key -> the work it waits to run first.  Invariant: no key is both
+        # here and in ``backoff`` (newer work cuts a backoff short).
+        self.waiting: dict[K, W] = {}
+        # key -> the works waiting after its first one, oldest first (rare:
+        # a cleanup followed by a run).  Invariant: only keys of ``waiting``,
+        # never an empty list, and no two replaceable works in a row across
+        # ``waiting[key]`` and ``later[key]`` (a newer run replaces the run
+        # waiting last).
+        self.later: dict[K, list[W]] = {}
+        # The keys a worker may take now, oldest first.  Invariant: exactly
+        # the keys of ``waiting`` not in ``in_flight``, each once.
+        self.order: deque[K] = deque()
+        # key -> the work a worker runs for it.  Invariant: one work per key
+        # at a time ("never twice at once"); set by :meth:`take`, cleared by
+        # :meth:`done` only, after the run is over (its ``finally`` included).
+        self.in_flight: dict[K, W] = {}
+        # key -> (when, work): a failed try waiting out its delay before
+        # ``work`` (the try again) waits.  Set by :meth:`retry`; cleared by
+        # :meth:`due` at ``when``, or by newer work for the key (:meth:`add`),
+        # :meth:`forget`, :meth:`discard` or :meth:`cancel_backoff`.
+        self.backoff: dict[K, tuple[float, W]] = {}
+        # no backoff ends before this (``inf``: none waits); may be early
+        self.first_due = math.inf
+        # key -> the failed tries in a row of the key's latest value (the
+        # retry policy's count).  Invariant: only keys backing off, or whose
+        # try again waits or is in flight; newer work for the key, or the
+        # end of its tries (done without a backoff, giving up) removes it.
+        self.attempts: dict[K, int] = {}
+        # how many waiting works count in the host's readiness (``holds``)
+        self.holding = 0
+
+    def __len__(self) -> int:
+        """How many keys have work waiting."""
+        return len(self.waiting)
+
+    # -- adding work ---------------------------------------------------------
+
+    def add(self, key: K, work: W) -> None:
+        """``work`` for ``key``: a run replaces the key's run waiting last, if
+        any, other work waits after it; either cuts a backoff short (a fresh
+        count of attempts)."""
+        if self.attempts:
+            self.attempts.pop(key, None)
+            self.backoff.pop(key, None)
+        if work.holds:
+            self.holding += 1
+        waiting = self.waiting
+        first = waiting.get(key)
+        if first is None:
+            waiting[key] = work
+            if key not in self.in_flight:
+                self.order.append(key)
+            return
+        later = self.later.get(key)
+        last = first if later is None else later[-1]
+        if last.replaceable and work.replaceable:  # the newer run replaces it
+            if last.holds:
+                self.holding -= 1
+            if later is None:
+                waiting[key] = work
+            else:
+                later[-1] = work
+        elif later is None:
+            self.later[key] = [work]
+        else:
+            later.append(work)
+
+    def discard(self, key: K) -> None:
+        """Drop ``key``'s waiting runs (not its cleanups) and its backoff."""
+        self.forget(key)
+        first = self.waiting.get(key)
+        if first is None:
+            return
+        kept: list[W] = []
+        for work in (first, *self.later.pop(key, ())):
+            if not work.replaceable:
+                kept.append(work)
+            elif work.holds:
+                self.holding -= 1
+        if kept:
+            self.waiting[key] = kept[0]
+            if len(kept) > 1:
+                self.later[key] = kept[1:]
+            return
+        del self.waiting[key]
+        if key not in self.in_flight:
+            self.order.remove(key)
+
+    def discard_where(self, drop: Callable[[W], bool]) -> None:
+        """Drop the waiting runs of every key with one ``drop`` selects."""
+        for key in [k for k in self.waiting if any(map(drop, self._runs(k)))]:
+            self.discard(key)
+
+    def latest(self, key: K) -> W | None:
+        """``key``'s work waiting last (a run, if one waits), if any."""
+        later = self.later.get(key)
+        return self.waiting.get(key) if later is None else later[-1]
+
+    def keys_waiting(self, kind: type[Work]) -> Iterator[K]:
+        """The keys with a waiting run of ``kind``."""
+        for key in self.waiting:
+            if any(isinstance(work, kind) for work in self._runs(key)):
+                yield key
+
+    def _runs(self, key: K) -> Iterator[W]:
+        first = self.waiting.get(key)
+        if first is not None and first.replaceable:
+            yield first
+        for work in self.later.get(key, ()):
+            if work.replaceable:
+                yield work
+
+    # -- taking work ---------------------------------------------------------
+
+    def take(self) -> tuple[K, W] | None:
+        """The oldest key a worker may take and its next work, now in flight."""
+        order = self.order
+        if not order:
+            return None
+        key = order.popleft()
+        work = self.waiting.pop(key)
+        later = self.later
+        if later and key in later:
+            rest = later[key]
+            self.waiting[key] = rest.pop(0)
+            if not rest:
+                del later[key]
+        if work.holds:
+            self.holding -= 1
+        self.in_flight[key] = work
+        return key, work
+
+    # -- after a try: what follows -------------------------------------------
+
+    def done(self, key: K) -> None:
+        """``key``'s work in flight is over (its ``finally`` included): the
+        key's next waiting work, if any, is taken before newer keys."""
+        del self.in_flight[key]
+        if key in self.waiting:
+            self.order.appendleft(key)
+        elif self.attempts and key not in self.backoff:
+            self.attempts.pop(key, None)  # its tries are over
+
+    def retry(self, key: K, again: W, max_attempts: int, delay: Callable[[int], float]) -> bool:
+        """``key``'s try failed: with tries left (``max_attempts`` in all),
+        ``again`` waits ``delay(failed)`` in :attr:`backoff` and ``True``;
+        else the key's count ends and ``False`` (the failure stands)."""
+        failed = self.attempts.get(key, 0) + 1
+        if failed >= max_attempts:
+            self.attempts.pop(key, None)
+            return False
+        self.attempts[key] = failed
+        when = anyio.current_time() + delay(failed)
+        self.backoff[key] = (when, again)
+        self.first_due = min(self.first_due, when)
+        return True
+
+    def forget(self, key: K) -> None:
+        """``key``'s tries are over (it succeeded, gave up, or left): no
+        count, no backoff."""
+        if self.attempts:
+            self.attempts.pop(key, None)
+            self.backoff.pop(key, None)
+
+    def backing_off(self, key: K) -> W | None:
+        """The try again ``key`` waits to make, if it backs off."""
+        entry = self.backoff.get(key)
+        return None if entry is None else entry[1]
+
+    def due(self, now: float) -> None:
+        """Backoffs over by ``now``: their tries again wait to be taken."""
+        backoff = self.backoff
+        first = math.inf
+        for key, (when, again) in list(backoff.items()):
+            if when > now:
+                first = min(first, when)
+                continue
+            del backoff[key]
+            attempts = self.attempts.get(key)
+            self.add(key, again)  # (which resets the count: put it back)
+            if attempts is not None:
+                self.attempts[key] = attempts
+        self.first_due = first
+
+    def cancel_backoff(self) -> None:
+        """Every backoff ends without its try again (the host stops)."""
+        for key in self.backoff:
+            self.attempts.pop(key, None)
+        self.backoff.clear()
+        self.first_due = math.inf
+
+    def clear(self) -> None:
+        """Forget everything (a new app run: the old workers are gone)."""
+        self.waiting.clear()
+        self.later.clear()
+        self.order.clear()
+        self.in_flight.clear()
+        self.backoff.clear()
+        self.attempts.clear()
+        self.first_due = math.inf
+        self.holding = 0

@@ -94,9 +94,16 @@ class ChildHost(Protocol):
         """Whether the host runs ``child`` itself (it has begun the run then)."""
         ...
 
+    def try_again(self, child: Component, gen: int) -> bool:
+        """Run ``gen`` of ``child`` failed: whether the host tries it again
+        (after a wait it owns: a newer run of the child cuts it short), or
+        ``False`` to give up and report the failure."""
+        ...
+
     def retry_delay(self, failed: int) -> float | None:
-        """The wait before trying a child again after ``failed`` failed tries
-        in a row, or ``None`` to give up and report the failure."""
+        """For a live child's ``process()``, tried again in its own task: the
+        wait before its try after ``failed`` failed ones in a row, or
+        ``None`` to give up and report the failure."""
         ...
 
     def rest(self, child: Component) -> bool:
@@ -160,7 +167,6 @@ class Component:
     * ``created``: what earlier runs created, retired by the next commit.
     * ``exception`` / ``escalated``: the latest run's failure, and what a
       handler re-raised for it; cleared by :meth:`begin`.
-    * ``backing_off``: waiting before a retry (a newer value may cut it short).
     * ``host``: the :class:`ChildHost` of this component's children, if any.
     * ``settle``: what waits for this component's run in progress to settle
       (commit and unmount what it no longer mounts): the deferred drops and
@@ -175,7 +181,6 @@ class Component:
     __slots__ = (
         "alive",
         "args",
-        "backing_off",
         "cancel_scope",
         "children",
         "created",
@@ -230,7 +235,6 @@ class Component:
         self.created: list[RetiredWithRun] | None = None
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None
-        self.backing_off = False
         self.host: ChildHost | None = None
         self.settle: dict[Any, Callable[[], Awaitable[None]]] | None = None
         self.latest_run: Run | None = None

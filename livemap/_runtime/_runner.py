@@ -3,10 +3,13 @@
 :func:`launch` decides where a run happens: on the host of a ``mount_each``
 child if it takes it, in a task of its own (an async function, a live
 component: :func:`start`), or inline in the caller's task (a sync function).
-:func:`run_once` is one run with its retries: it calls the function as the
-current run, commits it (:mod:`._commit`), and on a failure asks the host
-for a retry delay (``comp.backing_off`` while it waits), then records the
-failure (``comp.exception``) and reports it.  A live component's task
+:func:`run_once` is one try of a run: it calls the function as the
+current run and commits it (:mod:`._commit`).  On a failure it asks the
+host of a ``mount_each`` child whether the child is tried again (the host's
+queue then holds it through its backoff and runs the try again: nothing
+waits here); otherwise it records the failure (``comp.exception``) and
+reports it.  A live component's ``process()`` is tried again in its own
+task, after the host's delay.  A live component's task
 (:func:`start`) is counted by the app run while it runs.
 """
 
@@ -104,6 +107,7 @@ async def run_once(
     kind: MountKind | None = None,
     live: bool = False,
     first: tuple[Run, Any, Exception | None] | None = None,
+    again: bool = False,
 ) -> Any:
     """One run: call ``func`` as ``comp``, then commit.
 
@@ -113,7 +117,8 @@ async def run_once(
     are used up, reported to the handler chain.  ``first`` is a first try
     that already ran (``(run, result, error)``, made by a host that runs
     children before they have a component): it is taken from where a call
-    would have left it.
+    would have left it.  ``again``: the try again of a failed run, whose
+    start is counted already.
     """
     failures = 0
     if type(func) is Function:
@@ -125,7 +130,7 @@ async def run_once(
     if active is not None:
         stats = active.stats
         slots = active.slots
-    if stats is not None and first is None:  # (a host's first try counted it)
+    if stats is not None and first is None and not again:  # (counted already)
         stats.run_started(comp.processor)
     outcome = 0  # 1: succeeded, 2: failed, 3: tried again
     while True:
@@ -212,24 +217,24 @@ async def run_once(
             app_run = comp.session.active
             parent = comp.parent
             host = None if parent is None else parent.host
-            delay = None
             if not raise_errors and host is not None:
-                delay = host.retry_delay(failures + 1)
-            if delay is not None:
-                failures += 1
-                if app_run is not None:
-                    app_run.stats.retried()
-                if slots is not None:
-                    slots.give(run)  # none held while it waits
-                comp.backing_off = True  # a newer value may cut the wait short
-                try:
+                if not live:
+                    if host.try_again(comp, gen):  # its queue holds the try again
+                        if app_run is not None:
+                            app_run.stats.retried()
+                        outcome = 3
+                        return None
+                elif (delay := host.retry_delay(failures + 1)) is not None:
+                    failures += 1
+                    if app_run is not None:
+                        app_run.stats.retried()
+                    if slots is not None:
+                        slots.give(run)  # none held while it waits
                     await anyio.sleep(delay)
-                finally:
-                    comp.backing_off = False
-                if gen != comp.generation or not comp.alive:
-                    return None
-                outcome = 3
-                continue
+                    if gen != comp.generation or not comp.alive:
+                        return None
+                    outcome = 3
+                    continue
             comp.exception = error
             outcome = 2
             if app_run is not None:

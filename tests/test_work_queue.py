@@ -1,0 +1,299 @@
+"""The pool's work-queue (``RunQueue``) owns a key's life on the workers'
+side: never twice at once, the latest run only, cleanups kept, retry
+backoff and its cancellation by newer work; and what that gives through the
+public API (``settle()`` counts a key waiting out its backoff; a re-mount
+never runs a key beside a try again of the mount_each it replaced)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from helpers import TIMEOUT, wait_for
+
+import livemap as coco
+from livemap import LiveMap, RetryPolicy
+from livemap._feed._queue import RunQueue, Work
+
+pytestmark = pytest.mark.anyio
+
+
+class Run(Work):
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return str(self[0])
+
+
+class Held(Run):
+    __slots__ = ()
+    holds = True
+
+
+class Cleanup(Run):
+    __slots__ = ()
+    replaceable = False
+
+
+def take_all(queue: RunQueue[str, Run]) -> list[tuple[str, str]]:
+    """Take and finish every work, one at a time, in the queue's order."""
+    out = []
+    while (taken := queue.take()) is not None:
+        key, work = taken
+        out.append((key, work.name))
+        queue.done(key)
+    return out
+
+
+def test_a_key_in_flight_is_not_taken_again_and_goes_first_when_done() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.add("k", Run(("k1",)))
+    assert queue.take() == ("k", queue.in_flight["k"])
+    queue.add("k", Run(("k2",)))  # changed while in flight: waits for it
+    assert queue.take() is None
+    queue.add("j", Run(("j1",)))
+    taken = queue.take()
+    assert taken is not None and taken[0] == "j"
+    queue.add("m", Run(("m1",)))
+    queue.done("k")  # its next work comes before newer keys
+    assert [k for k, _ in take_all(queue)] == ["k", "m"]
+    queue.done("j")
+    assert not queue.in_flight and not queue.waiting and not queue.order
+
+
+def test_a_newer_run_replaces_the_waiting_one_but_not_a_cleanup() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.add("k", Run(("old",)))
+    queue.add("k", Run(("newer",)))
+    queue.add("k", Cleanup(("cleanup",)))
+    queue.add("k", Run(("after",)))
+    queue.add("k", Run(("latest",)))
+    assert len(queue) == 1 and list(queue.order) == ["k"]
+    assert take_all(queue) == [("k", "newer"), ("k", "cleanup"), ("k", "latest")]
+
+
+def test_discard_drops_the_waiting_run_and_keeps_the_cleanup() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.add("k", Cleanup(("cleanup",)))
+    queue.add("k", Held(("run",)))
+    queue.add("j", Held(("run",)))
+    assert queue.holding == 2
+    assert type(queue.latest("k")) is Held
+    queue.discard("k")
+    queue.discard("j")
+    assert queue.holding == 0
+    assert "j" not in queue.waiting and list(queue.order) == ["k"]
+    assert take_all(queue) == [("k", "cleanup")]
+
+
+async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.add("k", Run(("first",)))
+    assert queue.take() is not None
+    delays: list[int] = []
+
+    def delay(failed: int) -> float:
+        delays.append(failed)
+        return 0.0
+
+    again = Run(("again",))
+    assert queue.retry("k", again, 3, delay)
+    queue.done("k")
+    assert queue.backing_off("k") is again and not queue.order
+    assert queue.attempts == {"k": 1}
+    queue.due(anyio.current_time())
+    assert not queue.backoff and queue.attempts == {"k": 1}  # the count goes on
+    assert queue.take() == ("k", again)
+    third = Run(("third",))
+    assert queue.retry("k", third, 3, delay)
+    queue.done("k")
+    queue.due(anyio.current_time())
+    assert queue.take() == ("k", third)
+    assert not queue.retry("k", Run(("fourth",)), 3, delay)  # 3 tries in all: given up
+    queue.done("k")
+    assert delays == [1, 2]
+    assert not queue.attempts and not queue.backoff and not queue.waiting
+
+
+async def test_newer_work_cuts_a_backoff_short_with_a_fresh_count() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.add("k", Run(("first",)))
+    assert queue.take() is not None
+    assert queue.retry("k", Run(("again",)), 5, lambda failed: 600.0)
+    queue.done("k")
+    assert queue.backing_off("k") is not None
+    queue.add("k", Run(("newer",)))
+    assert queue.backing_off("k") is None and not queue.attempts
+    assert take_all(queue) == [("k", "newer")]
+    queue.due(anyio.current_time() + 1000.0)  # nothing left to come back
+    assert queue.take() is None
+
+
+def test_a_try_that_is_over_leaves_no_count_behind() -> None:
+    queue: RunQueue[str, Run] = RunQueue()
+    queue.attempts["k"] = 2  # a try again in flight...
+    queue.in_flight["k"] = Run(("again",))
+    queue.done("k")  # ...that did not fail again (or was superseded)
+    assert not queue.attempts
+
+
+async def test_a_key_waiting_out_its_backoff_counts_for_settle() -> None:
+    """``settle()`` called while a key waits out the backoff before its try
+    again returns only once that try is over."""
+    tries: list[int] = []
+    holder: dict[str, Any] = {}
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("k", 1)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        tries.append(value)
+        if len(tries) == 1:
+            raise OSError("the first try fails")
+        await anyio.sleep(0)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(coco.component_subpath("p"), produce, lm)
+        retry = RetryPolicy(max_attempts=3, initial_backoff=0.3, max_backoff=0.3)
+        holder["each"] = await coco.mount_each(
+            coco.component_subpath("c"), consume, lm.consumer(retry=retry)
+        )
+
+    async with coco.App("backoff settles", main).update(live=True) as handle:
+        await wait_for(lambda: tries == [1])
+        queue = holder["each"]._component.host.pool.queue
+        await wait_for(lambda: "k" in queue.backoff)
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert tries == [1, 1]
+        assert holder["lm"].stats().failing == {}
+        assert not queue.backoff and not queue.attempts
+        assert handle.stats().retries == 1
+        await handle.stop()
+
+
+async def test_a_remount_never_runs_a_key_beside_a_try_again_of_the_one_replaced() -> None:
+    """The parent re-mounts the consumer at another subpath while a key of
+    the first one waits out a short backoff: the replaced mount_each tries
+    the key no more, so the key never runs in both at once."""
+    active: dict[str, int] = {}
+    overlaps: list[str] = []
+    first_tries: list[str] = []
+    second_runs: list[str] = []
+    done = anyio.Event()
+
+    def enter(key: str) -> None:
+        active[key] = active.get(key, 0) + 1
+        if active[key] > 1:
+            overlaps.append(key)
+
+    @coco.fn
+    async def first(value: str) -> None:
+        first_tries.append(value)
+        enter(value)
+        try:
+            await anyio.sleep(0)
+            raise OSError("the first processor always fails")
+        finally:
+            active[value] -= 1
+
+    @coco.fn
+    async def second(value: str) -> None:
+        enter(value)
+        try:
+            await anyio.sleep(0.3)  # several of the old backoffs
+            second_runs.append(value)
+        finally:
+            active[value] -= 1
+
+    @coco.fn
+    async def host(lm: LiveMap[str, str], n: int) -> None:
+        if n == 0:
+            retry = RetryPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.02)
+            sub = coco.component_subpath("each", 0)
+            await coco.mount_each(sub, first, lm.consumer(retry=retry))
+        else:
+            await coco.mount_each(coco.component_subpath("each", 1), second, lm)
+
+    class Driver:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            await wait_for(lambda: self.lm.stats().entries == 1)
+            await op.update("consumer", host, self.lm, 0)
+            await wait_for(lambda: len(first_tries) >= 2)  # retrying
+            h = await op.update("consumer", host, self.lm, 1)
+            with anyio.fail_after(TIMEOUT):
+                await h.ready()
+                await self.lm.settle()
+            tried = len(first_tries)
+            await anyio.sleep(0.1)  # time for several more backoffs to end
+            assert len(first_tries) == tried
+            done.set()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        lm.declare_entry("k", "k")
+        await coco.mount(Driver, lm)
+
+    config = coco.AppConfig("backoff remount", exception_handler=lambda e, c: None)
+    handle = coco.App(config, main).update(live=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.result)
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+            await handle.stop()
+    assert second_runs == ["k"]
+    assert overlaps == []
+
+
+async def test_a_key_waiting_out_its_backoff_holds_no_worker() -> None:
+    """With one worker, the other keys run while a failed key waits out a
+    long backoff: the try again waits in the queue, not in a worker."""
+    done: list[int] = []
+    tries: list[int] = []
+    holder: dict[str, Any] = {}
+
+    @coco.fn
+    async def produce(lm: LiveMap[int, int]) -> None:
+        for k in range(5):
+            lm.declare_entry(k, k)
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        if value == 0:
+            tries.append(value)
+            if len(tries) == 1:
+                raise OSError("the first try fails")
+        await anyio.sleep(0)
+        done.append(value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[int, int] = await LiveMap.create()
+        holder["lm"] = lm
+        producer = await coco.mount(coco.component_subpath("p"), produce, lm)
+        await producer.ready()
+        retry = RetryPolicy(max_attempts=2, initial_backoff=600.0, max_backoff=600.0)
+        await coco.mount_each(
+            coco.component_subpath("c"), consume, lm.consumer(concurrency=1, retry=retry)
+        )
+
+    async with coco.App("backoff frees the worker", main).update(live=True) as handle:
+        await wait_for(lambda: sorted(done) == [1, 2, 3, 4])  # far less than 600 s
+        assert tries == [0]
+        assert holder["lm"].stats().failing == {}  # still to be tried again
+        await handle.stop()
