@@ -14,49 +14,48 @@ from helpers import TIMEOUT, wait_for
 
 import livemap as coco
 from livemap import LiveMap, RetryPolicy
-from livemap._feed._queue import RunQueue, Work
+from livemap._feed._queue import Kind, RunQueue, Work
 
 pytestmark = pytest.mark.anyio
 
 
-class Run(Work):
-    __slots__ = ()
-
-    @property
-    def name(self) -> str:
-        return str(self[0])
+RUN = Kind("run")
+HELD = Kind("another run")
+CLEANUP = Kind("cleanup", replaceable=False)
 
 
-class Held(Run):
-    __slots__ = ()
-    holds = True
+def Run(name: str) -> Work:
+    return (RUN, name)
 
 
-class Cleanup(Run):
-    __slots__ = ()
-    replaceable = False
+def Held(name: str) -> Work:
+    return (HELD, name)
 
 
-def take_all(queue: RunQueue[str, Run]) -> list[tuple[str, str]]:
+def Cleanup(name: str) -> Work:
+    return (CLEANUP, name)
+
+
+def take_all(queue: RunQueue[str]) -> list[tuple[str, str]]:
     """Take and finish every work, one at a time, in the queue's order."""
     out = []
     while (taken := queue.take()) is not None:
         key, work = taken
-        out.append((key, work.name))
+        out.append((key, work[1]))
         queue.done(key)
     return out
 
 
 def test_a_key_in_flight_is_not_taken_again_and_goes_first_when_done() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
-    queue.add("k", Run(("k1",)))
+    queue: RunQueue[str] = RunQueue()
+    queue.add("k", Run("k1"))
     assert queue.take() == ("k", queue.in_flight["k"])
-    queue.add("k", Run(("k2",)))  # changed while in flight: waits for it
+    queue.add("k", Run("k2"))  # changed while in flight: waits for it
     assert queue.take() is None
-    queue.add("j", Run(("j1",)))
+    queue.add("j", Run("j1"))
     taken = queue.take()
     assert taken is not None and taken[0] == "j"
-    queue.add("m", Run(("m1",)))
+    queue.add("m", Run("m1"))
     queue.done("k")  # its next work comes before newer keys
     assert [k for k, _ in take_all(queue)] == ["k", "m"]
     queue.done("j")
@@ -64,33 +63,31 @@ def test_a_key_in_flight_is_not_taken_again_and_goes_first_when_done() -> None:
 
 
 def test_a_newer_run_replaces_the_waiting_one_but_not_a_cleanup() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
-    queue.add("k", Run(("old",)))
-    queue.add("k", Run(("newer",)))
-    queue.add("k", Cleanup(("cleanup",)))
-    queue.add("k", Run(("after",)))
-    queue.add("k", Run(("latest",)))
+    queue: RunQueue[str] = RunQueue()
+    queue.add("k", Run("old"))
+    queue.add("k", Run("newer"))
+    queue.add("k", Cleanup("cleanup"))
+    queue.add("k", Run("after"))
+    queue.add("k", Run("latest"))
     assert len(queue) == 1 and list(queue.order) == ["k"]
     assert take_all(queue) == [("k", "newer"), ("k", "cleanup"), ("k", "latest")]
 
 
 def test_discard_drops_the_waiting_run_and_keeps_the_cleanup() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
-    queue.add("k", Cleanup(("cleanup",)))
-    queue.add("k", Held(("run",)))
-    queue.add("j", Held(("run",)))
-    assert queue.holding == 2
-    assert type(queue.latest("k")) is Held
+    queue: RunQueue[str] = RunQueue()
+    queue.add("k", Cleanup("cleanup"))
+    queue.add("k", Held("run"))
+    queue.add("j", Held("run"))
+    assert queue.latest("k") == Held("run")
     queue.discard("k")
     queue.discard("j")
-    assert queue.holding == 0
     assert "j" not in queue.waiting and list(queue.order) == ["k"]
     assert take_all(queue) == [("k", "cleanup")]
 
 
 async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
-    queue.add("k", Run(("first",)))
+    queue: RunQueue[str] = RunQueue()
+    queue.add("k", Run("first"))
     assert queue.take() is not None
     delays: list[int] = []
 
@@ -98,7 +95,7 @@ async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
         delays.append(failed)
         return 0.0
 
-    again = Run(("again",))
+    again = Run("again")
     assert queue.retry("k", again, 3, delay)
     queue.done("k")
     assert queue.backing_off("k") is again and not queue.order
@@ -106,25 +103,25 @@ async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
     queue.due(anyio.current_time())
     assert not queue.backoff and queue.attempts == {"k": 1}  # the count goes on
     assert queue.take() == ("k", again)
-    third = Run(("third",))
+    third = Run("third")
     assert queue.retry("k", third, 3, delay)
     queue.done("k")
     queue.due(anyio.current_time())
     assert queue.take() == ("k", third)
-    assert not queue.retry("k", Run(("fourth",)), 3, delay)  # 3 tries in all: given up
+    assert not queue.retry("k", Run("fourth"), 3, delay)  # 3 tries in all: given up
     queue.done("k")
     assert delays == [1, 2]
     assert not queue.attempts and not queue.backoff and not queue.waiting
 
 
 async def test_newer_work_cuts_a_backoff_short_with_a_fresh_count() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
-    queue.add("k", Run(("first",)))
+    queue: RunQueue[str] = RunQueue()
+    queue.add("k", Run("first"))
     assert queue.take() is not None
-    assert queue.retry("k", Run(("again",)), 5, lambda failed: 600.0)
+    assert queue.retry("k", Run("again"), 5, lambda failed: 600.0)
     queue.done("k")
     assert queue.backing_off("k") is not None
-    queue.add("k", Run(("newer",)))
+    queue.add("k", Run("newer"))
     assert queue.backing_off("k") is None and not queue.attempts
     assert take_all(queue) == [("k", "newer")]
     queue.due(anyio.current_time() + 1000.0)  # nothing left to come back
@@ -132,9 +129,9 @@ async def test_newer_work_cuts_a_backoff_short_with_a_fresh_count() -> None:
 
 
 def test_a_try_that_is_over_leaves_no_count_behind() -> None:
-    queue: RunQueue[str, Run] = RunQueue()
+    queue: RunQueue[str] = RunQueue()
     queue.attempts["k"] = 2  # a try again in flight...
-    queue.in_flight["k"] = Run(("again",))
+    queue.in_flight["k"] = Run("again")
     queue.done("k")  # ...that did not fail again (or was superseded)
     assert not queue.attempts
 

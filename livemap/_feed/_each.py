@@ -36,7 +36,7 @@ from livemap._feed._protocols import (
     RetryPolicy,
     is_feed,
 )
-from livemap._feed._queue import RunQueue, Work
+from livemap._feed._queue import Kind, RunQueue, Work
 from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
@@ -149,7 +149,7 @@ class EachHost:
     Most per-entry runs leave nothing behind: no target entries, children or
     maps.  Such a child needs no component.  ``leaves`` holds the value of
     each child at rest without one; the pool's queue holds the value of each
-    key whose run is queued without one (a :class:`RunKeyed`: the key is
+    key whose run is queued without one (a :data:`RUN_KEYED` work: the key is
     *pending*), and ``running`` the :class:`KeyedRun` of each key whose run
     is under way without one.  A run that needs its component (see
     :class:`KeyedRun`), or fails, gets one, which then stays in the tree
@@ -158,8 +158,10 @@ class EachHost:
     ``running``, and is in the component's children only while in none of
     them, or while running once its run made its component.
 
-    While any key is pending or running, the ``mount_each`` component counts
-    one unready child for them all (``counted``).
+    From a key's first run without a component until no run waits in the
+    pool's queue and none without a component is under way, the
+    ``mount_each`` component counts one unready child for them all
+    (``counted``).
     """
 
     __slots__ = (
@@ -244,14 +246,15 @@ class EachHost:
 
     def pending(self, key: Any) -> bool:
         """Whether a run of ``key`` without a component is queued."""
-        return type(self.pool.queue.latest(key)) is RunKeyed
+        work = self.pool.queue.latest(key)
+        return work is not None and work[0] is RUN_KEYED
 
     def pending_keys(self) -> list[Any]:
         """The keys whose run without a component is queued."""
-        return list(self.pool.queue.keys_waiting(RunKeyed))
+        return list(self.pool.queue.keys_waiting(RUN_KEYED))
 
     def release_if_idle(self) -> None:
-        if self.counted and not self.pool.queue.holding and not self.running:
+        if self.counted and not self.pool.queue.waiting and not self.running:
             self.counted = False
             self.component.readiness.adjust(-1)
 
@@ -281,7 +284,7 @@ class EachHost:
         return child
 
     async def run_keyed(
-        self, key: Any, gen: int, value: Any, run: KeyedRun
+        self, key: Any, value: Any, gen: int, run: KeyedRun
     ) -> tuple[Any, Exception | None] | None:
         """Run ``key``'s child on ``value`` (queued by a run of generation
         ``gen`` of the ``mount_each`` component) as ``run``, which the pool
@@ -457,7 +460,7 @@ class EachHost:
         queue = self.pool.queue
         key = child.rel[0]
         again = queue.backing_off(key) or queue.latest(key)
-        return type(again) is RunChild and again[2] and again[0] is child
+        return again is not None and again[0] is RUN_CHILD and again[3] and again[1] is child
 
     def retry_delay(self, failed: int) -> float | None:
         policy = self.retry
@@ -512,7 +515,7 @@ class EachHost:
 
 
 def _is_keyed(work: Work) -> bool:
-    return type(work) is RunKeyed
+    return work[0] is RUN_KEYED
 
 
 def _any_run(work: Work) -> bool:
@@ -526,35 +529,18 @@ def event_class() -> Callable[[], anyio.Event]:
     return type(anyio.Event())
 
 
-class RunChild(Work):
-    """``RunChild((child, gen, again))``: a run of ``child``'s generation
-    ``gen`` (``again``: the try again of a failed one, whose start is
-    counted already)."""
+RUN_CHILD = Kind("run")
+"""``(RUN_CHILD, child, gen, again)``: a run of ``child``'s generation ``gen``
+(``again``: the try again of a failed one, whose start is counted already)."""
 
-    __slots__ = ()
+RUN_KEYED = Kind("keyed run")
+"""``(RUN_KEYED, value, gen)``: a run of a child without a component (see
+:class:`EachHost`) on ``value`` (``gen``: the run of the ``mount_each`` that
+queued it)."""
 
-    @property
-    def child(self) -> Component:
-        return cast(Component, self[0])
-
-
-class RunKeyed(Work):
-    """``RunKeyed((gen, value))``: a run of a child without a component (see
-    :class:`EachHost`) on ``value``, queued by run ``gen`` of the
-    ``mount_each`` component."""
-
-    __slots__ = ()
-
-    holds = True  # the host counts one unready child for them all
-
-
-class Cleanup(Work):
-    """``Cleanup((job,))``: ``job()`` releases what a detached child held
-    (it must happen, whatever newer work comes for the key)."""
-
-    __slots__ = ()
-
-    replaceable = False
+CLEANUP = Kind("cleanup", replaceable=False)
+"""``(CLEANUP, job)``: ``job()`` releases what a detached child held (it must
+happen, whatever newer work comes for the key)."""
 
 
 class Pool:
@@ -602,7 +588,7 @@ class Pool:
         # crowded(): several rounds of work queued for every worker
         self.high = max(8 * limit, 1024)
         # every key with work, and where it stands
-        self.queue: RunQueue[Any, Work] = RunQueue()
+        self.queue: RunQueue[Any] = RunQueue()
         # the host whose children it runs (its keyed runs, its retry policy)
         self.host: EachHost | None = None
         # events set once no key is in flight (see :meth:`wait_idle`)
@@ -637,16 +623,21 @@ class Pool:
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
         gen = child.begin()
-        self._add(child.session.require_run(), child.rel[0], RunChild((child, gen, False)))
+        self._add(child.session.require_run(), child.rel[0], (RUN_CHILD, child, gen, False))
 
     def submit_keyed(self, app_run: AppRun, gen: int, key: Any, value: Any) -> None:
         """Queue ``host.run_keyed`` of ``key`` on ``value`` (for run ``gen``
         of the ``mount_each``)."""
-        self._add(app_run, key, RunKeyed((gen, value)))
+        # (_add, inline: the scan of a big map queues one per entry)
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        self.queue.add(key, (RUN_KEYED, value, gen))
+        if self.free <= 0:
+            self._add_worker(app_run)
 
     def cleanup(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
         """Queue ``job()``, the release of detached ``child``'s holdings."""
-        self._add(child.session.require_run(), child.rel[0], Cleanup((job,)))
+        self._add(child.session.require_run(), child.rel[0], (CLEANUP, job))
 
     def _add(self, app_run: AppRun, key: Any, work: Work) -> None:
         if self.app_run is not app_run:
@@ -665,14 +656,14 @@ class Pool:
         if policy is None:
             return False
         return self.queue.retry(
-            child.rel[0], RunChild((child, gen, True)), policy.max_attempts, policy.delay
+            child.rel[0], (RUN_CHILD, child, gen, True), policy.max_attempts, policy.delay
         )
 
     def forget(self, child: Component) -> None:
         """``child`` is unmounted: its try again, if it waits, is dropped."""
         key = child.rel[0]
         again = self.queue.backing_off(key)
-        if isinstance(again, RunChild) and again.child is child:
+        if again is not None and again[0] is RUN_CHILD and again[1] is child:
             self.queue.forget(key)
 
     # -- workers -----------------------------------------------------------------
@@ -732,8 +723,12 @@ class Pool:
     async def _work(self, app_run: AppRun) -> None:
         """A worker: take a key, run its work, mark it done; park when no
         key can be taken (until the first backoff ends, if one waits).  The
-        queue hands out no key in flight, so a key never runs twice at once."""
+        queue hands out no key in flight, so a key never runs twice at once,
+        and decides what follows a try (:meth:`~._queue.RunQueue.done`, and
+        :meth:`try_again` from a failed one)."""
         queue = self.queue
+        take, done = queue.take, queue.done
+        run_child, run_keyed, cleanup = RUN_CHILD, RUN_KEYED, CLEANUP
         new_event = event_class()
         # a KeyedRun kept current across consecutive keyed runs: setting a
         # context variable costs more than the rest of a trivial run
@@ -741,29 +736,31 @@ class Pool:
         token: Token[RunState | None] | None = None
         try:
             while True:
-                if queue.backoff and anyio.current_time() >= queue.first_due:
-                    queue.due(anyio.current_time())
-                if queue.order:
+                if queue.order or self._due():
                     with anyio.CancelScope() as scope:
                         while not scope.cancel_called:
-                            if queue.backoff and anyio.current_time() >= queue.first_due:
-                                queue.due(anyio.current_time())
-                            taken = queue.take()
+                            # -- take a key ----------------------------------
+                            if queue.backoff:
+                                self._due()
+                            taken = take()
                             if taken is None:
                                 break
                             key, work = taken
                             if self._room is not None and len(queue.order) <= self.limit:
                                 self._wake_room()
-                            if type(work) is RunChild and (
-                                work[1] != work[0].generation or not work[0].alive
+                            kind = work[0]
+                            if kind is run_child and (
+                                work[2] != work[1].generation or not work[1].alive
                             ):
-                                queue.done(key)  # superseded or unmounted
+                                done(key)  # superseded or unmounted
+                                self._release_host()
                                 continue
                             self.free -= 1
                             if queue.order and self.free <= 0:
                                 self._add_worker(app_run)  # in case this run waits
+                            # -- run it --------------------------------------
                             try:
-                                if type(work) is RunKeyed:
+                                if kind is run_keyed:
                                     each = self.host
                                     assert each is not None
                                     if slot is None or slot.host is not each:
@@ -773,8 +770,7 @@ class Pool:
                                         token = current_run_var.set(slot)
                                     slot.scope = scope
                                     try:
-                                        gen, value = work
-                                        outcome = await each.run_keyed(key, gen, value, slot)
+                                        outcome = await each.run_keyed(key, work[1], work[2], slot)
                                     except BaseException:
                                         slot = None
                                         current_run_var.reset(token)  # type: ignore[arg-type]
@@ -792,15 +788,18 @@ class Pool:
                                     slot = None
                                     current_run_var.reset(token)
                                     token = None
-                                if type(work) is Cleanup:
-                                    await work[0]()
-                                    continue
-                                assert isinstance(work, RunChild)
-                                await self._run_child(app_run, scope, work)
+                                try:
+                                    if kind is cleanup:
+                                        await work[1]()
+                                    else:
+                                        await self._run_child(app_run, scope, work)
+                                finally:
+                                    self._release_host()
+                            # -- mark it done: the queue decides what follows -
                             finally:
-                                if self.app_run is app_run:
+                                if self.app_run is app_run:  # (else a new run cleared it)
                                     self.free += 1
-                                    queue.done(key)
+                                    done(key)
                                     if not queue.in_flight and self.idle_waiters:
                                         self._wake_idle()
                     continue
@@ -810,17 +809,7 @@ class Pool:
                     token = None
                 if self.closed or self.app_run is not app_run:
                     return
-                event = new_event()
-                self.parked.append(event)
-                self.free -= 1
-                if not queue.backoff:
-                    await event.wait()
-                    continue
-                with anyio.move_on_at(queue.first_due):
-                    await event.wait()
-                if not event.is_set() and self.app_run is app_run:
-                    self.parked.remove(event)  # woken by the end of a backoff
-                    self.free += 1
+                await self._park(new_event)
         finally:
             if token is not None:
                 current_run_var.reset(token)
@@ -828,9 +817,40 @@ class Pool:
                 self.workers -= 1
                 self.free -= 1
 
+    def _release_host(self) -> None:
+        """The host's count of waiting runs may be over (see :class:`EachHost`)."""
+        host = self.host
+        if host is not None and host.counted:
+            host.release_if_idle()
+
+    def _due(self) -> bool:
+        """Move the tries again whose backoff is over to the waiting work;
+        whether a key can be taken now."""
+        queue = self.queue
+        if queue.backoff:
+            now = anyio.current_time()
+            if now >= queue.first_due:
+                queue.due(now)
+        return bool(queue.order)
+
+    async def _park(self, new_event: Callable[[], anyio.Event]) -> None:
+        """Wait to be woken for new work, or until the first backoff ends."""
+        event = new_event()
+        self.parked.append(event)
+        self.free -= 1
+        if not self.queue.backoff:
+            await event.wait()
+            return
+        with anyio.move_on_at(self.queue.first_due):
+            await event.wait()
+        if not event.is_set() and event in self.parked:
+            self.parked.remove(event)  # woken by the end of a backoff
+            self.free += 1
+
     @staticmethod
-    async def _run_child(app_run: AppRun, scope: anyio.CancelScope, work: RunChild) -> None:
-        child, gen, again = work
+    async def _run_child(app_run: AppRun, scope: anyio.CancelScope, work: Work) -> None:
+        """A run of a child's component, as the worker's scope."""
+        _, child, gen, again = work
         child.cancel_scope = scope
         child.scope_run = app_run
         try:

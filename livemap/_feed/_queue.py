@@ -37,14 +37,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import anyio
 
-__all__ = ["RunQueue", "Work", "WorkQueue"]
+__all__ = ["Kind", "RunQueue", "Work", "WorkQueue"]
 
 K = TypeVar("K")
-W = TypeVar("W", bound="Work")
 
 
 class _Waiter:
@@ -213,23 +212,29 @@ class WorkQueue(Generic[K]):
         self.waiters.clear()
 
 
-class Work(tuple[Any, ...]):
-    """One piece of work a :class:`RunQueue` holds for a key; a subclass
-    says what to run (a tuple: made and read without a Python call)."""
+class Kind:
+    """What a work is: the first item of every work a :class:`RunQueue`
+    holds (a work is a tuple ``(kind, *what)``, made and read without a
+    Python call)."""
 
-    __slots__ = ()
+    __slots__ = ("name", "replaceable")
 
-    replaceable: ClassVar[bool] = True
-    """Whether a newer work for the key replaces this one while it waits
-    (a run: the newer one runs the latest state); ``False`` for work that
-    must happen even so (a cleanup)."""
+    def __init__(self, name: str, *, replaceable: bool = True) -> None:
+        self.name = name
+        # Whether a newer work for the key replaces this one while it waits
+        # (a run: the newer one runs the latest state); False for work that
+        # must happen even so (a cleanup).
+        self.replaceable = replaceable
 
-    holds: ClassVar[bool] = False
-    """Whether the host counts this work, while it waits, in its readiness
-    (see :attr:`RunQueue.holding`)."""
+    def __repr__(self) -> str:
+        return f"<work kind {self.name}>"
 
 
-class RunQueue(Generic[K, W]):
+Work: TypeAlias = tuple[Any, ...]
+"""``(kind, *what)``: one piece of work for a key, ``kind`` a :class:`Kind`."""
+
+
+class RunQueue(Generic[K]):
     """The runs a pool's workers take, by key (internal).
 
     One field per state of a key.  A key is in at most one of ``order``,
@@ -242,7 +247,6 @@ class RunQueue(Generic[K, W]):
         "attempts",
         "backoff",
         "first_due",
-        "holding",
         "in_flight",
         "later",
         "order",
@@ -252,25 +256,25 @@ class RunQueue(Generic[K, W]):
     def __init__(self) -> None:
         # key -> the work it waits to run first.  Invariant: no key is both
         # here and in ``backoff`` (newer work cuts a backoff short).
-        self.waiting: dict[K, W] = {}
+        self.waiting: dict[K, Work] = {}
         # key -> the works waiting after its first one, oldest first (rare:
         # a cleanup followed by a run).  Invariant: only keys of ``waiting``,
         # never an empty list, and no two replaceable works in a row across
         # ``waiting[key]`` and ``later[key]`` (a newer run replaces the run
         # waiting last).
-        self.later: dict[K, list[W]] = {}
+        self.later: dict[K, list[Work]] = {}
         # The keys a worker may take now, oldest first.  Invariant: exactly
         # the keys of ``waiting`` not in ``in_flight``, each once.
         self.order: deque[K] = deque()
         # key -> the work a worker runs for it.  Invariant: one work per key
         # at a time ("never twice at once"); set by :meth:`take`, cleared by
         # :meth:`done` only, after the run is over (its ``finally`` included).
-        self.in_flight: dict[K, W] = {}
+        self.in_flight: dict[K, Work] = {}
         # key -> (when, work): a failed try waiting out its delay before
         # ``work`` (the try again) waits.  Set by :meth:`retry`; cleared by
         # :meth:`due` at ``when``, or by newer work for the key (:meth:`add`),
         # :meth:`forget`, :meth:`discard` or :meth:`cancel_backoff`.
-        self.backoff: dict[K, tuple[float, W]] = {}
+        self.backoff: dict[K, tuple[float, Work]] = {}
         # no backoff ends before this (``inf``: none waits); may be early
         self.first_due = math.inf
         # key -> the failed tries in a row of the key's latest value (the
@@ -278,8 +282,6 @@ class RunQueue(Generic[K, W]):
         # try again waits or is in flight; newer work for the key, or the
         # end of its tries (done without a backoff, giving up) removes it.
         self.attempts: dict[K, int] = {}
-        # how many waiting works count in the host's readiness (``holds``)
-        self.holding = 0
 
     def __len__(self) -> int:
         """How many keys have work waiting."""
@@ -287,27 +289,23 @@ class RunQueue(Generic[K, W]):
 
     # -- adding work ---------------------------------------------------------
 
-    def add(self, key: K, work: W) -> None:
+    def add(self, key: K, work: Work) -> None:
         """``work`` for ``key``: a run replaces the key's run waiting last, if
         any, other work waits after it; either cuts a backoff short (a fresh
         count of attempts)."""
         if self.attempts:
             self.attempts.pop(key, None)
             self.backoff.pop(key, None)
-        if work.holds:
-            self.holding += 1
         waiting = self.waiting
-        first = waiting.get(key)
-        if first is None:
+        if key not in waiting:
             waiting[key] = work
             if key not in self.in_flight:
                 self.order.append(key)
             return
+        first = waiting[key]
         later = self.later.get(key)
         last = first if later is None else later[-1]
-        if last.replaceable and work.replaceable:  # the newer run replaces it
-            if last.holds:
-                self.holding -= 1
+        if last[0].replaceable and work[0].replaceable:  # the newer run replaces it
             if later is None:
                 waiting[key] = work
             else:
@@ -323,12 +321,10 @@ class RunQueue(Generic[K, W]):
         first = self.waiting.get(key)
         if first is None:
             return
-        kept: list[W] = []
+        kept: list[Work] = []
         for work in (first, *self.later.pop(key, ())):
-            if not work.replaceable:
+            if not work[0].replaceable:
                 kept.append(work)
-            elif work.holds:
-                self.holding -= 1
         if kept:
             self.waiting[key] = kept[0]
             if len(kept) > 1:
@@ -338,33 +334,33 @@ class RunQueue(Generic[K, W]):
         if key not in self.in_flight:
             self.order.remove(key)
 
-    def discard_where(self, drop: Callable[[W], bool]) -> None:
+    def discard_where(self, drop: Callable[[Work], bool]) -> None:
         """Drop the waiting runs of every key with one ``drop`` selects."""
         for key in [k for k in self.waiting if any(map(drop, self._runs(k)))]:
             self.discard(key)
 
-    def latest(self, key: K) -> W | None:
+    def latest(self, key: K) -> Work | None:
         """``key``'s work waiting last (a run, if one waits), if any."""
         later = self.later.get(key)
         return self.waiting.get(key) if later is None else later[-1]
 
-    def keys_waiting(self, kind: type[Work]) -> Iterator[K]:
+    def keys_waiting(self, kind: Kind) -> Iterator[K]:
         """The keys with a waiting run of ``kind``."""
         for key in self.waiting:
-            if any(isinstance(work, kind) for work in self._runs(key)):
+            if any(work[0] is kind for work in self._runs(key)):
                 yield key
 
-    def _runs(self, key: K) -> Iterator[W]:
+    def _runs(self, key: K) -> Iterator[Work]:
         first = self.waiting.get(key)
-        if first is not None and first.replaceable:
+        if first is not None and first[0].replaceable:
             yield first
         for work in self.later.get(key, ()):
-            if work.replaceable:
+            if work[0].replaceable:
                 yield work
 
     # -- taking work ---------------------------------------------------------
 
-    def take(self) -> tuple[K, W] | None:
+    def take(self) -> tuple[K, Work] | None:
         """The oldest key a worker may take and its next work, now in flight."""
         order = self.order
         if not order:
@@ -377,8 +373,6 @@ class RunQueue(Generic[K, W]):
             self.waiting[key] = rest.pop(0)
             if not rest:
                 del later[key]
-        if work.holds:
-            self.holding -= 1
         self.in_flight[key] = work
         return key, work
 
@@ -393,7 +387,7 @@ class RunQueue(Generic[K, W]):
         elif self.attempts and key not in self.backoff:
             self.attempts.pop(key, None)  # its tries are over
 
-    def retry(self, key: K, again: W, max_attempts: int, delay: Callable[[int], float]) -> bool:
+    def retry(self, key: K, again: Work, max_attempts: int, delay: Callable[[int], float]) -> bool:
         """``key``'s try failed: with tries left (``max_attempts`` in all),
         ``again`` waits ``delay(failed)`` in :attr:`backoff` and ``True``;
         else the key's count ends and ``False`` (the failure stands)."""
@@ -414,7 +408,7 @@ class RunQueue(Generic[K, W]):
             self.attempts.pop(key, None)
             self.backoff.pop(key, None)
 
-    def backing_off(self, key: K) -> W | None:
+    def backing_off(self, key: K) -> Work | None:
         """The try again ``key`` waits to make, if it backs off."""
         entry = self.backoff.get(key)
         return None if entry is None else entry[1]
@@ -450,4 +444,3 @@ class RunQueue(Generic[K, W]):
         self.backoff.clear()
         self.attempts.clear()
         self.first_due = math.inf
-        self.holding = 0
