@@ -258,7 +258,10 @@ class EachHost:
 
     def pending(self, key: Any) -> bool:
         """Whether a run of ``key`` without a component is queued."""
-        work = self.pool.queue.latest(key)
+        queue = self.pool.queue
+        if key not in queue.waiting:  # (the common case, on every delivery)
+            return False
+        work = queue.latest(key)
         return work is not None and work[0] is RUN_KEYED
 
     def pending_keys(self) -> list[Any]:
