@@ -21,7 +21,7 @@ task (given by whoever mounts it, :mod:`._live`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 
@@ -44,6 +44,7 @@ __all__ = [
     "ComponentMountHandle",
     "LiveBody",
     "Run",
+    "SettleJob",
     "current_run",
 ]
 
@@ -130,6 +131,15 @@ LiveBody = Callable[["Component", anyio.CancelScope, int], Coroutine[Any, Any, N
 """The body of a live component's task: ``body(component, scope, gen)``."""
 
 
+class SettleJob(NamedTuple):
+    """What waits for an update to settle (see :meth:`Component.settle_after`):
+    ``run()``, and whether it also runs when the app run ends before the
+    update settles (``on_stop``: a deferred drop, not a conflict report)."""
+
+    run: Callable[[], Awaitable[None]]
+    on_stop: bool
+
+
 class Component:
     """One node of an app's component tree (internal; users hold
     :class:`ComponentMountHandle` objects).
@@ -162,11 +172,14 @@ class Component:
       handler re-raised for it; cleared by :meth:`begin`.
     * ``backing_off``: waiting before a retry (a newer value may cut it short).
     * ``host``: the :class:`ChildHost` of this component's children, if any.
-    * ``settle``: what waits for this component's run in progress to settle
-      (commit and unmount what it no longer mounts): the deferred drops and
-      the conflict reports of the update it scopes, by a key that makes each
-      one job.  Filled by :meth:`settle_after`, run and emptied by
-      :func:`._commit.settle` (after a commit, a failure, an unmount).
+    * ``settle``: what waits for the update this component scopes to settle
+      (its run in progress has committed and unmounted what it no longer
+      mounts): the deferred drops and the
+      conflict reports of that update, by a key that makes each one job.
+      Filled by :meth:`settle_after`, run and emptied by
+      :func:`._commit.settle` (after a commit, a failure, an unmount); what
+      is left when the app run ends is dropped by
+      :func:`._commit.settle_stopped` (the drops applied, the reports not).
     * ``latest_run``: the :class:`Run` made last for this component (set by
       ``Run()``); its run is in progress until its ``buffers`` become
       :class:`RunEnded` (:attr:`running`).
@@ -232,7 +245,7 @@ class Component:
         self.escalated: BaseException | None = None
         self.backing_off = False
         self.host: ChildHost | None = None
-        self.settle: dict[Any, Callable[[], Awaitable[None]]] | None = None
+        self.settle: dict[Any, SettleJob] | None = None
         self.latest_run: Run | None = None
 
     def __repr__(self) -> str:
@@ -324,7 +337,12 @@ class Component:
         return up is not None and up.running
 
     def settle_after(
-        self, job_key: object, job: Callable[[], Awaitable[None]], other: object = None
+        self,
+        job_key: object,
+        job: Callable[[], Awaitable[None]],
+        other: object = None,
+        *,
+        on_stop: bool = False,
     ) -> bool:
         """Keep ``job`` until the update this component's commit belongs to
         has settled; False if none is in progress (then the caller runs it).
@@ -335,6 +353,10 @@ class Component:
         ``other`` (the component owning a key this one claims) it is scoped
         by the two components' nearest common ancestor, if that one's run is
         in progress.
+
+        ``on_stop``: the job also runs if the app run ends (stopped,
+        cancelled, interrupted) before the update settles — a deferred drop
+        must reach the target; a conflict report is not made then.
         """
         scope: Component | None = None
         if other is None:
@@ -355,10 +377,11 @@ class Component:
                 scope = node
         if scope is None:
             return False
+        entry = SettleJob(job, on_stop)
         if scope.settle is None:
-            scope.settle = {job_key: job}
+            scope.settle = {job_key: entry}
         else:
-            scope.settle.setdefault(job_key, job)
+            scope.settle.setdefault(job_key, entry)
         return True
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:

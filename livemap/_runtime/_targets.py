@@ -86,7 +86,7 @@ class TargetBase(Generic[K, V]):
                     owner.adopt(self)
         if self._table.deferred_of(component):
             job = partial(self._drop_deferred, component)
-            return not component.settle_after((self, component), job)
+            return not component.settle_after((self, component), job, on_stop=True)
         return False
 
     def _let_go(self, component: Owner) -> Commit[K, V]:
