@@ -150,3 +150,61 @@ async def test_a_pending_claim_is_not_reported_when_a_stopped_update_ends() -> N
             await h.stop()
     assert errors == []
     assert target.get("k") == "first" and target.owner_path("k") == ("first",)
+
+
+async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None:
+    """A consumer's entry is deleted while another entry's run never ends:
+    the deleted entry's row waits for the consumer's update, which never
+    settles; stopping the run deletes it."""
+    rows: dict[str, int] = {}
+
+    def apply(batch: TargetBatch[str, int]) -> None:
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, int] = KeyedTarget("each-rows", apply)
+    go, deleted, stuck = anyio.Event(), anyio.Event(), anyio.Event()
+    state = {"keys": ["a"]}
+
+    @coco.fn
+    async def proc(value: str) -> None:
+        if value == "b":
+            stuck.set()
+            await anyio.sleep_forever()  # never commits
+        target.declare(value, 1)
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key in state["keys"]:
+                self.lm.declare_entry(key, key)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            await operator.update_full()
+            await operator.mark_ready()
+            await go.wait()
+            state["keys"] = ["b"]  # "a" deleted, "b" (stuck) added
+            await operator.update_full()
+            deleted.set()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        await coco.mount(Producer, lm)
+        await coco.mount_each(proc, lm)
+
+    app = coco.App(f"stop-each-{next(_names)}", main)
+    with anyio.fail_after(5):
+        async with app.update(live=True) as h:
+            await h.ready()
+            assert rows == {"a": 1}
+            go.set()
+            await deleted.wait()
+            await stuck.wait()
+            await h.stop()
+    assert rows == {}
+    assert "a" not in target

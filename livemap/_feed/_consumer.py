@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-from livemap._feed._each import EachSubscriber, event_class
+from livemap._feed._each import EachHost, EachSubscriber, event_class
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLike
 from livemap._feed._queue import WorkQueue
 from livemap._runtime._component import Component
@@ -529,6 +529,10 @@ class Consumer(Generic[K, V]):
                             need[rel[0]] = -1
                             child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
         await self.queue.settle(need)
+        hosting = getattr(self.subscriber, "host", None)
+        if isinstance(hosting, EachHost):
+            # keys its children let go meanwhile, deleted once that settled
+            await hosting.settling.settled()
 
 
 def _same(a: object, b: object) -> bool:

@@ -37,6 +37,7 @@ from livemap._feed._protocols import (
     RetryPolicy,
     is_feed,
 )
+from livemap._feed._settling import Settling
 from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
@@ -180,6 +181,7 @@ class EachHost:
         "pool",
         "retry",
         "running",
+        "settling",
     )
 
     def __init__(
@@ -211,6 +213,8 @@ class EachHost:
         self.fargs: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = EMPTY_KWARGS
         self.handlers: tuple[ExceptionHandler, ...] = ()
+        # the update of the children and what waits for it to settle
+        self.settling = Settling(component)
 
     def configure(
         self,
@@ -485,6 +489,12 @@ class EachHost:
         self.leaves.clear()
         self.reset()
         return unmounted
+
+    def in_update(self) -> bool:
+        return self.keeps_leaves and self.settling.in_update()
+
+    def settle_later(self) -> bool:
+        return self.keeps_leaves and self.settling.later()
 
 
 def event_class() -> Callable[[], anyio.Event]:
@@ -971,6 +981,8 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             host.retry = options.retry
             host.pool.resize(options.concurrency)
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
+        settle = getattr(each.source, "settle", None)
+        host.settling.settle = settle if callable(settle) else None
         operator = LiveComponentOperator(comp, each, gen)
         subscriber: EachSubscriber | EachLiveSubscriber = (
             EachLiveSubscriber(operator, comp, each.source)

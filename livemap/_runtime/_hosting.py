@@ -55,6 +55,10 @@ class Owner(Protocol):
         """``target`` handed the component a key it claimed (a transfer)."""
         ...
 
+    def disown(self, target: Target) -> None:
+        """``target`` holds nothing of the component any more."""
+        ...
+
     def settle_after(
         self,
         job_key: object,

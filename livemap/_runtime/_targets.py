@@ -105,6 +105,8 @@ class TargetBase(Generic[K, V]):
         failed = await self._apply_deferred(component)
         if failed is not None:
             await component.report(failed)
+        elif not self.holds(component):
+            component.disown(self)  # (a run that leaves nothing may rest then)
 
     async def _apply_deferred(self, component: Owner) -> Exception | None:
         raise NotImplementedError
