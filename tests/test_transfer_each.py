@@ -383,3 +383,75 @@ async def test_static_mount_each_renamed_item_is_one_upsert(kind: str) -> None:
         await app.update()
     assert sink.batches == [([("doc", "y")], [])]
     assert sink.errors == []
+
+
+async def test_unmounting_the_mount_each_applies_the_drops_it_kept() -> None:
+    """A deleted entry's row waits for the consumer's update (another entry's
+    run never ends); unmounting the ``mount_each`` meanwhile deletes every
+    row, the waiting one included."""
+    sink = Sink()
+    target = sink.target
+    go, stuck, unmounted = anyio.Event(), anyio.Event(), anyio.Event()
+    state = {"keys": ["a"]}
+
+    @coco.fn
+    async def proc(value: str) -> None:
+        target.declare(value, value)
+        if value == "b":
+            stuck.set()
+            await anyio.sleep_forever()  # never commits
+
+    @coco.fn
+    async def consumer(lm: LiveMap[str, str]) -> None:
+        await coco.mount_each(proc, lm)
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key in state["keys"]:
+                self.lm.declare_entry(key, key)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            await operator.update_full()
+            await operator.mark_ready()
+            await go.wait()
+            state["keys"] = ["b"]  # "a" deleted, "b" (stuck) added
+            await operator.update_full()
+            await anyio.sleep_forever()
+
+    class Controller:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            handle = await operator.update("consumer", consumer, self.lm)
+            await handle.ready()
+            await operator.mark_ready()
+            await stuck.wait()
+            await (await operator.delete("consumer")).ready()
+            unmounted.set()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(sink.handler):
+            lm: LiveMap[str, str] = await LiveMap.create()
+            await coco.mount(Producer, lm)
+            await coco.mount(Controller, lm)
+
+    app = coco.App(f"unmount-each-{next(_names)}", main)
+    with anyio.fail_after(5):
+        async with app.update(live=True) as h:
+            await h.ready()
+            assert dict(target.items()) == {"a": "a"}
+            go.set()
+            await unmounted.wait()
+            rows = dict(target.items())
+            await h.stop()
+    assert rows == {}
+    assert sink.errors == []
