@@ -25,6 +25,7 @@ __all__ = [
     "LiveComponentOperator",
     "ReadyHandle",
     "auto_refresh",
+    "live_run",
     "live_task_context",
     "run_live",
 ]
@@ -281,11 +282,18 @@ def live_task_context(comp: Component) -> Iterator[None]:
 
 
 async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
-    """The task of a live component: make the instance, run ``process_live``;
-    its return marks the component ready.  A failure goes to the handler
-    chain (``mount_kind="process_live"``; a constructor's failure with the
-    kind the component was mounted with)."""
-    with scope, live_task_context(comp):
+    """The task of a live component: :func:`live_run` in the task's scope."""
+    with scope:
+        await live_run(comp, gen)
+
+
+async def live_run(comp: Component, gen: int) -> None:
+    """What a live component's task runs (generation ``gen``): make the
+    instance from the component's arguments as they are now, run
+    ``process_live``; its return marks the component ready.  A failure goes
+    to the handler chain (``mount_kind="process_live"``; a constructor's
+    failure with the kind the component was mounted with)."""
+    with live_task_context(comp):
         try:
             instance = comp.processor(*comp.args, **comp.kwargs)
         except Exception as exc:
