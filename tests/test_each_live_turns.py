@@ -415,9 +415,10 @@ async def test_value_churn_faster_than_components_start(slow: float) -> None:
 
 
 async def test_a_key_deleted_and_added_again_waits_for_its_old_component() -> None:
-    """ "a" is deleted while its component runs, then added again while the
-    old one is still in its finally; a change queued for it while it waits
-    is not lost; a key deleted while its new component waits never starts
+    """The key "a" is deleted while its component runs, then added again
+    while the old one is still in its finally: what the old one owned is
+    released after its finally, and the new one starts after that, with the
+    latest value; a key deleted while its new component waits never starts
     one."""
     keys = Keys()
     rows = Rows()
@@ -437,7 +438,9 @@ async def test_a_key_deleted_and_added_again_waits_for_its_old_component() -> No
             async with coco.App(_name("readd"), main).update(live=True) as h:
                 await h.ready()
                 await feed.set(a=None)
-                await wait_for(lambda: ("a", 0) in keys.closing and "a" not in rows.rows)
+                await wait_for(lambda: ("a", 0) in keys.closing)
+                await anyio.sleep(0.02)
+                held = dict(rows.rows)  # "a" is released once its finally is over
                 await feed.set(a=1)
                 await feed.set(a=2)
                 # "b" changes, then goes while its new component waits
@@ -455,6 +458,8 @@ async def test_a_key_deleted_and_added_again_waits_for_its_old_component() -> No
     assert keys.overlaps == []
     assert sorted(keys.starts[:2]) == [("a", 0), ("b", 0)]
     assert keys.starts[2:] == [("a", 2)]
+    assert held == {"a": 0, "b": 0}
+    assert sorted(rows.deletes) == ["a", "b"]
 
 
 # -- a take-over by another mount_each -------------------------------------------------

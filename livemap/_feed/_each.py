@@ -54,7 +54,13 @@ from livemap._runtime._context import (
 )
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
-from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_run, live_task_context
+from livemap._runtime._live import (
+    LiveComponentOperator,
+    ReadyHandle,
+    delete_child,
+    live_run,
+    live_task_context,
+)
 from livemap._runtime._runner import launch, run_once, start
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import unmount
@@ -1035,9 +1041,15 @@ class EachLiveSubscriber:
         return ReadyHandle()  # started: the next change need not wait for it
 
     async def delete(self, key: Any) -> ReadyLike:
+        """Unmount ``key``'s live component; the release of what it owned runs
+        on the pool, after its task (its ``finally`` included) and before the
+        key's next component."""
         if self._epoch is not None:
             self._epoch.discard(key)
-        return await self.operator.delete((key,))
+        return delete_child(self.operator, (key,), self._release_in_turn)
+
+    def _release_in_turn(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
+        self.host.pool.submit(child, 0, job)
 
 
 async def run_entry(comp: Component, scope: anyio.CancelScope, gen: int) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "LiveComponentOperator",
     "ReadyHandle",
     "auto_refresh",
+    "delete_child",
     "live_run",
     "live_task_context",
     "run_live",
@@ -185,32 +186,7 @@ class LiveComponentOperator:
         releasing what it owned goes on in the background (the live component
         counts as busy meanwhile), and the handle's ``ready()`` waits for it
         (and raises if a handler raised for a failure of the release)."""
-        comp = self._component
-        children = comp.children
-        child = None if children is None else children.get(_subpath(subpath))
-        if child is None or not detach(child):
-            return ReadyHandle()
-        done = anyio.Event()
-        handle = ReadyHandle(done)
-        comp.readiness.hold(1)
-
-        async def finish() -> None:
-            subtree = _subtree(child)
-            before = [c.escalated for c in subtree]
-            try:
-                await cleanup(child)
-            finally:
-                # what a handler raised for a release that failed meanwhile
-                for c, old in zip(subtree, before, strict=True):
-                    if c.escalated is not None and c.escalated is not old:
-                        handle._escalated = c.escalated
-                        break
-                done.set()
-                if self._current():  # a re-run has reset the count already
-                    comp.readiness.hold(-1)
-
-        comp.session.require_run().tg.start_soon(finish)
-        return handle
+        return delete_child(self, _subpath(subpath))
 
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
@@ -220,6 +196,46 @@ class LiveComponentOperator:
     async def report_exception(self, exc: BaseException) -> None:
         """Send ``exc`` to the component's exception-handler chain."""
         await self._component.report(exc, "process_live")
+
+
+def delete_child(
+    operator: LiveComponentOperator,
+    rel: StablePath,
+    start: Callable[[Component, Callable[[], Awaitable[None]]], None] | None = None,
+) -> ReadyHandle:
+    """:meth:`LiveComponentOperator.delete` of the child at ``rel``: detach it
+    now; ``start(child, job)`` starts ``job``, the release of what it owned
+    (by default in a task of the app run; a ``mount_each`` runs it where
+    its key's runs take turns)."""
+    comp = operator._component
+    children = comp.children
+    child = None if children is None else children.get(rel)
+    if child is None or not detach(child):
+        return ReadyHandle()
+    done = anyio.Event()
+    handle = ReadyHandle(done)
+    comp.readiness.hold(1)
+
+    async def finish() -> None:
+        subtree = _subtree(child)
+        before = [c.escalated for c in subtree]
+        try:
+            await cleanup(child)
+        finally:
+            # what a handler raised for a release that failed meanwhile
+            for c, old in zip(subtree, before, strict=True):
+                if c.escalated is not None and c.escalated is not old:
+                    handle._escalated = c.escalated
+                    break
+            done.set()
+            if operator._current():  # a re-run has reset the count already
+                comp.readiness.hold(-1)
+
+    if start is None:
+        comp.session.require_run().tg.start_soon(finish)
+    else:
+        start(child, finish)
+    return handle
 
 
 def auto_refresh(
