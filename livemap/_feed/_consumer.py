@@ -58,7 +58,7 @@ superseded (their ``mount_each`` re-ran, was unmounted or was taken over),
 whose cancelled runs may still be winding down.  A later consumer of the
 map fed by another host starts once their runs have ended (their
 ``finally`` included), so that a key never runs in two hosts at once
-(:meth:`Consumer.run`); one fed by the same host needs not wait, its pool
+(:meth:`Consumer.run`); one fed by the same host need not wait, its pool
 keeps each key's runs apart.  A host leaves the list once it has no run of
 the current app run under way, or when a later consumer of its own ends
 without being superseded."""

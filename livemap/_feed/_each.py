@@ -220,7 +220,8 @@ class EachHost:
         # the keys whose latest run failed are recorded (key -> last error)
         self.keeps_leaves = keeps_leaves
         self.failures: dict[Any, BaseException] | None = {} if keeps_leaves else None
-        # the consumer waiting for keys' runs to be over, while one watches
+        # the consumer feeding this host, while one watches (of a function:
+        # it waits for keys' runs to be over; of either kind: supersede() ends it)
         self.consumer: KeyWatcher | None = None
         self.leaves: dict[Any, Any] = {}
         self.pending: dict[Any, Any] = {}
