@@ -56,7 +56,10 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                     failed = await target.release_owner(comp, gen)
                     error = error or failed
         if comp.alive:
-            comp.targets = {t for t in comp.targets or () if t.holds(comp)} or None
+            # (the buffers' targets too: a deferred drop applied while this
+            # commit waited may have disowned one that it has declared into)
+            held = (comp.targets or set()) | buffers.keys()
+            comp.targets = {t for t in held if t.holds(comp)} or None
     if gen != comp.generation or not comp.alive:
         return error
     children = comp.children
