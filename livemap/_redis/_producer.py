@@ -15,10 +15,11 @@ import socket
 import struct
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
+from zlib import crc32
 
 from livemap._paths import format_path
 from livemap._redis._codecs import (
@@ -27,7 +28,6 @@ from livemap._redis._codecs import (
     JsonCodec,
     decode_key,
     encode_key,
-    shard_of,
 )
 from livemap._redis._scripts import (
     COMMIT,
@@ -56,10 +56,38 @@ _CREATE = object()
 # changes per script call: each call is one atomic step, so a commit bigger
 # than this is several steps (each complete in itself)
 CHUNK = 20_000
-# one change, as the commit script reads it: op, shard, owner index, key length
-_RECORD = struct.Struct(">cHHI")
+# one change, as the commit script reads it: op and the key's length, the
+# key, the value's length, the value (for an update: as a stream entry has it)
 _LENGTH = struct.Struct(">I")
 _NO_VALUE = _LENGTH.pack(0)
+_U = ord("u")
+_UPDATE = partial(struct.Struct(">cI").pack, b"u")
+_DELETE = partial(struct.Struct(">cI").pack, b"d")
+_RECLAIM = partial(struct.Struct(">cI").pack, b"r")
+# what _changes gives: the owners' header, and per (shard, owner index) the
+# changes' parts, four per change (see _split)
+_Changes = tuple[list[str], dict[tuple[int, int], list[bytes]]]
+
+
+def _split(groups: dict[tuple[int, int], list[bytes]]) -> Iterator[list[Any]]:
+    """The commit script's group arguments for ``groups``, in steps of at
+    most CHUNK changes."""
+    step: list[Any] = []
+    room = CHUNK
+    for (shard, oi), parts in groups.items():
+        start = 0
+        while start < len(parts):
+            take = min(len(parts) - start, 4 * room)
+            step += (str(shard), str(oi), b"".join(parts[start : start + take]))
+            start += take
+            room -= take // 4
+            if room == 0:
+                yield step
+                step = []
+                room = CHUNK
+    if step:
+        yield step
+
 
 _DECLARE_ENTRY_DOC = """Declare ``key -> value`` as owned by the current component run.
 
@@ -276,19 +304,16 @@ class RedisLiveMap(SinkTarget[K, V]):
     def _owner_id(self, owner: Any) -> str:
         return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
 
-    def _changes(
-        self, component: Owner, result: Commit[K, V], reclaim: bool
-    ) -> tuple[list[str], list[bytes]]:
-        """The owners' header and the changes of ``result``, packed (see
-        :data:`._scripts.COMMIT`).  Raises CodecError naming the key whose
-        value failed."""
+    def _changes(self, component: Owner, result: Commit[K, V], reclaim: bool) -> _Changes:
+        """The owners' header and the changes of ``result``, packed and
+        grouped by shard and owner (see :data:`._scripts.COMMIT`).  Raises
+        CodecError naming the key whose value failed."""
         owners: dict[str, int] = {}
         header: list[str] = []
-        records: list[bytes] = []
+        groups: dict[tuple[int, int], list[bytes]] = {}
         table = self._table
         encode = self._codec.encode
         shards = self.shards
-        pack = _RECORD.pack
         size = _LENGTH.pack
 
         def index(oid: str) -> int:
@@ -305,17 +330,21 @@ class RedisLiveMap(SinkTarget[K, V]):
                 data = encode(value)
             except CodecError as exc:
                 raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
-            if not isinstance(data, bytes):
-                raise CodecError(
-                    f"key {key!r} of {self.name}: the codec returned "
-                    f"{type(data).__name__}, not bytes"
-                )
+            if type(data) is not bytes:
+                if not isinstance(data, bytes):
+                    raise CodecError(
+                        f"key {key!r} of {self.name}: the codec returned "
+                        f"{type(data).__name__}, not bytes"
+                    )
+                data = bytes(data)
             ek = encode_key(key)
             holder = table.owner_of(key)
             oi = mine if holder is None or holder is component else index(self._owner_id(holder))
-            records.append(
-                pack(b"u", shard_of(ek, shards), oi, len(ek)) + ek + size(len(data)) + data
-            )
+            where = (crc32(ek) % shards, oi)
+            parts = groups.get(where)
+            if parts is None:
+                parts = groups[where] = []
+            parts += (_UPDATE(len(ek)), ek, size(len(data)), data)
         newer = _latest.get((self._base, self.app))
         if newer is self:
             newer = None
@@ -323,11 +352,16 @@ class RedisLiveMap(SinkTarget[K, V]):
             if newer is not None and key in newer:
                 continue  # a newer instance of the map holds it now
             ek = encode_key(key)
-            records.append(pack(b"d", shard_of(ek, shards), mine, len(ek)) + ek + _NO_VALUE)
-        return header, records
+            where = (crc32(ek) % shards, mine)
+            parts = groups.get(where)
+            if parts is None:
+                parts = groups[where] = []
+            parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
+        return header, groups
 
-    async def _step(self, header: list[str], records: Sequence[bytes]) -> list[Any] | None:
-        """Run one commit script; None if the epoch moved (Redis lost its data)."""
+    async def _step(self, header: list[str], groups: list[Any]) -> list[Any] | None:
+        """Run one commit script over ``groups`` (shard, owner index, blob,
+        ...); None if the epoch moved (Redis lost its data)."""
         self._steps += 1
         reply = await self._commit(
             keys=[self._base],
@@ -337,12 +371,25 @@ class RedisLiveMap(SinkTarget[K, V]):
                 self._maxlen,
                 str(len(header) // 2),
                 *header,
-                b"".join(records),
+                *groups,
             ],
         )
         if reply[0] == b"epoch":
             return None
         return list(reply[1:])
+
+    async def _run_steps(
+        self, header: list[str], groups: dict[tuple[int, int], list[bytes]]
+    ) -> list[Any] | None:
+        """Send ``groups`` in steps of at most CHUNK changes; the claims that
+        met another owner, or None if the epoch moved."""
+        replies: list[Any] = []
+        for step in _split(groups):
+            reply = await self._step(header, step)
+            if reply is None:
+                return None
+            replies += reply
+        return replies
 
     async def _send(
         self, component: Owner, result: Commit[K, V], reclaim: bool = True
@@ -352,22 +399,23 @@ class RedisLiveMap(SinkTarget[K, V]):
         if not result:
             return None, []
         try:
-            header, records = self._changes(component, result, reclaim)
+            header, groups = self._changes(component, result, reclaim)
         except CodecError as exc:
             self._table.revert(result)
             return exc, []
         conflicts: list[KeyConflictError] = []
         try:
-            if len(records) > CHUNK and any(f == "1" for f in header[1::2]):
+            if sum(len(parts) for parts in groups.values()) > 4 * CHUNK and any(
+                f == "1" for f in header[1::2]
+            ):
                 # several steps: the first must not delete what a later one
                 # declares, so what the owners no longer declare is found here
-                records = await self._stale(header, records)
-            for start in range(0, len(records), CHUNK):
-                reply = await self._step(header, records[start : start + CHUNK])
-                if reply is None:
-                    await self._resync()
-                    break
-                conflicts.extend(self._conflicts(header, reply))
+                await self._stale(header, groups)
+            reply = await self._run_steps(header, groups)
+            if reply is None:
+                await self._resync()
+            else:
+                conflicts = self._conflicts(header, reply)
         except Exception as exc:
             self._table.revert(result)
             error = TargetApplyError(
@@ -382,15 +430,14 @@ class RedisLiveMap(SinkTarget[K, V]):
             self._seen.add(header[i])
         return None, conflicts
 
-    async def _stale(self, header: list[str], records: list[bytes]) -> list[bytes]:
-        """``records`` plus a delete of each key a reclaiming owner held in
+    async def _stale(self, header: list[str], groups: dict[tuple[int, int], list[bytes]]) -> None:
+        """Add to ``groups`` a delete of each key a reclaiming owner held in
         Redis and does not declare now; the owners' reclaim flags cleared."""
         declared = set()
-        for record in records:
-            op, shard, oi, size = _RECORD.unpack_from(record)
-            if op == b"u":
-                declared.add((oi, shard, record[_RECORD.size : _RECORD.size + size]))
-        extra: list[bytes] = []
+        for (shard, oi), parts in groups.items():
+            for r in range(0, len(parts), 4):
+                if parts[r][0] == _U:
+                    declared.add((oi, shard, parts[r + 1]))
         for o in range(0, len(header), 2):
             if header[o + 1] != "1":
                 continue
@@ -401,8 +448,9 @@ class RedisLiveMap(SinkTarget[K, V]):
                 shard_text, _, ek = bytes(member).partition(b"|")
                 shard = int(shard_text)
                 if (oi, shard, ek) not in declared:
-                    extra.append(_RECORD.pack(b"r", shard, oi, len(ek)) + ek + _NO_VALUE)
-        return [*records, *extra]
+                    groups.setdefault((shard, oi), []).extend(
+                        (_RECLAIM(len(ek)), ek, _NO_VALUE, b"")
+                    )
 
     def _conflicts(self, header: list[str], reply: list[Any]) -> list[KeyConflictError]:
         out = []
@@ -434,31 +482,24 @@ class RedisLiveMap(SinkTarget[K, V]):
                 keys=[self._base], args=[uuid.uuid4().hex, str(self.shards)]
             )
             self._epoch = epoch.decode()
-            by_owner: dict[str, list[bytes]] = {}
+            by_owner: dict[str, dict[tuple[int, int], list[bytes]]] = {}
             encode = self._codec.encode
             table = self._table
+            size = _LENGTH.pack
             for key, value in table.items():
                 holder = table.owner_of(key)
                 if holder is None:
                     continue
                 ek = encode_key(key)
                 data = encode(value)
-                by_owner.setdefault(self._owner_id(holder), []).append(
-                    _RECORD.pack(b"u", shard_of(ek, self.shards), 1, len(ek))
-                    + ek
-                    + _LENGTH.pack(len(data))
-                    + data
+                groups = by_owner.setdefault(self._owner_id(holder), {})
+                groups.setdefault((crc32(ek) % self.shards, 1), []).extend(
+                    (_UPDATE(len(ek)), ek, size(len(data)), data)
                 )
-            moved = False
-            for oid, records in by_owner.items():
-                for start in range(0, len(records), CHUNK):
-                    reply = await self._step([oid, "0"], records[start : start + CHUNK])
-                    if reply is None:
-                        moved = True
-                        break
-                if moved:
+            for oid, groups in by_owner.items():
+                if await self._run_steps([oid, "0"], groups) is None:
                     break
-            if not moved:
+            else:
                 return
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
 
