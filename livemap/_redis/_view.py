@@ -121,6 +121,8 @@ class RedisLiveMapView(Generic[K, V]):
         self.map_name = name
         self.options = ConsumerOptions(concurrency, retry)
         self._codec = codec if codec is not None else JsonCodec()
+        many = getattr(self._codec, "decode_many", None)
+        self._decode_many: Any = many if callable(many) else self._decode_each
         self._base = base_key(prefix, name)
         self._lease_ttl = lease_ttl
         self._lease_wait = lease_wait
@@ -192,7 +194,8 @@ class RedisLiveMapView(Generic[K, V]):
         reply = await script(keys=[self._base], args=[str(s) for s in self._shards])
         epoch = await client.get(f"{self._base}:epoch")
         changed: list[Any] = []
-        decode = self._codec.decode
+        pending: list[Any] = []
+        datas: list[bytes] = []
         for n, shard in enumerate(self._shards):
             seq, last, flat = reply[3 * n], reply[3 * n + 1], reply[3 * n + 2]
             fresh = {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -206,28 +209,33 @@ class RedisLiveMapView(Generic[K, V]):
                     key = self._keys.get(ek, _MISSING)
                     if key is _MISSING:
                         key = self._keys[ek] = decode_key(ek)
-                    self._values[key] = decode(ev)
-                    changed.append(key)
+                    pending.append(key)
+                    datas.append(ev)
             self._raw[shard] = fresh
             self._seq[shard] = int(seq)
             self._ids[shard] = bytes(last)
+        for key, value in zip(pending, self._decode_many(datas), strict=True):
+            self._values[key] = value
+            changed.append(key)
         self._epoch = b"" if epoch is None else bytes(epoch)
         if changed and notify and self._consumer is not None:
             self._consumer.notify(changed)
         self._wake()
+
+    def _decode_each(self, datas: list[bytes]) -> list[Any]:
+        decode = self._codec.decode
+        return [decode(data) for data in datas]
 
     def _wake(self) -> None:
         if self._progress is not None:
             self._progress.set()
             self._progress = None
 
-    def _apply(self, shard: int, payload: bytes) -> list[Any]:
+    def _apply(self, shard: int, payload: bytes, touched: dict[bytes, int]) -> None:
+        """Apply one stream entry's changes to the encoded mirror; the keys
+        it touched go to ``touched`` (decoded later, by :meth:`_decode`)."""
         raw = self._raw[shard]
-        keys = self._keys
-        values = self._values
-        decode = self._codec.decode
         unpack = _LEN.unpack_from
-        changed = []
         pos = 0
         end = len(payload)
         while pos < end:
@@ -239,19 +247,36 @@ class RedisLiveMapView(Generic[K, V]):
             if op == 0x75:  # 'u'
                 (vsize,) = unpack(payload, pos)
                 pos += 4
-                ev = payload[pos : pos + vsize]
+                raw[ek] = payload[pos : pos + vsize]
                 pos += vsize
-                raw[ek] = ev
-                key = keys.get(ek, _MISSING)
-                if key is _MISSING:
-                    key = keys[ek] = decode_key(ek)
-                values[key] = decode(ev)
-                changed.append(key)
             else:
-                if raw.pop(ek, None) is not None:
-                    key = keys.pop(ek)
+                raw.pop(ek, None)
+            touched[ek] = shard
+
+    def _decode(self, touched: dict[bytes, int]) -> list[Any]:
+        """Bring the decoded mirror to the encoded one for the keys in
+        ``touched`` (their values decoded in one batch); the keys changed."""
+        keys = self._keys
+        values = self._values
+        changed: list[Any] = []
+        pending: list[Any] = []
+        datas: list[bytes] = []
+        for ek, shard in touched.items():
+            ev = self._raw[shard].get(ek)
+            key = keys.get(ek, _MISSING)
+            if ev is None:
+                if key is not _MISSING:  # else: made and deleted in one batch
+                    del keys[ek]
                     values.pop(key, None)
                     changed.append(key)
+                continue
+            if key is _MISSING:
+                key = keys[ek] = decode_key(ek)
+            pending.append(key)
+            datas.append(ev)
+        for key, value in zip(pending, self._decode_many(datas), strict=True):
+            values[key] = value
+            changed.append(key)
         return changed
 
     async def _follow(self, client: Any) -> None:
@@ -270,7 +295,7 @@ class RedisLiveMapView(Generic[K, V]):
                     self._resyncs += 1
                     await self._snapshot(client)
                 continue
-            changed: list[Any] = []
+            touched: dict[bytes, int] = {}
             resync = False
             for stream, entries in reply.items():
                 shard = int(bytes(stream).rsplit(b":", 1)[1])
@@ -286,12 +311,13 @@ class RedisLiveMapView(Generic[K, V]):
                     if seq != self._seq[shard] + 1:
                         resync = True
                         break
-                    changed += self._apply(shard, bytes(fields[b"p"]))
+                    self._apply(shard, bytes(fields[b"p"]), touched)
                     self._seq[shard] = seq
                     self._ids[shard] = bytes(entry.identifier)
                     self._applied += 1
                 if resync:
                     break
+            changed = self._decode(touched)
             if changed and self._consumer is not None:
                 self._consumer.notify(changed)
             if resync:
