@@ -60,10 +60,11 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 # each change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner
 # holds from any instance), the encoded key and the encoded value ('' for
 # deletes), each after its 4-byte length.  An update is packed as the stream
-# entry packs it: an update of a key the owner already holds passes on to
-# the stream as it came (in runs, without unpacking and packing again), and
-# the owner records and values of a group are read in two bulk commands.  A
-# key occurs at most once in one call.
+# entry packs it: an update of a key the owner already holds, or that nobody
+# holds, passes on to the stream as it came (in runs, without unpacking and
+# packing again); the owner records and values of a group are read in two
+# bulk commands, and such updates' writes made in bulk.  A key occurs at
+# most once in one call.
 # A delete applies only to what this instance (this app in this process)
 # holds or claims.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
@@ -232,15 +233,24 @@ while i <= n do
   local me = mine[oi]
   local mark = reclaim[oi] and owners[oi] .. SEP .. s .. '|'
   local writes = {}
-  -- the updates of keys the owner holds: the record itself is the stream's,
-  -- emitted in runs; everything else goes the general way
+  local taken = {}
+  local members = {}
+  -- the updates of keys the owner holds or nobody holds: the record itself
+  -- is the stream's, emitted in runs, and the writes go in bulk at the end;
+  -- everything else goes the general way
   local run = 1
   for j = 1, m do
     local op, k, v = ops[j], ks[j], vs[j]
     if mark and op == 'u' then
       declared[mark .. k] = true
     end
-    if op == 'u' and held[j] == me then
+    local h = held[j]
+    if op == 'u' and (h == me or not h) then
+      if not h then
+        taken[#taken + 1] = k
+        taken[#taken + 1] = me
+        members[#members + 1] = s .. '|' .. k
+      end
       if cur[j] ~= v then
         writes[#writes + 1] = k
         writes[#writes + 1] = v
@@ -265,6 +275,13 @@ while i <= n do
   end
   for a = 1, #writes, CH do
     call('HSET', d, unpack(writes, a, math.min(a + CH - 1, #writes)))
+  end
+  for a = 1, #taken, CH do
+    call('HSET', o, unpack(taken, a, math.min(a + CH - 1, #taken)))
+  end
+  local kset = base .. ':k:' .. owners[oi]
+  for a = 1, #members, CH do
+    call('SADD', kset, unpack(members, a, math.min(a + CH - 1, #members)))
   end
 end
 for o = 1, nown do
