@@ -529,6 +529,12 @@ async def test_bad_arguments(redis_server: RedisServer) -> None:
 
         with pytest.raises(ValueError, match="has 2 shards in Redis, not the 3"):
             await coco.App("wrong", wrong).update()
+
+        async def never() -> None:
+            await RedisLiveMap.create(client, name, shards=2, check_every=0)
+
+        with pytest.raises(ValueError, match="check_every must be a number > 0, got 0"):
+            await coco.App("never", never).update()
     async with coco_client(redis_server.url, decode_responses=True) as decoding:
         with pytest.raises(ValueError, match="decode_responses"):
             RedisLiveMapView(decoding, "a")
@@ -662,6 +668,31 @@ async def test_a_redis_restart_resynchronises_both_sides(own_redis_server: Redis
             assert seen.rows == state  # the delete made across the restart is there
             assert seen.calls[calls:] == [("k1", 100)]  # and nothing else was repeated
             assert producer.map.stats().resyncs >= 1
+
+
+async def test_a_producer_that_commits_no_more_uploads_after_data_loss(
+    own_redis_server: RedisServer,
+) -> None:
+    name = unique()
+    server = own_redis_server
+    async with (
+        connect(server.url) as client,
+        Producer(client, name, shards=2, check_every=0.05) as producer,
+    ):
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, block=0.1)
+        state = {f"k{i}": i for i in range(20)}
+        await producer.commit(entries(state))
+        async with consuming(view) as seen:
+            server.restart()  # nothing saved: Redis comes back empty
+            with anyio.fail_after(TIMEOUT):  # no commit: the map uploads by itself
+                while producer.map.stats().resyncs == 0:
+                    await anyio.sleep(0.02)
+            await settle(view)
+            assert seen.rows == state
+            assert producer.errors == []
+            assert await client.hlen(f"livemap:{{{name}}}:d:0") + await client.hlen(
+                f"livemap:{{{name}}}:d:1"
+            ) == len(state)
 
 
 async def test_sigstop_under_load_loses_nothing(own_redis_server: RedisServer) -> None:

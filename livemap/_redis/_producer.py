@@ -21,6 +21,8 @@ from functools import partial
 from typing import Any, TypeVar
 from zlib import crc32
 
+import anyio
+
 from livemap._paths import format_path
 from livemap._redis._codecs import (
     Codec,
@@ -175,6 +177,7 @@ class RedisLiveMap(SinkTarget[K, V]):
 
     __slots__ = {
         "_base": None,
+        "_check_every": None,
         "_client": None,
         "_codec": None,
         "_commit": None,
@@ -204,6 +207,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         codec: Codec,
         prefix: str,
         maxlen: int,
+        check_every: float,
     ) -> None:
         if _token is not _CREATE:
             raise TypeError(
@@ -224,6 +228,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._codec = codec
         self._base = base_key(prefix, name)
         self._maxlen = str(maxlen)
+        self._check_every = check_every
         self._commit = client.register_script(COMMIT)
         self._init = client.register_script(INIT)
         self._instance = instance_token(creator.session.name)
@@ -251,6 +256,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         codec: Codec | None = None,
         prefix: str = "livemap",
         maxlen: int = 10_000,
+        check_every: float = 1.0,
     ) -> RedisLiveMap[K, V]:
         """A map named ``name`` in Redis, owned by the current component run.
 
@@ -262,7 +268,11 @@ class RedisLiveMap(SinkTarget[K, V]):
         (:class:`JsonCodec` by default).  ``prefix``: the start of every
         Redis key of the map (maps of one name under two prefixes are two
         maps).  ``maxlen``: about how many entries each shard's stream keeps
-        (a consumer further behind re-reads the snapshot).
+        (a consumer further behind re-reads the snapshot).  ``check_every``:
+        how often (seconds) the map checks, while its app runs and until it is
+        retired, that Redis still has the map's data; when Redis lost it,
+        what this process holds is uploaded again without waiting for a
+        commit.
 
         Raises :class:`~livemap.errors.NotInComponentError` outside a run.
         """
@@ -274,14 +284,23 @@ class RedisLiveMap(SinkTarget[K, V]):
             raise ValueError(f"shards must be an int >= 1, got {shards!r}")
         if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
             raise ValueError(f"maxlen must be an int >= 1, got {maxlen!r}")
+        if (
+            not isinstance(check_every, (int, float))
+            or isinstance(check_every, bool)
+            or not check_every > 0
+        ):
+            raise ValueError(f"check_every must be a number > 0, got {check_every!r}")
         if codec is None:
             codec = JsonCodec()
         elif not isinstance(codec, Codec):
             raise TypeError(f"codec must have encode() and decode(), got {codec!r}")
         lm: RedisLiveMap[K, V] = cls(
-            _CREATE, run.component, client, name, shards, codec, prefix, maxlen
+            _CREATE, run.component, client, name, shards, codec, prefix, maxlen, float(check_every)
         )
         await lm._start()
+        app_run = run.component.session.active
+        if app_run is not None:
+            app_run.tg.start_soon(lm._keep)
         _latest[(lm._base, lm.app)] = lm
         if run.created is None:
             run.created = []
@@ -298,6 +317,27 @@ class RedisLiveMap(SinkTarget[K, V]):
                 f"not the {self.shards} asked for"
             )
         self._epoch = epoch.decode()
+
+    async def _keep(self) -> None:
+        """Until retired (or the app's run ends): every ``check_every``
+        seconds, see that Redis still has the map's epoch; upload what this
+        process holds when it does not."""
+        key = f"{self._base}:epoch"
+        while True:
+            await anyio.sleep(self._check_every)
+            if self._retired:
+                return
+            try:
+                if await self._lost(key):
+                    async with self._get_lock():
+                        if not self.retired and await self._lost(key):
+                            await self._resync()
+            except Exception:
+                continue  # Redis is away: look again later
+
+    async def _lost(self, key: str) -> bool:
+        epoch = await self._client.get(key)
+        return epoch is None or bytes(epoch).decode() != self._epoch
 
     # -- the target ------------------------------------------------------------
 
