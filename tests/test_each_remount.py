@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import TIMEOUT, wait_for
+from helpers import TIMEOUT, Recorder, wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap
@@ -336,3 +336,93 @@ async def test_a_failing_key_deleted_across_a_remount_fails_no_more() -> None:
         with anyio.fail_after(TIMEOUT):
             await done.wait()
             await handle.stop()
+
+
+@pytest.mark.parametrize("what", ["same value", "gone and back"])
+async def test_a_run_dropped_in_its_cleanup_leaves_nothing_behind(what: str) -> None:
+    """A key's run declares, then waits in a shielded ``finally`` while its
+    consumer is re-mounted with new arguments (the key's run is dropped; the
+    entry stays, or is deleted before the re-mount and declared again
+    after it).  The worker that ran it goes on with
+    the key's next run: that run starts clean (it declares the same row again
+    without a ``DuplicateDeclarationError``), and its row is the one that
+    stays."""
+    rows: dict[str, int] = {}
+
+    def apply(batch: coco.TargetBatch[str, int]) -> None:
+        rows.update(batch.upserts)
+        for key in batch.deletes:
+            rows.pop(key, None)
+
+    sink = KeyedTarget[str, int](f"dropped-{what}", apply)
+    in_cleanup = anyio.Event()
+    release = anyio.Event()
+    calls: list[tuple[int, int]] = []
+    reports = Recorder()
+    done = anyio.Event()
+    hosts: list[int] = []
+
+    @coco.fn
+    async def process(value: int, tag: int) -> None:
+        calls.append((value, tag))
+        sink.declare("row", 10 * value + tag)
+        try:
+            await anyio.sleep(0)
+        finally:
+            if not in_cleanup.is_set():
+                with anyio.CancelScope(shield=True):
+                    in_cleanup.set()
+                    await release.wait()
+
+    @coco.fn
+    async def host(lm: LiveMap[str, int], tag: int) -> None:
+        await coco.mount_each(process, lm.consumer(concurrency=1), tag)
+        hosts.append(tag)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int], values: dict[str, int]) -> None:
+        for key, n in values.items():
+            lm.declare_entry(key, n)
+
+    class Driver:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.mark_ready()
+            with anyio.fail_after(TIMEOUT):
+                await (await op.update("p", produce, self.lm, {"k": 1})).ready()
+                consumer = await op.update("consumer", host, self.lm, 0)
+                await in_cleanup.wait()
+                if what == "gone and back":
+                    await (await op.update("p", produce, self.lm, {})).ready()
+                consumer = await op.update("consumer", host, self.lm, 1)
+                await wait_for(lambda: hosts[-1:] == [1])
+                if what == "gone and back":
+                    await (await op.update("p", produce, self.lm, {"k": 2})).ready()
+                # (the consumer's side of the change: a few turns of the loop)
+                await anyio.sleep(0.01)
+                release.set()
+                await consumer.ready()
+                await self.lm.settle()
+            done.set()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(Driver, lm)
+
+    config = coco.AppConfig(f"dropped-{what}", exception_handler=reports)
+    handle = coco.App(config, main).update(live=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.result)
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+            await handle.stop()
+    assert reports.calls == []
+    last = (1, 1) if what == "same value" else (2, 1)
+    assert calls[0] == (1, 0) and calls[-1] == last, calls
+    assert rows == {"row": 10 * last[0] + last[1]}

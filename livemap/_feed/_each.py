@@ -130,6 +130,18 @@ class KeyedRun(Run):
         # the scope of the worker running it, while it does
         self.scope: anyio.CancelScope | None = scope
 
+    def forget(self) -> None:
+        """Drop what a run that will not commit left here (a worker then
+        reuses this run for its next key)."""
+        made = self.made
+        if made is not None:
+            self.made = None
+            if made.cancel_scope is self.scope:
+                made.cancel_scope = None  # (the worker's scope, soon another key's)
+        self.buffers = None
+        self.mounted = None
+        self.created = None
+
     @property
     def component(self) -> Component:
         made = self.made
@@ -294,6 +306,15 @@ class EachHost:
         value = self.pending.pop(key, _NOTHING)
         if value is _NOTHING:
             return None  # dropped meanwhile
+        children = comp.children
+        if children is not None and (key,) in children:
+            # an earlier run of the key, dropped while it ran (a re-scan
+            # reset us), made the key's component: that component runs it
+            child = self.mount_entry(key, value)
+            self.pool.queue_run(child)
+            child.readiness.on_ready(partial(self._done, key))
+            self.release_if_idle()
+            return None
         run.key = key
         run.value = value
         running = self.running
@@ -330,10 +351,13 @@ class EachHost:
             if t_prefix is not None:
                 prefix_var.reset(t_prefix)
         if running.get(key) is not run:
+            # dropped while it ran (a re-scan reset the host): it commits
+            # nothing, and the worker's next keyed run starts clean
             if app_run is not None:
                 app_run.give_slot(run)
                 app_run.stats.run_cancelled(self.fn)
-            return None  # dropped while it ran
+            run.forget()
+            return None
         if (
             error is None
             and run.made is None
