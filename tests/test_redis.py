@@ -645,6 +645,57 @@ async def test_a_trim_during_a_batched_read(redis_server: RedisServer) -> None:
             assert_no_repeats(seen.calls)
 
 
+class FlakyCodec:
+    """JSON, whose batch decoding fails while ``armed`` when the batch holds
+    a value with "poison" in it."""
+
+    def __init__(self) -> None:
+        self.json = JsonCodec()
+        self.armed = False
+        self.failures = 0
+
+    def encode(self, value: Any) -> bytes:
+        return self.json.encode(value)
+
+    def decode(self, data: bytes) -> Any:
+        return self.json.decode(data)
+
+    def decode_many(self, datas: list[bytes]) -> list[Any]:
+        if self.armed and any(b"poison" in data for data in datas):
+            self.failures += 1
+            raise CodecError("poisoned")
+        return self.json.decode_many(datas)
+
+
+async def test_a_batch_that_fails_to_decode_is_read_again(redis_server: RedisServer) -> None:
+    name = unique()
+    codec = FlakyCodec()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        state: dict[str, Any] = {f"k{i}": i for i in range(6)}
+        await producer.commit(entries(state))
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, codec=codec, block=0.05)
+        async with consuming(view) as seen:
+            codec.armed = True
+            state["k1"] = "poison"
+            state["k2"] = 20
+            del state["k3"]
+            await producer.commit(entries(state))
+            with anyio.fail_after(TIMEOUT):
+                while codec.failures < 2:  # the batch, then the snapshot read after it
+                    await anyio.sleep(0.01)
+            assert "k1" not in [k for k, _ in seen.calls[6:]]
+            state["k4"] = 40  # a commit while the view cannot decode
+            del state["k5"]
+            await producer.commit(entries(state))
+            await anyio.sleep(0.1)
+            codec.armed = False
+            await settle(view)
+            assert seen.rows == state
+            assert view.stats().errors >= 2
+            assert dict(view.snapshot()) == entries(state)
+            assert_no_repeats(seen.calls)
+
+
 async def test_a_redis_restart_resynchronises_both_sides(own_redis_server: RedisServer) -> None:
     name = unique()
     server = own_redis_server
