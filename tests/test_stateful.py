@@ -11,8 +11,11 @@ components declare into a ``KeyedTarget``, the downstream view) with varying
 speed, concurrency, retry policy, and a processor that may fail on some
 values.  Hostile steps: a producer run cancelled by a re-mount or an unmount
 while it waits (it must commit nothing), a declaration made in a finished
-run's context (``NotInComponentError``, nothing changes), and a slow async
-exception handler.
+run's context (``NotInComponentError``, nothing changes), a slow async
+exception handler, and the consumer re-mounted with new arguments while its
+keys run (their cleanups await).  Each example's ``App`` has the same name,
+so it continues the tree the previous example left, as a restarted process
+would.
 
 After every step the map (entries, owners, counters, reported exceptions)
 equals the model; after every settle (``lm.settle()`` plus the consumer's
@@ -782,6 +785,28 @@ class LiveMapMachine(RuleBasedStateMachine):
             await start(op)
 
         self.step(job)
+
+    @precondition(lambda self: self.consuming)
+    @rule(spec=consumers, yields=st.integers(0, 2))
+    def remount_consumer(self, spec: tuple[int | None, bool, bool, int], yields: int) -> None:
+        """Re-mount the consumer's parent with new arguments (the same kind
+        of processor, so the same paths) while its keys may be running: the
+        new consumer starts from a fresh scan, and no key runs in both at
+        once (the old run's ``finally`` included).  (A replacement at other
+        paths is pinned by tests/test_each_remount.py.)"""
+        world = self.driver.world
+        if world.epoch is not None:
+            concurrency, _, poison, attempts = spec
+            spec = (concurrency, world.epoch.sync, poison, attempts)
+        start = self._start_job(spec, remount=True)
+
+        async def job(op: coco.LiveComponentOperator) -> None:
+            for _ in range(yields):
+                await anyio.sleep(0)
+            await start(op)
+
+        self.step(job)
+
 
     @rule(delay=st.sampled_from([0.0, 0.0, 0.0005, 0.002]))
     def set_handler_speed(self, delay: float) -> None:
