@@ -46,7 +46,10 @@ TIMEOUT = 300.0
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory() as directory:
-        srv = RedisServer(Path(directory))
+        # hashes of more than 128 fields as hash tables: a shard of a few
+        # hundred keys is otherwise a listpack, where a bulk write is O(fields)
+        # per field (see docs/redis.md, Performance)
+        srv = RedisServer(Path(directory), "--hash-max-listpack-entries", "128")
         srv.start()
         try:
             yield srv
@@ -159,31 +162,61 @@ async def _latency(source: _Source, views: Any, calls: list[float], seen: Any) -
     }
 
 
-async def _throughput(
-    source: _Source, views: Any, calls: list[float], seen: dict[str, int]
-) -> dict[str, Any]:
-    rounds = CHANGES // BATCH
-    start = time.perf_counter()
+def _states(keys: int) -> Iterator[dict[str, Any]]:
+    """What the producer declares, commit after commit: ``keys`` keys, of
+    which ``BATCH`` change each time (all of them when ``keys == BATCH``)."""
     state: dict[str, Any] = {}
-    for r in range(rounds):
-        base = (r * BATCH) % KEYS
+    for r in range(CHANGES // BATCH):
+        base = (r * BATCH) % keys
         state = dict(state)
         for i in range(base, base + BATCH):
             state[f"k{i}"] = [f"k{i}", r]
-        await _commit(source, state)
-    committed = time.perf_counter()
-    for view in views:
-        await view.settle()
-    end = time.perf_counter()
-    final = {k: v[1] for k, v in state.items()}
-    assert seen == final, "the consumer did not end with the producer's state"
-    return {
-        "changes": rounds * BATCH,
-        "changes_per_s": round(rounds * BATCH / (end - start)),
-        "commit_only_per_s": round(rounds * BATCH / (committed - start)),
-        "processor_calls": len(calls),
-        "seconds": round(end - start, 3),
-    }
+        yield state
+
+
+def _cpu_us(seconds: float, changes: int) -> float:
+    return round(seconds / changes * 1e6, 2)
+
+
+def _throughput(keys: int, server: RedisServer | None = None) -> Any:
+    """The throughput measure over ``keys`` declared keys (see _states).
+    Besides the rates, the CPU time per change of this process (producer
+    and consumers) and of the server: a shared machine's load changes the
+    rates much more than these."""
+
+    async def measure(
+        source: _Source, views: Any, calls: list[float], seen: dict[str, int]
+    ) -> dict[str, Any]:
+        rounds = CHANGES // BATCH
+        cpu = time.process_time()
+        server_cpu = server.cpu_seconds() if server is not None else 0.0
+        start = time.perf_counter()
+        state: dict[str, Any] = {}
+        for state in _states(keys):
+            await _commit(source, state)
+        committed = time.perf_counter()
+        for view in views:
+            await view.settle()
+        end = time.perf_counter()
+        cpu = time.process_time() - cpu
+        final = {k: v[1] for k, v in state.items()}
+        assert seen == final, "the consumer did not end with the producer's state"
+        result = {
+            "changes": rounds * BATCH,
+            "declared_per_commit": keys,
+            "changes_per_s": round(rounds * BATCH / (end - start)),
+            "commit_only_per_s": round(rounds * BATCH / (committed - start)),
+            "processor_calls": len(calls),
+            "seconds": round(end - start, 3),
+            "cpu_us_per_change_process": _cpu_us(cpu, rounds * BATCH),
+        }
+        if server is not None:
+            result["cpu_us_per_change_redis"] = _cpu_us(
+                server.cpu_seconds() - server_cpu, rounds * BATCH
+            )
+        return result
+
+    return measure
 
 
 def _redis_map(client: Any, name: str, shards: int) -> Any:
@@ -229,8 +262,9 @@ def test_latency_in_process_reference(benchmark: Any) -> None:
     _scenario(benchmark, "asyncio", fn)
 
 
+@pytest.mark.parametrize("keys", [KEYS, BATCH], ids=["declare-20000", "declare-2000"])
 @pytest.mark.parametrize("shards", [1, 4])
-def test_throughput_redis(benchmark: Any, server: RedisServer, shards: int) -> None:
+def test_throughput_redis(benchmark: Any, server: RedisServer, shards: int, keys: int) -> None:
     async def fn() -> dict[str, Any]:
         name = f"tp-{shards}-{time.monotonic_ns()}"
         async with connect(server.url) as producer_client, connect(server.url) as consumer_client:
@@ -242,14 +276,17 @@ def test_throughput_redis(benchmark: Any, server: RedisServer, shards: int) -> N
                     for s in range(shards)
                 ]
 
-            return await _run(_redis_map(producer_client, name, shards), views, _throughput)
+            return await _run(
+                _redis_map(producer_client, name, shards), views, _throughput(keys, server)
+            )
 
     _scenario(benchmark, "asyncio", fn)
 
 
+@pytest.mark.parametrize("keys", [KEYS, BATCH], ids=["declare-20000", "declare-2000"])
 @pytest.mark.parametrize("shards", [1, 4])
 def test_throughput_redis_consumer_processes(
-    benchmark: Any, server: RedisServer, shards: int
+    benchmark: Any, server: RedisServer, shards: int, keys: int
 ) -> None:
     """The same, with the consumers in processes of their own (one per
     shard): the producer and each consumer get a core when there is one."""
@@ -264,27 +301,34 @@ def test_throughput_redis_consumer_processes(
                 workers.append(worker)
                 assert await worker.read_line(60) == "ready"
             rounds = CHANGES // BATCH
+            cpu = time.process_time()
+            server_cpu = server.cpu_seconds()
             start = time.perf_counter()
             state: dict[str, Any] = {}
-            for r in range(rounds):
-                base = (r * BATCH) % KEYS
-                state = dict(state)
-                for i in range(base, base + BATCH):
-                    state[f"k{i}"] = [f"k{i}", r]
+            for state in _states(keys):
                 await _commit(source, state)
             committed = time.perf_counter()
             for worker in workers:
                 await worker.send("settle")
             replies = [json.loads(await worker.read_line(TIMEOUT)) for worker in workers]
             end = time.perf_counter()
+            cpu = time.process_time() - cpu
             assert sum(reply["keys"] for reply in replies) == len(state)
             assert sum(reply["sum"] for reply in replies) == sum(v[1] for v in state.values())
             return {
                 "changes": rounds * BATCH,
+                "declared_per_commit": keys,
                 "changes_per_s": round(rounds * BATCH / (end - start)),
                 "commit_only_per_s": round(rounds * BATCH / (committed - start)),
                 "processor_calls": sum(reply["calls"] for reply in replies),
                 "seconds": round(end - start, 3),
+                "cpu_us_per_change_producer": _cpu_us(cpu, rounds * BATCH),
+                "cpu_us_per_change_redis": _cpu_us(
+                    server.cpu_seconds() - server_cpu, rounds * BATCH
+                ),
+                "cpu_us_per_change_consumers": _cpu_us(
+                    sum(reply["cpu"] for reply in replies), rounds * BATCH
+                ),
             }
 
         try:
@@ -297,8 +341,9 @@ def test_throughput_redis_consumer_processes(
     _scenario(benchmark, "asyncio", fn)
 
 
-def test_throughput_in_process_reference(benchmark: Any) -> None:
+@pytest.mark.parametrize("keys", [KEYS, BATCH], ids=["declare-20000", "declare-2000"])
+def test_throughput_in_process_reference(benchmark: Any, keys: int) -> None:
     async def fn() -> dict[str, Any]:
-        return await _run(_local_map, lambda lm: [lm], _throughput)
+        return await _run(_local_map, lambda lm: [lm], _throughput(keys))
 
     _scenario(benchmark, "asyncio", fn)

@@ -77,6 +77,25 @@ def test_the_shard_hash_is_stable() -> None:
     assert spread == {0, 1, 2, 3}
 
 
+def test_decoding_in_bulk() -> None:
+    codec = JsonCodec()
+    datas = [codec.encode(v) for v in [1, "x", [1, {"a": None}], {"b": 2.5}, "é"]]
+    assert codec.decode_many(datas) == [codec.decode(d) for d in datas]
+    assert codec.decode_many([]) == []
+    # a batch of which one item is not a JSON value fails as that item does,
+    # even where the items joined would parse (1,2 and 3: [1,2,3])
+    with pytest.raises(ValueError, match="Extra data"):
+        codec.decode_many([b"1,2", b"3"])
+    with pytest.raises(ValueError):
+        codec.decode_many([b"[1", b"2]"])
+    a: list[Any] = []
+    a.append(a)
+    with pytest.raises(CodecError, match="cannot encode"):
+        codec.encode(a)
+    with pytest.raises(CodecError, match="not JSON serializable"):
+        codec.encode({"k": object()})
+
+
 def test_codecs() -> None:
     json_codec = JsonCodec()
     assert json_codec.encode({"b": 1, "a": [1, "x"]}) == json_codec.encode({"a": [1, "x"], "b": 1})
@@ -361,6 +380,94 @@ async def test_big_commits_go_in_chunks(
                 assert restarted.map.stats().steps >= 4
 
 
+class FailingSteps:
+    """A client whose commit scripts fail (``ConnectionError``) from the
+    ``fail_at``-th call on, while ``fail_at`` is set: a producer that loses
+    Redis between the steps of one commit."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.calls = 0
+        self.fail_at: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def register_script(self, source: str) -> Any:
+        script = self._client.register_script(source)
+        if "XADD" not in source:
+            return script
+
+        async def call(**kwargs: Any) -> Any:
+            self.calls += 1
+            if self.fail_at is not None and self.calls >= self.fail_at:
+                raise ConnectionError("lost Redis between two steps")
+            return await script(**kwargs)
+
+        return call
+
+
+async def test_a_commit_cut_between_its_steps_is_sent_again_whole(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemap._redis import _producer
+
+    monkeypatch.setattr(_producer, "CHUNK", 50)
+    name = unique()
+    async with connect(redis_server.url) as real:
+        client = FailingSteps(real)
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(real, name)
+        async with Producer(client, name, shards=3) as producer, consuming(view) as seen:
+            state = {f"k{i}": 0 for i in range(120)}
+            await producer.commit(entries(state))
+            assert producer.errors == []
+            # the next commit needs 3 steps; the second one fails
+            state = {f"k{i}": 1 for i in range(20, 160)}
+            client.fail_at = client.calls + 2
+            await producer.commit(entries(state))
+            assert [type(e) for e in producer.errors] == [coco.TargetApplyError]
+            await settle(view)
+            first_step = dict(seen.rows)
+            assert first_step != state  # only the first step reached Redis
+            client.fail_at = None
+            producer.errors.clear()
+            await producer.commit(entries(state))  # the same declarations again
+            assert producer.errors == []
+            await settle(view)
+            assert seen.rows == state
+            assert_no_repeats(seen.calls)  # what the first step sent is not sent again
+            assert len(seen.calls) == 120 + 140
+
+
+async def test_the_gate_in_redis_amid_updates_of_held_keys(redis_server: RedisServer) -> None:
+    """Updates of keys the owner holds pass to the stream in runs; an update
+    whose encoding is unchanged (a tuple after the equal list: != in Python,
+    one JSON) breaks a run and is not sent; new keys and deletes go between."""
+    name = unique()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name)
+        state: dict[str, Any] = {f"k{i}": [i, i] for i in range(40)}
+        await producer.commit(entries(state))
+        async with consuming(view) as seen:
+            gone: set[str] = set()
+            for round_ in range(1, 4):
+                for i in range(40):
+                    if f"k{i}" in gone:
+                        continue
+                    if i % 3 == 0:
+                        state[f"k{i}"] = (i, i) if round_ % 2 else [i, i]  # same JSON
+                    elif i % 3 == 1:
+                        state[f"k{i}"] = [i, round_]
+                state[f"new{round_}"] = [round_]
+                gone.add(f"k{(5 * round_) % 40 + 2}")
+                state.pop(f"k{(5 * round_) % 40 + 2}", None)
+                await producer.commit(entries(state))
+                await settle(view)
+                assert seen.rows == {k: list(v) for k, v in state.items()}
+            assert_no_repeats([(k, v) for k, v in seen.calls])
+            assert not [k for k, _ in seen.calls[40:] if int(k[1:] if k[0] == "k" else 1) % 3 == 0]
+
+
 async def test_a_value_the_codec_refuses_changes_nothing(redis_server: RedisServer) -> None:
     name = unique()
     async with connect(redis_server.url) as client, Producer(client, name) as producer:
@@ -422,6 +529,12 @@ async def test_bad_arguments(redis_server: RedisServer) -> None:
 
         with pytest.raises(ValueError, match="has 2 shards in Redis, not the 3"):
             await coco.App("wrong", wrong).update()
+
+        async def never() -> None:
+            await RedisLiveMap.create(client, name, shards=2, check_every=0)
+
+        with pytest.raises(ValueError, match="check_every must be a number > 0, got 0"):
+            await coco.App("never", never).update()
     async with coco_client(redis_server.url, decode_responses=True) as decoding:
         with pytest.raises(ValueError, match="decode_responses"):
             RedisLiveMapView(decoding, "a")
@@ -477,6 +590,112 @@ async def test_a_trimmed_stream_under_a_slow_consumer(redis_server: RedisServer)
             assert_no_repeats(seen.calls)
 
 
+class TrimAfterRead(SlowReads):
+    """A client whose first stream read after ``armed`` is set returns, but
+    before the view applies it, more commits are made and the stream is
+    trimmed to its last ``keep`` entries: the view's next batch starts past
+    a gap."""
+
+    def __init__(self, client: Any, after: Any, keep: int) -> None:
+        super().__init__(client)
+        self.armed = False
+        self._after = after
+        self._keep = keep
+
+    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await super().xread(*args, **kwargs)
+        if self.armed and reply:
+            self.armed = False
+            await self._after()
+            from coredis.tokens import PureToken
+
+            for stream in reply:
+                await self._client.xtrim(
+                    stream, PureToken.MAXLEN, self._keep, trim_operator=PureToken.EQUAL
+                )
+        return reply
+
+
+async def test_a_trim_during_a_batched_read(redis_server: RedisServer) -> None:
+    name = unique()
+    async with connect(redis_server.url) as client, Producer(client, name, maxlen=1000) as producer:
+        state = {f"k{i}": 0 for i in range(10)}
+        await producer.commit(entries(state))
+
+        async def more() -> None:
+            for round_ in range(20, 40):
+                state[f"k{round_ % 10}"] = round_
+                if round_ % 6 == 0:
+                    state.pop(f"k{(round_ + 4) % 10}", None)
+                await producer.commit(entries(state))
+
+        reads = TrimAfterRead(client, more, keep=3)
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(reads, name, block=0.05, batch=4)
+        async with consuming(view) as seen:
+            reads.gate = anyio.Event()  # the view stops reading ...
+            await anyio.sleep(0.1)
+            for round_ in range(1, 12):  # ... while commits queue up
+                state[f"k{round_ % 10}"] = round_
+                await producer.commit(entries(state))
+            reads.armed = True
+            reads.gate.set()  # a batch of 4 is read; then 20 more and a trim
+            await settle(view)
+            assert seen.rows == state
+            assert view.stats().resyncs >= 1
+            assert_no_repeats(seen.calls)
+
+
+class FlakyCodec:
+    """JSON, whose batch decoding fails while ``armed`` when the batch holds
+    a value with "poison" in it."""
+
+    def __init__(self) -> None:
+        self.json = JsonCodec()
+        self.armed = False
+        self.failures = 0
+
+    def encode(self, value: Any) -> bytes:
+        return self.json.encode(value)
+
+    def decode(self, data: bytes) -> Any:
+        return self.json.decode(data)
+
+    def decode_many(self, datas: list[bytes]) -> list[Any]:
+        if self.armed and any(b"poison" in data for data in datas):
+            self.failures += 1
+            raise CodecError("poisoned")
+        return self.json.decode_many(datas)
+
+
+async def test_a_batch_that_fails_to_decode_is_read_again(redis_server: RedisServer) -> None:
+    name = unique()
+    codec = FlakyCodec()
+    async with connect(redis_server.url) as client, Producer(client, name) as producer:
+        state: dict[str, Any] = {f"k{i}": i for i in range(6)}
+        await producer.commit(entries(state))
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, codec=codec, block=0.05)
+        async with consuming(view) as seen:
+            codec.armed = True
+            state["k1"] = "poison"
+            state["k2"] = 20
+            del state["k3"]
+            await producer.commit(entries(state))
+            with anyio.fail_after(TIMEOUT):
+                while codec.failures < 2:  # the batch, then the snapshot read after it
+                    await anyio.sleep(0.01)
+            assert "k1" not in [k for k, _ in seen.calls[6:]]
+            state["k4"] = 40  # a commit while the view cannot decode
+            del state["k5"]
+            await producer.commit(entries(state))
+            await anyio.sleep(0.1)
+            codec.armed = False
+            await settle(view)
+            assert seen.rows == state
+            assert view.stats().errors >= 2
+            assert dict(view.snapshot()) == entries(state)
+            assert_no_repeats(seen.calls)
+
+
 async def test_a_redis_restart_resynchronises_both_sides(own_redis_server: RedisServer) -> None:
     name = unique()
     server = own_redis_server
@@ -500,6 +719,31 @@ async def test_a_redis_restart_resynchronises_both_sides(own_redis_server: Redis
             assert seen.rows == state  # the delete made across the restart is there
             assert seen.calls[calls:] == [("k1", 100)]  # and nothing else was repeated
             assert producer.map.stats().resyncs >= 1
+
+
+async def test_a_producer_that_commits_no_more_uploads_after_data_loss(
+    own_redis_server: RedisServer,
+) -> None:
+    name = unique()
+    server = own_redis_server
+    async with (
+        connect(server.url) as client,
+        Producer(client, name, shards=2, check_every=0.05) as producer,
+    ):
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, block=0.1)
+        state = {f"k{i}": i for i in range(20)}
+        await producer.commit(entries(state))
+        async with consuming(view) as seen:
+            server.restart()  # nothing saved: Redis comes back empty
+            with anyio.fail_after(TIMEOUT):  # no commit: the map uploads by itself
+                while producer.map.stats().resyncs == 0:
+                    await anyio.sleep(0.02)
+            await settle(view)
+            assert seen.rows == state
+            assert producer.errors == []
+            assert await client.hlen(f"livemap:{{{name}}}:d:0") + await client.hlen(
+                f"livemap:{{{name}}}:d:1"
+            ) == len(state)
 
 
 async def test_sigstop_under_load_loses_nothing(own_redis_server: RedisServer) -> None:

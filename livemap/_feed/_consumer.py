@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.abc
 
-from livemap._feed._each import EachSubscriber, event_class
+from livemap._feed._each import EachHost, EachLiveSubscriber, EachSubscriber, event_class
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLike
 from livemap._feed._queue import WorkQueue
 from livemap._runtime._component import Component
@@ -49,6 +50,18 @@ scanning_consumer: ContextVar[Consumer[Any, Any] | None] = ContextVar(
 context: a scan of the map made there is the snapshot the watch continues
 from (:meth:`Consumer.rebase`).  It follows ``update_all()``'s awaits and the
 tasks it starts, and nothing else."""
+
+
+_superseded: WeakKeyDictionary[Any, list[EachHost]] = WeakKeyDictionary()
+"""Per map: the hosts of the ``mount_each`` consumers of it that were
+superseded (their ``mount_each`` re-ran, was unmounted or was taken over),
+whose cancelled runs may still be winding down.  A later consumer of the
+map fed by another host starts once their runs have ended (their
+``finally`` included), so that a key never runs in two hosts at once
+(:meth:`Consumer.run`); one fed by the same host need not wait, its pool
+keeps each key's runs apart.  A host leaves the list once it has no run of
+the current app run under way, or when a later consumer of its own ends
+without being superseded."""
 
 
 class _Snapshot(Generic[K, V]):
@@ -107,6 +120,10 @@ class Consumer(Generic[K, V]):
       its scan saw it, then every delivery); a try that finds the key's
       state already there delivers nothing.
     * ``failing``: keys whose latest delivery failed, with the error.
+    * ``each``: the subscriber of a ``mount_each`` of a function, whose runs
+      it queues on the pool itself; ``host``: the host of the ``mount_each``
+      it feeds, of a function or of a live-component class (its
+      :attr:`~._each.EachHost.consumer` is this consumer until it is released).
     * ``started``: the subscriber's ``update_all()`` and ``mark_ready()``
       returned; no key is taken before.  ``closed``: no key is taken any
       more; ``released``: the map's consumer slot is free again.
@@ -142,8 +159,15 @@ class Consumer(Generic[K, V]):
         each = subscriber if isinstance(subscriber, EachSubscriber) else None
         self.each = each
         self._component = each.component if each is not None else None
-        if each is not None:
-            each.host.consumer = self
+        # the host of the mount_each it feeds (its processor a function or a
+        # live-component class): a re-run or an unmount of that mount_each
+        # ends this consumer at once (EachHost.supersede), so that its next
+        # watch, or the one replacing it, finds the map free
+        host: EachHost | None = None
+        if isinstance(subscriber, (EachSubscriber, EachLiveSubscriber)):
+            host = subscriber.host
+            host.consumer = self
+        self.host = host
         # What a generic subscriber has: the map as it stands when the watch
         # starts (``update_all`` scans it before its first await), then every
         # delivery.  ``mount_each``'s children hold their own value instead.
@@ -223,6 +247,9 @@ class Consumer(Generic[K, V]):
 
     async def run(self) -> None:
         try:
+            await self._after_superseded()
+            if self.closed:  # superseded (or its map retired) while it waited
+                return
             token = scanning_consumer.set(self)
             try:
                 await self.subscriber.update_all()
@@ -239,6 +266,23 @@ class Consumer(Generic[K, V]):
                 tg.cancel_scope.cancel()
         finally:
             self.release()
+
+    async def _after_superseded(self) -> None:
+        """Wait until no run of another host that consumed this map before
+        and was superseded is under way (see :data:`_superseded`)."""
+        hosts = _superseded.get(self.live_map)
+        if hosts is None:
+            return
+        app_run = self.live_map.app_run()
+        while True:
+            # (runs of an earlier app run ended with it)
+            hosts[:] = [h for h in hosts if h.pool.queue.in_flight and h.pool.app_run is app_run]
+            others = [h for h in hosts if h is not self.host]
+            if not others:
+                break
+            await others[0].pool.wait_idle()
+        if not hosts:
+            _superseded.pop(self.live_map, None)
 
     async def _run_each(self, each: EachSubscriber) -> None:
         """``mount_each``: take the keys that could not be delivered at once
@@ -329,13 +373,38 @@ class Consumer(Generic[K, V]):
         if self.each is None and not self.started:
             self.delivered = dict(snapshot)
 
+    def supersede(self) -> None:
+        """The ``mount_each`` this consumer feeds re-runs, is unmounted or is
+        taken over: its runs are cancelled, and may still be winding down.
+        End now (:meth:`release`); the next consumer of the map, if fed by
+        another host, waits for those runs to end."""
+        host = self.host
+        if host is not None and not self.released:
+            hosts = _superseded.get(self.live_map)
+            if hosts is None:
+                _superseded[self.live_map] = [host]
+            elif host not in hosts:
+                hosts.append(host)
+        self._end(superseded=True)
+
     def release(self) -> None:
         """End this consumer now: free the map's consumer slot (a new consumer
         may start at once), release quiescence and settle waiters.  Called
         when the watch ends and, for ``mount_each``, as soon as its component
-        is unmounted or re-run, before its task has wound down."""
+        is unmounted or re-run, before its task has wound down
+        (:meth:`supersede`)."""
+        self._end(superseded=False)
+
+    def _end(self, *, superseded: bool) -> None:
         if self.released:
             return
+        host = self.host
+        if host is not None and not superseded:
+            # the watch ended by itself: whatever its host still runs is not
+            # winding down for a successor
+            hosts = _superseded.get(self.live_map)
+            if hosts is not None and host in hosts:
+                hosts.remove(host)
         self.released = True
         self.closed = True
         self.scanned.set()
@@ -343,9 +412,9 @@ class Consumer(Generic[K, V]):
         self.queue.release()
         self._poke()
         self._unpark()
-        each = self.each
-        if each is not None and each.host.consumer is self:
-            each.host.consumer = None
+        host = self.host
+        if host is not None and host.consumer is self:
+            host.consumer = None
         self.live_map.consumer_ended(self)
 
     def _supersede_retry(self, each: EachSubscriber, key: K) -> bool:
@@ -529,6 +598,9 @@ class Consumer(Generic[K, V]):
                             need[rel[0]] = -1
                             child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
         await self.queue.settle(need)
+        if self.host is not None:
+            # keys its children let go meanwhile, deleted once that settled
+            await self.host.settling.settled()
 
 
 def _same(a: object, b: object) -> bool:

@@ -37,6 +37,7 @@ from livemap._feed._protocols import (
     is_feed,
 )
 from livemap._feed._queue import Kind, RunQueue, Work
+from livemap._feed._settling import Settling
 from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
@@ -54,7 +55,13 @@ from livemap._runtime._context import (
 )
 from livemap._runtime._functions import Function, is_async, is_live_class
 from livemap._runtime._hosting import RunState, current_run_var
-from livemap._runtime._live import LiveComponentOperator, ReadyHandle, live_task_context, run_live
+from livemap._runtime._live import (
+    LiveComponentOperator,
+    ReadyHandle,
+    delete_child,
+    live_run,
+    live_task_context,
+)
 from livemap._runtime._runner import launch, run_once, start
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import unmount
@@ -101,8 +108,10 @@ class KeyWatcher(Protocol):
         """A run of ``key`` not taken from the consumer (the scan's) is over."""
         ...
 
-    def release(self) -> None:
-        """The ``mount_each`` re-runs or stops: end the consumer now."""
+    def supersede(self) -> None:
+        """The ``mount_each`` re-runs, stops or is taken over: end the
+        consumer now (its next one waits for the runs cancelled here if it
+        is fed by another host)."""
         ...
 
 
@@ -191,6 +200,7 @@ class EachHost:
         "pool",
         "retry",
         "running",
+        "settling",
     )
 
     def __init__(
@@ -211,7 +221,8 @@ class EachHost:
         # the keys whose latest run failed are recorded (key -> last error)
         self.keeps_leaves = keeps_leaves
         self.failures: dict[Any, BaseException] | None = {} if keeps_leaves else None
-        # the consumer waiting for keys' runs to be over, while one watches
+        # the consumer feeding this host, while one watches (of a function:
+        # it waits for keys' runs to be over; of either kind: supersede() ends it)
         self.consumer: KeyWatcher | None = None
         self.leaves: dict[Any, Any] = {}
         self.running: dict[Any, KeyedRun] = {}
@@ -221,6 +232,8 @@ class EachHost:
         self.fargs: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = EMPTY_KWARGS
         self.handlers: tuple[ExceptionHandler, ...] = ()
+        # the update of the children and what waits for it to settle
+        self.settling = Settling(component)
 
     def configure(
         self,
@@ -238,7 +251,7 @@ class EachHost:
 
     def mount_entry(self, key: Any, value: Any, live_body: LiveBody | None = None) -> Component:
         """The component of ``key``'s child, (re)mounted to run with ``value``
-        (a live component per entry: with ``live_body``)."""
+        (a live component per entry: with ``live_body``, :func:`run_entry`)."""
         fargs = self.fargs
         return self.component.mount_child(
             None,
@@ -528,7 +541,7 @@ class EachHost:
     def supersede(self) -> None:
         consumer = self.consumer
         if consumer is not None:
-            consumer.release()  # frees the map for a new consumer right away
+            consumer.supersede()  # frees the map for a new consumer right away
 
     def stop(self) -> None:
         self.stop_runs()
@@ -539,6 +552,12 @@ class EachHost:
         self.leaves.clear()
         self.reset()
         return unmounted
+
+    def in_update(self) -> bool:
+        return self.keeps_leaves and self.settling.in_update()
+
+    def settle_later(self) -> bool:
+        return self.keeps_leaves and self.settling.later()
 
 
 def _is_keyed(work: Work) -> bool:
@@ -568,6 +587,30 @@ queued it)."""
 CLEANUP = Kind("cleanup", replaceable=False)
 """``(CLEANUP, job)``: ``job()`` releases what a detached child held (it must
 happen, whatever newer work comes for the key)."""
+
+TURN = Kind("turn", replaceable=False)
+"""``(TURN, turn)``: a task outside the workers (a per-entry live
+component's) waits to hold the key (see :meth:`Pool.hold`)."""
+
+
+class _Turn:
+    """A task outside the workers waiting to hold a key (see :meth:`Pool.hold`).
+
+    ``state``: ``WAITING`` while it is queued behind the key's run under
+    way; ``HOLDING`` once the key was handed to it (``event`` is set then);
+    ``GAVE_UP`` if the task stopped waiting first (cancelled): the pool
+    skips it.  Changes only from ``WAITING``, once.
+    """
+
+    __slots__ = ("event", "state")
+
+    WAITING = 0
+    HOLDING = 1
+    GAVE_UP = 2
+
+    def __init__(self) -> None:
+        self.state = _Turn.WAITING
+        self.event = anyio.Event()
 
 
 class Pool:
@@ -732,6 +775,39 @@ class Pool:
         if room is not None:
             room.set()
 
+    async def hold(self, app_run: AppRun, key: Any) -> None:
+        """Wait until no run of ``key`` is under way (its ``finally``
+        included), then hold the key for a run outside the workers (the task
+        of a per-entry live component) until :meth:`let_go`: the key is in
+        flight meanwhile.  Runs of the key queued meanwhile wait for it, in
+        turn.  Cancelled while it waits, it holds nothing."""
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        turn = _Turn()
+        if self.queue.claim(key, (TURN, turn)):
+            return
+        self._add(app_run, key, (TURN, turn))
+        try:
+            await turn.event.wait()
+        except BaseException:
+            if turn.state == _Turn.HOLDING:  # handed over as it was cancelled
+                self.let_go(app_run, key)
+            else:
+                turn.state = _Turn.GAVE_UP
+            raise
+
+    def let_go(self, app_run: AppRun, key: Any) -> None:
+        """The run that :meth:`hold` let start is over: the key is done, and
+        the work waiting for it goes first."""
+        if self.app_run is not app_run:
+            return  # (a new app run forgot the old keys)
+        queue = self.queue
+        queue.done(key)
+        if queue.order and self.free <= 0:
+            self._add_worker(app_run)
+        if not queue.in_flight and self.idle_waiters:
+            self._wake_idle()
+
     async def wait_idle(self) -> None:
         """Wait until no run of this pool's current app run is under way."""
         while self.queue.in_flight:
@@ -776,6 +852,14 @@ class Pool:
                             if self._room is not None and len(queue.order) <= self.limit:
                                 self._wake_room()
                             kind = work[0]
+                            if kind is TURN:  # a task outside the workers waits for the key
+                                turn = work[1]
+                                if turn.state == _Turn.WAITING:
+                                    turn.state = _Turn.HOLDING  # it is done at its let_go()
+                                    turn.event.set()
+                                else:
+                                    done(key)  # it gave up
+                                continue
                             if kind is run_child and (
                                 work[2] != work[1].generation or not work[1].alive
                             ):
@@ -1024,7 +1108,8 @@ class EachLiveSubscriber:
     """``mount_each``'s subscriber when its processor is a live-component
     class (internal): one live component per key, made with the key's value
     (``cls(value, *args, **kwargs)``), made again when the value changes (the
-    old one is cancelled), unmounted with its key.  A change counts as
+    old one is cancelled; the new one starts once it has ended, see
+    :func:`run_entry`), unmounted with its key.  A change counts as
     processed once the key's live component has been (re)started: the next
     change of the key is delivered at once, even to a component that has not
     marked itself ready yet (it is superseded); the components' readiness is
@@ -1044,7 +1129,7 @@ class EachLiveSubscriber:
     def _mount(self, key: Any, value: Any) -> Component:
         if self._epoch is not None:
             self._epoch.add(key)
-        return self.host.mount_entry(key, value, run_live)
+        return self.host.mount_entry(key, value, run_entry)
 
     async def update_all(self) -> None:
         self._epoch = set() if self.component.children else None
@@ -1070,9 +1155,38 @@ class EachLiveSubscriber:
         return ReadyHandle()  # started: the next change need not wait for it
 
     async def delete(self, key: Any) -> ReadyLike:
+        """Unmount ``key``'s live component; the release of what it owned runs
+        on the pool, after its task (its ``finally`` included) and before the
+        key's next component."""
         if self._epoch is not None:
             self._epoch.discard(key)
-        return await self.operator.delete((key,))
+        return delete_child(self.operator, (key,), self._release_in_turn)
+
+    def _release_in_turn(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
+        self.host.pool.cleanup(child, job)
+
+
+async def run_entry(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
+    """The task of a per-entry live component (a ``mount_each`` of a
+    live-component class): once no earlier run of its key is under way (the
+    key's previous live component, cancelled by this one's start or by an
+    unmount, has ended, its ``finally`` included; or a run of the key on the
+    pool), it runs as any live component does, its instance made with the
+    key's latest value.  It holds the key on the host's pool meanwhile, so
+    a run of the key, or its next live component, waits for it in turn, and
+    a take-over waits for it like for the pool's runs."""
+    host = comp.parent.host if comp.parent is not None else None
+    assert isinstance(host, EachHost)
+    pool = host.pool
+    key = comp.rel[0]
+    app_run = comp.session.require_run()
+    with scope:
+        await pool.hold(app_run, key)
+        try:
+            if comp.current(gen):  # (superseded while it waited: the newer one runs)
+                await live_run(comp, gen)
+        finally:
+            pool.let_go(app_run, key)
 
 
 class EachLive:
@@ -1111,13 +1225,15 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             host.retry = options.retry
             host.pool.resize(options.concurrency)
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
+        settle = getattr(each.source, "settle", None)
+        host.settling.settle = settle if callable(settle) else None
         operator = LiveComponentOperator(comp, each, gen)
         subscriber: EachSubscriber | EachLiveSubscriber = (
             EachLiveSubscriber(operator, comp, each.source)
             if is_live_class(each.fn)
             else EachSubscriber(operator, comp, gen, each.source)
         )
-        await take_over(each.source, comp)
+        take_over(each.source, comp)
         app_run = comp.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
@@ -1136,24 +1252,27 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
 
 
 class _Watched(Protocol):
-    """A consumer as :func:`take_over` sees it: the ``mount_each`` it feeds."""
+    """A consumer as :func:`take_over` sees it: the host of the ``mount_each``
+    it feeds, if it feeds one."""
 
-    each: EachSubscriber | None
+    host: EachHost | None
 
 
-async def take_over(source: Any, comp: Component) -> None:
+def take_over(source: Any, comp: Component) -> None:
     """A ``mount_each`` that replaces another over the same map (its parent's
     latest run mounted this one and no longer mounts the one holding the
     map: another processor, or another subpath) takes the map over: the old
-    one's consumer ends and its runs are cancelled now, and this one starts
-    once they have ended (their ``finally`` included: a key never runs in
-    both at once).  The one replaced is unmounted when the parent's run
+    one's consumer is superseded and its runs (per-entry live components
+    included) are cancelled now; this one's consumer starts once they have
+    ended (their ``finally`` included: a key never runs in both at once;
+    see :meth:`~._consumer.Consumer.run`), also if this one is itself
+    replaced meanwhile.  The one replaced is unmounted when the parent's run
     commits; until then it would make this one's watch a second consumer."""
     active = getattr(source, "active_consumer", None)
     if active is None:
         return
     consumer = cast("_Watched | None", active())
-    held = None if consumer is None else consumer.each
+    held = None if consumer is None else consumer.host
     if held is None:
         return
     old = held.component
@@ -1167,15 +1286,10 @@ async def take_over(source: Any, comp: Component) -> None:
     host = old.host
     if not isinstance(host, EachHost):
         return
-    host.supersede()
+    host.supersede()  # this one's consumer waits for the runs cancelled here
     host.stop_runs()
     for child in list((old.children or {}).values()):
         child.cancel_tasks()
-    pool = host.pool
-    # cancelled runs winding down (a shielded cleanup may await); the runs
-    # of an earlier app run ended with it
-    if pool.app_run is comp.session.active:
-        await pool.wait_idle()
 
 
 def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
@@ -1267,7 +1381,7 @@ async def _each_static(
     if comp.host is None:
         comp.host = EachHost(comp, ConsumerOptions().concurrency, None, keeps_leaves=False)
     handlers = handler_chain()
-    live_body = run_live if is_live_class(processor) else None
+    live_body = run_entry if is_live_class(processor) else None
 
     async def one(pair: Any) -> None:
         key, value = _pair(pair)

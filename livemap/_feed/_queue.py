@@ -376,6 +376,17 @@ class RunQueue(Generic[K]):
         self.in_flight[key] = work
         return key, work
 
+    def claim(self, key: K, work: Work) -> bool:
+        """``key`` goes in flight for ``work`` run outside the workers, at
+        once, unless a work of it is in flight already (``False``: then add
+        ``work`` to wait its turn).  :meth:`done` ends it as any other."""
+        if key in self.in_flight:
+            return False
+        self.in_flight[key] = work
+        if key in self.waiting:
+            self.order.remove(key)  # (its turn comes when this one is done)
+        return True
+
     # -- after a try: what follows -------------------------------------------
 
     def done(self, key: K) -> None:

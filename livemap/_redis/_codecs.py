@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import json.encoder
 import struct
 import uuid
 import zlib
@@ -42,7 +43,9 @@ class Codec(Protocol):
 
     ``encode(value)`` must be deterministic (equal values give equal bytes):
     the ``==`` gate in Redis compares encoded values.  ``decode`` must accept
-    what ``encode`` produced, in any process.
+    what ``encode`` produced, in any process.  A codec may also have
+    ``decode_many(datas: list[bytes]) -> list``, equal to ``[decode(d) for d
+    in datas]``: views then decode each batch read with one call.
     """
 
     def encode(self, value: Any) -> bytes: ...
@@ -50,27 +53,58 @@ class Codec(Protocol):
     def decode(self, data: bytes) -> Any: ...
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# the C encoder behind json.JSONEncoder, made once rather than per value
+# (None where the json module has no C part: JSONEncoder is used then)
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+
+
 class JsonCodec:
     """Values as JSON (the default): ``None``, ``bool``, ``int``, ``float``,
     ``str``, lists and dicts with ``str`` keys.  Tuples come back as lists.
     Encoded with sorted keys and no spaces, so equal values give equal bytes."""
 
-    __slots__ = ("_decoder", "_encoder")
+    __slots__ = ("_c_encode", "_decoder", "_encoder")
 
     def __init__(self) -> None:
         self._encoder = json.JSONEncoder(
             sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
+        # what JSONEncoder.encode runs, without its per-value set-up; no
+        # check for circular structures (they end in RecursionError instead)
+        self._c_encode: Any = None
+        if _c_make_encoder is not None:
+            self._c_encode = _c_make_encoder(
+                None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
+            )
         self._decoder = json.JSONDecoder()
 
     def encode(self, value: Any) -> bytes:
         try:
+            if self._c_encode is not None:
+                return "".join(self._c_encode(value, 0)).encode()
             return self._encoder.encode(value).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise CodecError(f"cannot encode {value!r} as JSON: {exc}") from exc
 
     def decode(self, data: bytes) -> Any:
         return self._decoder.decode(data.decode())
+
+    def decode_many(self, datas: list[bytes]) -> list[Any]:
+        """``[decode(d) for d in datas]``, parsed as one JSON array."""
+        if len(datas) < 2:
+            return [self.decode(d) for d in datas]
+        try:
+            out = self._decoder.decode("[" + b",".join(datas).decode() + "]")
+        except ValueError:
+            out = None
+        if type(out) is not list or len(out) != len(datas):
+            # not each a JSON value (the error is the failing one's)
+            return [self.decode(d) for d in datas]
+        return out
 
     def __repr__(self) -> str:
         return "JsonCodec()"

@@ -15,10 +15,13 @@ import socket
 import struct
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
+from zlib import crc32
+
+import anyio
 
 from livemap._paths import format_path
 from livemap._redis._codecs import (
@@ -27,7 +30,6 @@ from livemap._redis._codecs import (
     JsonCodec,
     decode_key,
     encode_key,
-    shard_of,
 )
 from livemap._redis._scripts import (
     COMMIT,
@@ -56,10 +58,38 @@ _CREATE = object()
 # changes per script call: each call is one atomic step, so a commit bigger
 # than this is several steps (each complete in itself)
 CHUNK = 20_000
-# one change, as the commit script reads it: op, shard, owner index, key length
-_RECORD = struct.Struct(">cHHI")
+# one change, as the commit script reads it: op and the key's length, the
+# key, the value's length, the value (for an update: as a stream entry has it)
 _LENGTH = struct.Struct(">I")
 _NO_VALUE = _LENGTH.pack(0)
+_U = ord("u")
+_UPDATE = partial(struct.Struct(">cI").pack, b"u")
+_DELETE = partial(struct.Struct(">cI").pack, b"d")
+_RECLAIM = partial(struct.Struct(">cI").pack, b"r")
+# what _changes gives: the owners' header, and per (shard, owner index) the
+# changes' parts, four per change (see _split)
+_Changes = tuple[list[str], dict[tuple[int, int], list[bytes]]]
+
+
+def _split(groups: dict[tuple[int, int], list[bytes]]) -> Iterator[list[Any]]:
+    """The commit script's group arguments for ``groups``, in steps of at
+    most CHUNK changes."""
+    step: list[Any] = []
+    room = CHUNK
+    for (shard, oi), parts in groups.items():
+        start = 0
+        while start < len(parts):
+            take = min(len(parts) - start, 4 * room)
+            step += (str(shard), str(oi), b"".join(parts[start : start + take]))
+            start += take
+            room -= take // 4
+            if room == 0:
+                yield step
+                step = []
+                room = CHUNK
+    if step:
+        yield step
+
 
 _DECLARE_ENTRY_DOC = """Declare ``key -> value`` as owned by the current component run.
 
@@ -147,6 +177,7 @@ class RedisLiveMap(SinkTarget[K, V]):
 
     __slots__ = {
         "_base": None,
+        "_check_every": None,
         "_client": None,
         "_codec": None,
         "_commit": None,
@@ -176,6 +207,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         codec: Codec,
         prefix: str,
         maxlen: int,
+        check_every: float,
     ) -> None:
         if _token is not _CREATE:
             raise TypeError(
@@ -196,6 +228,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._codec = codec
         self._base = base_key(prefix, name)
         self._maxlen = str(maxlen)
+        self._check_every = check_every
         self._commit = client.register_script(COMMIT)
         self._init = client.register_script(INIT)
         self._instance = instance_token(creator.session.name)
@@ -223,6 +256,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         codec: Codec | None = None,
         prefix: str = "livemap",
         maxlen: int = 10_000,
+        check_every: float = 1.0,
     ) -> RedisLiveMap[K, V]:
         """A map named ``name`` in Redis, owned by the current component run.
 
@@ -234,7 +268,11 @@ class RedisLiveMap(SinkTarget[K, V]):
         (:class:`JsonCodec` by default).  ``prefix``: the start of every
         Redis key of the map (maps of one name under two prefixes are two
         maps).  ``maxlen``: about how many entries each shard's stream keeps
-        (a consumer further behind re-reads the snapshot).
+        (a consumer further behind re-reads the snapshot).  ``check_every``:
+        how often (seconds) the map checks, while its app runs and until it is
+        retired, that Redis still has the map's data; when Redis lost it,
+        what this process holds is uploaded again without waiting for a
+        commit.
 
         Raises :class:`~livemap.errors.NotInComponentError` outside a run.
         """
@@ -246,14 +284,23 @@ class RedisLiveMap(SinkTarget[K, V]):
             raise ValueError(f"shards must be an int >= 1, got {shards!r}")
         if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
             raise ValueError(f"maxlen must be an int >= 1, got {maxlen!r}")
+        if (
+            not isinstance(check_every, (int, float))
+            or isinstance(check_every, bool)
+            or not check_every > 0
+        ):
+            raise ValueError(f"check_every must be a number > 0, got {check_every!r}")
         if codec is None:
             codec = JsonCodec()
         elif not isinstance(codec, Codec):
             raise TypeError(f"codec must have encode() and decode(), got {codec!r}")
         lm: RedisLiveMap[K, V] = cls(
-            _CREATE, run.component, client, name, shards, codec, prefix, maxlen
+            _CREATE, run.component, client, name, shards, codec, prefix, maxlen, float(check_every)
         )
         await lm._start()
+        app_run = run.component.session.active
+        if app_run is not None:
+            app_run.tg.start_soon(lm._keep)
         _latest[(lm._base, lm.app)] = lm
         if run.created is None:
             run.created = []
@@ -271,24 +318,42 @@ class RedisLiveMap(SinkTarget[K, V]):
             )
         self._epoch = epoch.decode()
 
+    async def _keep(self) -> None:
+        """Until retired (or the app's run ends): every ``check_every``
+        seconds, see that Redis still has the map's epoch; upload what this
+        process holds when it does not."""
+        key = f"{self._base}:epoch"
+        while True:
+            await anyio.sleep(self._check_every)
+            if self._retired:
+                return
+            try:
+                if await self._lost(key):
+                    async with self._get_lock():
+                        if not self.retired and await self._lost(key):
+                            await self._resync()
+            except Exception:
+                continue  # Redis is away: look again later
+
+    async def _lost(self, key: str) -> bool:
+        epoch = await self._client.get(key)
+        return epoch is None or bytes(epoch).decode() != self._epoch
+
     # -- the target ------------------------------------------------------------
 
     def _owner_id(self, owner: Any) -> str:
         return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
 
-    def _changes(
-        self, component: Owner, result: Commit[K, V], reclaim: bool
-    ) -> tuple[list[str], list[bytes]]:
-        """The owners' header and the changes of ``result``, packed (see
-        :data:`._scripts.COMMIT`).  Raises CodecError naming the key whose
-        value failed."""
+    def _changes(self, component: Owner, result: Commit[K, V], reclaim: bool) -> _Changes:
+        """The owners' header and the changes of ``result``, packed and
+        grouped by shard and owner (see :data:`._scripts.COMMIT`).  Raises
+        CodecError naming the key whose value failed."""
         owners: dict[str, int] = {}
         header: list[str] = []
-        records: list[bytes] = []
+        groups: dict[tuple[int, int], list[bytes]] = {}
         table = self._table
         encode = self._codec.encode
         shards = self.shards
-        pack = _RECORD.pack
         size = _LENGTH.pack
 
         def index(oid: str) -> int:
@@ -305,17 +370,21 @@ class RedisLiveMap(SinkTarget[K, V]):
                 data = encode(value)
             except CodecError as exc:
                 raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
-            if not isinstance(data, bytes):
-                raise CodecError(
-                    f"key {key!r} of {self.name}: the codec returned "
-                    f"{type(data).__name__}, not bytes"
-                )
+            if type(data) is not bytes:
+                if not isinstance(data, bytes):
+                    raise CodecError(
+                        f"key {key!r} of {self.name}: the codec returned "
+                        f"{type(data).__name__}, not bytes"
+                    )
+                data = bytes(data)
             ek = encode_key(key)
             holder = table.owner_of(key)
             oi = mine if holder is None or holder is component else index(self._owner_id(holder))
-            records.append(
-                pack(b"u", shard_of(ek, shards), oi, len(ek)) + ek + size(len(data)) + data
-            )
+            where = (crc32(ek) % shards, oi)
+            parts = groups.get(where)
+            if parts is None:
+                parts = groups[where] = []
+            parts += (_UPDATE(len(ek)), ek, size(len(data)), data)
         newer = _latest.get((self._base, self.app))
         if newer is self:
             newer = None
@@ -323,11 +392,16 @@ class RedisLiveMap(SinkTarget[K, V]):
             if newer is not None and key in newer:
                 continue  # a newer instance of the map holds it now
             ek = encode_key(key)
-            records.append(pack(b"d", shard_of(ek, shards), mine, len(ek)) + ek + _NO_VALUE)
-        return header, records
+            where = (crc32(ek) % shards, mine)
+            parts = groups.get(where)
+            if parts is None:
+                parts = groups[where] = []
+            parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
+        return header, groups
 
-    async def _step(self, header: list[str], records: Sequence[bytes]) -> list[Any] | None:
-        """Run one commit script; None if the epoch moved (Redis lost its data)."""
+    async def _step(self, header: list[str], groups: list[Any]) -> list[Any] | None:
+        """Run one commit script over ``groups`` (shard, owner index, blob,
+        ...); None if the epoch moved (Redis lost its data)."""
         self._steps += 1
         reply = await self._commit(
             keys=[self._base],
@@ -337,12 +411,25 @@ class RedisLiveMap(SinkTarget[K, V]):
                 self._maxlen,
                 str(len(header) // 2),
                 *header,
-                b"".join(records),
+                *groups,
             ],
         )
         if reply[0] == b"epoch":
             return None
         return list(reply[1:])
+
+    async def _run_steps(
+        self, header: list[str], groups: dict[tuple[int, int], list[bytes]]
+    ) -> list[Any] | None:
+        """Send ``groups`` in steps of at most CHUNK changes; the claims that
+        met another owner, or None if the epoch moved."""
+        replies: list[Any] = []
+        for step in _split(groups):
+            reply = await self._step(header, step)
+            if reply is None:
+                return None
+            replies += reply
+        return replies
 
     async def _send(
         self, component: Owner, result: Commit[K, V], reclaim: bool = True
@@ -352,22 +439,23 @@ class RedisLiveMap(SinkTarget[K, V]):
         if not result:
             return None, []
         try:
-            header, records = self._changes(component, result, reclaim)
+            header, groups = self._changes(component, result, reclaim)
         except CodecError as exc:
             self._table.revert(result)
             return exc, []
         conflicts: list[KeyConflictError] = []
         try:
-            if len(records) > CHUNK and any(f == "1" for f in header[1::2]):
+            if sum(len(parts) for parts in groups.values()) > 4 * CHUNK and any(
+                f == "1" for f in header[1::2]
+            ):
                 # several steps: the first must not delete what a later one
                 # declares, so what the owners no longer declare is found here
-                records = await self._stale(header, records)
-            for start in range(0, len(records), CHUNK):
-                reply = await self._step(header, records[start : start + CHUNK])
-                if reply is None:
-                    await self._resync()
-                    break
-                conflicts.extend(self._conflicts(header, reply))
+                await self._stale(header, groups)
+            reply = await self._run_steps(header, groups)
+            if reply is None:
+                await self._resync()
+            else:
+                conflicts = self._conflicts(header, reply)
         except Exception as exc:
             self._table.revert(result)
             error = TargetApplyError(
@@ -382,15 +470,14 @@ class RedisLiveMap(SinkTarget[K, V]):
             self._seen.add(header[i])
         return None, conflicts
 
-    async def _stale(self, header: list[str], records: list[bytes]) -> list[bytes]:
-        """``records`` plus a delete of each key a reclaiming owner held in
+    async def _stale(self, header: list[str], groups: dict[tuple[int, int], list[bytes]]) -> None:
+        """Add to ``groups`` a delete of each key a reclaiming owner held in
         Redis and does not declare now; the owners' reclaim flags cleared."""
         declared = set()
-        for record in records:
-            op, shard, oi, size = _RECORD.unpack_from(record)
-            if op == b"u":
-                declared.add((oi, shard, record[_RECORD.size : _RECORD.size + size]))
-        extra: list[bytes] = []
+        for (shard, oi), parts in groups.items():
+            for r in range(0, len(parts), 4):
+                if parts[r][0] == _U:
+                    declared.add((oi, shard, parts[r + 1]))
         for o in range(0, len(header), 2):
             if header[o + 1] != "1":
                 continue
@@ -401,8 +488,9 @@ class RedisLiveMap(SinkTarget[K, V]):
                 shard_text, _, ek = bytes(member).partition(b"|")
                 shard = int(shard_text)
                 if (oi, shard, ek) not in declared:
-                    extra.append(_RECORD.pack(b"r", shard, oi, len(ek)) + ek + _NO_VALUE)
-        return [*records, *extra]
+                    groups.setdefault((shard, oi), []).extend(
+                        (_RECLAIM(len(ek)), ek, _NO_VALUE, b"")
+                    )
 
     def _conflicts(self, header: list[str], reply: list[Any]) -> list[KeyConflictError]:
         out = []
@@ -434,31 +522,24 @@ class RedisLiveMap(SinkTarget[K, V]):
                 keys=[self._base], args=[uuid.uuid4().hex, str(self.shards)]
             )
             self._epoch = epoch.decode()
-            by_owner: dict[str, list[bytes]] = {}
+            by_owner: dict[str, dict[tuple[int, int], list[bytes]]] = {}
             encode = self._codec.encode
             table = self._table
+            size = _LENGTH.pack
             for key, value in table.items():
                 holder = table.owner_of(key)
                 if holder is None:
                     continue
                 ek = encode_key(key)
                 data = encode(value)
-                by_owner.setdefault(self._owner_id(holder), []).append(
-                    _RECORD.pack(b"u", shard_of(ek, self.shards), 1, len(ek))
-                    + ek
-                    + _LENGTH.pack(len(data))
-                    + data
+                groups = by_owner.setdefault(self._owner_id(holder), {})
+                groups.setdefault((crc32(ek) % self.shards, 1), []).extend(
+                    (_UPDATE(len(ek)), ek, size(len(data)), data)
                 )
-            moved = False
-            for oid, records in by_owner.items():
-                for start in range(0, len(records), CHUNK):
-                    reply = await self._step([oid, "0"], records[start : start + CHUNK])
-                    if reply is None:
-                        moved = True
-                        break
-                if moved:
+            for oid, groups in by_owner.items():
+                if await self._run_steps([oid, "0"], groups) is None:
                     break
-            if not moved:
+            else:
                 return
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
 

@@ -55,12 +55,16 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
 # owner: owner id, reclaim flag ('1': its first commit from this instance,
-# delete what it held and no longer declares), then blobs of changes, each
-# change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner holds
-# from any instance), shard (2 bytes), owner index (2 bytes, 1-based), then
-# the encoded key and the encoded value ('' for deletes), each after its
-# 4-byte length (one argument per blob, not five per change: a client
-# encodes each argument, which costs more than Lua's struct.unpack).
+# delete what it held and no longer declares), then groups of three: a shard,
+# an owner index (1-based) and a blob of that owner's changes in that shard,
+# each change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner
+# holds from any instance), the encoded key and the encoded value ('' for
+# deletes), each after its 4-byte length.  An update is packed as the stream
+# entry packs it: an update of a key the owner already holds, or that nobody
+# holds, passes on to the stream as it came (in runs, without unpacking and
+# packing again); the owner records and values of a group are read in two
+# bulk commands, and such updates' writes made in bulk.  A key occurs at
+# most once in one call.
 # A delete applies only to what this instance (this app in this process)
 # holds or claims.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
@@ -72,37 +76,24 @@ local epoch = redis.call('GET', base .. ':epoch')
 if epoch ~= ARGV[1] then
   return {'epoch', epoch or ''}
 end
+local call = redis.call
 local inst = ARGV[2]
 local maxlen = ARGV[3]
 local nown = tonumber(ARGV[4])
 local SEP = '\\30'
+-- arguments per bulk command (Lua's unpack fails near 5,000)
+local CH = 1000
 local owners = {}
 local reclaim = {}
-local i = 5
 local mine = {}
+local i = 5
 for o = 1, nown do
   owners[o] = ARGV[i]
   mine[o] = ARGV[i] .. SEP .. inst
   reclaim[o] = ARGV[i + 1] == '1'
   i = i + 2
 end
-local D, O = {}, {}
-local function dkey(s)
-  local key = D[s]
-  if key == nil then
-    key = base .. ':d:' .. s
-    D[s] = key
-  end
-  return key
-end
-local function okey(s)
-  local key = O[s]
-  if key == nil then
-    key = base .. ':o:' .. s
-    O[s] = key
-  end
-  return key
-end
+local pack = struct.pack
 local recs = {}
 local touched = {}
 local conflicts = {'ok'}
@@ -116,10 +107,10 @@ local function emit(s, rec)
   l[#l + 1] = rec
 end
 local function put(s, k, v)
-  local d = dkey(s)
-  if redis.call('HGET', d, k) ~= v then
-    redis.call('HSET', d, k, v)
-    emit(s, 'u' .. struct.pack('>I4', #k) .. k .. struct.pack('>I4', #v) .. v)
+  local d = base .. ':d:' .. s
+  if call('HGET', d, k) ~= v then
+    call('HSET', d, k, v)
+    emit(s, 'u' .. pack('>I4', #k) .. k .. pack('>I4', #v) .. v)
   end
 end
 local function split(rec)
@@ -128,122 +119,194 @@ local function split(rec)
 end
 local function take(s, k, oid, old)
   if old then
-    redis.call('SREM', base .. ':k:' .. old, s .. '|' .. k)
+    call('SREM', base .. ':k:' .. old, s .. '|' .. k)
   end
-  redis.call('HSET', base .. ':o:' .. s, k, oid .. SEP .. inst)
-  redis.call('SADD', base .. ':k:' .. oid, s .. '|' .. k)
+  call('HSET', base .. ':o:' .. s, k, oid .. SEP .. inst)
+  call('SADD', base .. ':k:' .. oid, s .. '|' .. k)
 end
 local function drop(s, k, oid)
-  redis.call('SREM', base .. ':k:' .. oid, s .. '|' .. k)
+  call('SREM', base .. ':k:' .. oid, s .. '|' .. k)
   local c = base .. ':c:' .. s
-  local claim = redis.call('HGET', c, k)
+  local claim = call('HGET', c, k)
   if claim then
     local cv = base .. ':cv:' .. s
-    local v = redis.call('HGET', cv, k)
-    redis.call('HDEL', c, k)
-    redis.call('HDEL', cv, k)
+    local v = call('HGET', cv, k)
+    call('HDEL', c, k)
+    call('HDEL', cv, k)
     local cid = split(claim)
-    redis.call('HSET', base .. ':o:' .. s, k, claim)
-    redis.call('SADD', base .. ':k:' .. cid, s .. '|' .. k)
+    call('HSET', base .. ':o:' .. s, k, claim)
+    call('SADD', base .. ':k:' .. cid, s .. '|' .. k)
     put(s, k, v)
   else
-    redis.call('HDEL', base .. ':o:' .. s, k)
-    if redis.call('HDEL', base .. ':d:' .. s, k) == 1 then
-      emit(s, 'd' .. struct.pack('>I4', #k) .. k)
+    call('HDEL', base .. ':o:' .. s, k)
+    if call('HDEL', base .. ':d:' .. s, k) == 1 then
+      emit(s, 'd' .. pack('>I4', #k) .. k)
     end
   end
+end
+-- one change, the general way: the owner record read and acted on
+local function change(op, s, oi, k, v)
+  local oid = owners[oi]
+  local o = base .. ':o:' .. s
+  local rec = call('HGET', o, k)
+  if op == 'u' then
+    if rec == mine[oi] then
+      put(s, k, v)
+    elseif not rec then
+      take(s, k, oid, nil)
+      put(s, k, v)
+    else
+      local hid, hinst = split(rec)
+      if hid == oid then
+        if hinst ~= inst then
+          call('HSET', o, k, oid .. SEP .. inst)
+        end
+        put(s, k, v)
+      elseif hinst == inst then
+        take(s, k, oid, hid)
+        put(s, k, v)
+      else
+        local c = base .. ':c:' .. s
+        local claim = call('HGET', c, k)
+        local cid = claim and split(claim)
+        if not claim or cid == oid then
+          call('HSET', c, k, oid .. SEP .. inst)
+          call('HSET', base .. ':cv:' .. s, k, v)
+        end
+        if claim ~= oid .. SEP .. inst then
+          conflicts[#conflicts + 1] = k
+          conflicts[#conflicts + 1] = hid
+          conflicts[#conflicts + 1] = oi
+        end
+      end
+    end
+  elseif op == 'r' then
+    if rec and split(rec) == oid then
+      drop(s, k, oid)
+    end
+  elseif rec then
+    if rec == mine[oi] then
+      drop(s, k, oid)
+    else
+      local c = base .. ':c:' .. s
+      local claim = call('HGET', c, k)
+      if claim == oid .. SEP .. inst then
+        call('HDEL', c, k)
+        call('HDEL', base .. ':cv:' .. s, k)
+      end
+    end
+  end
+end
+local function hmget(h, keys, m)
+  local out = {}
+  for a = 1, m, CH do
+    local z = math.min(a + CH - 1, m)
+    local got = call('HMGET', h, unpack(keys, a, z))
+    for j = a, z do
+      out[j] = got[j - a + 1]
+    end
+  end
+  return out
 end
 local declared = {}
 local n = #ARGV
-local unpack = struct.unpack
+local unpackb = struct.unpack
 while i <= n do
-  local blob = ARGV[i]
-  i = i + 1
+  local s = tonumber(ARGV[i])
+  local oi = tonumber(ARGV[i + 1])
+  local blob = ARGV[i + 2]
+  i = i + 3
+  local ops, ks, vs, at = {}, {}, {}, {}
+  local m = 0
   local pos = 1
   local size = #blob
   while pos <= size do
-    local op, s, oi, k, v
-    op, s, oi, k, v, pos = unpack('>c1I2I2I4c0I4c0', blob, pos)
-    local oid = owners[oi]
-    local o = okey(s)
-    local rec = redis.call('HGET', o, k)
-    if op == 'u' then
-      if reclaim[oi] then
-        declared[oid .. SEP .. s .. '|' .. k] = true
+    m = m + 1
+    at[m] = pos
+    ops[m], ks[m], vs[m], pos = unpackb('>c1I4c0I4c0', blob, pos)
+  end
+  at[m + 1] = size + 1
+  local o = base .. ':o:' .. s
+  local d = base .. ':d:' .. s
+  local held = hmget(o, ks, m)
+  local cur = hmget(d, ks, m)
+  local me = mine[oi]
+  local mark = reclaim[oi] and owners[oi] .. SEP .. s .. '|'
+  local writes = {}
+  local taken = {}
+  local members = {}
+  -- the updates of keys the owner holds or nobody holds: the record itself
+  -- is the stream's, emitted in runs, and the writes go in bulk at the end;
+  -- everything else goes the general way
+  local run = 1
+  for j = 1, m do
+    local op, k, v = ops[j], ks[j], vs[j]
+    if mark and op == 'u' then
+      declared[mark .. k] = true
+    end
+    local h = held[j]
+    if op == 'u' and (h == me or not h) then
+      if not h then
+        taken[#taken + 1] = k
+        taken[#taken + 1] = me
+        members[#members + 1] = s .. '|' .. k
       end
-      if rec == mine[oi] then
-        put(s, k, v)
-      elseif not rec then
-        take(s, k, oid, nil)
-        put(s, k, v)
+      if cur[j] ~= v then
+        writes[#writes + 1] = k
+        writes[#writes + 1] = v
       else
-        local hid, hinst = split(rec)
-        if hid == oid then
-          if hinst ~= inst then
-            redis.call('HSET', o, k, oid .. SEP .. inst)
-          end
-          put(s, k, v)
-        elseif hinst == inst then
-          take(s, k, oid, hid)
-          put(s, k, v)
-        else
-          local c = base .. ':c:' .. s
-          local claim = redis.call('HGET', c, k)
-          local cid = claim and split(claim)
-          if not claim or cid == oid then
-            redis.call('HSET', c, k, oid .. SEP .. inst)
-            redis.call('HSET', base .. ':cv:' .. s, k, v)
-          end
-          if claim ~= oid .. SEP .. inst then
-            conflicts[#conflicts + 1] = k
-            conflicts[#conflicts + 1] = hid
-            conflicts[#conflicts + 1] = oi
-          end
+        if run < j then
+          emit(s, string.sub(blob, at[run], at[j] - 1))
         end
-      end
-    elseif op == 'r' then
-      if rec and split(rec) == oid then
-        drop(s, k, oid)
+        run = j + 1
       end
     else
-      if rec then
-        if rec == mine[oi] then
-          drop(s, k, oid)
-        else
-          local c = base .. ':c:' .. s
-          local claim = redis.call('HGET', c, k)
-          if claim == oid .. SEP .. inst then
-            redis.call('HDEL', c, k)
-            redis.call('HDEL', base .. ':cv:' .. s, k)
-          end
-        end
+      if run < j then
+        emit(s, string.sub(blob, at[run], at[j] - 1))
       end
+      run = j + 1
+      change(op, s, oi, k, v)
     end
+  end
+  if run == 1 and m > 0 then
+    emit(s, blob)
+  elseif run <= m then
+    emit(s, string.sub(blob, at[run], size))
+  end
+  for a = 1, #writes, CH do
+    call('HSET', d, unpack(writes, a, math.min(a + CH - 1, #writes)))
+  end
+  for a = 1, #taken, CH do
+    call('HSET', o, unpack(taken, a, math.min(a + CH - 1, #taken)))
+  end
+  local kset = base .. ':k:' .. owners[oi]
+  for a = 1, #members, CH do
+    call('SADD', kset, unpack(members, a, math.min(a + CH - 1, #members)))
   end
 end
 for o = 1, nown do
   if reclaim[o] then
     local oid = owners[o]
-    local members = redis.call('SMEMBERS', base .. ':k:' .. oid)
+    local members = call('SMEMBERS', base .. ':k:' .. oid)
     for _, m in ipairs(members) do
       if not declared[oid .. SEP .. m] then
         local p = string.find(m, '|', 1, true)
-        local s = string.sub(m, 1, p - 1)
+        local s = tonumber(string.sub(m, 1, p - 1))
         local k = string.sub(m, p + 1)
-        local rec = redis.call('HGET', base .. ':o:' .. s, k)
+        local rec = call('HGET', base .. ':o:' .. s, k)
         if rec and split(rec) == oid then
           drop(s, k, oid)
         else
-          redis.call('SREM', base .. ':k:' .. oid, m)
+          call('SREM', base .. ':k:' .. oid, m)
         end
       end
     end
   end
 end
 for _, s in ipairs(touched) do
-  local seq = redis.call('INCR', base .. ':n:' .. s)
-  redis.call('XADD', base .. ':x:' .. s, 'MAXLEN', '~', maxlen, '*',
-             'n', seq, 'e', epoch, 'p', table.concat(recs[s]))
+  local seq = call('INCR', base .. ':n:' .. s)
+  call('XADD', base .. ':x:' .. s, 'MAXLEN', '~', maxlen, '*',
+       'n', seq, 'e', epoch, 'p', table.concat(recs[s]))
 end
 return conflicts
 """

@@ -31,7 +31,7 @@ import anyio.lowlevel
 from livemap._feed._consumer import Consumer, scan
 from livemap._feed._each import EachSubscriber
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, RetryPolicy
-from livemap._redis._codecs import Codec, JsonCodec, decode_key
+from livemap._redis._codecs import Codec, CodecError, JsonCodec, decode_key
 from livemap._redis._producer import check_client, check_name
 from livemap._redis._scripts import LEASE_ACQUIRE, LEASE_RELEASE, SNAPSHOT, base_key
 from livemap._runtime._session import AppRun
@@ -121,6 +121,8 @@ class RedisLiveMapView(Generic[K, V]):
         self.map_name = name
         self.options = ConsumerOptions(concurrency, retry)
         self._codec = codec if codec is not None else JsonCodec()
+        many = getattr(self._codec, "decode_many", None)
+        self._decode_many: Any = many if callable(many) else self._decode_each
         self._base = base_key(prefix, name)
         self._lease_ttl = lease_ttl
         self._lease_wait = lease_wait
@@ -134,6 +136,9 @@ class RedisLiveMapView(Generic[K, V]):
         self._seq: dict[int, int] = {}
         self._ids: dict[int, bytes] = {}
         self._epoch = b""
+        # encoded keys whose values failed to decode: the decoded mirror may
+        # not follow the encoded one for them until the next snapshot
+        self._unsure: set[bytes] = set()
         self._shards: list[int] = []
         self._consumer: Consumer[K, V] | None = None
         self._app_run: AppRun | None = None
@@ -191,43 +196,54 @@ class RedisLiveMapView(Generic[K, V]):
         script = client.register_script(SNAPSHOT)
         reply = await script(keys=[self._base], args=[str(s) for s in self._shards])
         epoch = await client.get(f"{self._base}:epoch")
-        changed: list[Any] = []
-        decode = self._codec.decode
+        pending: list[Any] = []
+        eks: list[bytes] = []
+        datas: list[bytes] = []
+        unsure = self._unsure
+        gone: set[bytes] = set(unsure)
         for n, shard in enumerate(self._shards):
             seq, last, flat = reply[3 * n], reply[3 * n + 1], reply[3 * n + 2]
             fresh = {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
             old = self._raw.get(shard, {})
-            for ek in old.keys() - fresh.keys():
-                key = self._keys.pop(ek)
-                del self._values[key]
-                changed.append(key)
+            gone.update(old.keys() - fresh.keys())
+            gone.difference_update(fresh.keys())
             for ek, ev in fresh.items():
-                if old.get(ek) != ev:
+                if old.get(ek) != ev or ek in unsure:
                     key = self._keys.get(ek, _MISSING)
                     if key is _MISSING:
                         key = self._keys[ek] = decode_key(ek)
-                    self._values[key] = decode(ev)
-                    changed.append(key)
+                    pending.append(key)
+                    eks.append(ek)
+                    datas.append(ev)
             self._raw[shard] = fresh
             self._seq[shard] = int(seq)
             self._ids[shard] = bytes(last)
+        try:
+            changed = self._set_values(pending, eks, datas)
+        except BaseException:
+            unsure.update(gone)
+            raise
+        self._delete(gone, changed)
+        unsure.clear()
         self._epoch = b"" if epoch is None else bytes(epoch)
         if changed and notify and self._consumer is not None:
             self._consumer.notify(changed)
         self._wake()
+
+    def _decode_each(self, datas: list[bytes]) -> list[Any]:
+        decode = self._codec.decode
+        return [decode(data) for data in datas]
 
     def _wake(self) -> None:
         if self._progress is not None:
             self._progress.set()
             self._progress = None
 
-    def _apply(self, shard: int, payload: bytes) -> list[Any]:
+    def _apply(self, shard: int, payload: bytes, touched: dict[bytes, int]) -> None:
+        """Apply one stream entry's changes to the encoded mirror; the keys
+        it touched go to ``touched`` (decoded later, by :meth:`_decode`)."""
         raw = self._raw[shard]
-        keys = self._keys
-        values = self._values
-        decode = self._codec.decode
         unpack = _LEN.unpack_from
-        changed = []
         pos = 0
         end = len(payload)
         while pos < end:
@@ -239,25 +255,76 @@ class RedisLiveMapView(Generic[K, V]):
             if op == 0x75:  # 'u'
                 (vsize,) = unpack(payload, pos)
                 pos += 4
-                ev = payload[pos : pos + vsize]
+                raw[ek] = payload[pos : pos + vsize]
                 pos += vsize
-                raw[ek] = ev
-                key = keys.get(ek, _MISSING)
-                if key is _MISSING:
-                    key = keys[ek] = decode_key(ek)
-                values[key] = decode(ev)
-                changed.append(key)
             else:
-                if raw.pop(ek, None) is not None:
-                    key = keys.pop(ek)
-                    values.pop(key, None)
-                    changed.append(key)
+                raw.pop(ek, None)
+            touched[ek] = shard
+
+    def _decode(self, touched: dict[bytes, int]) -> list[Any]:
+        """Bring the decoded mirror to the encoded one for the keys in
+        ``touched`` (their values decoded in one batch); the keys changed."""
+        keys = self._keys
+        pending: list[Any] = []
+        eks: list[bytes] = []
+        datas: list[bytes] = []
+        gone: list[bytes] = []
+        for ek, shard in touched.items():
+            ev = self._raw[shard].get(ek)
+            if ev is None:
+                gone.append(ek)
+                continue
+            key = keys.get(ek, _MISSING)
+            if key is _MISSING:
+                key = keys[ek] = decode_key(ek)
+            pending.append(key)
+            eks.append(ek)
+            datas.append(ev)
+        try:
+            changed = self._set_values(pending, eks, datas)
+        except BaseException:
+            self._unsure.update(gone)
+            raise
+        self._delete(gone, changed)
         return changed
+
+    def _delete(self, eks: Iterable[bytes], changed: list[Any]) -> None:
+        """Drop the encoded keys ``eks`` from the decoded mirror; the keys it
+        held go to ``changed`` (one made and deleted in one batch was never
+        there)."""
+        for ek in eks:
+            key = self._keys.pop(ek, _MISSING)
+            if key is not _MISSING:
+                self._values.pop(key, None)
+                changed.append(key)
+
+    def _set_values(self, keys: list[Any], eks: list[bytes], datas: list[bytes]) -> list[Any]:
+        """Decode ``datas`` (the encodings of ``keys``, encoded ``eks``) into
+        the decoded mirror; ``keys``.  When decoding fails, the keys are
+        marked unsure (the next snapshot decodes or deletes them, whatever
+        the encoded mirror says) and the error raised."""
+        try:
+            decoded = list(self._decode_many(datas))
+        except BaseException:
+            self._unsure.update(eks)
+            raise
+        if len(decoded) != len(datas):
+            self._unsure.update(eks)
+            raise CodecError(
+                f"{self.name}: the codec decoded {len(datas)} values into {len(decoded)}"
+            )
+        values = self._values
+        for key, value in zip(keys, decoded, strict=True):
+            values[key] = value
+        return list(keys)
 
     async def _follow(self, client: Any) -> None:
         """Apply the streams forever; re-read the snapshot when needed."""
         streams = {s: f"{self._base}:x:{s}" for s in self._shards}
         epoch_key = f"{self._base}:epoch"
+        if self._unsure:  # values that failed to decode: read them again first
+            self._resyncs += 1
+            await self._snapshot(client)
         while True:
             reply = await client.xread(
                 {streams[s]: self._ids[s] for s in self._shards},
@@ -270,7 +337,7 @@ class RedisLiveMapView(Generic[K, V]):
                     self._resyncs += 1
                     await self._snapshot(client)
                 continue
-            changed: list[Any] = []
+            touched: dict[bytes, int] = {}
             resync = False
             for stream, entries in reply.items():
                 shard = int(bytes(stream).rsplit(b":", 1)[1])
@@ -286,12 +353,13 @@ class RedisLiveMapView(Generic[K, V]):
                     if seq != self._seq[shard] + 1:
                         resync = True
                         break
-                    changed += self._apply(shard, bytes(fields[b"p"]))
+                    self._apply(shard, bytes(fields[b"p"]), touched)
                     self._seq[shard] = seq
                     self._ids[shard] = bytes(entry.identifier)
                     self._applied += 1
                 if resync:
                     break
+            changed = self._decode(touched)
             if changed and self._consumer is not None:
                 self._consumer.notify(changed)
             if resync:
@@ -397,6 +465,7 @@ class RedisLiveMapView(Generic[K, V]):
                 self._raw = {}
                 self._values = {}
                 self._keys = {}
+                self._unsure = set()
                 await self._snapshot(client, notify=False)
                 # a subscriber that does not scan the view continues from this
                 # snapshot, as from the map when watch() was called
@@ -451,6 +520,7 @@ class RedisLiveMapView(Generic[K, V]):
             if (
                 all(self._seq.get(s, 0) >= n for s, n in target.items())
                 and (b"" if epoch is None else bytes(epoch)) == self._epoch
+                and not self._unsure
             ):
                 break
             if self._consumer is not consumer:

@@ -16,6 +16,7 @@ from typing import Any, Literal, ParamSpec
 import anyio
 from anyio.abc import TaskGroup
 
+from livemap._runtime._commit import settle_tree
 from livemap._runtime._component import Component
 from livemap._runtime._context import ExceptionHandler
 from livemap._runtime._runner import run_once
@@ -379,6 +380,13 @@ class UpdateHandle:
             raise interrupt from None
         finally:
             run.stop_requested = True
+            # Every task of the run has ended.  An update stopped, cancelled
+            # or interrupted before it settled still deletes the keys its
+            # components let go that nobody took over (no conflict is
+            # reported for it any more).
+            tree_root = app._tree.root
+            if tree_root is not None:
+                await settle_tree(tree_root)
             if session.active is run:
                 session.active = None
             self._run = None
@@ -409,9 +417,7 @@ class UpdateHandle:
             # producers keep changing things (or at quiescence, if sooner).
             caught_up = anyio.CancelScope()
             run.tg.start_soon(self._catch_up, run, caught_up)
-            while not (
-                over() or not run.catching_up or run.quiescent(not root.readiness.unready)
-            ):
+            while not (over() or not run.catching_up or run.quiescent(not root.readiness.unready)):
                 await run.wait()
             caught_up.cancel()
             run.end_catch_up()

@@ -9,15 +9,21 @@ component's previous run created.  It writes only the component's
 Then the update the run scopes has *settled*: :func:`settle` runs what its
 descendants' commits left for that moment (``comp.settle``): the keys they
 stopped declaring that no one took over are deleted, and the claims still
-pending are reported as conflicts.
+pending are reported as conflicts.  An app run that ends before an update
+settles (stopped, cancelled, interrupted) applies the drops and makes no
+report (:func:`settle_stopped`, :func:`settle_tree`).
 """
 
 from __future__ import annotations
 
-from livemap._runtime._component import Component, Run
+from collections.abc import Iterable
+
+import anyio
+
+from livemap._runtime._component import Component, Run, SettleJob
 from livemap._runtime._unmount import unmount
 
-__all__ = ["commit", "settle", "wait_mounted"]
+__all__ = ["commit", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
 
 
 async def wait_mounted(run: Run) -> None:
@@ -50,7 +56,10 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                     failed = await target.release_owner(comp, gen)
                     error = error or failed
         if comp.alive:
-            comp.targets = {t for t in comp.targets or () if t.holds(comp)} or None
+            # (the buffers' targets too: a deferred drop applied while this
+            # commit waited may have disowned one that it has declared into)
+            held = (comp.targets or set()) | buffers.keys()
+            comp.targets = {t for t in held if t.holds(comp)} or None
     if gen != comp.generation or not comp.alive:
         return error
     children = comp.children
@@ -90,4 +99,28 @@ async def settle(comp: Component) -> None:
     while comp.settle:
         jobs, comp.settle = comp.settle, None
         for job in jobs.values():
-            await job()
+            await job.run()
+
+
+async def settle_stopped(jobs: Iterable[SettleJob]) -> None:
+    """The app run ended (stopped, cancelled, interrupted) before the update
+    these ``jobs`` waited for settled: the deferred drops among them are
+    applied (their deletes reach the targets), the conflict reports are not
+    made.  Shielded: it runs while the run is being torn down."""
+    with anyio.CancelScope(shield=True):
+        for job in jobs:
+            if job.on_stop:
+                await job.run()
+
+
+async def settle_tree(root: Component) -> None:
+    """:func:`settle_stopped` for every job left in ``root``'s tree (the app
+    run is over: no update in it will settle any more)."""
+    stack = [root]
+    while stack:
+        comp = stack.pop()
+        while comp.settle:
+            jobs, comp.settle = comp.settle, None
+            await settle_stopped(jobs.values())
+        if comp.children:
+            stack.extend(comp.children.values())

@@ -21,7 +21,7 @@ task (given by whoever mounts it, :mod:`._live`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 
@@ -44,6 +44,7 @@ __all__ = [
     "ComponentMountHandle",
     "LiveBody",
     "Run",
+    "SettleJob",
     "current_run",
 ]
 
@@ -132,9 +133,30 @@ class ChildHost(Protocol):
         the host keeps without a component; return how many."""
         ...
 
+    def in_update(self) -> bool:
+        """Whether work the host started on its children (a scan, a change
+        being delivered, a child's run) is still under way: an update of
+        the children in progress, which keys they let go wait for."""
+        ...
+
+    def settle_later(self) -> bool:
+        """Jobs were kept on the hosting component's ``settle``: run them once
+        the update in progress (see :meth:`in_update`) has settled; False if
+        the host cannot (then the caller runs them)."""
+        ...
+
 
 LiveBody = Callable[["Component", anyio.CancelScope, int], Coroutine[Any, Any, None]]
 """The body of a live component's task: ``body(component, scope, gen)``."""
+
+
+class SettleJob(NamedTuple):
+    """What waits for an update to settle (see :meth:`Component.settle_after`):
+    ``run()``, and whether it also runs when the app run ends before the
+    update settles (``on_stop``: a deferred drop, not a conflict report)."""
+
+    run: Callable[[], Awaitable[None]]
+    on_stop: bool
 
 
 class Component:
@@ -168,11 +190,14 @@ class Component:
     * ``exception`` / ``escalated``: the latest run's failure, and what a
       handler re-raised for it; cleared by :meth:`begin`.
     * ``host``: the :class:`ChildHost` of this component's children, if any.
-    * ``settle``: what waits for this component's run in progress to settle
-      (commit and unmount what it no longer mounts): the deferred drops and
-      the conflict reports of the update it scopes, by a key that makes each
-      one job.  Filled by :meth:`settle_after`, run and emptied by
-      :func:`._commit.settle` (after a commit, a failure, an unmount).
+    * ``settle``: what waits for the update this component scopes to settle
+      (its run in progress has committed and unmounted what it no longer
+      mounts, or its host's update has settled): the deferred drops and the
+      conflict reports of that update, by a key that makes each one job.
+      Filled by :meth:`settle_after`, run and emptied by
+      :func:`._commit.settle` (after a commit, a failure, an unmount, or by
+      the host); what is left when the app run ends is dropped by
+      :func:`._commit.settle_stopped` (the drops applied, the reports not).
     * ``latest_run``: the :class:`Run` made last for this component (set by
       ``Run()``); its run is in progress until its ``buffers`` become
       :class:`RunEnded` (:attr:`running`).
@@ -236,7 +261,7 @@ class Component:
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None
         self.host: ChildHost | None = None
-        self.settle: dict[Any, Callable[[], Awaitable[None]]] | None = None
+        self.settle: dict[Any, SettleJob] | None = None
         self.latest_run: Run | None = None
 
     def __repr__(self) -> str:
@@ -300,6 +325,15 @@ class Component:
             else:
                 self.targets.add(target)
 
+    def disown(self, target: Target) -> None:
+        """``target`` holds nothing of this component any more (its deferred
+        drops were applied)."""
+        targets = self.targets
+        if targets is not None and target in targets:
+            targets.discard(target)
+            if not targets:
+                self.targets = None
+
     @property
     def running(self) -> bool:
         """A run of this component is in progress: its function, or its commit
@@ -318,34 +352,59 @@ class Component:
         return up
 
     @property
+    def hosts_update(self) -> bool:
+        """Whether this component scopes an update in progress through its
+        host, not a run: a ``mount_each`` whose scan, deliveries or
+        children's runs are under way (:meth:`ChildHost.in_update`)."""
+        host = self.host
+        return host is not None and self.alive and not self.running and host.in_update()
+
+    @property
     def defers_drops(self) -> bool:
         """Whether keys this component lets go (stops declaring, or releases
         as it is unmounted) wait for the update to settle before they are
         deleted: the run of its parent (the nearest ancestor still in the
-        tree) is in progress, so another component of the same update may
+        tree) is in progress, or the parent hosts an update in progress
+        (:attr:`hosts_update`), so another component of the same update may
         take them over."""
         up = self._update_parent()
-        return up is not None and up.running
+        return up is not None and (up.running or up.hosts_update)
 
     def settle_after(
-        self, job_key: object, job: Callable[[], Awaitable[None]], other: object = None
+        self,
+        job_key: object,
+        job: Callable[[], Awaitable[None]],
+        other: object = None,
+        *,
+        on_stop: bool = False,
     ) -> bool:
         """Keep ``job`` until the update this component's commit belongs to
         has settled; False if none is in progress (then the caller runs it).
 
         Without ``other`` the update is scoped by the highest ancestor whose
         runs, up from the parent, are all in progress (a deferred drop waits
-        for every sibling and cousin the update may hand the key to).  With
-        ``other`` (the component owning a key this one claims) it is scoped
-        by the two components' nearest common ancestor, if that one's run is
-        in progress.
+        for every sibling and cousin the update may hand the key to); a
+        component hosting an update of its children (:attr:`hosts_update`)
+        scopes it too, and ends the climb: its update is its own, not part
+        of its parent's run.  With ``other`` (the component owning a key
+        this one claims) it is scoped by the two components' nearest common
+        ancestor, if that one's run or hosted update is in progress.
+
+        ``on_stop``: the job also runs if the app run ends (stopped,
+        cancelled, interrupted) before the update settles — a deferred drop
+        must reach the target; a conflict report is not made then.
         """
         scope: Component | None = None
         if other is None:
             up = self._update_parent()
-            while up is not None and up.running:
-                scope = up
-                up = up.parent
+            while up is not None:
+                if up.running:
+                    scope = up
+                    up = up.parent
+                    continue
+                if up.hosts_update:
+                    scope = up
+                break
         elif isinstance(other, Component) and other.session is self.session:
             above: set[int] = set()
             node: Component | None = other
@@ -355,14 +414,20 @@ class Component:
             node = self
             while node is not None and id(node) not in above:
                 node = node.parent
-            if node is not None and node.running:
+            if node is not None and (node.running or node.hosts_update):
                 scope = node
         if scope is None:
             return False
+        if not scope.running:
+            host = scope.host
+            assert host is not None
+            if not host.settle_later():
+                return False
+        entry = SettleJob(job, on_stop)
         if scope.settle is None:
-            scope.settle = {job_key: job}
+            scope.settle = {job_key: entry}
         else:
-            scope.settle.setdefault(job_key, job)
+            scope.settle.setdefault(job_key, entry)
         return True
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:

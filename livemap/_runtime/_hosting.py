@@ -55,12 +55,22 @@ class Owner(Protocol):
         """``target`` handed the component a key it claimed (a transfer)."""
         ...
 
+    def disown(self, target: Target) -> None:
+        """``target`` holds nothing of the component any more."""
+        ...
+
     def settle_after(
-        self, job_key: object, job: Callable[[], Awaitable[None]], other: object = None
+        self,
+        job_key: object,
+        job: Callable[[], Awaitable[None]],
+        other: object = None,
+        *,
+        on_stop: bool = False,
     ) -> bool:
         """Keep ``job`` until the component's update has settled (with
         ``other``, the owner of a key it claims: the update of their nearest
-        common ancestor); False if no such update is in progress."""
+        common ancestor); False if no such update is in progress.
+        ``on_stop``: it also runs if the app run ends first."""
         ...
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:

@@ -25,6 +25,8 @@ __all__ = [
     "LiveComponentOperator",
     "ReadyHandle",
     "auto_refresh",
+    "delete_child",
+    "live_run",
     "live_task_context",
     "run_live",
 ]
@@ -184,32 +186,7 @@ class LiveComponentOperator:
         releasing what it owned goes on in the background (the live component
         counts as busy meanwhile), and the handle's ``ready()`` waits for it
         (and raises if a handler raised for a failure of the release)."""
-        comp = self._component
-        children = comp.children
-        child = None if children is None else children.get(_subpath(subpath))
-        if child is None or not detach(child):
-            return ReadyHandle()
-        done = anyio.Event()
-        handle = ReadyHandle(done)
-        comp.readiness.hold(1)
-
-        async def finish() -> None:
-            subtree = _subtree(child)
-            before = [c.escalated for c in subtree]
-            try:
-                await cleanup(child)
-            finally:
-                # what a handler raised for a release that failed meanwhile
-                for c, old in zip(subtree, before, strict=True):
-                    if c.escalated is not None and c.escalated is not old:
-                        handle._escalated = c.escalated
-                        break
-                done.set()
-                if self._current():  # a re-run has reset the count already
-                    comp.readiness.hold(-1)
-
-        comp.session.require_run().tg.start_soon(finish)
-        return handle
+        return delete_child(self, _subpath(subpath))
 
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
@@ -219,6 +196,46 @@ class LiveComponentOperator:
     async def report_exception(self, exc: BaseException) -> None:
         """Send ``exc`` to the component's exception-handler chain."""
         await self._component.report(exc, "process_live")
+
+
+def delete_child(
+    operator: LiveComponentOperator,
+    rel: StablePath,
+    start: Callable[[Component, Callable[[], Awaitable[None]]], None] | None = None,
+) -> ReadyHandle:
+    """:meth:`LiveComponentOperator.delete` of the child at ``rel``: detach it
+    now; ``start(child, job)`` starts ``job``, the release of what it owned
+    (by default in a task of the app run; a ``mount_each`` runs it where
+    its key's runs take turns)."""
+    comp = operator._component
+    children = comp.children
+    child = None if children is None else children.get(rel)
+    if child is None or not detach(child):
+        return ReadyHandle()
+    done = anyio.Event()
+    handle = ReadyHandle(done)
+    comp.readiness.hold(1)
+
+    async def finish() -> None:
+        subtree = _subtree(child)
+        before = [c.escalated for c in subtree]
+        try:
+            await cleanup(child)
+        finally:
+            # what a handler raised for a release that failed meanwhile
+            for c, old in zip(subtree, before, strict=True):
+                if c.escalated is not None and c.escalated is not old:
+                    handle._escalated = c.escalated
+                    break
+            done.set()
+            if operator._current():  # a re-run has reset the count already
+                comp.readiness.hold(-1)
+
+    if start is None:
+        comp.session.require_run().tg.start_soon(finish)
+    else:
+        start(child, finish)
+    return handle
 
 
 def auto_refresh(
@@ -281,11 +298,18 @@ def live_task_context(comp: Component) -> Iterator[None]:
 
 
 async def run_live(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
-    """The task of a live component: make the instance, run ``process_live``;
-    its return marks the component ready.  A failure goes to the handler
-    chain (``mount_kind="process_live"``; a constructor's failure with the
-    kind the component was mounted with)."""
-    with scope, live_task_context(comp):
+    """The task of a live component: :func:`live_run` in the task's scope."""
+    with scope:
+        await live_run(comp, gen)
+
+
+async def live_run(comp: Component, gen: int) -> None:
+    """What a live component's task runs (generation ``gen``): make the
+    instance from the component's arguments as they are now, run
+    ``process_live``; its return marks the component ready.  A failure goes
+    to the handler chain (``mount_kind="process_live"``; a constructor's
+    failure with the kind the component was mounted with)."""
+    with live_task_context(comp):
         try:
             instance = comp.processor(*comp.args, **comp.kwargs)
         except Exception as exc:

@@ -86,7 +86,7 @@ class TargetBase(Generic[K, V]):
                     owner.adopt(self)
         if self._table.deferred_of(component):
             job = partial(self._drop_deferred, component)
-            return not component.settle_after((self, component), job)
+            return not component.settle_after((self, component), job, on_stop=True)
         return False
 
     def _let_go(self, component: Owner) -> Commit[K, V]:
@@ -105,6 +105,8 @@ class TargetBase(Generic[K, V]):
         failed = await self._apply_deferred(component)
         if failed is not None:
             await component.report(failed)
+        elif not self.holds(component):
+            component.disown(self)  # (a run that leaves nothing may rest then)
 
     async def _apply_deferred(self, component: Owner) -> Exception | None:
         raise NotImplementedError

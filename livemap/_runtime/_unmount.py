@@ -76,10 +76,10 @@ async def _release_subtree(comp: Component) -> None:
             failed = await target.release_owner(comp)
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
-    if comp.settle:  # what waited for a run of this component to settle
+    while comp.settle:  # what waited for an update this component scoped
         jobs, comp.settle = comp.settle, None
         for job in jobs.values():
-            await job()
+            await job.run()
     if comp.created:
         created, comp.created = comp.created, None
         for item in created:

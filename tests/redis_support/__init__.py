@@ -46,11 +46,13 @@ def require_server() -> str:
 
 
 class RedisServer:
-    """One ``redis-server`` process: start, stop, restart, pause, resume."""
+    """One ``redis-server`` process: start, stop, restart, pause, resume.
+    ``options``: more command-line options for the server."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
         self.binary = require_server()
         self.directory = directory
+        self.options = options
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,6 +79,7 @@ class RedisServer:
                 # small stream nodes: MAXLEN ~ trims close to its length
                 "--stream-node-max-entries",
                 "10",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -112,6 +115,17 @@ class RedisServer:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+    def cpu_seconds(self) -> float:
+        """The CPU time the server has used (user and system, from /proc;
+        0.0 where there is no /proc)."""
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture(scope="session")

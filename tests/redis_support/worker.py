@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -95,9 +96,9 @@ async def consume(url: str, name: str, log_path: str, shards: list[int] | None) 
 
 async def count(url: str, name: str, shards: list[int] | None) -> None:
     """Follow the map, keeping each key's latest value; on a ``settle`` line,
-    settle and answer ``{"calls": ..., "keys": ..., "sum": ...}`` (the sum
-    of the values' second items: ``[key, n]`` values, as the benchmark
-    declares)."""
+    settle and answer ``{"calls": ..., "keys": ..., "sum": ..., "cpu": ...}``
+    (the sum of the values' second items: ``[key, n]`` values, as the
+    benchmark declares; the process's CPU seconds since ``ready``)."""
     held: dict[str, Any] = {}
     calls = 0
 
@@ -119,12 +120,19 @@ async def count(url: str, name: str, shards: list[int] | None) -> None:
                 while not view.stats().consumer:
                     await anyio.sleep(0.01)
                 await view.settle()
+            cpu = time.process_time()
             out("ready")
             stdin = anyio.wrap_file(sys.stdin)
             async for line in stdin:
                 if line.strip() == "settle":
                     await view.settle()
-                    out(json.dumps({"calls": calls, "keys": len(held), "sum": sum(held.values())}))
+                    reply = {
+                        "calls": calls,
+                        "keys": len(held),
+                        "sum": sum(held.values()),
+                        "cpu": time.process_time() - cpu,
+                    }
+                    out(json.dumps(reply))
             await handle.stop()
 
 

@@ -1,0 +1,140 @@
+"""The update of a ``mount_each``'s children, and what waits for it to settle.
+
+A component's run scopes an update: keys its descendants let go wait until
+it has committed (``Component.settle_after``).  A ``mount_each`` over a feed
+has no run while it follows the feed; its children are in an update of its
+own while its scan, a delivery or a child's run is under way.
+:class:`Settling` is that update: whether one is in progress, and the task
+that runs what waits for it once it has settled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+
+from livemap._runtime._commit import settle_stopped
+from livemap._runtime._component import Component, SettleJob
+
+__all__ = ["Settling", "settling_host"]
+
+
+settling_host: ContextVar[Settling | None] = ContextVar("livemap_settling_host", default=None)
+"""The :class:`Settling` whose task runs in this context: its own wait for
+the consumer to settle does not wait for itself."""
+
+
+class Settling:
+    """The update of a ``mount_each``'s children over a feed, and the jobs
+    kept for it to settle (see ``Component.settle_after``).
+
+    The children are in an update while the ``mount_each`` is not ready in
+    the app run watching its feed: its scan, a delivery or a child's run is
+    under way.  A key a child lets go meanwhile (it is swept by the scan,
+    its entry is deleted, it stops declaring it) stays held, and a claim on
+    a key another child holds is not reported yet: another child of the same
+    update may take the key over, or let go of it.  The jobs wait on the
+    ``mount_each`` component's ``settle``; a task of the app run takes them
+    in batches, waits until the feed's consumer has processed what was
+    committed so far and the children then unready are ready, and runs the
+    batch.  The ``mount_each`` counts as busy (unready) meanwhile, so its
+    handle's ``ready()``, a catch-up run's end and the map's ``settle()``
+    come after the batch.
+
+    ``settle``: how to wait for the consumer (the feed's ``settle()``), set
+    by the watch, ``None`` when the feed has none; ``task``: a task takes
+    batches; ``held``: the generation of the ``mount_each`` whose readiness
+    it holds, ``None`` if none; ``started`` / ``done``: batches taken / run,
+    and ``waiters`` for :meth:`settled`: ``(batch number, event)``.
+    """
+
+    __slots__ = ("component", "done", "held", "settle", "started", "task", "waiters")
+
+    def __init__(self, component: Component) -> None:
+        self.component = component
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        self.task = False
+        self.held: int | None = None
+        self.started = 0
+        self.done = 0
+        self.waiters: list[tuple[int, anyio.Event]] | None = None
+
+    def in_update(self) -> bool:
+        comp = self.component
+        run = comp.scope_run
+        return run is not None and run is comp.session.active and comp.readiness.unready > 0
+
+    def later(self) -> bool:
+        """A job was kept: make sure a task runs it once the update settles."""
+        comp = self.component
+        app_run = comp.session.active
+        if app_run is None or comp.scope_run is not app_run:
+            return False
+        if self.held != comp.generation:
+            self.held = comp.generation
+            comp.readiness.hold(1)
+        if not self.task:
+            self.task = True
+            app_run.tg.start_soon(self._run)
+        return True
+
+    async def _run(self) -> None:
+        comp = self.component
+        batch: dict[Any, SettleJob] | None = None
+        token = settling_host.set(self)
+        try:
+            while comp.settle:
+                batch, comp.settle = comp.settle, None
+                self.started += 1
+                await self._wait()
+                jobs, batch = batch, None
+                for job in jobs.values():
+                    await job.run()
+                self._batch_done()
+        finally:
+            settling_host.reset(token)
+            self.task = False
+            if batch:  # the app run is ending: drops still go downstream
+                await settle_stopped(batch.values())
+                self._batch_done()
+            if self.held is not None:
+                if self.held == comp.generation and comp.alive:
+                    comp.readiness.hold(-1)
+                self.held = None
+
+    async def _wait(self) -> None:
+        """Wait until what was under way has settled: the consumer has
+        processed what its feed committed so far, and the children unready
+        now are ready."""
+        if self.settle is not None:
+            await self.settle()
+        comp = self.component
+        for child in [c for c in (comp.children or {}).values() if c.readiness.unready]:
+            await child.readiness.wait_ready()
+
+    def _batch_done(self) -> None:
+        self.done += 1
+        waiters = self.waiters
+        if waiters:
+            self.waiters = [w for w in waiters if w[0] > self.done] or None
+            for n, event in waiters:
+                if n <= self.done:
+                    event.set()
+
+    async def settled(self) -> None:
+        """Wait until the jobs kept so far have run (none are: at once).  The
+        task's own wait for the consumer does not wait for itself."""
+        if settling_host.get() is self:
+            return
+        target = self.started + (1 if self.component.settle else 0)
+        if self.done >= target or not (self.task or self.component.settle):
+            return
+        event = anyio.Event()
+        if self.waiters is None:
+            self.waiters = [(target, event)]
+        else:
+            self.waiters.append((target, event))
+        await event.wait()
