@@ -113,3 +113,40 @@ async def test_a_run_that_is_cancelled_ends_too() -> None:
         del handle  # leaving the block stops the run: the producer's run is cancelled
     with pytest.raises(coco.NotInComponentError):
         held["context"].run(held["lm"].declare_entry, "x", 1)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_a_mount_each_child_run_that_left_nothing_ends_too(sync: bool) -> None:
+    """A ``mount_each`` child's run that declares nothing is over when its
+    function returns, although its worker goes on with other keys: a
+    declaration from a context it copied raises, and never lands in the
+    run of another key."""
+    held: dict[str, Any] = {}
+    target: KeyedTarget[str, int] = KeyedTarget("late-each", lambda batch: None)
+
+    def body(value: int) -> None:
+        if value == 1:
+            held["context"] = contextvars.copy_context()
+
+    async def process_async(value: int) -> None:
+        body(value)
+
+    process: Any = coco.fn(body) if sync else coco.fn(process_async)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int]) -> None:
+        for i in range(1, 6):
+            lm.declare_entry(f"k{i}", i)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        held["lm"] = lm
+        await coco.mount(produce, lm)
+        await (await coco.mount_each(process, lm.consumer(concurrency=1))).ready()
+
+    await run_app(coco.App(f"late-each-{sync}", main))
+    with pytest.raises(coco.NotInComponentError, match="late-each") as caught:
+        held["context"].run(target.declare, "late", 1)
+    assert "'k1'" in str(caught.value)  # the run's own path: the key's
+    assert "late" not in target

@@ -38,7 +38,7 @@ from livemap._feed._protocols import (
 )
 from livemap._feed._queue import Kind, RunQueue, Work
 from livemap._feed._settling import Settling
-from livemap._paths import ComponentSubpath, StableKey, normalize_key, prefix_var
+from livemap._paths import ComponentSubpath, StableKey, format_path, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
 from livemap._runtime._component import (
     EMPTY_KWARGS,
@@ -115,6 +115,24 @@ class KeyWatcher(Protocol):
         ...
 
 
+class EndedKeyedRun:
+    """What an ended :class:`KeyedRun`'s ``buffers`` become: it names the
+    key's path (and holds no reference back to the run)."""
+
+    __slots__ = ("key", "parent")
+
+    def __init__(self, parent: Component, key: Any) -> None:
+        self.parent = parent
+        self.key = key
+
+    @property
+    def path_str(self) -> str:
+        return format_path((*self.parent.path, self.key))
+
+    def __str__(self) -> str:
+        return self.path_str
+
+
 class KeyedRun(Run):
     """A run of a ``mount_each`` child that has no component yet (see
     :class:`EachHost`).  Its component is made the first time the run needs
@@ -130,24 +148,28 @@ class KeyedRun(Run):
         # the component, once the run made it (see component)
         self.made: Component | None = None
         self.host = host
-        # what it runs (set by EachHost.run_keyed; a worker reuses one
-        # KeyedRun for consecutive runs that leave nothing behind)
+        # what it runs (set by EachHost.run_keyed)
         self.key: Any = None
         self.value: Any = None
         # the scope of the worker running it, while it does
         self.scope: anyio.CancelScope | None = scope
 
     def forget(self) -> None:
-        """Drop what a run that will not commit left here (a worker then
-        reuses this run for its next key)."""
+        """A run that will not commit lets go of the component it made (a
+        re-scan mounts the key's component anew, or unmounts it), which
+        must not keep the worker's scope (soon another key's)."""
         made = self.made
         if made is not None:
             self.made = None
             if made.cancel_scope is self.scope:
-                made.cancel_scope = None  # (the worker's scope, soon another key's)
-        self.buffers = None
-        self.mounted = None
-        self.created = None
+                made.cancel_scope = None
+
+    def end(self) -> None:
+        """The run is over: a task or thread it started keeps it in its
+        context, and a declaration from there raises
+        :class:`~livemap.errors.NotInComponentError` naming the key's path
+        (a worker runs its next key as a new KeyedRun)."""
+        self.buffers = EndedKeyedRun(self.host.component, self.key)
 
     @property
     def component(self) -> Component:
@@ -319,10 +341,10 @@ class EachHost:
         worker made the current run; without a component unless the run
         needs one.
 
-        ``None``: the run is over (or was not needed) and ``run`` may be used
-        again.  Otherwise the run made its component or failed: the worker
-        makes ``run`` no longer current and calls :meth:`finish_keyed` with
-        the ``(result, error)`` returned.
+        ``None``: the run is over (or was not needed); the worker ends
+        ``run`` (:meth:`KeyedRun.end`).  Otherwise the run made its component
+        or failed: the worker makes ``run`` no longer current and calls
+        :meth:`finish_keyed` with the ``(result, error)`` returned.
         """
         comp = self.component
         if not comp.alive or comp.generation != gen:
@@ -833,8 +855,7 @@ class Pool:
         take, done = queue.take, queue.done
         run_child, run_keyed, cleanup = RUN_CHILD, RUN_KEYED, CLEANUP
         new_event = event_class()
-        # a KeyedRun kept current across consecutive keyed runs: setting a
-        # context variable costs more than the rest of a trivial run
+        # the KeyedRun current while a keyed run runs (a new one each run)
         slot: KeyedRun | None = None
         token: Token[RunState | None] | None = None
         try:
@@ -883,6 +904,7 @@ class Pool:
                                     try:
                                         outcome = await each.run_keyed(key, work[1], work[2], slot)
                                     except BaseException:
+                                        slot.end()
                                         slot = None
                                         current_run_var.reset(token)  # type: ignore[arg-type]
                                         token = None
@@ -894,6 +916,14 @@ class Pool:
                                         current_run_var.reset(token)  # type: ignore[arg-type]
                                         token = None
                                         await each.finish_keyed(run, *outcome)
+                                    else:
+                                        # it is over, and the next key runs
+                                        # as a new one (a context the run
+                                        # left behind must not reach that)
+                                        slot.end()
+                                        slot = None
+                                        current_run_var.reset(token)  # type: ignore[arg-type]
+                                        token = None
                                     continue
                                 if token is not None:  # no keyed run is current for others
                                     slot = None

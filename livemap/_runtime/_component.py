@@ -33,7 +33,7 @@ from livemap._runtime._context import (
     dispatch,
     processor_name,
 )
-from livemap._runtime._hosting import RetiredWithRun, RunEnded, Target, current_run_var
+from livemap._runtime._hosting import Named, RetiredWithRun, RunEnded, Target, current_run_var
 from livemap._runtime._readiness import Readiness
 from livemap._runtime._session import AppRun, Session
 from livemap.errors import DuplicatePathError, NotInComponentError
@@ -67,7 +67,7 @@ class Run:
         self.component = component
         self.owner = component
         component.latest_run = self
-        self.buffers: dict[Target, Any] | RunEnded | None = None
+        self.buffers: dict[Target, Any] | Named | None = None
         self.mounted: dict[StablePath, Component] | None = None
         self.created: list[RetiredWithRun] | None = None
 

@@ -19,7 +19,15 @@ from typing import Any, Protocol
 from livemap._paths import StablePath
 from livemap._runtime._context import MountKind
 
-__all__ = ["Owner", "RetiredWithRun", "RunEnded", "RunState", "Target", "current_run_var"]
+__all__ = [
+    "Named",
+    "Owner",
+    "RetiredWithRun",
+    "RunEnded",
+    "RunState",
+    "Target",
+    "current_run_var",
+]
 
 
 class Owner(Protocol):
@@ -78,6 +86,16 @@ class Owner(Protocol):
         ...
 
 
+class Named(Protocol):
+    """What names a run that has ended: its component, or the path it had.
+
+    A run's ``buffers`` that are neither ``None`` nor a dict are such a
+    marker (a :class:`RunEnded`, or a run that is its own marker)."""
+
+    @property
+    def path_str(self) -> str: ...
+
+
 class RunEnded:
     """What a run's ``buffers`` become once the run is over.
 
@@ -88,8 +106,12 @@ class RunEnded:
 
     __slots__ = ("owner",)
 
-    def __init__(self, owner: Owner) -> None:
+    def __init__(self, owner: Named) -> None:
         self.owner = owner
+
+    @property
+    def path_str(self) -> str:
+        return self.owner.path_str
 
     def __str__(self) -> str:
         return self.owner.path_str
@@ -100,7 +122,7 @@ class RunState(Protocol):
     target it declared into, filled by ``livemap_core.Declarer``) and the
     owner its declarations are recorded for."""
 
-    buffers: dict[Any, Any] | RunEnded | None
+    buffers: dict[Any, Any] | Named | None
 
     @property
     def owner(self) -> object: ...
