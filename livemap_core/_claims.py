@@ -79,9 +79,27 @@ class _Undo:
         self.table = table
         self.records: dict[int, dict[Any, Any] | None] = {}
         self.holders: dict[Any, object] = {}
-        self.claims = {key: list(who) for key, who in table._claims.items()}
-        self.claimed = {oid: dict(keys) for oid, keys in table._claimed.items()}
-        self.dropping = {oid: dict(keys) for oid, keys in table._dropping.items()}
+        # the claim state of each key or owner the commit touches, as it was
+        # before the first change (_MISSING: absent); a commit copies only
+        # what it changes, however many claims and drops other owners hold
+        self.claims: dict[Any, Any] = {}
+        self.claimed: dict[int, Any] = {}
+        self.dropping: dict[int, Any] = {}
+
+    def claims_of(self, key: Any) -> None:
+        if key not in self.claims:
+            who = self.table._claims.get(key)
+            self.claims[key] = _MISSING if who is None else list(who)
+
+    def claimed_by(self, oid: int) -> None:
+        if oid not in self.claimed:
+            keys = self.table._claimed.get(oid)
+            self.claimed[oid] = _MISSING if keys is None else dict(keys)
+
+    def dropping_of(self, oid: int) -> None:
+        if oid not in self.dropping:
+            keys = self.table._dropping.get(oid)
+            self.dropping[oid] = _MISSING if keys is None else dict(keys)
 
     def record(self, oid: int) -> None:
         if oid not in self.records:
@@ -105,10 +123,16 @@ class _Undo:
                 holder.pop(key, None)
             else:
                 holder[key] = who
-        for name in ("claims", "claimed", "dropping"):
-            state = getattr(table, "_" + name)
-            state.clear()
-            state.update(getattr(self, name))
+        for state, before in (
+            (table._claims, self.claims),
+            (table._claimed, self.claimed),
+            (table._dropping, self.dropping),
+        ):
+            for name, was in before.items():
+                if was is _MISSING:
+                    state.pop(name, None)
+                else:
+                    state[name] = was
 
 
 class _Writer:
@@ -142,6 +166,9 @@ class _Writer:
     def unclaim(self, claimant: object, key: Any) -> None:
         table = self.table
         oid = id(claimant)
+        if self.undo is not None:
+            self.undo.claimed_by(oid)
+            self.undo.claims_of(key)
         keys = table._claimed[oid]
         del keys[key]
         if not keys:
@@ -153,6 +180,9 @@ class _Writer:
 
     def claim(self, claimant: object, key: Any, value: Any) -> None:
         table = self.table
+        if self.undo is not None:
+            self.undo.claimed_by(id(claimant))
+            self.undo.claims_of(key)
         keys = table._claimed.get(id(claimant))
         if keys is None:
             keys = table._claimed[id(claimant)] = {}
@@ -168,9 +198,20 @@ class _Writer:
         dropping = self.table._dropping
         keys = dropping.get(oid)
         if keys is not None and key in keys:
+            if self.undo is not None:
+                self.undo.dropping_of(oid)
             del keys[key]
             if not keys:
                 del dropping[oid]
+
+    def drop_later(self, oid: int, key: Any) -> None:
+        dropping = self.table._dropping
+        if self.undo is not None:
+            self.undo.dropping_of(oid)
+        keys = dropping.get(oid)
+        if keys is None:
+            keys = dropping[oid] = {}
+        keys[key] = None
 
     def store(self) -> None:
         owned = self.table._owned
@@ -211,7 +252,6 @@ def _let_go(
     """Hand each planned key to its claimant, keep it dropping (``defer``) or
     delete it; returns how many transfers changed nothing (suppressed)."""
     oid = id(owner)
-    dropping = w.table._dropping
     suppressed = 0
     for key, claimant, value, changed in plan:
         if claimant is not None:
@@ -227,10 +267,7 @@ def _let_go(
             else:
                 suppressed += 1
         elif defer:
-            keys = dropping.get(oid)
-            if keys is None:
-                keys = dropping[oid] = {}
-            keys[key] = None
+            w.drop_later(oid, key)
         else:
             del w.rec(oid)[key]
             w.undrop(oid, key)

@@ -700,6 +700,39 @@ def test_revert_takes_back_a_claim_and_a_deferred_drop(core: ModuleType) -> None
     assert table.keys_of(first) == frozenset({"k", "j"})
 
 
+def test_revert_leaves_other_owners_claims_and_drops_alone(core: ModuleType) -> None:
+    """A slow commit's undo takes back what that commit changed, and only
+    that: the claims and deferred drops of other owners, made before it and
+    touched or not by it, are as they were."""
+    table = core.Table(track_undo=True)
+    a, b, c, d = object(), object(), object(), object()
+    commit(table, a, {"x": 1, "y": 2})
+    commit(table, b, {"p": 1, "q": 2})
+    commit(table, c, {"x": 5})  # a claim on a's key
+    buffer = table.buffer(b)
+    buffer.declare("p", 1)
+    table.commit(buffer, defer=True)  # b drops q, deferred
+    assert table.deferred_of(b) == frozenset({"q"})
+    # d claims y and takes q (b is dropping it); then a lets y go: d gets it
+    taken = commit(table, d, {"y": 7, "q": 2})
+    assert table.owner_of("q") is d and table.claimants("y") == (d,)
+    buffer = table.buffer(a)
+    buffer.declare("x", 1)
+    passed = table.commit(buffer, defer=True)
+    assert table.owner_of("y") is d and table.get("y") == 7
+    table.revert(passed)
+    assert table.owner_of("y") is a and table.get("y") == 2
+    assert table.claimants("y") == (d,)
+    assert table.keys_of(a) == frozenset({"x", "y"})
+    assert table.deferred_of(b) == frozenset()  # (q is d's until the next revert)
+    table.revert(taken)
+    assert table.owner_of("q") is b
+    assert table.deferred_of(b) == frozenset({"q"})
+    assert table.claimants("y") == ()
+    assert table.claimants("x") == (c,)
+    assert table.keys_of(d) == frozenset()
+
+
 def test_conflict_only_commit_leaves_no_record(core: ModuleType) -> None:
     table = core.Table()
     commit(table, "a", {"k": 1})
