@@ -22,7 +22,6 @@ from collections.abc import (
     Hashable,
     Iterable,
 )
-from contextvars import Token
 from functools import partial
 from types import CoroutineType
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
@@ -54,7 +53,7 @@ from livemap._runtime._context import (
     handlers_var,
 )
 from livemap._runtime._functions import Function, is_async, is_live_class
-from livemap._runtime._hosting import RunState, current_run_var
+from livemap._runtime._hosting import current_run_var
 from livemap._runtime._live import (
     LiveComponentOperator,
     ReadyHandle,
@@ -855,9 +854,6 @@ class Pool:
         take, done = queue.take, queue.done
         run_child, run_keyed, cleanup = RUN_CHILD, RUN_KEYED, CLEANUP
         new_event = event_class()
-        # the KeyedRun current while a keyed run runs (a new one each run)
-        slot: KeyedRun | None = None
-        token: Token[RunState | None] | None = None
         try:
             while True:
                 if queue.order or self._due():
@@ -895,40 +891,24 @@ class Pool:
                                 if kind is run_keyed:
                                     each = self.host
                                     assert each is not None
-                                    if slot is None or slot.host is not each:
-                                        if token is not None:
-                                            current_run_var.reset(token)
-                                        slot = KeyedRun(each, scope)
-                                        token = current_run_var.set(slot)
-                                    slot.scope = scope
+                                    run = KeyedRun(each, scope)
+                                    token = current_run_var.set(run)
                                     try:
-                                        outcome = await each.run_keyed(key, work[1], work[2], slot)
+                                        outcome = await each.run_keyed(key, work[1], work[2], run)
                                     except BaseException:
-                                        slot.end()
-                                        slot = None
-                                        current_run_var.reset(token)  # type: ignore[arg-type]
-                                        token = None
+                                        run.end()
                                         raise
-                                    if outcome is not None:
+                                    finally:
+                                        current_run_var.reset(token)
+                                    if outcome is None:
+                                        # it is over (a context it left
+                                        # behind must not reach another run)
+                                        run.end()
+                                    else:
                                         # it made its component or failed: the
                                         # rest runs with no keyed run current
-                                        run, slot = slot, None
-                                        current_run_var.reset(token)  # type: ignore[arg-type]
-                                        token = None
                                         await each.finish_keyed(run, *outcome)
-                                    else:
-                                        # it is over, and the next key runs
-                                        # as a new one (a context the run
-                                        # left behind must not reach that)
-                                        slot.end()
-                                        slot = None
-                                        current_run_var.reset(token)  # type: ignore[arg-type]
-                                        token = None
                                     continue
-                                if token is not None:  # no keyed run is current for others
-                                    slot = None
-                                    current_run_var.reset(token)
-                                    token = None
                                 try:
                                     if kind is cleanup:
                                         await work[1]()
@@ -944,16 +924,10 @@ class Pool:
                                     if not queue.in_flight and self.idle_waiters:
                                         self._wake_idle()
                     continue
-                if token is not None:  # parked or done: no keyed run is current
-                    slot = None
-                    current_run_var.reset(token)
-                    token = None
                 if self.closed or self.app_run is not app_run:
                     return
                 await self._park(new_event)
         finally:
-            if token is not None:
-                current_run_var.reset(token)
             if self.app_run is app_run:
                 self.workers -= 1
                 self.free -= 1
