@@ -86,20 +86,12 @@ class _Undo:
         self.claimed: dict[int, Any] = {}
         self.dropping: dict[int, Any] = {}
 
-    def claims_of(self, key: Any) -> None:
-        if key not in self.claims:
-            who = self.table._claims.get(key)
-            self.claims[key] = _MISSING if who is None else list(who)
-
-    def claimed_by(self, oid: int) -> None:
-        if oid not in self.claimed:
-            keys = self.table._claimed.get(oid)
-            self.claimed[oid] = _MISSING if keys is None else dict(keys)
-
-    def dropping_of(self, oid: int) -> None:
-        if oid not in self.dropping:
-            keys = self.table._dropping.get(oid)
-            self.dropping[oid] = _MISSING if keys is None else dict(keys)
+    @staticmethod
+    def save(saved: dict[Any, Any], state: dict[Any, Any], name: Any) -> None:
+        """Keep ``state[name]`` as it is now (a copy), unless kept already."""
+        if name not in saved:
+            was = state.get(name)
+            saved[name] = _MISSING if was is None else was.copy()
 
     def record(self, oid: int) -> None:
         if oid not in self.records:
@@ -166,9 +158,10 @@ class _Writer:
     def unclaim(self, claimant: object, key: Any) -> None:
         table = self.table
         oid = id(claimant)
-        if self.undo is not None:
-            self.undo.claimed_by(oid)
-            self.undo.claims_of(key)
+        undo = self.undo
+        if undo is not None:
+            undo.save(undo.claimed, table._claimed, oid)
+            undo.save(undo.claims, table._claims, key)
         keys = table._claimed[oid]
         del keys[key]
         if not keys:
@@ -180,9 +173,10 @@ class _Writer:
 
     def claim(self, claimant: object, key: Any, value: Any) -> None:
         table = self.table
-        if self.undo is not None:
-            self.undo.claimed_by(id(claimant))
-            self.undo.claims_of(key)
+        undo = self.undo
+        if undo is not None:
+            undo.save(undo.claimed, table._claimed, id(claimant))
+            undo.save(undo.claims, table._claims, key)
         keys = table._claimed.get(id(claimant))
         if keys is None:
             keys = table._claimed[id(claimant)] = {}
@@ -198,16 +192,18 @@ class _Writer:
         dropping = self.table._dropping
         keys = dropping.get(oid)
         if keys is not None and key in keys:
-            if self.undo is not None:
-                self.undo.dropping_of(oid)
+            undo = self.undo
+            if undo is not None:
+                undo.save(undo.dropping, dropping, oid)
             del keys[key]
             if not keys:
                 del dropping[oid]
 
     def drop_later(self, oid: int, key: Any) -> None:
         dropping = self.table._dropping
-        if self.undo is not None:
-            self.undo.dropping_of(oid)
+        undo = self.undo
+        if undo is not None:
+            undo.save(undo.dropping, dropping, oid)
         keys = dropping.get(oid)
         if keys is None:
             keys = dropping[oid] = {}
