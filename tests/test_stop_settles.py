@@ -166,6 +166,7 @@ async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None
     target: KeyedTarget[str, int] = KeyedTarget("each-rows", apply)
     go, deleted, stuck = anyio.Event(), anyio.Event(), anyio.Event()
     state = {"keys": ["a"]}
+    maps: list[LiveMap[str, str]] = []
 
     @coco.fn
     async def proc(value: str) -> None:
@@ -194,6 +195,7 @@ async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, str] = await LiveMap.create()
+        maps.append(lm)
         await coco.mount(Producer, lm)
         await coco.mount_each(proc, lm)
 
@@ -201,6 +203,7 @@ async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None
     with anyio.fail_after(5):
         async with app.update(live=True) as h:
             await h.ready()
+            await maps[0].settle()  # mount() returns at once: the scan may come first
             assert rows == {"a": 1}
             go.set()
             await deleted.wait()

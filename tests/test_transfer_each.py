@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from helpers import wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap, TargetBatch
@@ -215,6 +216,11 @@ async def test_live_renamed_entry_is_one_upsert(kind: str, values: tuple[str, st
     with anyio.fail_after(5):
         async with app.update(live=True) as h:
             await h.ready()
+            # mount() returns at once: the consumer may have scanned before the
+            # producer's first commit, and a live processor counts as having
+            # processed its entry once started, so wait for the row itself
+            await maps[0].settle()
+            await wait_for(lambda: sink.batches)
             assert sink.batches == [([("doc", values[0])], [])]
             sink.batches.clear()
             go.set()
@@ -393,6 +399,7 @@ async def test_unmounting_the_mount_each_applies_the_drops_it_kept() -> None:
     target = sink.target
     go, stuck, unmounted = anyio.Event(), anyio.Event(), anyio.Event()
     state = {"keys": ["a"]}
+    maps: list[LiveMap[str, str]] = []
 
     @coco.fn
     async def proc(value: str) -> None:
@@ -441,6 +448,7 @@ async def test_unmounting_the_mount_each_applies_the_drops_it_kept() -> None:
     async def main() -> None:
         async with coco.exception_handler(sink.handler):
             lm: LiveMap[str, str] = await LiveMap.create()
+            maps.append(lm)
             await coco.mount(Producer, lm)
             await coco.mount(Controller, lm)
 
@@ -448,6 +456,7 @@ async def test_unmounting_the_mount_each_applies_the_drops_it_kept() -> None:
     with anyio.fail_after(5):
         async with app.update(live=True) as h:
             await h.ready()
+            await maps[0].settle()  # the consumer may have scanned first
             assert dict(target.items()) == {"a": "a"}
             go.set()
             await unmounted.wait()
