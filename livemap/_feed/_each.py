@@ -255,6 +255,11 @@ class EachHost:
         self.handlers: tuple[ExceptionHandler, ...] = ()
         # the update of the children and what waits for it to settle
         self.settling = Settling(component)
+        if keeps_leaves and component.readiness.tracked is None:
+            # which children are unready, for the settling's wait
+            component.readiness.tracked = {
+                c.readiness for c in (component.children or {}).values() if c.readiness.unready
+            }
 
     def configure(
         self,
@@ -329,7 +334,7 @@ class EachHost:
         if children is None:
             children = comp.children = {}
         children[(run.key,)] = child
-        comp.readiness.adjust(1)
+        comp.readiness.count_child(child.readiness)
         return child
 
     async def run_keyed(

@@ -112,8 +112,14 @@ class Settling:
         if self.settle is not None:
             await self.settle()
         comp = self.component
-        for child in [c for c in (comp.children or {}).values() if c.readiness.unready]:
-            await child.readiness.wait_ready()
+        tracked = comp.readiness.tracked
+        if tracked is None:  # (the host keeps it; a fallback, not the common case)
+            unready = [c.readiness for c in (comp.children or {}).values()]
+        else:
+            unready = list(tracked)
+        for readiness in unready:
+            if readiness.unready and not readiness.closed:
+                await readiness.wait_ready()
 
     def _batch_done(self) -> None:
         self.done += 1

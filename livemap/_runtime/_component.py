@@ -470,7 +470,7 @@ class Component:
         if child is None:
             child = Component(self.session, self, rel, processor, args, kwargs, kind, handlers)
             children[rel] = child
-            self.readiness.adjust(1)
+            self.readiness.count_child(child.readiness)
         else:
             child.processor = processor
             child.args = args

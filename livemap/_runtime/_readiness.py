@@ -38,6 +38,12 @@ class Readiness:
     * ``closed``: the component left the tree (unmounted, or at rest): no
       crossing travels up any more and a new waiter is called at once.  Set
       once, never cleared.
+    * ``tracked``: at a component that keeps it (a ``mount_each`` over a
+      feed), the readiness of each child counted unready here, for a wait
+      on the children unready at one moment without a look at every child;
+      ``None`` elsewhere.  A child is in it while it counts into this
+      ``unready`` (it may stay after it left the tree: a reader skips the
+      ready and closed ones).
     * ``on_first``: called once (then cleared) the next time the component
       is done with a run for the first time: it turns self-ready, or (a live
       component) it marks itself ready although work holds it busy, or it
@@ -56,6 +62,7 @@ class Readiness:
         "live_marked",
         "on_first",
         "self_ready",
+        "tracked",
         "unready",
         "up",
         "waiters",
@@ -71,6 +78,7 @@ class Readiness:
         self.live_marked = False
         self.live_busy = 0
         self.on_first: Callable[[], object] | None = None
+        self.tracked: set[Readiness] | None = None
 
     def adjust(self, delta: int) -> None:
         """Change ``unready`` by ``delta``; a zero crossing goes up (or, at the
@@ -79,17 +87,34 @@ class Readiness:
         after = before + delta
         self.unready = after
         if before == 0:
-            if after > 0 and self.up is not None:
-                self.up.adjust(1)
+            up = self.up
+            if after > 0 and up is not None:
+                if up.tracked is not None:
+                    up.tracked.add(self)
+                up.adjust(1)
             return
         if after == 0:
             if self.waiters:
                 self.call_waiters()
             up = self.up
             if up is not None:
+                if up.tracked is not None:
+                    up.tracked.discard(self)
                 up.adjust(-1)
             elif self.at_root is not None:
                 self.at_root()
+
+    def count_child(self, child: Readiness) -> None:
+        """A new child (unready, counting into this one) joins the subtree."""
+        if self.tracked is not None:
+            self.tracked.add(child)
+        self.adjust(1)
+
+    def uncount_child(self, child: Readiness) -> None:
+        """An unready child counted here leaves the subtree."""
+        if self.tracked is not None:
+            self.tracked.discard(child)
+        self.adjust(-1)
 
     def call_waiters(self) -> None:
         """Call (and drop) every waiter."""
@@ -167,4 +192,4 @@ class Readiness:
         self.close()
         if counted:
             assert up is not None
-            up.adjust(-1)
+            up.uncount_child(self)

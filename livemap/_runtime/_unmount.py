@@ -35,7 +35,7 @@ def detach(comp: Component) -> bool:
         assert parent.children is not None
         del parent.children[comp.rel]
         if comp.readiness.unready > 0:
-            parent.readiness.adjust(-1)
+            parent.readiness.uncount_child(comp.readiness)
         if parent.host is not None:
             parent.host.forget(comp)
     stop(comp)
