@@ -2,8 +2,11 @@
 both cores.
 
 A table's hot path (``Table._commit`` in each twin) handles the common case:
-no key in the table is claimed by a second owner and no owner's drops are
-deferred.  Everything else runs here, in plain Python, on the table's own
+no key in the table is claimed by a second owner, the committing owner has
+no deferred drops, and it declares no key another owner is dropping (the
+hot path finds that out at the key, takes back what it did and hands the
+commit over).  Other owners' deferred drops do not matter to it: they wait
+for their own ``drop_deferred``.  Everything else runs here, in plain Python, on the table's own
 dicts (both twins expose them under the same names), so the two cores cannot
 drift apart on it.
 
@@ -34,7 +37,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["drop_deferred", "note_claims", "reset", "slow_commit", "slow_release"]
+__all__ = [
+    "drop_deferred",
+    "drop_deferred_many",
+    "note_claims",
+    "reset",
+    "slow_commit",
+    "slow_release",
+]
 
 _MISSING: Final[object] = object()
 _EMPTY: Final[dict[Any, Any]] = {}
@@ -397,6 +407,35 @@ def drop_deferred(
     return w.undo
 
 
+def drop_deferred_many(
+    table: Any, owners: list[object], result: Any, track: bool
+) -> Callable[[], None] | None:
+    """:func:`drop_deferred` of each of ``owners`` in turn, into one
+    ``result`` (an owner listed twice counts once; one with no deferred
+    drops adds nothing).  Every comparison is made before the table changes.
+    Returns the undo of them all."""
+    dropping = table._dropping
+    owned = table._owned
+    plans: list[tuple[object, list[tuple[Any, object | None, Any, bool]]]] = []
+    seen: set[int] = set()
+    for owner in owners:
+        oid = id(owner)
+        keys = dropping.get(oid)
+        if keys and oid not in seen:
+            seen.add(oid)
+            plans.append((owner, _plan_let_go(table, list(keys), owned[oid])))
+    if not plans:
+        result.suppressed = 0
+        return None
+    w = _Writer(table, track)
+    suppressed = 0
+    for owner, plan in plans:
+        suppressed += _let_go(w, owner, plan, False, result)
+    w.store()
+    result.suppressed = suppressed
+    return w.undo
+
+
 def note_claims(table: Any, owner: object, rejections: list[Any]) -> None:
     """After a hot-path commit (the table had no claims and no deferred
     drops): remember each ``CONFLICT`` rejection as a claim of ``owner``
@@ -407,9 +446,11 @@ def note_claims(table: Any, owner: object, rejections: list[Any]) -> None:
             w.claim(owner, r.key, r.value)
 
 
-def reset(table: Any) -> None:
-    """Forget every claim and deferred drop (the undo of a hot-path commit:
-    there were none before it)."""
+def reset(table: Any, oid: int) -> None:
+    """The undo of a hot-path commit of the owner ``id(owner) == oid`` that
+    claimed keys or deferred drops: forget every claim (there were none
+    before it) and the owner's deferred drops (it had none; other owners'
+    stay)."""
     table._claims.clear()
     table._claimed.clear()
-    table._dropping.clear()
+    table._dropping.pop(oid, None)

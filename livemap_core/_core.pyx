@@ -20,6 +20,7 @@ from functools import partial
 from types import GenericAlias
 
 from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import drop_deferred_many as _drop_deferred_many
 from livemap_core._claims import note_claims as _note_claims
 from livemap_core._claims import reset as _reset
 from livemap_core._claims import slow_commit as _slow_commit
@@ -49,6 +50,7 @@ cdef extern from "Python.h":
 
 cdef str _CONFLICT = "conflict"
 cdef str _EQ_ERROR = "eq_error"
+cdef dict _NO_DROPS = {}
 
 CONFLICT = _CONFLICT
 """Rejection kind: the key is held by another owner."""
@@ -639,7 +641,9 @@ cdef class Table:
         self._check_idle("commit")
         self._busy = True
         try:
-            if self._claims or self._dropping:
+            if self._claims or (
+                self._dropping and PyLong_FromVoidPtr(<void*>buf.owner) in self._dropping
+            ):
                 return self._slow_commit(buf.owner, buf._decls, defer)
             return self._commit(buf.owner, buf._decls, defer)
         finally:
@@ -690,6 +694,10 @@ cdef class Table:
         cdef bint walk
         cdef bint claimed = False
         cdef list gone
+        # other owners' deferred drops: a key one of them is dropping is
+        # taken over, which only the slow path does
+        cdef dict dropping = self._dropping
+        cdef bint take = False
 
         owner_id = PyLong_FromVoidPtr(<void*>owner)
         found = PyDict_GetItemWithError(self._owned, owner_id)
@@ -739,6 +747,11 @@ cdef class Table:
                         upserts.append((key, value))
                         if track:
                             undo.append((key,))
+                    elif dropping and key in dropping.get(
+                        PyLong_FromVoidPtr(<void*>found), _NO_DROPS
+                    ):
+                        take = True
+                        break
                     else:
                         rejections.append(
                             _new_rejection(_CONFLICT, key, value, <object>found, None)
@@ -773,6 +786,10 @@ cdef class Table:
             for key in added:
                 del holder[key]
             raise
+        if take:  # (nothing else changed yet)
+            for key in added:
+                del holder[key]
+            return self._slow_commit(owner, decls, defer)
         if changed is not None:
             for pair in changed:
                 # the key is there: the record keeps its layout
@@ -812,8 +829,8 @@ cdef class Table:
             result._undo = undo
             result._prev_record = record
             result._table = self
-            if claimed:  # there were no claims nor deferred drops before
-                result._restore = partial(_reset, self)
+            if claimed:  # there were no claims, nor deferred drops of the owner
+                result._restore = partial(_reset, self, owner_id)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -856,7 +873,9 @@ cdef class Table:
         cdef object key
         self._check_idle("release")
         result = _new_commit(owner, self._seq + 1)
-        if self._claims or self._dropping:
+        if self._claims or (
+            self._dropping and PyLong_FromVoidPtr(<void*>owner) in self._dropping
+        ):
             return self._slow(owner, result, _slow_release)
         deletes = result.deletes
         record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
@@ -879,6 +898,24 @@ cdef class Table:
         claimant or is deleted."""
         self._check_idle("drop_deferred")
         return self._slow(owner, _new_commit(owner, self._seq + 1), _drop_deferred)
+
+    def drop_deferred_many(self, owners):
+        """:meth:`drop_deferred` of each of ``owners`` in turn, as one commit
+        (one revert takes it back); its ``owner`` is the list of them.  An
+        owner listed twice counts once."""
+        cdef list group
+        cdef Commit result
+        self._check_idle("drop_deferred_many")
+        group = list(owners)
+        result = _new_commit(group, self._seq + 1)
+        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        if self._track_undo:
+            result._undo = []
+            result._prev_record = None  # (no record is the list's)
+            result._restore = undo
+            result._table = self
+        self._finish(result, result.suppressed, 0)
+        return result
 
     cdef Commit _slow(self, object owner, Commit result, object step):
         cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))

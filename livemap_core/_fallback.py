@@ -14,10 +14,12 @@ a :class:`Commit`.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from livemap_core._claims import drop_deferred as _drop_deferred
+from livemap_core._claims import drop_deferred_many as _drop_deferred_many
 from livemap_core._claims import note_claims as _note_claims
 from livemap_core._claims import reset as _reset
 from livemap_core._claims import slow_commit as _slow_commit
@@ -503,9 +505,10 @@ class Table(Generic[K, V]):
         self._check_idle("commit")
         self._busy = True
         try:
-            if self._claims or self._dropping:
-                return self._slow_commit(buffer.owner, buffer._decls, defer)
-            return self._commit(buffer.owner, buffer._decls, defer)
+            owner = buffer.owner
+            if self._claims or (self._dropping and id(owner) in self._dropping):
+                return self._slow_commit(owner, buffer._decls, defer)
+            return self._commit(owner, buffer._decls, defer)
         finally:
             self._busy = False
 
@@ -540,6 +543,10 @@ class Table(Generic[K, V]):
         # to the record once every comparison is done
         changed: list[tuple[K, V]] = []
         eq_errors = 0
+        # other owners' deferred drops: a key one of them is dropping is
+        # taken over, which only the slow path does
+        dropping = self._dropping
+        take = False
         try:
             for key, value in decls.items():
                 held = mine(key, _MISSING)
@@ -551,6 +558,9 @@ class Table(Generic[K, V]):
                         upserts.append((key, value))
                         if undo is not None:
                             undo.append((key,))
+                    elif dropping and key in dropping.get(id(held_by), _NO_RECORD):
+                        take = True
+                        break
                     else:
                         rejections.append(Rejection(CONFLICT, key, value, held_by, None))
                     continue
@@ -576,6 +586,10 @@ class Table(Generic[K, V]):
             for key in added:
                 del holder[key]
             raise
+        if take:  # (nothing else changed yet)
+            for key in added:
+                del holder[key]
+            return self._slow_commit(owner, decls, defer)
         if changed:
             for key, value in changed:
                 record[key] = value  # type: ignore[index]  # a held key: a record
@@ -606,8 +620,8 @@ class Table(Generic[K, V]):
             result._undo = undo
             result._prev_record = record
             result._table = self
-            if claimed:  # there were no claims nor deferred drops before
-                result._restore = partial(_reset, self)
+            if claimed:  # there were no claims, nor deferred drops of the owner
+                result._restore = partial(_reset, self, owner_id)
         self._finish(result, suppressed, eq_errors)
         return result
 
@@ -644,7 +658,7 @@ class Table(Generic[K, V]):
         claims are withdrawn."""
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
-        if self._claims or self._dropping:
+        if self._claims or (self._dropping and id(owner) in self._dropping):
             return self._slow(owner, result, _slow_release)
         record = self._owned.pop(id(owner), None)
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
@@ -670,6 +684,22 @@ class Table(Generic[K, V]):
         self._check_idle("drop_deferred")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         return self._slow(owner, result, _drop_deferred)
+
+    def drop_deferred_many(self, owners: Iterable[object]) -> Commit[K, V]:
+        """:meth:`drop_deferred` of each of ``owners`` in turn, as one commit
+        (one revert takes it back); its ``owner`` is the list of them.  An
+        owner listed twice counts once."""
+        self._check_idle("drop_deferred_many")
+        group = list(owners)
+        result: Commit[K, V] = Commit(group, self._seq + 1)
+        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        if self._track_undo:
+            result._undo = []
+            result._prev_record = None  # (no record is the list's)
+            result._restore = undo
+            result._table = self
+        self._finish(result, result.suppressed, 0)
+        return result
 
     def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
         record = self._owned.get(id(owner))

@@ -658,6 +658,64 @@ def test_deferred_drop_is_taken_over_by_a_later_declaration(core: ModuleType) ->
     assert not table.drop_deferred(first)
 
 
+def test_commits_beside_other_owners_deferred_drops(core: ModuleType) -> None:
+    """Owners dropping keys change nothing for a commit that declares none of
+    their keys; one that declares a dropped key takes it over (its inserts
+    before that key too), and a revert of it keeps the others' drops."""
+    table = core.Table(track_undo=True)
+    a, b, c = object(), object(), object()
+    commit(table, a, {"a1": 1, "a2": 2})
+    commit(table, b, {"b1": 1})
+    table.commit(table.buffer(a), defer=True)
+    table.commit(table.buffer(b), defer=True)
+    plain = commit(table, c, {"c1": 1, "c2": 2})
+    assert plain.upserts == [("c1", 1), ("c2", 2)] and not plain.transfers
+    held = commit(table, c, {"c1": 1, "c3": 3, "b1": 1})
+    assert held.upserts == [("c3", 3)]
+    assert held.deletes == ["c2"]
+    assert held.transfers == [("b1", b, c)]
+    assert table.owner_of("b1") is c and table.owner_of("c3") is c
+    assert table.deferred_of(b) == frozenset()
+    table.revert(held)
+    assert table.owner_of("b1") is b and "c3" not in table
+    assert table.get("c2") == 2
+    assert table.deferred_of(b) == frozenset({"b1"})
+    assert table.deferred_of(a) == frozenset({"a1", "a2"})
+    table.revert(plain)
+    assert "c1" not in table and table.deferred_of(a) == frozenset({"a1", "a2"})
+    # a release beside them, and a conflict (a claim) beside them
+    commit(table, c, {"c1": 1, "a1": 7})
+    assert table.owner_of("a1") is c
+    d = object()
+    assert commit(table, d, {"c1": 5}).rejections[0].kind == core.CONFLICT
+    assert table.release(c).upserts == [("c1", 5)]
+    assert table.owner_of("c1") is d
+    assert table.deferred_of(a) == frozenset({"a2"})
+
+
+def test_drop_deferred_many_is_one_commit(core: ModuleType) -> None:
+    table = core.Table(track_undo=True)
+    a, b, c, idle = object(), object(), object(), object()
+    commit(table, a, {"a1": 1, "a2": 2})
+    commit(table, b, {"b1": 1})
+    commit(table, c, {"c1": 1})
+    for owner in (a, b):
+        table.commit(table.buffer(owner), defer=True)
+    before = table.stats()
+    group = table.drop_deferred_many([a, idle, b, a])
+    assert group.owner == [a, idle, b, a]
+    assert group.deletes == ["a1", "a2", "b1"] and group.upserts == []
+    assert (group.first_seq, group.last_seq) == (before.changes + 1, before.changes + 3)
+    assert table.stats().commits == before.commits + 1
+    assert table.keys() == ["c1"] and table.owners() == 1
+    table.revert(group)
+    assert table.deferred_of(a) == frozenset({"a1", "a2"})
+    assert table.deferred_of(b) == frozenset({"b1"})
+    assert sorted(table.items()) == [("a1", 1), ("a2", 2), ("b1", 1), ("c1", 1)]
+    assert not table.drop_deferred_many([idle, c])
+    assert table.drop_deferred_many([b]).deletes == ["b1"]
+
+
 def test_deferred_drop_declared_again_stays(core: ModuleType) -> None:
     table = core.Table()
     owner = object()

@@ -273,6 +273,8 @@ ops = st.one_of(
     st.tuples(st.just("commit"), owner_ids),
     st.tuples(st.just("commit-defer"), owner_ids),
     st.tuples(st.just("drop-deferred"), owner_ids),
+    # the drops of several owners settled together (one listed twice, too)
+    st.tuples(st.just("drop-deferred-many"), st.lists(owner_ids, max_size=4)),
     # a whole component run: a few declarations, then the commit
     st.tuples(
         st.just("run"),
@@ -623,6 +625,23 @@ class Model:
         first, last = self._finish(upserts, deletes, before)
         return upserts, deletes, [], suppressed, first, last, transfers
 
+    def drop_deferred_many(self, owners: list[int]) -> tuple[Any, ...]:
+        return self._guarded(self._drop_deferred_many, owners)
+
+    def _drop_deferred_many(self, owners: list[int], before: Any) -> tuple[Any, ...]:
+        upserts: list[Any] = []
+        transfers: list[Any] = []
+        deletes: list[Any] = []
+        suppressed = 0
+        for owner in dict.fromkeys(owners):
+            keys = list(self.dropping.get(owner, {}))
+            dropped, given = self._let_go(owner, keys, False, upserts, transfers)
+            deletes.extend(dropped)
+            suppressed += given
+        self.stats["suppressed"] += suppressed
+        first, last = self._finish(upserts, deletes, before)
+        return upserts, deletes, [], suppressed, first, last, transfers
+
     def revert(self, index: int) -> None:
         n, before, reverted = self.history[index]
         if not self.track_undo or reverted:
@@ -711,6 +730,10 @@ class CoreRun:
                 return self.result(self.table.release(self.owners[op[1]]))
             if name == "drop-deferred":
                 return self.result(self.table.drop_deferred(self.owners[op[1]]))
+            if name == "drop-deferred-many":
+                group = self.table.drop_deferred_many(self.owners[i] for i in op[1])
+                assert group.owner == [self.owners[i] for i in op[1]]
+                return self.result(group)
             if name == "revert":
                 self.table.revert(self.commits[-1 - op[1]])
                 return ("ok",)
@@ -807,6 +830,8 @@ class ModelRun:
                 return self.result(m.release(op[1]))
             if name == "drop-deferred":
                 return self.result(m.drop_deferred(op[1]))
+            if name == "drop-deferred-many":
+                return self.result(m.drop_deferred_many(op[1]))
             if name == "revert":
                 m.revert(self.commits[-1 - op[1]])
                 return ("ok",)
