@@ -19,6 +19,8 @@ from helpers import wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap, TargetBatch
+from livemap._paths import format_path
+from livemap.errors import TargetApplyError
 
 pytestmark = pytest.mark.anyio
 
@@ -55,8 +57,8 @@ class Sink:
 
 class Scene:
     """A live app: a producer whose state the test sets, and a ``mount_each``
-    over its map whose per-entry processor declares ``row-<entry's row>`` into
-    each sink (``value = (row, payload)``), after ``gate(key)`` if set."""
+    over its map whose per-entry processor declares ``row-<row>`` into each
+    sink (``value = (row, payload)``), after ``gates[row]`` if set."""
 
     def __init__(self, state: dict[str, tuple[str, int]], sinks: list[Sink]) -> None:
         self.state = state
@@ -69,8 +71,8 @@ class Scene:
         scene = self
 
         @coco.fn
-        async def per_entry(value: tuple[str, int], key: str) -> None:
-            gate = scene.gates.get(key)
+        async def per_entry(value: tuple[str, int], key_of: Any) -> None:
+            gate = scene.gates.get(key_of(value))
             if gate is not None:
                 await gate.wait()
             await anyio.lowlevel.checkpoint()
@@ -130,6 +132,11 @@ class Scene:
     def each(self) -> Any:
         return self.handles[0]._component
 
+    def held(self, n: int) -> bool:
+        """Whether each sink's target holds the drops of ``n`` components,
+        waiting for the update to settle."""
+        return all(len(s.target._table._dropping) == n for s in self.sinks)
+
 
 def _key(value: tuple[str, int]) -> str:
     return value[0]
@@ -184,4 +191,128 @@ async def test_the_wait_knows_the_unready_children() -> None:
             await h.stop()
     assert scene.each.readiness.tracked == set() or not scene.each.alive
     assert sink.rows == _rows(state)
+    assert sink.errors == []
+
+
+def _churn(scene: Scene, gated: str) -> tuple[list[str], str]:
+    """Delete entries e1..e20 but e5 and e12, rename e12 to n12 (its row
+    passes to n12's component: a transfer), and change ``gated``, whose run
+    waits for its gate: the settling waits for it while every delete is
+    delivered.  Returns the rows deleted and the row transferred."""
+    state = scene.state
+    deleted = [f"row-e{i}" for i in range(1, 21) if i not in (5, 12)]
+    for i in range(1, 21):
+        if i != 5:
+            del state[f"e{i}"]
+    state["n12"] = ("e12", 7)
+    state[gated] = (gated, 1)
+    scene.gates[gated] = anyio.Event()
+    return deleted, "row-e12"
+
+
+@pytest.mark.parametrize("targets", [1, 2])
+async def test_an_update_s_drops_are_one_batch_with_a_transfer_in_it(targets: int) -> None:
+    """Many entries deleted in one commit: their rows go as one batch per
+    target, owned by the ``mount_each``; a row renamed into a new entry is
+    one upsert, never deleted; nothing else changes."""
+    state = {f"e{i}": (f"e{i}", 0) for i in range(30)}
+    sinks = [Sink(f"rows{n}") for n in range(targets)]
+    scene = Scene(state, sinks)
+    app = scene.app()
+    with scene, anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await _started(scene, h)
+            for sink in sinks:
+                sink.batches.clear()
+            deleted, moved = _churn(scene, "e25")
+            await scene.commit()
+            await wait_for(lambda: scene.held(len(deleted)))
+            scene.gates.pop("e25").set()
+            await scene.settled()
+            each_path = scene.each.path
+            await h.stop()
+    for sink in sinks:
+        assert sorted(sink.deletes) == sorted(deleted), sink.batches
+        assert moved not in sink.deletes
+        assert [(k, v) for ups, _, _ in sink.batches for k, v in ups] in (
+            [(moved, 7), ("row-e25", 1)],
+            [("row-e25", 1), (moved, 7)],
+        )
+        # one batch took most of them: the update's, not an entry's own
+        big = [b for b in sink.batches if len(b[1]) > 1]
+        assert len(big) == 1 and big[0][2] == each_path, sink.batches
+        assert sink.rows == _rows(state) == dict(sink.target.items())
+        assert sink.target.owner_path(moved) == (coco.Symbol("per_entry"), "n12")
+        assert sink.errors == []
+
+
+async def test_a_sink_raising_on_the_batch_loses_nothing() -> None:
+    """The sink raises on the update's batch of drops: each entry's component
+    with rows in it gets its own TargetApplyError naming the target and it;
+    the target keeps the rows (as its sink does), and sends their deletes
+    again with its next batch; the transfer in the same update stands."""
+    state = {f"e{i}": (f"e{i}", 0) for i in range(30)}
+    sink = Sink()
+    scene = Scene(state, [sink])
+    app = scene.app()
+    with scene, anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await _started(scene, h)
+            sink.batches.clear()
+            deleted, moved = _churn(scene, "e25")
+            sink.fail = lambda batch: len(batch.deletes) > 1
+            await scene.commit()
+            await wait_for(lambda: scene.held(len(deleted)))
+            scene.gates.pop("e25").set()
+            await scene.settled()
+            failed = [e for e in sink.errors if isinstance(e, TargetApplyError)]
+            assert len(failed) == len(sink.errors)
+            # the first drop may have gone alone, before the others were held
+            assert len(deleted) - 1 <= len(failed) <= len(deleted)
+            paths = {e.path for e in failed}
+            assert len(paths) == len(failed)
+            for error in failed:
+                assert error.target == "rows"
+                assert isinstance(error.__cause__, OSError)
+            expected = {
+                format_path((coco.Symbol("per_entry"), key))
+                for key in (f"e{i}" for i in range(1, 21))
+                if key not in ("e5", "e12")
+            }
+            assert paths <= expected
+            lost = [k for k in deleted if k in sink.rows]
+            assert len(lost) == len(failed)
+            assert dict(sink.target.items()) == sink.rows  # the target is as the sink
+            assert sink.target.get(moved) == 7 == sink.rows[moved]
+            # the next batch (a change of an entry) sends the deletes first
+            sink.fail = None
+            state["e0"] = ("e0", 9)
+            await scene.commit()
+            await scene.settled()
+            await wait_for(lambda: sink.rows == _rows(state))
+            assert dict(sink.target.items()) == sink.rows
+            await h.stop()
+    assert sorted(sink.deletes) == sorted(deleted)
+    assert len(sink.errors) == len(failed)
+
+
+async def test_an_app_stopped_with_drops_held_sends_them_as_one_batch() -> None:
+    """The app run stops while the update's drops wait for a child: they
+    still reach the sink, each once (in one batch, after the first)."""
+    state = {f"e{i}": (f"e{i}", 0) for i in range(30)}
+    sink = Sink()
+    scene = Scene(state, [sink])
+    app = scene.app()
+    with scene, anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await _started(scene, h)
+            sink.batches.clear()
+            deleted, moved = _churn(scene, "e25")
+            await scene.commit()
+            await wait_for(lambda: scene.held(len(deleted)))
+            await h.stop()  # e25's run is cancelled at its gate
+    assert sorted(sink.deletes) == sorted(deleted), sink.batches
+    assert len([b for b in sink.batches if len(b[1]) > 1]) == 1
+    assert moved not in sink.deletes
+    assert dict(sink.target.items()) == sink.rows
     assert sink.errors == []

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from livemap._runtime._commit import settle_stopped
-from livemap._runtime._component import Component, SettleJob
+from livemap._runtime._component import Component, SettleJob, run_settle_jobs
 
 __all__ = ["Settling", "settling_host"]
 
@@ -91,14 +91,13 @@ class Settling:
                 self.started += 1
                 await self._wait()
                 jobs, batch = batch, None
-                for job in jobs.values():
-                    await job.run()
+                await run_settle_jobs(comp, jobs.values())
                 self._batch_done()
         finally:
             settling_host.reset(token)
             self.task = False
             if batch:  # the app run is ending: drops still go downstream
-                await settle_stopped(batch.values())
+                await settle_stopped(comp, batch.values())
                 self._batch_done()
             if self.held is not None:
                 if self.held == comp.generation and comp.alive:

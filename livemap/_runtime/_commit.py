@@ -8,8 +8,9 @@ component's previous run created.  It writes only the component's
 
 Then the update the run scopes has *settled*: :func:`settle` runs what its
 descendants' commits left for that moment (``comp.settle``): the keys they
-stopped declaring that no one took over are deleted, and the claims still
-pending are reported as conflicts.  An app run that ends before an update
+stopped declaring that no one took over are deleted (one commit per target
+for them all), and the claims still pending are reported as conflicts.  An
+app run that ends before an update
 settles (stopped, cancelled, interrupted) applies the drops and makes no
 report (:func:`settle_stopped`, :func:`settle_tree`).
 """
@@ -20,7 +21,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from livemap._runtime._component import Component, Run, SettleJob
+from livemap._runtime._component import Component, Run, SettleJob, run_settle_jobs
 from livemap._runtime._unmount import unmount
 
 __all__ = ["commit", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
@@ -98,19 +99,16 @@ async def settle(comp: Component) -> None:
     :meth:`Component.settle_after`), jobs added meanwhile included."""
     while comp.settle:
         jobs, comp.settle = comp.settle, None
-        for job in jobs.values():
-            await job.run()
+        await run_settle_jobs(comp, jobs.values())
 
 
-async def settle_stopped(jobs: Iterable[SettleJob]) -> None:
+async def settle_stopped(scope: Component, jobs: Iterable[SettleJob]) -> None:
     """The app run ended (stopped, cancelled, interrupted) before the update
-    these ``jobs`` waited for settled: the deferred drops among them are
-    applied (their deletes reach the targets), the conflict reports are not
-    made.  Shielded: it runs while the run is being torn down."""
+    of ``scope`` these ``jobs`` waited for settled: the deferred drops among
+    them are applied (their deletes reach the targets), the conflict reports
+    are not made.  Shielded: it runs while the run is being torn down."""
     with anyio.CancelScope(shield=True):
-        for job in jobs:
-            if job.on_stop:
-                await job.run()
+        await run_settle_jobs(scope, [job for job in jobs if job.on_stop])
 
 
 async def settle_tree(root: Component) -> None:
@@ -121,6 +119,6 @@ async def settle_tree(root: Component) -> None:
         comp = stack.pop()
         while comp.settle:
             jobs, comp.settle = comp.settle, None
-            await settle_stopped(jobs.values())
+            await settle_stopped(comp, jobs.values())
         if comp.children:
             stack.extend(comp.children.values())

@@ -20,7 +20,7 @@ task (given by whoever mounts it, :mod:`._live`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import anyio
@@ -46,6 +46,7 @@ __all__ = [
     "Run",
     "SettleJob",
     "current_run",
+    "run_settle_jobs",
 ]
 
 EMPTY_KWARGS: dict[str, Any] = {}
@@ -150,13 +151,48 @@ LiveBody = Callable[["Component", anyio.CancelScope, int], Coroutine[Any, Any, N
 """The body of a live component's task: ``body(component, scope, gen)``."""
 
 
+DropBatch = Callable[[list[Any], "Component"], Awaitable[None]]
+"""``batch(members, scope)``: the jobs of one kind that waited for ``scope``'s
+update to settle, run as one (a target's deferred drops, one per member)."""
+
+
 class SettleJob(NamedTuple):
     """What waits for an update to settle (see :meth:`Component.settle_after`):
     ``run()``, and whether it also runs when the app run ends before the
-    update settles (``on_stop``: a deferred drop, not a conflict report)."""
+    update settles (``on_stop``: a deferred drop, not a conflict report).
+    A job with a ``batch`` runs with the others of the same ``batch``, as
+    ``batch([member, ...], scope)`` (``run()`` alone does the same for its
+    ``member``)."""
 
     run: Callable[[], Awaitable[None]]
     on_stop: bool
+    batch: DropBatch | None = None
+    member: Any = None
+
+
+async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
+    """Run ``jobs``, which waited for ``scope``'s update to settle: those of
+    each ``batch`` first, as one call per batch (one commit per target for
+    the keys the update let go), then the others in the order they came."""
+    batches: dict[DropBatch, list[Any]] | None = None
+    rest: list[SettleJob] = []
+    for job in jobs:
+        batch = job.batch
+        if batch is None:
+            rest.append(job)
+        elif batches is None:
+            batches = {batch: [job.member]}
+        else:
+            members = batches.get(batch)
+            if members is None:
+                batches[batch] = [job.member]
+            else:
+                members.append(job.member)
+    if batches:
+        for batch, members in batches.items():
+            await batch(members, scope)
+    for job in rest:
+        await job.run()
 
 
 class Component:
@@ -377,6 +413,7 @@ class Component:
         other: object = None,
         *,
         on_stop: bool = False,
+        batch: DropBatch | None = None,
     ) -> bool:
         """Keep ``job`` until the update this component's commit belongs to
         has settled; False if none is in progress (then the caller runs it).
@@ -393,6 +430,9 @@ class Component:
         ``on_stop``: the job also runs if the app run ends (stopped,
         cancelled, interrupted) before the update settles — a deferred drop
         must reach the target; a conflict report is not made then.
+        ``batch``: the job runs with the others of that batch kept for the
+        same update, as ``batch([this component, ...], scope)`` (see
+        :func:`run_settle_jobs`).
         """
         scope: Component | None = None
         if other is None:
@@ -423,7 +463,7 @@ class Component:
             assert host is not None
             if not host.settle_later():
                 return False
-        entry = SettleJob(job, on_stop)
+        entry = SettleJob(job, on_stop, batch, self)
         if scope.settle is None:
             scope.settle = {job_key: entry}
         else:

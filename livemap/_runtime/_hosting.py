@@ -74,11 +74,14 @@ class Owner(Protocol):
         other: object = None,
         *,
         on_stop: bool = False,
+        batch: Callable[[list[Any], Any], Awaitable[None]] | None = None,
     ) -> bool:
         """Keep ``job`` until the component's update has settled (with
         ``other``, the owner of a key it claims: the update of their nearest
         common ancestor); False if no such update is in progress.
-        ``on_stop``: it also runs if the app run ends first."""
+        ``on_stop``: it also runs if the app run ends first.  ``batch``: it
+        runs then with the others of that batch, as ``batch([component,
+        ...], scope)``, ``scope`` the component whose update settled."""
         ...
 
     async def report(self, exc: BaseException, kind: MountKind | None = None) -> None:

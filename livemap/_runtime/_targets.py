@@ -86,8 +86,29 @@ class TargetBase(Generic[K, V]):
                     owner.adopt(self)
         if self._table.deferred_of(component):
             job = partial(self._drop_deferred, component)
-            return not component.settle_after((self, component), job, on_stop=True)
+            return not component.settle_after(
+                (self, component), job, on_stop=True, batch=self.drop_deferred_batch
+            )
         return False
+
+    def _dropped(self, components: list[Owner], result: Commit[K, V]) -> None:
+        """After the deferred drops of ``components`` (one commit, ``result``)
+        reached the sink: claimants that got keys hold this target now, and
+        a component that holds nothing here any more lets go of it."""
+        if result.transfers:
+            for _, _, new in result.transfers:
+                owner: Owner = new  # type: ignore[assignment]  # the table's owners are Owners
+                owner.adopt(self)
+        for component in components:
+            if not self.holds(component):
+                component.disown(self)  # (a run that leaves nothing may rest then)
+
+    async def drop_deferred_batch(self, components: list[Owner], scope: Owner) -> None:
+        """Delete the keys ``components`` dropped in the update of ``scope``,
+        which has settled, and nobody took: here one component after the
+        other; a target that can sends them as one batch."""
+        for component in components:
+            await self._drop_deferred(component)
 
     def _let_go(self, component: Owner) -> Commit[K, V]:
         """``component`` lets go of every key it holds here (it declared none
@@ -335,6 +356,38 @@ class KeyedTarget(SinkTarget[K, V]):
         return None
 
     _send_drops = _send  # a release is sent like a commit
+
+    async def drop_deferred_batch(self, components: list[Owner], scope: Owner) -> None:
+        """The keys ``components`` dropped in ``scope``'s update, which has
+        settled, go as one commit and one batch (its ``owner``: ``scope``'s
+        path).  If the sink raises, the batch is taken back and it is as if
+        each component's own batch had failed: each one with keys in it gets
+        a :class:`TargetApplyError` naming it (the sink's exception is the
+        cause), and an unmounted one's deletes are retried with the target's
+        next batch."""
+        if len(components) == 1:
+            await self._drop_deferred(components[0])
+            return
+        table = self._table
+        failures: list[tuple[Owner, Exception]] = []
+        async with self._get_lock():
+            if self._orphans:
+                await self._retry_orphans()
+            result = table.drop_deferred_many(components)
+            failed = await self._send(scope, result)
+            if failed is None:
+                self._dropped(components, result)
+                return
+            for component in components:
+                keys = table.deferred_of(component)
+                if keys:
+                    own = TargetApplyError(self.name, format_path(component.path), 0, len(keys))
+                    own.__cause__ = failed.__cause__
+                    failures.append((component, own))
+                    if not component.alive:
+                        self._orphans.append(component)
+        for component, exc in failures:  # (outside the lock, as a commit's reports)
+            await component.report(exc)
 
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import anyio
 
-from livemap._runtime._component import Component
+from livemap._runtime._component import Component, run_settle_jobs
 
 __all__ = ["cleanup", "detach", "stop", "unmount"]
 
@@ -78,8 +78,7 @@ async def _release_subtree(comp: Component) -> None:
                 await comp.report(failed)
     while comp.settle:  # what waited for an update this component scoped
         jobs, comp.settle = comp.settle, None
-        for job in jobs.values():
-            await job.run()
+        await run_settle_jobs(comp, jobs.values())
     if comp.created:
         created, comp.created = comp.created, None
         for item in created:
