@@ -194,6 +194,12 @@ class LiveMap(TargetBase[K, V]):
         self._settled(component, result)
         return None
 
+    async def drop_deferred_batch(self, components: list[Owner], scope: Owner) -> None:
+        # one commit for the keys the components of the settled update let go
+        result = self._table.drop_deferred_many(components)
+        self._notify(result)
+        self._dropped(components, result)
+
     def retire(self) -> None:
         """Retire the map (its creating run was superseded or its component
         unmounted): no more declarations, and its consumer ends."""
