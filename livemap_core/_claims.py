@@ -416,6 +416,8 @@ def drop_deferred_many(
     Returns the undo of them all."""
     dropping = table._dropping
     owned = table._owned
+    if not table._claims:  # (the common case) no claimant: every key is deleted
+        return _delete_deferred(table, owners, result, track)
     plans: list[tuple[object, list[tuple[Any, object | None, Any, bool]]]] = []
     seen: set[int] = set()
     for owner in owners:
@@ -434,6 +436,51 @@ def drop_deferred_many(
     w.store()
     result.suppressed = suppressed
     return w.undo
+
+
+def _delete_deferred(
+    table: Any, owners: list[object], result: Any, track: bool
+) -> Callable[[], None] | None:
+    """:func:`drop_deferred_many` in a table without claims: each owner's
+    dropping keys are deleted, in the order it first declared them (a
+    dropping key has no claimant, and there is none to compare)."""
+    dropping = table._dropping
+    owned = table._owned
+    holder = table._holder
+    deletes = result.deletes
+    saved: list[tuple[int, object, dict[Any, Any], dict[Any, None]]] | None = (
+        [] if track else None
+    )
+    for owner in owners:
+        oid = id(owner)
+        keys = dropping.pop(oid, None)
+        if not keys:
+            continue
+        record = owned[oid]
+        if len(keys) == len(record):
+            del owned[oid]
+        elif saved is None:
+            for key in keys:
+                del record[key]
+        else:  # (a record's keys never change in place with track_undo)
+            owned[oid] = {k: v for k, v in record.items() if k not in keys}
+        for key in keys:
+            del holder[key]
+        deletes.extend(keys)
+        if saved is not None:
+            saved.append((oid, owner, record, keys))
+    result.suppressed = 0
+    if not saved:
+        return None
+
+    def undo() -> None:
+        for oid, owner, record, keys in reversed(saved):
+            owned[oid] = record
+            dropping[oid] = keys
+            for key in keys:
+                holder[key] = owner
+
+    return undo
 
 
 def note_claims(table: Any, owner: object, rejections: list[Any]) -> None:

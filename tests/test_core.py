@@ -716,6 +716,33 @@ def test_drop_deferred_many_is_one_commit(core: ModuleType) -> None:
     assert table.drop_deferred_many([b]).deletes == ["b1"]
 
 
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("claims", [False, True], ids=["no-claims", "claims"])
+def test_drop_deferred_many_keeps_what_each_owner_still_declares(
+    core: ModuleType, track: bool, claims: bool
+) -> None:
+    table = core.Table(track_undo=track)
+    a, b, other = object(), object(), object()
+    commit(table, a, {"a1": 1, "a2": 2, "a3": 3})
+    commit(table, b, {"b1": 1, "b2": 2})
+    if claims:  # a claim elsewhere in the table: the general path
+        commit(table, other, {"o": 0})
+        commit(table, b, {"b1": 1, "b2": 2, "o": 5})
+    table.commit(declared(table, a, {"a2": 2}), defer=True)
+    table.commit(declared(table, b, {"b2": 2, **({"o": 5} if claims else {})}), defer=True)
+    assert table.deferred_of(a) == frozenset({"a1", "a3"})
+    group = table.drop_deferred_many([b, a])
+    assert group.deletes == ["b1", "a1", "a3"]
+    assert table.keys_of(a) == frozenset({"a2"}) and table.keys_of(b) == frozenset({"b2"})
+    assert table.deferred_of(a) == frozenset() == table.deferred_of(b)
+    assert table.claimants("o") == ((b,) if claims else ())
+    if track:
+        table.revert(group)
+        assert table.keys_of(a) == frozenset({"a1", "a2", "a3"})
+        assert table.deferred_of(b) == frozenset({"b1"})
+        assert table.get("a3") == 3 and table.owner_of("b1") is b
+
+
 def test_deferred_drop_declared_again_stays(core: ModuleType) -> None:
     table = core.Table()
     owner = object()
