@@ -404,7 +404,12 @@ class Component:
         (:attr:`hosts_update`), so another component of the same update may
         take them over."""
         up = self._update_parent()
-        return up is not None and (up.running or up.hosts_update)
+        if up is None:
+            return False
+        if up.running:
+            return True
+        host = up.host  # (up.hosts_update, up being alive and not running)
+        return host is not None and host.in_update()
 
     def settle_after(
         self,
