@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from livemap._runtime._commit import settle_stopped
+from livemap._runtime._commit import run_jobs, settle_stopped
 from livemap._runtime._component import Component, SettleJob
 
 __all__ = ["Settling", "settling_host"]
@@ -91,8 +91,7 @@ class Settling:
                 self.started += 1
                 await self._wait()
                 jobs, batch = batch, None
-                for job in jobs.values():
-                    await job.run()
+                await run_jobs(jobs.values())
                 self._batch_done()
         finally:
             settling_host.reset(token)
