@@ -211,3 +211,66 @@ async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None
             await h.stop()
     assert rows == {}
     assert "a" not in target
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_held_drops_interrupted_mid_batch_are_all_applied(how: str) -> None:
+    """Three entries deleted in one update: their rows' deletes are held until
+    the consumer's update settles, then applied one after another.  The run
+    is cancelled (or stopped) while the sink applies the first: that one and
+    the two after it still reach the sink, none is left owned by a
+    component that is gone."""
+    rows: dict[str, str] = {}
+    armed = {"on": False}
+    entered = anyio.Event()
+
+    async def apply(batch: TargetBatch[str, str]) -> None:
+        if batch.deletes and armed["on"]:
+            armed["on"] = False
+            entered.set()
+            await anyio.sleep_forever()  # interrupted here, once
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, str] = KeyedTarget("held-rows", apply)
+    state = {"keys": ["a", "b", "c", "d"]}
+
+    @coco.fn
+    def produce(lm: LiveMap[str, str]) -> None:
+        for key in state["keys"]:
+            lm.declare_entry(key, key)
+
+    @coco.fn
+    def proc(value: str) -> None:
+        target.declare(value, value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(proc, lm)
+
+    app = coco.App(f"held-mid-batch-{how}-{next(_names)}", main)
+    with anyio.fail_after(5):
+        await app.update()
+        assert rows == {"a": "a", "b": "b", "c": "c", "d": "d"}
+        state["keys"] = ["a"]
+        armed["on"] = True
+        if how == "cancel":
+            async with anyio.create_task_group() as tg:
+
+                async def update() -> None:
+                    await app.update()
+
+                tg.start_soon(update)
+                await entered.wait()
+                tg.cancel_scope.cancel()
+        else:
+            handle = app.update()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(handle.result)
+                await entered.wait()
+                await handle.stop()
+    assert rows == {"a": "a"}
+    assert sorted(k for k, _ in target.items()) == ["a"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 
-from livemap._runtime._commit import settle_stopped
-from livemap._runtime._component import Component, SettleJob, run_settle_jobs
+from livemap._runtime._commit import run_jobs, settle_stopped
+from livemap._runtime._component import Component, SettleJob
 
 __all__ = ["Settling", "settling_host"]
 
@@ -91,7 +91,7 @@ class Settling:
                 self.started += 1
                 await self._wait()
                 jobs, batch = batch, None
-                await run_settle_jobs(comp, jobs.values())
+                await run_jobs(comp, jobs.values())
                 self._batch_done()
         finally:
             settling_host.reset(token)

@@ -24,7 +24,7 @@ import anyio
 from livemap._runtime._component import Component, Run, SettleJob, run_settle_jobs
 from livemap._runtime._unmount import unmount
 
-__all__ = ["commit", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
+__all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
 
 
 async def wait_mounted(run: Run) -> None:
@@ -99,7 +99,24 @@ async def settle(comp: Component) -> None:
     :meth:`Component.settle_after`), jobs added meanwhile included."""
     while comp.settle:
         jobs, comp.settle = comp.settle, None
-        await run_settle_jobs(comp, jobs.values())
+        await run_jobs(comp, jobs.values())
+
+
+async def run_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
+    """Run ``jobs``, which waited for ``scope``'s update to settle: each
+    batch's as one call, then the others (:func:`run_settle_jobs`).  If one
+    is interrupted (cancelled, or a ``BaseException``), the drops among it
+    and the ones not run yet are still applied (:func:`settle_stopped`)
+    before the interruption goes on: a batch taken out of ``comp.settle`` is
+    nobody else's to finish."""
+    pending = list(jobs)
+    try:
+        await run_settle_jobs(scope, pending)
+    except BaseException:
+        # (all of them again: a drop is applied once, a second call finds
+        # nothing deferred any more)
+        await settle_stopped(scope, pending)
+        raise
 
 
 async def settle_stopped(scope: Component, jobs: Iterable[SettleJob]) -> None:
