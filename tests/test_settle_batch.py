@@ -316,3 +316,37 @@ async def test_an_app_stopped_with_drops_held_sends_them_as_one_batch() -> None:
     assert moved not in sink.deletes
     assert dict(sink.target.items()) == sink.rows
     assert sink.errors == []
+
+
+async def test_a_stop_in_the_sink_of_the_batch_loses_nothing() -> None:
+    """The app run stops while the sink is applying the update's batch of
+    drops (an async sink, cancelled there): the batch counts as not applied,
+    and the drops still reach the sink, once, before the stop is over."""
+    state = {f"e{i}": (f"e{i}", 0) for i in range(30)}
+    sink = Sink()
+    in_sink = anyio.Event()
+    plain = sink._apply
+
+    async def apply(batch: TargetBatch[str, Any]) -> None:
+        if len(batch.deletes) > 1 and not in_sink.is_set():
+            in_sink.set()
+            await anyio.sleep_forever()
+        plain(batch)
+
+    sink.target._apply = apply
+    scene = Scene(state, [sink])
+    app = scene.app()
+    with scene, anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await _started(scene, h)
+            sink.batches.clear()
+            deleted, moved = _churn(scene, "e25")
+            scene.gates.pop("e25").set()
+            await scene.commit()
+            await in_sink.wait()
+            await h.stop()
+    assert sorted(sink.deletes) == sorted(deleted), sink.batches
+    assert moved not in sink.deletes
+    assert dict(sink.target.items()) == sink.rows
+    assert sink.target._table._dropping == {}
+    assert sink.errors == []
