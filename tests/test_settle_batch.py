@@ -350,3 +350,40 @@ async def test_a_stop_in_the_sink_of_the_batch_loses_nothing() -> None:
     assert dict(sink.target.items()) == sink.rows
     assert sink.target._table._dropping == {}
     assert sink.errors == []
+
+
+async def test_a_claim_passes_in_the_update_whose_drops_go_as_a_batch() -> None:
+    """Entry c2 claims the row entry c1 holds (a conflict, reported once);
+    one commit deletes c1 and many others: c2 gets the row (one upsert, no
+    delete, no second report) while the others' rows go as one batch."""
+    state = {f"e{i}": (f"e{i}", 0) for i in range(30)}
+    state["c1"] = ("shared", 1)
+    state["c2"] = ("shared", 2)
+    sink = Sink()
+    scene = Scene(state, [sink])
+    app = scene.app()
+    with scene, anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await h.ready()
+            await scene.settled()
+            await wait_for(lambda: len(sink.rows) == 31)
+            await wait_for(lambda: sink.errors)
+            assert [type(e) for e in sink.errors] == [coco.KeyConflictError]
+            first = sink.target.owner_path("row-shared")
+            assert first is not None
+            holder, claimant = ("c1", "c2") if first[-1] == "c1" else ("c2", "c1")
+            sink.batches.clear()
+            deleted, moved = _churn(scene, "e25")
+            del state[holder]
+            await scene.commit()
+            await wait_for(lambda: scene.held(len(deleted)))
+            scene.gates.pop("e25").set()
+            await scene.settled()
+            await h.stop()
+    assert sorted(sink.deletes) == sorted(deleted), sink.batches
+    assert len([b for b in sink.batches if len(b[1]) > 1]) == 1
+    assert moved not in sink.deletes and "row-shared" not in sink.deletes
+    assert sink.target.owner_path("row-shared") == (coco.Symbol("per_entry"), claimant)
+    assert sink.rows["row-shared"] == state[claimant][1]
+    assert sink.rows == dict(sink.target.items())
+    assert len(sink.errors) == 1
