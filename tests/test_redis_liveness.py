@@ -1,0 +1,355 @@
+"""A restarted producer process and the keys its predecessor left behind:
+each app name has one producing process per map at a time (its lease), and
+once a process that took the app over has caught up, the keys the earlier
+process's components held and no component of the new one declares are
+deleted.  Producers and consumers are separate processes
+(tests/redis_support/worker.py), killed, interrupted and doubled."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis_support import (
+    RedisServer,
+    Worker,
+    read_log,
+    redis_server,
+    start_consumer,
+    start_parts,
+)
+
+import livemap as coco
+from livemap.redis import ProducerBusyError, RedisLiveMap, connect, encode_key
+
+__all__ = ["redis_server"]
+
+pytestmark = pytest.mark.anyio
+TIMEOUT = 30.0
+
+
+def unique() -> str:
+    return f"l-{uuid.uuid4().hex[:8]}"
+
+
+def part(**state: int) -> dict[str, Any]:
+    return {k: {"k": k, "v": v} for k, v in state.items()}
+
+
+def held(log: Path) -> dict[str, int]:
+    rows, _, _ = read_log(log)
+    return {k: v["v"] for k, v in rows.items()}
+
+
+def entries_of(log: Path) -> list[list[Any]]:
+    """The log's lines: ["call", key, value], ["u", key, value], ["d", key]."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+async def stop(worker: Worker) -> None:
+    """A clean stop: end of input, the app stops and gives its lease up."""
+    await worker.close()
+    assert worker.proc.returncode == 0
+
+
+async def kill(worker: Worker) -> None:
+    worker.kill()
+    await worker.close()
+
+
+async def snapshot(client: Any, name: str) -> dict[bytes, bytes]:
+    return {
+        bytes(k): bytes(v) for k, v in (await client.hgetall(f"livemap:{{{name}}}:d:0")).items()
+    }
+
+
+@pytest.mark.parametrize("mode", ["live", "catchup"])
+@pytest.mark.parametrize("end", ["stopped", "killed"])
+async def test_a_restart_without_a_component_deletes_its_keys_once(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path, mode: str, end: str
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, mode)
+    workers = [first]
+    try:
+        reply = await first.update({"a": part(a1=1, a2=2), "b": part(b1=1, b2=2), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        # another app: keys of its own, and a claim of one of p's keys
+        other = await start_parts(url, name, "q", anyio_backend, mode)
+        workers.append(other)
+        reply = await other.update({"x": {**part(q1=1), **part(b1=99)}})
+        assert [e.split(":")[0] for e in reply["errors"]] == ["KeyConflictError"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        assert held(log) == {"a1": 1, "a2": 2, "b1": 1, "b2": 2, "c1": 1, "q1": 1}
+        before = len(entries_of(log))
+
+        await (stop(first) if end == "stopped" else kill(first))
+        # nothing changes while no process of p runs
+        await consumer.settle()
+        assert len(entries_of(log)) == before
+
+        # the restart: part b is no longer mounted, a2 changed
+        second = await start_parts(url, name, "p", anyio_backend, mode)
+        workers.append(second)
+        reply = await second.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        assert (reply["sweeps"], reply["swept"]) == (1, 2)
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 20, "b1": 99, "c1": 1, "q1": 1}
+        after = entries_of(log)[before:]
+        # b2 deleted once, b1 handed to q's pending claim as one update (no
+        # delete in between), a2 updated; a1 and c1 not sent again
+        assert sorted(e for e in after if e[0] != "u") == [
+            ["call", "a2", {"k": "a2", "v": 20}],
+            ["call", "b1", {"k": "b1", "v": 99}],
+            ["d", "b2"],
+        ]
+        # the next update of the same process sweeps nothing more
+        reply = await second.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["swept"] == 2
+        await consumer.settle()
+        assert len(entries_of(log)) == before + len(after)
+
+        # restarted again with the same components: the keys are taken back,
+        # nothing deleted, nothing sent again
+        await (stop(second) if end == "stopped" else kill(second))
+        third = await start_parts(url, name, "p", anyio_backend, mode)
+        workers.append(third)
+        reply = await third.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 20, "b1": 99, "c1": 1, "q1": 1}
+        assert len(entries_of(log)) == before + len(after)
+        _, _, repeats = read_log(log)
+        assert repeats == []
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+@pytest.mark.parametrize("mode", ["live", "catchup"])
+@pytest.mark.parametrize("fault", ["killed", "interrupted"])
+async def test_a_restart_cut_before_its_first_commit_deletes_nothing(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path, fault: str, mode: str
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, mode)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await stop(first)
+        async with connect(url) as client:
+            before = await snapshot(client, name)
+            assert len(before) == 2
+            # restarted without b, but a's first run never ends: the catch-up
+            # is cut before anything was committed
+            second = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(second)
+            await second.send(json.dumps({"a": "block"}))
+            with anyio.fail_after(TIMEOUT):
+                while await client.get(f"livemap:{{{name}}}:app:p") is None:
+                    await anyio.sleep(0.01)  # it holds the app's lease
+            await anyio.sleep(0.2)
+            if fault == "killed":
+                await kill(second)
+            else:
+                second.proc.send_signal(signal.SIGINT)
+                await second.close()
+                # an interrupted process gives its lease up
+                assert await client.get(f"livemap:{{{name}}}:app:p") is None
+            assert await snapshot(client, name) == before
+            await consumer.settle()
+            assert held(log) == {"a1": 1, "b1": 1}
+            assert not [e for e in entries_of(log) if e[0] == "d"]
+            # a restart that does catch up sweeps b, once
+            third = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(third)
+            reply = await third.update({"a": part(a1=1)})
+            assert reply["ok"] and reply["swept"] == 1
+            await consumer.settle()
+            assert held(log) == {"a1": 1}
+            assert [e for e in entries_of(log) if e[0] == "d"] == [["d", "b1"]]
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_component_that_fails_after_a_restart_keeps_its_keys(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1, b2=2)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await stop(first)
+        # b is mounted again but its run fails: it keeps what it held (as in
+        # one process); a part that declares nothing now loses its keys
+        second = await start_parts(url, name, "p", anyio_backend)
+        workers.append(second)
+        reply = await second.update({"a": {}, "b": "fail"})
+        assert reply["ok"] and [e.split(":")[0] for e in reply["errors"]] == ["RuntimeError"]
+        assert reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"b1": 1, "b2": 2}
+        # b runs again and declares less: its first commit drops the rest
+        reply = await second.update({"a": {}, "b": part(b1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"b1": 1}
+        deletes = [e for e in entries_of(log) if e[0] == "d"]
+        assert deletes == [["d", "a1"], ["d", "b2"]]
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_two_processes_of_one_app_the_second_is_refused(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        # a second process of p, declaring less: refused after lease_wait
+        for mode in ("live", "catchup"):
+            second = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(second)
+            reply = await second.update({"a": part(a1=2)})
+            assert not reply["ok"]
+            assert reply["error"].startswith("ProducerBusyError: app 'p' already produces")
+            await second.close()
+        # the first goes on, nothing of it was deleted or changed
+        reply = await first.update({"a": part(a1=1, a2=2), "b": part(b1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 2, "b1": 1}
+        assert not [e for e in entries_of(log) if e[0] == "d"]
+        # once it stopped, the next process of p starts at once
+        await stop(first)
+        with anyio.fail_after(15):  # less than the lease_wait a live lease would need
+            third = await start_parts(url, name, "p", anyio_backend, lease_ttl=30.0)
+            workers.append(third)
+            reply = await third.update({"a": part(a1=1, a2=2)})
+        assert reply["ok"] and reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 2}
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+# -- in one process ---------------------------------------------------------------
+
+
+async def test_a_commit_after_the_lease_was_taken_over_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    """A process whose lease another process took (it was stopped longer
+    than the TTL) changes nothing: its commit reports ProducerBusyError."""
+    name = unique()
+    errors: list[BaseException] = []
+    state: dict[str, Any] = {"k": 1}
+    step = anyio.Event()
+
+    class Declare:
+        def __init__(self, lm: RedisLiveMap[str, Any]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key, value in state.items():
+                self.lm.declare_entry(key, value)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            nonlocal step
+            await operator.update_full()
+            await operator.mark_ready()
+            while True:
+                await step.wait()
+                step = anyio.Event()
+                await operator.update_full()
+                done.set()
+
+    async def main() -> None:
+        lm: RedisLiveMap[str, Any] = await RedisLiveMap.create(client, name, lease_ttl=60.0)
+        await coco.mount(coco.component_subpath("declare"), Declare, lm)
+
+    async def commit(new: dict[str, Any]) -> None:
+        nonlocal done
+        state.clear()
+        state.update(new)
+        done = anyio.Event()
+        step.set()
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+
+    done = anyio.Event()
+    lease = f"livemap:{{{name}}}:app:taken"
+    async with connect(redis_server.url) as client:
+        app = coco.App(
+            coco.AppConfig("taken", exception_handler=lambda e, c: errors.append(e)), main
+        )
+        async with app.update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            await client.set(lease, "elsewhere:1:abc:taken")
+            await commit({"k": 2, "j": 1})
+            (error,) = errors
+            assert isinstance(error, ProducerBusyError)
+            assert (error.app, error.map_name, error.holder) == ("taken", name, "elsewhere:1:abc")
+            assert "app 'taken'" in str(error) and "elsewhere:1:abc" in str(error)
+            data = await client.hgetall(f"livemap:{{{name}}}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("k")}  # unchanged
+            # the other process went away (its lease expired): the next commit
+            # takes the lease and sends what the refused one did not
+            await client.delete([lease])
+            errors.clear()
+            await commit({"k": 2, "j": 1})
+            assert errors == []
+            data = await client.hgetall(f"livemap:{{{name}}}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("k"), encode_key("j")}
+            assert bytes(await client.get(lease)).endswith(b":taken")
+        # a stopped app gives its lease up
+        assert await client.get(lease) is None
+
+
+async def test_bad_lease_arguments(redis_server: RedisServer) -> None:
+    name = unique()
+    raised: list[BaseException] = []
+    async with connect(redis_server.url) as client:
+        for options in ({"lease_ttl": 0}, {"lease_ttl": True}, {"lease_wait": -1.0}):
+
+            async def main(options: dict[str, Any] = options) -> None:
+                try:
+                    await RedisLiveMap.create(client, name, **options)
+                except ValueError as exc:
+                    raised.append(exc)
+
+            await coco.App(unique(), main).update()
+        assert [str(e).split(" must")[0] for e in raised] == [
+            "lease_ttl",
+            "lease_ttl",
+            "lease_wait",
+        ]
+        assert await client.exists([f"livemap:{{{name}}}:epoch"]) == 0
