@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 from redis_support import (
+    Producer,
     RedisServer,
     Worker,
     read_log,
@@ -353,3 +354,26 @@ async def test_bad_lease_arguments(redis_server: RedisServer) -> None:
             "lease_wait",
         ]
         assert await client.exists([f"livemap:{{{name}}}:epoch"]) == 0
+
+
+async def test_a_claim_of_a_process_that_is_gone_takes_nothing_over(
+    redis_server: RedisServer,
+) -> None:
+    name = unique()
+    base = f"livemap:{{{name}}}"
+    async with (
+        connect(redis_server.url) as client,
+        Producer(client, name, app="p") as owner,
+        Producer(client, name, app="q") as claimant,
+    ):
+        await owner.commit(part(shared=1))
+        await claimant.commit(part(shared=2))
+        assert [type(e) for e in claimant.errors] == [coco.KeyConflictError]
+        assert await client.hget(f"{base}:c:0", encode_key("shared")) is not None
+        # q's process is gone: another process of q holds its lease now
+        await client.set(f"{base}:app:q", "elsewhere:1:abc:q")
+        await owner.commit({})  # p drops the key: deleted, not handed to q
+        assert owner.errors == []
+        assert await client.hgetall(f"{base}:d:0") == {}
+        assert await client.hgetall(f"{base}:o:0") == {}
+        assert await client.hgetall(f"{base}:c:0") == {}
