@@ -85,7 +85,8 @@ async def test_a_restart_without_a_component_deletes_its_keys_once(
         # another app: keys of its own, and a claim of one of p's keys
         other = await start_parts(url, name, "q", anyio_backend, mode)
         workers.append(other)
-        reply = await other.update({"x": {**part(q1=1), **part(b1=99)}})
+        # (at p's paths: owners are told apart by app name and path)
+        reply = await other.update({"b": {**part(q1=1), **part(b1=99)}})
         assert [e.split(":")[0] for e in reply["errors"]] == ["KeyConflictError"]
         consumer = await start_consumer(url, name, anyio_backend, log)
         workers.append(consumer)
@@ -131,6 +132,37 @@ async def test_a_restart_without_a_component_deletes_its_keys_once(
         assert len(entries_of(log)) == before + len(after)
         _, _, repeats = read_log(log)
         assert repeats == []
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_big_sweep(redis_server: RedisServer, anyio_backend: str, tmp_path: Path) -> None:
+    """More keys than one Lua unpack() takes, and than one commit step."""
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    big = {f"k{i}": {"k": f"k{i}", "v": i} for i in range(12_000)}
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"big": big, "small": part(s=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await kill(first)
+        second = await start_parts(url, name, "p", anyio_backend)
+        workers.append(second)
+        reply = await second.update({"small": part(s=1)})
+        assert reply["ok"] and reply["swept"] == len(big)
+        await consumer.settle()
+        assert held(log) == {"s": 1}
+        deletes = [e[1] for e in entries_of(log) if e[0] == "d"]
+        assert sorted(deletes) == sorted(big)
+        async with connect(url) as client:
+            base = f"livemap:{{{name}}}"
+            assert await client.hlen(f"{base}:o:0") == 1
+            assert await client.smembers(f"{base}:ao:p") == {b"p\x1f/'parts'/'small'"}
+            assert await client.exists([f"{base}:k:p\x1f/'parts'/'big'"]) == 0
     finally:
         for worker in workers:
             await worker.close()
@@ -216,6 +248,15 @@ async def test_a_component_that_fails_after_a_restart_keeps_its_keys(
         assert held(log) == {"b1": 1}
         deletes = [e for e in entries_of(log) if e[0] == "d"]
         assert deletes == [["d", "a1"], ["d", "b2"]]
+        await stop(second)
+        # a live component ready before it ever ran keeps its keys too
+        third = await start_parts(url, name, "p", anyio_backend)
+        workers.append(third)
+        reply = await third.update({"b": "idle"})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        await consumer.settle()
+        assert held(log) == {"b1": 1}
+        assert len([e for e in entries_of(log) if e[0] == "d"]) == 2
     finally:
         for worker in workers:
             await worker.close()

@@ -219,13 +219,14 @@ class AppLease:
     def keep(self) -> list[str]:
         """The owner ids whose keys the sweep leaves alone besides this
         process's own records: the owners whose latest commit failed, and the
-        components of the tree whose latest run failed (they keep what they
-        held, as in one process)."""
+        components of the tree that have not finished a run (a live component
+        that has not run ``process()`` yet) or whose latest run failed (they
+        keep what they held, as in one process)."""
         kept = set(self.failed)
         stack = [self.root] if self.root is not None else []
         while stack:
             comp = stack.pop()
-            if comp.exception is not None:
+            if comp.latest_run is None or comp.running or comp.exception is not None:
                 kept.add(f"{self.app}{OWNER_SEP}{format_path(comp.path)}")
             if comp.children:
                 stack.extend(comp.children.values())

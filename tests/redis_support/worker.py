@@ -16,7 +16,8 @@ a ``settle`` line it settles the view and answers ``settled``.
 (MODE ``live`` or ``catchup``) whose root makes the map and mounts one
 component per part, each declaring its entries.  Reads one JSON object per
 line, ``{part: {key: value}}`` (a part given as ``"block"`` never finishes
-its run, one given as ``"fail"`` raises); in ``catchup`` mode each line is
+its run, one given as ``"fail"`` raises, one given as ``"idle"`` is a live
+component, ready without running); in ``catchup`` mode each line is
 one ``app.update()``, in ``live`` mode the first line starts a live update
 and each next one re-runs the parts.  Answers one line per line: ``{"ok":
 true, "errors": [...], "sweeps": n, "swept": n}`` (after the first line,
@@ -80,9 +81,22 @@ async def parts(url: str, name: str, app_name: str, mode: str, lease_ttl: float)
         for key, value in entries.items():
             lm.declare_entry(key, value)
 
+    class Idle:
+        """A live component that is ready without ever running."""
+
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            await operator.mark_ready()
+            await anyio.sleep_forever()
+
     async def mount_parts(lm: RedisLiveMap[str, Any]) -> None:
         for part_name, entries in plan.items():
-            await coco.mount(coco.component_subpath(part_name), part, lm, entries)
+            if entries == "idle":
+                await coco.mount(coco.component_subpath(part_name), Idle)
+            else:
+                await coco.mount(coco.component_subpath(part_name), part, lm, entries)
 
     def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
         errors.append(exc)
