@@ -154,3 +154,130 @@ async def test_ready_without_churn_still_means_every_change_delivered() -> None:
     snapshot: list[str] = []
     await ready_then_stop(coco.App("calm", main), lambda: snapshot.extend(processed))
     assert sorted(snapshot) == sorted(KEYS)
+
+
+class Follower:
+    """A per-entry live component whose own catch-up takes a while: it
+    records its value once it has marked itself ready."""
+
+    marked: dict[str, int]
+    delay = 0.01
+
+    def __init__(self, value: tuple[str, int]) -> None:
+        self.value = value
+
+    def process(self) -> None:
+        pass
+
+    async def process_live(self, op: coco.LiveComponentOperator) -> None:
+        await anyio.sleep(self.delay)
+        await op.update_full()
+        await op.mark_ready()
+        self.marked[self.value[0]] = self.value[1]
+        await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("producer", ["in-main", "live"])
+async def test_ready_waits_for_the_per_entry_live_components_of_the_scan(producer: str) -> None:
+    """A live-component class as ``mount_each``'s processor: ``ready()`` comes
+    after the live component of every entry the catch-up delivered has
+    marked itself ready, whether the entries were there at the scan or a
+    live producer committed them during the catch-up (``mount()`` returns
+    at once, so its first commit may follow the scan)."""
+    marked: dict[str, int] = {}
+    at_ready: dict[str, int] = {}
+
+    class Proc(Follower):
+        pass
+
+    Proc.marked = marked
+
+    class Once:
+        def __init__(self, lm: LiveMap[str, tuple[str, int]]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key in KEYS[:5]:
+                self.lm.declare_entry(key, (key, 0))
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        if producer == "live":
+            await coco.mount(component_subpath("producer"), Once, lm)
+        else:
+            for key in KEYS[:5]:
+                lm.declare_entry(key, (key, 0))
+        await coco.mount_each(Proc, lm)
+
+    await ready_then_stop(coco.App(f"live-each-{producer}", main), lambda: at_ready.update(marked))
+    assert at_ready == dict.fromkeys(KEYS[:5], 0)
+
+
+async def test_ready_with_per_entry_live_components_returns_under_churn() -> None:
+    """Each key's value changes every millisecond while its live component
+    needs 10 ms to mark itself ready: every component is superseded before
+    it gets there.  ``ready()`` still returns: a superseded component counts
+    as processed (its successor is a change after the catch-up's)."""
+    marked: dict[str, int] = {}
+
+    class Proc(Follower):
+        pass
+
+    Proc.marked = marked
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        await coco.mount(component_subpath("producer"), Churner, lm)
+        await coco.mount_each(Proc, lm)
+
+    await ready_then_stop(coco.App("live-each-churn", main), lambda: None)
+
+
+async def test_ready_with_per_entry_live_components_deleted_during_the_catch_up() -> None:
+    """An entry deleted while its live component catches up: its component
+    leaves the tree, and ``ready()`` does not wait for it."""
+    marked: dict[str, int] = {}
+    gate = anyio.Event()
+
+    class Never(Follower):
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            if self.value[0] == "gone":
+                gate.set()
+                await anyio.sleep_forever()  # never marks itself ready
+            await super().process_live(op)
+
+    Never.marked = marked
+    keys = {"kept": 0, "gone": 0}
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, tuple[str, int]]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key, value in keys.items():
+                self.lm.declare_entry(key, (key, value))
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            await gate.wait()
+            del keys["gone"]
+            await op.update_full()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+        await coco.mount(component_subpath("producer"), Producer, lm)
+        await coco.mount_each(Never, lm)
+
+    at_ready: dict[str, int] = {}
+    await ready_then_stop(coco.App("live-each-gone", main), lambda: at_ready.update(marked))
+    assert at_ready == {"kept": 0}

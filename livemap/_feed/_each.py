@@ -1119,7 +1119,15 @@ class EachLiveSubscriber:
     marked itself ready yet (it is superseded); the components' readiness is
     the tree's, counted by the ``mount_each`` component.  The consumer's
     ordinary deliveries drive it (no children at rest, no runs on the
-    pool)."""
+    pool).
+
+    A live run's initial catch-up waits for more: each key's live component
+    started meanwhile has marked itself ready (or left the tree, or was
+    superseded by the key's next one, which then counts instead), so that
+    the app's ``ready()`` comes after the per-entry components' own
+    catch-ups.  ``_first`` holds, per key, the event of the component the
+    catch-up waits for (``None`` once it is over).
+    """
 
     def __init__(self, operator: LiveComponentOperator, component: Component, source: Any) -> None:
         self.operator = operator
@@ -1129,11 +1137,48 @@ class EachLiveSubscriber:
         assert isinstance(host, EachHost)
         self.host = host
         self._epoch: set[Hashable] | None = None
+        app_run = component.session.active
+        catching_up = app_run is not None and app_run.catching_up
+        self._first: dict[Hashable, anyio.Event] | None = {} if catching_up else None
 
     def _mount(self, key: Any, value: Any) -> Component:
         if self._epoch is not None:
             self._epoch.add(key)
         return self.host.mount_entry(key, value, run_entry)
+
+    async def _start(self, key: Any, value: Any) -> None:
+        """(Re)mount and start ``key``'s live component."""
+        child = self._mount(key, value)
+        await launch(child)
+        first = self._first
+        if first is None:
+            return
+        app_run = child.session.active
+        if app_run is None or not app_run.catching_up:
+            self._first = None
+            for event in first.values():  # nobody waits any more
+                event.set()
+            return
+        earlier = first.pop(key, None)
+        if earlier is not None:
+            earlier.set()  # superseded: its successor counts instead
+        event = anyio.Event()
+        first[key] = event
+
+        def done() -> None:
+            if first.get(key) is event:
+                del first[key]
+            event.set()
+
+        child.readiness.on_first = done
+
+    async def first_runs(self) -> None:
+        """Wait until the live components started so far have marked
+        themselves ready, left the tree or been superseded (see above)."""
+        first = self._first
+        if first:
+            for event in list(first.values()):
+                await event.wait()
 
     async def update_all(self) -> None:
         self._epoch = set() if self.component.children else None
@@ -1143,7 +1188,7 @@ class EachLiveSubscriber:
             snapshot_of = getattr(source, "snapshot", None)
             snapshot = snapshot_of() if snapshot_of is not None else [pair async for pair in source]
             for key, value in snapshot:
-                await launch(self._mount(key, value))
+                await self._start(key, value)
 
     async def mark_ready(self) -> None:
         epoch = self._epoch
@@ -1155,7 +1200,7 @@ class EachLiveSubscriber:
         await self.operator.mark_ready()
 
     async def update(self, key: Any, value: Any) -> ReadyLike:
-        await launch(self._mount(key, value))
+        await self._start(key, value)
         return ReadyHandle()  # started: the next change need not wait for it
 
     async def delete(self, key: Any) -> ReadyLike:
@@ -1241,7 +1286,10 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         app_run = comp.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
-            app_run.settlers[subscriber] = settler(each.source, comp)
+            settle_source = settler(each.source, comp)
+            if isinstance(subscriber, EachLiveSubscriber):
+                settle_source = _then(settle_source, subscriber.first_runs)
+            app_run.settlers[subscriber] = settle_source
         try:
             await each.source.watch(subscriber)
         except anyio.get_cancelled_exc_class():
@@ -1305,6 +1353,16 @@ def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
     if callable(settle):
         return cast("Callable[[], Awaitable[None]]", settle)
     return comp.readiness.wait_ready
+
+
+def _then(
+    first: Callable[[], Awaitable[None]], second: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    async def both() -> None:
+        await first()
+        await second()
+
+    return both
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The
