@@ -167,8 +167,8 @@ class AppLease:
     process, or its first sweep has not succeeded yet); ``run``: the app run
     whose :meth:`watch` task runs now; ``failed``: owner ids whose latest
     commit into the map failed (their keys in Redis stay theirs); ``root``:
-    the app's root component (the sweep keeps the owners of the components
-    whose latest run failed).
+    the app's root component (see :meth:`keep`); ``sweeps``, ``swept``: the
+    sweeps done and the keys they let go.
     """
 
     __slots__ = (
@@ -206,7 +206,7 @@ class AppLease:
         deadline = anyio.current_time() + wait
         while True:
             ok, other = await script(
-                keys=[self.base], args=[self.app, self.token, str(int(ttl * 1000))]
+                keys=[self.base], args=[self.app, self.token, str(max(1, int(ttl * 1000)))]
             )
             if ok:
                 if bytes(other).decode() != self.token:
