@@ -733,7 +733,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         for o in range(0, len(header), 2):
             if header[o + 1] != "1":
                 continue
-            header[o + 1] = "0"
+            header[o + 1] = "2"  # (noted in the app's owners still)
             oi = o // 2 + 1
             members = await self._client.smembers(f"{self._base}:k:{header[o]}")
             for member in members:
@@ -789,7 +789,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                     (_UPDATE(len(ek)), ek, size(len(data)), data)
                 )
             for oid, groups in by_owner.items():
-                if await self._run_steps([oid, "0"], groups) is None:
+                if await self._run_steps([oid, "2"], groups) is None:
                     break
             else:
                 return

@@ -72,15 +72,14 @@ end
 local function app_of(oid)
   return string.sub(oid, 1, string.find(oid, OSEP, 1, true) - 1)
 end
--- the caller's app lease: taken (or refreshed) when free or the caller's;
--- returns nil, or the holder when another process holds it, and whether
--- the caller took it over from another lease holder (its latest one was
--- another process)
+-- the caller's app lease (refreshed by its holder's own task): taken when
+-- free; returns nil, or the holder when another process holds it, and
+-- whether the caller took it over from another lease holder (its latest
+-- one was another process)
 local function holds()
   local lk = base .. ':app:' .. app
   local holder = call('GET', lk)
   if holder == inst then
-    call('PEXPIRE', lk, ttl)
     return nil, false
   end
   if holder then
@@ -168,7 +167,8 @@ end
 
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, app name, lease TTL (ms),
 # number of owners, then per owner: owner id, reclaim flag ('1': its first
-# commit from this instance, delete what it held and no longer declares),
+# commit from this instance, delete what it held and no longer declares, and
+# note the owner in the app's ``ao`` set; '2': only note it; '0': neither),
 # then groups of three: a shard, an owner index (1-based) and a blob of that
 # owner's changes in that shard, each change packed as op (1 byte: 'u', 'd',
 # or 'r': delete what the owner holds from any instance), the encoded key
@@ -211,15 +211,19 @@ local CH = 1000
 local owners = {}
 local reclaim = {}
 local mine = {}
+local noted = {}
 local i = 7
 for o = 1, nown do
   owners[o] = ARGV[i]
   mine[o] = ARGV[i] .. SEP .. inst
   reclaim[o] = ARGV[i + 1] == '1'
+  if ARGV[i + 1] ~= '0' then
+    noted[#noted + 1] = ARGV[i]
+  end
   i = i + 2
 end
-for a = 1, nown, CH do
-  call('SADD', base .. ':ao:' .. app, unpack(owners, a, math.min(a + CH - 1, nown)))
+for a = 1, #noted, CH do
+  call('SADD', base .. ':ao:' .. app, unpack(noted, a, math.min(a + CH - 1, #noted)))
 end
 local conflicts = {'ok', took and '1' or '0'}
 -- one change, the general way: the owner record read and acted on
