@@ -302,6 +302,45 @@ async def test_two_processes_of_one_app_the_second_is_refused(
             await worker.close()
 
 
+async def test_a_process_stopped_past_its_lease_is_taken_over_and_refused(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    """SIGSTOP longer than the lease: another process of the app takes over
+    and sweeps; the first one, resumed, changes nothing any more."""
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, lease_ttl=0.5)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        first.proc.send_signal(signal.SIGSTOP)
+        await anyio.sleep(0.6)
+        second = await start_parts(url, name, "p", anyio_backend, lease_ttl=0.5)
+        workers.append(second)
+        reply = await second.update({"a": part(a1=2)})
+        assert reply["ok"] and reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"a1": 2}
+        first.proc.send_signal(signal.SIGCONT)
+        reply = await first.update({"a": part(a1=3), "b": part(b1=3), "c": part(c1=3)})
+        assert reply["ok"]
+        assert reply["errors"] and all(
+            e.startswith("ProducerBusyError: app 'p' already produces") for e in reply["errors"]
+        )
+        await consumer.settle()
+        assert held(log) == {"a1": 2}
+        assert (await second.update({"a": part(a1=4)}))["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"a1": 4}
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+        for worker in workers:
+            await worker.close()
+
+
 # -- in one process ---------------------------------------------------------------
 
 
@@ -418,3 +457,137 @@ async def test_a_claim_of_a_process_that_is_gone_takes_nothing_over(
         assert await client.hgetall(f"{base}:d:0") == {}
         assert await client.hgetall(f"{base}:o:0") == {}
         assert await client.hgetall(f"{base}:c:0") == {}
+
+
+class FailingSweeps:
+    """A client whose sweep scripts fail (``ConnectionError``) while
+    ``failing`` is set: Redis away just as a process has caught up."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.failing = True
+        self.tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def register_script(self, source: str) -> Any:
+        from livemap._redis._scripts import SWEEP
+
+        script = self._client.register_script(source)
+        if source != SWEEP:
+            return script
+
+        async def call(**kwargs: Any) -> Any:
+            self.tries += 1
+            if self.failing:
+                raise ConnectionError("Redis is away")
+            return await script(**kwargs)
+
+        return call
+
+
+async def test_a_sweep_that_failed_is_tried_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemap._redis import _producer
+    from livemap._runtime import _app
+
+    name = unique()
+    app_name = unique()
+    base = f"livemap:{{{name}}}"
+    plan: dict[str, dict[str, int]] = {"a": {"a1": 1}, "b": {"b1": 1, "b2": 2}}
+    maps: list[RedisLiveMap[str, int]] = []
+
+    def declare(lm: RedisLiveMap[str, int], entries: dict[str, int]) -> None:
+        for key, value in entries.items():
+            lm.declare_entry(key, value)
+
+    async with connect(redis_server.url) as real:
+        client: Any = real
+
+        class Idle:
+            """Keeps a live run going."""
+
+            def process(self) -> None:
+                pass
+
+            async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+                await operator.mark_ready()
+                await anyio.sleep_forever()
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, int] = await RedisLiveMap.create(client, name, lease_ttl=0.3)
+            maps.append(lm)
+            for part_name, entries in plan.items():
+                await coco.mount(coco.component_subpath(part_name), declare, lm, entries)
+            await coco.mount(coco.component_subpath("idle"), Idle)
+
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update()
+        assert await real.hlen(f"{base}:d:0") == 3
+        # the process ends (its tree, its token and its leases are forgotten)
+        # and another one of the app starts without b, as Redis goes away
+        _app._trees.pop(app_name)
+        monkeypatch.setattr(_producer, "_process", None)
+        monkeypatch.setattr(_producer, "_leases", {})
+        client = FailingSweeps(real)
+        plan = {"a": {"a1": 1}}
+        async with coco.App(app_name, main).update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+                while client.tries < 2:
+                    await anyio.sleep(0.01)
+            assert maps[-1].stats().sweeps == 0
+            assert await real.hlen(f"{base}:d:0") == 3  # not swept yet
+            client.failing = False  # Redis is back: the next try sweeps
+            with anyio.fail_after(TIMEOUT):
+                while maps[-1].stats().sweeps < 1:
+                    await anyio.sleep(0.01)
+            assert maps[-1].stats().swept == 2
+            data = await real.hgetall(f"{base}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("a1")}
+            await handle.stop()
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "catchup"])
+async def test_an_update_that_ends_by_itself_after_its_catch_up_sweeps(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, live: bool
+) -> None:
+    """A live update with nothing live in it ends at quiescence, as a
+    catch-up update does: it has caught up, and sweeps before it ends."""
+    from livemap._redis import _producer
+    from livemap._runtime import _app
+
+    name = unique()
+    app_name = unique()
+    base = f"livemap:{{{name}}}"
+    plan: dict[str, dict[str, int]] = {"a": {"a1": 1}, "b": {"b1": 1}}
+    maps: list[RedisLiveMap[str, int]] = []
+
+    def declare(lm: RedisLiveMap[str, int], entries: dict[str, int]) -> None:
+        for key, value in entries.items():
+            lm.declare_entry(key, value)
+
+    async with connect(redis_server.url) as client:
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, int] = await RedisLiveMap.create(client, name)
+            maps.append(lm)
+            for part_name, entries in plan.items():
+                await coco.mount(coco.component_subpath(part_name), declare, lm, entries)
+
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=live)
+        # another process of the app (see test_a_sweep_that_failed_is_tried_again)
+        _app._trees.pop(app_name)
+        monkeypatch.setattr(_producer, "_process", None)
+        monkeypatch.setattr(_producer, "_leases", {})
+        plan = {"a": {"a1": 2}}
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=live)
+        stats = maps[-1].stats()
+        assert (stats.sweeps, stats.swept) == (1, 1)
+        data = await client.hgetall(f"{base}:d:0")
+        assert {bytes(k): bytes(v) for k, v in data.items()} == {encode_key("a1"): b"2"}
+        assert await client.get(f"{base}:app:{app_name}") is None  # given up

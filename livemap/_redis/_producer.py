@@ -257,6 +257,7 @@ class AppLease:
         cancellation before that), and gives the lease up when the run
         ends."""
         latest = lm
+        caught_up = False
         try:
             if run.live:
                 # the initial catch-up, then (for a map made after it) until
@@ -266,12 +267,10 @@ class AppLease:
                 ):
                     with anyio.move_on_after(0.05):
                         await run.wait()
-                done = not (run.stop_requested or run.failure)
-            else:
-                done = False
+                caught_up = not (run.stop_requested or run.failure)
             while True:
                 latest = _latest.get((self.base, self.app)) or latest
-                if done:
+                if caught_up:
                     try:
                         await self.sweep(latest)
                     except Exception:
@@ -284,10 +283,14 @@ class AppLease:
         finally:
             if self.run is run:
                 self.run = None
+            if run.failure is None and not caught_up:
+                # a catch-up run that reached quiescence, or a live run that
+                # ended (by itself, or cancelled) after its catch-up
+                caught_up = not (run.catching_up or run.stop_requested) if run.live else run.closing
             latest = _latest.get((self.base, self.app)) or latest
             with anyio.CancelScope(shield=True), anyio.move_on_after(latest._lease_ttl):
                 try:
-                    if not run.live and run.closing and run.failure is None:
+                    if caught_up and run.failure is None:
                         await self.sweep(latest)
                 except Exception:
                     pass  # due still: the next update's catch-up sweeps
