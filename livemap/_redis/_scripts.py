@@ -65,6 +65,24 @@ local OSEP = '\\31'
 local pack = struct.pack
 local recs = {}
 local touched = {}
+-- arguments per bulk command (Lua's unpack fails near 5,000)
+local CH = 1000
+local function hmget(h, keys, m)
+  local out = {}
+  for a = 1, m, CH do
+    local z = math.min(a + CH - 1, m)
+    local got = call('HMGET', h, unpack(keys, a, z))
+    for j = a, z do
+      out[j] = got[j - a + 1]
+    end
+  end
+  return out
+end
+local function bulk(cmd, key, items)
+  for a = 1, #items, CH do
+    call(cmd, key, unpack(items, a, math.min(a + CH - 1, #items)))
+  end
+end
 local function split(rec)
   local p = string.find(rec, SEP, 1, true)
   return string.sub(rec, 1, p - 1), string.sub(rec, p + 1)
@@ -206,8 +224,6 @@ local busy, took = holds()
 if busy then
   return {'busy', busy}
 end
--- arguments per bulk command (Lua's unpack fails near 5,000)
-local CH = 1000
 local owners = {}
 local reclaim = {}
 local mine = {}
@@ -278,17 +294,6 @@ local function change(op, s, oi, k, v)
       end
     end
   end
-end
-local function hmget(h, keys, m)
-  local out = {}
-  for a = 1, m, CH do
-    local z = math.min(a + CH - 1, m)
-    local got = call('HMGET', h, unpack(keys, a, z))
-    for j = a, z do
-      out[j] = got[j - a + 1]
-    end
-  end
-  return out
 end
 local declared = {}
 local n = #ARGV
@@ -449,25 +454,74 @@ for a = 6, #ARGV do
 end
 local ao = base .. ':ao:' .. app
 local gone = 0
+-- per owner and shard: the owner records and pending claims read in bulk;
+-- the keys without a claim deleted in bulk, the others the general way
 for _, oid in ipairs(call('SMEMBERS', ao)) do
   if not keep[oid] then
     local kset = base .. ':k:' .. oid
-    for _, m in ipairs(call('SMEMBERS', kset)) do
+    local members = call('SMEMBERS', kset)
+    local by = {}
+    local shards = {}
+    for _, m in ipairs(members) do
       local p = string.find(m, '|', 1, true)
-      local s = tonumber(string.sub(m, 1, p - 1))
-      local k = string.sub(m, p + 1)
-      local rec = call('HGET', base .. ':o:' .. s, k)
-      local hid, hinst
-      if rec then
-        hid, hinst = split(rec)
+      local s = string.sub(m, 1, p - 1)
+      local l = by[s]
+      if l == nil then
+        l = {}
+        by[s] = l
+        shards[#shards + 1] = s
       end
-      if hid ~= oid then
-        call('SREM', kset, m)
-      elseif hinst ~= inst then
-        drop(s, k, oid)
-        gone = gone + 1
+      l[#l + 1] = string.sub(m, p + 1)
+    end
+    local left = {}
+    for _, s in ipairs(shards) do
+      local ks = by[s]
+      local o = base .. ':o:' .. s
+      local held = hmget(o, ks, #ks)
+      local drops = {}
+      for j, k in ipairs(ks) do
+        local rec = held[j]
+        local hid, hinst
+        if rec then
+          hid, hinst = split(rec)
+        end
+        if hid ~= oid then
+          left[#left + 1] = s .. '|' .. k
+        elseif hinst ~= inst then
+          drops[#drops + 1] = k
+        end
+      end
+      gone = gone + #drops
+      local plain = drops
+      if #drops > 0 and call('EXISTS', base .. ':c:' .. s) == 1 then
+        plain = {}
+        local claims = hmget(base .. ':c:' .. s, drops, #drops)
+        for j, k in ipairs(drops) do
+          if claims[j] then
+            drop(tonumber(s), k, oid)
+          else
+            plain[#plain + 1] = k
+          end
+        end
+      end
+      if #plain > 0 then
+        local d = base .. ':d:' .. s
+        local cur = hmget(d, plain, #plain)
+        for j, k in ipairs(plain) do
+          if cur[j] then
+            emit(tonumber(s), 'd' .. pack('>I4', #k) .. k)
+          end
+        end
+        bulk('HDEL', d, plain)
+        bulk('HDEL', o, plain)
+        local ms = {}
+        for j, k in ipairs(plain) do
+          ms[j] = s .. '|' .. k
+        end
+        bulk('SREM', kset, ms)
       end
     end
+    bulk('SREM', kset, left)
     if call('SCARD', kset) == 0 then
       call('SREM', ao, oid)
     end
