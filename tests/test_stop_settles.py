@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import wait_for
 
 import livemap as coco
 from livemap import KeyedTarget, LiveMap, TargetBatch
@@ -211,3 +212,145 @@ async def test_a_deferred_drop_in_a_mount_each_is_applied_when_stopped() -> None
             await h.stop()
     assert rows == {}
     assert "a" not in target
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_held_drops_interrupted_mid_batch_are_all_applied(how: str) -> None:
+    """Three entries deleted in one update: their rows' deletes are held until
+    the consumer's update settles, then applied one after another.  The run
+    is cancelled (or stopped) while the sink applies the first: that one and
+    the two after it still reach the sink, none is left owned by a
+    component that is gone."""
+    rows: dict[str, str] = {}
+    armed = {"on": False}
+    entered = anyio.Event()
+
+    async def apply(batch: TargetBatch[str, str]) -> None:
+        if batch.deletes and armed["on"]:
+            armed["on"] = False
+            entered.set()
+            await anyio.sleep_forever()  # interrupted here, once
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, str] = KeyedTarget("held-rows", apply)
+    state = {"keys": ["a", "b", "c", "d"]}
+
+    @coco.fn
+    def produce(lm: LiveMap[str, str]) -> None:
+        for key in state["keys"]:
+            lm.declare_entry(key, key)
+
+    @coco.fn
+    def proc(value: str) -> None:
+        target.declare(value, value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(proc, lm)
+
+    app = coco.App(f"held-mid-batch-{how}-{next(_names)}", main)
+    with anyio.fail_after(5):
+        await app.update()
+        assert rows == {"a": "a", "b": "b", "c": "c", "d": "d"}
+        state["keys"] = ["a"]
+        armed["on"] = True
+        if how == "cancel":
+            async with anyio.create_task_group() as tg:
+
+                async def update() -> None:
+                    await app.update()
+
+                tg.start_soon(update)
+                await entered.wait()
+                tg.cancel_scope.cancel()
+        else:
+            handle = app.update()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(handle.result)
+                await entered.wait()
+                await handle.stop()
+    assert rows == {"a": "a"}
+    assert sorted(k for k, _ in target.items()) == ["a"]
+
+
+@pytest.mark.parametrize("then", ["stop", "next-run"])
+async def test_a_release_still_queued_when_the_run_stops_is_done_all_the_same(then: str) -> None:
+    """An entry is deleted while the consumer's only worker is busy with
+    another entry's run (from the scan) that never ends: the deleted
+    entry's component leaves the tree at once and the release of its row
+    waits for the worker.  Stopping the run releases it all the same (the
+    row is deleted), and the next run finds nothing owned by a component
+    that is gone."""
+    rows: dict[str, str] = {}
+
+    def apply(batch: TargetBatch[str, str]) -> None:
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, str] = KeyedTarget("queued-release", apply)
+    go, deleted, stuck = anyio.Event(), anyio.Event(), anyio.Event()
+    state = {"keys": ["a", "b"]}
+    maps: list[LiveMap[str, str]] = []
+
+    @coco.fn
+    async def proc(value: str) -> None:
+        target.declare(value, value)
+        if value == "b":
+            stuck.set()
+            await anyio.sleep_forever()  # holds the only worker, never commits
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key in state["keys"]:
+                self.lm.declare_entry(key, key)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            await operator.update_full()
+            await operator.mark_ready()
+            if not deleted.is_set():
+                await go.wait()
+                state["keys"] = ["b"]  # "a" deleted while "b" holds the worker
+                await operator.update_full()
+                deleted.set()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, str] = await LiveMap.create()
+        maps.append(lm)
+        # both entries are in the map when the consumer scans it: their runs
+        # are the scan's, not deliveries (which the concurrency would hold)
+        await (await coco.mount(Producer, lm)).ready()
+        await coco.mount_each(proc, lm.consumer(concurrency=1))
+
+    app = coco.App(f"queued-release-{then}-{next(_names)}", main)
+    with anyio.fail_after(5):
+        handle = app.update(live=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handle.result)
+            await stuck.wait()
+            await wait_for(lambda: rows == {"a": "a"})
+            delivered = maps[0].stats().deliveries
+            go.set()
+            await deleted.wait()
+            # the consumer has taken the delete: "a"'s component left the tree
+            await wait_for(lambda: maps[0].stats().deliveries > delivered)
+            await handle.stop()
+        assert rows == {}
+        assert "a" not in target
+        if then == "next-run":
+            state["keys"] = ["a"]
+            async with app.update(live=True) as h:
+                await h.ready()
+                await maps[-1].settle()
+                await h.stop()
+            assert rows == {"a": "a"}
+            assert target.owner_path("a") == (coco.Symbol("proc"), "a")

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from livemap._runtime._commit import settle_stopped
+from livemap._runtime._commit import run_jobs, settle_stopped
 from livemap._runtime._component import Component, SettleJob
 
 __all__ = ["Settling", "settling_host"]
@@ -65,13 +65,18 @@ class Settling:
     def in_update(self) -> bool:
         comp = self.component
         run = comp.scope_run
-        return run is not None and run is comp.session.active and comp.readiness.unready > 0
+        return (
+            run is not None
+            and run is comp.session.active
+            and not run.tasks_over
+            and comp.readiness.unready > 0
+        )
 
     def later(self) -> bool:
         """A job was kept: make sure a task runs it once the update settles."""
         comp = self.component
         app_run = comp.session.active
-        if app_run is None or comp.scope_run is not app_run:
+        if app_run is None or comp.scope_run is not app_run or app_run.tasks_over:
             return False
         if self.held != comp.generation:
             self.held = comp.generation
@@ -91,8 +96,7 @@ class Settling:
                 self.started += 1
                 await self._wait()
                 jobs, batch = batch, None
-                for job in jobs.values():
-                    await job.run()
+                await run_jobs(jobs.values())
                 self._batch_done()
         finally:
             settling_host.reset(token)

@@ -28,7 +28,7 @@ from livemap._runtime._session import (
     UpdateStatus,
     is_interrupt,
 )
-from livemap._runtime._unmount import unmount
+from livemap._runtime._unmount import release_owed, unmount
 from livemap.errors import UpdateInProgressError
 
 __all__ = ["App", "AppConfig", "UpdateHandle", "app_name", "current_snapshot", "root_of"]
@@ -380,10 +380,15 @@ class UpdateHandle:
             raise interrupt from None
         finally:
             run.stop_requested = True
+            run.tasks_over = True
             # Every task of the run has ended.  An update stopped, cancelled
             # or interrupted before it settled still deletes the keys its
             # components let go that nobody took over (no conflict is
             # reported for it any more).
+            # Components unmounted during the run whose release was still
+            # queued (or cut short) release what they own now.
+            with anyio.CancelScope(shield=True):
+                await release_owed(session)
             tree_root = app._tree.root
             if tree_root is not None:
                 await settle_tree(tree_root)

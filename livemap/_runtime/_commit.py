@@ -23,7 +23,7 @@ import anyio
 from livemap._runtime._component import Component, Run, SettleJob
 from livemap._runtime._unmount import unmount
 
-__all__ = ["commit", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
+__all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
 
 
 async def wait_mounted(run: Run) -> None:
@@ -98,8 +98,25 @@ async def settle(comp: Component) -> None:
     :meth:`Component.settle_after`), jobs added meanwhile included."""
     while comp.settle:
         jobs, comp.settle = comp.settle, None
-        for job in jobs.values():
+        await run_jobs(jobs.values())
+
+
+async def run_jobs(jobs: Iterable[SettleJob]) -> None:
+    """Run ``jobs`` one after another.  If one is interrupted (cancelled, or
+    a ``BaseException``), the drops among it and the ones not run yet are
+    still applied (:func:`settle_stopped`) before the interruption goes on:
+    a batch taken out of ``comp.settle`` is nobody else's to finish."""
+    pending = list(jobs)
+    done = 0
+    try:
+        for job in pending:
             await job.run()
+            done += 1
+    except BaseException:
+        # (the interrupted one again: a drop is applied once, a second call
+        # finds nothing deferred any more)
+        await settle_stopped(pending[done:])
+        raise
 
 
 async def settle_stopped(jobs: Iterable[SettleJob]) -> None:

@@ -389,6 +389,8 @@ class AppRun:
     ``producers`` holds the cancel scopes of the running live components
     (the live tasks that are not ``mount_each`` watches).  ``closing``: a
     catch-up run reached quiescence and is ending its live components.
+    ``tasks_over``: every task of the run has ended (it is being torn
+    down): nothing waits for an update to settle any more.
     ``notify()`` wakes whoever waits in :meth:`wait` (the run's main loop)
     to look again.
 
@@ -407,6 +409,7 @@ class AppRun:
     producers: set[anyio.CancelScope] = field(default_factory=set)
     closing: bool = False
     stop_requested: bool = False
+    tasks_over: bool = False
     failure: BaseException | None = None
     max_inflight: int | None = None
     slots: Slots | None = field(default=None, init=False)
@@ -565,15 +568,20 @@ class Session:
     ``active`` is the :class:`AppRun` in progress, ``None`` between runs; it
     is set and cleared by the app's update handle only.  ``escalations``
     becomes true once an exception handler re-raised somewhere in the tree
-    (then ``handle.ready()`` looks for what to raise).
+    (then ``handle.ready()`` looks for what to raise).  ``owed``: the
+    components that have left the tree and not yet released what they own
+    (their release is under way, or queued); whatever is left in it when
+    a run ends is released then, so nothing stays owned by a component
+    that is gone.
     """
 
-    __slots__ = ("active", "escalations", "name")
+    __slots__ = ("active", "escalations", "name", "owed")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.active: AppRun | None = None
         self.escalations = False
+        self.owed: set[object] = set()
 
     def require_run(self) -> AppRun:
         """The run in progress, or ``RuntimeError`` if the app is not running."""

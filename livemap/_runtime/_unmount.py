@@ -14,8 +14,9 @@ from __future__ import annotations
 import anyio
 
 from livemap._runtime._component import Component
+from livemap._runtime._session import Session
 
-__all__ = ["cleanup", "detach", "stop", "unmount"]
+__all__ = ["cleanup", "detach", "release_owed", "stop", "unmount"]
 
 
 async def unmount(comp: Component) -> None:
@@ -39,6 +40,7 @@ def detach(comp: Component) -> bool:
         if parent.host is not None:
             parent.host.forget(comp)
     stop(comp)
+    comp.session.owed.add(comp)  # until cleanup() has released what it owns
     return True
 
 
@@ -63,6 +65,17 @@ async def cleanup(comp: Component) -> None:
     is no longer in any tree."""
     with anyio.CancelScope(shield=True):
         await _release_subtree(comp)
+    comp.session.owed.discard(comp)
+
+
+async def release_owed(session: Session) -> None:
+    """Release what the detached components of ``session`` still own: their
+    cleanup was queued, or cut short, when the run ended."""
+    owed = session.owed
+    while owed:
+        comp = owed.pop()
+        assert isinstance(comp, Component)
+        await cleanup(comp)
 
 
 async def _release_subtree(comp: Component) -> None:
