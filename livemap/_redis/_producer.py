@@ -32,24 +32,29 @@ from livemap._redis._codecs import (
     encode_key,
 )
 from livemap._redis._scripts import (
+    APP_ACQUIRE,
+    APP_RELEASE,
     COMMIT,
     INIT,
     OWNER_SEP,
+    SWEEP,
     base_key,
 )
 from livemap._runtime._component import Component, current_run
 from livemap._runtime._hosting import Owner, current_run_var
+from livemap._runtime._session import AppRun
 from livemap._runtime._tables import DeclarerDoc, new_declarer
 from livemap._runtime._targets import SinkTarget
 from livemap.errors import (
     KeyConflictError,
+    LiveMapError,
     MapRetiredError,
     NotInComponentError,
     TargetApplyError,
 )
 from livemap_core import Commit, Declarer
 
-__all__ = ["RedisLiveMap", "RedisMapStats", "check_client", "check_name"]
+__all__ = ["ProducerBusyError", "RedisLiveMap", "RedisMapStats", "check_client", "check_name"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -124,6 +129,182 @@ def check_client(client: object) -> None:
         raise TypeError(f"expected a coredis client, got {type(client).__name__}")
 
 
+class ProducerBusyError(LiveMapError, RuntimeError):
+    """Another process produces for the same app into the same map.
+
+    A map's producers are told apart by app name: at most one process per
+    app name writes to a map at a time (it holds the app's lease, see
+    ``lease_ttl`` of :meth:`RedisLiveMap.create`).  Raised by
+    ``RedisLiveMap.create()`` (after waiting up to ``lease_wait`` seconds
+    for the lease), and reported to the committing component's handler chain
+    when a commit finds the lease taken over (the commit is not applied).
+    ``app``, ``map_name`` and ``holder`` (the other process: host, pid and a
+    random part) name the parties.
+    """
+
+    def __init__(self, app: str, map_name: str, holder: str) -> None:
+        super().__init__(
+            f"app {app!r} already produces into RedisLiveMap {map_name!r} from another "
+            f"process ({holder}); run one process per app name at a time"
+        )
+        self.app = app
+        self.map_name = map_name
+        self.holder = holder
+
+
+def _holder(token: bytes | str) -> str:
+    """The process part of an instance token (``host:pid:random``)."""
+    text = token.decode() if isinstance(token, bytes) else token
+    return ":".join(text.split(":", 3)[:3])
+
+
+class AppLease:
+    """What this process keeps for one app producing into one map (every
+    instance of the map the app makes shares it): the app's lease in Redis
+    and the sweep of the keys an earlier process of the app left behind.
+
+    ``pending``: a sweep is due (the lease was taken over from another
+    process, or its first sweep has not succeeded yet); ``run``: the app run
+    whose :meth:`watch` task runs now; ``failed``: owner ids whose latest
+    commit into the map failed (their keys in Redis stay theirs); ``root``:
+    the app's root component (see :meth:`keep`); ``sweeps``, ``swept``: the
+    sweeps done and the keys they let go.
+    """
+
+    __slots__ = (
+        "app",
+        "base",
+        "failed",
+        "map_name",
+        "pending",
+        "root",
+        "run",
+        "sweeps",
+        "swept",
+        "token",
+    )
+
+    def __init__(self, base: str, app: str, map_name: str, token: str) -> None:
+        self.base = base
+        self.app = app
+        self.map_name = map_name
+        self.token = token
+        self.pending = False
+        self.run: AppRun | None = None
+        self.failed: set[str] = set()
+        self.root: Component | None = None
+        self.sweeps = 0
+        self.swept = 0
+
+    def busy(self, holder: bytes | str) -> ProducerBusyError:
+        return ProducerBusyError(self.app, self.map_name, _holder(holder))
+
+    async def acquire(self, client: Any, ttl: float, wait: float) -> None:
+        """Take the app's lease (waiting up to ``wait`` seconds while another
+        process holds it), or raise ProducerBusyError."""
+        script = client.register_script(APP_ACQUIRE)
+        deadline = anyio.current_time() + wait
+        while True:
+            ok, other = await script(
+                keys=[self.base], args=[self.app, self.token, str(max(1, int(ttl * 1000)))]
+            )
+            if ok:
+                if bytes(other).decode() != self.token:
+                    self.pending = True
+                return
+            if anyio.current_time() >= deadline:
+                raise self.busy(other)
+            await anyio.sleep(min(0.1, ttl / 4))
+
+    def keep(self) -> list[str]:
+        """The owner ids whose keys the sweep leaves alone besides this
+        process's own records: the owners whose latest commit failed, and the
+        components of the tree that have not finished a run (a live component
+        that has not run ``process()`` yet) or whose latest run failed (they
+        keep what they held, as in one process)."""
+        kept = set(self.failed)
+        stack = [self.root] if self.root is not None else []
+        while stack:
+            comp = stack.pop()
+            if comp.latest_run is None or comp.running or comp.exception is not None:
+                kept.add(f"{self.app}{OWNER_SEP}{format_path(comp.path)}")
+            if comp.children:
+                stack.extend(comp.children.values())
+        return sorted(kept)
+
+    async def sweep(self, lm: RedisLiveMap[Any, Any]) -> None:
+        """If due: let go, in one script, of every key of the app that an
+        owner holds from an earlier process and that no component of this
+        process declares (see :data:`._scripts.SWEEP`)."""
+        if not self.pending:
+            return
+        reply = await lm._client.register_script(SWEEP)(
+            keys=[self.base],
+            args=[lm._epoch, self.token, self.app, lm._lease_ms, lm._maxlen, *self.keep()],
+        )
+        if reply[0] == b"busy":
+            raise self.busy(reply[1])
+        # a new epoch: Redis lost the data, there is nothing left to sweep
+        self.pending = False
+        if reply[0] == b"ok":
+            self.sweeps += 1
+            self.swept += int(reply[1])
+
+    async def watch(self, run: AppRun, lm: RedisLiveMap[Any, Any]) -> None:
+        """The lease's task for one app run: refreshes the lease, sweeps once
+        the run's initial catch-up is done (in a catch-up run: as the run
+        ends, after it reached quiescence; never after a stop, a failure or a
+        cancellation before that), and gives the lease up when the run
+        ends."""
+        latest = lm
+        caught_up = False
+        try:
+            if run.live:
+                # the initial catch-up, then (for a map made after it) until
+                # the tree is ready: every component mounted has committed
+                while (run.catching_up or (self.root and self.root.readiness.unready)) and not (
+                    run.stop_requested or run.failure
+                ):
+                    with anyio.move_on_after(0.05):
+                        await run.wait()
+                caught_up = not (run.stop_requested or run.failure)
+            while True:
+                latest = _latest.get((self.base, self.app)) or latest
+                if caught_up:
+                    try:
+                        await self.sweep(latest)
+                    except Exception:
+                        pass  # Redis is away, or the lease is another's: later
+                await anyio.sleep(latest._lease_ttl / 3)
+                try:
+                    await self.acquire(latest._client, latest._lease_ttl, 0.0)
+                except Exception:
+                    pass  # commits report a lease taken over
+        finally:
+            if self.run is run:
+                self.run = None
+            if run.failure is None and not caught_up:
+                # a catch-up run that reached quiescence, or a live run that
+                # ended (by itself, or cancelled) after its catch-up
+                caught_up = not (run.catching_up or run.stop_requested) if run.live else run.closing
+            latest = _latest.get((self.base, self.app)) or latest
+            with anyio.CancelScope(shield=True), anyio.move_on_after(latest._lease_ttl):
+                try:
+                    if caught_up and run.failure is None:
+                        await self.sweep(latest)
+                except Exception:
+                    pass  # due still: the next update's catch-up sweeps
+                try:
+                    await latest._client.register_script(APP_RELEASE)(
+                        keys=[self.base], args=[self.app, self.token]
+                    )
+                except Exception:
+                    pass  # the lease expires by itself
+
+
+_leases: dict[tuple[str, str], AppLease] = {}
+"""Per (map, app): this process's lease record."""
+
 _process: tuple[int, str] | None = None
 # per (map, app): the map instance made last in this process
 _latest: weakref.WeakValueDictionary[tuple[str, str], RedisLiveMap[Any, Any]] = (
@@ -151,7 +332,10 @@ class RedisMapStats:
     ``changes``, ``suppressed``, ``eq_errors``: as for a LiveMap (the
     process's table); ``conflicts``: declarations rejected, by a component of
     this process or by another process's owner; ``steps``: scripts run in
-    Redis; ``resyncs``: uploads of everything held after Redis lost its data.
+    Redis; ``resyncs``: uploads of everything held after Redis lost its data;
+    ``sweeps``: sweeps of what an earlier process of the app left behind,
+    and ``swept``: the keys they deleted (or handed to a pending claim),
+    counted for the app in this process.
     """
 
     entries: int
@@ -162,6 +346,8 @@ class RedisMapStats:
     eq_errors: int
     steps: int
     resyncs: int
+    sweeps: int = 0
+    swept: int = 0
 
 
 class RedisLiveMap(SinkTarget[K, V]):
@@ -185,6 +371,10 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_epoch": None,
         "_init": None,
         "_instance": None,
+        "_lease": None,
+        "_lease_ms": None,
+        "_lease_ttl": None,
+        "_lease_wait": None,
         "_maxlen": None,
         "_remote_conflicts": None,
         "_resyncs": None,
@@ -208,6 +398,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         prefix: str,
         maxlen: int,
         check_every: float,
+        lease_ttl: float,
+        lease_wait: float,
     ) -> None:
         if _token is not _CREATE:
             raise TypeError(
@@ -232,6 +424,14 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._commit = client.register_script(COMMIT)
         self._init = client.register_script(INIT)
         self._instance = instance_token(creator.session.name)
+        self._lease_ttl = lease_ttl
+        self._lease_ms = str(max(1, int(lease_ttl * 1000)))
+        self._lease_wait = lease_wait
+        key = (self._base, creator.session.name)
+        lease = _leases.get(key)
+        if lease is None or lease.token != self._instance:
+            lease = _leases[key] = AppLease(self._base, creator.session.name, name, self._instance)
+        self._lease = lease
         self._epoch = ""
         self._seen: set[str] = set()
         self._retired = False
@@ -257,6 +457,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         prefix: str = "livemap",
         maxlen: int = 10_000,
         check_every: float = 1.0,
+        lease_ttl: float = 10.0,
+        lease_wait: float | None = None,
     ) -> RedisLiveMap[K, V]:
         """A map named ``name`` in Redis, owned by the current component run.
 
@@ -274,6 +476,18 @@ class RedisLiveMap(SinkTarget[K, V]):
         what this process holds is uploaded again without waiting for a
         commit.
 
+        ``lease_ttl``: the producers of a map are told apart by app name, and
+        one process per app name produces into a map at a time: it holds the
+        app's lease, refreshed every third of ``lease_ttl`` seconds while
+        its app runs and given up when the run ends.  ``lease_wait``: how
+        long (seconds) ``create()`` waits for another process's lease of the
+        app to be given up or to expire (by default ``lease_ttl``: a
+        process that died is replaced) before it raises
+        :class:`ProducerBusyError`.  Once the initial catch-up of the update
+        that took the lease over is done, the keys of the app that an
+        earlier process's components held and no component of this one
+        declares are deleted (see docs/redis.md).
+
         Raises :class:`~livemap.errors.NotInComponentError` outside a run.
         """
         run = current_run("RedisLiveMap.create()")
@@ -290,17 +504,45 @@ class RedisLiveMap(SinkTarget[K, V]):
             or not check_every > 0
         ):
             raise ValueError(f"check_every must be a number > 0, got {check_every!r}")
+        for what, seconds in (("lease_ttl", lease_ttl), ("lease_wait", lease_wait)):
+            if seconds is None and what == "lease_wait":
+                continue
+            if (
+                not isinstance(seconds, (int, float))
+                or isinstance(seconds, bool)
+                or not (seconds > 0 if what == "lease_ttl" else seconds >= 0)
+            ):
+                bound = "> 0" if what == "lease_ttl" else ">= 0"
+                raise ValueError(f"{what} must be a number {bound}, got {seconds!r}")
         if codec is None:
             codec = JsonCodec()
         elif not isinstance(codec, Codec):
             raise TypeError(f"codec must have encode() and decode(), got {codec!r}")
         lm: RedisLiveMap[K, V] = cls(
-            _CREATE, run.component, client, name, shards, codec, prefix, maxlen, float(check_every)
+            _CREATE,
+            run.component,
+            client,
+            name,
+            shards,
+            codec,
+            prefix,
+            maxlen,
+            float(check_every),
+            float(lease_ttl),
+            float(lease_ttl if lease_wait is None else lease_wait),
         )
         await lm._start()
         app_run = run.component.session.active
         if app_run is not None:
             app_run.tg.start_soon(lm._keep)
+            lease = lm._lease
+            root = run.component
+            while root.parent is not None:
+                root = root.parent
+            lease.root = root
+            if lease.run is not app_run:
+                lease.run = app_run
+                app_run.tg.start_soon(lease.watch, app_run, lm)
         _latest[(lm._base, lm.app)] = lm
         if run.created is None:
             run.created = []
@@ -317,6 +559,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                 f"not the {self.shards} asked for"
             )
         self._epoch = epoch.decode()
+        await self._lease.acquire(self._client, self._lease_ttl, self._lease_wait)
 
     async def _keep(self) -> None:
         """Until retired (or the app's run ends): every ``check_every``
@@ -409,6 +652,8 @@ class RedisLiveMap(SinkTarget[K, V]):
                 self._epoch,
                 self._instance,
                 self._maxlen,
+                self.app,
+                self._lease_ms,
                 str(len(header) // 2),
                 *header,
                 *groups,
@@ -416,7 +661,11 @@ class RedisLiveMap(SinkTarget[K, V]):
         )
         if reply[0] == b"epoch":
             return None
-        return list(reply[1:])
+        if reply[0] == b"busy":
+            raise self._lease.busy(reply[1])
+        if reply[1] == b"1":
+            self._lease.pending = True  # taken over after a lapse: sweep again
+        return list(reply[2:])
 
     async def _run_steps(
         self, header: list[str], groups: dict[tuple[int, int], list[bytes]]
@@ -456,8 +705,13 @@ class RedisLiveMap(SinkTarget[K, V]):
                 await self._resync()
             else:
                 conflicts = self._conflicts(header, reply)
+        except ProducerBusyError as exc:
+            self._table.revert(result)
+            self._lease.failed.add(self._owner_id(component))
+            return exc, []
         except Exception as exc:
             self._table.revert(result)
+            self._lease.failed.add(self._owner_id(component))
             error = TargetApplyError(
                 self.name,
                 format_path(component.path),
@@ -468,6 +722,7 @@ class RedisLiveMap(SinkTarget[K, V]):
             return error, conflicts
         for i in range(0, len(header), 2):
             self._seen.add(header[i])
+        self._lease.failed.discard(self._owner_id(component))
         return None, conflicts
 
     async def _stale(self, header: list[str], groups: dict[tuple[int, int], list[bytes]]) -> None:
@@ -481,7 +736,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         for o in range(0, len(header), 2):
             if header[o + 1] != "1":
                 continue
-            header[o + 1] = "0"
+            header[o + 1] = "2"  # (noted in the app's owners still)
             oi = o // 2 + 1
             members = await self._client.smembers(f"{self._base}:k:{header[o]}")
             for member in members:
@@ -537,7 +792,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                     (_UPDATE(len(ek)), ek, size(len(data)), data)
                 )
             for oid, groups in by_owner.items():
-                if await self._run_steps([oid, "0"], groups) is None:
+                if await self._run_steps([oid, "2"], groups) is None:
                     break
             else:
                 return
@@ -589,4 +844,6 @@ class RedisLiveMap(SinkTarget[K, V]):
             eq_errors=table.eq_errors,
             steps=self._steps,
             resyncs=self._resyncs,
+            sweeps=self._lease.sweeps,
+            swept=self._lease.swept,
         )

@@ -53,50 +53,75 @@ redis.call('HSETNX', base .. ':meta', 'shards', ARGV[2])
 return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta', 'shards')}
 """
 
-# KEYS[1] base.  ARGV: epoch, instance, maxlen, number of owners, then per
-# owner: owner id, reclaim flag ('1': its first commit from this instance,
-# delete what it held and no longer declares), then groups of three: a shard,
-# an owner index (1-based) and a blob of that owner's changes in that shard,
-# each change packed as op (1 byte: 'u', 'd', or 'r': delete what the owner
-# holds from any instance), the encoded key and the encoded value ('' for
-# deletes), each after its 4-byte length.  An update is packed as the stream
-# entry packs it: an update of a key the owner already holds, or that nobody
-# holds, passes on to the stream as it came (in runs, without unpacking and
-# packing again); the owner records and values of a group are read in two
-# bulk commands, and such updates' writes made in bulk.  A key occurs at
-# most once in one call.
-# A delete applies only to what this instance (this app in this process)
-# holds or claims.
-# Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
-# else {'ok', key, holder id, owner index, key, holder id, owner index, ...}
-# for the claims that met another owner (new ones only).
-COMMIT = """
-local base = KEYS[1]
-local epoch = redis.call('GET', base .. ':epoch')
-if epoch ~= ARGV[1] then
-  return {'epoch', epoch or ''}
-end
+# What the scripts that write a map's keys share: the lease check of the
+# calling app (``holds``), stream records (``emit``, flushed by ``flush``),
+# the owner records and their handover (``take``, ``drop``).  Expects
+# ``base``, ``inst`` (the caller's instance token), ``app`` (its app name),
+# ``ttl`` (its lease's TTL, ms) and ``epoch`` as locals.
+_SHARED = """
 local call = redis.call
-local inst = ARGV[2]
-local maxlen = ARGV[3]
-local nown = tonumber(ARGV[4])
 local SEP = '\\30'
--- arguments per bulk command (Lua's unpack fails near 5,000)
-local CH = 1000
-local owners = {}
-local reclaim = {}
-local mine = {}
-local i = 5
-for o = 1, nown do
-  owners[o] = ARGV[i]
-  mine[o] = ARGV[i] .. SEP .. inst
-  reclaim[o] = ARGV[i + 1] == '1'
-  i = i + 2
-end
+local OSEP = '\\31'
 local pack = struct.pack
 local recs = {}
 local touched = {}
-local conflicts = {'ok'}
+-- arguments per bulk command (Lua's unpack fails near 5,000)
+local CH = 1000
+local function hmget(h, keys, m)
+  local out = {}
+  for a = 1, m, CH do
+    local z = math.min(a + CH - 1, m)
+    local got = call('HMGET', h, unpack(keys, a, z))
+    for j = a, z do
+      out[j] = got[j - a + 1]
+    end
+  end
+  return out
+end
+local function bulk(cmd, key, items)
+  for a = 1, #items, CH do
+    call(cmd, key, unpack(items, a, math.min(a + CH - 1, #items)))
+  end
+end
+local function split(rec)
+  local p = string.find(rec, SEP, 1, true)
+  return string.sub(rec, 1, p - 1), string.sub(rec, p + 1)
+end
+local function app_of(oid)
+  return string.sub(oid, 1, string.find(oid, OSEP, 1, true) - 1)
+end
+-- the caller's app lease (refreshed by its holder's own task): taken when
+-- free; returns nil, or the holder when another process holds it, and
+-- whether the caller took it over from another lease holder (its latest
+-- one was another process)
+local function holds()
+  local lk = base .. ':app:' .. app
+  local holder = call('GET', lk)
+  if holder == inst then
+    return nil, false
+  end
+  if holder then
+    return holder, false
+  end
+  call('SET', lk, inst, 'PX', ttl)
+  local last = call('HGET', base .. ':last', app)
+  if last ~= inst then
+    call('HSET', base .. ':last', app, inst)
+  end
+  return nil, last ~= inst
+end
+-- whether a claim's process may still declare it: its app's lease is its
+-- own, or free with it the latest holder (a catch-up app between updates)
+local function claim_live(claim)
+  local cid, cinst = split(claim)
+  local capp = app_of(cid)
+  local holder = call('GET', base .. ':app:' .. capp)
+  if holder then
+    return holder == cinst
+  end
+  local last = call('HGET', base .. ':last', capp)
+  return not last or last == cinst
+end
 local function emit(s, rec)
   local l = recs[s]
   if l == nil then
@@ -113,10 +138,6 @@ local function put(s, k, v)
     emit(s, 'u' .. pack('>I4', #k) .. k .. pack('>I4', #v) .. v)
   end
 end
-local function split(rec)
-  local p = string.find(rec, SEP, 1, true)
-  return string.sub(rec, 1, p - 1), string.sub(rec, p + 1)
-end
 local function take(s, k, oid, old)
   if old then
     call('SREM', base .. ':k:' .. old, s .. '|' .. k)
@@ -124,18 +145,27 @@ local function take(s, k, oid, old)
   call('HSET', base .. ':o:' .. s, k, oid .. SEP .. inst)
   call('SADD', base .. ':k:' .. oid, s .. '|' .. k)
 end
+-- the owner oid lets go of key k of shard s: a pending claim of a live
+-- process takes it over (one update), else it is deleted
 local function drop(s, k, oid)
   call('SREM', base .. ':k:' .. oid, s .. '|' .. k)
   local c = base .. ':c:' .. s
   local claim = call('HGET', c, k)
+  local v
   if claim then
     local cv = base .. ':cv:' .. s
-    local v = call('HGET', cv, k)
+    v = call('HGET', cv, k)
     call('HDEL', c, k)
     call('HDEL', cv, k)
+    if not claim_live(claim) then
+      claim = nil
+    end
+  end
+  if claim then
     local cid = split(claim)
     call('HSET', base .. ':o:' .. s, k, claim)
     call('SADD', base .. ':k:' .. cid, s .. '|' .. k)
+    call('SADD', base .. ':ao:' .. app_of(cid), cid)
     put(s, k, v)
   else
     call('HDEL', base .. ':o:' .. s, k)
@@ -144,6 +174,74 @@ local function drop(s, k, oid)
     end
   end
 end
+local function flush(maxlen)
+  for _, s in ipairs(touched) do
+    local seq = call('INCR', base .. ':n:' .. s)
+    call('XADD', base .. ':x:' .. s, 'MAXLEN', '~', maxlen, '*',
+         'n', seq, 'e', epoch, 'p', table.concat(recs[s]))
+  end
+end
+"""
+
+# KEYS[1] base.  ARGV: epoch, instance, maxlen, app name, lease TTL (ms),
+# number of owners, then per owner: owner id, reclaim flag ('1': its first
+# commit from this instance, delete what it held and no longer declares, and
+# note the owner in the app's ``ao`` set; '2': only note it; '0': neither),
+# then groups of three: a shard, an owner index (1-based) and a blob of that
+# owner's changes in that shard, each change packed as op (1 byte: 'u', 'd',
+# or 'r': delete what the owner holds from any instance), the encoded key
+# and the encoded value ('' for deletes), each after its 4-byte length.  An
+# update is packed as the stream entry packs it: an update of a key the
+# owner already holds, or that nobody holds, passes on to the stream as it
+# came (in runs, without unpacking and packing again); the owner records and
+# values of a group are read in two bulk commands, and such updates' writes
+# made in bulk.  A key occurs at most once in one call.  Every owner is of
+# the app named; the call takes (or refreshes) the app's lease, and changes
+# nothing when another process holds it.
+# A delete applies only to what this instance (this app in this process)
+# holds or claims.
+# Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
+# {'busy', holder} when another process holds the app's lease, else {'ok',
+# took over ('1' when the caller took the lease over from another process,
+# else '0'), key, holder id, owner index, key, holder id, owner index, ...}
+# for the claims that met another owner (new ones only).
+COMMIT = (
+    """
+local base = KEYS[1]
+local epoch = redis.call('GET', base .. ':epoch')
+if epoch ~= ARGV[1] then
+  return {'epoch', epoch or ''}
+end
+local inst = ARGV[2]
+local maxlen = ARGV[3]
+local app = ARGV[4]
+local ttl = ARGV[5]
+local nown = tonumber(ARGV[6])
+"""
+    + _SHARED
+    + """
+local busy, took = holds()
+if busy then
+  return {'busy', busy}
+end
+local owners = {}
+local reclaim = {}
+local mine = {}
+local noted = {}
+local i = 7
+for o = 1, nown do
+  owners[o] = ARGV[i]
+  mine[o] = ARGV[i] .. SEP .. inst
+  reclaim[o] = ARGV[i + 1] == '1'
+  if ARGV[i + 1] ~= '0' then
+    noted[#noted + 1] = ARGV[i]
+  end
+  i = i + 2
+end
+for a = 1, #noted, CH do
+  call('SADD', base .. ':ao:' .. app, unpack(noted, a, math.min(a + CH - 1, #noted)))
+end
+local conflicts = {'ok', took and '1' or '0'}
 -- one change, the general way: the owner record read and acted on
 local function change(op, s, oi, k, v)
   local oid = owners[oi]
@@ -196,17 +294,6 @@ local function change(op, s, oi, k, v)
       end
     end
   end
-end
-local function hmget(h, keys, m)
-  local out = {}
-  for a = 1, m, CH do
-    local z = math.min(a + CH - 1, m)
-    local got = call('HMGET', h, unpack(keys, a, z))
-    for j = a, z do
-      out[j] = got[j - a + 1]
-    end
-  end
-  return out
 end
 local declared = {}
 local n = #ARGV
@@ -303,13 +390,147 @@ for o = 1, nown do
     end
   end
 end
-for _, s in ipairs(touched) do
-  local seq = call('INCR', base .. ':n:' .. s)
-  call('XADD', base .. ':x:' .. s, 'MAXLEN', '~', maxlen, '*',
-       'n', seq, 'e', epoch, 'p', table.concat(recs[s]))
-end
+flush(maxlen)
 return conflicts
 """
+)
+
+# KEYS[1] base; ARGV: app name, instance, lease TTL (ms).  Takes the app's
+# lease when it is free or the caller's.  Returns {1, the token of the
+# app's latest holder before, or ''} or {0, the holder}.
+APP_ACQUIRE = """
+local base = KEYS[1]
+local app = ARGV[1]
+local inst = ARGV[2]
+local lk = base .. ':app:' .. app
+local holder = redis.call('GET', lk)
+if holder and holder ~= inst then
+  return {0, holder}
+end
+redis.call('SET', lk, inst, 'PX', ARGV[3])
+local last = redis.call('HGET', base .. ':last', app)
+redis.call('HSET', base .. ':last', app, inst)
+return {1, last or ''}
+"""
+
+# KEYS[1] base; ARGV: app name, instance.  Gives the app's lease up if the
+# caller holds it.
+APP_RELEASE = """
+local lk = KEYS[1] .. ':app:' .. ARGV[1]
+if redis.call('GET', lk) == ARGV[2] then
+  redis.call('DEL', lk)
+end
+return 1
+"""
+
+# KEYS[1] base.  ARGV: epoch, instance, app name, lease TTL (ms), maxlen,
+# then the owner ids to keep.  The sweep of an app's keys that no process of
+# it declares any more: with the app's lease (taken when free), every key
+# an owner of the app holds from another instance (an earlier process of
+# the app) is let go (deleted, or handed to a pending claim), unless its
+# owner is one to keep.  Returns {'epoch', ...}, {'busy', holder} as COMMIT
+# does, or {'ok', the number of keys let go}.
+SWEEP = (
+    """
+local base = KEYS[1]
+local epoch = redis.call('GET', base .. ':epoch')
+if epoch ~= ARGV[1] then
+  return {'epoch', epoch or ''}
+end
+local inst = ARGV[2]
+local app = ARGV[3]
+local ttl = ARGV[4]
+local maxlen = ARGV[5]
+"""
+    + _SHARED
+    + """
+local busy = holds()
+if busy then
+  return {'busy', busy}
+end
+local keep = {}
+for a = 6, #ARGV do
+  keep[ARGV[a]] = true
+end
+local ao = base .. ':ao:' .. app
+local gone = 0
+-- per owner and shard: the owner records and pending claims read in bulk;
+-- the keys without a claim deleted in bulk, the others the general way
+for _, oid in ipairs(call('SMEMBERS', ao)) do
+  if not keep[oid] then
+    local kset = base .. ':k:' .. oid
+    local members = call('SMEMBERS', kset)
+    local by = {}
+    local shards = {}
+    for _, m in ipairs(members) do
+      local p = string.find(m, '|', 1, true)
+      local s = string.sub(m, 1, p - 1)
+      local l = by[s]
+      if l == nil then
+        l = {}
+        by[s] = l
+        shards[#shards + 1] = s
+      end
+      l[#l + 1] = string.sub(m, p + 1)
+    end
+    local left = {}
+    for _, s in ipairs(shards) do
+      local ks = by[s]
+      local o = base .. ':o:' .. s
+      local held = hmget(o, ks, #ks)
+      local drops = {}
+      for j, k in ipairs(ks) do
+        local rec = held[j]
+        local hid, hinst
+        if rec then
+          hid, hinst = split(rec)
+        end
+        if hid ~= oid then
+          left[#left + 1] = s .. '|' .. k
+        elseif hinst ~= inst then
+          drops[#drops + 1] = k
+        end
+      end
+      gone = gone + #drops
+      local plain = drops
+      if #drops > 0 and call('EXISTS', base .. ':c:' .. s) == 1 then
+        plain = {}
+        local claims = hmget(base .. ':c:' .. s, drops, #drops)
+        for j, k in ipairs(drops) do
+          if claims[j] then
+            drop(tonumber(s), k, oid)
+          else
+            plain[#plain + 1] = k
+          end
+        end
+      end
+      if #plain > 0 then
+        local d = base .. ':d:' .. s
+        local cur = hmget(d, plain, #plain)
+        for j, k in ipairs(plain) do
+          if cur[j] then
+            emit(tonumber(s), 'd' .. pack('>I4', #k) .. k)
+          end
+        end
+        bulk('HDEL', d, plain)
+        bulk('HDEL', o, plain)
+        local ms = {}
+        for j, k in ipairs(plain) do
+          ms[j] = s .. '|' .. k
+        end
+        bulk('SREM', kset, ms)
+      end
+    end
+    bulk('SREM', kset, left)
+    if call('SCARD', kset) == 0 then
+      call('SREM', ao, oid)
+    end
+  end
+end
+flush(maxlen)
+return {'ok', gone}
+"""
+)
 
 # KEYS[1] base; ARGV: shards.  Returns, per shard: counter, last stream id,
 # then {key, value, key, value, ...} (the whole snapshot, in one atomic step).

@@ -19,7 +19,7 @@ from livemap._redis._codecs import (
     encode_key,
     shard_of,
 )
-from livemap._redis._producer import RedisLiveMap, RedisMapStats
+from livemap._redis._producer import ProducerBusyError, RedisLiveMap, RedisMapStats
 from livemap._redis._view import RedisLiveMapView, RedisViewStats
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "CodecError",
     "JsonCodec",
     "MsgpackCodec",
+    "ProducerBusyError",
     "RedisLiveMap",
     "RedisLiveMapView",
     "RedisMapStats",

@@ -178,6 +178,12 @@ class Worker:
         assert reply["ok"]
         return list(reply["errors"])
 
+    async def update(self, parts: dict[str, Any]) -> dict[str, Any]:
+        """(producer of parts) Declare ``parts``; the reply (see worker.py)."""
+        await self.send(json.dumps(parts))
+        reply: dict[str, Any] = json.loads(await self.read_line())
+        return reply
+
     async def settle(self) -> int:
         """(consumer) Settle the view; its number of resyncs."""
         await self.send("settle")
@@ -213,6 +219,13 @@ async def start_worker(*args: str) -> Worker:
 
 async def start_producer(url: str, name: str, app: str, backend: str, shards: int = 1) -> Worker:
     return await start_worker("produce", url, name, app, backend, str(shards))
+
+
+async def start_parts(
+    url: str, name: str, app: str, backend: str, mode: str = "live", lease_ttl: float = 1.0
+) -> Worker:
+    """A producer of parts (see worker.py ``parts``)."""
+    return await start_worker("parts", url, name, app, backend, mode, str(lease_ttl))
 
 
 async def start_consumer(

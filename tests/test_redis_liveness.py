@@ -1,0 +1,593 @@
+"""A restarted producer process and the keys its predecessor left behind:
+each app name has one producing process per map at a time (its lease), and
+once a process that took the app over has caught up, the keys the earlier
+process's components held and no component of the new one declares are
+deleted.  Producers and consumers are separate processes
+(tests/redis_support/worker.py), killed, interrupted and doubled."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis_support import (
+    Producer,
+    RedisServer,
+    Worker,
+    read_log,
+    redis_server,
+    start_consumer,
+    start_parts,
+)
+
+import livemap as coco
+from livemap.redis import ProducerBusyError, RedisLiveMap, connect, encode_key
+
+__all__ = ["redis_server"]
+
+pytestmark = pytest.mark.anyio
+TIMEOUT = 30.0
+
+
+def unique() -> str:
+    return f"l-{uuid.uuid4().hex[:8]}"
+
+
+def part(**state: int) -> dict[str, Any]:
+    return {k: {"k": k, "v": v} for k, v in state.items()}
+
+
+def held(log: Path) -> dict[str, int]:
+    rows, _, _ = read_log(log)
+    return {k: v["v"] for k, v in rows.items()}
+
+
+def entries_of(log: Path) -> list[list[Any]]:
+    """The log's lines: ["call", key, value], ["u", key, value], ["d", key]."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+async def stop(worker: Worker) -> None:
+    """A clean stop: end of input, the app stops and gives its lease up."""
+    await worker.close()
+    assert worker.proc.returncode == 0
+
+
+async def kill(worker: Worker) -> None:
+    worker.kill()
+    await worker.close()
+
+
+async def snapshot(client: Any, name: str) -> dict[bytes, bytes]:
+    return {
+        bytes(k): bytes(v) for k, v in (await client.hgetall(f"livemap:{{{name}}}:d:0")).items()
+    }
+
+
+@pytest.mark.parametrize("mode", ["live", "catchup"])
+@pytest.mark.parametrize("end", ["stopped", "killed"])
+async def test_a_restart_without_a_component_deletes_its_keys_once(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path, mode: str, end: str
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, mode)
+    workers = [first]
+    try:
+        reply = await first.update({"a": part(a1=1, a2=2), "b": part(b1=1, b2=2), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        # another app: keys of its own, and a claim of one of p's keys
+        other = await start_parts(url, name, "q", anyio_backend, mode)
+        workers.append(other)
+        # (at p's paths: owners are told apart by app name and path)
+        reply = await other.update({"b": {**part(q1=1), **part(b1=99)}})
+        assert [e.split(":")[0] for e in reply["errors"]] == ["KeyConflictError"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        assert held(log) == {"a1": 1, "a2": 2, "b1": 1, "b2": 2, "c1": 1, "q1": 1}
+        before = len(entries_of(log))
+
+        await (stop(first) if end == "stopped" else kill(first))
+        # nothing changes while no process of p runs
+        await consumer.settle()
+        assert len(entries_of(log)) == before
+
+        # the restart: part b is no longer mounted, a2 changed
+        second = await start_parts(url, name, "p", anyio_backend, mode)
+        workers.append(second)
+        reply = await second.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        assert (reply["sweeps"], reply["swept"]) == (1, 2)
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 20, "b1": 99, "c1": 1, "q1": 1}
+        after = entries_of(log)[before:]
+        # b2 deleted once, b1 handed to q's pending claim as one update (no
+        # delete in between), a2 updated; a1 and c1 not sent again
+        assert sorted(e for e in after if e[0] != "u") == [
+            ["call", "a2", {"k": "a2", "v": 20}],
+            ["call", "b1", {"k": "b1", "v": 99}],
+            ["d", "b2"],
+        ]
+        # the next update of the same process sweeps nothing more
+        reply = await second.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["swept"] == 2
+        await consumer.settle()
+        assert len(entries_of(log)) == before + len(after)
+
+        # restarted again with the same components: the keys are taken back,
+        # nothing deleted, nothing sent again
+        await (stop(second) if end == "stopped" else kill(second))
+        third = await start_parts(url, name, "p", anyio_backend, mode)
+        workers.append(third)
+        reply = await third.update({"a": part(a1=1, a2=20), "c": part(c1=1)})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 20, "b1": 99, "c1": 1, "q1": 1}
+        assert len(entries_of(log)) == before + len(after)
+        _, _, repeats = read_log(log)
+        assert repeats == []
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_big_sweep(redis_server: RedisServer, anyio_backend: str, tmp_path: Path) -> None:
+    """More keys than one Lua unpack() takes, and than one commit step."""
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    big = {f"k{i}": {"k": f"k{i}", "v": i} for i in range(12_000)}
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"big": big, "small": part(s=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await kill(first)
+        second = await start_parts(url, name, "p", anyio_backend)
+        workers.append(second)
+        reply = await second.update({"small": part(s=1)})
+        assert reply["ok"] and reply["swept"] == len(big)
+        await consumer.settle()
+        assert held(log) == {"s": 1}
+        deletes = [e[1] for e in entries_of(log) if e[0] == "d"]
+        assert sorted(deletes) == sorted(big)
+        async with connect(url) as client:
+            base = f"livemap:{{{name}}}"
+            assert await client.hlen(f"{base}:o:0") == 1
+            assert await client.smembers(f"{base}:ao:p") == {b"p\x1f/'parts'/'small'"}
+            assert await client.exists([f"{base}:k:p\x1f/'parts'/'big'"]) == 0
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+@pytest.mark.parametrize("mode", ["live", "catchup"])
+@pytest.mark.parametrize("fault", ["killed", "interrupted"])
+async def test_a_restart_cut_before_its_first_commit_deletes_nothing(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path, fault: str, mode: str
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, mode)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await stop(first)
+        async with connect(url) as client:
+            before = await snapshot(client, name)
+            assert len(before) == 2
+            # restarted without b, but a's first run never ends: the catch-up
+            # is cut before anything was committed
+            second = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(second)
+            await second.send(json.dumps({"a": "block"}))
+            with anyio.fail_after(TIMEOUT):
+                while await client.get(f"livemap:{{{name}}}:app:p") is None:
+                    await anyio.sleep(0.01)  # it holds the app's lease
+            await anyio.sleep(0.2)
+            if fault == "killed":
+                await kill(second)
+            else:
+                second.proc.send_signal(signal.SIGINT)
+                await second.close()
+                # an interrupted process gives its lease up
+                assert await client.get(f"livemap:{{{name}}}:app:p") is None
+            assert await snapshot(client, name) == before
+            await consumer.settle()
+            assert held(log) == {"a1": 1, "b1": 1}
+            assert not [e for e in entries_of(log) if e[0] == "d"]
+            # a restart that does catch up sweeps b, once
+            third = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(third)
+            reply = await third.update({"a": part(a1=1)})
+            assert reply["ok"] and reply["swept"] == 1
+            await consumer.settle()
+            assert held(log) == {"a1": 1}
+            assert [e for e in entries_of(log) if e[0] == "d"] == [["d", "b1"]]
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_component_that_fails_after_a_restart_keeps_its_keys(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1, b2=2)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        await stop(first)
+        # b is mounted again but its run fails: it keeps what it held (as in
+        # one process); a part that declares nothing now loses its keys
+        second = await start_parts(url, name, "p", anyio_backend)
+        workers.append(second)
+        reply = await second.update({"a": {}, "b": "fail"})
+        assert reply["ok"] and [e.split(":")[0] for e in reply["errors"]] == ["RuntimeError"]
+        assert reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"b1": 1, "b2": 2}
+        # b runs again and declares less: its first commit drops the rest
+        reply = await second.update({"a": {}, "b": part(b1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"b1": 1}
+        deletes = [e for e in entries_of(log) if e[0] == "d"]
+        assert deletes == [["d", "a1"], ["d", "b2"]]
+        await stop(second)
+        # a live component ready before it ever ran keeps its keys too
+        third = await start_parts(url, name, "p", anyio_backend)
+        workers.append(third)
+        reply = await third.update({"b": "idle"})
+        assert reply["ok"] and reply["errors"] == [] and reply["swept"] == 0
+        await consumer.settle()
+        assert held(log) == {"b1": 1}
+        assert len([e for e in entries_of(log) if e[0] == "d"]) == 2
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_two_processes_of_one_app_the_second_is_refused(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        # a second process of p, declaring less: refused after lease_wait
+        for mode in ("live", "catchup"):
+            second = await start_parts(url, name, "p", anyio_backend, mode)
+            workers.append(second)
+            reply = await second.update({"a": part(a1=2)})
+            assert not reply["ok"]
+            assert reply["error"].startswith("ProducerBusyError: app 'p' already produces")
+            await second.close()
+        # the first goes on, nothing of it was deleted or changed
+        reply = await first.update({"a": part(a1=1, a2=2), "b": part(b1=1)})
+        assert reply["ok"] and reply["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 2, "b1": 1}
+        assert not [e for e in entries_of(log) if e[0] == "d"]
+        # once it stopped, the next process of p starts at once
+        await stop(first)
+        with anyio.fail_after(15):  # less than the lease_wait a live lease would need
+            third = await start_parts(url, name, "p", anyio_backend, lease_ttl=30.0)
+            workers.append(third)
+            reply = await third.update({"a": part(a1=1, a2=2)})
+        assert reply["ok"] and reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"a1": 1, "a2": 2}
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_process_stopped_past_its_lease_is_taken_over_and_refused(
+    redis_server: RedisServer, anyio_backend: str, tmp_path: Path
+) -> None:
+    """SIGSTOP longer than the lease: another process of the app takes over
+    and sweeps; the first one, resumed, changes nothing any more."""
+    name = unique()
+    url = redis_server.url
+    log = tmp_path / "consumer.log"
+    first = await start_parts(url, name, "p", anyio_backend, lease_ttl=0.5)
+    workers = [first]
+    try:
+        assert (await first.update({"a": part(a1=1), "b": part(b1=1)}))["ok"]
+        consumer = await start_consumer(url, name, anyio_backend, log)
+        workers.append(consumer)
+        first.proc.send_signal(signal.SIGSTOP)
+        await anyio.sleep(0.6)
+        second = await start_parts(url, name, "p", anyio_backend, lease_ttl=0.5)
+        workers.append(second)
+        reply = await second.update({"a": part(a1=2)})
+        assert reply["ok"] and reply["swept"] == 1
+        await consumer.settle()
+        assert held(log) == {"a1": 2}
+        first.proc.send_signal(signal.SIGCONT)
+        reply = await first.update({"a": part(a1=3), "b": part(b1=3), "c": part(c1=3)})
+        assert reply["ok"]
+        assert reply["errors"] and all(
+            e.startswith("ProducerBusyError: app 'p' already produces") for e in reply["errors"]
+        )
+        await consumer.settle()
+        assert held(log) == {"a1": 2}
+        assert (await second.update({"a": part(a1=4)}))["errors"] == []
+        await consumer.settle()
+        assert held(log) == {"a1": 4}
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+        for worker in workers:
+            await worker.close()
+
+
+# -- in one process ---------------------------------------------------------------
+
+
+async def test_a_commit_after_the_lease_was_taken_over_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    """A process whose lease another process took (it was stopped longer
+    than the TTL) changes nothing: its commit reports ProducerBusyError."""
+    name = unique()
+    errors: list[BaseException] = []
+    state: dict[str, Any] = {"k": 1}
+    step = anyio.Event()
+
+    class Declare:
+        def __init__(self, lm: RedisLiveMap[str, Any]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key, value in state.items():
+                self.lm.declare_entry(key, value)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            nonlocal step
+            await operator.update_full()
+            await operator.mark_ready()
+            while True:
+                await step.wait()
+                step = anyio.Event()
+                await operator.update_full()
+                done.set()
+
+    async def main() -> None:
+        lm: RedisLiveMap[str, Any] = await RedisLiveMap.create(client, name, lease_ttl=60.0)
+        await coco.mount(coco.component_subpath("declare"), Declare, lm)
+
+    async def commit(new: dict[str, Any]) -> None:
+        nonlocal done
+        state.clear()
+        state.update(new)
+        done = anyio.Event()
+        step.set()
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+
+    done = anyio.Event()
+    lease = f"livemap:{{{name}}}:app:taken"
+    async with connect(redis_server.url) as client:
+        app = coco.App(
+            coco.AppConfig("taken", exception_handler=lambda e, c: errors.append(e)), main
+        )
+        async with app.update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            await client.set(lease, "elsewhere:1:abc:taken")
+            await commit({"k": 2, "j": 1})
+            (error,) = errors
+            assert isinstance(error, ProducerBusyError)
+            assert (error.app, error.map_name, error.holder) == ("taken", name, "elsewhere:1:abc")
+            assert "app 'taken'" in str(error) and "elsewhere:1:abc" in str(error)
+            data = await client.hgetall(f"livemap:{{{name}}}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("k")}  # unchanged
+            # the other process went away (its lease expired): the next commit
+            # takes the lease and sends what the refused one did not
+            await client.delete([lease])
+            errors.clear()
+            await commit({"k": 2, "j": 1})
+            assert errors == []
+            data = await client.hgetall(f"livemap:{{{name}}}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("k"), encode_key("j")}
+            assert bytes(await client.get(lease)).endswith(b":taken")
+        # a stopped app gives its lease up
+        assert await client.get(lease) is None
+
+
+async def test_bad_lease_arguments(redis_server: RedisServer) -> None:
+    name = unique()
+    raised: list[BaseException] = []
+    async with connect(redis_server.url) as client:
+        for options in ({"lease_ttl": 0}, {"lease_ttl": True}, {"lease_wait": -1.0}):
+
+            async def main(options: dict[str, Any] = options) -> None:
+                try:
+                    await RedisLiveMap.create(client, name, **options)
+                except ValueError as exc:
+                    raised.append(exc)
+
+            await coco.App(unique(), main).update()
+        assert [str(e).split(" must")[0] for e in raised] == [
+            "lease_ttl",
+            "lease_ttl",
+            "lease_wait",
+        ]
+        assert await client.exists([f"livemap:{{{name}}}:epoch"]) == 0
+
+
+async def test_a_claim_of_a_process_that_is_gone_takes_nothing_over(
+    redis_server: RedisServer,
+) -> None:
+    name = unique()
+    base = f"livemap:{{{name}}}"
+    async with (
+        connect(redis_server.url) as client,
+        Producer(client, name, app="p") as owner,
+        Producer(client, name, app="q") as claimant,
+    ):
+        await owner.commit(part(shared=1))
+        await claimant.commit(part(shared=2))
+        assert [type(e) for e in claimant.errors] == [coco.KeyConflictError]
+        assert await client.hget(f"{base}:c:0", encode_key("shared")) is not None
+        # q's process is gone: another process of q holds its lease now
+        await client.set(f"{base}:app:q", "elsewhere:1:abc:q")
+        await owner.commit({})  # p drops the key: deleted, not handed to q
+        assert owner.errors == []
+        assert await client.hgetall(f"{base}:d:0") == {}
+        assert await client.hgetall(f"{base}:o:0") == {}
+        assert await client.hgetall(f"{base}:c:0") == {}
+
+
+class FailingSweeps:
+    """A client whose sweep scripts fail (``ConnectionError``) while
+    ``failing`` is set: Redis away just as a process has caught up."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.failing = True
+        self.tries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def register_script(self, source: str) -> Any:
+        from livemap._redis._scripts import SWEEP
+
+        script = self._client.register_script(source)
+        if source != SWEEP:
+            return script
+
+        async def call(**kwargs: Any) -> Any:
+            self.tries += 1
+            if self.failing:
+                raise ConnectionError("Redis is away")
+            return await script(**kwargs)
+
+        return call
+
+
+async def test_a_sweep_that_failed_is_tried_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemap._redis import _producer
+    from livemap._runtime import _app
+
+    name = unique()
+    app_name = unique()
+    base = f"livemap:{{{name}}}"
+    plan: dict[str, dict[str, int]] = {"a": {"a1": 1}, "b": {"b1": 1, "b2": 2}}
+    maps: list[RedisLiveMap[str, int]] = []
+
+    def declare(lm: RedisLiveMap[str, int], entries: dict[str, int]) -> None:
+        for key, value in entries.items():
+            lm.declare_entry(key, value)
+
+    async with connect(redis_server.url) as real:
+        client: Any = real
+
+        class Idle:
+            """Keeps a live run going."""
+
+            def process(self) -> None:
+                pass
+
+            async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+                await operator.mark_ready()
+                await anyio.sleep_forever()
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, int] = await RedisLiveMap.create(client, name, lease_ttl=0.3)
+            maps.append(lm)
+            for part_name, entries in plan.items():
+                await coco.mount(coco.component_subpath(part_name), declare, lm, entries)
+            await coco.mount(coco.component_subpath("idle"), Idle)
+
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update()
+        assert await real.hlen(f"{base}:d:0") == 3
+        # the process ends (its tree, its token and its leases are forgotten)
+        # and another one of the app starts without b, as Redis goes away
+        _app._trees.pop(app_name)
+        monkeypatch.setattr(_producer, "_process", None)
+        monkeypatch.setattr(_producer, "_leases", {})
+        client = FailingSweeps(real)
+        plan = {"a": {"a1": 1}}
+        async with coco.App(app_name, main).update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+                while client.tries < 2:
+                    await anyio.sleep(0.01)
+            assert maps[-1].stats().sweeps == 0
+            assert await real.hlen(f"{base}:d:0") == 3  # not swept yet
+            client.failing = False  # Redis is back: the next try sweeps
+            with anyio.fail_after(TIMEOUT):
+                while maps[-1].stats().sweeps < 1:
+                    await anyio.sleep(0.01)
+            assert maps[-1].stats().swept == 2
+            data = await real.hgetall(f"{base}:d:0")
+            assert {bytes(k) for k in data} == {encode_key("a1")}
+            await handle.stop()
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "catchup"])
+async def test_an_update_that_ends_by_itself_after_its_catch_up_sweeps(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, live: bool
+) -> None:
+    """A live update with nothing live in it ends at quiescence, as a
+    catch-up update does: it has caught up, and sweeps before it ends."""
+    from livemap._redis import _producer
+    from livemap._runtime import _app
+
+    name = unique()
+    app_name = unique()
+    base = f"livemap:{{{name}}}"
+    plan: dict[str, dict[str, int]] = {"a": {"a1": 1}, "b": {"b1": 1}}
+    maps: list[RedisLiveMap[str, int]] = []
+
+    def declare(lm: RedisLiveMap[str, int], entries: dict[str, int]) -> None:
+        for key, value in entries.items():
+            lm.declare_entry(key, value)
+
+    async with connect(redis_server.url) as client:
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, int] = await RedisLiveMap.create(client, name)
+            maps.append(lm)
+            for part_name, entries in plan.items():
+                await coco.mount(coco.component_subpath(part_name), declare, lm, entries)
+
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=live)
+        # another process of the app (see test_a_sweep_that_failed_is_tried_again)
+        _app._trees.pop(app_name)
+        monkeypatch.setattr(_producer, "_process", None)
+        monkeypatch.setattr(_producer, "_leases", {})
+        plan = {"a": {"a1": 2}}
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=live)
+        stats = maps[-1].stats()
+        assert (stats.sweeps, stats.swept) == (1, 1)
+        data = await client.hgetall(f"{base}:d:0")
+        assert {bytes(k): bytes(v) for k, v in data.items()} == {encode_key("a1"): b"2"}
+        assert await client.get(f"{base}:app:{app_name}") is None  # given up
