@@ -32,21 +32,48 @@ class Interrupt(KeyboardInterrupt):
     """Raised from a per-entry run now and then."""
 
 
-class Storm:
-    def __init__(self, seed: int, kind: str) -> None:
+async def jitter(rng: random.Random) -> None:
+    """A few checkpoints, now and then a short sleep."""
+    for _ in range(rng.choice([0, 0, 1, 3])):
+        await anyio.lowlevel.checkpoint()
+    if rng.random() < 0.05:
+        await anyio.sleep(rng.random() * 0.002)
+
+
+class _Churn:
+    """The producer's state (key -> version), the sink's rows, and the
+    random source both storms draw from."""
+
+    sink_checkpoints = 0.05  # how often the sink checkpoints
+
+    def __init__(self, seed: int, first: int) -> None:
         self.rng = random.Random(seed)
         self.hostile = True
         self.version = itertools.count(1)
-        self.state = {key: next(self.version) for key in KEYS[:8]}
+        self.state = {key: next(self.version) for key in KEYS[:first]}
         self.rows: dict[str, int] = {}
+
+    async def apply(self, batch: TargetBatch[str, int]) -> None:
+        if self.hostile and self.rng.random() < self.sink_checkpoints:
+            await anyio.lowlevel.checkpoint()
+        for key in batch.deletes:
+            self.rows.pop(key, None)
+        self.rows.update(batch.upserts)
+
+    def change(self, least: int, most: int, keys: list[str]) -> None:
+        for _ in range(self.rng.randint(least, most)):
+            key = self.rng.choice(keys)
+            if key in self.state and self.rng.random() < 0.3:
+                del self.state[key]
+            else:
+                self.state[key] = next(self.version)
+
+
+class Storm(_Churn):
+    def __init__(self, seed: int, kind: str) -> None:
+        super().__init__(seed, 8)
         self.target: KeyedTarget[str, int] = KeyedTarget(f"storm-{seed}", self.apply)
         rng, target = self.rng, self.target
-
-        async def jitter() -> None:
-            for _ in range(rng.choice([0, 0, 1, 3])):
-                await anyio.lowlevel.checkpoint()
-            if rng.random() < 0.05:
-                await anyio.sleep(rng.random() * 0.002)
 
         def maybe_interrupt() -> None:
             if self.hostile and rng.random() < 0.02:
@@ -59,10 +86,10 @@ class Storm:
 
         @coco.fn
         async def async_proc(value: tuple[str, int]) -> None:
-            await jitter()
+            await jitter(rng)
             maybe_interrupt()
             target.declare(value[0], value[1])
-            await jitter()
+            await jitter(rng)
 
         proc = sync_proc if kind == "sync" else async_proc
 
@@ -71,7 +98,7 @@ class Storm:
             for key, value in list(self.state.items()):
                 lm.declare_entry(key, (key, value))
                 if rng.random() < 0.1:
-                    await jitter()
+                    await jitter(rng)
 
         @coco.fn
         async def main() -> None:
@@ -83,24 +110,9 @@ class Storm:
         self.maps: list[LiveMap[str, tuple[str, int]]] = []
         self.app = coco.App(f"storm-{kind}-{seed}-{next(_names)}", main)
 
-    async def apply(self, batch: TargetBatch[str, int]) -> None:
-        if self.hostile and self.rng.random() < 0.05:
-            await anyio.lowlevel.checkpoint()
-        for key in batch.deletes:
-            self.rows.pop(key, None)
-        self.rows.update(batch.upserts)
-
-    def change(self) -> None:
-        for _ in range(self.rng.randint(0, 4)):
-            key = self.rng.choice(KEYS)
-            if key in self.state and self.rng.random() < 0.3:
-                del self.state[key]
-            else:
-                self.state[key] = next(self.version)
-
     async def run(self) -> None:
         for _ in range(25):
-            self.change()
+            self.change(0, 4, KEYS)
             try:
                 with anyio.fail_after(10):
                     with anyio.move_on_after(self.rng.random() * 0.01):
@@ -122,25 +134,17 @@ async def test_cut_short_updates_converge_once_one_runs_to_its_end(kind: str, se
     assert {key: value for key, (_, value) in storm.maps[-1].items()} == storm.state
 
 
-class LiveStorm:
+class LiveStorm(_Churn):
     """Live runs, each stopped or cancelled after a random delay (or once
     ready), while a live producer changes entries every millisecond or so;
     then one live run that is left to catch up."""
 
-    def __init__(self, seed: int, kind: str) -> None:
-        self.rng = rng = random.Random(seed)
-        self.hostile = True
-        self.version = itertools.count(1)
-        self.state = {key: next(self.version) for key in KEYS[:6]}
-        self.rows: dict[str, int] = {}
-        self.target: KeyedTarget[str, int] = KeyedTarget(f"live-storm-{seed}", self.apply)
-        target, storm = self.target, self
+    sink_checkpoints = 0.1
 
-        async def jitter() -> None:
-            for _ in range(rng.choice([0, 0, 1, 3])):
-                await anyio.lowlevel.checkpoint()
-            if rng.random() < 0.05:
-                await anyio.sleep(rng.random() * 0.002)
+    def __init__(self, seed: int, kind: str) -> None:
+        super().__init__(seed, 6)
+        self.target: KeyedTarget[str, int] = KeyedTarget(f"live-storm-{seed}", self.apply)
+        rng, target, storm = self.rng, self.target, self
 
         @coco.fn
         def sync_proc(value: tuple[str, int]) -> None:
@@ -148,9 +152,9 @@ class LiveStorm:
 
         @coco.fn
         async def async_proc(value: tuple[str, int]) -> None:
-            await jitter()
+            await jitter(rng)
             target.declare(value[0], value[1])
-            await jitter()
+            await jitter(rng)
 
         class LiveProc:
             def __init__(self, value: tuple[str, int]) -> None:
@@ -160,7 +164,7 @@ class LiveStorm:
                 target.declare(self.value[0], self.value[1])
 
             async def process_live(self, op: coco.LiveComponentOperator) -> None:
-                await jitter()
+                await jitter(rng)
                 await op.update_full()
                 await op.mark_ready()
                 await anyio.sleep_forever()
@@ -181,7 +185,7 @@ class LiveStorm:
                 while True:
                     await anyio.sleep(rng.random() * 0.002)
                     if storm.hostile:
-                        storm.change()
+                        storm.change(1, 3, KEYS[:12])
                     await op.update_full()
 
         @coco.fn
@@ -193,21 +197,6 @@ class LiveStorm:
 
         self.maps: list[LiveMap[str, tuple[str, int]]] = []
         self.app = coco.App(f"live-storm-{kind}-{seed}-{next(_names)}", main)
-
-    async def apply(self, batch: TargetBatch[str, int]) -> None:
-        if self.hostile and self.rng.random() < 0.1:
-            await anyio.lowlevel.checkpoint()
-        for key in batch.deletes:
-            self.rows.pop(key, None)
-        self.rows.update(batch.upserts)
-
-    def change(self) -> None:
-        for _ in range(self.rng.randint(1, 3)):
-            key = self.rng.choice(KEYS[:12])
-            if key in self.state and self.rng.random() < 0.3:
-                del self.state[key]
-            else:
-                self.state[key] = next(self.version)
 
     async def run(self) -> None:
         rng = self.rng
