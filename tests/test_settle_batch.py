@@ -387,3 +387,84 @@ async def test_a_claim_passes_in_the_update_whose_drops_go_as_a_batch() -> None:
     assert sink.rows["row-shared"] == state[claimant][1]
     assert sink.rows == dict(sink.target.items())
     assert len(sink.errors) == 1
+
+
+@pytest.mark.parametrize("owners", [2, 1], ids=["merged-batch", "one-owner"])
+async def test_failed_held_deletes_of_mounted_components_are_sent_again(owners: int) -> None:
+    """Entries' components that stay mounted change their rows in one live
+    update; the sink raises on the batch of the old rows' deletes.  Each
+    component gets its ``TargetApplyError``, and the deletes go again with
+    the target's next batch once the sink is back: no old row is left in
+    the sink or in the target's record."""
+    rows: dict[str, int] = {}
+    errors: list[BaseException] = []
+    fail = {"on": False}
+
+    def apply(batch: TargetBatch[str, int]) -> None:
+        if fail["on"] and batch.deletes:
+            raise OSError("sink down")
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, int] = KeyedTarget(f"alive-rows-{next(_names)}", apply)
+    state = {"e1": "a", "e2": "b"}
+    maps: list[LiveMap[str, str]] = []
+    send, recv = anyio.create_memory_object_stream[anyio.Event](10)
+
+    @coco.fn
+    async def per_entry(value: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        target.declare(f"row-{value}", 0)
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, str]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for key, value in state.items():
+                self.lm.declare_entry(key, value)
+
+        async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+            await operator.update_full()
+            await operator.mark_ready()
+            async for done in recv:
+                await operator.update_full()
+                done.set()
+
+    async def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        errors.append(exc)
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(handler):
+            lm: LiveMap[str, str] = await LiveMap.create()
+            maps.append(lm)
+            await coco.mount(Producer, lm)
+            await coco.mount_each(per_entry, lm)
+
+    async def commit() -> None:
+        done = anyio.Event()
+        await send.send(done)
+        await done.wait()
+        await maps[0].settle()
+
+    app = coco.App(f"alive-drops-{next(_names)}", main)
+    with anyio.fail_after(10):
+        async with app.update(live=True) as h:
+            await h.ready()
+            await maps[0].settle()
+            await wait_for(lambda: rows == {"row-a": 0, "row-b": 0})
+            fail["on"] = True
+            state.update(e1="a2", e2="b2") if owners == 2 else state.update(e1="a2")
+            await commit()
+            assert [type(e) for e in errors] == [TargetApplyError] * owners, errors
+            fail["on"] = False
+            state["e3"] = "c"  # the target's next batch
+            await commit()
+            await h.stop()
+    send.close()
+    recv.close()
+    want = {"row-a2": 0, "row-b2" if owners == 2 else "row-b": 0, "row-c": 0}
+    assert rows == want
+    assert dict(target.items()) == want

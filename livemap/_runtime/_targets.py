@@ -229,8 +229,13 @@ class SinkTarget(TargetBase[K, V]):
     The lock is bound to the event loop it was made on, and a target may be
     used on one loop after another (each ``anyio.run`` or ``update_blocking``
     makes its own): one lock per loop, kept by the loop and gone with it.
-    ``_orphans``: unmounted components whose deletes the sink did not take;
-    each stays listed until they are applied, retried before every commit.
+    ``_orphans``: components whose deletes the sink did not take (an
+    unmounted one's release, or the held drops of any one that reached the
+    sink after its update settled); each stays listed until they are
+    applied, retried before every commit.  (A listed component that holds
+    drops for an update still in progress has them applied by that retry
+    too: after a failed sink, a transfer may become a delete and an insert,
+    never a lost delete.)
     A subclass sends changes with :meth:`_send_drops` (for releases and
     deferred drops) and commits with its own ``commit_run``.
     """
@@ -262,11 +267,18 @@ class SinkTarget(TargetBase[K, V]):
         # Each stays listed until its deletes are applied: a retry cut short
         # (the committing run cancelled in the sink) leaves it for the next.
         orphans = self._orphans
+        table = self._table
         for component in list(orphans):
-            result = self._table.release(component)
+            # a mounted one keeps what it declares: only its drops go
+            result = table.drop_deferred(component) if component.alive else table.release(component)
             if await self._send_drops(component, result) is None:
                 orphans.remove(component)
                 self._settled(component, result)
+
+    def _orphan(self, component: Owner) -> None:
+        """``component``'s deletes did not reach the sink: retry them."""
+        if component not in self._orphans:
+            self._orphans.append(component)
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         async with self._get_lock():
@@ -278,7 +290,7 @@ class SinkTarget(TargetBase[K, V]):
             failed = await self._send_drops(component, result)
             drop_now = failed is None and self._settled(component, result)
             if failed is not None and not component.alive:
-                self._orphans.append(component)
+                self._orphan(component)
         if drop_now:
             failed = await self._apply_deferred(component)
         return failed
@@ -291,8 +303,8 @@ class SinkTarget(TargetBase[K, V]):
             failed = await self._send_drops(component, result)
             if failed is None:
                 self._settled(component, result)  # (nothing is deferred any more)
-            elif not component.alive:
-                self._orphans.append(component)
+            else:  # mounted or not: nothing else would send these deletes again
+                self._orphan(component)
             return failed
 
 
@@ -363,8 +375,7 @@ class KeyedTarget(SinkTarget[K, V]):
         path).  If the sink raises, the batch is taken back and it is as if
         each component's own batch had failed: each one with keys in it gets
         a :class:`TargetApplyError` naming it (the sink's exception is the
-        cause), and an unmounted one's deletes are retried with the target's
-        next batch."""
+        cause), and its deletes are retried with the target's next batch."""
         if len(components) == 1:
             await self._drop_deferred(components[0])
             return
@@ -384,8 +395,7 @@ class KeyedTarget(SinkTarget[K, V]):
                     own = TargetApplyError(self.name, format_path(component.path), 0, len(keys))
                     own.__cause__ = failed.__cause__
                     failures.append((component, own))
-                    if not component.alive:
-                        self._orphans.append(component)
+                    self._orphan(component)
         for component, exc in failures:  # (outside the lock, as a commit's reports)
             await component.report(exc)
 
