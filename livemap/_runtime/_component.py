@@ -174,23 +174,15 @@ async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
     """Run ``jobs``, which waited for ``scope``'s update to settle: those of
     each ``batch`` first, as one call per batch (one commit per target for
     the keys the update let go), then the others in the order they came."""
-    batches: dict[DropBatch, list[Any]] | None = None
+    batches: dict[DropBatch, list[Any]] = {}
     rest: list[SettleJob] = []
     for job in jobs:
-        batch = job.batch
-        if batch is None:
+        if job.batch is None:
             rest.append(job)
-        elif batches is None:
-            batches = {batch: [job.member]}
         else:
-            members = batches.get(batch)
-            if members is None:
-                batches[batch] = [job.member]
-            else:
-                members.append(job.member)
-    if batches:
-        for batch, members in batches.items():
-            await batch(members, scope)
+            batches.setdefault(job.batch, []).append(job.member)
+    for batch, members in batches.items():
+        await batch(members, scope)
     for job in rest:
         await job.run()
 

@@ -80,10 +80,7 @@ class TargetBase(Generic[K, V]):
         commit deferred wait for its update to settle.  True if they cannot
         (the update ended meanwhile): then the caller applies them at once."""
         if result.transfers:
-            for _, _, new in result.transfers:
-                if new is not component:
-                    owner: Owner = new  # type: ignore[assignment]  # the table's owners are Owners
-                    owner.adopt(self)
+            self._adopt_transfers(result, component)
         if self._table.deferred_of(component):
             job = partial(self._drop_deferred, component)
             return not component.settle_after(
@@ -91,14 +88,20 @@ class TargetBase(Generic[K, V]):
             )
         return False
 
+    def _adopt_transfers(self, result: Commit[K, V], committer: Owner | None = None) -> None:
+        """The claimants that got keys in ``result`` (``committer`` aside:
+        it holds this target already) hold this target now."""
+        for _, _, new in result.transfers:
+            if new is not committer:
+                owner: Owner = new  # type: ignore[assignment]  # the table's owners are Owners
+                owner.adopt(self)
+
     def _dropped(self, components: list[Owner], result: Commit[K, V]) -> None:
         """After the deferred drops of ``components`` (one commit, ``result``)
         reached the sink: claimants that got keys hold this target now, and
         a component that holds nothing here any more lets go of it."""
         if result.transfers:
-            for _, _, new in result.transfers:
-                owner: Owner = new  # type: ignore[assignment]  # the table's owners are Owners
-                owner.adopt(self)
+            self._adopt_transfers(result)
         for component in components:
             if not self.holds(component):
                 component.disown(self)  # (a run that leaves nothing may rest then)
