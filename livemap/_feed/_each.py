@@ -1177,9 +1177,12 @@ class EachLiveSubscriber:
 
         child.readiness.on_first = done
 
-    async def first_runs(self) -> None:
-        """Wait until the live components started so far have marked
-        themselves ready, left the tree or been superseded (see above)."""
+    async def caught_up(self, settle: Callable[[], Awaitable[None]]) -> None:
+        """The catch-up's wait for this consumer: ``settle()`` (what the feed
+        committed so far was delivered), then until the live components
+        started by then have marked themselves ready, left the tree or been
+        superseded (see above)."""
+        await settle()
         first = self._first
         if first:
             for event in list(first.values()):
@@ -1293,7 +1296,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             # a live run's initial catch-up waits for this consumer's too
             settle_source = settler(each.source, comp)
             if isinstance(subscriber, EachLiveSubscriber):
-                settle_source = _then(settle_source, subscriber.first_runs)
+                settle_source = partial(subscriber.caught_up, settle_source)
             app_run.settlers[subscriber] = settle_source
         try:
             await each.source.watch(subscriber)
@@ -1358,16 +1361,6 @@ def settler(source: Any, comp: Component) -> Callable[[], Awaitable[None]]:
     if callable(settle):
         return cast("Callable[[], Awaitable[None]]", settle)
     return comp.readiness.wait_ready
-
-
-def _then(
-    first: Callable[[], Awaitable[None]], second: Callable[[], Awaitable[None]]
-) -> Callable[[], Awaitable[None]]:
-    async def both() -> None:
-        await first()
-        await second()
-
-    return both
 
 
 # As for ``mount``: one overload with the optional subpath, one without.  The
