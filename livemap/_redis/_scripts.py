@@ -58,6 +58,16 @@ return {redis.call('GET', base .. ':epoch'), redis.call('HGET', base .. ':meta',
 # the owner records and their handover (``take``, ``drop``).  Expects
 # ``base``, ``inst`` (the caller's instance token), ``app`` (its app name),
 # ``ttl`` (its lease's TTL, ms) and ``epoch`` as locals.
+_EPOCH_CHECK = """
+local base = KEYS[1]
+local epoch = redis.call('GET', base .. ':epoch')
+if epoch ~= ARGV[1] then
+  return {'epoch', epoch or ''}
+end"""
+"""The start of a script that changes a map: KEYS[1] is its base and ARGV[1]
+the epoch the caller knows; another epoch (the map was made again, or Redis
+lost its data) returns ``{'epoch', current epoch or ''}``."""
+
 _SHARED = """
 local call = redis.call
 local SEP = '\\30'
@@ -206,12 +216,8 @@ end
 # else '0'), key, holder id, owner index, key, holder id, owner index, ...}
 # for the claims that met another owner (new ones only).
 COMMIT = (
-    """
-local base = KEYS[1]
-local epoch = redis.call('GET', base .. ':epoch')
-if epoch ~= ARGV[1] then
-  return {'epoch', epoch or ''}
-end
+    _EPOCH_CHECK
+    + """
 local inst = ARGV[2]
 local maxlen = ARGV[3]
 local app = ARGV[4]
@@ -431,12 +437,8 @@ return 1
 # owner is one to keep.  Returns {'epoch', ...}, {'busy', holder} as COMMIT
 # does, or {'ok', the number of keys let go}.
 SWEEP = (
-    """
-local base = KEYS[1]
-local epoch = redis.call('GET', base .. ':epoch')
-if epoch ~= ARGV[1] then
-  return {'epoch', epoch or ''}
-end
+    _EPOCH_CHECK
+    + """
 local inst = ARGV[2]
 local app = ARGV[3]
 local ttl = ARGV[4]
