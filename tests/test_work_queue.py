@@ -1,8 +1,11 @@
-"""The pool's work-queue (``RunQueue``) owns a key's life on the workers'
-side: never twice at once, the latest run only, cleanups kept, retry
-backoff and its cancellation by newer work; and what that gives through the
-public API (``settle()`` counts a key waiting out its backoff; a re-mount
-never runs a key beside a try again of the mount_each it replaced)."""
+"""The work-queue (``WorkQueue``) owns a key's whole consumer-side life:
+waiting, in flight, dirty, never twice at once, the latest run only,
+cleanups kept, retry backoff and its cancellation by newer work, settle
+waiters; and what that gives through the public API (``settle()`` counts a
+key waiting out its backoff, or waiting in the queue during the initial
+scan; a newer value cuts a backoff short; a re-mount never runs a key
+beside a try again of the mount_each it replaced; a try cancelled at any of
+its awaits leaves the key consistent)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import pytest
 from helpers import TIMEOUT, wait_for
 
 import livemap as coco
-from livemap import LiveMap, RetryPolicy
-from livemap._feed._queue import Kind, RunQueue, Work
+from livemap import KeyedTarget, LiveMap, RetryPolicy
+from livemap._feed._queue import DELIVER_WORK, Kind, Work, WorkQueue
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +39,7 @@ def Cleanup(name: str) -> Work:
     return (CLEANUP, name)
 
 
-def take_all(queue: RunQueue[str]) -> list[tuple[str, str]]:
+def take_all(queue: WorkQueue[str]) -> list[tuple[str, str]]:
     """Take and finish every work, one at a time, in the queue's order."""
     out = []
     while (taken := queue.take()) is not None:
@@ -47,7 +50,7 @@ def take_all(queue: RunQueue[str]) -> list[tuple[str, str]]:
 
 
 def test_a_key_in_flight_is_not_taken_again_and_goes_first_when_done() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.add("k", Run("k1"))
     assert queue.take() == ("k", queue.in_flight["k"])
     queue.add("k", Run("k2"))  # changed while in flight: waits for it
@@ -63,7 +66,7 @@ def test_a_key_in_flight_is_not_taken_again_and_goes_first_when_done() -> None:
 
 
 def test_a_newer_run_replaces_the_waiting_one_but_not_a_cleanup() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.add("k", Run("old"))
     queue.add("k", Run("newer"))
     queue.add("k", Cleanup("cleanup"))
@@ -74,7 +77,7 @@ def test_a_newer_run_replaces_the_waiting_one_but_not_a_cleanup() -> None:
 
 
 def test_discard_drops_the_waiting_run_and_keeps_the_cleanup() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.add("k", Cleanup("cleanup"))
     queue.add("k", Held("run"))
     queue.add("j", Held("run"))
@@ -86,7 +89,7 @@ def test_discard_drops_the_waiting_run_and_keeps_the_cleanup() -> None:
 
 
 async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.add("k", Run("first"))
     assert queue.take() is not None
     delays: list[int] = []
@@ -115,7 +118,7 @@ async def test_a_failed_try_backs_off_then_waits_again_with_its_count() -> None:
 
 
 async def test_newer_work_cuts_a_backoff_short_with_a_fresh_count() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.add("k", Run("first"))
     assert queue.take() is not None
     assert queue.retry("k", Run("again"), 5, lambda failed: 600.0)
@@ -129,7 +132,7 @@ async def test_newer_work_cuts_a_backoff_short_with_a_fresh_count() -> None:
 
 
 def test_a_try_that_is_over_leaves_no_count_behind() -> None:
-    queue: RunQueue[str] = RunQueue()
+    queue: WorkQueue[str] = WorkQueue()
     queue.attempts["k"] = 2  # a try again in flight...
     queue.in_flight["k"] = Run("again")
     queue.done("k")  # ...that did not fail again (or was superseded)
@@ -294,3 +297,277 @@ async def test_a_key_waiting_out_its_backoff_holds_no_worker() -> None:
         assert tries == [0]
         assert holder["lm"].stats().failing == {}  # still to be tried again
         await handle.stop()
+
+
+# -- the one queue: a consumer's changes and a pool's runs in one place --------
+
+
+def test_a_change_to_a_key_in_flight_waits_behind_its_try_after_newer_keys() -> None:
+    """A change (DELIVER) to a key in flight makes it dirty: it waits behind
+    the try and, once that is done, is taken after the keys waiting already
+    (a key that keeps changing does not starve the others); a cleanup
+    waiting behind a try goes first."""
+    queue: WorkQueue[str] = WorkQueue()
+    queue.changed()
+    queue.add("k", DELIVER_WORK)
+    assert queue.take() == ("k", DELIVER_WORK)
+    queue.changed()
+    queue.add("k", DELIVER_WORK)  # dirty: waits behind its try
+    queue.add("j", DELIVER_WORK)
+    assert list(queue.order) == ["j"] and "k" in queue.waiting
+    queue.done("k")
+    assert list(queue.order) == ["j", "k"]  # after the newer key
+    for key in ("j", "k"):
+        assert queue.take() == (key, DELIVER_WORK)
+        queue.done(key)
+    assert queue.idle()
+    queue.add("c", Run("run"))
+    assert queue.take() is not None
+    queue.add("c", Cleanup("cleanup"))
+    queue.add("d", Run("d"))
+    queue.done("c")
+    assert list(queue.order) == ["c", "d"]  # the rest of its work goes first
+
+
+async def test_settle_needs_the_try_that_reads_a_change_made_before_it() -> None:
+    """What ``settle()`` waits for, per key: a waiting change needs the next
+    try; a try in flight with no change behind it covers what it read; a
+    try that only waited for the key's turn (``covers=False``) covers
+    nothing; a key whose work is dropped needs no try."""
+    queue: WorkQueue[str] = WorkQueue()
+    queue.changed()
+    queue.add("a", DELIVER_WORK)
+    queue.add("b", DELIVER_WORK)
+    assert queue.take() == ("a", DELIVER_WORK)
+    queue.changed()
+    queue.add("c", DELIVER_WORK)
+    need = queue.outstanding()
+    assert need == {"a": 1, "b": 2, "c": 2}
+    done = anyio.Event()
+
+    async def settle() -> None:
+        await queue.settle(need)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(settle)
+        await wait_for(lambda: queue.waiters)
+        queue.done("a")  # read at change 1: covers "a"
+        assert "a" not in need
+        assert queue.take() == ("b", DELIVER_WORK)
+        queue.done("b", covers=False)  # waited only: "b" still needed
+        assert "b" in need
+        queue.add("b", DELIVER_WORK)
+        assert queue.take() == ("c", DELIVER_WORK)
+        queue.done("c")
+        assert queue.take() == ("b", DELIVER_WORK)
+        assert not done.is_set()
+        queue.done("b")
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+    queue.add("x", Run("x"))
+    need = queue.outstanding()
+    assert need == {"x": -1}  # (a run, not a change: any try of it)
+
+    async def settle_x() -> None:
+        await queue.settle(need)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(settle_x)
+            await wait_for(lambda: queue.waiters)
+            queue.discard("x")  # dropped: nothing to wait for
+
+
+async def test_a_newer_value_cuts_a_backoff_short_with_a_fresh_count() -> None:
+    """A key waits out a long backoff after a failed try; a new value runs at
+    once (not after the backoff), with a fresh count of attempts, and
+    ``settle()`` returns once it is processed."""
+    tries: list[int] = []
+    holder: dict[str, Any] = {}
+    values = {"k": 1}
+
+    @coco.fn
+    async def consume(value: int) -> None:
+        tries.append(value)
+        await anyio.sleep(0)
+        if value == 1:
+            raise OSError("1 always fails")
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            self.lm.declare_entry("k", values["k"])
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            holder["op"] = op
+            await op.update_full()
+            await op.mark_ready()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        await coco.mount(coco.component_subpath("p"), Producer, lm)
+        retry = RetryPolicy(max_attempts=5, initial_backoff=600.0, max_backoff=600.0)
+        holder["each"] = await coco.mount_each(
+            coco.component_subpath("c"), consume, lm.consumer(retry=retry)
+        )
+
+    config = coco.AppConfig("backoff cut short", exception_handler=lambda e, c: None)
+    async with coco.App(config, main).update(live=True) as handle:
+        await wait_for(lambda: tries == [1])
+        queue = holder["each"]._component.host.pool.queue
+        await wait_for(lambda: "k" in queue.backoff)
+        assert queue.attempts == {"k": 1}
+        values["k"] = 2
+        with anyio.fail_after(TIMEOUT):  # far less than the 600 s backoff
+            await holder["op"].update_full()
+            await holder["lm"].settle()
+        assert tries == [1, 2]
+        assert not queue.backoff and not queue.attempts
+        assert holder["lm"].stats().failing == {}
+        await handle.stop()
+
+
+async def test_settle_during_the_initial_scan_counts_the_keys_waiting_in_the_queue() -> None:
+    """``settle()`` called while the initial scan is still queueing (it
+    paces itself on the queue) waits for every key of the scan, and for a
+    change made during the scan, which is processed after the scan's run of
+    its key with the newer value."""
+    n = 1500
+    done: dict[int, int] = {}
+    holder: dict[str, Any] = {}
+    values = {"bump": 0}
+
+    @coco.fn
+    async def consume(value: tuple[int, int]) -> None:
+        await anyio.sleep(0.001)
+        done[value[0]] = value[1]
+
+    class Producer:
+        def __init__(self, lm: LiveMap[int, tuple[int, int]]) -> None:
+            self.lm = lm
+
+        def process(self) -> None:
+            for i in range(n):
+                self.lm.declare_entry(i, (i, values["bump"] if i == n - 1 else 0))
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            holder["op"] = op
+            await op.update_full()
+            await op.mark_ready()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[int, tuple[int, int]] = await LiveMap.create()
+        holder["lm"] = lm
+        producer = await coco.mount(coco.component_subpath("p"), Producer, lm)
+        await producer.ready()
+        await coco.mount_each(coco.component_subpath("c"), consume, lm.consumer(concurrency=4))
+
+    async with coco.App("settle in the scan", main).update(live=True) as handle:
+        lm = holder.get
+        await wait_for(lambda: lm("lm") is not None and lm("lm").active_consumer() is not None)
+        consumer = holder["lm"].active_consumer()
+        await wait_for(lambda: len(done) > 0)
+        assert not consumer.started  # the scan is still under way
+        values["bump"] = 1
+        await holder["op"].update_full()  # a change during the scan
+        assert not consumer.started
+        with anyio.fail_after(TIMEOUT):
+            await holder["lm"].settle()
+        assert len(done) == n
+        assert done[n - 1] == 1
+        await handle.stop()
+
+
+@pytest.mark.parametrize("cut", range(4))
+@pytest.mark.parametrize("how", ["remount", "stop"])
+async def test_a_try_cancelled_at_any_of_its_awaits_leaves_the_key_consistent(
+    cut: int, how: str
+) -> None:
+    """A key's try is cancelled at each of its awaits in turn (before it
+    declares, after, in a shielded ``finally``, after that): by a re-mount of
+    the mount_each (the key runs again, never beside the cancelled try, and
+    the sink ends with the latest value) or by a stop (nothing is left
+    running, the sink matches what the target holds)."""
+    rows: dict[str, int] = {}
+
+    def apply(batch: Any) -> None:
+        for key in batch.deletes:
+            rows.pop(key, None)
+        for key, value in batch.upserts:
+            rows[key] = value
+
+    sink = KeyedTarget[str, int]("rows", apply)
+    active: dict[str, int] = {}
+    overlaps: list[str] = []
+    reached = anyio.Event()
+    holder: dict[str, Any] = {"n": 0, "cut": True}
+
+    async def point(i: int) -> None:
+        if i == cut and holder["cut"]:
+            holder["cut"] = False
+            reached.set()
+            await anyio.sleep(0.05)  # the cancellation lands here
+        await anyio.sleep(0)
+
+    @coco.fn
+    async def consume(value: tuple[str, int]) -> None:
+        key, n = value
+        active[key] = active.get(key, 0) + 1
+        if active[key] > 1:
+            overlaps.append(key)
+        try:
+            await point(0)
+            sink.declare(key, n)
+            await point(1)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await point(2)
+                active[key] -= 1
+        await point(3)
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, tuple[str, int]], n: int) -> None:
+        lm.declare_entry("k", ("k", n))
+
+    class Parent:
+        async def process(self) -> None:
+            lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+            holder["lm"] = lm
+            n = holder["n"]
+            await coco.mount(produce, lm, n)
+            await coco.mount_each(consume, lm.consumer(concurrency=1 + n))
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            holder["op"] = op
+            await op.update_full()
+            await op.mark_ready()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(Parent)
+
+    config = coco.AppConfig(f"cut {how} {cut}", exception_handler=lambda e, c: None)
+    handle = coco.App(config, main).update(live=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handle.result)
+        with anyio.fail_after(TIMEOUT):
+            await reached.wait()
+            if how == "remount":
+                holder["n"] = 1
+                await holder["op"].update_full()
+                await holder["lm"].settle()
+                assert rows == {"k": 1}
+            await handle.stop()
+    assert overlaps == []
+    assert all(count == 0 for count in active.values())
+    if how == "stop":
+        assert rows in ({}, {"k": 0})

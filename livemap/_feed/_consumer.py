@@ -2,19 +2,21 @@
 subscriber.
 
 The consumer is where a LiveMap meets its consumer.  A commit adds the
-changed keys to the consumer's :class:`~._queue.WorkQueue`; a worker takes a
-key, reads its current state from the map at that moment, delivers
-``update(key, value)`` or ``delete(key)``, and marks the key done.  Reading
-the latest state at delivery time is what coalesces, and the queue never
-hands out a key that is in flight, so one key is never processed twice at
-once and its deliveries arrive in the order of its changes.
+changed keys to the consumer's :class:`~._queue.WorkQueue` (a
+:data:`~._queue.DELIVER` each); a worker takes a key, reads its current
+state from the map at that moment, delivers it, and marks the key done.
+Reading the latest state at delivery time is what coalesces, and the queue
+never hands out a key that is in flight, so one key is never processed
+twice at once and its deliveries arrive in the order of its changes.
 
 A hand-written subscriber's deliveries run on up to ``concurrency`` worker
 tasks, started as needed and parked when there is nothing to take, so that
-deliveries that never wait run back to back in one task.  ``mount_each``'s
-subscriber is skipped: its per-entry runs are queued on its pool straight
-from the commit (:meth:`Consumer._deliver_each`), and the pool hands each
-key back when its run is over.
+deliveries that never wait run back to back in one task: ``update(key,
+value)`` or ``delete(key)``, then the handle's ``ready()``.  ``mount_each``'s
+subscriber is skipped: the consumer uses its host's queue, whose pool
+workers take the keys and run the children (:meth:`Consumer.resolve` turns
+a key's change into the child's run), so a key is in one queue from its
+change to the end of its run.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ from weakref import WeakKeyDictionary
 import anyio
 import anyio.abc
 
-from livemap._feed._each import EachHost, EachLiveSubscriber, EachSubscriber, event_class
+from livemap._feed._each import (
+    CLEANUP,
+    RUN_CHILD,
+    RUN_KEYED,
+    WAIT,
+    EachHost,
+    EachLiveSubscriber,
+    EachSubscriber,
+    event_class,
+)
 from livemap._feed._protocols import ConsumerOptions, LiveMapSubscriber, ReadyLike
-from livemap._feed._queue import WorkQueue
+from livemap._feed._queue import DELIVER_WORK, Work, WorkQueue
 from livemap._runtime._component import Component
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import cleanup, detach
@@ -110,22 +121,41 @@ class ConsumedMap(Protocol[K, V]):
         ...
 
 
+class _Count:
+    """A size, for the stats (``len()`` of it)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class Consumer(Generic[K, V]):
     """The worker between one LiveMap and its one subscriber (internal).
 
     ``queue`` holds every key with work and where it stands (see
-    :class:`~._queue.WorkQueue` for its invariants).  Besides it:
+    :class:`~._queue.WorkQueue` for its invariants): the consumer's own for
+    a hand-written subscriber, its host's for ``mount_each``.  Besides it:
 
     * ``delivered``: for a hand-written subscriber, what it has (the map as
       its scan saw it, then every delivery); a try that finds the key's
       state already there delivers nothing.
     * ``failing``: keys whose latest delivery failed, with the error.
-    * ``each``: the subscriber of a ``mount_each`` of a function, whose runs
-      it queues on the pool itself; ``host``: the host of the ``mount_each``
-      it feeds, of a function or of a live-component class (its
-      :attr:`~._each.EachHost.consumer` is this consumer until it is released).
+    * ``each``: the subscriber of a ``mount_each`` of a function, whose
+      children its host's workers run (:meth:`resolve`); ``host``: the host
+      of the ``mount_each`` it feeds, of a function or of a live-component
+      class (its :attr:`~._each.EachHost.consumer` is this consumer until it
+      is released).
+    * ``early``: ``mount_each`` only, while its initial scan is under way
+      (``None`` after): the keys changed meanwhile, in order.  The scan's
+      runs carry the values of its snapshot, which a change after it makes
+      older: these keys join the queue once the scan is done, behind the
+      scan's runs, and their tries read the map.
     * ``started``: the subscriber's ``update_all()`` and ``mark_ready()``
-      returned; no key is taken before.  ``closed``: no key is taken any
+      returned; no change is taken before.  ``closed``: no key is taken any
       more; ``released``: the map's consumer slot is free again.
     * ``_workers`` / ``_free`` / ``_parked``: the worker tasks of a
       hand-written subscriber (at most ``concurrency``): how many run, how
@@ -141,7 +171,6 @@ class Consumer(Generic[K, V]):
         self.live_map = live_map
         self.subscriber = subscriber
         self.options = options
-        self.queue: WorkQueue[K] = WorkQueue()
         self.failing: dict[K, BaseException] = {}
         self.deliveries = 0
         self.closed = False
@@ -159,6 +188,14 @@ class Consumer(Generic[K, V]):
         each = subscriber if isinstance(subscriber, EachSubscriber) else None
         self.each = each
         self._component = each.component if each is not None else None
+        self.early: dict[K, None] | None = None
+        self.queue: WorkQueue[K]
+        if each is not None:
+            # one queue for the key's whole life: the host's, on this app run
+            self.queue = each.pool.join(each.app_run)
+            self.early = {}
+        else:
+            self.queue = WorkQueue()
         # the host of the mount_each it feeds (its processor a function or a
         # live-component class): a re-run or an unmount of that mount_each
         # ends this consumer at once (EachHost.supersede), so that its next
@@ -174,44 +211,64 @@ class Consumer(Generic[K, V]):
         self.delivered: dict[K, V] = {} if each is not None else dict(live_map.items())
 
     @property
-    def queued(self) -> set[K]:
-        """Keys with changes not taken yet."""
-        return self.queue.waiting
+    def queued(self) -> _Count:
+        """How many keys have changes not taken yet."""
+        queue = self.queue
+        n = len(queue.order)
+        early = self.early
+        if early:  # (a key the scan queued too counts once)
+            waiting, in_flight = queue.waiting, queue.in_flight
+            n += sum(1 for key in early if key not in waiting and key not in in_flight)
+        return _Count(n)
 
     @property
-    def in_flight(self) -> dict[K, int]:
-        """Keys being processed (a try of each is under way)."""
-        return self.queue.in_flight
+    def in_flight(self) -> _Count:
+        """How many keys are being processed (a try of each is under way, or
+        waits out its backoff)."""
+        queue = self.queue
+        return _Count(len(queue.in_flight) + len(queue.backoff))
 
     # -- called from commits (synchronously) ---------------------------------
 
     def notify(self, keys: list[K]) -> None:
+        if self.closed:
+            return
         queue = self.queue
         queue.changed()
-        in_flight = queue.in_flight
         self._set_busy(True)
-        # mount_each, past its initial scan: deliver at once while there is
-        # room, from the committing task (no hop through the worker loop)
-        each = self.each if self.started and not self.closed else None
+        each = self.each
         if each is None:
             for key in keys:
-                queue.add(key)
+                queue.add(key, DELIVER_WORK)
             if self.started:
                 self._kick()
             else:
                 self._poke()
             return
-        limit = self.options.concurrency
+        early = self.early
+        if early is not None:  # (the initial scan is under way)
+            for key in keys:
+                early[key] = None
+            return
+        # mount_each: the host's workers take the keys, and a key's try reads
+        # the map when it starts (a key in flight is dirty: its change waits
+        # behind it).  A delete of a key with nothing queued is applied now,
+        # from the committing task: its child leaves the tree at once (also
+        # while every worker is busy), and its cleanup is queued.
+        add, in_flight, waiting = queue.add, queue.in_flight, queue.waiting
+        get = self.live_map.get
         for key in keys:
-            if key in in_flight:
-                if not self._supersede_retry(each, key):
-                    queue.add(key)  # dirty
-            elif key not in queue.waiting:
-                if not queue.order and len(in_flight) < limit:
-                    self._deliver_each(each, key)
-                else:
-                    queue.add(key)
-        self._poke()
+            if key in in_flight or key in waiting or get(key, _MISSING) is not _MISSING:
+                add(key, DELIVER_WORK)  # (a newer change cuts a backoff short)
+                continue
+            work = self.resolve(key)
+            if work is None:
+                queue.settled(key)
+            elif work[0] is WAIT:  # (its child is busy: a worker waits for it)
+                add(key, DELIVER_WORK)
+            else:
+                add(key, work)
+        each.pool.wake(each.app_run)
 
     def close(self) -> None:
         self.closed = True
@@ -220,9 +277,13 @@ class Consumer(Generic[K, V]):
 
     # -- the worker ----------------------------------------------------------
 
-    def _poke(self) -> None:
+    def poke(self) -> None:
+        """Something the consumer's task waits for happened (its host's
+        queue went idle)."""
         if self._wake is not None:
             self._wake.set()
+
+    _poke = poke
 
     def _set_busy(self, busy: bool) -> None:
         if busy:
@@ -243,7 +304,7 @@ class Consumer(Generic[K, V]):
             run.consumer_busy(-1)
 
     def idle(self) -> bool:
-        return self.queue.idle()
+        return self.queue.idle() and not self.early
 
     async def run(self) -> None:
         try:
@@ -257,10 +318,18 @@ class Consumer(Generic[K, V]):
                 scanning_consumer.reset(token)
             await self.subscriber.mark_ready()
             self.started = True
+            each = self.each
+            early, self.early = self.early, None
+            if each is not None and early and not self.closed:
+                # the changes made during the scan, behind its runs
+                queue = self.queue
+                for key in early:
+                    queue.add(key, DELIVER_WORK)
+                each.pool.wake(each.app_run)
             self.scanned.set()
             async with anyio.create_task_group() as tg:
-                if self.each is not None:
-                    await self._run_each(self.each)
+                if each is not None:
+                    await self._run_each()
                 else:
                     await self._run_workers(tg)
                 tg.cancel_scope.cancel()
@@ -284,21 +353,16 @@ class Consumer(Generic[K, V]):
         if not hosts:
             _superseded.pop(self.live_map, None)
 
-    async def _run_each(self, each: EachSubscriber) -> None:
-        """``mount_each``: take the keys that could not be delivered at once
-        (during the scan, or beyond ``concurrency``) as room frees up."""
-        limit = self.options.concurrency
+    async def _run_each(self) -> None:
+        """``mount_each``: the host's workers take the keys; this task says
+        when the consumer is idle (its host's queue pokes it then)."""
         queue = self.queue
         new_event = event_class()
         while not self.closed:
-            while queue.order and len(queue.in_flight) < limit:
-                key = queue.pop()
-                assert key is not None
-                self._deliver_each(each, key)
             if queue.idle():
                 self._set_busy(False)
             self._wake = new_event()
-            if not self.closed and not (queue.order and len(queue.in_flight) < limit):
+            if not self.closed:
                 await self._wake.wait()
 
     async def _run_workers(self, tg: anyio.abc.TaskGroup) -> None:
@@ -342,8 +406,8 @@ class Consumer(Generic[K, V]):
         new_event = event_class()
         try:
             while not self.closed:
-                key = queue.take()
-                if key is None:
+                taken = queue.take()
+                if taken is None:
                     if queue.idle():
                         self._poke()  # the consumer is idle: its task says so
                     event = new_event()
@@ -351,6 +415,7 @@ class Consumer(Generic[K, V]):
                     self._free -= 1
                     await event.wait()
                     continue
+                key = taken[0]
                 self._free -= 1
                 if queue.order:
                     self._kick()
@@ -407,6 +472,7 @@ class Consumer(Generic[K, V]):
                 hosts.remove(host)
         self.released = True
         self.closed = True
+        self.early = None
         self.scanned.set()
         self._set_busy(False)
         self.queue.release()
@@ -417,113 +483,51 @@ class Consumer(Generic[K, V]):
             host.consumer = None
         self.live_map.consumer_ended(self)
 
-    def _supersede_retry(self, each: EachSubscriber, key: K) -> bool:
-        """A change to a key (in flight) whose child waits to retry a failed
-        run: apply it now instead of retrying the old value.  A new value
-        runs at once, with a fresh count of attempts; the readiness callback
-        of the key's delivery hands it back as usual.  A delete unmounts the
-        child at once; its cleanup hands the key back.  False (the change
-        waits) if the child is not waiting to retry."""
-        state = each.host
-        run = state.running.get(key)
-        if run is not None:
-            child = run.made
-        else:
-            children = each.component.children
-            child = None if children is None else children.get((key,))  # type: ignore[arg-type]
-        if child is None or not each.host.backing_off(child):
-            return False
-        self.deliveries += 1
-        self.queue.restart(key)
-        value = self.live_map.get(key, _MISSING)
-        if value is not _MISSING:
-            fargs = each.host.fargs
-            child.args = (value, *fargs) if fargs else (value,)
-            each.pool.queue_run(child)  # cuts the backoff short: a newer run
-            return True
-        if run is not None:
-            state.drop(key)  # its hand-back is the cleanup's now
-        waiters = child.readiness.waiters
-        if waiters:  # likewise for the hand-back of the key's delivery
-            finish = self.finish
-            child.readiness.waiters = [
-                w for w in waiters if not (isinstance(w, partial) and w.func == finish)
-            ] or None
-        detach(child)  # drops its try again
-        each.pool.cleanup(child, partial(self._cleanup, child, key))
-        return True
+    # -- mount_each: what a change of a key runs -------------------------------
 
-    def _deliver_each(self, each: EachSubscriber, key: K) -> None:
-        """Deliver to ``mount_each`` without a task: queue the child's run on
-        the pool and take the key back when the child is ready."""
-        queue = self.queue
+    def resolve(self, key: K) -> Work | None:
+        """``mount_each``: a worker took ``key`` for a change (a
+        :data:`~._queue.DELIVER`): what its try runs, from the key's state in
+        the map now and its child's.  ``None``: nothing (the child has that
+        state already); a :data:`~._each.WAIT` work: the key's child is
+        still busy with a run of its own, the change waits for it."""
+        each = self.each
+        if each is None or self.closed:
+            return None  # (a consumer of the host's that ended)
         value = self.live_map.get(key, _MISSING)
-        state = each.host
-        if key in state.running or state.pending(key):
-            # still processing an earlier value (from the scan): deliver the
-            # latest state once that is done (EachHost tells finish), or
-            # now if it only waits to retry
-            queue.hold(key)
-            if not self._supersede_retry(each, key):
-                queue.add(key)  # dirty
-            return
+        host = each.host
         children = each.component.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
         if child is None:
             # at rest (a leaf: only its value is kept), or not mounted
-            held = state.leaves.get(key, _MISSING)
-            if value is not _MISSING and (held is _MISSING or not _same(held, value)):
-                queue.begin(key)
-                self.deliveries += 1
+            held = host.leaves.get(key, _MISSING)
+            if value is not _MISSING:
                 if held is not _MISSING:
-                    del state.leaves[key]
-                each.submit_keyed(key, value)  # EachHost tells finish when it is done
-                return
-            if value is _MISSING and held is not _MISSING:
+                    if _same(held, value):
+                        return None
+                    del host.leaves[key]
+                self.deliveries += 1
+                if not host.counted:
+                    host.hold()
+                return (RUN_KEYED, value, each.gen)
+            if held is not _MISSING:
                 self.deliveries += 1
                 each.drop_leaf(key)
-            queue.settled(key)
-            return
-        if child.readiness.unready:
-            # still processing an earlier value (from the scan, or a retry):
-            # deliver the latest state once that is done, or now if it only
-            # waits to retry
-            queue.hold(key)
-            if not self._supersede_retry(each, key):
-                queue.add(key)  # dirty
-            if child.alive:  # (a delete that cut a retry short hands back itself)
-                child.readiness.on_ready(partial(self.finish, key))
-            return
+            return None
+        readiness = child.readiness
+        if readiness.unready and readiness.self_ready:
+            return (WAIT, child)  # its subtree is busy with runs of its own
         if value is _MISSING:
-            queue.begin(key)
             self.deliveries += 1
-            detach(child)
-            each.pool.cleanup(child, partial(self._cleanup, child, key))
-            return
-        if _same(child.args[0], value):
-            queue.settled(key)
-            return
-        queue.begin(key)
+            detach(child)  # (drops a try again it waited to make)
+            return (CLEANUP, partial(cleanup, child))
+        if not readiness.unready and _same(child.args[0], value):
+            return None
+        # (a child that waited to try a failed run again runs the newer
+        # value now, with a fresh count of attempts)
         self.deliveries += 1
         child = each.child(key, value)
-        each.pool.queue_run(child)
-        child.readiness.on_ready(partial(self.finish, key))
-
-    async def _cleanup(self, child: Component, key: K) -> None:
-        try:
-            await cleanup(child)
-        finally:
-            self.finish(key)
-
-    def finish(self, key: K) -> None:
-        """``mount_each``: ``key``'s run (its ``finally`` included) is over:
-        the queue decides what follows, and the loop takes the next keys."""
-        self.queue.done(key)
-        self._poke()
-
-    def scan_run_over(self, key: Any) -> None:
-        """A run of ``key`` that the initial scan started is over."""
-        self.queue.outside_done(key)
+        return (RUN_CHILD, child, child.begin(), False)
 
     async def _deliver(self, key: K) -> None:
         """One try of ``key`` for a hand-written subscriber: deliver its
@@ -572,21 +576,19 @@ class Consumer(Generic[K, V]):
             await self.scanned.wait()
         if self.closed:
             return
-        need = self.queue.outstanding()
+        queue = self.queue
+        need = queue.outstanding()
         each = self.each
         if each is not None:
-            host = each.host
-            for key in (*host.pending_keys(), *host.running):
-                need.setdefault(key, -1)  # queued or running since the scan
             comp = each.component
             children = comp.children
-            # The children still busy from runs this queue did not start
-            # (the scan's, or a child's own): looked for only if the
+            # The children still busy with runs this queue does not hold (a
+            # child's own, or its children's): looked for only if the
             # component's count of unready children says there are more
             # than the keys already waited for.
             if children:
                 readiness = comp.readiness
-                busy = readiness.unready - (not readiness.self_ready) - host.counted
+                busy = readiness.unready - (not readiness.self_ready) - each.host.counted
                 if busy > 0:
                     for key in need:
                         child = children.get((key,))  # type: ignore[arg-type]
@@ -596,8 +598,8 @@ class Consumer(Generic[K, V]):
                     for rel, child in list(children.items()):
                         if child.readiness.unready and rel[0] not in need:
                             need[rel[0]] = -1
-                            child.readiness.on_ready(partial(self.scan_run_over, rel[0]))
-        await self.queue.settle(need)
+                            child.readiness.on_ready(partial(queue.outside_done, rel[0]))
+        await queue.settle(need)
         if self.host is not None:
             # keys its children let go meanwhile, deleted once that settled
             await self.host.settling.settled()

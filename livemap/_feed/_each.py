@@ -7,8 +7,9 @@ or running without one), runs them on its :class:`Pool`, keeps the record of
 failing keys and applies the retry policy.  Over a feed, the component is
 live: its task (:func:`run_each`) watches the feed with an
 :class:`EachSubscriber`, which (re)mounts and unmounts children as entries
-change.  A LiveMap's consumer (:mod:`._consumer`) skips the subscriber
-protocol and queues runs on the host directly.
+change.  A LiveMap's consumer (:mod:`._consumer`) skips the subscriber's
+deliveries: its changes wait in the host's work-queue, the one queue of
+each key, and the pool's workers run them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import (
     AsyncIterable,
     Awaitable,
     Callable,
-    Container,
     Hashable,
     Iterable,
 )
@@ -27,6 +27,7 @@ from types import CoroutineType
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
 import anyio
+import anyio.lowlevel
 
 from livemap._feed._protocols import (
     ConsumerOptions,
@@ -35,7 +36,7 @@ from livemap._feed._protocols import (
     RetryPolicy,
     is_feed,
 )
-from livemap._feed._queue import Kind, RunQueue, Work
+from livemap._feed._queue import DELIVER, DELIVER_WORK, Kind, Work, WorkQueue
 from livemap._feed._settling import Settling
 from livemap._paths import ComponentSubpath, StableKey, format_path, normalize_key, prefix_var
 from livemap._runtime._args import child_path, split_args
@@ -72,6 +73,11 @@ __all__ = [
     "KeyWatcher",
     "KeyedRun",
     "Pool",
+    "RUN_CHILD",
+    "RUN_KEYED",
+    "CLEANUP",
+    "TURN",
+    "WAIT",
     "event_class",
     "mount_each",
     "run_each",
@@ -92,19 +98,15 @@ def _no_processor(*args: Any, **kwargs: Any) -> Any:
 
 
 class KeyWatcher(Protocol):
-    """What waits for keys' runs to be over: a map's consumer."""
+    """The consumer feeding a host: a map's consumer."""
 
-    @property
-    def in_flight(self) -> Container[Any]:
-        """The keys whose runs it waits for."""
+    def resolve(self, key: Any) -> Work | None:
+        """A worker took ``key`` for a change (a :data:`~._queue.DELIVER`):
+        what its try runs now, if anything (see ``Consumer.resolve``)."""
         ...
 
-    def finish(self, key: Any) -> None:
-        """``key``'s run (its cleanup included) is over."""
-        ...
-
-    def scan_run_over(self, key: Any) -> None:
-        """A run of ``key`` not taken from the consumer (the scan's) is over."""
+    def poke(self) -> None:
+        """The host's queue went idle."""
         ...
 
     def supersede(self) -> None:
@@ -138,7 +140,7 @@ class KeyedRun(Run):
     one: to declare (the component is the owner), to mount, or to create a
     map.  A run that never does is over once its function returns."""
 
-    __slots__ = ("host", "key", "made", "scope", "value")
+    __slots__ = ("dropped", "host", "key", "made", "scope", "value")
 
     def __init__(self, host: EachHost, scope: anyio.CancelScope) -> None:
         self.buffers = None
@@ -152,6 +154,9 @@ class KeyedRun(Run):
         self.value: Any = None
         # the scope of the worker running it, while it does
         self.scope: anyio.CancelScope | None = scope
+        # the host let go of it while it ran (a re-scan, a newer value, a
+        # delete): it commits nothing
+        self.dropped = False
 
     def forget(self) -> None:
         """A run that will not commit lets go of the component it made (a
@@ -192,18 +197,22 @@ class EachHost:
     maps.  Such a child needs no component.  ``leaves`` holds the value of
     each child at rest without one; the pool's queue holds the value of each
     key whose run is queued without one (a :data:`RUN_KEYED` work: the key is
-    *pending*), and ``running`` the :class:`KeyedRun` of each key whose run
-    is under way without one.  A run that needs its component (see
-    :class:`KeyedRun`), or fails, gets one, which then stays in the tree
-    like any other child until a later run leaves nothing behind
-    (:meth:`rest`).  A key is in at most one of ``leaves``, pending and
-    ``running``, and is in the component's children only while in none of
-    them, or while running once its run made its component.
+    *pending*), and, while a worker runs it, the :class:`KeyedRun` (in the
+    key's work in flight, ``(RUN_KEYED, value, gen, run)``).  A run that
+    needs its component (see :class:`KeyedRun`), or fails, gets one, which
+    then stays in the tree like any other child until a later run leaves
+    nothing behind (:meth:`rest`).  A key is in at most one of ``leaves``,
+    pending and running without a component, and is in the component's
+    children only while in none of them, or while running once its run made
+    its component.  Once a worker's part of a run is over, the child's
+    component (if it has one) is an ordinary child of the tree, whose
+    readiness the tree keeps: a change to it while its subtree is busy
+    waits for it in the queue (:data:`WAIT`).
 
     From a key's first run without a component until no run waits in the
-    pool's queue and none without a component is under way, the
-    ``mount_each`` component counts one unready child for them all
-    (``counted``).
+    pool's queue and none without a component is under way (``keyed``
+    counts those), the ``mount_each`` component counts one unready child for
+    them all (``counted``).
     """
 
     __slots__ = (
@@ -216,11 +225,11 @@ class EachHost:
         "fn",
         "handlers",
         "keeps_leaves",
+        "keyed",
         "kwargs",
         "leaves",
         "pool",
         "retry",
-        "running",
         "settling",
     )
 
@@ -243,10 +252,12 @@ class EachHost:
         self.keeps_leaves = keeps_leaves
         self.failures: dict[Any, BaseException] | None = {} if keeps_leaves else None
         # the consumer feeding this host, while one watches (of a function:
-        # it waits for keys' runs to be over; of either kind: supersede() ends it)
+        # its changes turn into runs here; of either kind: supersede() ends it)
         self.consumer: KeyWatcher | None = None
         self.leaves: dict[Any, Any] = {}
-        self.running: dict[Any, KeyedRun] = {}
+        # keyed runs a worker runs now that were not dropped (each in its
+        # key's work in flight)
+        self.keyed = 0
         self.counted = False
         self.fn: Any = None  # the processor, and what calling it calls
         self.call: Callable[..., Any] = _no_processor
@@ -295,20 +306,12 @@ class EachHost:
             self.counted = True
             self.component.readiness.adjust(1)
 
-    def pending(self, key: Any) -> bool:
-        """Whether a run of ``key`` without a component is queued."""
-        queue = self.pool.queue
-        if key not in queue.waiting:  # (the common case, on every delivery)
-            return False
-        work = queue.latest(key)
-        return work is not None and work[0] is RUN_KEYED
-
     def pending_keys(self) -> list[Any]:
         """The keys whose run without a component is queued."""
         return list(self.pool.queue.keys_waiting(RUN_KEYED))
 
     def release_if_idle(self) -> None:
-        if self.counted and not self.pool.queue.waiting and not self.running:
+        if self.counted and not self.pool.queue.waiting and not self.keyed:
             self.counted = False
             self.component.readiness.adjust(-1)
 
@@ -357,15 +360,10 @@ class EachHost:
         if children is not None and (key,) in children:
             # an earlier run of the key, dropped while it ran (a re-scan
             # reset us), made the key's component: that component runs it
-            child = self.mount_entry(key, value)
-            self.pool.queue_run(child)
-            child.readiness.on_ready(partial(self._done, key))
-            self.release_if_idle()
+            self.pool.queue_run(self.mount_entry(key, value))  # (after this one)
             return None
         run.key = key
         run.value = value
-        running = self.running
-        running[key] = run
         app_run = comp.session.active
         slotted = app_run is None or app_run.keyed_run_begins(self.fn, run)
         handlers = self.handlers
@@ -383,7 +381,6 @@ class EachHost:
                 result = await result
         except anyio.get_cancelled_exc_class():
             run.scope = None
-            self._finish_key(key, run)
             if app_run is not None:
                 app_run.give_slot(run)
                 app_run.stats.run_cancelled(self.fn)
@@ -397,7 +394,7 @@ class EachHost:
                 handlers_var.reset(t_handlers)
             if t_prefix is not None:
                 prefix_var.reset(t_prefix)
-        if running.get(key) is not run:
+        if run.dropped:
             # dropped while it ran (a re-scan reset the host): it commits
             # nothing, and the worker's next keyed run starts clean
             if app_run is not None:
@@ -415,13 +412,10 @@ class EachHost:
             # at rest at once: the common case
             if app_run is not None:
                 app_run.keyed_run_rests(self.fn, run)
-            del running[key]
             self.leaves[key] = value
             failures = self.failures
             if failures:
                 failures.pop(key, None)
-            self._done(key)
-            self.release_if_idle()
             return None
         return result, error  # its slot, if any, goes with it to finish_keyed
 
@@ -429,7 +423,6 @@ class EachHost:
         """The rest of a keyed run that made its component or failed: the
         component (made now if the run did not) takes the run over as a
         first try that already ran."""
-        key = run.key
         scope = run.scope
         child = run.made
         try:
@@ -450,55 +443,63 @@ class EachHost:
                 app_run.give_slot(run)  # (run_once gave it back, unless it never began)
             if child is not None and child.cancel_scope is scope:
                 child.cancel_scope = None
-            if self.running.get(key) is run:
-                run.scope = None  # the worker's part is over
-                if child is not None and child.alive and child.readiness.unready:
-                    # its component's subtree is still busy: the key is, too
-                    child.readiness.on_ready(partial(self._finish_key, key, run))
-                else:
-                    self._finish_key(key, run)
+            run.scope = None  # the worker's part is over
 
-    def _finish_key(self, key: Any, run: KeyedRun) -> None:
-        if self.running.get(key) is run:
-            del self.running[key]
-            self._done(key)
-            self.release_if_idle()
-
-    def _done(self, key: Any) -> None:
-        """Tell the consumer, if it waits for ``key``, that its run is over."""
-        consumer = self.consumer
-        if consumer is not None:
-            if key in consumer.in_flight:
-                consumer.finish(key)
-            else:
-                consumer.scan_run_over(key)
+    def _keyed_run(self, key: Any) -> KeyedRun | None:
+        """``key``'s keyed run a worker runs now, if any."""
+        work = self.pool.queue.in_flight.get(key)
+        if work is not None and work[0] is RUN_KEYED and len(work) > 3:
+            run: KeyedRun = work[3]
+            return run
+        return None
 
     def drop(self, key: Any) -> None:
         """Forget ``key``'s run without a component (cancelled if under way)."""
         self.pool.queue.discard(key)
-        run = self.running.pop(key, None)
-        if run is not None and run.scope is not None:
-            run.scope.cancel()
+        run = self._keyed_run(key)
+        if run is not None and not run.dropped:
+            self._drop_run(run)
         self.release_if_idle()
+        self.pool.dropped()
 
     def reset(self) -> None:
-        """Cancel every run without a component (a new scan follows)."""
-        self.pool.queue.discard_where(_is_keyed)
-        self._cancel_running()
-        self.running.clear()
+        """Cancel every run without a component, and drop the changes an
+        earlier consumer left waiting (a new scan follows)."""
+        pool = self.pool
+        pool.queue.discard_where(_is_keyed_or_change)
+        for run in self._keyed_runs():
+            if not run.dropped:
+                self._drop_run(run)
+        pool.end_waits()
         self.release_if_idle()
+        pool.dropped()
+
+    def _drop_run(self, run: KeyedRun) -> None:
+        """``run`` (under way) commits nothing and is cancelled; the
+        ``mount_each`` waits for it no more (its key stays in flight until
+        it has ended)."""
+        run.dropped = True
+        self.keyed -= 1
+        if run.scope is not None:
+            run.scope.cancel()
+
+    def _keyed_runs(self) -> list[KeyedRun]:
+        in_flight = self.pool.queue.in_flight.values()
+        return [w[3] for w in in_flight if w[0] is RUN_KEYED and len(w) > 3]
 
     def stop_runs(self) -> None:
         """Cancel every run without a component that is under way, and drop
         every run still waiting (a try again in its backoff too; cleanups
         stay): nothing runs here again until new work comes."""
         self._cancel_running()
-        queue = self.pool.queue
-        queue.cancel_backoff()
-        queue.discard_where(_any_run)
+        pool = self.pool
+        pool.queue.cancel_backoff()
+        pool.queue.discard_where(_any_run)
+        pool.end_waits()
+        pool.dropped()
 
     def _cancel_running(self) -> None:
-        for run in self.running.values():
+        for run in self._keyed_runs():
             if run.scope is not None:
                 run.scope.cancel()
 
@@ -519,14 +520,6 @@ class EachHost:
         """Run ``gen`` of ``child`` failed: the pool's queue tries it again
         after the policy's wait, while the policy has tries left."""
         return self.pool.try_again(child, gen)
-
-    def backing_off(self, child: Component) -> bool:
-        """Whether ``child`` waits to try a failed run again: out its
-        backoff, or for a worker to take its try again."""
-        queue = self.pool.queue
-        key = child.rel[0]
-        again = queue.backing_off(key) or queue.latest(key)
-        return again is not None and again[0] is RUN_CHILD and again[3] and again[1] is child
 
     def retry_delay(self, failed: int) -> float | None:
         policy = self.retry
@@ -586,8 +579,8 @@ class EachHost:
         return self.keeps_leaves and self.settling.later()
 
 
-def _is_keyed(work: Work) -> bool:
-    return work[0] is RUN_KEYED
+def _is_keyed_or_change(work: Work) -> bool:
+    return work[0] is RUN_KEYED or work[0] is DELIVER
 
 
 def _any_run(work: Work) -> bool:
@@ -608,7 +601,8 @@ RUN_CHILD = Kind("run")
 RUN_KEYED = Kind("keyed run")
 """``(RUN_KEYED, value, gen)``: a run of a child without a component (see
 :class:`EachHost`) on ``value`` (``gen``: the run of the ``mount_each`` that
-queued it)."""
+queued it).  In flight, ``(RUN_KEYED, value, gen, run)``: ``run`` is its
+:class:`KeyedRun`."""
 
 CLEANUP = Kind("cleanup", replaceable=False)
 """``(CLEANUP, job)``: ``job()`` releases what a detached child held (it must
@@ -617,6 +611,17 @@ happen, whatever newer work comes for the key)."""
 TURN = Kind("turn", replaceable=False)
 """``(TURN, turn)``: a task outside the workers (a per-entry live
 component's) waits to hold the key (see :meth:`Pool.hold`)."""
+
+WAIT = Kind("wait")
+"""``(WAIT, child)``: what a change turns into when the key's child is busy
+with runs of its own (its subtree is not ready): the key stays in flight,
+holding no worker, until the child is ready; then the change waits again
+(its try covered nothing) and is taken as any other."""
+
+
+_IN_A_ROW = 64
+"""How many keys a worker takes in a row before it lets the other tasks of
+the event loop have a turn (runs that never wait would hold it otherwise)."""
 
 
 class _Turn:
@@ -650,12 +655,14 @@ class Pool:
     pool is closed.  A run is cancelled by cancelling the scope of the worker
     running it (the worker then opens a fresh scope).
 
-    What to run, by key, is :attr:`queue`'s (a :class:`~._queue.RunQueue`):
-    it hands out a key only while no worker runs it (also when a re-mount
-    or a newer value cancelled that run), keeps only the latest run of a
-    key waiting, and holds failed tries waiting out their backoff.  A worker
-    is ``take, run, done``; :meth:`retry` asks the queue whether a failed
-    try goes again.
+    What to run, by key, is :attr:`queue`'s (a :class:`~._queue.WorkQueue`,
+    also the queue of the consumer feeding the host): it hands out a key
+    only while no try of it is under way (also when a re-mount or a newer
+    value cancelled that run), keeps only the latest run of a key waiting,
+    and holds failed tries waiting out their backoff.  A worker is ``take,
+    run, done``; a change (:data:`~._queue.DELIVER`) turns into the run it
+    needs when it is taken (``Consumer.resolve``); :meth:`try_again` asks
+    the queue whether a failed try goes again.
 
     Workers are woken one at a time: a new item wakes (or starts) a worker
     only when none is free, and a worker that starts a run while more items
@@ -684,7 +691,7 @@ class Pool:
         # crowded(): several rounds of work queued for every worker
         self.high = max(8 * limit, 1024)
         # every key with work, and where it stands
-        self.queue: RunQueue[Any] = RunQueue()
+        self.queue: WorkQueue[Any] = WorkQueue()
         # the host whose children it runs (its keyed runs, its retry policy)
         self.host: EachHost | None = None
         # events set once no key is in flight (see :meth:`wait_idle`)
@@ -715,6 +722,18 @@ class Pool:
             await self._room.wait()
 
     # -- work in ---------------------------------------------------------------
+
+    def join(self, app_run: AppRun) -> WorkQueue[Any]:
+        """The queue, for a consumer of ``app_run`` (a new app run starts
+        with an empty one)."""
+        if self.app_run is not app_run:
+            self._new_run(app_run)
+        return self.queue
+
+    def wake(self, app_run: AppRun) -> None:
+        """Work was added to the queue: make sure a worker is free to take it."""
+        if self.free <= 0 and self.app_run is app_run:
+            self._add_worker(app_run)
 
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
@@ -761,6 +780,7 @@ class Pool:
         again = self.queue.backing_off(key)
         if again is not None and again[0] is RUN_CHILD and again[1] is child:
             self.queue.forget(key)
+            self.dropped()
 
     # -- workers -----------------------------------------------------------------
 
@@ -770,6 +790,8 @@ class Pool:
         used again."""
         self.app_run = app_run
         self.queue.clear()
+        if self.host is not None:
+            self.host.keyed = 0
         self.idle_waiters = None  # (of an earlier app run, maybe another loop)
         self.parked.clear()
         self._room = None
@@ -827,12 +849,56 @@ class Pool:
         the work waiting for it goes first."""
         if self.app_run is not app_run:
             return  # (a new app run forgot the old keys)
-        queue = self.queue
-        queue.done(key)
-        if queue.order and self.free <= 0:
+        self._done(key)
+        if self.queue.order and self.free <= 0:
             self._add_worker(app_run)
-        if not queue.in_flight and self.idle_waiters:
-            self._wake_idle()
+
+    def _done(self, key: Any, *, covers: bool = True) -> None:
+        """``key``'s try is over: the queue decides what follows
+        (:meth:`~._queue.WorkQueue.done`); who waits for the host's runs to
+        be over hears of it."""
+        queue = self.queue
+        queue.done(key, covers=covers)
+        host = self.host
+        if host is not None and host.counted:
+            host.release_if_idle()
+        if not queue.in_flight:
+            if self.idle_waiters:
+                self._wake_idle()
+            if host is not None and host.consumer is not None and queue.idle():
+                host.consumer.poke()
+
+    def dropped(self) -> None:
+        """Work was dropped from the queue: the consumer may be idle now."""
+        host = self.host
+        if host is not None and host.consumer is not None and self.queue.idle():
+            host.consumer.poke()
+
+    def end_waits(self) -> None:
+        """The changes waiting, in flight, for their child to be ready
+        (:data:`WAIT`) wait no more: the host re-runs or stops."""
+        queue = self.queue
+        for key in [k for k, w in queue.in_flight.items() if w[0] is WAIT]:
+            self._done(key, covers=False)
+        app_run = self.app_run
+        if queue.order and self.free <= 0 and app_run is not None:
+            self._add_worker(app_run)  # (a cleanup waited behind one)
+
+    def _wait(self, app_run: AppRun, key: Any, child: Component) -> None:
+        """A change to ``key`` waits, in flight, until ``child`` is ready
+        (see :data:`WAIT`)."""
+        waiting: Work = (WAIT, child)
+        self.queue.in_flight[key] = waiting
+        child.readiness.on_ready(partial(self._waited, app_run, key, waiting))
+
+    def _waited(self, app_run: AppRun, key: Any, waiting: Work) -> None:
+        queue = self.queue
+        if self.app_run is not app_run or queue.in_flight.get(key) is not waiting:
+            return
+        queue.add(key, DELIVER_WORK)
+        self._done(key, covers=False)
+        if self.free <= 0:
+            self._add_worker(app_run)
 
     async def wait_idle(self) -> None:
         """Wait until no run of this pool's current app run is under way."""
@@ -853,18 +919,27 @@ class Pool:
         """A worker: take a key, run its work, mark it done; park when no
         key can be taken (until the first backoff ends, if one waits).  The
         queue hands out no key in flight, so a key never runs twice at once,
-        and decides what follows a try (:meth:`~._queue.RunQueue.done`, and
-        :meth:`try_again` from a failed one)."""
+        and decides what follows a try (:meth:`_done`, and :meth:`try_again`
+        from a failed one)."""
         queue = self.queue
-        take, done = queue.take, queue.done
-        run_child, run_keyed, cleanup = RUN_CHILD, RUN_KEYED, CLEANUP
+        take = queue.take
+        in_flight = queue.in_flight
+        run_child, run_keyed, cleanup, deliver = RUN_CHILD, RUN_KEYED, CLEANUP, DELIVER
         new_event = event_class()
+        checkpoint = anyio.lowlevel.checkpoint
+        taken_in_a_row = 0
         try:
             while True:
                 if queue.order or self._due():
                     with anyio.CancelScope() as scope:
                         while not scope.cancel_called:
                             # -- take a key ----------------------------------
+                            taken_in_a_row += 1
+                            if taken_in_a_row > _IN_A_ROW:
+                                # runs that never wait, back to back: let the
+                                # other tasks have a turn now and then
+                                taken_in_a_row = 0
+                                await checkpoint()
                             if queue.backoff:
                                 self._due()
                             taken = take()
@@ -874,29 +949,42 @@ class Pool:
                             if self._room is not None and len(queue.order) <= self.limit:
                                 self._wake_room()
                             kind = work[0]
-                            if kind is TURN:  # a task outside the workers waits for the key
+                            if kind is deliver:  # a change: what its try runs
+                                consumer = None if self.host is None else self.host.consumer
+                                resolved = None if consumer is None else consumer.resolve(key)
+                                if resolved is None:
+                                    self._done(key)  # nothing to do
+                                    continue
+                                kind = resolved[0]
+                                if kind is WAIT:
+                                    self._wait(app_run, key, resolved[1])
+                                    continue
+                                work = in_flight[key] = resolved
+                            elif kind is TURN:  # a task outside the workers waits for the key
                                 turn = work[1]
                                 if turn.state == _Turn.WAITING:
                                     turn.state = _Turn.HOLDING  # it is done at its let_go()
                                     turn.event.set()
                                 else:
-                                    done(key)  # it gave up
+                                    self._done(key)  # it gave up
                                 continue
                             if kind is run_child and (
                                 work[2] != work[1].generation or not work[1].alive
                             ):
-                                done(key)  # superseded or unmounted
-                                self._release_host()
+                                self._done(key)  # superseded or unmounted
                                 continue
                             self.free -= 1
                             if queue.order and self.free <= 0:
                                 self._add_worker(app_run)  # in case this run waits
                             # -- run it --------------------------------------
+                            each = self.host
+                            keyed = kind is run_keyed
                             try:
-                                if kind is run_keyed:
-                                    each = self.host
+                                if keyed:
                                     assert each is not None
                                     run = KeyedRun(each, scope)
+                                    in_flight[key] = (run_keyed, work[1], work[2], run)
+                                    each.keyed += 1
                                     token = current_run_var.set(run)
                                     try:
                                         outcome = await each.run_keyed(key, work[1], work[2], run)
@@ -913,21 +1001,18 @@ class Pool:
                                         # it made its component or failed: the
                                         # rest runs with no keyed run current
                                         await each.finish_keyed(run, *outcome)
-                                    continue
-                                try:
-                                    if kind is cleanup:
-                                        await work[1]()
-                                    else:
-                                        await self._run_child(app_run, scope, work)
-                                finally:
-                                    self._release_host()
+                                elif kind is cleanup:
+                                    await work[1]()
+                                else:
+                                    await self._run_child(app_run, scope, work)
                             # -- mark it done: the queue decides what follows -
                             finally:
                                 if self.app_run is app_run:  # (else a new run cleared it)
                                     self.free += 1
-                                    done(key)
-                                    if not queue.in_flight and self.idle_waiters:
-                                        self._wake_idle()
+                                    if keyed and not run.dropped:
+                                        assert each is not None
+                                        each.keyed -= 1
+                                    self._done(key)
                     continue
                 if self.closed or self.app_run is not app_run:
                     return
@@ -936,12 +1021,6 @@ class Pool:
             if self.app_run is app_run:
                 self.workers -= 1
                 self.free -= 1
-
-    def _release_host(self) -> None:
-        """The host's count of waiting runs may be over (see :class:`EachHost`)."""
-        host = self.host
-        if host is not None and host.counted:
-            host.release_if_idle()
 
     def _due(self) -> bool:
         """Move the tries again whose backoff is over to the waiting work;
@@ -994,8 +1073,9 @@ class EachSubscriber:
     ``update_all()`` opens an epoch and mounts a child for every entry of a
     view's snapshot; ``mark_ready()`` closes it, unmounting the children of
     keys the epoch did not see.  ``update`` / ``delete`` then follow changes.
-    A LiveMap's consumer skips the protocol and queues runs on :attr:`host`
-    directly (:meth:`submit_keyed`, or the child's component on its pool).
+    A LiveMap's consumer skips ``update`` / ``delete``: its changes wait in
+    the host's queue, and ``Consumer.resolve`` turns each into a run when a
+    worker takes it (:meth:`child`, :attr:`gen`, :meth:`drop_leaf`).
     """
 
     def __init__(
@@ -1273,11 +1353,9 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             host = comp.host = EachHost(comp, options.concurrency, options.retry, keeps_leaves=True)
         else:
             # the same host and pool: runs of the earlier run of this
-            # mount_each that are still winding down hold their keys
-            if host.pool.app_run is not comp.session.active:
-                # an earlier app run (maybe on another event loop) ended with
-                # its runs: their tasks and cancel scopes are gone with it
-                host.running.clear()
+            # mount_each that are still winding down hold their keys (an
+            # earlier app run's ended with it: the queue starts empty then)
+            host.pool.join(comp.session.require_run())
             host.reset()  # runs queued by an earlier run of this mount_each
             host.retry = options.retry
             host.pool.resize(options.concurrency)

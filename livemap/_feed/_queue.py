@@ -1,35 +1,31 @@
-"""Work-queues: every key with work to do, and where it stands.
+"""The work-queue: every key with work to do, and where it stands.
 
-Two queues, one per worker set: a consumer's :class:`WorkQueue` (the keys
-of a map with changes to deliver) and a pool's :class:`RunQueue` (the runs
-of a ``mount_each``'s children, by key).  Each owns the whole life of a key
-on its side: a worker takes a key, runs it, marks it done, and the queue
-alone decides what follows.
+One :class:`WorkQueue` per consumer owns a key's whole consumer-side life.
+A hand-written subscriber's consumer has its own; a ``mount_each``'s
+consumer uses its host's (so a key of a map consumed by a ``mount_each`` is
+in one queue only, from the change that makes it wait to the end of the run
+that processed it, and the host's queue outlives one consumer: a key whose
+run of an earlier consumer is winding down is still in flight when the next
+consumer of the same host starts).
 
-**The consumer's queue.**
-One :class:`WorkQueue` per consumer holds each key's consumer-side life: it
-is *waiting* (changed, not taken yet), *in flight* (taken: a try of it is
-under way), *dirty* (in flight and changed again since its try read the
-map), or absent (nothing to do).  A worker takes a key, runs one try of it
-(reads the key's latest state from the map and delivers it), and marks it
-done; :meth:`WorkQueue.done` is the one place that decides what happens
-after a try: a dirty key waits again, and the ``settle()`` waiters the try
-covered are released.
+A key is *waiting* (it has work, and no try of it is under way), *in
+flight* (a worker took it: a try is under way, its ``finally`` included),
+*backing off* (its latest try failed and its try again waits out the retry
+policy's delay) or absent.  A key in flight may have work waiting behind
+it: a change made after its try read the map (the key is *dirty*), a
+cleanup, a run.  A worker takes a key, runs its work, marks it done:
+:meth:`WorkQueue.done` is the one place that decides what follows a try
+(the work waiting behind it, the settle waiters the try covered, the end
+of its count of attempts), with :meth:`WorkQueue.retry` the request of a
+failed try to be tried again.
 
-Coalescing comes from the map: a key that changed fifty times while it
-waited is one waiting key, and its try reads the latest state, so the work
-waiting is bounded by the number of distinct keys.  A key is never in
-flight twice, so it is never processed twice at once, and its tries run in
-the order of its changes.
-
-**The pool's queue.**  :class:`RunQueue` holds what a pool's workers run,
-by the key of the child it is for: the work *waiting* for each key (its
-latest run, after any cleanup still to do), the keys *in flight* (a worker
-runs one of their works), and the keys *backing off* (a failed try waits
-out its retry policy's delay).  A key in flight is not taken again until
-it is done, also when a re-mount or a newer value cancelled its run; a
-newer run replaces the one waiting (coalescing) and cuts a backoff short,
-with a fresh count of attempts.
+A work is a tuple ``(kind, *what)`` tagged with its :class:`Kind`, made and
+read without a Python call.  :data:`DELIVER` carries only the key: its try
+reads the key's state from the map when it starts, which is coalescing
+stated as a type (a key that changed fifty times while it waited is one
+waiting :data:`DELIVER`).  A ``mount_each``'s host adds the runs of its
+children (a scan's runs, carrying their values, re-runs, cleanups); its
+worker turns a :data:`DELIVER` into one of them when it takes it.
 """
 
 from __future__ import annotations
@@ -41,15 +37,48 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 import anyio
 
-__all__ = ["Kind", "RunQueue", "Work", "WorkQueue"]
+__all__ = ["DELIVER", "DELIVER_WORK", "Kind", "Work", "WorkQueue"]
 
 K = TypeVar("K")
 
 
+class Kind:
+    """What a work is: the first item of every work a :class:`WorkQueue`
+    holds (a work is a tuple ``(kind, *what)``, made and read without a
+    Python call)."""
+
+    __slots__ = ("goes_first", "name", "replaceable")
+
+    def __init__(self, name: str, *, replaceable: bool = True, goes_first: bool = True) -> None:
+        self.name = name
+        # Whether a newer work for the key replaces this one while it waits
+        # (a run: the newer one runs the latest state); False for work that
+        # must happen even so (a cleanup).
+        self.replaceable = replaceable
+        # Whether, waiting behind the key's try in flight, it is taken
+        # before newer keys once that try is done (the rest of one piece of
+        # work: a cleanup's run), or after them (a change: a key that keeps
+        # changing does not starve the others).
+        self.goes_first = goes_first
+
+    def __repr__(self) -> str:
+        return f"<work kind {self.name}>"
+
+
+Work: TypeAlias = tuple[Any, ...]
+"""``(kind, *what)``: one piece of work for a key, ``kind`` a :class:`Kind`."""
+
+DELIVER = Kind("deliver", goes_first=False)
+"""``(DELIVER,)``: the key changed in the map; its try reads the key's
+latest state when it starts and processes that."""
+
+DELIVER_WORK: Work = (DELIVER,)
+"""The one :data:`DELIVER` work."""
+
+
 class _Waiter:
     """One ``settle()`` call: ``keys`` maps each key it waits for to the
-    change number its try must have started at (or after) to cover every
-    change made before the call."""
+    change number a try of it must cover (``-1``: any try of the key)."""
 
     __slots__ = ("event", "keys")
 
@@ -59,188 +88,11 @@ class _Waiter:
 
 
 class WorkQueue(Generic[K]):
-    """The keys a consumer has work for (internal).
+    """Every key with work, and where it stands (internal).
 
-    Invariants, for every key:
-
-    * ``order`` holds each key of ``waiting`` once, oldest change first;
-      ``waiting`` and ``in_flight`` never share a key.
-    * ``in_flight`` maps a key taken by a worker (or handed straight to a
-      per-entry run) to the change number ``seq`` at which its try read the
-      map: the try covers every change up to it.  ``-1``: a try that did not
-      read the map for this queue (one the initial scan started), which
-      covers nothing the queue counted.
-    * ``dirty`` is a subset of ``in_flight``: keys that changed after their
-      try read the map; :meth:`done` makes them wait again.
-    * ``seq`` counts :meth:`changed` calls (one per commit); a ``settle()``
-      waiter needs each key it waits for covered at the ``seq`` of its call.
-    * ``waiters`` hold the keys they wait for, each until a try that covers
-      the waiter's changes is done, or the key turns out to need no try.
-    """
-
-    __slots__ = ("dirty", "in_flight", "order", "seq", "waiters", "waiting")
-
-    def __init__(self) -> None:
-        self.order: deque[K] = deque()
-        self.waiting: set[K] = set()
-        self.in_flight: dict[K, int] = {}
-        self.dirty: set[K] = set()
-        self.seq = 0
-        self.waiters: list[_Waiter] = []
-
-    def __len__(self) -> int:
-        """How many keys have work: waiting or in flight."""
-        return len(self.waiting) + len(self.in_flight)
-
-    def idle(self) -> bool:
-        return not self.order and not self.in_flight
-
-    # -- changes -------------------------------------------------------------
-
-    def changed(self) -> int:
-        """A commit changed keys: a new change number (then :meth:`add` each)."""
-        self.seq += 1
-        return self.seq
-
-    def add(self, key: K) -> None:
-        """``key`` changed: it waits (once), or, in flight, is dirty."""
-        if key in self.in_flight:
-            self.dirty.add(key)
-        elif key not in self.waiting:
-            self.waiting.add(key)
-            self.order.append(key)
-
-    # -- taking keys ---------------------------------------------------------
-
-    def take(self) -> K | None:
-        """The oldest waiting key, now in flight; ``None`` if none waits."""
-        order = self.order
-        if not order:
-            return None
-        key = order.popleft()
-        self.waiting.discard(key)
-        self.in_flight[key] = self.seq
-        return key
-
-    def pop(self) -> K | None:
-        """The oldest waiting key, no longer waiting and not in flight yet
-        (the caller puts it in flight, or finds it needs no try)."""
-        order = self.order
-        if not order:
-            return None
-        key = order.popleft()
-        self.waiting.discard(key)
-        return key
-
-    def begin(self, key: K) -> None:
-        """``key`` (not waiting) goes in flight at once, read now."""
-        self.in_flight[key] = self.seq
-
-    def hold(self, key: K) -> None:
-        """``key`` (not waiting) goes in flight behind a try this queue did
-        not start (the initial scan's), which covers nothing it counted."""
-        self.in_flight.setdefault(key, -1)
-
-    def restart(self, key: K) -> None:
-        """``key``'s try in flight starts over now with the latest state (a
-        retry cut short by a newer value)."""
-        self.in_flight[key] = self.seq
-
-    # -- after a try ---------------------------------------------------------
-
-    def done(self, key: K) -> None:
-        """``key``'s try is over (its ``finally`` included): the one place
-        that decides what follows.  Dirty, it waits again; the settle
-        waiters its try covered are released."""
-        covered = self.in_flight.pop(key, -1)
-        if key in self.dirty:
-            self.dirty.discard(key)
-            if key not in self.waiting:
-                self.waiting.add(key)
-                self.order.append(key)
-        if self.waiters:
-            self._covered(key, covered)
-
-    def settled(self, key: K) -> None:
-        """``key`` needed no try: the map's state was already there."""
-        if self.waiters:
-            self._covered(key, self.seq)
-
-    def outside_done(self, key: K) -> None:
-        """A try of ``key`` that this queue did not start (the initial
-        scan's) is over."""
-        if self.waiters:
-            self._covered(key, -1)
-
-    def _covered(self, key: object, covered: int) -> None:
-        remaining = []
-        for waiter in self.waiters:
-            keys = waiter.keys
-            need = keys.get(key)
-            if need is not None and covered >= need:
-                del keys[key]
-            if keys:
-                remaining.append(waiter)
-            else:
-                waiter.event.set()
-        self.waiters = remaining
-
-    # -- settle --------------------------------------------------------------
-
-    def outstanding(self) -> dict[object, int]:
-        """What a ``settle()`` called now waits for: each key with work, and
-        the change number a try of it must cover."""
-        now = self.seq
-        need: dict[object, int] = dict.fromkeys(self.waiting, now)
-        dirty = self.dirty
-        for key, covered in self.in_flight.items():
-            need[key] = now if key in dirty else covered
-        return need
-
-    async def settle(self, need: dict[object, int]) -> None:
-        """Wait until each key of ``need`` has been covered (see :meth:`outstanding`)."""
-        if not need:
-            return
-        waiter = _Waiter(need)
-        self.waiters.append(waiter)
-        await waiter.event.wait()
-
-    def release(self) -> None:
-        """The consumer ends: every settle waiter returns."""
-        for waiter in self.waiters:
-            waiter.event.set()
-        self.waiters.clear()
-
-
-class Kind:
-    """What a work is: the first item of every work a :class:`RunQueue`
-    holds (a work is a tuple ``(kind, *what)``, made and read without a
-    Python call)."""
-
-    __slots__ = ("name", "replaceable")
-
-    def __init__(self, name: str, *, replaceable: bool = True) -> None:
-        self.name = name
-        # Whether a newer work for the key replaces this one while it waits
-        # (a run: the newer one runs the latest state); False for work that
-        # must happen even so (a cleanup).
-        self.replaceable = replaceable
-
-    def __repr__(self) -> str:
-        return f"<work kind {self.name}>"
-
-
-Work: TypeAlias = tuple[Any, ...]
-"""``(kind, *what)``: one piece of work for a key, ``kind`` a :class:`Kind`."""
-
-
-class RunQueue(Generic[K]):
-    """The runs a pool's workers take, by key (internal).
-
-    One field per state of a key.  A key is in at most one of ``order``,
-    ``in_flight`` and ``backoff``, except that a key goes into ``backoff``
-    from the try in flight that failed, which ends right after; a key in
-    flight may have work in ``waiting`` (its turn comes when it is done).
+    A key is in at most one of ``order``, ``in_flight`` and ``backoff``,
+    except that a key goes into ``backoff`` from the try in flight that
+    failed, which ends right after.
     """
 
     __slots__ = (
@@ -250,12 +102,17 @@ class RunQueue(Generic[K]):
         "in_flight",
         "later",
         "order",
+        "read",
+        "seq",
+        "waiters",
         "waiting",
     )
 
     def __init__(self) -> None:
         # key -> the work it waits to run first.  Invariant: no key is both
-        # here and in ``backoff`` (newer work cuts a backoff short).
+        # here and in ``backoff`` (newer work cuts a backoff short).  A key
+        # both here and in ``in_flight`` waits behind its try (dirty, if
+        # this holds a DELIVER).
         self.waiting: dict[K, Work] = {}
         # key -> the works waiting after its first one, oldest first (rare:
         # a cleanup followed by a run).  Invariant: only keys of ``waiting``,
@@ -266,10 +123,17 @@ class RunQueue(Generic[K]):
         # The keys a worker may take now, oldest first.  Invariant: exactly
         # the keys of ``waiting`` not in ``in_flight``, each once.
         self.order: deque[K] = deque()
-        # key -> the work a worker runs for it.  Invariant: one work per key
-        # at a time ("never twice at once"); set by :meth:`take`, cleared by
-        # :meth:`done` only, after the run is over (its ``finally`` included).
+        # key -> the work of its try under way.  Invariant: one try per key
+        # at a time ("never twice at once"); set by :meth:`take` (or
+        # :meth:`claim`, a try outside the workers), cleared by :meth:`done`
+        # only, after the try is over (its ``finally`` included).  The
+        # worker may replace the work by the one a DELIVER turned into.
         self.in_flight: dict[K, Work] = {}
+        # key in flight for a DELIVER -> the change number ``seq`` when its
+        # try read the map: it covers every change up to it.  Invariant:
+        # only keys of ``in_flight``; a try of other work covers no change
+        # (``-1``).
+        self.read: dict[K, int] = {}
         # key -> (when, work): a failed try waiting out its delay before
         # ``work`` (the try again) waits.  Set by :meth:`retry`; cleared by
         # :meth:`due` at ``when``, or by newer work for the key (:meth:`add`),
@@ -277,22 +141,38 @@ class RunQueue(Generic[K]):
         self.backoff: dict[K, tuple[float, Work]] = {}
         # no backoff ends before this (``inf``: none waits); may be early
         self.first_due = math.inf
-        # key -> the failed tries in a row of the key's latest value (the
+        # key -> the failed tries in a row of the key's latest work (the
         # retry policy's count).  Invariant: only keys backing off, or whose
         # try again waits or is in flight; newer work for the key, or the
         # end of its tries (done without a backoff, giving up) removes it.
         self.attempts: dict[K, int] = {}
+        # Counts :meth:`changed` calls (one per commit that changed keys).
+        # Never goes down (also across consumers of one queue).
+        self.seq = 0
+        # The ``settle()`` calls waiting: each holds the keys it waits for,
+        # each until a try that covers its need is done, or the key turns
+        # out to need no try (:meth:`settled`), or the consumer ends.
+        self.waiters: list[_Waiter] = []
 
     def __len__(self) -> int:
         """How many keys have work waiting."""
         return len(self.waiting)
 
+    def idle(self) -> bool:
+        """Whether no key has work: none waits, none is in flight or backs off."""
+        return not self.waiting and not self.in_flight and not self.backoff
+
     # -- adding work ---------------------------------------------------------
+
+    def changed(self) -> int:
+        """A commit changed keys: a new change number (then :meth:`add` each)."""
+        self.seq += 1
+        return self.seq
 
     def add(self, key: K, work: Work) -> None:
         """``work`` for ``key``: a run replaces the key's run waiting last, if
         any, other work waits after it; either cuts a backoff short (a fresh
-        count of attempts)."""
+        count of attempts).  A key in flight keeps it waiting behind its try."""
         if self.attempts:
             self.attempts.pop(key, None)
             self.backoff.pop(key, None)
@@ -333,6 +213,7 @@ class RunQueue(Generic[K]):
         del self.waiting[key]
         if key not in self.in_flight:
             self.order.remove(key)
+            self.settled(key)
 
     def discard_where(self, drop: Callable[[Work], bool]) -> None:
         """Drop the waiting runs of every key with one ``drop`` selects."""
@@ -374,6 +255,8 @@ class RunQueue(Generic[K]):
             if not rest:
                 del later[key]
         self.in_flight[key] = work
+        if work is DELIVER_WORK:
+            self.read[key] = self.seq
         return key, work
 
     def claim(self, key: K, work: Work) -> bool:
@@ -389,21 +272,34 @@ class RunQueue(Generic[K]):
 
     # -- after a try: what follows -------------------------------------------
 
-    def done(self, key: K) -> None:
-        """``key``'s work in flight is over (its ``finally`` included): the
-        key's next waiting work, if any, is taken before newer keys."""
+    def done(self, key: K, *, covers: bool = True) -> None:
+        """``key``'s try is over (its ``finally`` included): the one place
+        that decides what follows.  The work waiting behind it, if any,
+        waits to be taken (before newer keys, unless it is a change); the
+        settle waiters the try covered are released (none if not
+        ``covers``: a try that only waited for the key's turn); a try that
+        did not back off ends the key's count of attempts."""
         del self.in_flight[key]
-        if key in self.waiting:
-            self.order.appendleft(key)
+        covered = self.read.pop(key, -1) if self.read else -1
+        waiting = self.waiting.get(key)
+        if waiting is not None:
+            if waiting[0].goes_first:
+                self.order.appendleft(key)
+            else:
+                self.order.append(key)
         elif self.attempts and key not in self.backoff:
             self.attempts.pop(key, None)  # its tries are over
+        if self.waiters and covers:
+            self._covered(key, covered)
 
     def retry(self, key: K, again: Work, max_attempts: int, delay: Callable[[int], float]) -> bool:
         """``key``'s try failed: with tries left (``max_attempts`` in all),
         ``again`` waits ``delay(failed)`` in :attr:`backoff` and ``True``;
-        else the key's count ends and ``False`` (the failure stands)."""
+        else the key's count ends and ``False`` (the failure stands).  Newer
+        work waiting for the key (a change made while the try ran) is what
+        runs next, with a fresh count: the failure stands then too."""
         failed = self.attempts.get(key, 0) + 1
-        if failed >= max_attempts:
+        if failed >= max_attempts or key in self.waiting:
             self.attempts.pop(key, None)
             return False
         self.attempts[key] = failed
@@ -417,7 +313,8 @@ class RunQueue(Generic[K]):
         count, no backoff."""
         if self.attempts:
             self.attempts.pop(key, None)
-            self.backoff.pop(key, None)
+            if self.backoff.pop(key, None) is not None and key not in self.in_flight:
+                self.settled(key)
 
     def backing_off(self, key: K) -> Work | None:
         """The try again ``key`` waits to make, if it backs off."""
@@ -441,17 +338,92 @@ class RunQueue(Generic[K]):
 
     def cancel_backoff(self) -> None:
         """Every backoff ends without its try again (the host stops)."""
-        for key in self.backoff:
+        keys = list(self.backoff)
+        for key in keys:
             self.attempts.pop(key, None)
         self.backoff.clear()
         self.first_due = math.inf
+        for key in keys:
+            self.settled(key)
 
     def clear(self) -> None:
-        """Forget everything (a new app run: the old workers are gone)."""
+        """Forget every key (a new app run: the old workers are gone); the
+        change count goes on."""
         self.waiting.clear()
         self.later.clear()
         self.order.clear()
         self.in_flight.clear()
+        self.read.clear()
         self.backoff.clear()
         self.attempts.clear()
         self.first_due = math.inf
+        self.waiters.clear()
+
+    # -- settle --------------------------------------------------------------
+
+    def settled(self, key: object) -> None:
+        """``key`` needs no try (any more): the map's state is already there,
+        or its work was dropped."""
+        if self.waiters:
+            self._covered(key, self.seq)
+
+    def outside_done(self, key: object) -> None:
+        """A run of ``key`` that this queue did not hold (a child's own) is over."""
+        if self.waiters:
+            self._covered(key, -1)
+
+    def _covered(self, key: object, covered: int) -> None:
+        remaining = []
+        for waiter in self.waiters:
+            keys = waiter.keys
+            need = keys.get(key)
+            if need is not None and covered >= need:
+                del keys[key]
+            if keys:
+                remaining.append(waiter)
+            else:
+                waiter.event.set()
+        self.waiters = remaining
+
+    def changes_waiting(self, key: K) -> bool:
+        """Whether a DELIVER waits for ``key`` (a change its try must read)."""
+        first = self.waiting.get(key)
+        if first is None:
+            return False
+        if first is DELIVER_WORK:
+            return True
+        later = self.later.get(key)
+        return later is not None and any(work is DELIVER_WORK for work in later)
+
+    def outstanding(self) -> dict[object, int]:
+        """What a ``settle()`` called now waits for: each key with work, and
+        the change number a try of it must cover: now, for a change that
+        waits; what the try in flight read, for a key with none waiting;
+        any try (``-1``) for other work."""
+        now = self.seq
+        need: dict[object, int] = {}
+        read = self.read
+        for key in self.waiting:
+            need[key] = now if self.changes_waiting(key) else -1
+        for key in self.in_flight:
+            if key not in need:
+                need[key] = read.get(key, -1)
+            elif need[key] < 0 and key in read:
+                need[key] = read[key]
+        for key in self.backoff:
+            need.setdefault(key, -1)
+        return need
+
+    async def settle(self, need: dict[object, int]) -> None:
+        """Wait until each key of ``need`` has been covered (see :meth:`outstanding`)."""
+        if not need:
+            return
+        waiter = _Waiter(need)
+        self.waiters.append(waiter)
+        await waiter.event.wait()
+
+    def release(self) -> None:
+        """The consumer ends: every settle waiter returns."""
+        for waiter in self.waiters:
+            waiter.event.set()
+        self.waiters.clear()
