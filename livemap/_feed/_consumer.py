@@ -250,16 +250,23 @@ class Consumer(Generic[K, V]):
             for key in keys:
                 early[key] = None
             return
-        # mount_each: the host's workers take the keys, and a key's try reads
-        # the map when it starts (a key in flight is dirty: its change waits
-        # behind it).  A delete of a key with nothing queued is applied now,
-        # from the committing task: its child leaves the tree at once (also
-        # while every worker is busy), and its cleanup is queued.
-        add, in_flight, waiting = queue.add, queue.in_flight, queue.waiting
+        # mount_each: what a change of a key with nothing queued runs is
+        # decided now, from the committing task, while there is room for it
+        # to start (and for a delete always: the child leaves the tree at
+        # once, also while every worker is busy); it is queued for the
+        # host's workers.  Otherwise, and for a key in flight or queued (its
+        # change waits behind that work: dirty), the key waits as a change,
+        # whose try reads the map when it starts (a change and its undo
+        # queued meanwhile run nothing).
+        add, in_flight, waiting, order = queue.add, queue.in_flight, queue.waiting, queue.order
+        limit = self.options.concurrency
         get = self.live_map.get
         for key in keys:
-            if key in in_flight or key in waiting or get(key, _MISSING) is not _MISSING:
-                add(key, DELIVER_WORK)  # (a newer change cuts a backoff short)
+            if key in in_flight or key in waiting:
+                add(key, DELIVER_WORK)
+                continue
+            if (order or len(in_flight) >= limit) and get(key, _MISSING) is not _MISSING:
+                add(key, DELIVER_WORK)
                 continue
             work = self.resolve(key)
             if work is None:
@@ -267,7 +274,7 @@ class Consumer(Generic[K, V]):
             elif work[0] is WAIT:  # (its child is busy: a worker waits for it)
                 add(key, DELIVER_WORK)
             else:
-                add(key, work)
+                add(key, work)  # (a newer run cuts a backoff short)
         each.pool.wake(each.app_run)
 
     def close(self) -> None:

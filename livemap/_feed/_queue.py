@@ -171,8 +171,9 @@ class WorkQueue(Generic[K]):
 
     def add(self, key: K, work: Work) -> None:
         """``work`` for ``key``: a run replaces the key's run waiting last, if
-        any, other work waits after it; either cuts a backoff short (a fresh
-        count of attempts).  A key in flight keeps it waiting behind its try."""
+        any, and a change the change waiting last; other work waits after
+        it.  Either cuts a backoff short (a fresh count of attempts).  A key
+        in flight keeps it waiting behind its try."""
         if self.attempts:
             self.attempts.pop(key, None)
             self.backoff.pop(key, None)
@@ -185,7 +186,10 @@ class WorkQueue(Generic[K]):
         first = waiting[key]
         later = self.later.get(key)
         last = first if later is None else later[-1]
-        if last[0].replaceable and work[0].replaceable:  # the newer run replaces it
+        kind = work[0]
+        if last[0].replaceable and kind.replaceable and (last[0] is DELIVER) is (kind is DELIVER):
+            # the newer run replaces it (a change waits behind a run of the
+            # key instead: it reads the map once that run is over)
             if later is None:
                 waiting[key] = work
             else:
