@@ -379,7 +379,11 @@ class EachHost:
             fargs = self.fargs
             kwargs = self.kwargs
             result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
-            if type(result) is CoroutineType or inspect.isawaitable(result):
+            # (None first: most per-entry functions are sync and return
+            # nothing, and isawaitable's ABC check costs more than the run)
+            if result is not None and (
+                type(result) is CoroutineType or inspect.isawaitable(result)
+            ):
                 result = await result
         except anyio.get_cancelled_exc_class():
             run.scope = None
