@@ -368,6 +368,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_codec": None,
         "_commit": None,
         "_creator": None,
+        "_encode_many": None,
         "_epoch": None,
         "_init": None,
         "_instance": None,
@@ -381,6 +382,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_retired": None,
         "_seen": None,
         "_steps": None,
+        "_trusted": None,
+        "_where": None,
         "app": None,
         "declare_entry": "``rlm.declare_entry(key, value) -> None``: " + _DECLARE_ENTRY_DOC,
         "map_name": None,
@@ -418,6 +421,12 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._creator = creator
         self._client = client
         self._codec = codec
+        many = getattr(codec, "encode_many", None)
+        self._encode_many: Any = many if callable(many) else None
+        # the built-in codecs' encode_many gives bytes: not checked one by one
+        self._trusted = type(codec) is JsonCodec
+        # per key: its change header, its encoding and its shard (made once)
+        self._where: dict[Any, tuple[bytes, bytes, int]] = {}
         self._base = base_key(prefix, name)
         self._maxlen = str(maxlen)
         self._check_every = check_every
@@ -587,6 +596,41 @@ class RedisLiveMap(SinkTarget[K, V]):
     def _owner_id(self, owner: Any) -> str:
         return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
 
+    def _encode_value(self, key: Any, value: Any) -> bytes:
+        """``value`` encoded; CodecError naming ``key`` when it fails."""
+        try:
+            data = self._codec.encode(value)
+        except CodecError as exc:
+            raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
+        if type(data) is not bytes:
+            if not isinstance(data, bytes):
+                raise CodecError(
+                    f"key {key!r} of {self.name}: the codec returned "
+                    f"{type(data).__name__}, not bytes"
+                )
+            data = bytes(data)
+        return data
+
+    def _encode_values(self, upserts: list[tuple[K, V]]) -> list[bytes]:
+        """The values of ``upserts`` encoded, in one call of the codec's
+        ``encode_many`` when it has one; CodecError naming the key whose
+        value failed."""
+        many = self._encode_many
+        if many is not None and upserts:
+            try:
+                datas = many([value for _, value in upserts])
+            except Exception:
+                pass  # found (and named) one by one below
+            else:
+                if (
+                    type(datas) is list
+                    and len(datas) == len(upserts)
+                    and (self._trusted or all(type(d) is bytes for d in datas))
+                ):
+                    return datas
+        encode = self._encode_value
+        return [encode(key, value) for key, value in upserts]
+
     def _changes(self, component: Owner, result: Commit[K, V], reclaim: bool) -> _Changes:
         """The owners' header and the changes of ``result``, packed and
         grouped by shard and owner (see :data:`._scripts.COMMIT`).  Raises
@@ -595,9 +639,11 @@ class RedisLiveMap(SinkTarget[K, V]):
         header: list[str] = []
         groups: dict[tuple[int, int], list[bytes]] = {}
         table = self._table
-        encode = self._codec.encode
         shards = self.shards
         size = _LENGTH.pack
+        where = self._where
+        if len(where) > 2 * len(table) + 4096:
+            where.clear()  # keys that went without a delete (reverted commits)
 
         def index(oid: str) -> int:
             i = owners.get(oid)
@@ -608,37 +654,45 @@ class RedisLiveMap(SinkTarget[K, V]):
             return i
 
         mine = index(self._owner_id(component))
-        for key, value in result.upserts:
-            try:
-                data = encode(value)
-            except CodecError as exc:
-                raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
-            if type(data) is not bytes:
-                if not isinstance(data, bytes):
-                    raise CodecError(
-                        f"key {key!r} of {self.name}: the codec returned "
-                        f"{type(data).__name__}, not bytes"
-                    )
-                data = bytes(data)
-            ek = encode_key(key)
-            holder = table.owner_of(key)
-            oi = mine if holder is None or holder is component else index(self._owner_id(holder))
-            where = (crc32(ek) % shards, oi)
-            parts = groups.get(where)
-            if parts is None:
-                parts = groups[where] = []
-            parts += (_UPDATE(len(ek)), ek, size(len(data)), data)
+        upserts = result.upserts
+        datas = self._encode_values(upserts)
+        owner_of = table.owner_of
+        # the groups of this component's own keys, by shard
+        own: list[list[bytes] | None] = [None] * shards
+        for (key, _), data in zip(upserts, datas, strict=True):
+            w = where.get(key)
+            if w is None:
+                ek = encode_key(key)
+                w = where[key] = (_UPDATE(len(ek)), ek, crc32(ek) % shards)
+            holder = owner_of(key)
+            if holder is None or holder is component:
+                parts = own[w[2]]
+                if parts is None:
+                    parts = groups.get((w[2], mine))
+                    if parts is None:
+                        parts = groups[(w[2], mine)] = []
+                    own[w[2]] = parts
+            else:
+                at = (w[2], index(self._owner_id(holder)))
+                parts = groups.get(at)
+                if parts is None:
+                    parts = groups[at] = []
+            parts += (w[0], w[1], size(len(data)), data)
         newer = _latest.get((self._base, self.app))
         if newer is self:
             newer = None
         for key in result.deletes:
             if newer is not None and key in newer:
                 continue  # a newer instance of the map holds it now
-            ek = encode_key(key)
-            where = (crc32(ek) % shards, mine)
-            parts = groups.get(where)
+            w = where.pop(key, None)
+            if w is None:
+                ek = encode_key(key)
+                shard = crc32(ek) % shards
+            else:
+                ek, shard = w[1], w[2]
+            parts = groups.get((shard, mine))
             if parts is None:
-                parts = groups[where] = []
+                parts = groups[(shard, mine)] = []
             parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
         return header, groups
 
