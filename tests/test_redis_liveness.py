@@ -821,3 +821,89 @@ async def test_a_key_two_components_of_a_restarted_process_declare_is_a_conflict
     finally:
         for worker in workers:
             await worker.close()
+
+
+class SlowSweeps:
+    """A client whose sweep scripts answer ``delay`` seconds after Redis ran
+    them (a loaded machine): what ends the run meanwhile cancels the wait."""
+
+    def __init__(self, client: Any, delay: float) -> None:
+        self._client = client
+        self.delay = delay
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def register_script(self, source: str) -> Any:
+        from livemap._redis._scripts import SWEEP
+
+        script = self._client.register_script(source)
+        if source != SWEEP:
+            return script
+
+        async def call(**kwargs: Any) -> Any:
+            self.calls += 1
+            reply = await script(**kwargs)
+            await anyio.sleep(self.delay)
+            return reply
+
+        return call
+
+
+async def test_a_sweep_cut_by_the_end_of_its_run_is_counted_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live update that ends by itself as its lease task sweeps: the sweep
+    is not cut off between Redis running it and its answer (else its keys
+    are let go uncounted, and the run's end sweeps again, finding none)."""
+    from livemap._redis import _producer
+    from livemap._runtime import _app
+
+    name = unique()
+    app_name = unique()
+    plan: dict[str, dict[str, int]] = {"a": {"a1": 1}, "b": {"b1": 1}}
+    maps: list[RedisLiveMap[str, int]] = []
+    brief = False
+
+    def declare(lm: RedisLiveMap[str, int], entries: dict[str, int]) -> None:
+        for key, value in entries.items():
+            lm.declare_entry(key, value)
+
+    async with connect(redis_server.url) as real:
+        client: Any = real
+
+        class Brief:
+            """A live component that ends by itself a little after the
+            catch-up, ending the run while the lease task sweeps."""
+
+            def process(self) -> None:
+                pass
+
+            async def process_live(self, operator: coco.LiveComponentOperator) -> None:
+                await operator.mark_ready()
+                await anyio.sleep(0.1)
+
+        async def main() -> None:
+            lm: RedisLiveMap[str, int] = await RedisLiveMap.create(client, name)
+            maps.append(lm)
+            for part_name, entries in plan.items():
+                await coco.mount(coco.component_subpath(part_name), declare, lm, entries)
+            if brief:
+                await coco.mount(coco.component_subpath("brief"), Brief)
+
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=True)
+        _app._trees.pop(app_name)
+        monkeypatch.setattr(_producer, "_process", None)
+        monkeypatch.setattr(_producer, "_leases", {})
+        client = SlowSweeps(real, 0.3)
+        plan = {"a": {"a1": 2}}
+        brief = True
+        with anyio.fail_after(TIMEOUT):
+            await coco.App(app_name, main).update(live=True)
+        assert client.calls >= 1
+        stats = maps[-1].stats()
+        assert (stats.sweeps, stats.swept) == (1, 1)
+        data = await real.hgetall(f"livemap:{{{name}}}:d:0")
+        assert {bytes(k) for k in data} == {encode_key("a1")}

@@ -301,18 +301,24 @@ class AppLease:
             # no commit between what keep() sees and the sweep
             for each in sorted(self.maps, key=id):
                 await locks.enter_async_context(each._get_lock())
-            reply = await lm._client.register_script(SWEEP)(
-                keys=[self.base],
-                args=[
-                    lm._epoch,
-                    self.token,
-                    self.app,
-                    lm._lease_ms,
-                    lm._maxlen,
-                    str(self.synced[1]),
-                    *self.keep(),
-                ],
-            )
+            script = lm._client.register_script(SWEEP)
+            args = [
+                lm._epoch,
+                self.token,
+                self.app,
+                lm._lease_ms,
+                lm._maxlen,
+                str(self.synced[1]),
+                *self.keep(),
+            ]
+            # not cut off between Redis running it and its answer (the end
+            # of the run cancelling this task): its keys would be let go
+            # uncounted, the sweep still due
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + lm._lease_ttl
+                reply = await script(keys=[self.base], args=args)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"the sweep of app {self.app!r} in {self.map_name!r} timed out")
         if reply[0] == b"busy":
             raise self.busy(reply[1])
         if reply[0] == b"moved":
