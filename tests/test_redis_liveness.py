@@ -907,3 +907,49 @@ async def test_a_sweep_cut_by_the_end_of_its_run_is_counted_once(
         assert (stats.sweeps, stats.swept) == (1, 1)
         data = await real.hgetall(f"livemap:{{{name}}}:d:0")
         assert {bytes(k) for k in data} == {encode_key("a1")}
+
+
+async def test_a_turn_moved_behind_the_process_makes_it_upload_before_it_sweeps(
+    redis_server: RedisServer,
+) -> None:
+    """Another process of the app held the lease in between (its turn moved)
+    and deleted an entry: this process's lease task uploads it again; and a
+    sweep at a turn that is not the app's lets nothing go."""
+    from livemap._redis._scripts import SWEEP
+
+    name = unique()
+    app_name = unique()
+    base = f"livemap:{{{name}}}"
+    async with (
+        connect(redis_server.url) as client,
+        Producer(client, name, app=app_name, lease_ttl=0.3) as producer,
+    ):
+        await producer.commit(part(k=1, j=1))
+        lm = producer.map
+        leftover = f"{app_name}\x1f/'gone'\x1eelsewhere:1:abc:{app_name}"
+        await client.hset(f"{base}:o:0", {encode_key("old"): leftover})
+        await client.hset(f"{base}:d:0", {encode_key("old"): b"1"})
+        await client.sadd(f"{base}:k:{app_name}\x1f/'gone'", [b"0|" + encode_key("old")])
+        await client.sadd(f"{base}:ao:{app_name}", [f"{app_name}\x1f/'gone'"])
+        (epoch, turn) = lm._lease.turn
+        # a sweep at another turn than the app's lets nothing go
+        reply = await client.register_script(SWEEP)(
+            keys=[base],
+            args=[epoch, lm._instance, app_name, "300", "50", str(turn + 1)],
+        )
+        assert reply[0] == b"moved"
+        assert await client.hexists(f"{base}:d:0", encode_key("old"))
+        # another process's turn, which deleted j
+        await client.hincrby(f"{base}:turn", app_name, 1)
+        await client.hdel(f"{base}:d:0", [encode_key("j")])
+        await client.hdel(f"{base}:o:0", [encode_key("j")])
+        lm._lease.pending = True  # (it took the app back)
+        with anyio.fail_after(TIMEOUT):
+            while not await client.hexists(f"{base}:d:0", encode_key("j")):
+                await anyio.sleep(0.02)
+            while await client.hexists(f"{base}:d:0", encode_key("old")):
+                await anyio.sleep(0.02)  # swept, after the upload
+        data = await client.hgetall(f"{base}:d:0")
+        assert {bytes(k) for k in data} == {encode_key("k"), encode_key("j")}
+        assert lm._lease.synced == (epoch, turn + 1)
+        assert producer.errors == []

@@ -277,8 +277,8 @@ class AppLease:
         components of the tree that have not finished a run (a live component
         that has not run ``process()`` yet) or whose latest run failed (they
         keep what they held, as in one process); but not an owner that has
-        committed into an instance of the map in this process (its first
-        commit declared all it holds, and left the rest to the sweep)."""
+        committed into an instance of the map in use (its first commit
+        declared all it holds, and left the rest to the sweep)."""
         kept = set(self.failed)
         stack = [self.root] if self.root is not None else []
         while stack:
@@ -288,7 +288,8 @@ class AppLease:
             if comp.children:
                 stack.extend(comp.children.values())
         for lm in list(self.maps):
-            kept -= lm._seen
+            if not lm.retired:  # (a retired one may be from before a takeover)
+                kept -= lm._seen
         return sorted(kept)
 
     async def sweep(self, lm: RedisLiveMap[Any, Any]) -> None:
