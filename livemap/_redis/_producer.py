@@ -107,9 +107,10 @@ Raises ``TypeError`` for a key that is not a stable key,
 :class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
 in one run, :class:`~livemap.errors.NotInComponentError` outside a component
 run and :class:`~livemap.errors.MapRetiredError` once the map is retired.  A
-key another component holds, in this process or another, is rejected at
-commit: a :class:`~livemap.errors.KeyConflictError` naming both owners goes
-to the run's exception-handler chain.
+key another component holds, in this process or another app's, is rejected
+at commit: a :class:`~livemap.errors.KeyConflictError` naming both owners
+goes to the run's exception-handler chain.  A key an earlier process of the
+same app held passes to the declaring component (a transfer).
 """
 
 _DECLARE_ENTRY = DeclarerDoc("declare_entry", "RedisLiveMapDeclarer", __name__, _DECLARE_ENTRY_DOC)
