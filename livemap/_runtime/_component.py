@@ -388,6 +388,11 @@ class Component:
         return host is not None and self.alive and not self.running and host.in_update()
 
     @property
+    def loop_cache(self) -> dict[object, Any] | None:
+        active = self.session.active
+        return None if active is None else active.loop_cache
+
+    @property
     def defers_drops(self) -> bool:
         """Whether keys this component lets go (stops declaring, or releases
         as it is unmounted) wait for the update to settle before they are

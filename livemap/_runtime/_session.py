@@ -424,6 +424,9 @@ class AppRun:
     first_runs: int = 0
     counted: set[object] = field(default_factory=set)
     settlers: dict[object, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    # objects of the run's event loop kept for the run's length, by whoever
+    # made them (a target's lock: see SinkTarget)
+    loop_cache: dict[object, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.catching_up = self.live
