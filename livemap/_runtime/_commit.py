@@ -41,26 +41,37 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     is then left unready).  ``live``: the run is a live component's, whose
     readiness its own task decides."""
     buffers = run.buffers if isinstance(run.buffers, dict) else {}
-    previous = comp.targets
+    targets = comp.targets
     error: Exception | None = None
-    if buffers or previous:
+    if buffers or targets:
+        # the targets held before and not declared into this time (a list:
+        # the set changes while their releases await)
+        gone = [t for t in targets if t not in buffers] if targets else None
         # Known before the first await: an unmount while this commit is
         # paused must release these targets too.
         if buffers:
-            comp.targets = (previous or set()) | buffers.keys()
+            if targets is None:
+                comp.targets = set(buffers)
+            else:
+                targets.update(buffers)
         for target, buffer in buffers.items():
             failed = await target.commit_run(comp, buffer, gen)
             error = error or failed
-        if previous:
-            for target in previous:
-                if target not in buffers:
-                    failed = await target.release_owner(comp, gen)
-                    error = error or failed
+        if gone:
+            for target in gone:
+                failed = await target.release_owner(comp, gen)
+                error = error or failed
         if comp.alive:
             # (the buffers' targets too: a deferred drop applied while this
             # commit waited may have disowned one that it has declared into)
-            held = (comp.targets or set()) | buffers.keys()
-            comp.targets = {t for t in held if t.holds(comp)} or None
+            targets = comp.targets
+            if targets is None:
+                targets = set(buffers)
+            else:
+                targets.update(buffers)
+            for target in [t for t in targets if not t.holds(comp)]:
+                targets.discard(target)
+            comp.targets = targets or None
     if gen != comp.generation or not comp.alive:
         return error
     children = comp.children

@@ -430,7 +430,7 @@ class KeyedTarget(SinkTarget[K, V]):
         )
         try:
             outcome = self._apply(batch)
-            if inspect.isawaitable(outcome):
+            if outcome is not None and inspect.isawaitable(outcome):
                 await outcome
         except BaseException as exc:
             self._table.revert(result)
