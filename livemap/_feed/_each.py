@@ -316,10 +316,11 @@ class EachHost:
         """The component of ``run``'s key, made now, in the run's generation."""
         comp = self.component
         fargs = self.fargs
+        rel = (run.key,)  # (one tuple for the path and the children's key)
         child = Component(
             comp.session,
             comp,
-            (run.key,),
+            rel,
             self.fn,
             (run.value, *fargs) if fargs else (run.value,),
             self.kwargs,
@@ -333,7 +334,7 @@ class EachHost:
         children = comp.children
         if children is None:
             children = comp.children = {}
-        children[(run.key,)] = child
+        children[rel] = child
         comp.readiness.count_child(child.readiness)
         return child
 
