@@ -315,20 +315,26 @@ def test_throughput_redis_consumer_processes(
             cpu = time.process_time() - cpu
             assert sum(reply["keys"] for reply in replies) == len(state)
             assert sum(reply["sum"] for reply in replies) == sum(v[1] for v in state.values())
+            changes = rounds * BATCH
+            calls = sum(reply["calls"] for reply in replies)
+            consumers_cpu = sum(reply["cpu"] for reply in replies)
+            total_cpu = cpu + (server.cpu_seconds() - server_cpu) + consumers_cpu
             return {
-                "changes": rounds * BATCH,
+                "changes": changes,
                 "declared_per_commit": keys,
-                "changes_per_s": round(rounds * BATCH / (end - start)),
-                "commit_only_per_s": round(rounds * BATCH / (committed - start)),
-                "processor_calls": sum(reply["calls"] for reply in replies),
+                "changes_per_s": round(changes / (end - start)),
+                "commit_only_per_s": round(changes / (committed - start)),
+                "processor_calls": calls,
                 "seconds": round(end - start, 3),
-                "cpu_us_per_change_producer": _cpu_us(cpu, rounds * BATCH),
-                "cpu_us_per_change_redis": _cpu_us(
-                    server.cpu_seconds() - server_cpu, rounds * BATCH
-                ),
-                "cpu_us_per_change_consumers": _cpu_us(
-                    sum(reply["cpu"] for reply in replies), rounds * BATCH
-                ),
+                "cpu_us_per_change_producer": _cpu_us(cpu, changes),
+                "cpu_us_per_change_redis": _cpu_us(server.cpu_seconds() - server_cpu, changes),
+                "cpu_us_per_change_consumers": _cpu_us(consumers_cpu, changes),
+                # the consumers' CPU per processor call (coalescing makes
+                # fewer calls than changes when they fall behind)
+                "cpu_us_per_call_consumers": _cpu_us(consumers_cpu, max(1, calls)),
+                "cpu_us_per_change_total": _cpu_us(total_cpu, changes),
+                # the rate all three parts' CPU time allows on two whole cores
+                "cpu_bound_per_s_2_cores": round(2 * changes / total_cpu),
             }
 
         try:

@@ -96,6 +96,18 @@ def test_decoding_in_bulk() -> None:
         codec.encode({"k": object()})
 
 
+def test_encoding_in_bulk() -> None:
+    codec = JsonCodec()
+    values: list[Any] = [1, "x", [1, {"b": None, "a": 2}], {"b": 2.5}, "é", None]
+    assert codec.encode_many(values) == [codec.encode(v) for v in values]
+    assert codec.encode_many([]) == []
+    # a batch of which one value cannot be encoded fails as that value does
+    with pytest.raises(CodecError, match="not JSON serializable"):
+        codec.encode_many([1, {"k": object()}, 3])
+    with pytest.raises(CodecError, match="cannot encode nan"):
+        codec.encode_many([1, float("nan")])
+
+
 def test_codecs() -> None:
     json_codec = JsonCodec()
     assert json_codec.encode({"b": 1, "a": [1, "x"]}) == json_codec.encode({"a": [1, "x"], "b": 1})
@@ -483,6 +495,96 @@ async def test_a_value_the_codec_refuses_changes_nothing(redis_server: RedisServ
             await settle(view)
             assert seen.rows == {"a": 2}
             assert len(producer.errors) == 1
+
+
+class BulkCodec:
+    """JSON, with an ``encode_many`` that misbehaves as ``mode`` says:
+    ``"raise"`` (on a batch with a value that is not a dict), ``"short"`` (one
+    value fewer), ``"bytearray"`` (bytearrays, not bytes), else well."""
+
+    def __init__(self, mode: str) -> None:
+        self.json = JsonCodec()
+        self.mode = mode
+        self.batches = 0
+
+    def encode(self, value: Any) -> bytes:
+        return self.json.encode(value)
+
+    def decode(self, data: bytes) -> Any:
+        return self.json.decode(data)
+
+    def encode_many(self, values: list[Any]) -> list[Any]:
+        self.batches += 1
+        if self.mode == "raise" and any(type(v) is not dict for v in values):
+            raise CodecError("not in this batch")
+        datas = [self.json.encode(v) for v in values]
+        if self.mode == "short":
+            return datas[:-1]
+        if self.mode == "bytearray":
+            return [bytearray(d) for d in datas]
+        return datas
+
+
+@pytest.mark.parametrize("mode", ["well", "raise", "short", "bytearray"])
+async def test_a_codec_that_encodes_in_bulk(redis_server: RedisServer, mode: str) -> None:
+    """A commit's values go through ``encode_many`` in one call; a batch it
+    gets wrong is encoded value by value, and a value that fails is named
+    (the whole commit refused, as without ``encode_many``)."""
+    name = unique()
+    codec = BulkCodec(mode)
+    async with connect(redis_server.url) as client, Producer(client, name, codec=codec) as producer:
+        state = {f"k{i}": {"k": f"k{i}", "v": i} for i in range(50)}
+        await producer.commit(state)
+        assert producer.errors == []
+        assert codec.batches == 1
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(client, name, codec=codec)
+        async with consuming(view) as seen:
+            assert seen.rows == {k: v["v"] for k, v in state.items()}
+            bad = {**state, "k1": {"k": "k1", "v": 100}, "k2": {"k": "k2", "v": object()}}
+            await producer.commit(bad)
+            (error,) = producer.errors
+            assert isinstance(error, CodecError) and "'k2'" in str(error)
+            await producer.commit({**state, "k1": {"k": "k1", "v": 101}})
+            await settle(view)
+            assert seen.rows == {**{k: v["v"] for k, v in state.items()}, "k1": 101}
+            assert len(producer.errors) == 1
+            assert_no_repeats(seen.calls)
+
+
+async def test_keys_deleted_declared_again_and_refused_keep_their_shard(
+    redis_server: RedisServer,
+) -> None:
+    """What the producer remembers of a key's encoding (its shard, its bytes)
+    stays true through deletes, re-declarations, a refused commit and keys
+    that are one key (1 and True)."""
+    name = unique()
+    async with (
+        connect(redis_server.url) as client,
+        Producer(client, name, shards=4) as producer,
+    ):
+        view: RedisLiveMapView[Any, Any] = RedisLiveMapView(client, name)
+        async with consuming(view) as seen:
+            state: dict[Any, Any] = {i: {"k": i, "v": 0} for i in range(40) if i != 1}
+            state[True] = {"k": 1, "v": "true"}  # the key 1 (deleted, then declared as 1)
+            await producer.commit(state)
+            for round_ in range(1, 6):
+                for i in range(round_ % 3, 40, 3):
+                    state.pop(i, None)  # deleted
+                for i in range((round_ + 1) % 3, 40, 3):
+                    state[i] = {"k": i, "v": round_}  # declared (again)
+                if round_ == 3:
+                    refused = {**state, 7: {"k": 7, "v": object()}, 8: {"k": 8, "v": -1}}
+                    await producer.commit(refused)
+                    assert len(producer.errors) == 1
+                await producer.commit(state)
+            await settle(view)
+            assert seen.rows == {k: v["v"] for k, v in state.items()}
+            assert len(producer.errors) == 1
+            for s in range(4):
+                held = await client.hkeys(f"livemap:{{{name}}}:d:{s}")
+                assert all(shard_of(bytes(ek), 4) == s for ek in held)
+            total = sum([await client.hlen(f"livemap:{{{name}}}:d:{s}") for s in range(4)])
+            assert total == len(state)
 
 
 async def test_stable_keys_of_every_kind(redis_server: RedisServer) -> None:

@@ -319,10 +319,11 @@ class EachHost:
         """The component of ``run``'s key, made now, in the run's generation."""
         comp = self.component
         fargs = self.fargs
+        rel = (run.key,)  # (one tuple for the path and the children's key)
         child = Component(
             comp.session,
             comp,
-            (run.key,),
+            rel,
             self.fn,
             (run.value, *fargs) if fargs else (run.value,),
             self.kwargs,
@@ -336,7 +337,7 @@ class EachHost:
         children = comp.children
         if children is None:
             children = comp.children = {}
-        children[(run.key,)] = child
+        children[rel] = child
         comp.readiness.count_child(child.readiness)
         return child
 
@@ -377,7 +378,11 @@ class EachHost:
             fargs = self.fargs
             kwargs = self.kwargs
             result = self.call(value, *fargs, **kwargs) if fargs or kwargs else self.call(value)
-            if type(result) is CoroutineType or inspect.isawaitable(result):
+            # (None first: most per-entry functions are sync and return
+            # nothing, and isawaitable's ABC check costs more than the run)
+            if result is not None and (
+                type(result) is CoroutineType or inspect.isawaitable(result)
+            ):
                 result = await result
         except anyio.get_cancelled_exc_class():
             run.scope = None

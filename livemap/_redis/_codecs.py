@@ -45,7 +45,11 @@ class Codec(Protocol):
     the ``==`` gate in Redis compares encoded values.  ``decode`` must accept
     what ``encode`` produced, in any process.  A codec may also have
     ``decode_many(datas: list[bytes]) -> list``, equal to ``[decode(d) for d
-    in datas]``: views then decode each batch read with one call.
+    in datas]``: views then decode each batch read with one call; and
+    ``encode_many(values: list) -> list[bytes]``, equal to ``[encode(v) for
+    v in values]``: producers then encode each commit's values with one call
+    (when it raises, the values are encoded one by one, so that the error
+    names the key whose value failed).
     """
 
     def encode(self, value: Any) -> bytes: ...
@@ -92,6 +96,17 @@ class JsonCodec:
 
     def decode(self, data: bytes) -> Any:
         return self._decoder.decode(data.decode())
+
+    def encode_many(self, values: list[Any]) -> list[bytes]:
+        """``[encode(v) for v in values]``, without a call per value."""
+        c_encode = self._c_encode
+        if c_encode is None:
+            return [self.encode(v) for v in values]
+        join = "".join
+        try:
+            return [join(c_encode(v, 0)).encode() for v in values]
+        except (TypeError, ValueError, RecursionError):
+            return [self.encode(v) for v in values]  # the failing one's CodecError
 
     def decode_many(self, datas: list[bytes]) -> list[Any]:
         """``[decode(d) for d in datas]``, parsed as one JSON array."""

@@ -16,6 +16,7 @@ import struct
 import uuid
 import weakref
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -106,9 +107,10 @@ Raises ``TypeError`` for a key that is not a stable key,
 :class:`~livemap.errors.DuplicateDeclarationError` for a key declared twice
 in one run, :class:`~livemap.errors.NotInComponentError` outside a component
 run and :class:`~livemap.errors.MapRetiredError` once the map is retired.  A
-key another component holds, in this process or another, is rejected at
-commit: a :class:`~livemap.errors.KeyConflictError` naming both owners goes
-to the run's exception-handler chain.
+key another component holds, in this process or another app's, is rejected
+at commit: a :class:`~livemap.errors.KeyConflictError` naming both owners
+goes to the run's exception-handler chain.  A key an earlier process of the
+same app held passes to the declaring component (a transfer).
 """
 
 _DECLARE_ENTRY = DeclarerDoc("declare_entry", "RedisLiveMapDeclarer", __name__, _DECLARE_ENTRY_DOC)
@@ -169,6 +171,18 @@ class AppLease:
     commit into the map failed (their keys in Redis stay theirs); ``root``:
     the app's root component (see :meth:`keep`); ``sweeps``, ``swept``: the
     sweeps done and the keys they let go.
+
+    ``maps``: the instances of the map the app made in this process (weakly).
+    ``turn``: ``(epoch, turn)`` as this process's latest taking or refreshing
+    of the lease found them (the app's turn counts the changes of the
+    lease's holder, see :data:`._scripts.APP_ACQUIRE`); ``synced``: the
+    ``(epoch, turn)`` under which every entry the instances hold was
+    committed or uploaded.  Invariant: the sweep runs only when ``synced ==
+    turn`` and Redis still has that turn (the SWEEP script checks it), so a
+    process that takes its app back from another one uploads its entries
+    again (:meth:`settle`) before it deletes what it does not declare.
+    ``wake``: set by a commit that took the lease back, to have the lease's
+    task upload at once (made by that task, for its run only).
     """
 
     __slots__ = (
@@ -176,12 +190,16 @@ class AppLease:
         "base",
         "failed",
         "map_name",
+        "maps",
         "pending",
         "root",
         "run",
         "sweeps",
         "swept",
+        "synced",
         "token",
+        "turn",
+        "wake",
     )
 
     def __init__(self, base: str, app: str, map_name: str, token: str) -> None:
@@ -195,6 +213,10 @@ class AppLease:
         self.root: Component | None = None
         self.sweeps = 0
         self.swept = 0
+        self.maps: weakref.WeakSet[RedisLiveMap[Any, Any]] = weakref.WeakSet()
+        self.turn: tuple[str, int] | None = None
+        self.synced: tuple[str, int] | None = None
+        self.wake: anyio.Event | None = None
 
     def busy(self, holder: bytes | str) -> ProducerBusyError:
         return ProducerBusyError(self.app, self.map_name, _holder(holder))
@@ -205,23 +227,59 @@ class AppLease:
         script = client.register_script(APP_ACQUIRE)
         deadline = anyio.current_time() + wait
         while True:
-            ok, other = await script(
+            reply = await script(
                 keys=[self.base], args=[self.app, self.token, str(max(1, int(ttl * 1000)))]
             )
-            if ok:
-                if bytes(other).decode() != self.token:
+            if reply[0]:
+                if bytes(reply[1]).decode() != self.token:
                     self.pending = True
+                self.turn = (bytes(reply[3]).decode(), int(reply[2]))
+                if self.synced != self.turn and not self.holding():
+                    self.synced = self.turn  # nothing held: nothing to upload
                 return
             if anyio.current_time() >= deadline:
-                raise self.busy(other)
+                raise self.busy(reply[1])
             await anyio.sleep(min(0.1, ttl / 4))
+
+    def holding(self) -> bool:
+        """Whether an instance of the map in use holds entries."""
+        return any(len(lm) for lm in list(self.maps) if not lm.retired)
+
+    def taken_back(self) -> None:
+        """A commit took the lease back from another process: sweep again,
+        and have the lease's task upload what this process holds at once."""
+        self.pending = True
+        if self.wake is not None:
+            self.wake.set()
+
+    async def settle(self, lm: RedisLiveMap[Any, Any], sweep: bool) -> None:
+        """If the app's turn moved since this process's entries were made
+        whole in Redis (another process of the app held the lease
+        meanwhile): upload every instance's entries again, each under its
+        lock (as after a data loss).  Then, if ``sweep``, sweep (if due)."""
+        turn = self.turn
+        if turn is not None and self.synced != turn:
+            conflicts: list[tuple[Owner, KeyConflictError]] = []
+            for each in sorted(self.maps, key=id):
+                if each.retired:
+                    continue
+                async with each._get_lock():
+                    if not each.retired:
+                        conflicts += await each._upload()
+            self.synced = turn
+            for owner, exc in conflicts:
+                await owner.report(exc)
+        if sweep:
+            await self.sweep(lm)
 
     def keep(self) -> list[str]:
         """The owner ids whose keys the sweep leaves alone besides this
         process's own records: the owners whose latest commit failed, and the
         components of the tree that have not finished a run (a live component
         that has not run ``process()`` yet) or whose latest run failed (they
-        keep what they held, as in one process)."""
+        keep what they held, as in one process); but not an owner that has
+        committed into an instance of the map in use (its first commit
+        declared all it holds, and left the rest to the sweep)."""
         kept = set(self.failed)
         stack = [self.root] if self.root is not None else []
         while stack:
@@ -230,20 +288,43 @@ class AppLease:
                 kept.add(f"{self.app}{OWNER_SEP}{format_path(comp.path)}")
             if comp.children:
                 stack.extend(comp.children.values())
+        for lm in list(self.maps):
+            if not lm.retired:  # (a retired one may be from before a takeover)
+                kept -= lm._seen
         return sorted(kept)
 
     async def sweep(self, lm: RedisLiveMap[Any, Any]) -> None:
         """If due: let go, in one script, of every key of the app that an
         owner holds from an earlier process and that no component of this
         process declares (see :data:`._scripts.SWEEP`)."""
-        if not self.pending:
+        if not self.pending or self.synced is None:
             return
-        reply = await lm._client.register_script(SWEEP)(
-            keys=[self.base],
-            args=[lm._epoch, self.token, self.app, lm._lease_ms, lm._maxlen, *self.keep()],
-        )
+        async with AsyncExitStack() as locks:
+            # no commit between what keep() sees and the sweep
+            for each in sorted(self.maps, key=id):
+                await locks.enter_async_context(each._get_lock())
+            script = lm._client.register_script(SWEEP)
+            args = [
+                lm._epoch,
+                self.token,
+                self.app,
+                lm._lease_ms,
+                lm._maxlen,
+                str(self.synced[1]),
+                *self.keep(),
+            ]
+            # not cut off between Redis running it and its answer (the end
+            # of the run cancelling this task): its keys would be let go
+            # uncounted, the sweep still due
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + lm._lease_ttl
+                reply = await script(keys=[self.base], args=args)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"the sweep of app {self.app!r} in {self.map_name!r} timed out")
         if reply[0] == b"busy":
             raise self.busy(reply[1])
+        if reply[0] == b"moved":
+            return  # another process held the lease since: upload first
         # a new epoch: Redis lost the data, there is nothing left to sweep
         self.pending = False
         if reply[0] == b"ok":
@@ -270,12 +351,13 @@ class AppLease:
                 caught_up = not (run.stop_requested or run.failure)
             while True:
                 latest = _latest.get((self.base, self.app)) or latest
-                if caught_up:
-                    try:
-                        await self.sweep(latest)
-                    except Exception:
-                        pass  # Redis is away, or the lease is another's: later
-                await anyio.sleep(latest._lease_ttl / 3)
+                try:
+                    await self.settle(latest, caught_up)
+                except Exception:
+                    pass  # Redis is away, or the lease is another's: later
+                wake = self.wake = anyio.Event()
+                with anyio.move_on_after(latest._lease_ttl / 3):
+                    await wake.wait()
                 try:
                     await self.acquire(latest._client, latest._lease_ttl, 0.0)
                 except Exception:
@@ -283,6 +365,7 @@ class AppLease:
         finally:
             if self.run is run:
                 self.run = None
+                self.wake = None
             if run.failure is None and not caught_up:
                 # a catch-up run that reached quiescence, or a live run that
                 # ended (by itself, or cancelled) after its catch-up
@@ -290,8 +373,8 @@ class AppLease:
             latest = _latest.get((self.base, self.app)) or latest
             with anyio.CancelScope(shield=True), anyio.move_on_after(latest._lease_ttl):
                 try:
-                    if caught_up and run.failure is None:
-                        await self.sweep(latest)
+                    await self.acquire(latest._client, latest._lease_ttl, 0.0)
+                    await self.settle(latest, caught_up and run.failure is None)
                 except Exception:
                     pass  # due still: the next update's catch-up sweeps
                 try:
@@ -368,6 +451,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_codec": None,
         "_commit": None,
         "_creator": None,
+        "_encode_many": None,
         "_epoch": None,
         "_init": None,
         "_instance": None,
@@ -381,6 +465,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_retired": None,
         "_seen": None,
         "_steps": None,
+        "_trusted": None,
+        "_where": None,
         "app": None,
         "declare_entry": "``rlm.declare_entry(key, value) -> None``: " + _DECLARE_ENTRY_DOC,
         "map_name": None,
@@ -418,6 +504,12 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._creator = creator
         self._client = client
         self._codec = codec
+        many = getattr(codec, "encode_many", None)
+        self._encode_many: Any = many if callable(many) else None
+        # the built-in codecs' encode_many gives bytes: not checked one by one
+        self._trusted = type(codec) is JsonCodec
+        # per key: its change header, its encoding and its shard (made once)
+        self._where: dict[Any, tuple[bytes, bytes, int]] = {}
         self._base = base_key(prefix, name)
         self._maxlen = str(maxlen)
         self._check_every = check_every
@@ -432,6 +524,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         if lease is None or lease.token != self._instance:
             lease = _leases[key] = AppLease(self._base, creator.session.name, name, self._instance)
         self._lease = lease
+        lease.maps.add(self)
         self._epoch = ""
         self._seen: set[str] = set()
         self._retired = False
@@ -587,6 +680,41 @@ class RedisLiveMap(SinkTarget[K, V]):
     def _owner_id(self, owner: Any) -> str:
         return f"{self.app}{OWNER_SEP}{format_path(owner.path)}"
 
+    def _encode_value(self, key: Any, value: Any) -> bytes:
+        """``value`` encoded; CodecError naming ``key`` when it fails."""
+        try:
+            data = self._codec.encode(value)
+        except CodecError as exc:
+            raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
+        if type(data) is not bytes:
+            if not isinstance(data, bytes):
+                raise CodecError(
+                    f"key {key!r} of {self.name}: the codec returned "
+                    f"{type(data).__name__}, not bytes"
+                )
+            data = bytes(data)
+        return data
+
+    def _encode_values(self, upserts: list[tuple[K, V]]) -> list[bytes]:
+        """The values of ``upserts`` encoded, in one call of the codec's
+        ``encode_many`` when it has one; CodecError naming the key whose
+        value failed."""
+        many = self._encode_many
+        if many is not None and upserts:
+            try:
+                datas = many([value for _, value in upserts])
+            except Exception:
+                pass  # found (and named) one by one below
+            else:
+                if (
+                    type(datas) is list
+                    and len(datas) == len(upserts)
+                    and (self._trusted or all(type(d) is bytes for d in datas))
+                ):
+                    return datas
+        encode = self._encode_value
+        return [encode(key, value) for key, value in upserts]
+
     def _changes(self, component: Owner, result: Commit[K, V], reclaim: bool) -> _Changes:
         """The owners' header and the changes of ``result``, packed and
         grouped by shard and owner (see :data:`._scripts.COMMIT`).  Raises
@@ -595,9 +723,11 @@ class RedisLiveMap(SinkTarget[K, V]):
         header: list[str] = []
         groups: dict[tuple[int, int], list[bytes]] = {}
         table = self._table
-        encode = self._codec.encode
         shards = self.shards
         size = _LENGTH.pack
+        where = self._where
+        if len(where) > 2 * len(table) + 4096:
+            where.clear()  # keys that went without a delete (reverted commits)
 
         def index(oid: str) -> int:
             i = owners.get(oid)
@@ -608,37 +738,45 @@ class RedisLiveMap(SinkTarget[K, V]):
             return i
 
         mine = index(self._owner_id(component))
-        for key, value in result.upserts:
-            try:
-                data = encode(value)
-            except CodecError as exc:
-                raise CodecError(f"key {key!r} of {self.name}: {exc}") from exc
-            if type(data) is not bytes:
-                if not isinstance(data, bytes):
-                    raise CodecError(
-                        f"key {key!r} of {self.name}: the codec returned "
-                        f"{type(data).__name__}, not bytes"
-                    )
-                data = bytes(data)
-            ek = encode_key(key)
-            holder = table.owner_of(key)
-            oi = mine if holder is None or holder is component else index(self._owner_id(holder))
-            where = (crc32(ek) % shards, oi)
-            parts = groups.get(where)
-            if parts is None:
-                parts = groups[where] = []
-            parts += (_UPDATE(len(ek)), ek, size(len(data)), data)
+        upserts = result.upserts
+        datas = self._encode_values(upserts)
+        owner_of = table.owner_of
+        # the groups of this component's own keys, by shard
+        own: list[list[bytes] | None] = [None] * shards
+        for (key, _), data in zip(upserts, datas, strict=True):
+            w = where.get(key)
+            if w is None:
+                ek = encode_key(key)
+                w = where[key] = (_UPDATE(len(ek)), ek, crc32(ek) % shards)
+            holder = owner_of(key)
+            if holder is None or holder is component:
+                parts = own[w[2]]
+                if parts is None:
+                    parts = groups.get((w[2], mine))
+                    if parts is None:
+                        parts = groups[(w[2], mine)] = []
+                    own[w[2]] = parts
+            else:
+                at = (w[2], index(self._owner_id(holder)))
+                parts = groups.get(at)
+                if parts is None:
+                    parts = groups[at] = []
+            parts += (w[0], w[1], size(len(data)), data)
         newer = _latest.get((self._base, self.app))
         if newer is self:
             newer = None
         for key in result.deletes:
             if newer is not None and key in newer:
                 continue  # a newer instance of the map holds it now
-            ek = encode_key(key)
-            where = (crc32(ek) % shards, mine)
-            parts = groups.get(where)
+            w = where.pop(key, None)
+            if w is None:
+                ek = encode_key(key)
+                shard = crc32(ek) % shards
+            else:
+                ek, shard = w[1], w[2]
+            parts = groups.get((shard, mine))
             if parts is None:
-                parts = groups[where] = []
+                parts = groups[(shard, mine)] = []
             parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
         return header, groups
 
@@ -664,7 +802,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         if reply[0] == b"busy":
             raise self._lease.busy(reply[1])
         if reply[1] == b"1":
-            self._lease.pending = True  # taken over after a lapse: sweep again
+            self._lease.taken_back()  # after a lapse: upload and sweep again
         return list(reply[2:])
 
     async def _run_steps(
@@ -797,6 +935,45 @@ class RedisLiveMap(SinkTarget[K, V]):
             else:
                 return
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
+
+    async def _upload(self) -> list[tuple[Owner, KeyConflictError]]:
+        """Upload everything this instance holds, each owner's keys as its
+        first commit sends them (what it held in Redis and does not hold here
+        is let go): after the app's lease was taken back from another process
+        of the app, which may have changed or deleted them.  (Under the map's
+        lock.)  The conflicts met, with the owner each is reported to."""
+        owners: list[Owner] = []
+        header: list[str] = []
+        index: dict[str, int] = {}
+        groups: dict[tuple[int, int], list[bytes]] = {}
+        encode = self._codec.encode
+        table = self._table
+        size = _LENGTH.pack
+        for key, value in table.items():
+            holder = table.owner_of(key)
+            if holder is None:
+                continue
+            oid = self._owner_id(holder)
+            oi = index.get(oid)
+            if oi is None:
+                oi = index[oid] = len(owners) + 1
+                owners.append(holder)
+                header += (oid, "1")
+            ek = encode_key(key)
+            data = encode(value)
+            groups.setdefault((crc32(ek) % self.shards, oi), []).extend(
+                (_UPDATE(len(ek)), ek, size(len(data)), data)
+            )
+        if not groups:
+            return []
+        if sum(len(parts) for parts in groups.values()) > 4 * CHUNK:
+            await self._stale(header, groups)
+        reply = await self._run_steps(header, groups)
+        if reply is None:
+            await self._resync()
+            return []
+        claimants = [owners[int(reply[i]) - 1] for i in range(2, len(reply), 3)]
+        return list(zip(claimants, self._conflicts(header, reply), strict=True))
 
     async def _send_drops(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         failed, _ = await self._send(component, result, False)

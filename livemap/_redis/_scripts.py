@@ -12,6 +12,10 @@ so a script touching several of them is valid on a cluster too.  Per map:
   (hashes: a pending claim's record and value), ``n:s`` (the shard's change
   counter), ``x:s`` (the change stream), ``lease:s`` (the consumer's lease).
 * per owner: ``k:<owner id>`` (set of ``s|key``: what the owner holds).
+* per producing app: ``app:<app>`` (its lease: the holder's instance token,
+  with a TTL), ``ao:<app>`` (set of its owner ids), and its fields in
+  ``last`` (the lease's latest holder), ``turn`` (how many times the
+  holder changed) and ``swept`` (the instance that swept the app last).
 
 An owner id is ``<app name> US <component path>`` (US: the unit separator,
 0x1f); an owner record is ``<owner id> RS <instance token>`` (RS: 0x1e), the
@@ -117,6 +121,7 @@ local function holds()
   local last = call('HGET', base .. ':last', app)
   if last ~= inst then
     call('HSET', base .. ':last', app, inst)
+    call('HINCRBY', base .. ':turn', app, 1)
   end
   return nil, last ~= inst
 end
@@ -196,7 +201,9 @@ end
 # KEYS[1] base.  ARGV: epoch, instance, maxlen, app name, lease TTL (ms),
 # number of owners, then per owner: owner id, reclaim flag ('1': its first
 # commit from this instance, delete what it held and no longer declares, and
-# note the owner in the app's ``ao`` set; '2': only note it; '0': neither),
+# note the owner in the app's ``ao`` set; '2': only note it; '0': neither;
+# what an earlier process's instance holds is deleted so only once this
+# instance has swept the app, see ``swept``, else left to that sweep),
 # then groups of three: a shard, an owner index (1-based) and a blob of that
 # owner's changes in that shard, each change packed as op (1 byte: 'u', 'd',
 # or 'r': delete what the owner holds from any instance), the encoded key
@@ -207,7 +214,10 @@ end
 # values of a group are read in two bulk commands, and such updates' writes
 # made in bulk.  A key occurs at most once in one call.  Every owner is of
 # the app named; the call takes (or refreshes) the app's lease, and changes
-# nothing when another process holds it.
+# nothing when another process holds it.  An update of a key that another
+# owner of the app holds from an earlier process (an instance other than
+# the caller's: the caller holds the lease) takes it over, as within one
+# instance: a transfer, not a conflict.
 # A delete applies only to what this instance (this app in this process)
 # holds or claims.
 # Returns {'epoch', current epoch or ''} when the epoch is not the caller's,
@@ -248,6 +258,24 @@ for a = 1, #noted, CH do
   call('SADD', base .. ':ao:' .. app, unpack(noted, a, math.min(a + CH - 1, #noted)))
 end
 local conflicts = {'ok', took and '1' or '0'}
+-- whether this instance has swept the app's keys: until it has, what an
+-- owner's first commit no longer declares and an earlier process's
+-- instance holds is left to that sweep (a component of this process may
+-- still take it over: a transfer, not a delete and an insert)
+local swept
+local function lets_go(rec, oid)
+  local hid, hinst = split(rec)
+  if hid ~= oid then
+    return false
+  end
+  if hinst == inst then
+    return true
+  end
+  if swept == nil then
+    swept = call('HGET', base .. ':swept', app) == inst
+  end
+  return swept
+end
 -- one change, the general way: the owner record read and acted on
 local function change(op, s, oi, k, v)
   local oid = owners[oi]
@@ -266,7 +294,9 @@ local function change(op, s, oi, k, v)
           call('HSET', o, k, oid .. SEP .. inst)
         end
         put(s, k, v)
-      elseif hinst == inst then
+      elseif hinst == inst or app_of(hid) == app then
+        -- within this instance, or from an earlier process of the app (this
+        -- one holds its lease): a transfer
         take(s, k, oid, hid)
         put(s, k, v)
       else
@@ -285,7 +315,7 @@ local function change(op, s, oi, k, v)
       end
     end
   elseif op == 'r' then
-    if rec and split(rec) == oid then
+    if rec and lets_go(rec, oid) then
       drop(s, k, oid)
     end
   elseif rec then
@@ -387,10 +417,10 @@ for o = 1, nown do
         local s = tonumber(string.sub(m, 1, p - 1))
         local k = string.sub(m, p + 1)
         local rec = call('HGET', base .. ':o:' .. s, k)
-        if rec and split(rec) == oid then
-          drop(s, k, oid)
-        else
+        if not rec or split(rec) ~= oid then
           call('SREM', base .. ':k:' .. oid, m)
+        elseif lets_go(rec, oid) then
+          drop(s, k, oid)
         end
       end
     end
@@ -403,7 +433,10 @@ return conflicts
 
 # KEYS[1] base; ARGV: app name, instance, lease TTL (ms).  Takes the app's
 # lease when it is free or the caller's.  Returns {1, the token of the
-# app's latest holder before, or ''} or {0, the holder}.
+# app's latest holder before, or '', the app's turn, the map's epoch or ''}
+# or {0, the holder}.  The turn (``turn``, per app) counts the changes of
+# the lease's holder: a holder that finds it moved since it last made its
+# entries whole in Redis uploads them again before it sweeps.
 APP_ACQUIRE = """
 local base = KEYS[1]
 local app = ARGV[1]
@@ -415,8 +448,12 @@ if holder and holder ~= inst then
 end
 redis.call('SET', lk, inst, 'PX', ARGV[3])
 local last = redis.call('HGET', base .. ':last', app)
-redis.call('HSET', base .. ':last', app, inst)
-return {1, last or ''}
+if last ~= inst then
+  redis.call('HSET', base .. ':last', app, inst)
+  redis.call('HINCRBY', base .. ':turn', app, 1)
+end
+return {1, last or '', redis.call('HGET', base .. ':turn', app) or '0',
+        redis.call('GET', base .. ':epoch') or ''}
 """
 
 # KEYS[1] base; ARGV: app name, instance.  Gives the app's lease up if the
@@ -430,12 +467,15 @@ return 1
 """
 
 # KEYS[1] base.  ARGV: epoch, instance, app name, lease TTL (ms), maxlen,
-# then the owner ids to keep.  The sweep of an app's keys that no process of
-# it declares any more: with the app's lease (taken when free), every key
-# an owner of the app holds from another instance (an earlier process of
-# the app) is let go (deleted, or handed to a pending claim), unless its
-# owner is one to keep.  Returns {'epoch', ...}, {'busy', holder} as COMMIT
-# does, or {'ok', the number of keys let go}.
+# the app's turn the caller's entries were made whole at, then the owner
+# ids to keep.  The sweep of an app's keys that no process of it declares
+# any more: with the app's lease (taken when free), every key an owner of
+# the app holds from another instance (an earlier process of the app) is
+# let go (deleted, or handed to a pending claim), unless its owner is one
+# to keep.  Returns {'epoch', ...}, {'busy', holder} as COMMIT does,
+# {'moved', turn} when the app's turn is not the one given (another
+# process held the lease since: the caller's entries must be uploaded
+# again first; nothing is let go), or {'ok', the number of keys let go}.
 SWEEP = (
     _EPOCH_CHECK
     + """
@@ -450,8 +490,12 @@ local busy = holds()
 if busy then
   return {'busy', busy}
 end
+local turn = call('HGET', base .. ':turn', app) or '0'
+if turn ~= ARGV[6] then
+  return {'moved', turn}
+end
 local keep = {}
-for a = 6, #ARGV do
+for a = 7, #ARGV do
   keep[ARGV[a]] = true
 end
 local ao = base .. ':ao:' .. app
@@ -530,6 +574,7 @@ for _, oid in ipairs(call('SMEMBERS', ao)) do
   end
 end
 flush(maxlen)
+call('HSET', base .. ':swept', app, inst)
 return {'ok', gone}
 """
 )

@@ -239,42 +239,42 @@ class RedisLiveMapView(Generic[K, V]):
             self._progress.set()
             self._progress = None
 
-    def _apply(self, shard: int, payload: bytes, touched: dict[bytes, int]) -> None:
+    def _apply(self, shard: int, payload: bytes, touched: dict[bytes, bytes | None]) -> None:
         """Apply one stream entry's changes to the encoded mirror; the keys
-        it touched go to ``touched`` (decoded later, by :meth:`_decode`)."""
+        it touched go to ``touched`` with their encoded value now (``None``:
+        deleted), decoded later by :meth:`_decode`."""
         raw = self._raw[shard]
         unpack = _LEN.unpack_from
         pos = 0
         end = len(payload)
         while pos < end:
-            op = payload[pos]
             (size,) = unpack(payload, pos + 1)
-            pos += 5
-            ek = payload[pos : pos + size]
-            pos += size
-            if op == 0x75:  # 'u'
+            start = pos + 5
+            pos = start + size
+            ek = payload[start:pos]
+            if payload[start - 5] == 0x75:  # 'u'
                 (vsize,) = unpack(payload, pos)
                 pos += 4
-                raw[ek] = payload[pos : pos + vsize]
+                raw[ek] = touched[ek] = payload[pos : pos + vsize]
                 pos += vsize
             else:
                 raw.pop(ek, None)
-            touched[ek] = shard
+                touched[ek] = None
 
-    def _decode(self, touched: dict[bytes, int]) -> list[Any]:
+    def _decode(self, touched: dict[bytes, bytes | None]) -> list[Any]:
         """Bring the decoded mirror to the encoded one for the keys in
         ``touched`` (their values decoded in one batch); the keys changed."""
         keys = self._keys
+        known = keys.get
         pending: list[Any] = []
         eks: list[bytes] = []
         datas: list[bytes] = []
         gone: list[bytes] = []
-        for ek, shard in touched.items():
-            ev = self._raw[shard].get(ek)
+        for ek, ev in touched.items():
             if ev is None:
                 gone.append(ek)
                 continue
-            key = keys.get(ek, _MISSING)
+            key = known(ek, _MISSING)
             if key is _MISSING:
                 key = keys[ek] = decode_key(ek)
             pending.append(key)
@@ -313,10 +313,8 @@ class RedisLiveMapView(Generic[K, V]):
             raise CodecError(
                 f"{self.name}: the codec decoded {len(datas)} values into {len(decoded)}"
             )
-        values = self._values
-        for key, value in zip(keys, decoded, strict=True):
-            values[key] = value
-        return list(keys)
+        self._values.update(zip(keys, decoded, strict=True))
+        return keys
 
     async def _follow(self, client: Any) -> None:
         """Apply the streams forever; re-read the snapshot when needed."""
@@ -337,7 +335,7 @@ class RedisLiveMapView(Generic[K, V]):
                     self._resyncs += 1
                     await self._snapshot(client)
                 continue
-            touched: dict[bytes, int] = {}
+            touched: dict[bytes, bytes | None] = {}
             resync = False
             for stream, entries in reply.items():
                 shard = int(bytes(stream).rsplit(b":", 1)[1])

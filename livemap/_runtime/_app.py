@@ -434,8 +434,12 @@ class UpdateHandle:
         if self._live:
             # A live run ends by itself once nothing in it can change any
             # more: no live task is left and every change has been delivered.
-            while not (over() or run.inactive(not root.readiness.unready)):
-                await run.wait()
+            run.waits_inactive = True
+            try:
+                while not (over() or run.inactive(not root.readiness.unready)):
+                    await run.wait()
+            finally:
+                run.waits_inactive = False
             return
         # Catch-up mode: end the live components first.  A last step of one
         # may still commit (its timer fired as quiescence was reached); the

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import anyio
 
 from livemap._runtime._component import Component, Run, SettleJob, run_settle_jobs
+from livemap._runtime._hosting import Target
 from livemap._runtime._unmount import unmount
 
 __all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
@@ -41,26 +42,30 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     is then left unready).  ``live``: the run is a live component's, whose
     readiness its own task decides."""
     buffers = run.buffers if isinstance(run.buffers, dict) else {}
-    previous = comp.targets
+    targets = comp.targets
     error: Exception | None = None
-    if buffers or previous:
+    if buffers or targets:
+        # the targets held before and not declared into this time
+        gone = [t for t in targets if t not in buffers] if targets else None
         # Known before the first await: an unmount while this commit is
         # paused must release these targets too.
         if buffers:
-            comp.targets = (previous or set()) | buffers.keys()
+            comp.targets = _with(targets, buffers)
         for target, buffer in buffers.items():
             failed = await target.commit_run(comp, buffer, gen)
             error = error or failed
-        if previous:
-            for target in previous:
-                if target not in buffers:
-                    failed = await target.release_owner(comp, gen)
-                    error = error or failed
+        if gone:
+            for target in gone:
+                failed = await target.release_owner(comp, gen)
+                error = error or failed
         if comp.alive:
             # (the buffers' targets too: a deferred drop applied while this
             # commit waited may have disowned one that it has declared into)
-            held = (comp.targets or set()) | buffers.keys()
-            comp.targets = {t for t in held if t.holds(comp)} or None
+            targets = _with(comp.targets, buffers)
+            held = [t for t in targets if t.holds(comp)]
+            if len(held) != len(targets):
+                targets = tuple(held) if held else None
+            comp.targets = targets
     if gen != comp.generation or not comp.alive:
         return error
     children = comp.children
@@ -92,6 +97,15 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     if not live:
         comp.readiness.set_self_ready(True)
     return None
+
+
+def _with(targets: tuple[Target, ...] | None, more: Iterable[Target]) -> tuple[Target, ...]:
+    """``targets`` and those of ``more`` not among them, in that order (the
+    same tuple if there are none)."""
+    if targets is None:
+        return tuple(more)
+    extra = [t for t in more if t not in targets]
+    return (*targets, *extra) if extra else targets
 
 
 async def settle(comp: Component) -> None:

@@ -284,7 +284,9 @@ class Component:
         self.generation = 0
         self.cancel_scope: anyio.CancelScope | None = None
         self.scope_run: AppRun | None = None
-        self.targets: set[Target] | None = None
+        # (a tuple: a per-entry child holds one or two, and a set of them
+        # costs three times the bytes)
+        self.targets: tuple[Target, ...] | None = None
         self.created: list[RetiredWithRun] | None = None
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None
@@ -348,19 +350,19 @@ class Component:
     def adopt(self, target: Target) -> None:
         """``target`` handed this component a key it claimed (a transfer)."""
         if self.alive:
-            if self.targets is None:
-                self.targets = {target}
-            else:
-                self.targets.add(target)
+            targets = self.targets
+            if targets is None:
+                self.targets = (target,)
+            elif target not in targets:
+                self.targets = (*targets, target)
 
     def disown(self, target: Target) -> None:
         """``target`` holds nothing of this component any more (its deferred
         drops were applied)."""
         targets = self.targets
         if targets is not None and target in targets:
-            targets.discard(target)
-            if not targets:
-                self.targets = None
+            rest = tuple(t for t in targets if t is not target)
+            self.targets = rest or None
 
     @property
     def running(self) -> bool:
@@ -386,6 +388,11 @@ class Component:
         children's runs are under way (:meth:`ChildHost.in_update`)."""
         host = self.host
         return host is not None and self.alive and not self.running and host.in_update()
+
+    @property
+    def loop_cache(self) -> dict[object, Any] | None:
+        active = self.session.active
+        return None if active is None else active.loop_cache
 
     @property
     def defers_drops(self) -> bool:

@@ -59,6 +59,14 @@ class Owner(Protocol):
         settle (another component of that update may take them over)."""
         ...
 
+    @property
+    def loop_cache(self) -> dict[object, Any] | None:
+        """Objects of the running event loop that the component's app run
+        keeps for the run's length (a target's lock), or ``None`` outside
+        a run in progress.  The run belongs to one loop: what it keeps here
+        goes with it."""
+        ...
+
     def adopt(self, target: Target) -> None:
         """``target`` handed the component a key it claimed (a transfer)."""
         ...

@@ -422,8 +422,17 @@ class AppRun:
     # running now, how to wait for what its map has committed so far.
     catching_up: bool = False
     first_runs: int = 0
+    # ``waits_inactive``: the main loop waits only for the run to become
+    # inactive (a live run after its catch-up).  While a live task runs that
+    # wait cannot end but by ``live_ended``, a stop or a failure (each of
+    # which notifies), so a root's zero crossing and a consumer going idle
+    # do not wake it (see :meth:`notify_idle`).
+    waits_inactive: bool = False
     counted: set[object] = field(default_factory=set)
     settlers: dict[object, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    # objects of the run's event loop kept for the run's length, by whoever
+    # made them (a target's lock: see SinkTarget)
+    loop_cache: dict[object, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.catching_up = self.live
@@ -511,10 +520,18 @@ class AppRun:
         for event in waiters:
             event.set()
 
+    def notify_idle(self) -> None:
+        """The root's subtree became ready, or no consumer is busy any more:
+        wake the main loop, unless it can only wait on (``waits_inactive``
+        while a live task runs: once per change, in a live run, that wake
+        was the main loop's only work)."""
+        if self._waiters and not (self.waits_inactive and self.live_tasks):
+            self.notify()
+
     def consumer_busy(self, delta: int) -> None:
         self.busy_consumers += delta
         if self.busy_consumers == 0:
-            self.notify()
+            self.notify_idle()
 
     def interrupt(self, exc: BaseException) -> None:
         """A ``KeyboardInterrupt`` or ``SystemExit`` came out of a task of the
@@ -591,6 +608,6 @@ class Session:
         return run
 
     def notify(self) -> None:
-        """Wake the run's main loop (the root's readiness changed)."""
+        """Wake the run's main loop (the root's subtree became ready)."""
         if self.active is not None:
-            self.active.notify()
+            self.active.notify_idle()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -31,7 +33,7 @@ from livemap.errors import (
 )
 from livemap_core import CONFLICT, Buffer, Commit, Declarer, Table, TableStats
 
-__all__ = ["KeyedTarget", "SinkTarget", "TargetBase", "TargetBatch"]
+__all__ = ["KeyedTarget", "SinkGate", "SinkTarget", "TargetBase", "TargetBatch"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -57,6 +59,66 @@ class TargetBatch(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes)
+
+
+class SinkGate:
+    """A target's lock on one event loop: the commits that reach its sink
+    go one at a time, in the order they asked.
+
+    A free gate is taken without an event-loop step and without asking the
+    loop anything (a commit per per-entry run made the lock's own cost a
+    good part of that run's); a busy one queues an :class:`anyio.Event`
+    per waiter, made by the waiter on its own loop.  ``busy``: a task holds
+    the gate; ``waiters``: the tasks waiting, in order.  Invariant: a
+    waiter's event is set only as the gate passes to it (``busy`` stays
+    true), so the task that wakes holds it.  Not re-entrant.
+    """
+
+    __slots__ = ("busy", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.waiters: deque[anyio.Event] = deque()
+
+    async def wait(self) -> None:
+        """Wait for the busy gate to pass to this task."""
+        event = anyio.Event()
+        self.waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # it passed to us as we were cancelled: pass it on
+            else:
+                self.waiters.remove(event)
+            raise
+
+    async def acquire(self) -> None:
+        if self.busy:
+            await self.wait()
+        else:
+            self.busy = True
+
+    def release(self) -> None:
+        waiters = self.waiters
+        if waiters:
+            waiters.popleft().set()  # (busy stays true: the gate passes on)
+        else:
+            self.busy = False
+
+    async def __aenter__(self) -> None:
+        if self.busy:
+            await self.wait()
+        else:
+            self.busy = True
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 class TargetBase(Generic[K, V]):
@@ -229,9 +291,13 @@ class SinkTarget(TargetBase[K, V]):
     """A target whose commits reach an outside sink, one at a time under a
     lock: what :class:`KeyedTarget` and a Redis-backed map share.
 
-    The lock is bound to the event loop it was made on, and a target may be
-    used on one loop after another (each ``anyio.run`` or ``update_blocking``
-    makes its own): one lock per loop, kept by the loop and gone with it.
+    The lock (a :class:`SinkGate`) is kept per event loop, and a target may
+    be used on one loop after another (each ``anyio.run`` or
+    ``update_blocking`` makes its own): one gate per loop, kept by the loop
+    and gone with it, so a loop that ended with the gate held leaves nothing
+    behind for the next.  A committing component's app run keeps the gate
+    it found (``Owner.loop_cache``), so a commit finds it with a dict
+    look-up instead of asking the loop.
     ``_orphans``: components whose deletes the sink did not take (an
     unmounted one's release, or the held drops of any one that reached the
     sink after its update settled); each stays listed until they are
@@ -247,18 +313,25 @@ class SinkTarget(TargetBase[K, V]):
 
     def __init__(self, name: str, *, track_undo: bool) -> None:
         super().__init__(name, track_undo=track_undo)
-        self._locks: RunVar[anyio.Lock] = RunVar(f"livemap target {name} #{next(_ids)}")
+        self._locks: RunVar[SinkGate] = RunVar(f"livemap target {name} #{next(_ids)}")
         self._orphans: list[Owner] = []
 
-    def _get_lock(self) -> anyio.Lock:
-        """The target's lock on the running event loop (made on first use)."""
-        lock = self._locks.get(None)
-        if lock is None:
-            # fast_acquire: a free lock is taken without an event-loop step
-            # (a step per commit was most of a per-entry run's cost)
-            lock = anyio.Lock(fast_acquire=True)
-            self._locks.set(lock)
-        return lock
+    def _get_lock(self, owner: Owner | None = None) -> SinkGate:
+        """The target's gate on the running event loop (made on first use);
+        ``owner``: the component on whose behalf, whose app run's
+        ``loop_cache`` keeps it."""
+        cache = None if owner is None else owner.loop_cache
+        if cache is not None:
+            gate: SinkGate | None = cache.get(self)
+            if gate is not None:
+                return gate
+        gate = self._locks.get(None)
+        if gate is None:
+            gate = SinkGate()
+            self._locks.set(gate)
+        if cache is not None:
+            cache[self] = gate
+        return gate
 
     async def _send_drops(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         """Send a release or a deferred drop of ``component`` to the sink; on
@@ -284,7 +357,7 @@ class SinkTarget(TargetBase[K, V]):
             self._orphans.append(component)
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
-        async with self._get_lock():
+        async with self._get_lock(component):
             if self._orphans:
                 await self._retry_orphans()
             if gen is not None and not component.current(gen):
@@ -299,7 +372,7 @@ class SinkTarget(TargetBase[K, V]):
         return failed
 
     async def _apply_deferred(self, component: Owner) -> Exception | None:
-        async with self._get_lock():
+        async with self._get_lock(component):
             if self._orphans:
                 await self._retry_orphans()
             result = self._table.drop_deferred(component)
@@ -357,7 +430,7 @@ class KeyedTarget(SinkTarget[K, V]):
         )
         try:
             outcome = self._apply(batch)
-            if inspect.isawaitable(outcome):
+            if outcome is not None and inspect.isawaitable(outcome):
                 await outcome
         except BaseException as exc:
             self._table.revert(result)
@@ -384,7 +457,7 @@ class KeyedTarget(SinkTarget[K, V]):
             return
         table = self._table
         failures: list[tuple[Owner, Exception]] = []
-        async with self._get_lock():
+        async with self._get_lock(scope):
             if self._orphans:
                 await self._retry_orphans()
             result = table.drop_deferred_many(components)
@@ -405,7 +478,12 @@ class KeyedTarget(SinkTarget[K, V]):
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
-        async with self._get_lock():
+        gate = self._get_lock(component)
+        if gate.busy:
+            await gate.wait()
+        else:
+            gate.busy = True  # (the gate's acquire, without its frame)
+        try:
             if self._orphans:
                 await self._retry_orphans()
             if not component.current(gen):
@@ -416,6 +494,8 @@ class KeyedTarget(SinkTarget[K, V]):
             # must not leave the record ahead of the sink.
             failed = await self._send(component, result)
             drop_now = failed is None and self._settled(component, result)
+        finally:
+            gate.release()
         if drop_now:
             failed = await self._apply_deferred(component)
         if result.rejections:
