@@ -906,6 +906,22 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._remote_conflicts += len(out)
         return out
 
+    def _held_updates(self) -> Iterator[tuple[Owner, int, tuple[bytes, ...]]]:
+        """Every entry this instance holds, encoded as an update of a commit
+        step: its owner, its shard and the update's parts (for an upload of
+        everything held)."""
+        encode = self._codec.encode
+        table = self._table
+        size = _LENGTH.pack
+        shards = self.shards
+        for key, value in table.items():
+            holder = table.owner_of(key)
+            if holder is None:
+                continue
+            ek = encode_key(key)
+            data = encode(value)
+            yield holder, crc32(ek) % shards, (_UPDATE(len(ek)), ek, size(len(data)), data)
+
     async def _resync(self) -> None:
         """Redis lost the map's data (or another producer found it lost and
         started a new epoch): upload everything this process holds."""
@@ -916,19 +932,9 @@ class RedisLiveMap(SinkTarget[K, V]):
             )
             self._epoch = epoch.decode()
             by_owner: dict[str, dict[tuple[int, int], list[bytes]]] = {}
-            encode = self._codec.encode
-            table = self._table
-            size = _LENGTH.pack
-            for key, value in table.items():
-                holder = table.owner_of(key)
-                if holder is None:
-                    continue
-                ek = encode_key(key)
-                data = encode(value)
+            for holder, shard, parts in self._held_updates():
                 groups = by_owner.setdefault(self._owner_id(holder), {})
-                groups.setdefault((crc32(ek) % self.shards, 1), []).extend(
-                    (_UPDATE(len(ek)), ek, size(len(data)), data)
-                )
+                groups.setdefault((shard, 1), []).extend(parts)
             for oid, groups in by_owner.items():
                 if await self._run_steps([oid, "2"], groups) is None:
                     break
@@ -946,24 +952,14 @@ class RedisLiveMap(SinkTarget[K, V]):
         header: list[str] = []
         index: dict[str, int] = {}
         groups: dict[tuple[int, int], list[bytes]] = {}
-        encode = self._codec.encode
-        table = self._table
-        size = _LENGTH.pack
-        for key, value in table.items():
-            holder = table.owner_of(key)
-            if holder is None:
-                continue
+        for holder, shard, parts in self._held_updates():
             oid = self._owner_id(holder)
             oi = index.get(oid)
             if oi is None:
                 oi = index[oid] = len(owners) + 1
                 owners.append(holder)
                 header += (oid, "1")
-            ek = encode_key(key)
-            data = encode(value)
-            groups.setdefault((crc32(ek) % self.shards, oi), []).extend(
-                (_UPDATE(len(ek)), ek, size(len(data)), data)
-            )
+            groups.setdefault((shard, oi), []).extend(parts)
         if not groups:
             return []
         if sum(len(parts) for parts in groups.values()) > 4 * CHUNK:
