@@ -719,7 +719,7 @@ cdef class Table:
         one = type(prev) is tuple
         if one:
             if PyDict_GET_SIZE(decls) == 1:
-                result = self._commit_one(owner, owner_id, <tuple>prev, decls)
+                result = self._commit_one(owner, owner_id, <tuple>prev, decls, defer)
                 if result is not None:
                     return result
             record = {(<tuple>prev)[0]: (<tuple>prev)[1]}
@@ -859,10 +859,13 @@ cdef class Table:
         self._finish(result, suppressed, eq_errors)
         return result
 
-    cdef Commit _commit_one(self, object owner, object owner_id, tuple prev, dict decls):
-        # The commit of an owner of one key that declares one key, the one it
-        # holds (a per-entry run that declared the same key again): the ``==``
-        # gate alone.  None if the key is another one (the general path).
+    cdef Commit _commit_one(
+        self, object owner, object owner_id, tuple prev, dict decls, bint defer
+    ):
+        # The commit of an owner of one key that declares one key (a
+        # per-entry run): the ``==`` gate alone if it is the key it holds, an
+        # insert and a delete if it is a key nobody holds (see _move_one).
+        # None otherwise (the general path).
         cdef Py_ssize_t pos = 0
         cdef PyObject* k
         cdef PyObject* v
@@ -881,7 +884,7 @@ cdef class Table:
             if same < 0:
                 _raise_current()
             if not same:
-                return None
+                return self._move_one(owner, owner_id, prev, key, value, defer)
         held = prev[1]
         result = _new_commit(owner, self._seq + 1)
         if held is value:
@@ -904,6 +907,32 @@ cdef class Table:
             result._prev_record = prev
             result._table = self
         self._finish(result, suppressed, eq_errors)
+        return result
+
+    cdef Commit _move_one(
+        self, object owner, object owner_id, tuple prev, object key, object value, bint defer
+    ):
+        # An owner of one key declaring another key, which nobody holds,
+        # without defer: the new key inserted, the old one deleted, a new
+        # pair; the same changes and undo steps as the general path.  None
+        # if the key is held (a conflict or a take-over) or with defer.
+        cdef dict holder = self._holder
+        cdef Commit result
+        cdef object old
+        if defer or key in holder:
+            return None
+        result = _new_commit(owner, self._seq + 1)
+        old = prev[0]
+        holder[key] = owner
+        del holder[old]
+        self._owned[owner_id] = (key, value)
+        result.upserts.append((key, value))
+        result.deletes.append(old)
+        if self._track_undo:
+            result._undo = [(key,), (old, None, owner)]
+            result._prev_record = prev
+            result._table = self
+        self._finish(result, 0, 0)
         return result
 
     cdef int _merge(

@@ -540,6 +540,10 @@ class Table(Generic[K, V]):
         holder = self._holder
         owner_id = id(owner)
         prev = self._owned.get(owner_id)
+        if type(prev) is tuple and len(decls) == 1:
+            one_key = self._commit_one(owner, owner_id, prev, decls, defer)
+            if one_key is not None:
+                return one_key
         # The owner's own keys are found in its (smaller) record, with their
         # values; other keys are new or held by another owner.  The pair of
         # an owner of one key is looked at as a dict of its own, made here.
@@ -639,6 +643,52 @@ class Table(Generic[K, V]):
                 result._restore = partial(_reset, self, owner_id)
         self._finish(result, suppressed, eq_errors)
         return result
+
+    def _commit_one(
+        self, owner: object, owner_id: int, prev: tuple[Any, Any], decls: dict[K, V], defer: bool
+    ) -> Commit[K, V] | None:
+        # The commit of an owner of one key that declares one key (a per-entry
+        # run): the == gate alone if it is the key it holds; if it is a key
+        # nobody holds (and without defer) the new key inserted, the old one
+        # deleted, a new pair.  The same changes and undo steps as _commit;
+        # None for anything else (a conflict, a take-over, defer).
+        for key, value in decls.items():
+            held_key, held = prev
+            result: Commit[K, V] = Commit(owner, self._seq + 1)
+            suppressed = eq_errors = 0
+            if key is held_key or key == held_key:  # stable keys: one dict key when equal
+                if held is value:
+                    suppressed = 1
+                else:
+                    try:
+                        same = bool(value == held)
+                    except Exception as exc:
+                        result.rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
+                        eq_errors = 1
+                    else:
+                        if same:
+                            suppressed = 1
+                        else:
+                            result.upserts.append((key, value))
+                            self._owned[owner_id] = (held_key, value)
+                undo: list[tuple[Any, ...]] = [(key, held)] if result.upserts else []
+            elif defer or key in self._holder:
+                return None
+            else:
+                holder = self._holder
+                holder[key] = owner
+                del holder[held_key]
+                self._owned[owner_id] = (key, value)
+                result.upserts.append((key, value))
+                result.deletes.append(held_key)
+                undo = [(key,), (held_key, None, owner)]
+            if self._track_undo:
+                result._undo = undo
+                result._prev_record = prev
+                result._table = self
+            self._finish(result, suppressed, eq_errors)
+            return result
+        return None
 
     def _merge(
         self,
