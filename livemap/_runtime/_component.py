@@ -214,6 +214,10 @@ class Component:
       :meth:`cancel_tasks`.
     * ``targets``: the targets this component holds keys of (kept by
       :func:`._commit.commit`, emptied by :func:`._unmount.cleanup`).
+    * ``child_targets``: the ``targets`` tuple a child of this component
+      took last at its first commit, for the next child declaring into the
+      same targets to share (siblings of a ``mount_each`` mostly do); never
+      read otherwise.
     * ``created``: what earlier runs created, retired by the next commit.
     * ``exception`` / ``escalated``: the latest run's failure, and what a
       handler re-raised for it; cleared by :meth:`begin`.
@@ -235,6 +239,7 @@ class Component:
         "alive",
         "args",
         "cancel_scope",
+        "child_targets",
         "children",
         "created",
         "escalated",
@@ -287,6 +292,7 @@ class Component:
         # (a tuple: a per-entry child holds one or two, and a set of them
         # costs three times the bytes)
         self.targets: tuple[Target, ...] | None = None
+        self.child_targets: tuple[Target, ...] | None = None
         self.created: list[RetiredWithRun] | None = None
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None
