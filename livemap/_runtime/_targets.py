@@ -53,8 +53,10 @@ class TargetBatch(Generic[K, V]):
     """
 
     # (fields behind read-only properties, not a frozen dataclass: its
-    # constructor cost most of a one-key commit's sink call)
-    __slots__ = ("_deletes", "_first_seq", "_last_seq", "_owner", "_upserts")
+    # constructor cost most of a one-key commit's sink call; ``_of``: the
+    # committing owner whose path ``owner`` is, made on first read, since
+    # most sinks never read it)
+    __slots__ = ("_deletes", "_first_seq", "_last_seq", "_of", "_owner", "_upserts")
 
     def __init__(
         self,
@@ -66,9 +68,22 @@ class TargetBatch(Generic[K, V]):
     ) -> None:
         self._upserts = upserts
         self._deletes = deletes
-        self._owner = owner
+        self._owner: StablePath | None = owner
+        self._of: Owner | None = None
         self._first_seq = first_seq
         self._last_seq = last_seq
+
+    @classmethod
+    def _of_commit(cls, result: Commit[K, V], owner: Owner) -> TargetBatch[K, V]:
+        """The batch of ``result``, a commit of ``owner``."""
+        batch = cls.__new__(cls)
+        batch._upserts = result.upserts
+        batch._deletes = result.deletes
+        batch._owner = None
+        batch._of = owner
+        batch._first_seq = result.first_seq
+        batch._last_seq = result.last_seq
+        return batch
 
     @property
     def upserts(self) -> list[tuple[K, V]]:
@@ -80,7 +95,12 @@ class TargetBatch(Generic[K, V]):
 
     @property
     def owner(self) -> StablePath:
-        return self._owner
+        owner = self._owner
+        if owner is None:
+            assert self._of is not None
+            owner = self._owner = self._of.path  # (a component's path never changes)
+            self._of = None
+        return owner
 
     @property
     def first_seq(self) -> int:
@@ -99,7 +119,7 @@ class TargetBatch(Generic[K, V]):
         return (
             self._upserts == other._upserts
             and self._deletes == other._deletes
-            and self._owner == other._owner
+            and self.owner == other.owner
             and self._first_seq == other._first_seq
             and self._last_seq == other._last_seq
         )
@@ -109,7 +129,7 @@ class TargetBatch(Generic[K, V]):
     def __repr__(self) -> str:
         return (
             f"TargetBatch(upserts={self._upserts!r}, deletes={self._deletes!r}, "
-            f"owner={self._owner!r}, first_seq={self._first_seq!r}, "
+            f"owner={self.owner!r}, first_seq={self._first_seq!r}, "
             f"last_seq={self._last_seq!r})"
         )
 
@@ -485,9 +505,7 @@ class KeyedTarget(SinkTarget[K, V]):
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
             return None
-        batch = TargetBatch(
-            result.upserts, result.deletes, component.path, result.first_seq, result.last_seq
-        )
+        batch = TargetBatch._of_commit(result, component)
         try:
             outcome = self._apply(batch)
             if outcome is not None and inspect.isawaitable(outcome):
