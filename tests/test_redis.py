@@ -433,6 +433,9 @@ async def test_a_commit_cut_between_its_steps_is_sent_again_whole(
             state = {f"k{i}": 0 for i in range(120)}
             await producer.commit(entries(state))
             assert producer.errors == []
+            # (seen before the next commit changes them: else its changes
+            # coalesce with these, and the count below is short)
+            await settle(view)
             # the next commit needs 3 steps; the second one fails
             state = {f"k{i}": 1 for i in range(20, 160)}
             client.fail_at = client.calls + 2

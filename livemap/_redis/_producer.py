@@ -983,7 +983,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                 await self._retry_orphans()
             if self._retired or not component.current(gen):
                 return None
-            result = self._table.commit(buffer, component.defers_drops)
+            result = self._table.commit(buffer, self._defer(component))
             failed, conflicts = await self._send(component, result)
             drop_now = failed is None and self._settled(component, result)
         if drop_now:

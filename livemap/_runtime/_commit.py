@@ -50,7 +50,7 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
         # Known before the first await: an unmount while this commit is
         # paused must release these targets too.
         if buffers:
-            comp.targets = _with(targets, buffers)
+            comp.targets = _with(targets, buffers) if targets else _first_targets(comp, buffers)
         for target, buffer in buffers.items():
             failed = await target.commit_run(comp, buffer, gen)
             error = error or failed
@@ -106,6 +106,20 @@ def _with(targets: tuple[Target, ...] | None, more: Iterable[Target]) -> tuple[T
         return tuple(more)
     extra = [t for t in more if t not in targets]
     return (*targets, *extra) if extra else targets
+
+
+def _first_targets(comp: Component, buffers: dict[Target, object]) -> tuple[Target, ...]:
+    """The targets of ``comp``'s first commit into ``buffers``: the tuple a
+    sibling took last, if it is the same (one tuple for the many children of
+    a ``mount_each``, not one each)."""
+    targets = tuple(buffers)
+    parent = comp.parent
+    if parent is not None:
+        shared = parent.child_targets
+        if shared == targets:
+            return shared
+        parent.child_targets = targets
+    return targets
 
 
 async def settle(comp: Component) -> None:

@@ -187,7 +187,7 @@ async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
         await job.run()
 
 
-class Component:
+class Component(Readiness):
     """One node of an app's component tree (internal; users hold
     :class:`ComponentMountHandle` objects).
 
@@ -204,7 +204,10 @@ class Component:
       :func:`._unmount.stop` or by :meth:`leave_at_rest`, never set again;
       ``readiness`` is closed at the same moment.
     * ``readiness``: the unready count of the subtree and its waiters
-      (:class:`._readiness.Readiness`); it counts into the parent's.
+      (:class:`._readiness.Readiness`); it counts into the parent's.  The
+      component is its own readiness (a subclass, one object per component
+      the garbage collector tracks, not two): ``readiness`` is ``self``, the
+      name kept so that the readiness fields read as such.
     * ``generation``: the latest run's number; :meth:`begin` increments it.
       A run (or a commit) of an older generation changes nothing.
     * ``cancel_scope`` / ``scope_run``: the scope of the task or worker
@@ -214,6 +217,10 @@ class Component:
       :meth:`cancel_tasks`.
     * ``targets``: the targets this component holds keys of (kept by
       :func:`._commit.commit`, emptied by :func:`._unmount.cleanup`).
+    * ``child_targets``: the ``targets`` tuple a child of this component
+      took last at its first commit, for the next child declaring into the
+      same targets to share (siblings of a ``mount_each`` mostly do); never
+      read otherwise.
     * ``created``: what earlier runs created, retired by the next commit.
     * ``exception`` / ``escalated``: the latest run's failure, and what a
       handler re-raised for it; cleared by :meth:`begin`.
@@ -235,6 +242,7 @@ class Component:
         "alive",
         "args",
         "cancel_scope",
+        "child_targets",
         "children",
         "created",
         "escalated",
@@ -278,15 +286,18 @@ class Component:
         self.live_body: LiveBody | None = None
         self.children: dict[StablePath, Component] | None = None
         self.alive = True
-        self.readiness: Readiness = (
-            Readiness(None, session.notify) if parent is None else Readiness(parent.readiness, None)
-        )
+        if parent is None:
+            Readiness.__init__(self, None, session.notify)
+        else:
+            Readiness.__init__(self, parent, None)
+        self.readiness: Readiness = self
         self.generation = 0
         self.cancel_scope: anyio.CancelScope | None = None
         self.scope_run: AppRun | None = None
         # (a tuple: a per-entry child holds one or two, and a set of them
         # costs three times the bytes)
         self.targets: tuple[Target, ...] | None = None
+        self.child_targets: tuple[Target, ...] | None = None
         self.created: list[RetiredWithRun] | None = None
         self.exception: BaseException | None = None
         self.escalated: BaseException | None = None

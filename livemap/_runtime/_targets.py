@@ -14,7 +14,6 @@ import inspect
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -41,7 +40,6 @@ V = TypeVar("V")
 _ids = itertools.count(1)
 
 
-@dataclass(frozen=True)
 class TargetBatch(Generic[K, V]):
     """One commit's changes, as a sink receives them.
 
@@ -49,16 +47,91 @@ class TargetBatch(Generic[K, V]):
     ``==``; ``deletes``: keys that disappeared; ``owner``: the committing
     component's path; ``first_seq`` / ``last_seq``: the changes' sequence
     numbers (upserts first, then deletes).
+
+    Read-only: setting a field raises ``AttributeError``.  Two batches are
+    equal when their fields are.
     """
 
-    upserts: list[tuple[K, V]]
-    deletes: list[K]
-    owner: StablePath
-    first_seq: int
-    last_seq: int
+    # (fields behind read-only properties, not a frozen dataclass: its
+    # constructor cost most of a one-key commit's sink call; ``_of``: the
+    # committing owner whose path ``owner`` is, made on first read, since
+    # most sinks never read it)
+    __slots__ = ("_deletes", "_first_seq", "_last_seq", "_of", "_owner", "_upserts")
+
+    def __init__(
+        self,
+        upserts: list[tuple[K, V]],
+        deletes: list[K],
+        owner: StablePath,
+        first_seq: int,
+        last_seq: int,
+    ) -> None:
+        self._upserts = upserts
+        self._deletes = deletes
+        self._owner: StablePath | None = owner
+        self._of: Owner | None = None
+        self._first_seq = first_seq
+        self._last_seq = last_seq
+
+    @classmethod
+    def _of_commit(cls, result: Commit[K, V], owner: Owner) -> TargetBatch[K, V]:
+        """The batch of ``result``, a commit of ``owner``."""
+        batch = cls.__new__(cls)
+        batch._upserts = result.upserts
+        batch._deletes = result.deletes
+        batch._owner = None
+        batch._of = owner
+        batch._first_seq = result.first_seq
+        batch._last_seq = result.last_seq
+        return batch
+
+    @property
+    def upserts(self) -> list[tuple[K, V]]:
+        return self._upserts
+
+    @property
+    def deletes(self) -> list[K]:
+        return self._deletes
+
+    @property
+    def owner(self) -> StablePath:
+        owner = self._owner
+        if owner is None:
+            assert self._of is not None
+            owner = self._owner = self._of.path  # (a component's path never changes)
+            self._of = None
+        return owner
+
+    @property
+    def first_seq(self) -> int:
+        return self._first_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
 
     def __len__(self) -> int:
-        return len(self.upserts) + len(self.deletes)
+        return len(self._upserts) + len(self._deletes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TargetBatch):
+            return NotImplemented
+        return (
+            self._upserts == other._upserts
+            and self._deletes == other._deletes
+            and self.owner == other.owner
+            and self._first_seq == other._first_seq
+            and self._last_seq == other._last_seq
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # (its lists make it unhashable)
+
+    def __repr__(self) -> str:
+        return (
+            f"TargetBatch(upserts={self._upserts!r}, deletes={self._deletes!r}, "
+            f"owner={self.owner!r}, first_seq={self._first_seq!r}, "
+            f"last_seq={self._last_seq!r})"
+        )
 
 
 class SinkGate:
@@ -135,6 +208,13 @@ class TargetBase(Generic[K, V]):
         """Whether ``component`` holds or claims a key of this target."""
         table = self._table
         return table.count_of(component) > 0 or bool(table.claims_of(component))
+
+    def _defer(self, component: Owner) -> bool:
+        """Whether a commit of ``component`` defers the drops it makes
+        (:attr:`Owner.defers_drops`): asked only of an owner that holds a key
+        here, since an owner holding none has nothing to drop (a per-entry
+        child's first commit, the common case)."""
+        return self._table.count_of(component) > 0 and component.defers_drops
 
     def _settled(self, component: Owner, result: Commit[K, V]) -> bool:
         """After a commit (or release) ``result`` of ``component`` reached the
@@ -425,9 +505,7 @@ class KeyedTarget(SinkTarget[K, V]):
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
             return None
-        batch = TargetBatch(
-            result.upserts, result.deletes, component.path, result.first_seq, result.last_seq
-        )
+        batch = TargetBatch._of_commit(result, component)
         try:
             outcome = self._apply(batch)
             if outcome is not None and inspect.isawaitable(outcome):
@@ -488,7 +566,7 @@ class KeyedTarget(SinkTarget[K, V]):
                 await self._retry_orphans()
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
-            result = self._table.commit(buffer, component.defers_drops)
+            result = self._table.commit(buffer, self._defer(component))
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
