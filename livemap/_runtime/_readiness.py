@@ -1,8 +1,10 @@
 """A component's readiness: the unready count of its subtree and its waiters.
 
-Each component of the tree (:mod:`._component`) has one :class:`Readiness`.
-It knows nothing of components: only the counter of the parent's subtree it
-counts into (``up``), and, at the root, what a zero crossing wakes.
+Each component of the tree (:mod:`._component`) is one: ``Component``
+subclasses :class:`Readiness`, so that a component is one object for the
+garbage collector, not two.  This module knows nothing of components: only
+the counter of the parent's subtree it counts into (``up``), and, at the
+root, what a zero crossing wakes.
 """
 
 from __future__ import annotations
