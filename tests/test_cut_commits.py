@@ -95,3 +95,74 @@ async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -
     assert batches[-1] == (("part",), [], ["x"])  # held, then applied on its own
     assert rows == ({"y": 2} if where == "gate" else {"y": 2, "z": 1})
     assert dict(target.items()) == rows
+
+
+@pytest.mark.parametrize("times", [1, 2])
+async def test_a_base_exception_from_the_sink_applying_held_drops(times: int) -> None:
+    """Three entries deleted in one update: their rows' deletes are held until
+    the consumer's update settles, then sent as one batch per target.  The
+    first target's sink raises ``KeyboardInterrupt`` for it, and
+    (``times=2``) again when the batch is sent again as the run ends.  The
+    update raises the first interruption, once; the second target gets its
+    deletes all the same; the first target's record keeps what its sink did
+    not take, and its next batch deletes the rest: each record agrees with
+    its sink, with nothing owned by a component that is gone."""
+    rows: dict[str, str] = {}
+    raised: list[str] = []
+    left = {"n": 0}
+
+    def apply(batch: TargetBatch[str, str]) -> None:
+        if batch.deletes and left["n"]:
+            left["n"] -= 1
+            raised.append(f"interrupt {len(raised) + 1}")
+            raise KeyboardInterrupt(raised[-1])
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, str] = KeyedTarget(f"ki-rows-{times}", apply)
+    side_rows: dict[str, str] = {}
+
+    def apply_side(batch: TargetBatch[str, str]) -> None:
+        for key in batch.deletes:
+            del side_rows[key]
+        side_rows.update(batch.upserts)
+
+    side: KeyedTarget[str, str] = KeyedTarget(f"ki-side-{times}", apply_side)
+    state = {"keys": ["a", "b", "c", "d"]}
+
+    @coco.fn
+    def produce(lm: coco.LiveMap[str, str]) -> None:
+        for key in state["keys"]:
+            lm.declare_entry(key, key)
+
+    @coco.fn
+    def proc(value: str) -> None:
+        target.declare(value, value)
+        side.declare(value, value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: coco.LiveMap[str, str] = await coco.LiveMap.create()
+        await coco.mount(produce, lm)
+        await coco.mount_each(proc, lm)
+
+    app = coco.App(f"ki-held-{times}-{next(_names)}", main)
+    with anyio.fail_after(5):
+        await app.update()
+    assert rows == {"a": "a", "b": "b", "c": "c", "d": "d"}
+    state["keys"] = ["a"]
+    left["n"] = times
+    with anyio.fail_after(5), pytest.raises(KeyboardInterrupt) as info:
+        await app.update()
+    assert str(info.value) == "interrupt 1"  # the first, not one from the retry
+    assert raised == [f"interrupt {n}" for n in range(1, times + 1)]
+    assert dict(target.items()) == rows
+    assert side_rows == {"a": "a"} and dict(side.items()) == side_rows
+    assert rows == ({"a": "a"} if times == 1 else {"a": "a", "b": "b", "c": "c", "d": "d"})
+    state["keys"] = ["a", "e"]
+    with anyio.fail_after(5):
+        await app.update()
+    assert rows == {"a": "a", "e": "e"} and side_rows == rows
+    assert dict(target.items()) == rows and dict(side.items()) == rows
+    assert target.owner_path("e") == (coco.Symbol("proc"), "e")

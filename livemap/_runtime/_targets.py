@@ -560,7 +560,14 @@ class KeyedTarget(SinkTarget[K, V]):
             if self._orphans:
                 await self._retry_orphans()
             result = table.drop_deferred_many(components)
-            failed = await self._send(scope, result)
+            try:
+                failed = await self._send(scope, result)
+            except BaseException:
+                # (taken back: retried with the next batch)
+                for component in components:
+                    if table.deferred_of(component):
+                        self._orphan(component)
+                raise
             if failed is None:
                 self._dropped(components, result)
                 return
