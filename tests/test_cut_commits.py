@@ -166,3 +166,93 @@ async def test_a_base_exception_from_the_sink_applying_held_drops(times: int) ->
     assert rows == {"a": "a", "e": "e"} and side_rows == rows
     assert dict(target.items()) == rows and dict(side.items()) == rows
     assert target.owner_path("e") == (coco.Symbol("proc"), "e")
+
+
+@pytest.mark.parametrize("sink", ["sync", "async"])
+async def test_a_superseded_run_does_not_settle_its_successor_update(sink: str) -> None:
+    """``c``'s second run no longer mounts ``old``: its commit unmounts it,
+    and ``old``'s release waits for the slow sink (``z`` holds its lock).
+    Meanwhile ``c`` runs a third time: its child ``d`` stops declaring ``k``
+    (held until that run's update settles) and ``e`` declares it, once the
+    second run has ended.  The second run, superseded, must not settle the
+    third's update (apply ``d``'s held delete before ``e`` could take ``k``
+    over): ``k`` passes to ``e`` as one upsert, never deleted."""
+    state = {"phase": 1}
+    c_runs: list[Any] = []
+    batches: list[tuple[int, tuple[Any, ...], list[tuple[str, str]], list[str]]] = []
+    z_in_sink, go, done = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def apply(batch: TargetBatch[str, str]) -> None:
+        if sink == "async":
+            await anyio.lowlevel.checkpoint()
+        batches.append((state["phase"], batch.owner, list(batch.upserts), list(batch.deletes)))
+
+    async def apply_slow(batch: TargetBatch[str, int]) -> None:
+        if batch.upserts and batch.upserts[0][0] == "z":
+            z_in_sink.set()
+            await go.wait()  # holds the slow target's lock
+
+    target: KeyedTarget[str, str] = KeyedTarget(f"succ-rows-{sink}", apply)
+    slow: KeyedTarget[str, int] = KeyedTarget(f"succ-slow-{sink}", apply_slow)
+
+    @coco.fn
+    def old() -> None:
+        slow.declare("o", 1)
+
+    @coco.fn
+    async def z() -> None:
+        slow.declare("z", 1)
+
+    @coco.fn
+    def d() -> None:
+        if state["phase"] < 3:
+            target.declare("k", "d")
+
+    @coco.fn
+    async def e() -> None:
+        go.set()  # old's release goes on: the second run of c ends
+        await wait_for(lambda: not isinstance(c_runs[1].buffers, (dict, type(None))))
+        target.declare("k", "e")
+
+    @coco.fn
+    async def c() -> None:
+        c_runs.append(current_run("c"))
+        if state["phase"] == 1:
+            await coco.mount(coco.component_subpath("old"), old)
+        hd = await coco.mount(coco.component_subpath("d"), d)
+        if state["phase"] == 3:
+            he = await coco.mount(coco.component_subpath("e"), e)
+            await hd.ready()
+            await he.ready()
+
+    class Live:
+        def process(self) -> None:
+            pass
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await (await op.update("c", c)).ready()
+            state["phase"] = 2
+            await op.update("z", z)
+            await z_in_sink.wait()
+            await op.update("c", c)  # its commit unmounts old: old's release waits
+            await wait_for(lambda: bool(slow._get_lock().waiters))
+            state["phase"] = 3
+            await (await op.update("c", c)).ready()
+            await op.mark_ready()
+            done.set()
+            await anyio.sleep_forever()
+
+    @coco.fn
+    async def main() -> None:
+        await coco.mount(coco.component_subpath("live"), Live)
+
+    app = coco.App(f"succ-{sink}-{next(_names)}", main)
+    with anyio.fail_after(5):
+        async with app.update(live=True) as h:
+            await done.wait()
+            await h.stop()
+    assert len(c_runs) == 3
+    third = [(owner[-1], ups, dels) for phase, owner, ups, dels in batches if phase == 3]
+    assert third == [("e", [("k", "e")], [])], batches
+    assert target.get("k") == "e" and target.owner_path("k") == ("live", "c", "e")
+    assert "o" not in slow and slow.get("z") == 1

@@ -82,6 +82,10 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                 children = comp.children or {}
             for child in [c for rel, c in children.items() if rel not in mounted]:
                 await unmount(child)
+            if gen != comp.generation or not comp.alive:
+                # superseded while a release waited: what ``comp.settle`` holds
+                # now may be the newer run's update, which that run settles
+                return error
     retired = comp.created
     comp.created = run.created
     if retired:
