@@ -20,15 +20,18 @@ pytestmark = pytest.mark.anyio
 _names = itertools.count()
 
 
+@pytest.mark.parametrize("via", ["commit", "release"])
 @pytest.mark.parametrize("where", ["gate", "sink"])
-async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -> None:
-    """``part`` stops declaring ``x`` (and changes ``y``) while ``main``'s run
-    is in progress: ``x``'s delete is held for main's update.  Main returns
-    while the sink takes part's batch, so once the sink is done nobody will
-    apply the held delete: part applies it itself, after the gate.  The
-    gate has passed to ``other``, whose sink is slow; the update is
-    cancelled while part waits for it (``gate``), or while the sink takes
-    part's delete (``sink``).  ``x`` is deleted all the same."""
+async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str, via: str) -> None:
+    """``part`` stops declaring ``x`` while ``main``'s run is in progress, in a
+    commit that changes ``y`` (``commit``) or in the release of everything
+    it held, ``y`` passing to ``claimer`` (``release``): ``x``'s delete is
+    held for main's update.  Main returns while the sink takes part's batch,
+    so once the sink is done nobody will apply the held delete: part applies
+    it itself, after the gate.  The gate has passed to ``other``, whose sink
+    is slow; the update is cancelled while part waits for it (``gate``), or
+    while the sink takes part's delete (``sink``).  ``x`` is deleted all
+    the same."""
     rows: dict[str, int] = {}
     state = {"second": False}
     mains: list[Component] = []
@@ -54,12 +57,22 @@ async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -
         rows.update(batch.upserts)
 
     target: KeyedTarget[str, int] = KeyedTarget("cut-rows", apply)
+    errors: list[BaseException] = []
+
+    def conflicts(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        errors.append(exc)
 
     @coco.fn
     async def part() -> None:
         if not state["second"]:
             target.declare("x", 1)
-        target.declare("y", 2 if state["second"] else 1)
+            target.declare("y", 1)
+        elif via == "commit":
+            target.declare("y", 2)
+
+    @coco.fn
+    async def claimer() -> None:
+        target.declare("y", 3)  # a claim: part holds y
 
     @coco.fn
     async def other() -> None:
@@ -71,8 +84,13 @@ async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -
     @coco.fn
     async def main() -> None:
         mains.append(current_run("main").component)
-        await coco.mount(coco.component_subpath("part"), part)
-        await coco.mount(coco.component_subpath("other"), other)
+        async with coco.exception_handler(conflicts):
+            h = await coco.mount(coco.component_subpath("part"), part)
+            if via == "release":
+                if not state["second"]:
+                    await h.ready()  # part holds y first
+                await coco.mount(coco.component_subpath("claimer"), claimer)
+            await coco.mount(coco.component_subpath("other"), other)
         if state["second"]:
             await part_in_sink.wait()  # part's commit began within main's run
         # (no declarations: main's run ends without waiting for its children)
@@ -81,6 +99,7 @@ async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -
     with anyio.fail_after(5):
         await app.update()
     assert rows == {"x": 1, "y": 1}
+    assert [type(e) for e in errors] == ([coco.KeyConflictError] if via == "release" else [])
     state["second"] = True
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -93,8 +112,10 @@ async def test_drops_applied_at_once_reach_the_sink_when_cancelled(where: str) -
             tg.cancel_scope.cancel()
     assert "x" not in target, target.owner_path("x")
     assert batches[-1] == (("part",), [], ["x"])  # held, then applied on its own
-    assert rows == ({"y": 2} if where == "gate" else {"y": 2, "z": 1})
+    assert rows == {"y": 2 if via == "commit" else 3, **({"z": 1} if where == "sink" else {})}
     assert dict(target.items()) == rows
+    assert target.owner_path("y") == (("part",) if via == "commit" else ("claimer",))
+    assert len(errors) == (1 if via == "release" else 0)
 
 
 @pytest.mark.parametrize("times", [1, 2])
