@@ -469,14 +469,16 @@ class SinkTarget(TargetBase[K, V]):
             raise
 
     async def _apply_deferred(self, component: Owner) -> Exception | None:
+        table = self._table
         async with self._get_lock(component):
-            if self._orphans:
-                await self._retry_orphans()
-            result = self._table.drop_deferred(component)
             try:
+                if self._orphans:
+                    await self._retry_orphans()
+                result = table.drop_deferred(component)
                 failed = await self._send_drops(component, result)
             except BaseException:
-                self._orphan(component)  # (taken back: retried with the next batch)
+                if table.deferred_of(component):  # (retried with the next batch)
+                    self._orphan(component)
                 raise
             if failed is None:
                 self._settled(component, result)  # (nothing is deferred any more)
@@ -557,13 +559,13 @@ class KeyedTarget(SinkTarget[K, V]):
         table = self._table
         failures: list[tuple[Owner, Exception]] = []
         async with self._get_lock(scope):
-            if self._orphans:
-                await self._retry_orphans()
-            result = table.drop_deferred_many(components)
             try:
+                if self._orphans:
+                    await self._retry_orphans()
+                result = table.drop_deferred_many(components)
                 failed = await self._send(scope, result)
             except BaseException:
-                # (taken back: retried with the next batch)
+                # (not sent, or taken back: retried with the next batch)
                 for component in components:
                     if table.deferred_of(component):
                         self._orphan(component)
