@@ -277,3 +277,66 @@ async def test_a_superseded_run_does_not_settle_its_successor_update(sink: str) 
     assert third == [("e", [("k", "e")], [])], batches
     assert target.get("k") == "e" and target.owner_path("k") == ("live", "c", "e")
     assert "o" not in slow and slow.get("z") == 1
+
+
+async def test_a_release_cut_short_by_a_retry_of_failed_deletes_is_done_again() -> None:
+    """``d``'s delete failed (an ``OSError``): it is retried with the target's
+    next batch.  Then ``b`` and ``c`` are deleted: the retry of ``d``'s
+    delete before ``b``'s release raises ``KeyboardInterrupt`` (and again
+    after it).  The update raises the first; ``b``, unmounted, still owns
+    its key: its release is done again as the run ends (it is not left
+    owning it for good), and the record agrees with the sink.  The next
+    update deletes what is left."""
+    rows: dict[str, str] = {}
+    fail: list[BaseException] = []
+    errors: list[BaseException] = []
+
+    def apply(batch: TargetBatch[str, str]) -> None:
+        if batch.deletes and fail:
+            raise fail.pop(0)
+        for key in batch.deletes:
+            del rows[key]
+        rows.update(batch.upserts)
+
+    target: KeyedTarget[str, str] = KeyedTarget("orphan-first", apply)
+    state = {"keys": ["a", "b", "c", "d"]}
+
+    def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        errors.append(exc)
+
+    @coco.fn
+    def produce(lm: coco.LiveMap[str, str]) -> None:
+        for key in state["keys"]:
+            lm.declare_entry(key, key)
+
+    @coco.fn
+    def proc(value: str) -> None:
+        target.declare(value, value)
+
+    @coco.fn
+    async def main() -> None:
+        async with coco.exception_handler(handler):
+            lm: coco.LiveMap[str, str] = await coco.LiveMap.create()
+            await coco.mount(produce, lm)
+            await coco.mount_each(proc, lm)
+
+    app = coco.App(f"orphan-first-{next(_names)}", main)
+    with anyio.fail_after(5):
+        await app.update()
+        state["keys"] = ["a", "b", "c"]
+        fail.append(OSError("sink down"))
+        await app.update()
+    assert [type(e) for e in errors] == [coco.TargetApplyError]
+    assert "d" in rows and "d" in target  # kept, to be retried
+    state["keys"] = ["a"]
+    fail.extend([KeyboardInterrupt("first"), KeyboardInterrupt("second")])
+    with anyio.fail_after(5), pytest.raises(KeyboardInterrupt, match="first"):
+        await app.update()
+    assert fail == []
+    assert "b" not in rows and "d" not in rows
+    assert dict(target.items()) == rows
+    state["keys"] = ["a", "e"]
+    with anyio.fail_after(5):
+        await app.update()
+    assert rows == {"a": "a", "e": "e"}
+    assert dict(target.items()) == rows
