@@ -239,6 +239,57 @@ def test_declare_throughput(benchmark: Any, impl: str) -> None:
     assert benchmark(one_round) == N_ENTRIES
 
 
+# -- owners of one key each ------------------------------------------------------------
+#
+# The shape of a per-entry component that declares one key into a target: one
+# owner per entry, one small commit per owner and round.
+
+
+def one_key_owner_rounds(impl: str, states: list[list[list[tuple[Any, Any]]]]) -> Any:
+    """``one_round()`` committing, for each of ``N_ENTRIES`` owners, its next
+    declared state (``states[round % len(states)][owner]``, declared then
+    committed); returns the number of changes."""
+    new_table, run = make_runner(impl)
+    owners = [object() for _ in range(N_ENTRIES)]
+    table = new_table()
+    for owner, decls in zip(owners, states[-1], strict=True):
+        run(table, owner, decls.__iter__)
+    turn = [0]
+
+    def one_round() -> int:
+        state = states[turn[0] % len(states)]
+        turn[0] += 1
+        total = 0
+        for owner, decls in zip(owners, state, strict=True):
+            total += run(table, owner, decls.__iter__)
+        return total
+
+    return one_round
+
+
+def test_commit_one_key_owners_1pct_changed(benchmark: Any, impl: str) -> None:
+    """(f) 100k owners x 1 key, one commit each per round; 1% of the values change."""
+    a = [[(f"key-{i}", i)] for i in range(N_ENTRIES)]
+    b = [[(f"key-{i}", i + N_ENTRIES if i % 100 == 0 else i)] for i in range(N_ENTRIES)]
+    assert benchmark(one_key_owner_rounds(impl, [b, a])) == N_ENTRIES // 100
+
+
+def test_commit_one_key_owners_move(benchmark: Any, impl: str) -> None:
+    """(g) 100k owners x 1 key; each round every owner declares another key
+    than the round before (a delete and an insert each)."""
+    a = [[(f"key-{i}", i)] for i in range(N_ENTRIES)]
+    b = [[(f"alt-{i}", i)] for i in range(N_ENTRIES)]
+    assert benchmark(one_key_owner_rounds(impl, [b, a])) == 2 * N_ENTRIES
+
+
+def test_commit_one_key_owners_grow_shrink(benchmark: Any, impl: str) -> None:
+    """(h) 100k owners going from 1 key to 2 and back, round by round (an
+    insert or a delete each)."""
+    a = [[(f"key-{i}", i)] for i in range(N_ENTRIES)]
+    b = [[(f"key-{i}", i), (f"alt-{i}", i)] for i in range(N_ENTRIES)]
+    assert benchmark(one_key_owner_rounds(impl, [b, a])) == N_ENTRIES
+
+
 # -- the commit alone ----------------------------------------------------------------
 #
 # The same diffs as (a) and (c) with the declarations made beforehand: what the
@@ -362,10 +413,10 @@ print(json.dumps({"bytes_per_entry": bytes_ / n, "tracked_per_entry": (after[2] 
 """
 
 
-@pytest.mark.parametrize("owners", [1, N_OWNERS])
+@pytest.mark.parametrize("owners", [1, N_OWNERS, N_ENTRIES])
 def test_memory_per_entry(benchmark: Any, impl: str, owners: int) -> None:
     """(e) Bytes per entry of a table holding 100k entries (``f"k{i}" -> i``) of
-    one owner or of 1,000 owners x 100: allocated memory as tracemalloc sees
+    one owner, of 1,000 owners x 100 or of 100k owners x 1: allocated memory as tracemalloc sees
     it, RSS (measured without tracemalloc) and long-lived GC-tracked objects,
     each in a fresh process; keys, values and owners are made beforehand."""
     if not os.path.exists("/proc/self/statm"):

@@ -11,7 +11,9 @@ dicts (both twins expose them under the same names), so the two cores cannot
 drift apart on it.
 
 The state this module keeps, next to a table's ``_holder`` (key -> owner)
-and ``_owned`` (id(owner) -> {key: held value}):
+and ``_owned`` (id(owner) -> its record, the keys it holds with their held
+values: the pair ``(key, value)`` for an owner of one key, else a dict
+``{key: value}`` of two keys or more; see :func:`view` and :func:`compact`):
 
 * ``_claims``: key -> list of the owners claiming it, in the order they
   claimed it.  A claim is a declaration of a key another owner holds and
@@ -38,12 +40,14 @@ from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = [
+    "compact",
     "drop_deferred",
     "drop_deferred_many",
     "note_claims",
     "reset",
     "slow_commit",
     "slow_release",
+    "view",
 ]
 
 _MISSING: Final[object] = object()
@@ -51,6 +55,26 @@ _EMPTY: Final[dict[Any, Any]] = {}
 
 CONFLICT: Final = "conflict"
 EQ_ERROR: Final = "eq_error"
+
+
+def view(record: tuple[Any, Any] | dict[Any, Any] | None) -> dict[Any, Any]:
+    """The keys and values of an owner's ``record`` as a dict, not to be
+    written to: the record itself when it is a dict, a new dict for the pair
+    of an owner of one key, an empty dict for no record."""
+    if record is None:
+        return _EMPTY
+    if type(record) is tuple:
+        return {record[0]: record[1]}
+    return record  # type: ignore[return-value]  # a dict
+
+
+def compact(keys: dict[Any, Any]) -> tuple[Any, Any] | dict[Any, Any]:
+    """The record of an owner holding ``keys`` (not empty): the pair
+    ``(key, value)`` of its one key, else ``keys`` itself."""
+    if len(keys) == 1:
+        for pair in keys.items():
+            return pair
+    return keys
 
 
 def _same(value: Any, held: Any) -> bool | Exception:
@@ -154,7 +178,7 @@ class _Writer:
         if record is None:
             if self.undo is not None:
                 self.undo.record(oid)
-            record = self.records[oid] = dict(self.table._owned.get(oid, _EMPTY))
+            record = self.records[oid] = dict(view(self.table._owned.get(oid)))
         return record
 
     def set_holder(self, key: Any, owner: object | None) -> None:
@@ -223,7 +247,7 @@ class _Writer:
         owned = self.table._owned
         for oid, record in self.records.items():
             if record:
-                owned[oid] = record
+                owned[oid] = compact(record)
             else:
                 owned.pop(oid, None)
 
@@ -302,7 +326,7 @@ def slow_commit(
     owned = table._owned
     dropping = table._dropping
     oid = id(owner)
-    record = owned.get(oid, _EMPTY)
+    record = view(owned.get(oid))
     upserts = result.upserts
     rejections = result.rejections
     # (what, key, value, holder): "keep" a held key (value unchanged), "set"
@@ -330,7 +354,7 @@ def slow_commit(
             upserts.append((key, value))
             plan.append(("insert", key, value, None))
         elif key in dropping.get(id(held_by), _EMPTY):
-            held = owned[id(held_by)][key]
+            held = view(owned[id(held_by)])[key]
             same = _same(value, held)
             if same is True:
                 suppressed += 1
@@ -361,10 +385,14 @@ def slow_commit(
             w.rec(oid)[key] = value
         elif what == "take":
             from_id = id(held_by)
-            del w.rec(from_id)[key]
+            theirs = w.rec(from_id)
+            # the key as the table holds it (it may have been declared as
+            # another spelling of it: True for 1), which the record keeps
+            stored = next(k for k in theirs if k == key)
+            del theirs[key]
             w.undrop(from_id, key)
             w.set_holder(key, owner)
-            w.rec(oid)[key] = value
+            w.rec(oid)[stored] = value
             _transfer(result, key, held_by, owner)
         else:
             w.claim(owner, key, value)
@@ -380,7 +408,7 @@ def slow_release(table: Any, owner: object, result: Any, track: bool) -> Callabl
     its first claimant, or is deleted; the owner's own claims are
     withdrawn.  Returns the undo (with ``track``)."""
     oid = id(owner)
-    record = table._owned.get(oid, _EMPTY)
+    record = view(table._owned.get(oid))
     let_go = _plan_let_go(table, list(record), record)
     w = _Writer(table, track)
     for key in list(table._claimed.get(oid, _EMPTY)):
@@ -399,7 +427,7 @@ def drop_deferred(
     keys = table._dropping.get(oid)
     if not keys:
         return None
-    record = table._owned[oid]
+    record = view(table._owned[oid])
     let_go = _plan_let_go(table, list(keys), record)
     w = _Writer(table, track)
     result.suppressed = _let_go(w, owner, let_go, False, result)
@@ -425,7 +453,7 @@ def drop_deferred_many(
         keys = dropping.get(oid)
         if keys and oid not in seen:
             seen.add(oid)
-            plans.append((owner, _plan_let_go(table, list(keys), owned[oid])))
+            plans.append((owner, _plan_let_go(table, list(keys), view(owned[oid]))))
     if not plans:
         result.suppressed = 0
         return None
@@ -448,22 +476,22 @@ def _delete_deferred(
     owned = table._owned
     holder = table._holder
     deletes = result.deletes
-    saved: list[tuple[int, object, dict[Any, Any], dict[Any, None]]] | None = (
-        [] if track else None
-    )
+    saved: list[tuple[int, object, Any, dict[Any, None]]] | None = [] if track else None
     for owner in owners:
         oid = id(owner)
         keys = dropping.pop(oid, None)
         if not keys:
             continue
         record = owned[oid]
-        if len(keys) == len(record):
+        if type(record) is tuple or len(keys) == len(record):  # all of them
             del owned[oid]
         elif saved is None:
             for key in keys:
                 del record[key]
+            if len(record) == 1:
+                owned[oid] = compact(record)
         else:  # (a record's keys never change in place with track_undo)
-            owned[oid] = {k: v for k, v in record.items() if k not in keys}
+            owned[oid] = compact({k: v for k, v in record.items() if k not in keys})
         for key in keys:
             del holder[key]
         deletes.extend(keys)

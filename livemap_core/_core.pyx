@@ -295,7 +295,7 @@ cdef class Commit:
     cdef public Py_ssize_t first_seq
     cdef public Py_ssize_t last_seq
     cdef list _undo
-    cdef dict _prev_record
+    cdef object _prev_record
     cdef object _restore
     cdef object _table
     cdef Py_ssize_t _serial
@@ -533,6 +533,17 @@ cdef enum:
     _MAX_MISSES = 8
 
 
+cdef object _compact(dict keys):
+    # The record of an owner holding ``keys`` (not empty): the pair
+    # (key, value) of its one key, else the dict itself (see _fallback).
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    if PyDict_GET_SIZE(keys) == 1 and PyDict_Next(keys, &pos, &k, &v):
+        return (<object>k, <object>v)
+    return keys
+
+
 cdef inline object _type_name(object obj):
     cdef object t = type(obj)
     return f"{t.__module__}.{t.__qualname__}"
@@ -550,8 +561,9 @@ cdef class Table:
     cdef public object name
     cdef bint _track_undo
     # No object per key (see _fallback): key -> the owner holding it, in
-    # insertion order; and id(owner) -> {key: held value} of the keys it
-    # holds, in first-declaration order.
+    # insertion order; and id(owner) -> its record, the keys it holds with
+    # their held values in first-declaration order: the pair (key, value) for
+    # an owner of one key, a dict {key: value} for one of two keys or more.
     cdef public dict _holder
     cdef public dict _owned
     # claims and deferred drops (see _fallback and livemap_core._claims,
@@ -664,8 +676,9 @@ cdef class Table:
         return result
 
     cdef Commit _commit(self, object owner, dict decls, bint defer):
-        cdef object owner_id, key, value, held
+        cdef object owner_id, key, value, held, prev
         cdef dict record
+        cdef bint one
         cdef dict holder = self._holder
         cdef dict added = {}
         cdef list undo, upserts, rejections, deletes
@@ -701,7 +714,17 @@ cdef class Table:
 
         owner_id = PyLong_FromVoidPtr(<void*>owner)
         found = PyDict_GetItemWithError(self._owned, owner_id)
-        record = <dict>found if found is not NULL else None
+        prev = <object>found if found is not NULL else None
+        # the pair of an owner of one key is looked at as a dict of its own
+        one = type(prev) is tuple
+        if one:
+            if PyDict_GET_SIZE(decls) == 1:
+                result = self._commit_one(owner, owner_id, <tuple>prev, decls, defer)
+                if result is not None:
+                    return result
+            record = {(<tuple>prev)[0]: (<tuple>prev)[1]}
+        else:
+            record = <dict>prev
         walk = clean = record is not None
         if walk:
             rsize = PyDict_GET_SIZE(record)
@@ -821,36 +844,117 @@ cdef class Table:
                 if track:
                     undo.append((key, None, owner))
         if n_added or deletes:
-            self._merge(owner_id, record, deletes, added)
+            self._merge(owner_id, record, deletes, added, track and not one)
+        elif one and changed is not None:  # a new pair in place of the old one
+            self._owned[owner_id] = ((<tuple>prev)[0], (<tuple>changed[0])[1])
         if len(rejections) > eq_errors:  # conflicts: remembered as claims
             _note_claims(self, owner, rejections)
             claimed = True
         if track:
             result._undo = undo
-            result._prev_record = record
+            result._prev_record = prev
             result._table = self
             if claimed:  # there were no claims, nor deferred drops of the owner
                 result._restore = partial(_reset, self, owner_id)
         self._finish(result, suppressed, eq_errors)
         return result
 
-    cdef int _merge(self, object owner_id, dict record, list deletes, dict added) except -1:
-        # The owner's record without ``deletes`` and with ``added``: a new
-        # dict with track_undo, else changed in place.
+    cdef Commit _commit_one(
+        self, object owner, object owner_id, tuple prev, dict decls, bint defer
+    ):
+        # The commit of an owner of one key that declares one key (a
+        # per-entry run): the ``==`` gate alone if it is the key it holds, an
+        # insert and a delete if it is a key nobody holds (see _move_one).
+        # None otherwise (the general path).
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* k
+        cdef PyObject* v
+        cdef object key, value, held
+        cdef Commit result
+        cdef int same
+        cdef Py_ssize_t suppressed = 0
+        cdef Py_ssize_t eq_errors = 0
+        PyDict_Next(decls, &pos, &k, &v)
+        key = <object>k
+        value = <object>v
+        held = prev[0]
+        if key is not held:
+            # stable keys: one dict key exactly when equal
+            same = _rich_eq(key, held, Py_EQ)
+            if same < 0:
+                _raise_current()
+            if not same:
+                return self._move_one(owner, owner_id, prev, key, value, defer)
+        held = prev[1]
+        result = _new_commit(owner, self._seq + 1)
+        if held is value:
+            suppressed = 1
+        else:
+            same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
+            if same > 0:
+                suppressed = 1
+            elif same < 0:
+                try:
+                    _raise_current()
+                except Exception as exc:
+                    result.rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
+                    eq_errors = 1
+            else:
+                result.upserts.append((key, value))
+                self._owned[owner_id] = (prev[0], value)
+        if self._track_undo:
+            result._undo = [(key, held)] if result.upserts else []
+            result._prev_record = prev
+            result._table = self
+        self._finish(result, suppressed, eq_errors)
+        return result
+
+    cdef Commit _move_one(
+        self, object owner, object owner_id, tuple prev, object key, object value, bint defer
+    ):
+        # An owner of one key declaring another key, which nobody holds,
+        # without defer: the new key inserted, the old one deleted, a new
+        # pair; the same changes and undo steps as the general path.  None
+        # if the key is held (a conflict or a take-over) or with defer.
+        cdef dict holder = self._holder
+        cdef Commit result
+        cdef object old
+        if defer or key in holder:
+            return None
+        result = _new_commit(owner, self._seq + 1)
+        old = prev[0]
+        holder[key] = owner
+        del holder[old]
+        self._owned[owner_id] = (key, value)
+        result.upserts.append((key, value))
+        result.deletes.append(old)
+        if self._track_undo:
+            result._undo = [(key,), (old, None, owner)]
+            result._prev_record = prev
+            result._table = self
+        self._finish(result, 0, 0)
+        return result
+
+    cdef int _merge(
+        self, object owner_id, dict record, list deletes, dict added, bint copy
+    ) except -1:
+        # The owner's record without ``deletes`` and with ``added``: from a
+        # new dict when ``copy`` (track_undo), else from ``record`` changed in
+        # place; a pair if one key is left.
         cdef dict keys
         cdef object key
         if record is None:
             if added:
-                self._owned[owner_id] = added
+                self._owned[owner_id] = _compact(added)
             return 0
-        keys = record.copy() if self._track_undo else record
+        keys = record.copy() if copy else record
         if deletes is not None:
             for key in deletes:
                 del keys[key]
         if added:
             keys.update(added)
         if keys:
-            self._owned[owner_id] = keys
+            self._owned[owner_id] = _compact(keys)
         else:
             del self._owned[owner_id]
         return 0
@@ -866,7 +970,7 @@ cdef class Table:
         claims are withdrawn."""
         cdef Commit result
         cdef dict holder = self._holder
-        cdef dict record
+        cdef object record
         cdef bint track = self._track_undo
         cdef list undo = [] if track else None
         cdef list deletes
@@ -880,7 +984,7 @@ cdef class Table:
         deletes = result.deletes
         record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
         if record is not None:
-            for key in record:
+            for key in ((<tuple>record)[0],) if type(record) is tuple else <dict>record:
                 del holder[key]
                 deletes.append(key)
                 if track:
@@ -951,7 +1055,7 @@ cdef class Table:
         """
         cdef Commit res
         cdef dict holder = self._holder
-        cdef dict record
+        cdef object record
         cdef list undo
         cdef Py_ssize_t i
         cdef tuple step
@@ -983,7 +1087,8 @@ cdef class Table:
         for i in range(len(undo) - 1, -1, -1):
             step = <tuple>undo[i]
             if len(step) == 2:  # (key, held value): an update
-                record[step[0]] = step[1]
+                if type(record) is dict:  # (a pair was replaced: it has the old value)
+                    record[step[0]] = step[1]
             elif len(step) == 1:  # (key,): an insert
                 del holder[step[0]]
             else:  # (key, None, owner): a delete (the record still has the key)
@@ -1000,9 +1105,13 @@ cdef class Table:
     def get(self, key, default=None):
         """The value held for ``key``, or ``default``."""
         cdef PyObject* owner = PyDict_GetItemWithError(self._holder, key)
+        cdef object record
         if owner is NULL:
             return default
-        return (<dict>self._owned[PyLong_FromVoidPtr(<void*>owner)])[key]
+        record = self._owned[PyLong_FromVoidPtr(<void*>owner)]
+        if type(record) is tuple:
+            return (<tuple>record)[1]
+        return (<dict>record)[key]
 
     def owner_of(self, key, default=None):
         """The owner holding ``key``, or ``default``."""
@@ -1010,12 +1119,19 @@ cdef class Table:
 
     def keys_of(self, owner):
         """The keys ``owner`` holds."""
-        return frozenset(self._owned.get(PyLong_FromVoidPtr(<void*>owner), ()))
+        record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        if record is None:
+            return frozenset()
+        if type(record) is tuple:
+            return frozenset(((<tuple>record)[0],))
+        return frozenset(<dict>record)
 
     def count_of(self, owner):
         """How many keys ``owner`` holds."""
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
-        return 0 if record is None else len(<dict>record)
+        if record is None:
+            return 0
+        return 1 if type(record) is tuple else len(<dict>record)
 
     def claims_of(self, owner):
         """The keys ``owner`` claims: keys another owner holds and still
@@ -1048,6 +1164,7 @@ cdef class Table:
         # walk of that owner's record ends there.
         cdef list out = []
         cdef dict record = None
+        cdef object rec
         cdef dict cursors = {}
         cdef object owner_id = None
         cdef object key, value
@@ -1068,8 +1185,13 @@ cdef class Table:
                     if PyDict_Next(record, &probe, &k, &v):  # keys left: come back here
                         cursors[owner_id] = rpos
                 owner_id = PyLong_FromVoidPtr(<void*>owner)
-                record = <dict>self._owned[owner_id]
+                rec = self._owned[owner_id]
                 last = owner
+                if type(rec) is tuple:  # an owner of one key: its pair
+                    rpos = -1
+                    out.append((key, (<tuple>rec)[1]))
+                    continue
+                record = <dict>rec
                 found = PyDict_GetItemWithError(cursors, owner_id) if cursors else NULL
                 rpos = 0 if found is NULL else <Py_ssize_t>(<object>found)
             if rpos >= 0 and PyDict_Next(record, &rpos, &k, &v) and k == rkey:

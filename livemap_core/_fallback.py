@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
+from livemap_core._claims import compact as _compact
 from livemap_core._claims import drop_deferred as _drop_deferred
 from livemap_core._claims import drop_deferred_many as _drop_deferred_many
 from livemap_core._claims import note_claims as _note_claims
@@ -253,7 +254,7 @@ class Commit(Generic[K, V]):
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
         self._undo: list[tuple[Any, ...]] | None = None
-        self._prev_record: dict[Any, Any] | None = None
+        self._prev_record: Record | None = None
         self._restore: Any = None
         self._table: object = None
         self._serial = 0
@@ -307,6 +308,10 @@ class TableStats:
         fields = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
         return f"TableStats({fields})"
 
+
+Record: TypeAlias = "tuple[Any, Any] | dict[Any, Any]"
+"""An owner's record in a table: the pair ``(key, value)`` of an owner that
+holds one key, else a dict ``{key: value}`` of its keys (two or more)."""
 
 _MISSING: Final[object] = object()
 """What a lookup gives for a key that is not there (values and owners may be ``None``)."""
@@ -436,14 +441,19 @@ class Table(Generic[K, V]):
         # No object per key.  key -> the owner holding it, in the order the
         # keys were inserted (the order of items()).
         self._holder: dict[K, object] = {}
-        # The owners' records: id(owner) -> {key: held value} for the keys it
-        # holds, in the order it first declared them.  A record exists only
-        # while the owner holds a key; _holder then refers to the owner, so
-        # the id cannot be reused meanwhile.  With track_undo a record's keys
-        # never change in place (a commit that adds or deletes keys puts a
-        # new dict in its place, and its undo keeps the previous one); held
-        # values are changed in place and the undo remembers the old ones.
-        self._owned: dict[int, dict[K, V]] = {}
+        # The owners' records: id(owner) -> the keys it holds with their held
+        # values, in the order it first declared them: the pair (key, value)
+        # for an owner of one key (most owners: one per entry), a dict
+        # {key: value} for one of two keys or more.  An owner that comes to
+        # hold a second key gets a dict in place of its pair, one left with a
+        # single key gets a pair again.  A record exists only while the owner
+        # holds a key; _holder then refers to the owner, so the id cannot be
+        # reused meanwhile.  With track_undo a record's keys never change in
+        # place (a commit that adds or deletes keys puts a new record in its
+        # place, and its undo keeps the previous one); held values of a dict
+        # are changed in place and the undo remembers the old ones (a pair is
+        # replaced: the previous one still holds the old value).
+        self._owned: dict[int, Record] = {}
         # Claims and deferred drops (see livemap_core._claims, which handles
         # every commit while any exists): key -> its claimants in claim order;
         # id(claimant) -> {key: its value}; id(owner) -> {key: None} of the
@@ -529,9 +539,16 @@ class Table(Generic[K, V]):
     def _commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
         holder = self._holder
         owner_id = id(owner)
-        record = self._owned.get(owner_id)
+        prev = self._owned.get(owner_id)
+        if type(prev) is tuple and len(decls) == 1:
+            one_key = self._commit_one(owner, owner_id, prev, decls, defer)
+            if one_key is not None:
+                return one_key
         # The owner's own keys are found in its (smaller) record, with their
-        # values; other keys are new or held by another owner.
+        # values; other keys are new or held by another owner.  The pair of
+        # an owner of one key is looked at as a dict of its own, made here.
+        one = type(prev) is tuple
+        record: dict[K, V] | None = {prev[0]: prev[1]} if one else prev  # type: ignore[index, assignment]
         mine = (_NO_RECORD if record is None else record).get
         theirs = holder.get
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
@@ -612,18 +629,66 @@ class Table(Generic[K, V]):
                         if undo is not None:
                             undo.append((key, None, owner))
         if n_added or deletes:
-            self._merge(owner_id, record, deletes, added, undo is not None)
+            self._merge(owner_id, record, deletes, added, undo is not None and not one)
+        elif one and changed:  # a new pair in place of the old one
+            self._owned[owner_id] = (prev[0], changed[0][1])  # type: ignore[index]
         if len(rejections) > eq_errors:  # conflicts: remembered as claims
             _note_claims(self, owner, rejections)
             claimed = True
         if undo is not None:
             result._undo = undo
-            result._prev_record = record
+            result._prev_record = prev
             result._table = self
             if claimed:  # there were no claims, nor deferred drops of the owner
                 result._restore = partial(_reset, self, owner_id)
         self._finish(result, suppressed, eq_errors)
         return result
+
+    def _commit_one(
+        self, owner: object, owner_id: int, prev: tuple[Any, Any], decls: dict[K, V], defer: bool
+    ) -> Commit[K, V] | None:
+        # The commit of an owner of one key that declares one key (a per-entry
+        # run): the == gate alone if it is the key it holds; if it is a key
+        # nobody holds (and without defer) the new key inserted, the old one
+        # deleted, a new pair.  The same changes and undo steps as _commit;
+        # None for anything else (a conflict, a take-over, defer).
+        for key, value in decls.items():
+            held_key, held = prev
+            result: Commit[K, V] = Commit(owner, self._seq + 1)
+            suppressed = eq_errors = 0
+            if key is held_key or key == held_key:  # stable keys: one dict key when equal
+                if held is value:
+                    suppressed = 1
+                else:
+                    try:
+                        same = bool(value == held)
+                    except Exception as exc:
+                        result.rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
+                        eq_errors = 1
+                    else:
+                        if same:
+                            suppressed = 1
+                        else:
+                            result.upserts.append((key, value))
+                            self._owned[owner_id] = (held_key, value)
+                undo: list[tuple[Any, ...]] = [(key, held)] if result.upserts else []
+            elif defer or key in self._holder:
+                return None
+            else:
+                holder = self._holder
+                holder[key] = owner
+                del holder[held_key]
+                self._owned[owner_id] = (key, value)
+                result.upserts.append((key, value))
+                result.deletes.append(held_key)
+                undo = [(key,), (held_key, None, owner)]
+            if self._track_undo:
+                result._undo = undo
+                result._prev_record = prev
+                result._table = self
+            self._finish(result, suppressed, eq_errors)
+            return result
+        return None
 
     def _merge(
         self,
@@ -633,18 +698,19 @@ class Table(Generic[K, V]):
         added: dict[K, V],
         copy: bool,
     ) -> None:
-        # The owner's record without ``deletes`` and with ``added``: a new
-        # dict when ``copy`` (track_undo), else changed in place.
+        # The owner's record without ``deletes`` and with ``added``: from a
+        # new dict when ``copy`` (track_undo), else from ``record`` changed in
+        # place; a pair if one key is left.
         if record is None:
             if added:
-                self._owned[owner_id] = added
+                self._owned[owner_id] = _compact(added)
             return
         keys = record.copy() if copy else record
         for key in deletes:
             del keys[key]
         keys.update(added)
         if keys:
-            self._owned[owner_id] = keys
+            self._owned[owner_id] = _compact(keys)
         else:
             del self._owned[owner_id]
 
@@ -665,7 +731,7 @@ class Table(Generic[K, V]):
         if record is not None:
             holder = self._holder
             deletes = result.deletes
-            for key in record:
+            for key in (record[0],) if type(record) is tuple else record:
                 del holder[key]
                 deletes.append(key)
                 if undo is not None:
@@ -760,7 +826,8 @@ class Table(Generic[K, V]):
         holder = self._holder
         for step in reversed(undo):
             if len(step) == 2:  # (key, held value): an update
-                record[step[0]] = step[1]  # type: ignore[index]  # only with a record
+                if type(record) is dict:  # (a pair was replaced: it has the old value)
+                    record[step[0]] = step[1]
             elif len(step) == 1:  # (key,): an insert
                 del holder[step[0]]
             else:  # (key, None, owner): a delete (the record still has the key)
@@ -779,7 +846,8 @@ class Table(Generic[K, V]):
         owner = self._holder.get(key, _MISSING)
         if owner is _MISSING:
             return default
-        return self._owned[id(owner)][key]
+        record = self._owned[id(owner)]
+        return record[1] if type(record) is tuple else record[key]  # type: ignore[call-overload]
 
     def owner_of(self, key: K, default: Any = None) -> Any:
         """The owner holding ``key``, or ``default``."""
@@ -787,12 +855,17 @@ class Table(Generic[K, V]):
 
     def keys_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds."""
-        return frozenset(self._owned.get(id(owner), ()))
+        record = self._owned.get(id(owner))
+        if record is None:
+            return frozenset()
+        return frozenset((record[0],) if type(record) is tuple else record)
 
     def count_of(self, owner: object) -> int:
         """How many keys ``owner`` holds."""
         record = self._owned.get(id(owner))
-        return 0 if record is None else len(record)
+        if record is None:
+            return 0
+        return 1 if type(record) is tuple else len(record)
 
     def claims_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` claims: keys another owner holds and still
@@ -821,12 +894,12 @@ class Table(Generic[K, V]):
         owned = self._owned
         out: list[tuple[K, V]] = []
         last: object = _MISSING
-        record: dict[K, V] = _NO_RECORD
+        record: Record = _NO_RECORD
         for key, owner in self._holder.items():
             if owner is not last:
                 record = owned[id(owner)]
                 last = owner
-            out.append((key, record[key]))
+            out.append((key, record[1] if type(record) is tuple else record[key]))  # type: ignore[call-overload]
         return out
 
     def __len__(self) -> int:

@@ -544,6 +544,137 @@ def test_base_exception_from_eq_propagates(core: ModuleType, track_undo: bool) -
     assert table.owners() == 0
 
 
+# -- owners of one key ----------------------------------------------------------
+
+
+def record_of(table: Any, owner: object) -> Any:
+    """The owner's record as the table keeps it (white box: its layout)."""
+    return table._owned.get(id(owner))
+
+
+def observed(table: Any, owners: list[object]) -> Any:
+    keys = table.keys()
+    return (
+        table.items(),
+        [(type(k), k) for k in keys],
+        [(sorted(map(repr, table.keys_of(o))), table.count_of(o)) for o in owners],
+        sorted((repr(k), table.get(k)) for k in keys),
+        table.owners(),
+        table.stats(),
+    )
+
+
+@pytest.mark.parametrize("track_undo", [False, True])
+def test_record_of_an_owner_of_one_key_is_a_pair(core: ModuleType, track_undo: bool) -> None:
+    table = core.Table(track_undo=track_undo)
+    owner, other = object(), object()
+    # (commit, what was observed before it, the owner's record before it)
+    steps: list[tuple[Any, Any, Any]] = []
+
+    def step(make: Any) -> Any:
+        before = observed(table, [owner, other])
+        record = record_of(table, owner)
+        result = make()
+        steps.append((result, before, record))
+        return result
+
+    def run(pairs: dict[Any, Any], defer: bool = False) -> Any:
+        return step(lambda: table.commit(declared(table, owner, pairs), defer=defer))
+
+    commit(table, other, {"o": 0})
+    assert record_of(table, other) == ("o", 0)
+    assert run({"a": 1}).upserts == [("a", 1)]
+    assert record_of(table, owner) == ("a", 1)
+    assert run({"a": 2}).upserts == [("a", 2)]  # a new pair
+    assert record_of(table, owner) == ("a", 2)
+    assert run({"a": 2}).suppressed == 1
+    assert run({"a": 2, "b": 3}).upserts == [("b", 3)]  # two keys: a dict
+    assert type(record_of(table, owner)) is dict
+    assert list(record_of(table, owner).items()) == [("a", 2), ("b", 3)]
+    assert run({"b": 4}).deletes == ["a"]  # one again: a pair
+    assert record_of(table, owner) == ("b", 4)
+    assert run({"c": 5}).deletes == ["b"]  # another key
+    assert record_of(table, owner) == ("c", 5)
+    assert run({"d": 6}, defer=True).upserts == [("d", 6)]  # "c" waits
+    assert list(record_of(table, owner).items()) == [("c", 5), ("d", 6)]
+    assert table.deferred_of(owner) == frozenset({"c"})
+    assert step(lambda: table.drop_deferred(owner)).deletes == ["c"]
+    assert record_of(table, owner) == ("d", 6)
+    assert table.get("d") == 6 and table.keys_of(owner) == frozenset({"d"})
+    assert table.count_of(owner) == 1
+    assert table.items() == [("o", 0), ("d", 6)]
+    assert step(lambda: table.release(owner)).deletes == ["d"]
+    assert record_of(table, owner) is None
+    assert record_of(table, other) == ("o", 0)
+    if not track_undo:
+        return
+    # newest first, each commit taken back: the state and the record before it
+    while steps:
+        result, before, record = steps.pop()
+        table.revert(result)
+        now = observed(table, [owner, other])
+        assert sorted(now[0]) == sorted(before[0])
+        assert now[2:5] == before[2:5]
+        assert record_of(table, owner) == record
+        assert type(record_of(table, owner)) is type(record)
+    assert table.items() == [("o", 0)] and record_of(table, owner) is None
+
+
+@pytest.mark.parametrize("track_undo", [False, True])
+def test_owner_of_one_key_declaring_it_again(core: ModuleType, track_undo: bool) -> None:
+    """The ``==`` gate of an owner of one key re-declaring it, spelled as
+    first declared or not (``True`` for ``1``)."""
+    table = core.Table(track_undo=track_undo)
+    commit(table, "o", {(1, "a"): 1})
+    record = record_of(table, "o")
+    assert commit(table, "o", {(True, "a"): 1}).suppressed == 1
+    assert record_of(table, "o") is record  # nothing changed: the same pair
+    result = commit(table, "o", {(True, "a"): 2})
+    assert result.upserts == [((True, "a"), 2)]  # named as declared
+    keys = table.keys()
+    assert [(type(k[0]), k) for k in keys] == [(int, (1, "a"))]  # kept as first
+    assert record_of(table, "o") == ((1, "a"), 2)
+    held = record_of(table, "o")
+    raising = RaisingEq()
+    result = commit(table, "o", {(1, "a"): raising})
+    assert [(r.kind, r.key, r.value) for r in result.rejections] == [
+        (core.EQ_ERROR, (1, "a"), raising)
+    ]
+    assert isinstance(result.rejections[0].error, EqError)
+    assert result.suppressed == 0 and not result.upserts
+    assert record_of(table, "o") is held and table.get((1, "a")) == 2
+    assert table.stats().eq_errors == 1
+    table.release("o")
+    commit(table, "o", {(1, "a"): InterruptingEq()})
+    held = record_of(table, "o")
+    stats = table.stats()
+    with pytest.raises(KeyboardInterrupt):
+        commit(table, "o", {(1, "a"): 3})
+    assert record_of(table, "o") is held and table.stats() == stats
+    with pytest.raises(KeyboardInterrupt):  # a second key, then the interruption
+        commit(table, "o", {"new": 1, (1, "a"): 3})
+    assert record_of(table, "o") is held and table.stats() == stats
+    assert "new" not in table and table.keys() == [(1, "a")]
+    assert table.count_of("o") == 1
+
+
+def test_key_taken_over_keeps_its_first_spelling(core: ModuleType) -> None:
+    """A key taken over from an owner dropping it, declared as another
+    spelling of it, is still the key as first declared, after a revert too."""
+    table = core.Table(track_undo=True)
+    commit(table, "a", {"x": 0, (1, "k"): 0})
+    table.commit(declared(table, "a", {}), defer=True)
+    taken = commit(table, "b", {(True, "k"): 1})
+    assert taken.transfers == [((True, "k"), "a", "b")]
+    assert table.owner_of((1, "k")) == "b"
+    gone = commit(table, "b", {})
+    assert [(type(k[0]), k) for k in gone.deletes] == [(int, (1, "k"))]
+    table.revert(gone)
+    keys = table.keys()
+    assert [(type(k[0]), k) for k in keys if k != "x"] == [(int, (1, "k"))]
+    assert table.get((1, "k")) == 1
+
+
 # -- conflicts -------------------------------------------------------------------
 
 
