@@ -987,7 +987,7 @@ class RedisLiveMap(SinkTarget[K, V]):
             failed, conflicts = await self._send(component, result)
             drop_now = failed is None and self._settled(component, result)
         if drop_now:
-            failed = await self._apply_deferred(component)
+            failed = await self._drop_now(component)
         if result.rejections:
             await self._report_rejections(component, result)
         for exc in conflicts:

@@ -82,6 +82,10 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                 children = comp.children or {}
             for child in [c for rel, c in children.items() if rel not in mounted]:
                 await unmount(child)
+            if gen != comp.generation or not comp.alive:
+                # superseded while a release waited: what ``comp.settle`` holds
+                # now may be the newer run's update, which that run settles
+                return error
     retired = comp.created
     comp.created = run.created
     if retired:
@@ -143,7 +147,12 @@ async def run_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
     except BaseException:
         # (all of them again: a drop is applied once, a second call finds
         # nothing deferred any more)
-        await settle_stopped(scope, pending)
+        try:
+            await settle_stopped(scope, pending)
+        except BaseException:
+            # a sink interrupted again: the target keeps those deletes
+            # listed for its next batch, and the first interruption goes on
+            pass
         raise
 
 
@@ -151,9 +160,35 @@ async def settle_stopped(scope: Component, jobs: Iterable[SettleJob]) -> None:
     """The app run ended (stopped, cancelled, interrupted) before the update
     of ``scope`` these ``jobs`` waited for settled: the deferred drops among
     them are applied (their deletes reach the targets), the conflict reports
-    are not made.  Shielded: it runs while the run is being torn down."""
+    are not made.  Shielded: it runs while the run is being torn down.  A
+    ``BaseException`` from one target's sink does not keep the others' drops
+    back: it is raised once they have been applied (the first, if several)."""
+    first: BaseException | None = None
     with anyio.CancelScope(shield=True):
-        await run_settle_jobs(scope, [job for job in jobs if job.on_stop])
+        for group in _calls([job for job in jobs if job.on_stop]):
+            try:
+                await run_settle_jobs(scope, group)
+            except BaseException as exc:  # (the target keeps them for its next batch)
+                if first is None:
+                    first = exc
+    if first is not None:
+        try:
+            raise first
+        finally:
+            first = None  # (no cycle through this frame)
+
+
+def _calls(jobs: list[SettleJob]) -> list[list[SettleJob]]:
+    """``jobs`` as :func:`run_settle_jobs` makes its calls: those of each
+    ``batch`` together, then each other one alone."""
+    batches: dict[object, list[SettleJob]] = {}
+    rest: list[list[SettleJob]] = []
+    for job in jobs:
+        if job.batch is None:
+            rest.append([job])
+        else:
+            batches.setdefault(job.batch, []).append(job)
+    return [*batches.values(), *rest]
 
 
 async def settle_tree(root: Component) -> None:

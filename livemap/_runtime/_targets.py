@@ -448,15 +448,38 @@ class SinkTarget(TargetBase[K, V]):
             if failed is not None and not component.alive:
                 self._orphan(component)
         if drop_now:
-            failed = await self._apply_deferred(component)
+            failed = await self._drop_now(component)
         return failed
 
+    async def _drop_now(self, component: Owner) -> Exception | None:
+        """Apply the drops a commit (or release) of ``component`` deferred for
+        an update that ended before they could wait for it to settle: nobody
+        else will.  Interrupted (cancelled at the gate or in the sink, or a
+        ``BaseException``), they are applied again, shielded, before the
+        interruption goes on; if the sink fails that time too, they stay
+        listed (see ``_orphans``) and the first interruption goes on."""
+        try:
+            return await self._apply_deferred(component)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._apply_deferred(component)
+                except BaseException:  # (listed by _apply_deferred)
+                    pass
+            raise
+
     async def _apply_deferred(self, component: Owner) -> Exception | None:
+        table = self._table
         async with self._get_lock(component):
-            if self._orphans:
-                await self._retry_orphans()
-            result = self._table.drop_deferred(component)
-            failed = await self._send_drops(component, result)
+            try:
+                if self._orphans:
+                    await self._retry_orphans()
+                result = table.drop_deferred(component)
+                failed = await self._send_drops(component, result)
+            except BaseException:
+                if table.deferred_of(component):  # (retried with the next batch)
+                    self._orphan(component)
+                raise
             if failed is None:
                 self._settled(component, result)  # (nothing is deferred any more)
             else:  # mounted or not: nothing else would send these deletes again
@@ -536,10 +559,17 @@ class KeyedTarget(SinkTarget[K, V]):
         table = self._table
         failures: list[tuple[Owner, Exception]] = []
         async with self._get_lock(scope):
-            if self._orphans:
-                await self._retry_orphans()
-            result = table.drop_deferred_many(components)
-            failed = await self._send(scope, result)
+            try:
+                if self._orphans:
+                    await self._retry_orphans()
+                result = table.drop_deferred_many(components)
+                failed = await self._send(scope, result)
+            except BaseException:
+                # (not sent, or taken back: retried with the next batch)
+                for component in components:
+                    if table.deferred_of(component):
+                        self._orphan(component)
+                raise
             if failed is None:
                 self._dropped(components, result)
                 return
@@ -575,7 +605,7 @@ class KeyedTarget(SinkTarget[K, V]):
         finally:
             gate.release()
         if drop_now:
-            failed = await self._apply_deferred(component)
+            failed = await self._drop_now(component)
         if result.rejections:
             # (outside the lock: a slow handler holds back no other commit)
             await self._report_rejections(component, result)

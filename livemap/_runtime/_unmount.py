@@ -83,10 +83,14 @@ async def _release_subtree(comp: Component) -> None:
     if children:
         for child in children.values():
             await _release_subtree(child)
-    if comp.targets:
-        targets, comp.targets = comp.targets, None
-        for target in targets:
+    targets = comp.targets
+    if targets:
+        for i, target in enumerate(targets):
+            # (the ones still to release stay listed: a release cut short by
+            # a BaseException is done again by release_owed)
+            comp.targets = targets[i:]
             failed = await target.release_owner(comp)
+            comp.targets = targets[i + 1 :] or None
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
     while comp.settle:  # what waited for an update this component scoped
