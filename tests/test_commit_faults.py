@@ -320,6 +320,41 @@ def test_buffer_changed_during_its_commit_leaves_the_table_as_it_was(core: Modul
     assert state(table, ["o"]) == before
 
 
+class DeclaringEqThen(DeclaringEq):
+    """:class:`DeclaringEq` whose ``==`` then says equal, not equal, or
+    raises (an ``EQ_ERROR`` if the walk went on)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def __eq__(self, other: object) -> bool:
+        self.buffer.declare("sneaked-in", 0)
+        if self.outcome == "raises":
+            raise ValueError("cannot compare")
+        return self.outcome == "equal"
+
+
+@pytest.mark.parametrize("outcome", ["equal", "changed", "raises"])
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+def test_buffer_of_an_owner_of_one_key_changed_during_its_commit(
+    core: ModuleType, track_undo: bool, outcome: str
+) -> None:
+    # An owner of one key declaring that key again (the commit compares one
+    # value): the buffer it declares into from that comparison is caught like
+    # any other, and the commit leaves the table as it was.
+    table = core.Table("t", track_undo=track_undo)
+    table.commit(declared(table, "o", {"k": 0}))
+    before = state(table, ["o"])
+    sneaky = DeclaringEqThen(outcome)
+    buffer = declared(table, "o", {"k": sneaky})
+    sneaky.buffer = buffer
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        table.commit(buffer)
+    assert state(table, ["o"]) == before
+    assert table.get("k") == 0 and "sneaked-in" not in table
+
+
 def _only(exc: BaseException, cls: type[BaseException]) -> bool:
     """Whether ``exc`` is ``cls`` or a group of nothing else."""
     group = getattr(exc, "exceptions", None)
