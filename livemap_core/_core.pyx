@@ -891,15 +891,17 @@ cdef class Table:
             suppressed = 1
         else:
             same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
-            if same > 0:
-                suppressed = 1
-            elif same < 0:
+            if same < 0:
                 try:
                     _raise_current()
                 except Exception as exc:
                     result.rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
                     eq_errors = 1
-            else:
+            if PyDict_GET_SIZE(decls) != 1:  # the buffer changed from that == (as _commit's walk)
+                raise RuntimeError("dictionary changed size during iteration")
+            if same > 0:
+                suppressed = 1
+            elif same == 0:
                 result.upserts.append((key, value))
                 self._owned[owner_id] = (prev[0], value)
         if self._track_undo:

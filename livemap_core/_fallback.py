@@ -660,12 +660,16 @@ class Table(Generic[K, V]):
                 if held is value:
                     suppressed = 1
                 else:
+                    same: bool | None
                     try:
                         same = bool(value == held)
                     except Exception as exc:
                         result.rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
                         eq_errors = 1
-                    else:
+                        same = None
+                    if len(decls) != 1:  # the buffer changed from that == (as _commit's walk)
+                        raise RuntimeError("dictionary changed size during iteration")
+                    if same is not None:
                         if same:
                             suppressed = 1
                         else:
