@@ -355,6 +355,48 @@ def test_buffer_of_an_owner_of_one_key_changed_during_its_commit(
     assert table.get("k") == 0 and "sneaked-in" not in table
 
 
+class ReadingEq:
+    """A value whose ``==`` reads the table being committed (reads are not
+    refused during a commit, unlike changes): what ``get`` and ``items``
+    gave, or the type of the exception they raised."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, table: Any, key: Any) -> None:
+        self.table = table
+        self.key = key
+        self.seen: dict[str, Any] = {}
+
+    def __eq__(self, other: object) -> bool:
+        for name, read in (
+            ("get", lambda: self.table.get(self.key, "-")),
+            ("items", self.table.items),
+        ):
+            try:
+                self.seen[name] = read()
+            except Exception as exc:
+                self.seen[name] = type(exc)
+        return False
+
+
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+def test_a_read_from_eq_never_gives_a_key_the_value_of_another(
+    core: ModuleType, track_undo: bool
+) -> None:
+    # An owner of one key commits a new key and its old one; the ``==`` of
+    # the old one reads the table while the new key is half-inserted.  The
+    # read may fail (KeyError: the entry is not there yet) or give the new
+    # key's declared value, never the value of the owner's other key.
+    table = core.Table("t", track_undo=track_undo)
+    table.commit(declared(table, "o", {"a": "va"}))
+    reader = ReadingEq(table, "b")
+    table.commit(declared(table, "o", {"b": "vb", "a": reader}))
+    assert dict(table.items()) == {"a": reader, "b": "vb"}
+    assert reader.seen["get"] in (KeyError, "vb"), reader.seen
+    items = reader.seen["items"]
+    assert items is KeyError or (type(items) is list and ("b", "va") not in items), reader.seen
+
+
 def _only(exc: BaseException, cls: type[BaseException]) -> bool:
     """Whether ``exc`` is ``cls`` or a group of nothing else."""
     group = getattr(exc, "exceptions", None)
