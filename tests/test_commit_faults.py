@@ -397,6 +397,51 @@ def test_a_read_from_eq_never_gives_a_key_the_value_of_another(
     assert items is KeyError or (type(items) is list and ("b", "va") not in items), reader.seen
 
 
+class ReleasingEq:
+    """A claimant's value whose ``==`` (the release of the key's holder
+    compares it with the held value) tries to release the claimant."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.table: Any = None
+        self.claimant: object = None
+        self.refused: list[str] = []
+
+    def __eq__(self, other: object) -> bool:
+        try:
+            self.table.release(self.claimant)
+        except RuntimeError as exc:
+            self.refused.append(str(exc))
+            raise
+        return False
+
+
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+def test_a_release_cannot_be_changed_from_the_eq_it_calls(
+    core: ModuleType, track_undo: bool
+) -> None:
+    # Like a commit, a release compares values (a claimant's with the held
+    # one): the table cannot change from that ``==`` (RuntimeError, and the
+    # comparison counts as a change), and the release goes through whole.
+    table = core.Table("t", track_undo=track_undo)
+    table.commit(declared(table, "a", {"k": 0}))
+    value = ReleasingEq()
+    value.table, value.claimant = table, "b"
+    table.commit(declared(table, "b", {"k": value}))
+    assert table.claims_of("b") == {"k"}
+    result = table.release("a")
+    assert value.refused == ["t: release() called during a commit of this table"]
+    assert result.upserts == [("k", value)] and result.transfers == [("k", "a", "b")]
+    assert table.owner_of("k") == "b" and table.get("k") is value
+    assert table.keys_of("b") == {"k"} and table.count_of("b") == 1
+    assert table.keys_of("a") == frozenset() and table.claims_of("b") == frozenset()
+    if track_undo:
+        table.revert(result)
+        assert table.owner_of("k") == "a" and table.get("k") == 0
+        assert table.claims_of("b") == {"k"}
+
+
 def _only(exc: BaseException, cls: type[BaseException]) -> bool:
     """Whether ``exc`` is ``cls`` or a group of nothing else."""
     group = getattr(exc, "exceptions", None)
