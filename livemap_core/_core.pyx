@@ -969,7 +969,9 @@ cdef class Table:
     def release(self, owner):
         """Let go of every key ``owner`` holds (the owner went away): each
         goes to its first claimant (a transfer) or is deleted; the owner's own
-        claims are withdrawn."""
+        claims are withdrawn (an ``__eq__`` it calls, comparing a
+        claimant's value with the held one, cannot change the table: that
+        raises ``RuntimeError``)."""
         cdef Commit result
         cdef dict holder = self._holder
         cdef object record
@@ -1014,7 +1016,11 @@ cdef class Table:
         self._check_idle("drop_deferred_many")
         group = list(owners)
         result = _new_commit(group, self._seq + 1)
-        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        self._busy = True
+        try:
+            undo = _drop_deferred_many(self, group, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = None  # (no record is the list's)
@@ -1025,7 +1031,13 @@ cdef class Table:
 
     cdef Commit _slow(self, object owner, Commit result, object step):
         cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
-        undo = step(self, owner, result, self._track_undo)
+        # (an __eq__ it calls, a claimant's value against the held one,
+        # cannot change the table meanwhile)
+        self._busy = True
+        try:
+            undo = step(self, owner, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = record

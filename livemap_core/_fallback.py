@@ -725,7 +725,9 @@ class Table(Generic[K, V]):
     def release(self, owner: object) -> Commit[K, V]:
         """Let go of every key ``owner`` holds (the owner went away): each
         goes to its first claimant (a transfer) or is deleted; the owner's own
-        claims are withdrawn."""
+        claims are withdrawn (an ``__eq__`` it calls, comparing a
+        claimant's value with the held one, cannot change the table: that
+        raises ``RuntimeError``)."""
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         if self._claims or (self._dropping and id(owner) in self._dropping):
@@ -762,7 +764,11 @@ class Table(Generic[K, V]):
         self._check_idle("drop_deferred_many")
         group = list(owners)
         result: Commit[K, V] = Commit(group, self._seq + 1)
-        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        self._busy = True
+        try:
+            undo = _drop_deferred_many(self, group, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = None  # (no record is the list's)
@@ -773,7 +779,13 @@ class Table(Generic[K, V]):
 
     def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
         record = self._owned.get(id(owner))
-        undo = step(self, owner, result, self._track_undo)
+        # (an __eq__ it calls, a claimant's value against the held one,
+        # cannot change the table meanwhile)
+        self._busy = True
+        try:
+            undo = step(self, owner, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = record
