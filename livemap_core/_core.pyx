@@ -640,7 +640,10 @@ cdef class Table:
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
-        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).  Nor
+        can its owners' records be read then (they are half-written):
+        ``get()``, ``items()``, ``keys_of()`` and ``count_of()`` raise
+        ``RuntimeError`` too.
         """
         cdef Buffer buf
         if not isinstance(buffer, Buffer):
@@ -1118,8 +1121,10 @@ cdef class Table:
 
     def get(self, key, default=None):
         """The value held for ``key``, or ``default``."""
-        cdef PyObject* owner = PyDict_GetItemWithError(self._holder, key)
+        cdef PyObject* owner
         cdef object record
+        self._check_idle("get")
+        owner = PyDict_GetItemWithError(self._holder, key)
         if owner is NULL:
             return default
         record = self._owned[PyLong_FromVoidPtr(<void*>owner)]
@@ -1133,6 +1138,7 @@ cdef class Table:
 
     def keys_of(self, owner):
         """The keys ``owner`` holds."""
+        self._check_idle("keys_of")
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
         if record is None:
             return frozenset()
@@ -1142,6 +1148,7 @@ cdef class Table:
 
     def count_of(self, owner):
         """How many keys ``owner`` holds."""
+        self._check_idle("count_of")
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
         if record is None:
             return 0
@@ -1191,6 +1198,7 @@ cdef class Table:
         cdef PyObject* found
         cdef PyObject* k
         cdef PyObject* v
+        self._check_idle("items")
         while PyDict_Next(self._holder, &pos, &rkey, &owner):
             key = <object>rkey  # a reference of our own before anything allocates
             if owner != last:

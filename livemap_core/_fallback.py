@@ -503,7 +503,10 @@ class Table(Generic[K, V]):
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
-        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).  Nor
+        can its owners' records be read then (they are half-written):
+        ``get()``, ``items()``, ``keys_of()`` and ``count_of()`` raise
+        ``RuntimeError`` too.
         """
         if not isinstance(buffer, Buffer):
             raise TypeError(
@@ -859,6 +862,8 @@ class Table(Generic[K, V]):
 
     def get(self, key: K, default: Any = None) -> Any:
         """The value held for ``key``, or ``default``."""
+        if self._busy:
+            self._check_idle("get")
         owner = self._holder.get(key, _MISSING)
         if owner is _MISSING:
             return default
@@ -871,6 +876,8 @@ class Table(Generic[K, V]):
 
     def keys_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds."""
+        if self._busy:
+            self._check_idle("keys_of")
         record = self._owned.get(id(owner))
         if record is None:
             return frozenset()
@@ -878,6 +885,8 @@ class Table(Generic[K, V]):
 
     def count_of(self, owner: object) -> int:
         """How many keys ``owner`` holds."""
+        if self._busy:
+            self._check_idle("count_of")
         record = self._owned.get(id(owner))
         if record is None:
             return 0
@@ -907,6 +916,8 @@ class Table(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         """A snapshot of all ``(key, value)`` pairs."""
+        if self._busy:
+            self._check_idle("items")
         owned = self._owned
         out: list[tuple[K, V]] = []
         last: object = _MISSING
