@@ -640,7 +640,10 @@ cdef class Table:
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
-        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).  Nor
+        can its owners' records be read then (they are half-written):
+        ``get()``, ``items()``, ``keys_of()`` and ``count_of()`` raise
+        ``RuntimeError`` too.
         """
         cdef Buffer buf
         if not isinstance(buffer, Buffer):
@@ -891,15 +894,17 @@ cdef class Table:
             suppressed = 1
         else:
             same = _rich_eq(value, held, Py_EQ)  # bool(value == held)
-            if same > 0:
-                suppressed = 1
-            elif same < 0:
+            if same < 0:
                 try:
                     _raise_current()
                 except Exception as exc:
                     result.rejections.append(_new_rejection(_EQ_ERROR, key, value, owner, exc))
                     eq_errors = 1
-            else:
+            if PyDict_GET_SIZE(decls) != 1:  # the buffer changed from that == (as _commit's walk)
+                raise RuntimeError("dictionary changed size during iteration")
+            if same > 0:
+                suppressed = 1
+            elif same == 0:
                 result.upserts.append((key, value))
                 self._owned[owner_id] = (prev[0], value)
         if self._track_undo:
@@ -967,7 +972,9 @@ cdef class Table:
     def release(self, owner):
         """Let go of every key ``owner`` holds (the owner went away): each
         goes to its first claimant (a transfer) or is deleted; the owner's own
-        claims are withdrawn."""
+        claims are withdrawn (an ``__eq__`` it calls, comparing a
+        claimant's value with the held one, cannot change the table: that
+        raises ``RuntimeError``)."""
         cdef Commit result
         cdef dict holder = self._holder
         cdef object record
@@ -1012,7 +1019,11 @@ cdef class Table:
         self._check_idle("drop_deferred_many")
         group = list(owners)
         result = _new_commit(group, self._seq + 1)
-        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        self._busy = True
+        try:
+            undo = _drop_deferred_many(self, group, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = None  # (no record is the list's)
@@ -1023,7 +1034,13 @@ cdef class Table:
 
     cdef Commit _slow(self, object owner, Commit result, object step):
         cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
-        undo = step(self, owner, result, self._track_undo)
+        # (an __eq__ it calls, a claimant's value against the held one,
+        # cannot change the table meanwhile)
+        self._busy = True
+        try:
+            undo = step(self, owner, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = record
@@ -1104,8 +1121,10 @@ cdef class Table:
 
     def get(self, key, default=None):
         """The value held for ``key``, or ``default``."""
-        cdef PyObject* owner = PyDict_GetItemWithError(self._holder, key)
+        cdef PyObject* owner
         cdef object record
+        self._check_idle("get")
+        owner = PyDict_GetItemWithError(self._holder, key)
         if owner is NULL:
             return default
         record = self._owned[PyLong_FromVoidPtr(<void*>owner)]
@@ -1119,6 +1138,7 @@ cdef class Table:
 
     def keys_of(self, owner):
         """The keys ``owner`` holds."""
+        self._check_idle("keys_of")
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
         if record is None:
             return frozenset()
@@ -1128,6 +1148,7 @@ cdef class Table:
 
     def count_of(self, owner):
         """How many keys ``owner`` holds."""
+        self._check_idle("count_of")
         record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
         if record is None:
             return 0
@@ -1177,6 +1198,7 @@ cdef class Table:
         cdef PyObject* found
         cdef PyObject* k
         cdef PyObject* v
+        self._check_idle("items")
         while PyDict_Next(self._holder, &pos, &rkey, &owner):
             key = <object>rkey  # a reference of our own before anything allocates
             if owner != last:

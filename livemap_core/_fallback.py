@@ -503,7 +503,10 @@ class Table(Generic[K, V]):
 
         The table cannot be changed during a commit: a commit, release or
         revert of it from an ``__eq__`` the commit calls raises
-        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).
+        ``RuntimeError`` (so that comparison is an :data:`EQ_ERROR`).  Nor
+        can its owners' records be read then (they are half-written):
+        ``get()``, ``items()``, ``keys_of()`` and ``count_of()`` raise
+        ``RuntimeError`` too.
         """
         if not isinstance(buffer, Buffer):
             raise TypeError(
@@ -660,12 +663,16 @@ class Table(Generic[K, V]):
                 if held is value:
                     suppressed = 1
                 else:
+                    same: bool | None
                     try:
                         same = bool(value == held)
                     except Exception as exc:
                         result.rejections.append(Rejection(EQ_ERROR, key, value, owner, exc))
                         eq_errors = 1
-                    else:
+                        same = None
+                    if len(decls) != 1:  # the buffer changed from that == (as _commit's walk)
+                        raise RuntimeError("dictionary changed size during iteration")
+                    if same is not None:
                         if same:
                             suppressed = 1
                         else:
@@ -721,7 +728,9 @@ class Table(Generic[K, V]):
     def release(self, owner: object) -> Commit[K, V]:
         """Let go of every key ``owner`` holds (the owner went away): each
         goes to its first claimant (a transfer) or is deleted; the owner's own
-        claims are withdrawn."""
+        claims are withdrawn (an ``__eq__`` it calls, comparing a
+        claimant's value with the held one, cannot change the table: that
+        raises ``RuntimeError``)."""
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
         if self._claims or (self._dropping and id(owner) in self._dropping):
@@ -758,7 +767,11 @@ class Table(Generic[K, V]):
         self._check_idle("drop_deferred_many")
         group = list(owners)
         result: Commit[K, V] = Commit(group, self._seq + 1)
-        undo = _drop_deferred_many(self, group, result, self._track_undo)
+        self._busy = True
+        try:
+            undo = _drop_deferred_many(self, group, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = None  # (no record is the list's)
@@ -769,7 +782,13 @@ class Table(Generic[K, V]):
 
     def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
         record = self._owned.get(id(owner))
-        undo = step(self, owner, result, self._track_undo)
+        # (an __eq__ it calls, a claimant's value against the held one,
+        # cannot change the table meanwhile)
+        self._busy = True
+        try:
+            undo = step(self, owner, result, self._track_undo)
+        finally:
+            self._busy = False
         if self._track_undo:
             result._undo = []
             result._prev_record = record
@@ -843,6 +862,8 @@ class Table(Generic[K, V]):
 
     def get(self, key: K, default: Any = None) -> Any:
         """The value held for ``key``, or ``default``."""
+        if self._busy:
+            self._check_idle("get")
         owner = self._holder.get(key, _MISSING)
         if owner is _MISSING:
             return default
@@ -855,6 +876,8 @@ class Table(Generic[K, V]):
 
     def keys_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds."""
+        if self._busy:
+            self._check_idle("keys_of")
         record = self._owned.get(id(owner))
         if record is None:
             return frozenset()
@@ -862,6 +885,8 @@ class Table(Generic[K, V]):
 
     def count_of(self, owner: object) -> int:
         """How many keys ``owner`` holds."""
+        if self._busy:
+            self._check_idle("count_of")
         record = self._owned.get(id(owner))
         if record is None:
             return 0
@@ -891,6 +916,8 @@ class Table(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         """A snapshot of all ``(key, value)`` pairs."""
+        if self._busy:
+            self._check_idle("items")
         owned = self._owned
         out: list[tuple[K, V]] = []
         last: object = _MISSING

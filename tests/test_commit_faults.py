@@ -320,6 +320,91 @@ def test_buffer_changed_during_its_commit_leaves_the_table_as_it_was(core: Modul
     assert state(table, ["o"]) == before
 
 
+class DeclaringEqThen(DeclaringEq):
+    """:class:`DeclaringEq` whose ``==`` then says equal, not equal, or
+    raises (an ``EQ_ERROR`` if the walk went on)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def __eq__(self, other: object) -> bool:
+        self.buffer.declare("sneaked-in", 0)
+        if self.outcome == "raises":
+            raise ValueError("cannot compare")
+        return self.outcome == "equal"
+
+
+@pytest.mark.parametrize("outcome", ["equal", "changed", "raises"])
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+def test_buffer_of_an_owner_of_one_key_changed_during_its_commit(
+    core: ModuleType, track_undo: bool, outcome: str
+) -> None:
+    # An owner of one key declaring that key again (the commit compares one
+    # value): the buffer it declares into from that comparison is caught like
+    # any other, and the commit leaves the table as it was.
+    table = core.Table("t", track_undo=track_undo)
+    table.commit(declared(table, "o", {"k": 0}))
+    before = state(table, ["o"])
+    sneaky = DeclaringEqThen(outcome)
+    buffer = declared(table, "o", {"k": sneaky})
+    sneaky.buffer = buffer
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        table.commit(buffer)
+    assert state(table, ["o"]) == before
+    assert table.get("k") == 0 and "sneaked-in" not in table
+
+
+class ReadingEq:
+    """A value whose ``==`` reads the table being committed: what each read
+    gave, or the type of the exception it raised."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, table: Any, key: Any, owner: object) -> None:
+        self.table = table
+        self.key = key
+        self.owner = owner
+        self.seen: dict[str, Any] = {}
+
+    def __eq__(self, other: object) -> bool:
+        for name, read in (
+            ("get", lambda: self.table.get(self.key, "-")),
+            ("items", self.table.items),
+            ("keys_of", lambda: self.table.keys_of(self.owner)),
+            ("count_of", lambda: self.table.count_of(self.owner)),
+        ):
+            try:
+                self.seen[name] = read()
+            except Exception as exc:
+                self.seen[name] = type(exc)
+        return False
+
+
+@pytest.mark.parametrize("track_undo", [False, True], ids=["plain", "undo"])
+def test_a_read_of_the_records_from_eq_during_a_commit_is_refused(
+    core: ModuleType, track_undo: bool
+) -> None:
+    # An owner of one key commits a new key and its old one; the ``==`` of
+    # the old one reads the table while the new key is half-inserted (its
+    # holder set, the owner's record not yet): each read of the records
+    # raises RuntimeError, never gives a key the value of the owner's other
+    # key, and the commit goes on.
+    table = core.Table("t", track_undo=track_undo)
+    table.commit(declared(table, "o", {"a": "va"}))
+    owner = table.owner_of("a")
+    reader = ReadingEq(table, "b", owner)
+    table.commit(declared(table, "o", {"b": "vb", "a": reader}))
+    assert reader.seen == {
+        "get": RuntimeError,
+        "items": RuntimeError,
+        "keys_of": RuntimeError,
+        "count_of": RuntimeError,
+    }
+    assert dict(table.items()) == {"a": reader, "b": "vb"}
+    assert table.get("b") == "vb" and table.count_of(owner) == 2
+
+
 def _only(exc: BaseException, cls: type[BaseException]) -> bool:
     """Whether ``exc`` is ``cls`` or a group of nothing else."""
     group = getattr(exc, "exceptions", None)
