@@ -21,7 +21,14 @@ from collections.abc import Iterable
 
 import anyio
 
-from livemap._runtime._component import Component, Run, SettleJob, run_settle_jobs
+from livemap._runtime._component import (
+    Component,
+    Run,
+    SettleJob,
+    run_settle_call,
+    run_settle_jobs,
+    settle_calls,
+)
 from livemap._runtime._hosting import Target
 from livemap._runtime._unmount import unmount
 
@@ -165,9 +172,9 @@ async def settle_stopped(scope: Component, jobs: Iterable[SettleJob]) -> None:
     back: it is raised once they have been applied (the first, if several)."""
     first: BaseException | None = None
     with anyio.CancelScope(shield=True):
-        for group in _calls([job for job in jobs if job.on_stop]):
+        for call in settle_calls(job for job in jobs if job.on_stop):
             try:
-                await run_settle_jobs(scope, group)
+                await run_settle_call(scope, call)
             except BaseException as exc:  # (the target keeps them for its next batch)
                 if first is None:
                     first = exc
@@ -176,19 +183,6 @@ async def settle_stopped(scope: Component, jobs: Iterable[SettleJob]) -> None:
             raise first
         finally:
             first = None  # (no cycle through this frame)
-
-
-def _calls(jobs: list[SettleJob]) -> list[list[SettleJob]]:
-    """``jobs`` as :func:`run_settle_jobs` makes its calls: those of each
-    ``batch`` together, then each other one alone."""
-    batches: dict[object, list[SettleJob]] = {}
-    rest: list[list[SettleJob]] = []
-    for job in jobs:
-        if job.batch is None:
-            rest.append([job])
-        else:
-            batches.setdefault(job.batch, []).append(job)
-    return [*batches.values(), *rest]
 
 
 async def settle_tree(root: Component) -> None:

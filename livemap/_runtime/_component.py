@@ -46,7 +46,9 @@ __all__ = [
     "Run",
     "SettleJob",
     "current_run",
+    "run_settle_call",
     "run_settle_jobs",
+    "settle_calls",
 ]
 
 EMPTY_KWARGS: dict[str, Any] = {}
@@ -170,21 +172,34 @@ class SettleJob(NamedTuple):
     member: Any = None
 
 
-async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
-    """Run ``jobs``, which waited for ``scope``'s update to settle: those of
-    each ``batch`` first, as one call per batch (one commit per target for
-    the keys the update let go), then the others in the order they came."""
-    batches: dict[DropBatch, list[Any]] = {}
-    rest: list[SettleJob] = []
+def settle_calls(jobs: Iterable[SettleJob]) -> list[list[SettleJob]]:
+    """``jobs`` in the calls that run them: those of each ``batch`` together
+    first, one call per batch (one commit per target for the keys the
+    update let go), then each other one alone, in the order they came."""
+    batches: dict[DropBatch, list[SettleJob]] = {}
+    rest: list[list[SettleJob]] = []
     for job in jobs:
         if job.batch is None:
-            rest.append(job)
+            rest.append([job])
         else:
-            batches.setdefault(job.batch, []).append(job.member)
-    for batch, members in batches.items():
-        await batch(members, scope)
-    for job in rest:
-        await job.run()
+            batches.setdefault(job.batch, []).append(job)
+    return [*batches.values(), *rest]
+
+
+async def run_settle_call(scope: Component, call: list[SettleJob]) -> None:
+    """Run one call of :func:`settle_calls`."""
+    batch = call[0].batch
+    if batch is None:
+        await call[0].run()
+    else:
+        await batch([job.member for job in call], scope)
+
+
+async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
+    """Run ``jobs``, which waited for ``scope``'s update to settle, call by
+    call (:func:`settle_calls`)."""
+    for call in settle_calls(jobs):
+        await run_settle_call(scope, call)
 
 
 class Component(Readiness):

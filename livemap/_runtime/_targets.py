@@ -179,11 +179,7 @@ class SinkGate:
         else:
             self.busy = False
 
-    async def __aenter__(self) -> None:
-        if self.busy:
-            await self.wait()
-        else:
-            self.busy = True
+    __aenter__ = acquire  # (no frame of its own: a commit takes it each time)
 
     async def __aexit__(
         self,
@@ -431,6 +427,15 @@ class SinkTarget(TargetBase[K, V]):
                 orphans.remove(component)
                 self._settled(component, result)
 
+    def _keep_unsent(self, components: list[Owner]) -> None:
+        """Held drops of ``components`` were cut short before the sink took
+        them (not sent, or taken back): those still held are retried with
+        the next batch."""
+        deferred_of = self._table.deferred_of
+        for component in components:
+            if deferred_of(component):
+                self._orphan(component)
+
     def _orphan(self, component: Owner) -> None:
         """``component``'s deletes did not reach the sink: retry them."""
         if component not in self._orphans:
@@ -477,8 +482,7 @@ class SinkTarget(TargetBase[K, V]):
                 result = table.drop_deferred(component)
                 failed = await self._send_drops(component, result)
             except BaseException:
-                if table.deferred_of(component):  # (retried with the next batch)
-                    self._orphan(component)
+                self._keep_unsent([component])
                 raise
             if failed is None:
                 self._settled(component, result)  # (nothing is deferred any more)
@@ -565,10 +569,7 @@ class KeyedTarget(SinkTarget[K, V]):
                 result = table.drop_deferred_many(components)
                 failed = await self._send(scope, result)
             except BaseException:
-                # (not sent, or taken back: retried with the next batch)
-                for component in components:
-                    if table.deferred_of(component):
-                        self._orphan(component)
+                self._keep_unsent(components)
                 raise
             if failed is None:
                 self._dropped(components, result)
