@@ -521,7 +521,7 @@ class Consumer(Generic[K, V]):
                 self.deliveries += 1
                 each.drop_leaf(key)
             return None
-        readiness = child.readiness
+        readiness = child  # (its own readiness record)
         if readiness.unready and readiness.self_ready:
             return (WAIT, child)  # its subtree is busy with runs of its own
         if value is _MISSING:

@@ -45,6 +45,7 @@ from livemap._runtime._component import (
     Component,
     ComponentMountHandle,
     LiveBody,
+    MountSpec,
     Run,
     current_run,
 )
@@ -231,6 +232,7 @@ class EachHost:
         "pool",
         "retry",
         "settling",
+        "spec",
     )
 
     def __init__(
@@ -264,6 +266,8 @@ class EachHost:
         self.fargs: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = EMPTY_KWARGS
         self.handlers: tuple[ExceptionHandler, ...] = ()
+        # what the children's components run (their shared MountSpec)
+        self.spec: MountSpec | None = None
         # the update of the children and what waits for it to settle
         self.settling = Settling(component)
         if keeps_leaves and component.readiness.tracked is None:
@@ -285,6 +289,7 @@ class EachHost:
         self.fargs = fargs
         self.kwargs = kwargs or EMPTY_KWARGS
         self.handlers = handlers
+        self.spec = self.component.child_spec(fn, self.kwargs, "mount_each", handlers)
 
     def mount_entry(self, key: Any, value: Any, live_body: LiveBody | None = None) -> Component:
         """The component of ``key``'s child, (re)mounted to run with ``value``
@@ -304,7 +309,7 @@ class EachHost:
     def hold(self) -> None:
         if not self.counted:
             self.counted = True
-            self.component.readiness.adjust(1)
+            self.component.adjust(1)
 
     def pending_keys(self) -> list[Any]:
         """The keys whose run without a component is queued."""
@@ -313,32 +318,25 @@ class EachHost:
     def release_if_idle(self) -> None:
         if self.counted and not self.pool.queue.waiting and not self.keyed:
             self.counted = False
-            self.component.readiness.adjust(-1)
+            self.component.adjust(-1)
 
     def materialize(self, run: KeyedRun) -> Component:
         """The component of ``run``'s key, made now, in the run's generation."""
         comp = self.component
         fargs = self.fargs
         rel = (run.key,)  # (one tuple for the path and the children's key)
-        child = Component(
-            comp.session,
-            comp,
-            rel,
-            self.fn,
-            (run.value, *fargs) if fargs else (run.value,),
-            self.kwargs,
-            "mount_each",
-            self.handlers,
-        )
+        spec = self.spec
+        assert spec is not None  # (configured before the first run)
+        child = Component(spec, comp, rel, (run.value, *fargs) if fargs else (run.value,))
         run.made = child
         child.generation = 1
         child.cancel_scope = run.scope
-        child.scope_run = comp.session.active
+        child.scope_run = spec.session.active
         children = comp.children
         if children is None:
             children = comp.children = {}
         children[rel] = child
-        comp.readiness.count_child(child.readiness)
+        comp.count_child(child)
         return child
 
     async def run_keyed(
@@ -438,7 +436,7 @@ class EachHost:
                 1,
                 self.fn,
                 child.args,
-                child.kwargs,
+                child.spec.kwargs,
                 raise_errors=False,
                 first=(run, result, error),
             )
@@ -514,9 +512,10 @@ class EachHost:
         """Async children (and all of them under a retry policy) run on the
         pool; plain sync ones inline, in the caller's task; live components
         in a task of their own."""
-        if child.live_body is not None:
+        extra = child.extra
+        if extra is not None and extra.live_body is not None:
             return False
-        if self.retry is not None or is_async(child.processor):
+        if self.retry is not None or is_async(child.spec.processor):
             self.pool.queue_run(child)
             return True
         return False
@@ -743,7 +742,7 @@ class Pool:
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
         gen = child.begin()
-        self._add(child.session.require_run(), child.rel[0], (RUN_CHILD, child, gen, False))
+        self._add(child.spec.session.require_run(), child.rel[0], (RUN_CHILD, child, gen, False))
 
     def submit_keyed(self, app_run: AppRun, gen: int, key: Any, value: Any) -> None:
         """Queue ``host.run_keyed`` of ``key`` on ``value`` (for run ``gen``
@@ -757,7 +756,7 @@ class Pool:
 
     def cleanup(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
         """Queue ``job()``, the release of detached ``child``'s holdings."""
-        self._add(child.session.require_run(), child.rel[0], (CLEANUP, job))
+        self._add(child.spec.session.require_run(), child.rel[0], (CLEANUP, job))
 
     def _add(self, app_run: AppRun, key: Any, work: Work) -> None:
         if self.app_run is not app_run:
@@ -894,7 +893,7 @@ class Pool:
         (see :data:`WAIT`)."""
         waiting: Work = (WAIT, child)
         self.queue.in_flight[key] = waiting
-        child.readiness.on_ready(partial(self._waited, app_run, key, waiting))
+        child.on_ready(partial(self._waited, app_run, key, waiting))
 
     def _waited(self, app_run: AppRun, key: Any, waiting: Work) -> None:
         queue = self.queue
@@ -1057,13 +1056,14 @@ class Pool:
         _, child, gen, again = work
         child.cancel_scope = scope
         child.scope_run = app_run
+        spec = child.spec
         try:
             await run_once(
                 child,
                 gen,
-                child.processor,
+                spec.processor,
                 child.args,
-                child.kwargs,
+                spec.kwargs,
                 raise_errors=False,
                 again=again,
             )
