@@ -105,6 +105,9 @@ async def test_per_entry_children_that_declare_are_lean_and_share_one_spec() -> 
     assert child.settle is None and child.created is None and child.live_body is None
     assert not child.closed and child.waiters is None and child.tracked is None
     assert child.readiness is child and child.unready == 0 and child.self_ready
+    # its value alone is kept, not a tuple of its own
+    assert child.spec.fargs == ()
+    assert child.args == (child.given,) and child.given == child.key
 
 
 async def test_a_lean_child_that_fails_then_recovers() -> None:

@@ -528,7 +528,7 @@ class Consumer(Generic[K, V]):
             self.deliveries += 1
             detach(child)  # (drops a try again it waited to make)
             return (CLEANUP, partial(cleanup, child))
-        if not readiness.unready and _same(child.args[0], value):
+        if not readiness.unready and _same(child.given, value):  # (its value)
             return None
         # (a child that waited to try a failed run again runs the newer
         # value now, with a fresh count of attempts)

@@ -289,22 +289,14 @@ class EachHost:
         self.fargs = fargs
         self.kwargs = kwargs or EMPTY_KWARGS
         self.handlers = handlers
-        self.spec = self.component.child_spec(fn, self.kwargs, "mount_each", handlers)
+        self.spec = self.component.child_spec(fn, self.kwargs, "mount_each", handlers, fargs)
 
     def mount_entry(self, key: Any, value: Any, live_body: LiveBody | None = None) -> Component:
         """The component of ``key``'s child, (re)mounted to run with ``value``
         (a live component per entry: with ``live_body``, :func:`run_entry`)."""
-        fargs = self.fargs
-        return self.component.mount_child(
-            None,
-            (key,),
-            self.fn,
-            (value, *fargs) if fargs else (value,),
-            self.kwargs,
-            "mount_each",
-            self.handlers,
-            live_body,
-        )
+        spec = self.spec
+        assert spec is not None  # (configured before the first run)
+        return self.component.place_child(None, (key,), spec, value, live_body)
 
     def hold(self) -> None:
         if not self.counted:
@@ -323,11 +315,10 @@ class EachHost:
     def materialize(self, run: KeyedRun) -> Component:
         """The component of ``run``'s key, made now, in the run's generation."""
         comp = self.component
-        fargs = self.fargs
         rel = (run.key,)  # (one tuple for the path and the children's key)
         spec = self.spec
         assert spec is not None  # (configured before the first run)
-        child = Component(spec, comp, rel, (run.value, *fargs) if fargs else (run.value,))
+        child = Component(spec, comp, rel, run.value)
         run.made = child
         child.generation = 1
         child.cancel_scope = run.scope
@@ -538,7 +529,7 @@ class EachHost:
         if not self.keeps_leaves:
             return False
         key = child.rel[0]
-        self.leaves[key] = child.args[0]
+        self.leaves[key] = child.given  # (its value: a child of a mount_each)
         failures = self.failures
         if failures:
             failures.pop(key, None)
@@ -1526,11 +1517,11 @@ async def _each_static(
     handlers = handler_chain()
     live_body = run_entry if is_live_class(processor) else None
 
+    spec = comp.child_spec(processor, fkwargs, "mount_each", handlers, fargs)
+
     async def one(pair: Any) -> None:
         key, value = _pair(pair)
-        child = comp.mount_child(
-            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers, live_body
-        )
+        child = comp.place_child(run, (key,), spec, value, live_body)
         await launch(child)
 
     if isinstance(items, AsyncIterable):

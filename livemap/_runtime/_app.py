@@ -178,7 +178,7 @@ class App:
             root = tree.root = Component(spec, None, (), self.args)
         else:  # this object's main function and handler, on the name's tree
             root.spec = spec
-            root.args = self.args
+            root.given = self.args
         return root
 
     async def drop(self) -> None:

@@ -206,12 +206,14 @@ async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
 
 class MountSpec:
     """What a mount set for the runs of the component(s) it mounts, but their
-    arguments: the session, the processor, its keyword arguments, the mount
-    kind and the handler chain.  Immutable: a re-mount with other ones sets
+    own arguments: the session, the processor, its keyword arguments, the
+    mount kind and the handler chain; for the children of a ``mount_each``,
+    ``fargs``: the positional arguments after each one's value (``None``
+    for any other component).  Immutable: a re-mount with other ones sets
     another.  The children that one ``mount_each`` mounts share one (see
     :meth:`Component.child_spec`)."""
 
-    __slots__ = ("handlers", "kwargs", "mount_kind", "processor", "session")
+    __slots__ = ("fargs", "handlers", "kwargs", "mount_kind", "processor", "session")
 
     def __init__(
         self,
@@ -220,12 +222,14 @@ class MountSpec:
         kwargs: dict[str, Any],
         mount_kind: MountKind,
         handlers: tuple[ExceptionHandler, ...],
+        fargs: tuple[Any, ...] | None = None,
     ) -> None:
         self.session = session
         self.processor = processor
         self.kwargs = kwargs or EMPTY_KWARGS
         self.mount_kind: MountKind = mount_kind
         self.handlers = handlers
+        self.fargs = fargs
 
 
 class ComponentExtra(ReadinessExtra):
@@ -272,8 +276,11 @@ class Component(Readiness):
     * ``parent``, ``rel`` (the path below the parent): fixed.
     * ``spec``: the :class:`MountSpec` of its runs (``session``,
       ``processor``, ``kwargs``, ``mount_kind``, ``handlers``, read through
-      properties of those names; the session is fixed), and ``args``: what
-      the next run runs; set by the mounter before each run.
+      properties of those names; the session is fixed), and ``given``: its
+      positional arguments, or (a child of a ``mount_each``, whose spec has
+      ``fargs``) its entry's value alone, without a tuple of its own
+      (``args`` is ``(given, *spec.fargs)`` then).  What the next run runs;
+      set by the mounter before each run.
     * ``children``: the mounted children by relative path, ``None`` if none.
       Invariant: a child is in its parent's ``children`` exactly while it is
       ``alive``.
@@ -322,10 +329,10 @@ class Component(Readiness):
 
     __slots__ = (
         "alive",
-        "args",
         "cancel_scope",
         "children",
         "generation",
+        "given",
         "latest_run",
         "parent",
         "rel",
@@ -341,7 +348,7 @@ class Component(Readiness):
         spec: MountSpec,
         parent: Component | None,
         rel: StablePath,
-        args: tuple[Any, ...],
+        given: Any,
     ) -> None:
         # (Readiness.__init__ inlined: a mount_each makes one per entry)
         self.unready = 1
@@ -351,7 +358,7 @@ class Component(Readiness):
         self.spec = spec
         self.parent = parent
         self.rel = rel
-        self.args = args
+        self.given = given
         self.children: dict[StablePath, Component] | None = None
         self.alive = True
         self.generation = 0
@@ -396,12 +403,20 @@ class Component(Readiness):
     def handlers(self) -> tuple[ExceptionHandler, ...]:
         return self.spec.handlers
 
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The positional arguments of the next run."""
+        fargs = self.spec.fargs
+        given = self.given
+        return given if fargs is None else (given, *fargs)
+
     def child_spec(
         self,
         processor: Any,
         kwargs: dict[str, Any],
         kind: MountKind,
         handlers: tuple[ExceptionHandler, ...],
+        fargs: tuple[Any, ...] | None = None,
     ) -> MountSpec:
         """The :class:`MountSpec` for a child of this component: the one the
         last child took if it holds the same (a ``mount_each``'s children
@@ -414,9 +429,10 @@ class Component(Readiness):
             or spec.processor is not processor
             or spec.kwargs is not kwargs
             or spec.handlers is not handlers
+            or spec.fargs is not fargs
             or spec.mount_kind != kind
         ):
-            spec = MountSpec(self.spec.session, processor, kwargs, kind, handlers)
+            spec = MountSpec(self.spec.session, processor, kwargs, kind, handlers, fargs)
             extra.child_spec = spec
         return spec
 
@@ -680,6 +696,19 @@ class Component(Readiness):
         """The child at ``rel`` (made if new), set to run ``processor``; noted
         as mounted by ``run`` (a second mount at one path in one run is a
         :class:`DuplicatePathError`)."""
+        spec = self.child_spec(processor, kwargs, kind, handlers)
+        return self.place_child(run, rel, spec, args, live_body)
+
+    def place_child(
+        self,
+        run: Run | None,
+        rel: StablePath,
+        spec: MountSpec,
+        given: Any,
+        live_body: LiveBody | None = None,
+    ) -> Component:
+        """:meth:`mount_child` with the child's :class:`MountSpec` (one of
+        :meth:`child_spec`'s) and its ``given`` (see :class:`Component`)."""
         mounted = None
         if run is not None:
             mounted = run.mounted
@@ -690,18 +719,17 @@ class Component(Readiness):
                     active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
-        spec = self.child_spec(processor, kwargs, kind, handlers)
         children = self.children
         if children is None:
             children = self.children = {}
         child = children.get(rel)
         if child is None:
-            child = Component(spec, self, rel, args)
+            child = Component(spec, self, rel, given)
             children[rel] = child
             self.count_child(child)
         else:
             child.spec = spec
-            child.args = args
+            child.given = given
         if live_body is not None:
             child.more().live_body = live_body
         else:

@@ -51,7 +51,9 @@ async def launch(comp: Component) -> None:
         start(comp)
     else:
         gen = comp.begin()
-        await run_once(comp, gen, processor, comp.args, spec.kwargs, raise_errors=False)
+        fargs = spec.fargs
+        args = comp.given if fargs is None else (comp.given, *fargs)
+        await run_once(comp, gen, processor, args, spec.kwargs, raise_errors=False)
 
 
 def start(comp: Component) -> None:
