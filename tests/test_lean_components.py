@@ -335,10 +335,10 @@ async def test_re_mounting_a_mount_each_with_other_kwargs_gives_its_children_a_n
     assert children[0].kwargs == {"times": 3}
 
 
-def test_readiness_closed_is_derived_and_set_once() -> None:
-    """``closed`` has no field of its own: a child's record is closed once
-    ``close()`` let go of its parent; a root's once ``close()`` dropped its
-    ``at_root``, which no crossing calls after that."""
+def test_a_closed_readiness_counts_into_nothing() -> None:
+    """``closed`` is ``not alive``: a closed child's crossings do not reach
+    its parent (which keeps it as its ``parent``), and a closed root's do
+    not wake the app run; closing makes no record of the rare fields."""
     woken: list[int] = []
     root = Readiness(None, lambda: woken.append(1))
     child = Readiness(root, None)
@@ -350,13 +350,16 @@ def test_readiness_closed_is_derived_and_set_once() -> None:
     root.set_self_ready(True)
     assert woken == [1]
     child.close()
-    assert child.closed and child.up is None
-    assert child.extra is None  # (closing makes no record)
+    assert child.closed and not child.alive and child.parent is root
+    assert child.extra is None
+    child.set_self_ready(False)  # (a crossing of a closed child)
+    assert child.unready == 1 and root.unready == 0
+    child.set_self_ready(True)
+    assert root.unready == 0 and woken == [1]
     root.set_self_ready(False)
     root.close()
-    assert root.closed and root.at_root is None
     root.set_self_ready(True)
-    assert woken == [1]  # a closed root wakes nobody
+    assert root.closed and woken == [1]  # a closed root wakes nobody
 
 
 def test_readiness_records_what_only_some_set() -> None:

@@ -323,9 +323,10 @@ class EachHost:
         child.generation = 1
         child.cancel_scope = run.scope
         child.scope_run = spec.session.active
-        children = comp.children
+        extra = comp.more()
+        children = extra.children
         if children is None:
-            children = comp.children = {}
+            children = extra.children = {}
         children[rel] = child
         comp.count_child(child)
         return child

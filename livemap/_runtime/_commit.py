@@ -74,7 +74,8 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
             comp.targets = targets
     if gen != comp.generation or not comp.alive:
         return error
-    children = comp.children
+    extra = comp.extra
+    children = None if extra is None else extra.children
     if children:
         mounted = run.mounted or {}
         if len(mounted) != len(children):
@@ -92,7 +93,7 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                 # superseded while a release waited: what ``comp.settle`` holds
                 # now may be the newer run's update, which that run settles
                 return error
-    extra = comp.extra
+    extra = comp.extra  # (again: a settle job kept meanwhile may have made it)
     if extra is not None:
         retired = extra.created
         extra.created = run.created

@@ -240,6 +240,7 @@ class ComponentExtra(ReadinessExtra):
     __slots__ = (
         "child_spec",
         "child_targets",
+        "children",
         "created",
         "escalated",
         "exception",
@@ -250,6 +251,7 @@ class ComponentExtra(ReadinessExtra):
 
     def __init__(self) -> None:
         super().__init__()
+        self.children: dict[StablePath, Component] | None = None
         self.live_body: LiveBody | None = None
         self.created: list[RetiredWithRun] | None = None
         self.exception: BaseException | None = None
@@ -265,15 +267,29 @@ class Component(Readiness):
     :class:`ComponentMountHandle` objects).
 
     A ``mount_each`` over a big map has one per entry that holds anything,
-    so the fields every component uses are its own (slots) and the others
-    live in one record made the first time one of them is set (``extra``,
-    a :class:`ComponentExtra`; properties of the same names read and write
-    them).  A per-entry child that only holds target entries has none of
-    the latter.  The code that runs per entry reads them through ``extra``.
+    so only the fields such a child uses are slots of the object (with the
+    readiness's: 136 bytes in all on 64-bit CPython); the others live in
+    one record made the first time one of them is set (``extra``, a
+    :class:`ComponentExtra`, never dropped once made; properties of the
+    same names read them, and write the ones written from elsewhere).  A
+    per-entry child that only holds target entries has no such record.
+    The code that runs per entry or per run reads them through ``extra``
+    (one slot read, and a test for ``None``), not through the properties.
 
     Fields of its own (``gen`` below is a run's generation number):
 
-    * ``parent``, ``rel`` (the path below the parent): fixed.
+    * ``rel`` (the path below the parent): fixed.
+    * the readiness fields (:class:`._readiness.Readiness`): the unready
+      count of the subtree and its waiters; it counts into the parent's.
+      The component is its own readiness (a subclass, one object per
+      component the garbage collector tracks, not two): ``readiness`` is
+      ``self``, the name kept so that the readiness fields read as such.
+      Two of them are the component's too: ``parent`` (fixed; ``None`` at
+      the root) and ``alive``.
+    * ``alive``: in the tree.  Cleared once, by :func:`._unmount.detach` /
+      :func:`._unmount.stop` or by :meth:`leave_at_rest`, never set again;
+      the readiness is closed at the same moment (``closed`` is ``not
+      alive``).
     * ``spec``: the :class:`MountSpec` of its runs (``session``,
       ``processor``, ``kwargs``, ``mount_kind``, ``handlers``, read through
       properties of those names; the session is fixed), and ``given``: its
@@ -281,17 +297,6 @@ class Component(Readiness):
       ``fargs``) its entry's value alone, without a tuple of its own
       (``args`` is ``(given, *spec.fargs)`` then).  What the next run runs;
       set by the mounter before each run.
-    * ``children``: the mounted children by relative path, ``None`` if none.
-      Invariant: a child is in its parent's ``children`` exactly while it is
-      ``alive``.
-    * ``alive``: in the tree.  Cleared once, by :func:`._unmount.detach` /
-      :func:`._unmount.stop` or by :meth:`leave_at_rest`, never set again;
-      the readiness is closed at the same moment.
-    * the readiness fields (:class:`._readiness.Readiness`): the unready
-      count of the subtree and its waiters; it counts into the parent's.
-      The component is its own readiness (a subclass, one object per
-      component the garbage collector tracks, not two): ``readiness`` is
-      ``self``, the name kept so that the readiness fields read as such.
     * ``generation``: the latest run's number; :meth:`begin` increments it.
       A run (or a commit) of an older generation changes nothing.
     * ``cancel_scope`` / ``scope_run``: the scope of the task or worker
@@ -307,6 +312,9 @@ class Component(Readiness):
 
     In ``extra`` (each ``None`` until set):
 
+    * ``children``: the mounted children by relative path, ``None`` if none.
+      Invariant: a child is in its parent's ``children`` exactly while it is
+      ``alive``.
     * ``live_body``: set for a live component, the body of its task.
     * ``child_targets``: the ``targets`` tuple a child of this component
       took last at its first commit, for the next child declaring into the
@@ -328,20 +336,19 @@ class Component(Readiness):
     """
 
     __slots__ = (
-        "alive",
         "cancel_scope",
-        "children",
         "generation",
         "given",
         "latest_run",
-        "parent",
         "rel",
         "scope_run",
         "spec",
         "targets",
     )
 
-    extra: ComponentExtra | None  # (the slot is Readiness's)
+    # (the slots are Readiness's)
+    extra: ComponentExtra | None
+    parent: Component | None
 
     def __init__(
         self,
@@ -353,14 +360,12 @@ class Component(Readiness):
         # (Readiness.__init__ inlined: a mount_each makes one per entry)
         self.unready = 1
         self.self_ready = False
-        self.up = parent
+        self.parent = parent
+        self.alive = True
         self.extra = None
         self.spec = spec
-        self.parent = parent
         self.rel = rel
         self.given = given
-        self.children: dict[StablePath, Component] | None = None
-        self.alive = True
         self.generation = 0
         self.cancel_scope: anyio.CancelScope | None = None
         self.scope_run: AppRun | None = None
@@ -437,6 +442,16 @@ class Component(Readiness):
         return spec
 
     # -- what ``extra`` holds --------------------------------------------------
+
+    @property
+    def children(self) -> dict[StablePath, Component] | None:
+        extra = self.extra
+        return None if extra is None else extra.children
+
+    @children.setter
+    def children(self, value: dict[StablePath, Component] | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().children = value
 
     @property
     def live_body(self) -> LiveBody | None:
@@ -719,9 +734,10 @@ class Component(Readiness):
                     active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
-        children = self.children
+        extra = self.more()
+        children = extra.children
         if children is None:
-            children = self.children = {}
+            children = extra.children = {}
         child = children.get(rel)
         if child is None:
             child = Component(spec, self, rel, given)
@@ -733,9 +749,9 @@ class Component(Readiness):
         if live_body is not None:
             child.more().live_body = live_body
         else:
-            extra = child.extra
-            if extra is not None:
-                extra.live_body = None
+            below = child.extra
+            if below is not None:
+                below.live_body = None
         if mounted is not None:
             mounted[rel] = child
         return child
@@ -748,8 +764,7 @@ class Component(Readiness):
         parent = self.parent
         assert parent is not None and parent.children is not None
         del parent.children[self.rel]
-        self.alive = False
-        self.close_at_rest()
+        self.close_at_rest()  # (not alive from now on)
 
     # -- generations -----------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Each component of the tree (:mod:`._component`) is one: ``Component``
 subclasses :class:`Readiness`, so that a component is one object for the
 garbage collector, not two.  This module knows nothing of components: only
-the counter of the parent's subtree it counts into (``up``), and, at the
+the counter of the parent's subtree it counts into (``parent``), and, at the
 root, what a zero crossing wakes.
 """
 
@@ -47,9 +47,13 @@ class Readiness:
       its latest run committed or failed for good; a live component: it
       marked itself ready and nothing holds it busy).  Changed only by
       :meth:`set_self_ready`, which keeps ``unready`` in step.
-    * ``up``: the parent's readiness, which counts this one exactly while
-      ``up`` is set and ``unready > 0``.  ``None`` at the root and once
-      closed.
+    * ``parent``: the parent's readiness, which counts this one exactly
+      while it is ``alive`` and ``unready > 0``; ``None`` at the root.
+      Fixed (a component's parent is this field: one field, not two).
+    * ``alive``: the record is in the tree; cleared once, by :meth:`close`
+      (or before it, by whoever stops a component), never set again.  Once
+      it is clear no crossing travels up and a new waiter is called at once
+      (``closed`` is ``not alive``).
     * ``extra``: the :class:`ReadinessExtra` holding the fields below, made
       the first time one of them is set (:meth:`more`), never dropped;
       ``None`` until then, when each of them has the default given.  Read
@@ -59,7 +63,7 @@ class Readiness:
     In ``extra``:
 
     * ``at_root``: at the root only, called at each zero crossing (wakes the
-      app run); ``None`` elsewhere, and once closed.
+      app run); ``None`` elsewhere.
     * ``waiters``: callbacks for the next zero crossing (or the close),
       each called once; ``None`` when there are none.
     * ``tracked``: at a component that keeps it (a ``mount_each`` over a
@@ -77,21 +81,15 @@ class Readiness:
       itself ready (its initial catch-up is done) / the number of pieces of
       work in progress that keep it unready.  A live component is self-ready
       exactly when ``live_marked and live_busy == 0``; a new run clears both.
-
-    ``closed`` (a property, no field of its own): the component left the
-    tree (unmounted, or at rest): no crossing travels up any more and a new
-    waiter is called at once.  It is ``up is None`` without an ``at_root``
-    (a record other than the root's counts into its parent's until it is
-    closed; the root's ``at_root`` is cleared as it closes), so it turns
-    true once, at :meth:`close`, and never back.
     """
 
-    __slots__ = ("extra", "self_ready", "unready", "up")
+    __slots__ = ("alive", "extra", "parent", "self_ready", "unready")
 
-    def __init__(self, up: Readiness | None, at_root: Callable[[], object] | None) -> None:
+    def __init__(self, parent: Readiness | None, at_root: Callable[[], object] | None) -> None:
         self.unready = 1
         self.self_ready = False
-        self.up = up
+        self.parent = parent
+        self.alive = True
         self.extra: ReadinessExtra | None = None
         if at_root is not None:
             self.more().at_root = at_root
@@ -148,10 +146,8 @@ class Readiness:
 
     @property
     def closed(self) -> bool:
-        if self.up is not None:
-            return False
-        extra = self.extra
-        return extra is None or extra.at_root is None
+        """The record left the tree (unmounted, or at rest): ``not alive``."""
+        return not self.alive
 
     # -- the count -------------------------------------------------------------
 
@@ -162,25 +158,27 @@ class Readiness:
         after = before + delta
         self.unready = after
         if before == 0:
-            up = self.up
-            if after > 0 and up is not None:
-                above = up.extra
-                if above is not None and above.tracked is not None:
-                    above.tracked.add(self)
-                up.adjust(1)
+            if after > 0 and self.alive:
+                up = self.parent
+                if up is not None:
+                    above = up.extra
+                    if above is not None and above.tracked is not None:
+                        above.tracked.add(self)
+                    up.adjust(1)
             return
         if after == 0:
             extra = self.extra
             if extra is not None and extra.waiters:
                 self.call_waiters()
-            up = self.up
-            if up is not None:
-                above = up.extra
-                if above is not None and above.tracked is not None:
-                    above.tracked.discard(self)
-                up.adjust(-1)
-            elif extra is not None and extra.at_root is not None:
-                extra.at_root()
+            if self.alive:
+                up = self.parent
+                if up is not None:
+                    above = up.extra
+                    if above is not None and above.tracked is not None:
+                        above.tracked.discard(self)
+                    up.adjust(-1)
+                elif extra is not None and extra.at_root is not None:
+                    extra.at_root()
 
     def count_child(self, child: Readiness) -> None:
         """A new child (unready, counting into this one) joins the subtree."""
@@ -268,10 +266,9 @@ class Readiness:
     def close(self) -> None:
         """The component left the tree: stop counting into the parent (whose
         count the caller has already settled) and call the waiters."""
-        self.up = None
+        self.alive = False
         extra = self.extra
         if extra is not None:
-            extra.at_root = None
             self.call_waiters()
             if extra.on_first is not None:
                 self.first_done()
@@ -279,8 +276,8 @@ class Readiness:
     def close_at_rest(self) -> None:
         """The component leaves the tree as a child at rest: it counts as
         ready, the parent stops counting it and the waiters are called."""
-        up = self.up
-        counted = self.unready > 0 and up is not None
+        up = self.parent
+        counted = self.unready > 0 and self.alive and up is not None
         self.self_ready = True
         self.unready = 0
         self.close()

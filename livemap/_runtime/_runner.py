@@ -184,8 +184,7 @@ async def run_once(
                         run.buffers is None
                         and run.created is None
                         and comp.targets is None
-                        and (extra is None or extra.created is None)
-                        and not comp.children
+                        and (extra is None or (extra.created is None and not extra.children))
                     ):
                         # nothing to commit: the common case of a leaf
                         parent = comp.parent

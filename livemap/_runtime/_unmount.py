@@ -53,8 +53,9 @@ def stop(comp: Component) -> None:
     if host is not None:
         host.stop()
     comp.close()
-    if comp.children:
-        for child in comp.children.values():
+    extra = comp.extra
+    if extra is not None and extra.children:
+        for child in extra.children.values():
             stop(child)
 
 
@@ -80,7 +81,10 @@ async def release_owed(session: Session) -> None:
 
 
 async def _release_subtree(comp: Component) -> None:
-    children, comp.children = comp.children, None
+    extra = comp.extra
+    children = None
+    if extra is not None:
+        children, extra.children = extra.children, None
     if children:
         for child in children.values():
             await _release_subtree(child)
@@ -94,7 +98,6 @@ async def _release_subtree(comp: Component) -> None:
             comp.targets = targets[i + 1 :] or None
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
-    extra = comp.extra
     at_rest = 0
     host = None
     if extra is not None:
