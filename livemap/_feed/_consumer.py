@@ -503,7 +503,8 @@ class Consumer(Generic[K, V]):
             return None  # (a consumer of the host's that ended)
         value = self.live_map.get(key, _MISSING)
         host = each.host
-        children = each.component.children
+        extra = each.component.extra  # (its children: a read per change)
+        children = None if extra is None else extra.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
         if child is None:
             # at rest (a leaf: only its value is kept), or not mounted

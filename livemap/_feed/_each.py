@@ -323,7 +323,7 @@ class EachHost:
         child.generation = 1
         child.cancel_scope = run.scope
         child.scope_run = spec.session.active
-        extra = comp.more()
+        extra = comp.extra or comp.more()
         children = extra.children
         if children is None:
             children = extra.children = {}
@@ -347,7 +347,8 @@ class EachHost:
         comp = self.component
         if not comp.alive or comp.generation != gen:
             return None  # queued by an earlier run of the mount_each: it reset us
-        children = comp.children
+        extra = comp.extra  # (its children: a read per keyed run)
+        children = None if extra is None else extra.children
         if children is not None and (key,) in children:
             # an earlier run of the key, dropped while it ran (a re-scan
             # reset us), made the key's component: that component runs it
@@ -355,7 +356,7 @@ class EachHost:
             return None
         run.key = key
         run.value = value
-        app_run = comp.session.active
+        app_run = comp.spec.session.active
         slotted = app_run is None or app_run.keyed_run_begins(self.fn, run)
         handlers = self.handlers
         t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
@@ -423,17 +424,18 @@ class EachHost:
         try:
             if child is None:
                 child = self.materialize(run)
+            fargs = self.fargs
             await run_once(
                 child,
                 1,
                 self.fn,
-                child.args,
-                child.spec.kwargs,
+                (run.value, *fargs) if fargs else (run.value,),
+                self.kwargs,
                 raise_errors=False,
                 first=(run, result, error),
             )
         finally:
-            app_run = self.component.session.active
+            app_run = self.component.spec.session.active
             if app_run is not None:
                 app_run.give_slot(run)  # (run_once gave it back, unless it never began)
             if child is not None and child.cancel_scope is scope:
@@ -1088,13 +1090,13 @@ class EachSubscriber:
         # the children without a component of their own, and the pool
         self.host = host
         self.pool = host.pool
-        self.app_run = component.session.require_run()
+        self.app_run = component.spec.session.require_run()
         self._epoch: set[Hashable] | None = None
 
     def drop_leaf(self, key: Any) -> None:
         """Unmount the child of ``key`` while it is at rest: nothing to release."""
         del self.host.leaves[key]
-        app_run = self.component.session.active
+        app_run = self.component.spec.session.active
         if app_run is not None:
             app_run.stats.unmounted(self.host.fn)
 
@@ -1112,7 +1114,8 @@ class EachSubscriber:
     def submit(self, key: Any, value: Any) -> None:
         """Run ``key``'s child with ``value`` on the pool: as a run without a
         component (see EachHost) unless the child has one already."""
-        children = self.component.children
+        extra = self.component.extra  # (its children: a read per change)
+        children = None if extra is None else extra.children
         if children is not None and (key,) in children:
             self.pool.queue_run(self.child(key, value))
             return
@@ -1219,7 +1222,7 @@ class EachLiveSubscriber:
         assert isinstance(host, EachHost)
         self.host = host
         self._epoch: set[Hashable] | None = None
-        app_run = component.session.active
+        app_run = component.spec.session.active
         catching_up = app_run is not None and app_run.catching_up
         self._first: dict[Hashable, anyio.Event] | None = {} if catching_up else None
 
@@ -1235,7 +1238,7 @@ class EachLiveSubscriber:
         first = self._first
         if first is None:
             return
-        app_run = child.session.active
+        app_run = child.spec.session.active
         if app_run is None or not app_run.catching_up:
             self._first = None
             for event in first.values():  # nobody waits any more
@@ -1313,7 +1316,7 @@ async def run_entry(comp: Component, scope: anyio.CancelScope, gen: int) -> None
     assert isinstance(host, EachHost)
     pool = host.pool
     key = comp.rel[0]
-    app_run = comp.session.require_run()
+    app_run = comp.spec.session.require_run()
     with scope:
         await pool.hold(app_run, key)
         try:
@@ -1352,7 +1355,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             # the same host and pool: runs of the earlier run of this
             # mount_each that are still winding down hold their keys (an
             # earlier app run's ended with it: the queue starts empty then)
-            host.pool.join(comp.session.require_run())
+            host.pool.join(comp.spec.session.require_run())
             host.reset()  # runs queued by an earlier run of this mount_each
             host.retry = options.retry
             host.pool.resize(options.concurrency)
@@ -1366,7 +1369,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             else EachSubscriber(operator, comp, gen, each.source)
         )
         take_over(each.source, comp)
-        app_run = comp.session.active
+        app_run = comp.spec.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
             settle_source = settler(each.source, comp)

@@ -131,7 +131,7 @@ def _first_targets(comp: Component, buffers: dict[Target, object]) -> tuple[Targ
     targets = tuple(buffers)
     parent = comp.parent
     if parent is not None:
-        extra = parent.more()
+        extra = parent.extra or parent.more()
         shared = extra.child_targets
         if shared == targets:
             return shared
@@ -197,8 +197,11 @@ async def settle_tree(root: Component) -> None:
     stack = [root]
     while stack:
         comp = stack.pop()
-        while comp.settle:
-            jobs, comp.settle = comp.settle, None
+        extra = comp.extra
+        if extra is None:  # (a per-entry child mostly: none of either)
+            continue
+        while extra.settle:
+            jobs, extra.settle = extra.settle, None
             await settle_stopped(comp, jobs.values())
-        if comp.children:
-            stack.extend(comp.children.values())
+        if extra.children:
+            stack.extend(extra.children.values())

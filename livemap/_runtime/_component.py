@@ -605,7 +605,7 @@ class Component(Readiness):
 
     @property
     def loop_cache(self) -> dict[object, Any] | None:
-        active = self.session.active
+        active = self.spec.session.active
         return None if active is None else active.loop_cache
 
     @property
@@ -734,7 +734,7 @@ class Component(Readiness):
                     active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
-        extra = self.more()
+        extra = self.extra or self.more()
         children = extra.children
         if children is None:
             children = extra.children = {}
@@ -842,7 +842,7 @@ class ComponentMountHandle:
         """
         comp = self._component
         await comp.readiness.wait_ready()
-        if comp.session.escalations:
+        if comp.spec.session.escalations:
             escalated = comp.first_escalated()
             if escalated is not None:
                 raise escalated

@@ -232,7 +232,7 @@ def delete_child(
                 comp.hold(-1)
 
     if start is None:
-        comp.session.require_run().tg.start_soon(finish)
+        comp.spec.session.require_run().tg.start_soon(finish)
     else:
         start(child, finish)
     return handle
@@ -314,7 +314,7 @@ async def live_run(comp: Component, gen: int) -> None:
             instance = comp.processor(*comp.args, **comp.kwargs)
         except Exception as exc:
             comp.exception = exc
-            app_run = comp.session.active
+            app_run = comp.spec.session.active
             if app_run is not None:
                 app_run.stats.run_failed(comp.processor, start=True)
             await comp.report(exc)  # as mounted: "mount", or "process_live"
@@ -328,7 +328,7 @@ async def live_run(comp: Component, gen: int) -> None:
         except Exception as exc:
             if comp.current(gen):
                 comp.exception = exc
-                app_run = comp.session.active
+                app_run = comp.spec.session.active
                 if app_run is not None:
                     app_run.stats.run_failed(comp.processor, start=True)
                 await comp.report(exc, "process_live")
