@@ -449,3 +449,57 @@ async def test_an_upload_after_a_data_loss_cut_short_is_done_again(
             async with consuming(view) as seen:
                 assert seen.rows == want
             assert tree.errors == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_commits_cut_short_at_random_then_settled(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Rounds of a component re-mounted with one of a few states (so values
+    go back and forth), each commit at random run through, failed after
+    Redis ran it, or interrupted before or after its call by the next
+    re-mount; two components, so a repair meets another's commit.  After
+    each round Redis and the view hold what is declared."""
+    import random
+
+    from livemap._redis import _producer
+
+    monkeypatch.setattr(_producer, "CHUNK", 4)  # several steps per commit
+    rng = random.Random(seed)
+    states = [
+        {"a": 0, "b": 0, "c": 0, "d": 0, "e": 0},
+        {"a": 1, "b": 0, "c": 1, "f": 1, "g": 1, "h": 1},
+        {},
+        {"a": 0, "e": 2, "f": 2},
+    ]
+    name = unique()
+    async with connect(redis_server.url) as real:
+        client = Faulty(real)
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(real, name, shards=[0, 1])
+        async with Tree(client, name, shards=2).running() as tree, consuming(view) as seen:
+            declared: dict[str, dict[str, int]] = {"x": {}, "y": {}}
+            for _ in range(30):
+                child = rng.choice(["x", "y"])
+                state = {f"{child}{k}": v for k, v in rng.choice(states).items()}
+                fault = rng.choice(["none", "lost", "before", "after"])
+                if state == declared[child]:
+                    fault = "none"  # (no call to cut short)
+                if fault in ("before", "after"):
+                    client.blocked = anyio.Event()
+                    client.block = fault
+                    await tree.mount(child, state)
+                    with anyio.fail_after(TIMEOUT):
+                        await client.blocked.wait()
+                    state = {f"{child}{k}": v for k, v in rng.choice(states).items()}
+                elif fault == "lost":
+                    client.lose_reply_at = client.calls + rng.randint(1, 3)
+                await tree.declare(child, state)
+                client.lose_reply_at = None
+                if tree.errors:
+                    # (a failed run: its component declares the same again)
+                    assert all(isinstance(e, coco.TargetApplyError) for e in tree.errors)
+                    tree.errors.clear()
+                    await tree.declare(child, state)
+                    assert tree.errors == []
+                declared[child] = state
+                await check(real, name, 2, seen, view, {**declared["x"], **declared["y"]})
