@@ -859,9 +859,13 @@ class RedisLiveMap(SinkTarget[K, V]):
         interruption goes on.  Either way, what the send may have changed in
         Redis is noted, to be set right before the map's next send."""
         reached = self._reached
+        repaired = False
         if self._unsure:
             try:
-                await self._repair()
+                # (the keys this send updates anyway are left to it: a key
+                # cut short at B and declared B again is not set back first)
+                await self._repair({key for key, _ in result.upserts})
+                repaired = True
             except Exception as exc:
                 # pending still; a send of an owner it concerns fails with it
                 if component in self._unsure:
@@ -870,7 +874,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                 self._undo(component, result, reclaim, reached)
                 raise
         if not result:
-            return None, []
+            return None, []  # (then the repair left nothing)
         conflicts: list[KeyConflictError] = []
         try:
             header, groups = self._changes(component, result, reclaim)
@@ -897,6 +901,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         for i in range(0, len(header), 2):
             self._seen.add(header[i])
         self._lease.failed.discard(self._owner_id(component))
+        if repaired:
+            self._unsure.clear()  # (what the repair left to this send)
         return None, conflicts
 
     def _failed(
@@ -952,15 +958,16 @@ class RedisLiveMap(SinkTarget[K, V]):
             mine.update(result.deletes)
         self._table.revert(result)
 
-    async def _repair(self) -> None:
+    async def _repair(self, skip: set[Any] | None = None) -> None:
         """Make Redis hold what the table holds for every key a failed or
         interrupted send may have changed (:attr:`_unsure`): the value of a
         key held here goes again under its holder (an equal value changes
         nothing in Redis: the gate), a key nobody here holds is deleted, or
         its claim withdrawn, under each owner that may have sent it.  Only
         those keys (and, for an owner whose first commit it was, the keys it
-        holds), not the whole map.  Under the map's lock; raises as a send
-        does, the repair pending still."""
+        holds), not the whole map.  The keys of ``skip`` (a send's updates,
+        made next) are left pending, for that send.  Under the map's lock;
+        raises as a send does, the repair pending still."""
         table = self._table
         owner_of = table.owner_of
         newer = _latest.get((self._base, self.app))
@@ -973,6 +980,7 @@ class RedisLiveMap(SinkTarget[K, V]):
         index: dict[str, int] = {}
         groups: dict[tuple[int, int], list[bytes]] = {}
         done: set[Any] = set()
+        left: dict[Owner, set[Any]] = {}
 
         def parts(owner: Owner, shard: int) -> list[bytes]:
             oid = self._owner_id(owner)
@@ -989,6 +997,9 @@ class RedisLiveMap(SinkTarget[K, V]):
             for key in keys:
                 if key in done or (newer is not None and key in newer):
                     continue  # (a newer instance of the map holds it now)
+                if skip and key in skip:
+                    left.setdefault(owner, set()).add(key)
+                    continue
                 ek = encode_key(key)
                 shard = crc32(ek) % shards
                 holder = owner_of(key)
@@ -1010,7 +1021,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                     raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
             claimants = [owners[int(reply[i]) - 1] for i in range(2, len(reply), 3)]
             self._later += zip(claimants, self._conflicts(header, reply), strict=True)
-        self._unsure.clear()
+        self._unsure = left
         self._unsure_all.clear()
 
     async def _stale(self, header: list[str], groups: dict[tuple[int, int], list[bytes]]) -> None:
