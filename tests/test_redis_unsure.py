@@ -541,3 +541,29 @@ async def test_commits_cut_short_at_random_then_settled(
                     assert tree.errors == []
                 declared[child] = state
                 await check(real, name, 2, seen, view, {**declared["x"], **declared["y"]})
+
+
+async def test_a_key_handed_over_with_an_equal_value_moves_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A key passes to its claimant (its owner unmounted) with a value equal
+    to the one held: nothing changes for the views, but the key is the
+    claimant's in Redis too, so the claimant's drop deletes it."""
+    name = unique()
+    async with connect(redis_server.url) as real:
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(real, name)
+        async with Tree(real, name).running() as tree, consuming(view) as seen:
+            await tree.declare("x", {"k": 1})
+            await tree.declare("y", {"k": 1, "j": 0})  # a claim on k
+            assert [type(e) for e in tree.errors] == [coco.KeyConflictError]
+
+            async def unmount(op: coco.LiveComponentOperator) -> coco.ReadyHandle:
+                return await op.delete("x")
+
+            handle = await tree.remote(unmount)
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            await check(real, name, 1, seen, view, {"k": 1, "j": 0})
+            assert await streamed(real, name, 1, "k") == [1]
+            await tree.declare("y", {"j": 0})
+            await check(real, name, 1, seen, view, {"j": 0})

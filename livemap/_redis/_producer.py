@@ -767,6 +767,8 @@ class RedisLiveMap(SinkTarget[K, V]):
 
         mine = index(self._owner_id(component))
         upserts = result.upserts
+        if result.transfers:
+            upserts = upserts + self._equal_transfers(result)
         datas = self._encode_values(upserts)
         owner_of = table.owner_of
         # the groups of this component's own keys, by shard
@@ -807,6 +809,15 @@ class RedisLiveMap(SinkTarget[K, V]):
                 parts = groups[(shard, mine)] = []
             parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
         return header, groups
+
+    def _equal_transfers(self, result: Commit[K, V]) -> list[tuple[K, V]]:
+        """The keys ``result`` handed to another owner without an upsert
+        (the new owner's value equal to the held one), with the value held:
+        sent as updates all the same, so the key's owner moves in Redis too
+        (the gate there sends nothing to the streams)."""
+        upserted = {key for key, _ in result.upserts}
+        get = self._table.get
+        return [(key, get(key)) for key, _, _ in result.transfers if key not in upserted]
 
     async def _step(self, header: list[str], groups: list[Any]) -> list[Any] | None:
         """Run one commit script over ``groups`` (shard, owner index, blob,
@@ -873,7 +884,7 @@ class RedisLiveMap(SinkTarget[K, V]):
             except BaseException:
                 self._undo(component, result, reclaim, reached)
                 raise
-        if not result:
+        if not result and not result.transfers:
             return None, []  # (then the repair left nothing)
         conflicts: list[KeyConflictError] = []
         try:
@@ -949,7 +960,10 @@ class RedisLiveMap(SinkTarget[K, V]):
 
             mine = keys_of(component)
             owner_of = self._table.owner_of
-            for key, _ in result.upserts:
+            upserts = result.upserts
+            if result.transfers:
+                upserts = upserts + self._equal_transfers(result)
+            for key, _ in upserts:
                 holder = owner_of(key)
                 if holder is None or holder is component:
                     mine.add(key)
