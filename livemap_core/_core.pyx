@@ -441,6 +441,79 @@ cdef class Buffer:
         return list(self._decls.items())
 
 
+# A declarer is called once per declaration, so it takes the vectorcall
+# protocol (no argument tuple per call): ``declarer(key, value)`` goes straight
+# to ``_declare_call``.  Any other call (keywords, a wrong number of arguments)
+# goes to the ``__call__`` Cython generates, which parses and checks the
+# arguments as for any function.  Cython makes ``tp_call`` only; the pointer
+# per instance and the type's flag are set here.
+cdef extern from *:
+    """
+    typedef int (*__livemap_declare_t)(PyObject *, PyObject *, PyObject *);
+    static __livemap_declare_t __livemap_declare_impl = NULL;
+    static ternaryfunc __livemap_declare_tp_call = NULL;
+
+    static PyObject *__livemap_declarer_vectorcall(
+        PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+    {
+        Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+        Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+        PyObject *tuple, *kwargs = NULL, *result;
+        Py_ssize_t i;
+        if (nargs == 2 && nkw == 0) {
+            if (__livemap_declare_impl(callable, args[0], args[1]) < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        tuple = PyTuple_New(nargs);
+        if (tuple == NULL)
+            return NULL;
+        for (i = 0; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(tuple, i, args[i]);
+        }
+        if (nkw) {
+            kwargs = PyDict_New();
+            if (kwargs == NULL) {
+                Py_DECREF(tuple);
+                return NULL;
+            }
+            for (i = 0; i < nkw; i++) {
+                if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+                    Py_DECREF(tuple);
+                    Py_DECREF(kwargs);
+                    return NULL;
+                }
+            }
+        }
+        result = __livemap_declare_tp_call(callable, tuple, kwargs);
+        Py_DECREF(tuple);
+        Py_XDECREF(kwargs);
+        return result;
+    }
+
+    static vectorcallfunc __livemap_declarer_vc = __livemap_declarer_vectorcall;
+
+    static void __livemap_fast_calls(PyObject *type, Py_ssize_t offset)
+    {
+        PyTypeObject *t = (PyTypeObject *)type;
+        if (__livemap_declare_tp_call == NULL)
+            __livemap_declare_tp_call = t->tp_call;
+        t->tp_vectorcall_offset = offset;
+        t->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+        PyType_Modified(t);
+    }
+    """
+    ctypedef void (*_vectorcallfunc "vectorcallfunc")()
+    ctypedef int (*_declare_t)(object, object, object) except -1
+    _declare_t __livemap_declare_impl
+    _vectorcallfunc __livemap_declarer_vc
+    void __livemap_fast_calls(object type, Py_ssize_t offset)
+
+
+cdef Py_ssize_t _vectorcall_offset = 0
+
+
 cdef class Declarer:
     """``declarer(key, value)``: declare into ``table`` for the current run.
 
@@ -455,12 +528,27 @@ cdef class Declarer:
     :meth:`Buffer.declare` on the run's buffer, made on first use.
     """
 
+    cdef _vectorcallfunc _vectorcall
     cdef public object table
     cdef public object target
     cdef object _current
     cdef object _missing
     cdef object _closed_error
     cdef public bint closed
+
+    def __cinit__(self, *args, **kwargs):
+        self._vectorcall = __livemap_declarer_vc
+
+    @staticmethod
+    def _subclassed(cls):
+        """``cls``, a subclass made in Python that defines no ``__call__``,
+        is called as fast as this class (before 3.12 such a subclass does not
+        inherit the vectorcall protocol)."""
+        if not (isinstance(cls, type) and issubclass(cls, Declarer)):
+            raise TypeError(f"{cls!r} is not a Declarer subclass")
+        if any("__call__" in vars(c) for c in cls.__mro__[: cls.__mro__.index(Declarer)]):
+            raise TypeError(f"{cls.__qualname__} defines its own __call__")
+        __livemap_fast_calls(cls, _vectorcall_offset)
 
     def __init__(self, table, target, current, missing, closed_error):
         self.table = table
@@ -473,33 +561,51 @@ cdef class Declarer:
     __class_getitem__ = classmethod(GenericAlias)
 
     def __call__(self, key, value):
-        # the C-API read of the ContextVar: no method lookup and call
-        cdef object run = get_value_no_default(self._current, None)
-        cdef object found
-        cdef dict buffers
-        cdef Buffer buf
-        cdef PyObject* hit
-        if run is None:
-            raise self._missing()
-        if self.closed:
-            raise self._closed_error()
-        found = run.buffers
-        if found is None:
-            buffers = {}
-            run.buffers = buffers
-        elif type(found) is not dict:  # the run has ended: its marker
-            raise self._missing(found)
-        else:
-            buffers = <dict>found
-        hit = PyDict_GetItemWithError(buffers, self.target)
-        if hit == NULL:
-            buf = Buffer.__new__(Buffer)
-            buf.table = self.table
-            buf.owner = run.owner
-            buffers[self.target] = buf
-        else:
-            buf = <Buffer?><object>hit
-        buf._declare(key, value)
+        # (a call with keywords; a positional one takes the vectorcall)
+        _declare_call(self, key, value)
+
+
+cdef int _declare_call(object declarer, object key, object value) except -1:
+    # ``Declarer.__call__``, as its vectorcall calls it
+    cdef Declarer self = <Declarer>declarer
+    # the C-API read of the ContextVar: no method lookup and call
+    cdef object run = get_value_no_default(self._current, None)
+    cdef object found
+    cdef dict buffers
+    cdef Buffer buf
+    cdef PyObject* hit
+    if run is None:
+        raise self._missing()
+    if self.closed:
+        raise self._closed_error()
+    found = run.buffers
+    if found is None:
+        buffers = {}
+        run.buffers = buffers
+    elif type(found) is not dict:  # the run has ended: its marker
+        raise self._missing(found)
+    else:
+        buffers = <dict>found
+    hit = PyDict_GetItemWithError(buffers, self.target)
+    if hit == NULL:
+        buf = Buffer.__new__(Buffer)
+        buf.table = self.table
+        buf.owner = run.owner
+        buffers[self.target] = buf
+    else:
+        buf = <Buffer?><object>hit
+    buf._declare(key, value)
+    return 0
+
+
+cdef Py_ssize_t _offset_of_vectorcall():
+    cdef Declarer probe = Declarer.__new__(Declarer)
+    return <char*>&probe._vectorcall - <char*><PyObject*>probe
+
+
+__livemap_declare_impl = _declare_call
+_vectorcall_offset = _offset_of_vectorcall()
+__livemap_fast_calls(Declarer, _vectorcall_offset)
 
 
 cdef int _raise_current() except -1:

@@ -1423,3 +1423,92 @@ def core_dup_error() -> type[Exception]:
     from livemap_core import DuplicateDeclarationError
 
     return DuplicateDeclarationError
+
+
+def _declarer_in_run(core: ModuleType) -> tuple[Any, Any, Any, _Run, Any]:
+    """A declarer, its context variable, the token of the run set in it,
+    the run and the target."""
+    import contextvars
+
+    current: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("run", default=None)
+    table = core.Table("t")
+    target = object()
+    declare = core.Declarer(table, target, current, LookupError, EOFError)
+    run = _Run("owner-1")
+    return declare, current, current.set(run), run, target
+
+
+@pytest.mark.parametrize("subclassed", [False, True], ids=["class", "subclass"])
+def test_a_declarer_takes_every_way_of_calling_it(core: ModuleType, subclassed: bool) -> None:
+    """Positional, keyword, ``*args``/``**kwargs``, through ``partial``; the
+    wrong ones raise ``TypeError`` and declare nothing; a subclass made in
+    Python (as the runtime documents its declarers) behaves the same."""
+    import functools
+
+    declare, current, token, run, target = _declarer_in_run(core)
+    if subclassed:
+        cls = type("Documented", (core.Declarer,), {"__slots__": ()})
+        core.Declarer._subclassed(cls)
+        declare = cls(declare.table, target, current, LookupError, EOFError)
+    try:
+        declare("a", 1)
+        declare("b", value=2)
+        declare(key="c", value=3)
+        declare(value=4, key="d")
+        declare(*("e", 5))
+        declare(key="f", value=6)
+        functools.partial(declare, "g")(7)
+        for bad_args, bad_kwargs in [
+            ((), {}),
+            (("x",), {}),
+            (("x", 1, 2), {}),
+            (("x",), {"key": "y"}),
+            (("x", 1), {"other": 2}),
+            ((), {"value": 1}),
+        ]:
+            with pytest.raises(TypeError):
+                declare(*bad_args, **bad_kwargs)
+        assert run.buffers is not None
+        assert run.buffers[target].items() == list(zip("abcdefg", range(1, 8), strict=True))
+    finally:
+        current.reset(token)
+
+
+def test_a_declarers_errors_go_through_every_way_of_calling_it(core: ModuleType) -> None:
+    """A failing declaration raises the same exception whichever way it is
+    called, and leaves the buffer as it was."""
+    declare, current, token, run, target = _declarer_in_run(core)
+    try:
+        declare("a", 1)
+        for call in (
+            lambda: declare("a", 2),
+            lambda: declare(key="a", value=2),
+            lambda: declare(*("a", 2)),
+        ):
+            with pytest.raises(DuplicateDeclarationError):
+                call()
+        for call in (lambda: declare([1.5], 2), lambda: declare(key=[1.5], value=2)):
+            with pytest.raises(TypeError, match=r"\[1\.5\]"):
+                call()
+        assert run.buffers is not None
+        assert run.buffers[target].items() == [("a", 1)]
+    finally:
+        current.reset(token)
+
+
+def test_a_declarer_subclass_with_a_call_of_its_own_is_refused(core: ModuleType) -> None:
+    class Own(core.Declarer):  # type: ignore[misc, name-defined]
+        __slots__ = ()
+
+        def __call__(self, key: object, value: object) -> None:
+            pass
+
+    class Under(Own):
+        __slots__ = ()
+
+    for cls in (Own, Under):
+        with pytest.raises(TypeError, match="own __call__"):
+            core.Declarer._subclassed(cls)
+    for other in (int, object(), "Declarer"):
+        with pytest.raises(TypeError, match="not a Declarer subclass"):
+            core.Declarer._subclassed(other)

@@ -180,6 +180,10 @@ class World:
                 epoch.obs.setdefault(key, []).append(DELETED)
         for key, value in batch.upserts:
             self.rows[key] = value
+            if epoch is not None and value in epoch.ok.get(key, ()):
+                # a successor's commit after the late delete of its
+                # predecessor's row (which forgot ``last_ok`` above)
+                epoch.last_ok[key] = value
 
     async def handler(self, exc: BaseException, ctx: coco.ExceptionContext) -> None:
         self.reported.append((exc, ctx))
@@ -890,6 +894,31 @@ def machine_portal(backend: str) -> Iterator[BlockingPortal]:
 def test_runtime_and_livemap_match_the_model(backend: str) -> None:
     with machine_portal(backend):
         run_state_machine_as_test(LiveMapMachine, settings=PROFILE)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_poisoned_key_keeps_the_row_its_successor_committed(backend: str) -> None:
+    """A sequence the machine found: a key dropped and declared again with
+    its value while the consumer is busy gets a new per-entry component,
+    whose first call comes before the late delete of its predecessor's row
+    and whose commit after it; a poison value for the key then fails, and
+    the row stays the successor's (a failed run commits nothing)."""
+    with machine_portal(backend):
+        machine = LiveMapMachine()
+        try:
+            machine.start_app()
+            machine.start_consumer(spec=(None, False, True, 1))
+            machine.burst(runs=[([], False, 0), ([("c", 0)], False, 0)], slot=0)
+            machine.burst(
+                runs=[([("b", 0)], True, 0), ([("b", 1)], False, 2), ([("c", 0)], True, 0)],
+                slot=0,
+            )
+            machine.burst(runs=[([], False, 0), ([("c", POISON)], False, 0)], slot=1)
+            machine.declare_late(decls=[], key="a", slot=0)
+            machine.settle()
+            assert machine.driver.world.rows == {"c": ["c", 0]}
+        finally:
+            machine.teardown()
 
 
 def test_profiles_meet_the_minimum() -> None:

@@ -209,6 +209,13 @@ def test_declarer_documents_itself(
     for internal in ("closed_error", "ContextVar", "Data descriptors", "Methods inherited"):
         assert internal not in text, internal
     assert name in repr(declarer)
+    if core.__name__.endswith("._core"):
+        # the compiled core's declarer takes a call without an argument tuple
+        # (the vectorcall protocol), its documented subclass too
+        assert type(declarer).__flags__ & _HAVE_VECTORCALL
+
+
+_HAVE_VECTORCALL = 1 << 11  # Py_TPFLAGS_HAVE_VECTORCALL
 
 
 def test_declarer_slots_are_documented() -> None:
