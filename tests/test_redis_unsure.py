@@ -567,3 +567,34 @@ async def test_a_key_handed_over_with_an_equal_value_moves_in_redis(
             assert await streamed(real, name, 1, "k") == [1]
             await tree.declare("y", {"j": 0})
             await check(real, name, 1, seen, view, {"j": 0})
+
+
+async def test_an_unmounted_components_release_cut_short(redis_server: RedisServer) -> None:
+    """An unmounted component's release runs in Redis and its reply is
+    lost: its keys go from Redis with the next commit (its release tried
+    again), and are not put back on the way."""
+    name = unique()
+    async with connect(redis_server.url) as real:
+        client = Faulty(real)
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(real, name)
+        async with (
+            Tree(client, name, check_every=0.02).running() as tree,
+            consuming(view) as seen,
+        ):
+            await tree.declare("x", {"a": 0, "b": 0})
+            await tree.declare("y", {"c": 0})
+            client.lose_reply_at = client.calls + 1
+
+            async def unmount(op: coco.LiveComponentOperator) -> coco.ReadyHandle:
+                return await op.delete("x")
+
+            handle = await tree.remote(unmount)
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            assert [type(e) for e in tree.errors] == [coco.TargetApplyError]
+            tree.errors.clear()
+            await anyio.sleep(0.1)  # (the map's checks meanwhile)
+            await tree.declare("y", {"c": 1})
+            await check(real, name, 1, seen, view, {"c": 1})
+            assert await streamed(real, name, 1, "a") == [0, None]
+            assert tree.errors == []

@@ -980,7 +980,8 @@ class RedisLiveMap(SinkTarget[K, V]):
         its claim withdrawn, under each owner that may have sent it.  Only
         those keys (and, for an owner whose first commit it was, the keys it
         holds), not the whole map.  The keys of ``skip`` (a send's updates,
-        made next) are left pending, for that send.  Under the map's lock;
+        made next) are left pending, for that send, and so are the keys an
+        unmounted owner holds still (for its release).  Under the map's lock;
         raises as a send does, the repair pending still."""
         table = self._table
         owner_of = table.owner_of
@@ -1011,12 +1012,14 @@ class RedisLiveMap(SinkTarget[K, V]):
             for key in keys:
                 if key in done or (newer is not None and key in newer):
                     continue  # (a newer instance of the map holds it now)
-                if skip and key in skip:
+                holder = owner_of(key)
+                if (skip and key in skip) or (holder is not None and not holder.alive):
+                    # (an unmounted owner's keys wait for its release, which
+                    # is retried: not put back in Redis on the way)
                     left.setdefault(owner, set()).add(key)
                     continue
                 ek = encode_key(key)
                 shard = crc32(ek) % shards
-                holder = owner_of(key)
                 if holder is None:
                     parts(owner, shard).extend((_DELETE(len(ek)), ek, _NO_VALUE, b""))
                 else:
