@@ -256,7 +256,17 @@ class AppLease:
         """If the app's turn moved since this process's entries were made
         whole in Redis (another process of the app held the lease
         meanwhile): upload every instance's entries again, each under its
-        lock (as after a data loss).  Then, if ``sweep``, sweep (if due)."""
+        lock (as after a data loss).  Then, if ``sweep``, sweep (if due).
+        First, each instance's repair of a send cut short, if one is
+        pending (see :meth:`RedisLiveMap._repair`)."""
+        for each in sorted(self.maps, key=id):
+            if each._unsure:
+                async with each._get_lock():
+                    try:
+                        if each._unsure:
+                            await each._repair()
+                    except Exception:
+                        pass  # pending still: tried again with the next send
         turn = self.turn
         if turn is not None and self.synced != turn:
             conflicts: list[tuple[Owner, KeyConflictError]] = []
@@ -455,17 +465,21 @@ class RedisLiveMap(SinkTarget[K, V]):
         "_epoch": None,
         "_init": None,
         "_instance": None,
+        "_later": None,
         "_lease": None,
         "_lease_ms": None,
         "_lease_ttl": None,
         "_lease_wait": None,
         "_maxlen": None,
+        "_reached": None,
         "_remote_conflicts": None,
         "_resyncs": None,
         "_retired": None,
         "_seen": None,
         "_steps": None,
         "_trusted": None,
+        "_unsure": None,
+        "_unsure_all": None,
         "_where": None,
         "app": None,
         "declare_entry": "``rlm.declare_entry(key, value) -> None``: " + _DECLARE_ENTRY_DOC,
@@ -529,6 +543,15 @@ class RedisLiveMap(SinkTarget[K, V]):
         self._seen: set[str] = set()
         self._retired = False
         self._steps = 0
+        # script calls that may have changed the map in Redis (see _send)
+        self._reached = 0
+        # per owner: keys a failed or interrupted send may have changed in
+        # Redis for it (see _repair); and the owners for which it may have
+        # let go of anything it held (its first commit's reclaim)
+        self._unsure: dict[Owner, set[Any]] = {}
+        self._unsure_all: set[Owner] = set()
+        # conflicts a repair met, reported with the next commit
+        self._later: list[tuple[Owner, KeyConflictError]] = []
         self._resyncs = 0
         self._remote_conflicts = 0
         self.map_name = name
@@ -668,6 +691,11 @@ class RedisLiveMap(SinkTarget[K, V]):
                     async with self._get_lock():
                         if not self.retired and await self._lost(key):
                             await self._resync()
+                elif self._unsure:
+                    # a send cut short, and no send since: set Redis right
+                    async with self._get_lock():
+                        if not self.retired and self._unsure:
+                            await self._repair()
             except Exception:
                 continue  # Redis is away: look again later
 
@@ -739,6 +767,8 @@ class RedisLiveMap(SinkTarget[K, V]):
 
         mine = index(self._owner_id(component))
         upserts = result.upserts
+        if result.transfers:
+            upserts = upserts + self._equal_transfers(result)
         datas = self._encode_values(upserts)
         owner_of = table.owner_of
         # the groups of this component's own keys, by shard
@@ -780,10 +810,20 @@ class RedisLiveMap(SinkTarget[K, V]):
             parts += (_DELETE(len(ek)), ek, _NO_VALUE, b"")
         return header, groups
 
+    def _equal_transfers(self, result: Commit[K, V]) -> list[tuple[K, V]]:
+        """The keys ``result`` handed to another owner without an upsert
+        (the new owner's value equal to the held one), with the value held:
+        sent as updates all the same, so the key's owner moves in Redis too
+        (the gate there sends nothing to the streams)."""
+        upserted = {key for key, _ in result.upserts}
+        get = self._table.get
+        return [(key, get(key)) for key, _, _ in result.transfers if key not in upserted]
+
     async def _step(self, header: list[str], groups: list[Any]) -> list[Any] | None:
         """Run one commit script over ``groups`` (shard, owner index, blob,
         ...); None if the epoch moved (Redis lost its data)."""
         self._steps += 1
+        self._reached += 1
         reply = await self._commit(
             keys=[self._base],
             args=[
@@ -798,8 +838,10 @@ class RedisLiveMap(SinkTarget[K, V]):
             ],
         )
         if reply[0] == b"epoch":
+            self._reached -= 1  # (refused: nothing changed)
             return None
         if reply[0] == b"busy":
+            self._reached -= 1
             raise self._lease.busy(reply[1])
         if reply[1] == b"1":
             self._lease.taken_back()  # after a lapse: upload and sweep again
@@ -821,17 +863,32 @@ class RedisLiveMap(SinkTarget[K, V]):
     async def _send(
         self, component: Owner, result: Commit[K, V], reclaim: bool = True
     ) -> tuple[Exception | None, list[KeyConflictError]]:
-        """Send ``result`` to Redis.  On failure the table goes back to what
-        it was before ``result`` and the error is returned."""
-        if not result:
-            return None, []
-        try:
-            header, groups = self._changes(component, result, reclaim)
-        except CodecError as exc:
-            self._table.revert(result)
-            return exc, []
+        """Send ``result`` to Redis (what an earlier send left unsure first,
+        see :meth:`_repair`).  On failure the table goes back to what it was
+        before ``result`` and the error is returned; on an interruption (a
+        cancellation, any ``BaseException``) it goes back too, and the
+        interruption goes on.  Either way, what the send may have changed in
+        Redis is noted, to be set right before the map's next send."""
+        reached = self._reached
+        repaired = False
+        if self._unsure:
+            try:
+                # (the keys this send updates anyway are left to it: a key
+                # cut short at B and declared B again is not set back first)
+                await self._repair({key for key, _ in result.upserts})
+                repaired = True
+            except Exception as exc:
+                # pending still; a send of an owner it concerns fails with it
+                if component in self._unsure:
+                    return self._failed(component, result, reclaim, reached, exc), []
+            except BaseException:
+                self._undo(component, result, reclaim, reached)
+                raise
+        if not result and not result.transfers:
+            return None, []  # (then the repair left nothing)
         conflicts: list[KeyConflictError] = []
         try:
+            header, groups = self._changes(component, result, reclaim)
             if sum(len(parts) for parts in groups.values()) > 4 * CHUNK and any(
                 f == "1" for f in header[1::2]
             ):
@@ -843,25 +900,146 @@ class RedisLiveMap(SinkTarget[K, V]):
                 await self._resync()
             else:
                 conflicts = self._conflicts(header, reply)
-        except ProducerBusyError as exc:
-            self._table.revert(result)
-            self._lease.failed.add(self._owner_id(component))
+        except CodecError as exc:
+            self._undo(component, result, reclaim, reached)
             return exc, []
         except Exception as exc:
-            self._table.revert(result)
+            return self._failed(component, result, reclaim, reached, exc), conflicts
+        except BaseException:
+            self._undo(component, result, reclaim, reached)
             self._lease.failed.add(self._owner_id(component))
-            error = TargetApplyError(
-                self.name,
-                format_path(component.path),
-                len(result.upserts),
-                len(result.deletes),
-            )
-            error.__cause__ = exc
-            return error, conflicts
+            raise
         for i in range(0, len(header), 2):
             self._seen.add(header[i])
         self._lease.failed.discard(self._owner_id(component))
+        if repaired:
+            self._unsure.clear()  # (what the repair left to this send)
         return None, conflicts
+
+    def _failed(
+        self,
+        component: Owner,
+        result: Commit[K, V],
+        reclaim: bool,
+        reached: int,
+        exc: Exception,
+    ) -> Exception:
+        """A send of ``result`` failed with ``exc``: the table taken back
+        (see :meth:`_undo`), the owner's keys kept from a sweep; the error
+        to report (a ProducerBusyError as it is)."""
+        self._undo(component, result, reclaim, reached)
+        self._lease.failed.add(self._owner_id(component))
+        if isinstance(exc, ProducerBusyError):
+            return exc
+        error = TargetApplyError(
+            self.name,
+            format_path(component.path),
+            len(result.upserts),
+            len(result.deletes),
+        )
+        error.__cause__ = exc
+        return error
+
+    def _undo(self, component: Owner, result: Commit[K, V], reclaim: bool, reached: int) -> None:
+        """Take ``result`` back from the table; if a script call since
+        ``reached`` may have changed Redis, note first which keys ``result``
+        sent, and under which owner, for :meth:`_repair` (the committing
+        component's keys, and those it handed to other owners)."""
+        if self._reached != reached:
+            unsure = self._unsure
+            seen = self._seen
+            every = self._unsure_all
+
+            def keys_of(owner: Owner) -> set[Any]:
+                keys = unsure.get(owner)
+                if keys is None:
+                    keys = unsure[owner] = set()
+                if reclaim and owner not in every and self._owner_id(owner) not in seen:
+                    every.add(owner)  # its first commit: it may have let go of any of its keys
+                return keys
+
+            mine = keys_of(component)
+            owner_of = self._table.owner_of
+            upserts = result.upserts
+            if result.transfers:
+                upserts = upserts + self._equal_transfers(result)
+            for key, _ in upserts:
+                holder = owner_of(key)
+                if holder is None or holder is component:
+                    mine.add(key)
+                else:
+                    keys_of(holder).add(key)
+            mine.update(result.deletes)
+        self._table.revert(result)
+
+    async def _repair(self, skip: set[Any] | None = None) -> None:
+        """Make Redis hold what the table holds for every key a failed or
+        interrupted send may have changed (:attr:`_unsure`): the value of a
+        key held here goes again under its holder (an equal value changes
+        nothing in Redis: the gate), a key nobody here holds is deleted, or
+        its claim withdrawn, under each owner that may have sent it.  Only
+        those keys (and, for an owner whose first commit it was, the keys it
+        holds), not the whole map.  The keys of ``skip`` (a send's updates,
+        made next) are left pending, for that send, and so are the keys an
+        unmounted owner holds still (for its release).  Under the map's lock;
+        raises as a send does, the repair pending still."""
+        table = self._table
+        owner_of = table.owner_of
+        newer = _latest.get((self._base, self.app))
+        if newer is self:
+            newer = None
+        shards = self.shards
+        size = _LENGTH.pack
+        owners: list[Owner] = []
+        header: list[str] = []
+        index: dict[str, int] = {}
+        groups: dict[tuple[int, int], list[bytes]] = {}
+        done: set[Any] = set()
+        left: dict[Owner, set[Any]] = {}
+
+        def parts(owner: Owner, shard: int) -> list[bytes]:
+            oid = self._owner_id(owner)
+            oi = index.get(oid)
+            if oi is None:
+                oi = index[oid] = len(owners) + 1
+                owners.append(owner)
+                header.extend((oid, "2"))
+            return groups.setdefault((shard, oi), [])
+
+        for owner, keys in self._unsure.items():
+            if owner in self._unsure_all:
+                keys = keys | table.keys_of(owner)
+            for key in keys:
+                if key in done or (newer is not None and key in newer):
+                    continue  # (a newer instance of the map holds it now)
+                holder = owner_of(key)
+                if (skip and key in skip) or (holder is not None and not holder.alive):
+                    # (an unmounted owner's keys wait for its release, which
+                    # is retried: not put back in Redis on the way)
+                    left.setdefault(owner, set()).add(key)
+                    continue
+                ek = encode_key(key)
+                shard = crc32(ek) % shards
+                if holder is None:
+                    parts(owner, shard).extend((_DELETE(len(ek)), ek, _NO_VALUE, b""))
+                else:
+                    done.add(key)
+                    data = self._encode_value(key, table.get(key))
+                    parts(holder, shard).extend((_UPDATE(len(ek)), ek, size(len(data)), data))
+        if groups:
+            reply = await self._run_steps(header, groups)
+            if reply is None:
+                # (what a send cut short left in the new epoch, if anything,
+                # an upload of what is held does not delete: then this)
+                await self._resync()
+                reply = await self._run_steps(header, groups)
+                if reply is None:
+                    self._epoch = ""
+                    raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
+            claimants = [owners[int(reply[i]) - 1] for i in range(2, len(reply), 3)]
+            self._later += zip(claimants, self._conflicts(header, reply), strict=True)
+        self._unsure = left
+        self._unsure_all.clear()
 
     async def _stale(self, header: list[str], groups: dict[tuple[int, int], list[bytes]]) -> None:
         """Add to ``groups`` a delete of each key a reclaiming owner held in
@@ -935,11 +1113,18 @@ class RedisLiveMap(SinkTarget[K, V]):
             for holder, shard, parts in self._held_updates():
                 groups = by_owner.setdefault(self._owner_id(holder), {})
                 groups.setdefault((shard, 1), []).extend(parts)
-            for oid, groups in by_owner.items():
-                if await self._run_steps([oid, "2"], groups) is None:
-                    break
-            else:
-                return
+            try:
+                for oid, groups in by_owner.items():
+                    if await self._run_steps([oid, "2"], groups) is None:
+                        break
+                else:
+                    return
+            except BaseException:
+                # cut short: no send may take the half-made upload as done
+                # (each finds the epoch moved, and uploads again)
+                self._epoch = ""
+                raise
+        self._epoch = ""
         raise RuntimeError(f"{self.name}: the map's epoch in Redis keeps changing")
 
     async def _upload(self) -> list[tuple[Owner, KeyConflictError]]:
@@ -992,6 +1177,11 @@ class RedisLiveMap(SinkTarget[K, V]):
             await self._report_rejections(component, result)
         for exc in conflicts:
             await component.report(exc)
+        if self._later:
+            later, self._later = self._later, []
+            for owner, exc in later:
+                if owner.alive:
+                    await owner.report(exc)
         return failed
 
     def retire(self) -> None:
