@@ -503,7 +503,8 @@ class Consumer(Generic[K, V]):
             return None  # (a consumer of the host's that ended)
         value = self.live_map.get(key, _MISSING)
         host = each.host
-        children = each.component.children
+        extra = each.component.extra  # (its children: a read per change)
+        children = None if extra is None else extra.children
         child = None if children is None else children.get((key,))  # type: ignore[arg-type]
         if child is None:
             # at rest (a leaf: only its value is kept), or not mounted
@@ -521,14 +522,14 @@ class Consumer(Generic[K, V]):
                 self.deliveries += 1
                 each.drop_leaf(key)
             return None
-        readiness = child.readiness
+        readiness = child  # (its own readiness record)
         if readiness.unready and readiness.self_ready:
             return (WAIT, child)  # its subtree is busy with runs of its own
         if value is _MISSING:
             self.deliveries += 1
             detach(child)  # (drops a try again it waited to make)
             return (CLEANUP, partial(cleanup, child))
-        if not readiness.unready and _same(child.args[0], value):
+        if not readiness.unready and _same(child.given, value):  # (its value)
             return None
         # (a child that waited to try a failed run again runs the newer
         # value now, with a fresh count of attempts)

@@ -45,6 +45,7 @@ from livemap._runtime._component import (
     Component,
     ComponentMountHandle,
     LiveBody,
+    MountSpec,
     Run,
     current_run,
 )
@@ -231,6 +232,7 @@ class EachHost:
         "pool",
         "retry",
         "settling",
+        "spec",
     )
 
     def __init__(
@@ -264,6 +266,8 @@ class EachHost:
         self.fargs: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = EMPTY_KWARGS
         self.handlers: tuple[ExceptionHandler, ...] = ()
+        # what the children's components run (their shared MountSpec)
+        self.spec: MountSpec | None = None
         # the update of the children and what waits for it to settle
         self.settling = Settling(component)
         if keeps_leaves and component.readiness.tracked is None:
@@ -285,26 +289,19 @@ class EachHost:
         self.fargs = fargs
         self.kwargs = kwargs or EMPTY_KWARGS
         self.handlers = handlers
+        self.spec = self.component.child_spec(fn, self.kwargs, "mount_each", handlers, fargs)
 
     def mount_entry(self, key: Any, value: Any, live_body: LiveBody | None = None) -> Component:
         """The component of ``key``'s child, (re)mounted to run with ``value``
         (a live component per entry: with ``live_body``, :func:`run_entry`)."""
-        fargs = self.fargs
-        return self.component.mount_child(
-            None,
-            (key,),
-            self.fn,
-            (value, *fargs) if fargs else (value,),
-            self.kwargs,
-            "mount_each",
-            self.handlers,
-            live_body,
-        )
+        spec = self.spec
+        assert spec is not None  # (configured before the first run)
+        return self.component.place_child(None, (key,), spec, value, live_body)
 
     def hold(self) -> None:
         if not self.counted:
             self.counted = True
-            self.component.readiness.adjust(1)
+            self.component.adjust(1)
 
     def pending_keys(self) -> list[Any]:
         """The keys whose run without a component is queued."""
@@ -313,32 +310,25 @@ class EachHost:
     def release_if_idle(self) -> None:
         if self.counted and not self.pool.queue.waiting and not self.keyed:
             self.counted = False
-            self.component.readiness.adjust(-1)
+            self.component.adjust(-1)
 
     def materialize(self, run: KeyedRun) -> Component:
         """The component of ``run``'s key, made now, in the run's generation."""
         comp = self.component
-        fargs = self.fargs
         rel = (run.key,)  # (one tuple for the path and the children's key)
-        child = Component(
-            comp.session,
-            comp,
-            rel,
-            self.fn,
-            (run.value, *fargs) if fargs else (run.value,),
-            self.kwargs,
-            "mount_each",
-            self.handlers,
-        )
+        spec = self.spec
+        assert spec is not None  # (configured before the first run)
+        child = Component(spec, comp, rel, run.value)
         run.made = child
         child.generation = 1
         child.cancel_scope = run.scope
-        child.scope_run = comp.session.active
-        children = comp.children
+        child.scope_run = spec.session.active
+        extra = comp.extra or comp.more()
+        children = extra.children
         if children is None:
-            children = comp.children = {}
+            children = extra.children = {}
         children[rel] = child
-        comp.readiness.count_child(child.readiness)
+        comp.count_child(child)
         return child
 
     async def run_keyed(
@@ -357,7 +347,8 @@ class EachHost:
         comp = self.component
         if not comp.alive or comp.generation != gen:
             return None  # queued by an earlier run of the mount_each: it reset us
-        children = comp.children
+        extra = comp.extra  # (its children: a read per keyed run)
+        children = None if extra is None else extra.children
         if children is not None and (key,) in children:
             # an earlier run of the key, dropped while it ran (a re-scan
             # reset us), made the key's component: that component runs it
@@ -365,7 +356,7 @@ class EachHost:
             return None
         run.key = key
         run.value = value
-        app_run = comp.session.active
+        app_run = comp.spec.session.active
         slotted = app_run is None or app_run.keyed_run_begins(self.fn, run)
         handlers = self.handlers
         t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
@@ -433,17 +424,18 @@ class EachHost:
         try:
             if child is None:
                 child = self.materialize(run)
+            fargs = self.fargs
             await run_once(
                 child,
                 1,
                 self.fn,
-                child.args,
-                child.kwargs,
+                (run.value, *fargs) if fargs else (run.value,),
+                self.kwargs,
                 raise_errors=False,
                 first=(run, result, error),
             )
         finally:
-            app_run = self.component.session.active
+            app_run = self.component.spec.session.active
             if app_run is not None:
                 app_run.give_slot(run)  # (run_once gave it back, unless it never began)
             if child is not None and child.cancel_scope is scope:
@@ -514,9 +506,10 @@ class EachHost:
         """Async children (and all of them under a retry policy) run on the
         pool; plain sync ones inline, in the caller's task; live components
         in a task of their own."""
-        if child.live_body is not None:
+        extra = child.extra
+        if extra is not None and extra.live_body is not None:
             return False
-        if self.retry is not None or is_async(child.processor):
+        if self.retry is not None or is_async(child.spec.processor):
             self.pool.queue_run(child)
             return True
         return False
@@ -539,7 +532,7 @@ class EachHost:
         if not self.keeps_leaves:
             return False
         key = child.rel[0]
-        self.leaves[key] = child.args[0]
+        self.leaves[key] = child.given  # (its value: a child of a mount_each)
         failures = self.failures
         if failures:
             failures.pop(key, None)
@@ -743,7 +736,7 @@ class Pool:
     def queue_run(self, child: Component) -> None:
         """Run (or re-run) ``child`` here: a new generation of it, queued."""
         gen = child.begin()
-        self._add(child.session.require_run(), child.rel[0], (RUN_CHILD, child, gen, False))
+        self._add(child.spec.session.require_run(), child.rel[0], (RUN_CHILD, child, gen, False))
 
     def submit_keyed(self, app_run: AppRun, gen: int, key: Any, value: Any) -> None:
         """Queue ``host.run_keyed`` of ``key`` on ``value`` (for run ``gen``
@@ -757,7 +750,7 @@ class Pool:
 
     def cleanup(self, child: Component, job: Callable[[], Awaitable[None]]) -> None:
         """Queue ``job()``, the release of detached ``child``'s holdings."""
-        self._add(child.session.require_run(), child.rel[0], (CLEANUP, job))
+        self._add(child.spec.session.require_run(), child.rel[0], (CLEANUP, job))
 
     def _add(self, app_run: AppRun, key: Any, work: Work) -> None:
         if self.app_run is not app_run:
@@ -894,7 +887,7 @@ class Pool:
         (see :data:`WAIT`)."""
         waiting: Work = (WAIT, child)
         self.queue.in_flight[key] = waiting
-        child.readiness.on_ready(partial(self._waited, app_run, key, waiting))
+        child.on_ready(partial(self._waited, app_run, key, waiting))
 
     def _waited(self, app_run: AppRun, key: Any, waiting: Work) -> None:
         queue = self.queue
@@ -1057,13 +1050,14 @@ class Pool:
         _, child, gen, again = work
         child.cancel_scope = scope
         child.scope_run = app_run
+        spec = child.spec
         try:
             await run_once(
                 child,
                 gen,
-                child.processor,
+                spec.processor,
                 child.args,
-                child.kwargs,
+                spec.kwargs,
                 raise_errors=False,
                 again=again,
             )
@@ -1096,13 +1090,13 @@ class EachSubscriber:
         # the children without a component of their own, and the pool
         self.host = host
         self.pool = host.pool
-        self.app_run = component.session.require_run()
+        self.app_run = component.spec.session.require_run()
         self._epoch: set[Hashable] | None = None
 
     def drop_leaf(self, key: Any) -> None:
         """Unmount the child of ``key`` while it is at rest: nothing to release."""
         del self.host.leaves[key]
-        app_run = self.component.session.active
+        app_run = self.component.spec.session.active
         if app_run is not None:
             app_run.stats.unmounted(self.host.fn)
 
@@ -1120,7 +1114,8 @@ class EachSubscriber:
     def submit(self, key: Any, value: Any) -> None:
         """Run ``key``'s child with ``value`` on the pool: as a run without a
         component (see EachHost) unless the child has one already."""
-        children = self.component.children
+        extra = self.component.extra  # (its children: a read per change)
+        children = None if extra is None else extra.children
         if children is not None and (key,) in children:
             self.pool.queue_run(self.child(key, value))
             return
@@ -1227,7 +1222,7 @@ class EachLiveSubscriber:
         assert isinstance(host, EachHost)
         self.host = host
         self._epoch: set[Hashable] | None = None
-        app_run = component.session.active
+        app_run = component.spec.session.active
         catching_up = app_run is not None and app_run.catching_up
         self._first: dict[Hashable, anyio.Event] | None = {} if catching_up else None
 
@@ -1243,7 +1238,7 @@ class EachLiveSubscriber:
         first = self._first
         if first is None:
             return
-        app_run = child.session.active
+        app_run = child.spec.session.active
         if app_run is None or not app_run.catching_up:
             self._first = None
             for event in first.values():  # nobody waits any more
@@ -1321,7 +1316,7 @@ async def run_entry(comp: Component, scope: anyio.CancelScope, gen: int) -> None
     assert isinstance(host, EachHost)
     pool = host.pool
     key = comp.rel[0]
-    app_run = comp.session.require_run()
+    app_run = comp.spec.session.require_run()
     with scope:
         await pool.hold(app_run, key)
         try:
@@ -1360,7 +1355,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             # the same host and pool: runs of the earlier run of this
             # mount_each that are still winding down hold their keys (an
             # earlier app run's ended with it: the queue starts empty then)
-            host.pool.join(comp.session.require_run())
+            host.pool.join(comp.spec.session.require_run())
             host.reset()  # runs queued by an earlier run of this mount_each
             host.retry = options.retry
             host.pool.resize(options.concurrency)
@@ -1374,7 +1369,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
             else EachSubscriber(operator, comp, gen, each.source)
         )
         take_over(each.source, comp)
-        app_run = comp.session.active
+        app_run = comp.spec.session.active
         if app_run is not None and app_run.catching_up:
             # a live run's initial catch-up waits for this consumer's too
             settle_source = settler(each.source, comp)
@@ -1526,11 +1521,11 @@ async def _each_static(
     handlers = handler_chain()
     live_body = run_entry if is_live_class(processor) else None
 
+    spec = comp.child_spec(processor, fkwargs, "mount_each", handlers, fargs)
+
     async def one(pair: Any) -> None:
         key, value = _pair(pair)
-        child = comp.mount_child(
-            run, (key,), processor, (value, *fargs), fkwargs, "mount_each", handlers, live_body
-        )
+        child = comp.place_child(run, (key,), spec, value, live_body)
         await launch(child)
 
     if isinstance(items, AsyncIterable):

@@ -68,7 +68,7 @@ class Settling:
         tasks go on (``None`` otherwise: nothing can wait for it then)."""
         comp = self.component
         run = comp.scope_run
-        if run is None or run is not comp.session.active or run.tasks_over:
+        if run is None or run is not comp.spec.session.active or run.tasks_over:
             return None
         return run
 

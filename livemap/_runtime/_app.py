@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from livemap._runtime._commit import settle_tree
-from livemap._runtime._component import Component
+from livemap._runtime._component import Component, MountSpec
 from livemap._runtime._context import ExceptionHandler
 from livemap._runtime._runner import run_once
 from livemap._runtime._session import (
@@ -173,15 +173,12 @@ class App:
         handlers = (
             (self.config.exception_handler,) if self.config.exception_handler is not None else ()
         )
+        spec = MountSpec(tree.session, self.main_fn, self.kwargs, "mount", handlers)
         if root is None:
-            root = tree.root = Component(
-                tree.session, None, (), self.main_fn, self.args, self.kwargs, "mount", handlers
-            )
+            root = tree.root = Component(spec, None, (), self.args)
         else:  # this object's main function and handler, on the name's tree
-            root.processor = self.main_fn
-            root.args = self.args
-            root.kwargs = self.kwargs
-            root.handlers = handlers
+            root.spec = spec
+            root.given = self.args
         return root
 
     async def drop(self) -> None:

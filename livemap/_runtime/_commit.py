@@ -38,9 +38,8 @@ __all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wai
 async def wait_mounted(run: Run) -> None:
     """Wait until every child ``run`` mounted is ready (or unmounted)."""
     for child in list((run.mounted or {}).values()):
-        readiness = child.readiness
-        if readiness.unready and child.alive:
-            await readiness.wait_ready()
+        if child.unready and child.alive:
+            await child.wait_ready()
 
 
 async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception | None:
@@ -75,7 +74,8 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
             comp.targets = targets
     if gen != comp.generation or not comp.alive:
         return error
-    children = comp.children
+    extra = comp.extra
+    children = None if extra is None else extra.children
     if children:
         mounted = run.mounted or {}
         if len(mounted) != len(children):
@@ -93,20 +93,25 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
                 # superseded while a release waited: what ``comp.settle`` holds
                 # now may be the newer run's update, which that run settles
                 return error
-    retired = comp.created
-    comp.created = run.created
-    if retired:
-        for item in retired:
-            item.retire()
-    if comp.settle is not None:
-        await settle(comp)
+    extra = comp.extra  # (again: a settle job kept meanwhile may have made it)
+    if extra is not None:
+        retired = extra.created
+        extra.created = run.created
+        if retired:
+            for item in retired:
+                item.retire()
+        if extra.settle is not None:
+            await settle(comp)
+    elif run.created is not None:
+        comp.more().created = run.created
     if error is not None:
         return error
     parent = comp.parent
-    if parent is not None and parent.host is not None:
-        parent.host.outcome(comp, None)
+    above = None if parent is None else parent.extra
+    if above is not None and above.host is not None:
+        above.host.outcome(comp, None)
     if not live:
-        comp.readiness.set_self_ready(True)
+        comp.set_self_ready(True)
     return None
 
 
@@ -126,10 +131,11 @@ def _first_targets(comp: Component, buffers: dict[Target, object]) -> tuple[Targ
     targets = tuple(buffers)
     parent = comp.parent
     if parent is not None:
-        shared = parent.child_targets
+        extra = parent.extra or parent.more()
+        shared = extra.child_targets
         if shared == targets:
             return shared
-        parent.child_targets = targets
+        extra.child_targets = targets
     return targets
 
 
@@ -191,8 +197,11 @@ async def settle_tree(root: Component) -> None:
     stack = [root]
     while stack:
         comp = stack.pop()
-        while comp.settle:
-            jobs, comp.settle = comp.settle, None
+        extra = comp.extra
+        if extra is None:  # (a per-entry child mostly: none of either)
+            continue
+        while extra.settle:
+            jobs, extra.settle = extra.settle, None
             await settle_stopped(comp, jobs.values())
-        if comp.children:
-            stack.extend(comp.children.values())
+        if extra.children:
+            stack.extend(extra.children.values())

@@ -34,15 +34,17 @@ from livemap._runtime._context import (
     processor_name,
 )
 from livemap._runtime._hosting import Named, RetiredWithRun, RunEnded, Target, current_run_var
-from livemap._runtime._readiness import Readiness
+from livemap._runtime._readiness import Readiness, ReadinessExtra
 from livemap._runtime._session import AppRun, Session
 from livemap.errors import DuplicatePathError, NotInComponentError
 
 __all__ = [
     "ChildHost",
     "Component",
+    "ComponentExtra",
     "ComponentMountHandle",
     "LiveBody",
+    "MountSpec",
     "Run",
     "SettleJob",
     "current_run",
@@ -202,27 +204,99 @@ async def run_settle_jobs(scope: Component, jobs: Iterable[SettleJob]) -> None:
         await run_settle_call(scope, call)
 
 
+class MountSpec:
+    """What a mount set for the runs of the component(s) it mounts, but their
+    own arguments: the session, the processor, its keyword arguments, the
+    mount kind and the handler chain; for the children of a ``mount_each``,
+    ``fargs``: the positional arguments after each one's value (``None``
+    for any other component).  Immutable: a re-mount with other ones sets
+    another.  The children that one ``mount_each`` mounts share one (see
+    :meth:`Component.child_spec`)."""
+
+    __slots__ = ("fargs", "handlers", "kwargs", "mount_kind", "processor", "session")
+
+    def __init__(
+        self,
+        session: Session,
+        processor: Any,
+        kwargs: dict[str, Any],
+        mount_kind: MountKind,
+        handlers: tuple[ExceptionHandler, ...],
+        fargs: tuple[Any, ...] | None = None,
+    ) -> None:
+        self.session = session
+        self.processor = processor
+        self.kwargs = kwargs or EMPTY_KWARGS
+        self.mount_kind: MountKind = mount_kind
+        self.handlers = handlers
+        self.fargs = fargs
+
+
+class ComponentExtra(ReadinessExtra):
+    """The fields of a :class:`Component` that most components never set (see
+    there), with its readiness's (:class:`._readiness.ReadinessExtra`): one
+    record, made the first time one of them is set."""
+
+    __slots__ = (
+        "child_spec",
+        "child_targets",
+        "children",
+        "created",
+        "escalated",
+        "exception",
+        "host",
+        "live_body",
+        "settle",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: dict[StablePath, Component] | None = None
+        self.live_body: LiveBody | None = None
+        self.created: list[RetiredWithRun] | None = None
+        self.exception: BaseException | None = None
+        self.escalated: BaseException | None = None
+        self.host: ChildHost | None = None
+        self.settle: dict[Any, SettleJob] | None = None
+        self.child_targets: tuple[Target, ...] | None = None
+        self.child_spec: MountSpec | None = None
+
+
 class Component(Readiness):
     """One node of an app's component tree (internal; users hold
     :class:`ComponentMountHandle` objects).
 
-    Fields (``gen`` below is a run's generation number):
+    A ``mount_each`` over a big map has one per entry that holds anything,
+    so only the fields such a child uses are slots of the object (with the
+    readiness's: 136 bytes in all on 64-bit CPython); the others live in
+    one record made the first time one of them is set (``extra``, a
+    :class:`ComponentExtra`, never dropped once made; properties of the
+    same names read them, and write the ones written from elsewhere).  A
+    per-entry child that only holds target entries has no such record.
+    The code that runs per entry or per run reads them through ``extra``
+    (one slot read, and a test for ``None``), not through the properties.
 
-    * ``session``, ``parent``, ``rel`` (the path below the parent): fixed.
-    * ``processor``, ``args``, ``kwargs``, ``mount_kind``, ``handlers``: what
-      the next run runs; set by the mounter before each run.
-    * ``live_body``: set for a live component, the body of its task.
-    * ``children``: the mounted children by relative path, ``None`` if none.
-      Invariant: a child is in its parent's ``children`` exactly while it is
-      ``alive``.
+    Fields of its own (``gen`` below is a run's generation number):
+
+    * ``rel`` (the path below the parent): fixed.
+    * the readiness fields (:class:`._readiness.Readiness`): the unready
+      count of the subtree and its waiters; it counts into the parent's.
+      The component is its own readiness (a subclass, one object per
+      component the garbage collector tracks, not two): ``readiness`` is
+      ``self``, the name kept so that the readiness fields read as such.
+      Two of them are the component's too: ``parent`` (fixed; ``None`` at
+      the root) and ``alive``.
     * ``alive``: in the tree.  Cleared once, by :func:`._unmount.detach` /
       :func:`._unmount.stop` or by :meth:`leave_at_rest`, never set again;
-      ``readiness`` is closed at the same moment.
-    * ``readiness``: the unready count of the subtree and its waiters
-      (:class:`._readiness.Readiness`); it counts into the parent's.  The
-      component is its own readiness (a subclass, one object per component
-      the garbage collector tracks, not two): ``readiness`` is ``self``, the
-      name kept so that the readiness fields read as such.
+      the readiness is closed at the same moment (``closed`` is ``not
+      alive``).
+    * ``spec``: the :class:`MountSpec` of its runs (``session``,
+      ``processor``, ``kwargs``, ``mount_kind``, ``handlers``, read through
+      properties of those names; the session is fixed), and ``given``: its
+      positional arguments, or (a child of a ``mount_each``, whose spec has
+      ``fargs``) its entry's value alone, without a tuple of its own
+      (``args`` is ``(given, *spec.fargs)`` then).  What the next run runs;
+      set by the mounter before each run.
     * ``generation``: the latest run's number; :meth:`begin` increments it.
       A run (or a commit) of an older generation changes nothing.
     * ``cancel_scope`` / ``scope_run``: the scope of the task or worker
@@ -232,10 +306,21 @@ class Component(Readiness):
       :meth:`cancel_tasks`.
     * ``targets``: the targets this component holds keys of (kept by
       :func:`._commit.commit`, emptied by :func:`._unmount.cleanup`).
+    * ``latest_run``: the :class:`Run` made last for this component (set by
+      ``Run()``); its run is in progress until its ``buffers`` become
+      :class:`RunEnded` (:attr:`running`).
+
+    In ``extra`` (each ``None`` until set):
+
+    * ``children``: the mounted children by relative path, ``None`` if none.
+      Invariant: a child is in its parent's ``children`` exactly while it is
+      ``alive``.
+    * ``live_body``: set for a live component, the body of its task.
     * ``child_targets``: the ``targets`` tuple a child of this component
       took last at its first commit, for the next child declaring into the
       same targets to share (siblings of a ``mount_each`` mostly do); never
-      read otherwise.
+      read otherwise.  ``child_spec``: the same for the children's
+      :class:`MountSpec` (:meth:`child_spec`).
     * ``created``: what earlier runs created, retired by the next commit.
     * ``exception`` / ``escalated``: the latest run's failure, and what a
       handler re-raised for it; cleared by :meth:`begin`.
@@ -248,77 +333,180 @@ class Component(Readiness):
       :func:`._commit.settle` (after a commit, a failure, an unmount, or by
       the host); what is left when the app run ends is dropped by
       :func:`._commit.settle_stopped` (the drops applied, the reports not).
-    * ``latest_run``: the :class:`Run` made last for this component (set by
-      ``Run()``); its run is in progress until its ``buffers`` become
-      :class:`RunEnded` (:attr:`running`).
     """
 
     __slots__ = (
-        "alive",
-        "args",
         "cancel_scope",
-        "child_targets",
-        "children",
-        "created",
-        "escalated",
-        "exception",
         "generation",
-        "handlers",
-        "host",
-        "kwargs",
+        "given",
         "latest_run",
-        "live_body",
-        "mount_kind",
-        "parent",
-        "processor",
-        "readiness",
         "rel",
         "scope_run",
-        "session",
-        "settle",
+        "spec",
         "targets",
     )
 
+    # (the slots are Readiness's)
+    extra: ComponentExtra | None
+    parent: Component | None
+
     def __init__(
         self,
-        session: Session,
+        spec: MountSpec,
         parent: Component | None,
         rel: StablePath,
-        processor: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        mount_kind: MountKind,
-        handlers: tuple[ExceptionHandler, ...],
+        given: Any,
     ) -> None:
-        self.session = session
+        # (Readiness.__init__ inlined: a mount_each makes one per entry)
+        self.unready = 1
+        self.self_ready = False
         self.parent = parent
-        self.rel = rel
-        self.processor = processor
-        self.args = args
-        self.kwargs = kwargs or EMPTY_KWARGS
-        self.mount_kind: MountKind = mount_kind
-        self.handlers = handlers
-        self.live_body: LiveBody | None = None
-        self.children: dict[StablePath, Component] | None = None
         self.alive = True
-        if parent is None:
-            Readiness.__init__(self, None, session.notify)
-        else:
-            Readiness.__init__(self, parent, None)
-        self.readiness: Readiness = self
+        self.extra = None
+        self.spec = spec
+        self.rel = rel
+        self.given = given
         self.generation = 0
         self.cancel_scope: anyio.CancelScope | None = None
         self.scope_run: AppRun | None = None
         # (a tuple: a per-entry child holds one or two, and a set of them
         # costs three times the bytes)
         self.targets: tuple[Target, ...] | None = None
-        self.child_targets: tuple[Target, ...] | None = None
-        self.created: list[RetiredWithRun] | None = None
-        self.exception: BaseException | None = None
-        self.escalated: BaseException | None = None
-        self.host: ChildHost | None = None
-        self.settle: dict[Any, SettleJob] | None = None
         self.latest_run: Run | None = None
+        if parent is None:
+            self.more().at_root = spec.session.notify
+
+    def more(self) -> ComponentExtra:
+        extra = self.extra
+        if extra is None:
+            extra = self.extra = ComponentExtra()
+        return extra
+
+    @property
+    def readiness(self) -> Readiness:
+        return self
+
+    # -- what the spec holds ---------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        return self.spec.session
+
+    @property
+    def processor(self) -> Any:
+        return self.spec.processor
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.spec.kwargs
+
+    @property
+    def mount_kind(self) -> MountKind:
+        return self.spec.mount_kind
+
+    @property
+    def handlers(self) -> tuple[ExceptionHandler, ...]:
+        return self.spec.handlers
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The positional arguments of the next run."""
+        fargs = self.spec.fargs
+        given = self.given
+        return given if fargs is None else (given, *fargs)
+
+    def child_spec(
+        self,
+        processor: Any,
+        kwargs: dict[str, Any],
+        kind: MountKind,
+        handlers: tuple[ExceptionHandler, ...],
+        fargs: tuple[Any, ...] | None = None,
+    ) -> MountSpec:
+        """The :class:`MountSpec` for a child of this component: the one the
+        last child took if it holds the same (a ``mount_each``'s children
+        share one), else a new one."""
+        kwargs = kwargs or EMPTY_KWARGS
+        extra = self.more()
+        spec = extra.child_spec
+        if (
+            spec is None
+            or spec.processor is not processor
+            or spec.kwargs is not kwargs
+            or spec.handlers is not handlers
+            or spec.fargs is not fargs
+            or spec.mount_kind != kind
+        ):
+            spec = MountSpec(self.spec.session, processor, kwargs, kind, handlers, fargs)
+            extra.child_spec = spec
+        return spec
+
+    # -- what ``extra`` holds --------------------------------------------------
+
+    @property
+    def children(self) -> dict[StablePath, Component] | None:
+        extra = self.extra
+        return None if extra is None else extra.children
+
+    @children.setter
+    def children(self, value: dict[StablePath, Component] | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().children = value
+
+    @property
+    def live_body(self) -> LiveBody | None:
+        extra = self.extra
+        return None if extra is None else extra.live_body
+
+    @property
+    def host(self) -> ChildHost | None:
+        extra = self.extra
+        return None if extra is None else extra.host
+
+    @host.setter
+    def host(self, value: ChildHost | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().host = value
+
+    @property
+    def exception(self) -> BaseException | None:
+        extra = self.extra
+        return None if extra is None else extra.exception
+
+    @exception.setter
+    def exception(self, value: BaseException | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().exception = value
+
+    @property
+    def escalated(self) -> BaseException | None:
+        extra = self.extra
+        return None if extra is None else extra.escalated
+
+    @property
+    def created(self) -> list[RetiredWithRun] | None:
+        extra = self.extra
+        return None if extra is None else extra.created
+
+    @created.setter
+    def created(self, value: list[RetiredWithRun] | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().created = value
+
+    @property
+    def settle(self) -> dict[Any, SettleJob] | None:
+        extra = self.extra
+        return None if extra is None else extra.settle
+
+    @settle.setter
+    def settle(self, value: dict[Any, SettleJob] | None) -> None:
+        if value is not None or self.extra is not None:
+            self.more().settle = value
+
+    @property
+    def child_targets(self) -> tuple[Target, ...] | None:
+        extra = self.extra
+        return None if extra is None else extra.child_targets
 
     def __repr__(self) -> str:
         return f"<component {format_path(self.path)}>"
@@ -417,7 +605,7 @@ class Component(Readiness):
 
     @property
     def loop_cache(self) -> dict[object, Any] | None:
-        active = self.session.active
+        active = self.spec.session.active
         return None if active is None else active.loop_cache
 
     @property
@@ -504,8 +692,8 @@ class Component(Readiness):
         """Send ``exc`` through this component's handler chain."""
         escalated = await dispatch(self.handlers, exc, self.context(kind))
         if escalated is not None:
-            self.escalated = escalated
-            self.session.escalations = True
+            self.more().escalated = escalated
+            self.spec.session.escalations = True
 
     # -- the tree --------------------------------------------------------------
 
@@ -523,31 +711,47 @@ class Component(Readiness):
         """The child at ``rel`` (made if new), set to run ``processor``; noted
         as mounted by ``run`` (a second mount at one path in one run is a
         :class:`DuplicatePathError`)."""
+        spec = self.child_spec(processor, kwargs, kind, handlers)
+        return self.place_child(run, rel, spec, args, live_body)
+
+    def place_child(
+        self,
+        run: Run | None,
+        rel: StablePath,
+        spec: MountSpec,
+        given: Any,
+        live_body: LiveBody | None = None,
+    ) -> Component:
+        """:meth:`mount_child` with the child's :class:`MountSpec` (one of
+        :meth:`child_spec`'s) and its ``given`` (see :class:`Component`)."""
         mounted = None
         if run is not None:
             mounted = run.mounted
             if mounted is None:
                 mounted = run.mounted = {}
-                active = self.session.active
+                active = self.spec.session.active
                 if active is not None:  # its first child: the run gives its slot up
                     active.give_slot(run)
             elif rel in mounted:
                 raise DuplicatePathError(format_path(self.path + rel))
-        children = self.children
+        extra = self.extra or self.more()
+        children = extra.children
         if children is None:
-            children = self.children = {}
+            children = extra.children = {}
         child = children.get(rel)
         if child is None:
-            child = Component(self.session, self, rel, processor, args, kwargs, kind, handlers)
+            child = Component(spec, self, rel, given)
             children[rel] = child
-            self.readiness.count_child(child.readiness)
+            self.count_child(child)
         else:
-            child.processor = processor
-            child.args = args
-            child.kwargs = kwargs or EMPTY_KWARGS
-            child.mount_kind = kind
-            child.handlers = handlers
-        child.live_body = live_body
+            child.spec = spec
+            child.given = given
+        if live_body is not None:
+            child.more().live_body = live_body
+        else:
+            below = child.extra
+            if below is not None:
+                below.live_body = None
         if mounted is not None:
             mounted[rel] = child
         return child
@@ -560,22 +764,22 @@ class Component(Readiness):
         parent = self.parent
         assert parent is not None and parent.children is not None
         del parent.children[self.rel]
-        self.alive = False
-        self.readiness.close_at_rest()
+        self.close_at_rest()  # (not alive from now on)
 
     # -- generations -----------------------------------------------------------
 
     def cancel_tasks(self) -> None:
         """End what this component has in flight: its host's work and the
         scope of its current run (if it belongs to the current app run)."""
-        host = self.host
+        extra = self.extra
+        host = None if extra is None else extra.host
         if host is not None:
             host.supersede()  # e.g. frees a map for a new consumer right away
         # A scope of an earlier app run is over (and may belong to another
         # event loop): only one of the current run is cancelled.
         scope = self.cancel_scope
         if scope is not None:
-            if self.scope_run is self.session.active:
+            if self.scope_run is self.spec.session.active:
                 scope.cancel()
             self.cancel_scope = None
             self.scope_run = None
@@ -583,17 +787,19 @@ class Component(Readiness):
     def begin(self) -> int:
         """Supersede whatever is in flight and start a new generation (a run,
         counted in the app run's stats)."""
-        if self.cancel_scope is not None or self.host is not None:
+        extra = self.extra
+        if self.cancel_scope is not None or (extra is not None and extra.host is not None):
             self.cancel_tasks()
         self.generation += 1
-        app_run = self.session.active
-        self.exception = None
-        self.escalated = None
-        self.readiness.restart()
+        app_run = self.spec.session.active
+        if extra is not None:
+            extra.exception = None
+            extra.escalated = None
+        self.restart()
         if app_run is not None:
             app_run.stats.components_run += 1
             if app_run.catching_up and not self.in_consumer():
-                app_run.count_first_run(self, self.readiness)
+                app_run.count_first_run(self, self)
         return self.generation
 
     def in_consumer(self) -> bool:
@@ -602,7 +808,8 @@ class Component(Readiness):
         accounts for those)."""
         parent = self.parent
         while parent is not None:
-            if parent.host is not None and parent.live_body is not None:
+            extra = parent.extra
+            if extra is not None and extra.host is not None and extra.live_body is not None:
                 return True
             parent = parent.parent
         return False
@@ -635,7 +842,7 @@ class ComponentMountHandle:
         """
         comp = self._component
         await comp.readiness.wait_ready()
-        if comp.session.escalations:
+        if comp.spec.session.escalations:
             escalated = comp.first_escalated()
             if escalated is not None:
                 raise escalated

@@ -135,7 +135,7 @@ class LiveComponentOperator:
         comp = self._component
         if not self._current():
             return
-        comp.readiness.hold(1)
+        comp.hold(1)
         try:
             await run_once(
                 comp,
@@ -151,7 +151,7 @@ class LiveComponentOperator:
                 await child.readiness.wait_ready()
         finally:
             if self._current():
-                comp.readiness.hold(-1)
+                comp.hold(-1)
 
     async def update(
         self,
@@ -191,7 +191,7 @@ class LiveComponentOperator:
     async def mark_ready(self) -> None:
         """Mark the live component ready (its initial catch-up is done)."""
         if self._current():
-            self._component.readiness.mark_live_ready()
+            self._component.mark_live_ready()
 
     async def report_exception(self, exc: BaseException) -> None:
         """Send ``exc`` to the component's exception-handler chain."""
@@ -214,7 +214,7 @@ def delete_child(
         return ReadyHandle()
     done = anyio.Event()
     handle = ReadyHandle(done)
-    comp.readiness.hold(1)
+    comp.hold(1)
 
     async def finish() -> None:
         subtree = _subtree(child)
@@ -229,10 +229,10 @@ def delete_child(
                     break
             done.set()
             if operator._current():  # a re-run has reset the count already
-                comp.readiness.hold(-1)
+                comp.hold(-1)
 
     if start is None:
-        comp.session.require_run().tg.start_soon(finish)
+        comp.spec.session.require_run().tg.start_soon(finish)
     else:
         start(child, finish)
     return handle
@@ -314,11 +314,11 @@ async def live_run(comp: Component, gen: int) -> None:
             instance = comp.processor(*comp.args, **comp.kwargs)
         except Exception as exc:
             comp.exception = exc
-            app_run = comp.session.active
+            app_run = comp.spec.session.active
             if app_run is not None:
                 app_run.stats.run_failed(comp.processor, start=True)
             await comp.report(exc)  # as mounted: "mount", or "process_live"
-            comp.readiness.mark_live_ready()
+            comp.mark_live_ready()
             return
         operator = LiveComponentOperator(comp, instance, gen)
         try:
@@ -328,9 +328,9 @@ async def live_run(comp: Component, gen: int) -> None:
         except Exception as exc:
             if comp.current(gen):
                 comp.exception = exc
-                app_run = comp.session.active
+                app_run = comp.spec.session.active
                 if app_run is not None:
                     app_run.stats.run_failed(comp.processor, start=True)
                 await comp.report(exc, "process_live")
         if comp.current(gen):
-            comp.readiness.mark_live_ready()
+            comp.mark_live_ready()

@@ -40,21 +40,26 @@ async def launch(comp: Component) -> None:
     its own; a plain sync function runs inline, in the caller's task.
     """
     parent = comp.parent
-    host = None if parent is None else parent.host
+    above = None if parent is None else parent.extra
+    host = None if above is None else above.host
     if host is not None and host.take(comp):
         return
-    processor = comp.processor
-    if comp.live_body is not None or is_async(processor):
+    spec = comp.spec
+    processor = spec.processor
+    extra = comp.extra
+    if (extra is not None and extra.live_body is not None) or is_async(processor):
         start(comp)
     else:
         gen = comp.begin()
-        await run_once(comp, gen, processor, comp.args, comp.kwargs, raise_errors=False)
+        fargs = spec.fargs
+        args = comp.given if fargs is None else (comp.given, *fargs)
+        await run_once(comp, gen, processor, args, spec.kwargs, raise_errors=False)
 
 
 def start(comp: Component) -> None:
     """Run (or re-run) ``comp`` in a new task of the current app run."""
     gen = comp.begin()
-    app_run = comp.session.require_run()
+    app_run = comp.spec.session.require_run()
     scope = comp.cancel_scope = anyio.CancelScope()
     comp.scope_run = app_run
     body = comp.live_body
@@ -83,7 +88,7 @@ async def _live_task(
         app_run.live_ended(scope)
         if app_run.closing and comp.current(gen):
             # ended by a catch-up run winding down: it counts as ready
-            comp.readiness.mark_live_ready()
+            comp.mark_live_ready()
 
 
 async def _run_task(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
@@ -93,7 +98,8 @@ async def _run_task(comp: Component, scope: anyio.CancelScope, gen: int) -> None
     if not comp.current(gen):
         return
     with scope:
-        await run_once(comp, gen, comp.processor, comp.args, comp.kwargs, raise_errors=False)
+        spec = comp.spec
+        await run_once(comp, gen, spec.processor, comp.args, spec.kwargs, raise_errors=False)
 
 
 async def run_once(
@@ -125,13 +131,14 @@ async def run_once(
         func = func.__wrapped__  # one call less per run
     # CocoIndex's counters (UpdateStats): a start, then one outcome; a run
     # that ends neither way (cancelled, superseded) takes its start back
-    active = comp.session.active
+    spec = comp.spec
+    active = spec.session.active
     stats = slots = None
     if active is not None:
         stats = active.stats
         slots = active.slots
     if stats is not None and first is None and not again:  # (counted already)
-        stats.run_started(comp.processor)
+        stats.run_started(spec.processor)
     outcome = 0  # 1: succeeded, 2: failed, 3: tried again
     while True:
         error: Exception | None
@@ -142,9 +149,8 @@ async def run_once(
             run = Run(comp)
             t_run = current_run_var.set(run)
             # the handler chain and subpath prefix are usually right already
-            t_handlers = (
-                handlers_var.set(comp.handlers) if handlers_var.get() is not comp.handlers else None
-            )
+            handlers = spec.handlers
+            t_handlers = handlers_var.set(handlers) if handlers_var.get() is not handlers else None
             t_prefix = prefix_var.set(()) if prefix_var.get() else None
             try:
                 if slots is not None and not slots.take_now(run):
@@ -157,7 +163,7 @@ async def run_once(
                 if slots is not None:
                     slots.give(run)
                 if stats is not None:
-                    stats.run_cancelled(comp.processor)
+                    stats.run_cancelled(spec.processor)
                 raise
             except Exception as exc:
                 error = exc
@@ -173,23 +179,24 @@ async def run_once(
             current = gen == comp.generation and comp.alive
             if error is None:
                 if current:
+                    extra = comp.extra
                     if (
                         run.buffers is None
                         and run.created is None
                         and comp.targets is None
-                        and comp.created is None
-                        and not comp.children
+                        and (extra is None or (extra.created is None and not extra.children))
                     ):
                         # nothing to commit: the common case of a leaf
                         parent = comp.parent
-                        host = None if parent is None else parent.host
+                        above = None if parent is None else parent.extra
+                        host = None if above is None else above.host
                         outcome = 1
                         if host is not None:
                             if not live and host.rest(comp):
                                 return result
                             host.outcome(comp, None)
                         if not live:
-                            comp.readiness.set_self_ready(True)
+                            comp.set_self_ready(True)
                         return result
                     if run.mounted and (run.buffers or comp.targets):
                         # CocoIndex's submit order: the children this run
@@ -214,7 +221,7 @@ async def run_once(
                 if raise_errors:
                     raise error
                 return None
-            app_run = comp.session.active
+            app_run = spec.session.active
             parent = comp.parent
             host = None if parent is None else parent.host
             if not raise_errors and host is not None:
@@ -238,18 +245,18 @@ async def run_once(
             comp.exception = error
             outcome = 2
             if app_run is not None:
-                app_run.stats.run_failed(comp.processor)
+                app_run.stats.run_failed(spec.processor)
             if host is not None:
                 host.outcome(comp, error)
             if comp.settle is not None:  # the update it scoped is over all the same
                 await settle(comp)
             if raise_errors:
                 if not live:
-                    comp.readiness.set_self_ready(True)
+                    comp.set_self_ready(True)
                 raise error
             await comp.report(error, kind)
             if not live and gen == comp.generation and comp.alive:
-                comp.readiness.set_self_ready(True)
+                comp.set_self_ready(True)
             return None
         finally:
             # a declaration reaching this run from now on raises
@@ -258,7 +265,7 @@ async def run_once(
                 slots.give(run)
             if stats is not None and outcome != 2:
                 if outcome == 1:
-                    stats.run_succeeded(comp.processor, gen > 1)
+                    stats.run_succeeded(spec.processor, gen > 1)
                 elif outcome == 0:
-                    stats.run_cancelled(comp.processor)
+                    stats.run_cancelled(spec.processor)
                 outcome = 0

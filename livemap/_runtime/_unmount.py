@@ -35,12 +35,13 @@ def detach(comp: Component) -> bool:
     if parent is not None:
         assert parent.children is not None
         del parent.children[comp.rel]
-        if comp.readiness.unready > 0:
-            parent.readiness.uncount_child(comp.readiness)
-        if parent.host is not None:
-            parent.host.forget(comp)
+        if comp.unready > 0:
+            parent.uncount_child(comp)
+        above = parent.extra
+        if above is not None and above.host is not None:
+            above.host.forget(comp)
     stop(comp)
-    comp.session.owed.add(comp)  # until cleanup() has released what it owns
+    comp.spec.session.owed.add(comp)  # until cleanup() has released what it owns
     return True
 
 
@@ -51,9 +52,10 @@ def stop(comp: Component) -> None:
     host = comp.host
     if host is not None:
         host.stop()
-    comp.readiness.close()
-    if comp.children:
-        for child in comp.children.values():
+    comp.close()
+    extra = comp.extra
+    if extra is not None and extra.children:
+        for child in extra.children.values():
             stop(child)
 
 
@@ -65,7 +67,7 @@ async def cleanup(comp: Component) -> None:
     is no longer in any tree."""
     with anyio.CancelScope(shield=True):
         await _release_subtree(comp)
-    comp.session.owed.discard(comp)
+    comp.spec.session.owed.discard(comp)
 
 
 async def release_owed(session: Session) -> None:
@@ -79,7 +81,10 @@ async def release_owed(session: Session) -> None:
 
 
 async def _release_subtree(comp: Component) -> None:
-    children, comp.children = comp.children, None
+    extra = comp.extra
+    children = None
+    if extra is not None:
+        children, extra.children = extra.children, None
     if children:
         for child in children.values():
             await _release_subtree(child)
@@ -93,18 +98,23 @@ async def _release_subtree(comp: Component) -> None:
             comp.targets = targets[i + 1 :] or None
             if failed is not None:  # kept by the target and retried with its next batch
                 await comp.report(failed)
-    while comp.settle:  # what waited for an update this component scoped
-        jobs, comp.settle = comp.settle, None
-        await run_settle_jobs(comp, jobs.values())
-    if comp.created:
-        created, comp.created = comp.created, None
-        for item in created:
-            item.retire()
-    host = comp.host
-    at_rest = 0 if host is None else host.clear()
-    app_run = comp.session.active
+    at_rest = 0
+    host = None
+    if extra is not None:
+        while extra.settle:  # what waited for an update this component scoped
+            jobs, extra.settle = extra.settle, None
+            await run_settle_jobs(comp, jobs.values())
+        if extra.created:
+            created, extra.created = extra.created, None
+            for item in created:
+                item.retire()
+        host = extra.host
+        if host is not None:
+            at_rest = host.clear()
+    spec = comp.spec
+    app_run = spec.session.active
     if app_run is not None:
-        app_run.stats.unmounted(comp.processor)
+        app_run.stats.unmounted(spec.processor)
         if at_rest:
             assert host is not None
             app_run.stats.unmounted(host.fn, at_rest)
