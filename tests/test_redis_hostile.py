@@ -20,6 +20,7 @@ from redis_support.consume import (
     Tree,
     check,
     consuming,
+    declare,
     snapshot,
     streamed,
     unique,
@@ -185,6 +186,122 @@ async def test_a_big_first_commit_cancelled_while_it_reads(
             async with consuming(view) as seen:
                 await check(real, name, 1, seen, view, want)
             assert tree.map.stats().entries == len(want)
+
+
+# -- the sweep after a commit cut short ---------------------------------------------------
+
+
+class Steps:
+    """A live component that runs ``steps`` (each ``await step(op)``)
+    before it marks itself ready, then idles."""
+
+    def __init__(self, steps: list[Any]) -> None:
+        self.steps = steps
+
+    def process(self) -> None:
+        pass
+
+    async def process_live(self, op: coco.LiveComponentOperator) -> None:
+        for step in self.steps:
+            await step(op)
+        await op.mark_ready()
+        await anyio.sleep_forever()
+
+
+class StepsApp:
+    """An app whose root makes the map (:attr:`map`) and mounts
+    :class:`Steps` at ``/RemoteLive`` (where a :class:`Tree`'s children
+    are).  What goes to the handler chain lands in ``errors``."""
+
+    def __init__(self, client: Any, name: str, app: str, errors: list[BaseException]) -> None:
+        from livemap.redis import RedisLiveMap
+
+        self.map: Any = None
+        self.steps: list[Any] = []
+
+        async def main() -> None:
+            self.map = await RedisLiveMap.create(client, name, check_every=60)
+            await coco.mount(coco.component_subpath("RemoteLive"), Steps, self.steps)
+
+        def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+            errors.append(exc)
+
+        self.app = coco.App(coco.AppConfig(app, exception_handler=handler), main)
+
+    def mounting(self, child: str, state: dict[str, int], round_: int = 0) -> Any:
+        """A step that (re-)mounts ``child`` declaring ``state``, and waits
+        until it is ready."""
+
+        async def step(op: coco.LiveComponentOperator) -> None:
+            handle = await op.update(child, declare, self.map, state, round_)
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+
+        return step
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+async def test_the_sweep_after_a_first_commit_cut_short(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A restarted process's component's first commit is cut short (its
+    run re-mounted while the call is in flight, or the call failing), and
+    its next run declares nothing, during the update's catch-up: its latest
+    run succeeded, so the sweep lets go of the keys its earlier process's
+    self held, as a run declaring nothing does in one process; the keys of
+    a component that declares them again stay."""
+    name = unique()
+    app = unique("app")
+    async with connect(redis_server.url) as real:
+        errors: list[BaseException] = []
+        first = StepsApp(real, name, app, errors)
+        first.steps += [first.mounting("x", {"a": 0, "b": 0}), first.mounting("y", {"y": 0})]
+        async with first.app.update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+            assert await snapshot(real, name, 1) == {"a": 0, "b": 0, "y": 0}
+            await handle.stop()
+        assert errors == []
+        # as a new process of the app: another instance token, no app trees
+        from livemap._redis import _producer
+        from livemap._runtime import _app
+
+        monkeypatch.setattr(_producer, "_process", None)
+        _app._trees.clear()
+        client = Faulty(real)
+        again = StepsApp(client, name, app, errors)
+
+        async def cut_x(op: coco.LiveComponentOperator) -> None:
+            if how == "cancelled":
+                client.blocked = anyio.Event()
+                client.block = "before"
+                await op.update("x", declare, again.map, {"a": 1}, 1)
+                with anyio.fail_after(TIMEOUT):
+                    await client.blocked.wait()
+            else:
+                client.fail_at = client.calls + 1
+                handle = await op.update("x", declare, again.map, {"a": 1}, 1)
+                with anyio.fail_after(TIMEOUT):
+                    await handle.ready()
+                client.fail_at = None
+                assert [type(e) for e in errors] == [coco.TargetApplyError]
+                errors.clear()
+
+        again.steps += [cut_x, again.mounting("x", {}, 2), again.mounting("y", {"y": 0}, 3)]
+        view: RedisLiveMapView[str, Any] = RedisLiveMapView(real, name)
+        async with again.app.update(live=True) as handle:
+            with anyio.fail_after(TIMEOUT):
+                await handle.ready()
+                while again.map.stats().sweeps < 1:
+                    await anyio.sleep(0.01)
+            # x's run after the cut one committed: its keys are not kept from a sweep
+            lease = again.map._lease
+            assert not any(oid.endswith("'x'") for oid in lease.keep())
+            assert again.map.stats().swept == 2  # a and b
+            assert errors == []
+            async with consuming(view) as seen:
+                await check(real, name, 1, seen, view, {"y": 0})
+            await handle.stop()
 
 
 # -- codecs that fail ---------------------------------------------------------------------
