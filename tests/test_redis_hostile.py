@@ -474,8 +474,8 @@ async def test_a_pending_repair_whose_value_no_longer_encodes(
             consuming(view) as seen,
         ):
             await tree.declare("d", {"a": 0, "b": 0})
+            codec.refuse = {0}  # (before the cut: no check repairs it first)
             await cut(client, tree, "d", {"a": 1})
-            codec.refuse = {0}
             await anyio.sleep(0.1)  # (the map's checks meanwhile: they fail too)
             await tree.declare("e", {"e": 5})
             assert tree.errors == []
