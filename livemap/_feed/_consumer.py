@@ -284,13 +284,17 @@ class Consumer(Generic[K, V]):
 
     # -- the worker ----------------------------------------------------------
 
-    def poke(self) -> None:
-        """Something the consumer's task waits for happened (its host's
-        queue went idle)."""
+    def _poke(self) -> None:
+        """Something the consumer's task waits for happened (it closed)."""
         if self._wake is not None:
             self._wake.set()
 
-    _poke = poke
+    def went_idle(self) -> None:
+        """Its queue (or its host's) may have gone idle: once its scan is
+        done, the consumer is idle from now on, said here rather than by
+        waking its task (which would find only that to do, once per change)."""
+        if self.started and not self.closed and self.idle():
+            self._set_busy(False)
 
     def _set_busy(self, busy: bool) -> None:
         if busy:
@@ -361,14 +365,12 @@ class Consumer(Generic[K, V]):
             _superseded.pop(self.live_map, None)
 
     async def _run_each(self) -> None:
-        """``mount_each``: the host's workers take the keys; this task says
-        when the consumer is idle (its host's queue pokes it then)."""
-        queue = self.queue
-        new_event = event_class()
+        """``mount_each``: the host's workers take the keys (the queue going
+        idle says so: :meth:`went_idle`); this task waits until the consumer
+        closes."""
+        self.went_idle()  # (its scan's runs may all be over)
         while not self.closed:
-            if queue.idle():
-                self._set_busy(False)
-            self._wake = new_event()
+            self._wake = anyio.Event()
             if not self.closed:
                 await self._wake.wait()
 
@@ -376,12 +378,10 @@ class Consumer(Generic[K, V]):
         """A hand-written subscriber: workers take the keys (see :meth:`_work`);
         this task waits until the consumer closes, then ends them."""
         self._tg = tg
-        new_event = event_class()
         self._kick()
+        self.went_idle()  # (nothing changed since its scan)
         while not self.closed:
-            if self.queue.idle():
-                self._set_busy(False)
-            self._wake = new_event()
+            self._wake = anyio.Event()
             if not self.closed:
                 await self._wake.wait()
 
@@ -415,8 +415,7 @@ class Consumer(Generic[K, V]):
             while not self.closed:
                 taken = queue.take()
                 if taken is None:
-                    if queue.idle():
-                        self._poke()  # the consumer is idle: its task says so
+                    self.went_idle()
                     event = new_event()
                     self._parked.append(event)
                     self._free -= 1

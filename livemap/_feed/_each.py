@@ -106,7 +106,7 @@ class KeyWatcher(Protocol):
         what its try runs now, if anything (see ``Consumer.resolve``)."""
         ...
 
-    def poke(self) -> None:
+    def went_idle(self) -> None:
         """The host's queue went idle."""
         ...
 
@@ -864,13 +864,13 @@ class Pool:
             if self.idle_waiters:
                 self._wake_idle()
             if host is not None and host.consumer is not None and queue.idle():
-                host.consumer.poke()
+                host.consumer.went_idle()
 
     def dropped(self) -> None:
         """Work was dropped from the queue: the consumer may be idle now."""
         host = self.host
         if host is not None and host.consumer is not None and self.queue.idle():
-            host.consumer.poke()
+            host.consumer.went_idle()
 
     def end_waits(self) -> None:
         """The changes waiting, in flight, for their child to be ready
@@ -928,93 +928,96 @@ class Pool:
         taken_in_a_row = 0
         try:
             while True:
-                if queue.order or self._due():
-                    with anyio.CancelScope() as scope:
-                        while not scope.cancel_called:
-                            # -- take a key ----------------------------------
-                            taken_in_a_row += 1
-                            if taken_in_a_row > _IN_A_ROW:
-                                # runs that never wait, back to back: let the
-                                # other tasks have a turn now and then
-                                taken_in_a_row = 0
-                                await checkpoint()
-                            if queue.backoff:
-                                self._due()
-                            taken = take()
-                            if taken is None:
-                                break
-                            key, work = taken
-                            if self._room is not None and len(queue.order) <= self.limit:
-                                self._wake_room()
-                            kind = work[0]
-                            if kind is deliver:  # a change: what its try runs
-                                consumer = None if self.host is None else self.host.consumer
-                                resolved = None if consumer is None else consumer.resolve(key)
-                                if resolved is None:
-                                    self._done(key)  # nothing to do
-                                    continue
-                                kind = resolved[0]
-                                if kind is WAIT:
-                                    self._wait(app_run, key, resolved[1])
-                                    continue
-                                work = in_flight[key] = resolved
-                            elif kind is TURN:  # a task outside the workers waits for the key
-                                turn = work[1]
-                                if turn.state == _Turn.WAITING:
-                                    turn.state = _Turn.HOLDING  # it is done at its let_go()
-                                    turn.event.set()
+                # one scope for the worker's keys and parks until a run in it
+                # is cancelled: a key taken after a park opens none (the
+                # references to it, a child's cancel_scope and a keyed run's
+                # scope, end with each run)
+                with anyio.CancelScope() as scope:
+                    while not scope.cancel_called:
+                        # -- take a key ----------------------------------
+                        taken_in_a_row += 1
+                        if taken_in_a_row > _IN_A_ROW:
+                            # runs that never wait, back to back: let the
+                            # other tasks have a turn now and then
+                            taken_in_a_row = 0
+                            await checkpoint()
+                        if queue.backoff:
+                            self._due()
+                        taken = take()
+                        if taken is None:
+                            if self.closed or self.app_run is not app_run:
+                                return
+                            taken_in_a_row = 0
+                            await self._park(new_event)
+                            continue
+                        key, work = taken
+                        if self._room is not None and len(queue.order) <= self.limit:
+                            self._wake_room()
+                        kind = work[0]
+                        if kind is deliver:  # a change: what its try runs
+                            consumer = None if self.host is None else self.host.consumer
+                            resolved = None if consumer is None else consumer.resolve(key)
+                            if resolved is None:
+                                self._done(key)  # nothing to do
+                                continue
+                            kind = resolved[0]
+                            if kind is WAIT:
+                                self._wait(app_run, key, resolved[1])
+                                continue
+                            work = in_flight[key] = resolved
+                        elif kind is TURN:  # a task outside the workers waits for the key
+                            turn = work[1]
+                            if turn.state == _Turn.WAITING:
+                                turn.state = _Turn.HOLDING  # it is done at its let_go()
+                                turn.event.set()
+                            else:
+                                self._done(key)  # it gave up
+                            continue
+                        if kind is run_child and (
+                            work[2] != work[1].generation or not work[1].alive
+                        ):
+                            self._done(key)  # superseded or unmounted
+                            continue
+                        self.free -= 1
+                        if queue.order and self.free <= 0:
+                            self._add_worker(app_run)  # in case this run waits
+                        # -- run it --------------------------------------
+                        each = self.host
+                        keyed = kind is run_keyed
+                        try:
+                            if keyed:
+                                assert each is not None
+                                run = KeyedRun(each, scope)
+                                in_flight[key] = (run_keyed, work[1], work[2], run)
+                                each.keyed += 1
+                                token = current_run_var.set(run)
+                                try:
+                                    outcome = await each.run_keyed(key, work[1], work[2], run)
+                                except BaseException:
+                                    run.end()
+                                    raise
+                                finally:
+                                    current_run_var.reset(token)
+                                if outcome is None:
+                                    # it is over (a context it left
+                                    # behind must not reach another run)
+                                    run.end()
                                 else:
-                                    self._done(key)  # it gave up
-                                continue
-                            if kind is run_child and (
-                                work[2] != work[1].generation or not work[1].alive
-                            ):
-                                self._done(key)  # superseded or unmounted
-                                continue
-                            self.free -= 1
-                            if queue.order and self.free <= 0:
-                                self._add_worker(app_run)  # in case this run waits
-                            # -- run it --------------------------------------
-                            each = self.host
-                            keyed = kind is run_keyed
-                            try:
-                                if keyed:
+                                    # it made its component or failed: the
+                                    # rest runs with no keyed run current
+                                    await each.finish_keyed(run, *outcome)
+                            elif kind is cleanup:
+                                await work[1]()
+                            else:
+                                await self._run_child(app_run, scope, work)
+                        # -- mark it done: the queue decides what follows -
+                        finally:
+                            if self.app_run is app_run:  # (else a new run cleared it)
+                                self.free += 1
+                                if keyed and not run.dropped:
                                     assert each is not None
-                                    run = KeyedRun(each, scope)
-                                    in_flight[key] = (run_keyed, work[1], work[2], run)
-                                    each.keyed += 1
-                                    token = current_run_var.set(run)
-                                    try:
-                                        outcome = await each.run_keyed(key, work[1], work[2], run)
-                                    except BaseException:
-                                        run.end()
-                                        raise
-                                    finally:
-                                        current_run_var.reset(token)
-                                    if outcome is None:
-                                        # it is over (a context it left
-                                        # behind must not reach another run)
-                                        run.end()
-                                    else:
-                                        # it made its component or failed: the
-                                        # rest runs with no keyed run current
-                                        await each.finish_keyed(run, *outcome)
-                                elif kind is cleanup:
-                                    await work[1]()
-                                else:
-                                    await self._run_child(app_run, scope, work)
-                            # -- mark it done: the queue decides what follows -
-                            finally:
-                                if self.app_run is app_run:  # (else a new run cleared it)
-                                    self.free += 1
-                                    if keyed and not run.dropped:
-                                        assert each is not None
-                                        each.keyed -= 1
-                                    self._done(key)
-                    continue
-                if self.closed or self.app_run is not app_run:
-                    return
-                await self._park(new_event)
+                                    each.keyed -= 1
+                                self._done(key)
         finally:
             if self.app_run is app_run:
                 self.workers -= 1
@@ -1035,13 +1038,20 @@ class Pool:
         event = new_event()
         self.parked.append(event)
         self.free -= 1
-        if not self.queue.backoff:
-            await event.wait()
-            return
-        with anyio.move_on_at(self.queue.first_due):
-            await event.wait()
+        try:
+            if not self.queue.backoff:
+                await event.wait()
+                return
+            with anyio.move_on_at(self.queue.first_due):
+                await event.wait()
+        except BaseException:
+            self._unpark(event)  # (cancelled while parked)
+            raise
+        self._unpark(event)  # (woken by the end of a backoff, if not set)
+
+    def _unpark(self, event: anyio.Event) -> None:
         if not event.is_set() and event in self.parked:
-            self.parked.remove(event)  # woken by the end of a backoff
+            self.parked.remove(event)
             self.free += 1
 
     @staticmethod

@@ -35,6 +35,9 @@ from livemap._runtime._unmount import unmount
 __all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
 
 
+_NO_BUFFERS: dict[Target, object] = {}  # (a run that declared nothing; never written)
+
+
 async def wait_mounted(run: Run) -> None:
     """Wait until every child ``run`` mounted is ready (or unmounted)."""
     for child in list((run.mounted or {}).values()):
@@ -47,16 +50,33 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
     failure, if any (the rest of the commit still happens, and the component
     is then left unready).  ``live``: the run is a live component's, whose
     readiness its own task decides."""
-    buffers = run.buffers if isinstance(run.buffers, dict) else {}
+    buffers = run.buffers
+    if type(buffers) is not dict:
+        buffers = _NO_BUFFERS
     targets = comp.targets
     error: Exception | None = None
     if buffers or targets:
-        # the targets held before and not declared into this time
-        gone = [t for t in targets if t not in buffers] if targets else None
+        # the targets held before and not declared into this time (loops,
+        # not comprehensions: a re-run declares into the same ones, mostly)
+        gone: list[Target] | None = None
+        if targets is not None:
+            for target in targets:
+                if target not in buffers:
+                    if gone is None:
+                        gone = [target]
+                    else:
+                        gone.append(target)
         # Known before the first await: an unmount while this commit is
         # paused must release these targets too.
+        declared = targets
         if buffers:
-            comp.targets = _with(targets, buffers) if targets else _first_targets(comp, buffers)
+            if targets is None:
+                declared = _first_targets(comp, buffers)
+            elif gone is not None or len(targets) != len(buffers):
+                declared = _with(targets, buffers)
+            # (else every target held is declared into and nothing else:
+            # ``targets`` as it is)
+            comp.targets = declared
         for target, buffer in buffers.items():
             failed = await target.commit_run(comp, buffer, gen)
             error = error or failed
@@ -67,11 +87,15 @@ async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception |
         if comp.alive:
             # (the buffers' targets too: a deferred drop applied while this
             # commit waited may have disowned one that it has declared into)
-            targets = _with(comp.targets, buffers)
-            held = [t for t in targets if t.holds(comp)]
-            if len(held) != len(targets):
-                targets = tuple(held) if held else None
-            comp.targets = targets
+            now = comp.targets
+            if now is None or now is not declared:
+                now = _with(now, buffers)
+            targets = now
+            for target in now:
+                if not target.holds(comp):
+                    targets = tuple(t for t in now if t.holds(comp))
+                    break
+            comp.targets = targets or None
     if gen != comp.generation or not comp.alive:
         return error
     extra = comp.extra

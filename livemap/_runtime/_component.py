@@ -616,12 +616,18 @@ class Component(Readiness):
         tree) is in progress, or the parent hosts an update in progress
         (:attr:`hosts_update`), so another component of the same update may
         take them over."""
-        up = self._update_parent()
+        # (_update_parent, running and hosts_update inline: asked at each
+        # commit of a component that holds keys)
+        up = self.parent
+        while up is not None and not up.alive:
+            up = up.parent
         if up is None:
             return False
-        if up.running:
+        run = up.latest_run
+        if run is not None and type(run.buffers) is not RunEnded:
             return True
-        host = up.host  # (up.hosts_update, up being alive and not running)
+        extra = up.extra
+        host = None if extra is None else extra.host
         return host is not None and host.in_update()
 
     def settle_after(
