@@ -418,9 +418,7 @@ def slow_release(table: Any, owner: object, result: Any, track: bool) -> Callabl
     return w.undo
 
 
-def drop_deferred(
-    table: Any, owner: object, result: Any, track: bool
-) -> Callable[[], None] | None:
+def drop_deferred(table: Any, owner: object, result: Any, track: bool) -> Callable[[], None] | None:
     """Apply ``owner``'s deferred drops into ``result``: each key it still
     does not declare is deleted (or goes to a claimant).  Returns the undo."""
     oid = id(owner)

@@ -565,6 +565,13 @@ async def test_a_live_class_consumer_replaced_by_its_parent_takes_over(swap: str
     assert sorted(keys.ends) == sorted(keys.starts)
 
 
+def watching(lm: LiveMap[str, Any]) -> str | None:
+    """The path of the mount_each whose consumer is the map's now (also
+    while it waits for an earlier one's runs to end)."""
+    host = getattr(lm.active_consumer(), "host", None)
+    return None if host is None else host.component.path_str
+
+
 @pytest.mark.parametrize("kind", ["subpath", "subpath-function"])
 @pytest.mark.parametrize("how", ["replaced-again", "stopped"])
 async def test_a_take_over_cancelled_midway(how: str, kind: str) -> None:
@@ -576,15 +583,20 @@ async def test_a_take_over_cancelled_midway(how: str, kind: str) -> None:
     keys, rows, recorder = Keys(), Rows(), Recorder()
     gates = [keys.gates.setdefault((f"k{i}", i), anyio.Event()) for i in range(5)]
     waiting = anyio.Event()
+    maps: list[LiveMap[str, Any]] = []
 
     async def body(op: coco.LiveComponentOperator, host: Any, lm: LiveMap[str, Any]) -> None:
         await op.update("consumer", host, lm, 0)
         await wait_for(lambda: len(keys.starts) == 5)
         await op.update("consumer", host, lm, 1)
         await wait_for(lambda: len(keys.closing) == 5)  # the take-over waits on them
+        maps.append(lm)
+        last = 1
         if how == "replaced-again":
             await op.update("consumer", host, lm, 2)
-        await anyio.sleep(0.02)
+            last = 2
+        # the latest mount_each is the map's consumer, waiting for the runs
+        await wait_for(lambda: watching(lm) == f"/Driver/'consumer'/'each'/{last}")
         waiting.set()
         await anyio.sleep_forever()
 
@@ -598,7 +610,7 @@ async def test_a_take_over_cancelled_midway(how: str, kind: str) -> None:
             assert len(keys.starts) == 5  # nobody started before the old ones ended
             if how == "stopped":
                 tg.start_soon(handle.stop)  # stop() waits for their finally
-                await anyio.sleep(0.02)
+                await wait_for(lambda: maps[0].active_consumer() is None)  # cancelled
                 for gate in gates:
                     gate.set()
                 await handle.result()

@@ -8,61 +8,14 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from helpers import TIMEOUT, Mirror, Recorder, run_app, wait_for
+from helpers import Mirror, Recorder, run_app, wait_for
+from lean_support import children_of, feeding
 
 import livemap as coco
 from livemap import LiveMap
-from livemap._runtime._component import Component
 from livemap._runtime._readiness import Readiness
 
 pytestmark = pytest.mark.anyio
-
-
-class Feed:
-    """A live producer of ``state`` into a LiveMap: :meth:`commit` has it
-    declare the current state (one commit)."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, int] = {}
-        self.send, self.recv = anyio.create_memory_object_stream[anyio.Event](10)
-        feed = self
-
-        class Producer:
-            def __init__(self, lm: LiveMap[str, int]) -> None:
-                self.lm = lm
-
-            def process(self) -> None:
-                for key, value in feed.state.items():
-                    self.lm.declare_entry(key, value)
-
-            async def process_live(self, operator: coco.LiveComponentOperator) -> None:
-                await operator.update_full()
-                await operator.mark_ready()
-                async for done in feed.recv:
-                    await operator.update_full()
-                    done.set()
-
-        self.producer = Producer
-
-    async def commit(self, **changes: int | None) -> None:
-        for key, value in changes.items():
-            if value is None:
-                self.state.pop(key, None)
-            else:
-                self.state[key] = value
-        done = anyio.Event()
-        with anyio.fail_after(TIMEOUT):
-            await self.send.send(done)
-            await done.wait()
-
-    def close(self) -> None:
-        self.send.close()
-        self.recv.close()
-
-
-def _children(handle: coco.ComponentMountHandle) -> list[Component]:
-    comp: Component = handle._component  # type: ignore[attr-defined]
-    return list((comp.children or {}).values())
 
 
 async def test_per_entry_children_that_declare_are_lean_and_share_one_spec() -> None:
@@ -90,7 +43,7 @@ async def test_per_entry_children_that_declare_are_lean_and_share_one_spec() -> 
     await run_app(coco.App("lean-declare", main))
     assert mirror.rows == {i * 10: i * 10 + 1 for i in range(50)}
     assert dict(down[0].items()) == {i * 10: i * 10 for i in range(50)}
-    children = _children(handles[-1])
+    children = children_of(handles[-1])
     assert len(children) == 50
     assert all(c.extra is None for c in children)
     specs = {id(c.spec) for c in children}
@@ -115,9 +68,6 @@ async def test_a_lean_child_that_fails_then_recovers() -> None:
     reported; the next value runs clean and clears it."""
     mirror = Mirror()
     rec = Recorder()
-    feed = Feed()
-    handles: list[coco.ComponentMountHandle] = []
-    maps: list[LiveMap[str, int]] = []
 
     @coco.fn
     def consume(value: int) -> None:
@@ -125,34 +75,19 @@ async def test_a_lean_child_that_fails_then_recovers() -> None:
             raise ValueError(f"bad {value}")
         mirror.target.declare(f"row{value % 100}", value)
 
-    @coco.fn
-    async def main() -> None:
-        async with coco.exception_handler(rec):
-            lm: LiveMap[str, int] = await LiveMap.create()
-            maps.append(lm)
-            await coco.mount(coco.component_subpath("p"), feed.producer, lm)
-            handles.append(await coco.mount_each(consume, lm))
-
-    app = coco.App("lean-fails", main)
-    with anyio.fail_after(TIMEOUT):
-        async with app.update(live=True) as handle:
-            await handle.ready()
-            await feed.commit(a=1)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"row1": 1})
-            [child] = _children(handles[-1])
-            assert child.extra is None
-            await feed.commit(a=-1)
-            await wait_for(lambda: len(rec.calls) == 1)
-            assert isinstance(child.exception, ValueError)
-            assert child.extra is not None
-            await feed.commit(a=101)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"row1": 101})
-            assert _children(handles[-1]) == [child]
-            assert child.exception is None and child.escalated is None
-            await handle.stop()
-    feed.close()
+    async with feeding("lean-fails", consume, rec) as fed:
+        await fed.commit(a=1)
+        await wait_for(lambda: mirror.rows == {"row1": 1})
+        [child] = children_of(fed.each)
+        assert child.extra is None
+        await fed.feed.commit(a=-1)
+        await wait_for(lambda: len(rec.calls) == 1)
+        assert isinstance(child.exception, ValueError)
+        assert child.extra is not None
+        await fed.commit(a=101)
+        await wait_for(lambda: mirror.rows == {"row1": 101})
+        assert children_of(fed.each) == [child]
+        assert child.exception is None and child.escalated is None
     assert [type(e) for e, _ in rec.calls] == [ValueError]
 
 
@@ -161,9 +96,6 @@ async def test_a_lean_child_becomes_a_host_and_leaves_it_again() -> None:
     later value (its component then hosts children), and lets it go on the
     next: the rows its grandchildren declared are deleted."""
     mirror = Mirror()
-    feed = Feed()
-    handles: list[coco.ComponentMountHandle] = []
-    maps: list[LiveMap[str, int]] = []
 
     @coco.fn
     def leaf(value: int, prefix: str) -> None:
@@ -175,36 +107,21 @@ async def test_a_lean_child_becomes_a_host_and_leaves_it_again() -> None:
         if value >= 10:
             await coco.mount_each(leaf, [(i, i) for i in range(value - 10, value - 7)], "sub")
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        maps.append(lm)
-        await coco.mount(coco.component_subpath("p"), feed.producer, lm)
-        handles.append(await coco.mount_each(consume, lm))
-
-    app = coco.App("lean-host", main)
-    with anyio.fail_after(TIMEOUT):
-        async with app.update(live=True) as handle:
-            await handle.ready()
-            await feed.commit(k=1)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"own": 1})
-            [child] = _children(handles[-1])
-            assert child.extra is None and child.children is None
-            await feed.commit(k=12)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"own": 12, "sub-2": 2, "sub-3": 3, "sub-4": 4})
-            assert _children(handles[-1]) == [child]
-            [inner] = list((child.children or {}).values())
-            assert inner.host is not None and len(inner.children or {}) == 3
-            await feed.commit(k=2)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"own": 2})
-            assert _children(handles[-1]) == [child]
-            assert not child.children
-            assert not inner.alive and inner.closed
-            await handle.stop()
-    feed.close()
+    async with feeding("lean-host", consume) as fed:
+        await fed.commit(k=1)
+        await wait_for(lambda: mirror.rows == {"own": 1})
+        [child] = children_of(fed.each)
+        assert child.extra is None and child.children is None
+        await fed.commit(k=12)
+        await wait_for(lambda: mirror.rows == {"own": 12, "sub-2": 2, "sub-3": 3, "sub-4": 4})
+        assert children_of(fed.each) == [child]
+        [inner] = list((child.children or {}).values())
+        assert inner.host is not None and len(inner.children or {}) == 3
+        await fed.commit(k=2)
+        await wait_for(lambda: mirror.rows == {"own": 2})
+        assert children_of(fed.each) == [child]
+        assert not child.children
+        assert not inner.alive and inner.closed
 
 
 async def test_a_child_turns_live_on_a_re_mount_and_back() -> None:
@@ -256,9 +173,6 @@ async def test_a_lean_childs_waiters_are_called_on_ready_and_on_close() -> None:
     is called when the child is ready; one added after it left the tree is
     called at once."""
     gate = anyio.Event()
-    feed = Feed()
-    handles: list[coco.ComponentMountHandle] = []
-    maps: list[LiveMap[str, int]] = []
     mirror = Mirror()
 
     @coco.fn
@@ -267,39 +181,26 @@ async def test_a_lean_childs_waiters_are_called_on_ready_and_on_close() -> None:
         if value == 2:
             await gate.wait()
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        maps.append(lm)
-        await coco.mount(coco.component_subpath("p"), feed.producer, lm)
-        handles.append(await coco.mount_each(consume, lm))
-
-    app = coco.App("lean-waiters", main)
-    with anyio.fail_after(TIMEOUT):
-        async with app.update(live=True) as handle:
-            await handle.ready()
-            await feed.commit(k=1)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {"v": 1})
-            [child] = _children(handles[-1])
-            await wait_for(lambda: child.unready == 0)
-            assert child.extra is None
-            await feed.commit(k=2)
-            await wait_for(lambda: child.unready > 0)
-            called: list[str] = []
-            child.on_ready(lambda: called.append("ready"))
-            assert called == [] and child.waiters is not None
-            gate.set()
-            await wait_for(lambda: called == ["ready"])
-            assert child.waiters is None and mirror.rows == {"v": 2}
-            await feed.commit(k=None)
-            await wait_for(lambda: not child.alive)
-            assert child.closed
-            child.on_ready(lambda: called.append("closed"))
-            assert called == ["ready", "closed"]
-            await wait_for(lambda: mirror.rows == {})
-            await handle.stop()
-    feed.close()
+    async with feeding("lean-waiters", consume) as fed:
+        await fed.commit(k=1)
+        await wait_for(lambda: mirror.rows == {"v": 1})
+        [child] = children_of(fed.each)
+        await wait_for(lambda: child.unready == 0)
+        assert child.extra is None
+        await fed.feed.commit(k=2)
+        await wait_for(lambda: child.unready > 0)
+        called: list[str] = []
+        child.on_ready(lambda: called.append("ready"))
+        assert called == [] and child.waiters is not None
+        gate.set()
+        await wait_for(lambda: called == ["ready"])
+        assert child.waiters is None and mirror.rows == {"v": 2}
+        await fed.feed.commit(k=None)
+        await wait_for(lambda: not child.alive)
+        assert child.closed
+        child.on_ready(lambda: called.append("closed"))
+        assert called == ["ready", "closed"]
+        await wait_for(lambda: mirror.rows == {})
 
 
 async def test_re_mounting_a_mount_each_with_other_kwargs_gives_its_children_a_new_spec() -> None:
@@ -325,11 +226,11 @@ async def test_re_mounting_a_mount_each_with_other_kwargs_gives_its_children_a_n
     app = coco.App("lean-respec", main)
     await run_app(app)
     assert mirror.rows == {i: i * 2 for i in range(5)}
-    before = {id(c.spec) for c in _children(handles[-1])}
+    before = {id(c.spec) for c in children_of(handles[-1])}
     factor[0] = 3
     await run_app(app)
     assert mirror.rows == {i: i * 3 for i in range(5)}
-    children = _children(handles[-1])
+    children = children_of(handles[-1])
     after = {id(c.spec) for c in children}
     assert len(after) == 1 and after.isdisjoint(before)
     assert children[0].kwargs == {"times": 3}

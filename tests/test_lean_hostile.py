@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from helpers import TIMEOUT, Mirror, run_app, wait_for
-from test_lean_components import Feed
+from lean_support import feeding
 
 import livemap as coco
 from livemap import LiveMap
@@ -117,9 +117,6 @@ async def test_a_child_deleted_mid_run_leaves_its_parent_ready() -> None:
     gate = anyio.Event()
     started = anyio.Event()
     mirror = Mirror()
-    handles: list[coco.ComponentMountHandle] = []
-    maps: list[LiveMap[str, int]] = []
-    feed = Feed()
 
     @coco.fn
     async def consume(value: int) -> None:
@@ -128,36 +125,23 @@ async def test_a_child_deleted_mid_run_leaves_its_parent_ready() -> None:
             await gate.wait()
         mirror.target.declare(value, value)
 
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        maps.append(lm)
-        await coco.mount(coco.component_subpath("p"), feed.producer, lm)
-        handles.append(await coco.mount_each(consume, lm))
-
-    app = coco.App("lean-hostile-delete", main)
-    with anyio.fail_after(TIMEOUT):
-        async with app.update(live=True) as handle:
-            await handle.ready()
-            await feed.commit(a=0, b=10)
-            await maps[0].settle()
-            await wait_for(lambda: mirror.rows == {0: 0, 10: 10})
-            await feed.commit(b=1)  # its component (it holds a row) runs again, and waits
-            await started.wait()
-            comp: Component = handles[-1]._component  # type: ignore[attr-defined]
-            await wait_for(lambda: ("b",) in (comp.children or {}))
-            child = (comp.children or {})[("b",)]
-            assert child.unready > 0
-            called: list[str] = []
-            child.on_ready(lambda: called.append("w"))
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(partial(feed.commit, b=None))
-                await anyio.sleep(0.02)
-                gate.set()  # (the delete may wait for the run it supersedes)
-            await wait_for(lambda: not child.alive)
-            assert called == ["w"] and child.closed
-            await handles[-1].ready()
-            await wait_for(lambda: comp.unready == 0)
-            await wait_for(lambda: mirror.rows == {0: 0})
-            await handle.stop()
-    feed.close()
+    async with feeding("lean-hostile-delete", consume) as fed:
+        await fed.commit(a=0, b=10)
+        await wait_for(lambda: mirror.rows == {0: 0, 10: 10})
+        await fed.feed.commit(b=1)  # its component (it holds a row) runs again, and waits
+        await started.wait()
+        comp: Component = fed.each._component  # type: ignore[attr-defined]
+        await wait_for(lambda: ("b",) in (comp.children or {}))
+        child = (comp.children or {})[("b",)]
+        assert child.unready > 0
+        called: list[str] = []
+        child.on_ready(lambda: called.append("w"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(fed.feed.commit, b=None))
+            await anyio.sleep(0.02)
+            gate.set()  # (the delete may wait for the run it supersedes)
+        await wait_for(lambda: not child.alive)
+        assert called == ["w"] and child.closed
+        await fed.each.ready()
+        await wait_for(lambda: comp.unready == 0)
+        await wait_for(lambda: mirror.rows == {0: 0})

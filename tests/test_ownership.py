@@ -30,7 +30,6 @@ def unique(name: str) -> str:
     return f"{name}-{next(_names)}"
 
 
-
 Plan = dict[str, dict[str, Any]]
 """Component name -> what it declares (in the order main mounts them)."""
 
@@ -506,6 +505,7 @@ async def test_drop_releases_everything_the_app_owns() -> None:
 
 async def test_drop_while_updating_raises() -> None:
     busy = unique("busy")
+
     @coco.fn
     async def main() -> None:
         await anyio.sleep_forever()

@@ -7,12 +7,12 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import pytest
 from redis_support import Producer, RedisServer, own_redis_server, redis_server
+from redis_support.consume import TIMEOUT, consuming, entries, settle, unique
 
 import livemap as coco
 from livemap import Symbol
@@ -32,11 +32,6 @@ from livemap.redis import (
 __all__ = ["own_redis_server", "redis_server"]
 
 pytestmark = pytest.mark.anyio
-TIMEOUT = 15.0
-
-
-def unique(prefix: str = "m") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 # -- codecs and keys (no server) -------------------------------------------------
@@ -136,55 +131,6 @@ def test_without_a_server_the_tests_skip_unless_required(
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What a consumer's per-entry components saw: every call, and the rows
-    of a KeyedTarget they declare into (so deletes show)."""
-
-    calls: list[tuple[Any, Any]] = field(default_factory=list)
-    rows: dict[Any, Any] = field(default_factory=dict)
-    gate: anyio.Event | None = None
-
-
-@asynccontextmanager
-async def consuming(view: RedisLiveMapView[Any, Any]) -> AsyncIterator[Seen]:
-    seen = Seen()
-
-    def apply(batch: coco.TargetBatch[Any, Any]) -> None:
-        for key, value in batch.upserts:
-            seen.rows[key] = value
-        for key in batch.deletes:
-            del seen.rows[key]
-
-    target: coco.KeyedTarget[Any, Any] = coco.KeyedTarget("rows", apply)
-
-    async def process(value: Any) -> None:
-        if seen.gate is not None:
-            await seen.gate.wait()
-        seen.calls.append((value["k"], value["v"]))
-        target.declare(value["k"], value["v"])
-
-    async def main() -> None:
-        await coco.mount_each(process, view)
-
-    async with coco.App(unique("consumer"), main).update(live=True) as handle:
-        with anyio.fail_after(TIMEOUT):
-            while not view.stats().consumer:
-                await anyio.sleep(0.005)
-            await view.settle()
-        yield seen
-        await handle.stop()
-
-
-def entries(state: dict[str, int]) -> dict[str, dict[str, Any]]:
-    return {k: {"k": k, "v": v} for k, v in state.items()}
-
-
-async def settle(view: RedisLiveMapView[Any, Any]) -> None:
-    with anyio.fail_after(TIMEOUT):
-        await view.settle()
 
 
 async def produce_once(client: Any, name: str, state: dict[Any, Any], **options: Any) -> None:

@@ -9,175 +9,29 @@ every view end with what is declared."""
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-from helpers import Remote, RemoteLive
 from redis_support import Producer, RedisServer, redis_server
+from redis_support.consume import (
+    TIMEOUT,
+    Faulty,
+    Tree,
+    check,
+    consuming,
+    entries,
+    snapshot,
+    streamed,
+    unique,
+)
 
 import livemap as coco
-from livemap.redis import RedisLiveMap, RedisLiveMapView, connect, decode_key, encode_key
+from livemap.redis import RedisLiveMapView, connect
 
 __all__ = ["redis_server"]
 
 pytestmark = pytest.mark.anyio
-TIMEOUT = 15.0
-
-
-def unique(prefix: str = "m") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def entries(state: dict[str, int]) -> dict[str, dict[str, Any]]:
-    return {k: {"k": k, "v": v} for k, v in state.items()}
-
-
-class Rows:
-    """What a consumer's per-entry runs hold (a KeyedTarget's rows, so
-    deletes show), and every call they had."""
-
-    def __init__(self) -> None:
-        self.rows: dict[Any, Any] = {}
-        self.calls: list[tuple[Any, Any]] = []
-
-    def of(self, key: Any) -> list[Any]:
-        """The values ``key``'s runs had, in order."""
-        return [v for k, v in self.calls if k == key]
-
-
-@asynccontextmanager
-async def consuming(view: RedisLiveMapView[Any, Any]) -> AsyncIterator[Rows]:
-    seen = Rows()
-
-    def apply(batch: coco.TargetBatch[Any, Any]) -> None:
-        for key, value in batch.upserts:
-            seen.rows[key] = value
-        for key in batch.deletes:
-            del seen.rows[key]
-
-    target: coco.KeyedTarget[Any, Any] = coco.KeyedTarget("rows", apply)
-
-    async def process(value: Any) -> None:
-        seen.calls.append((value["k"], value["v"]))
-        target.declare(value["k"], value["v"])
-
-    async def main() -> None:
-        await coco.mount_each(process, view)
-
-    async with coco.App(unique("consumer"), main).update(live=True) as handle:
-        with anyio.fail_after(TIMEOUT):
-            while not view.stats().consumer:
-                await anyio.sleep(0.005)
-            await view.settle()
-        yield seen
-        await handle.stop()
-
-
-async def settle(view: RedisLiveMapView[Any, Any]) -> None:
-    with anyio.fail_after(TIMEOUT):
-        await view.settle()
-
-
-async def snapshot(client: Any, name: str, shards: int) -> dict[Any, Any]:
-    """The map's entries as Redis holds them (``key -> v``)."""
-    out: dict[Any, Any] = {}
-    for s in range(shards):
-        held = await client.hgetall(f"livemap:{{{name}}}:d:{s}")
-        for ek, data in held.items():
-            out[decode_key(bytes(ek))] = json.loads(bytes(data))["v"]
-    return out
-
-
-async def streamed(client: Any, name: str, shards: int, key: str) -> list[Any]:
-    """The values (``v``; None for a delete) the map's streams carried for
-    ``key``, in order: what every view is sent."""
-    import struct
-
-    ek = encode_key(key)
-    out: list[Any] = []
-    for s in range(shards):
-        for entry in await client.xrange(f"livemap:{{{name}}}:x:{s}", "-", "+"):
-            fields = entry.field_values
-            blob = bytes(fields[b"p"])
-            pos = 0
-            while pos < len(blob):
-                op = blob[pos : pos + 1]
-                (n,) = struct.unpack_from(">I", blob, pos + 1)
-                k = blob[pos + 5 : pos + 5 + n]
-                pos += 5 + n
-                value = None
-                if op == b"u":
-                    (m,) = struct.unpack_from(">I", blob, pos)
-                    value = json.loads(blob[pos + 4 : pos + 4 + m])["v"]
-                    pos += 4 + m
-                if k == ek:
-                    out.append(value)
-    return out
-
-
-class Faulty:
-    """A client whose commit scripts misbehave on demand.
-
-    ``fail_from``: from this call on (counting every commit script call),
-    each raises ``ConnectionError`` before it is sent.  ``lose_reply_at``:
-    that call runs in Redis, then raises ``ConnectionError`` (the reply
-    lost).  ``block``: the next call stops, ``"before"`` it is sent or
-    ``"after"`` Redis ran it, until cancelled (``blocked`` is set then).
-    ``sizes``: the bytes of changes each call carried."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.calls = 0
-        self.fail_from: int | None = None
-        self.lose_reply_at: int | None = None
-        self.block: str | None = None
-        self.blocked = anyio.Event()
-        self.sizes: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    def register_script(self, source: str) -> Any:
-        from livemap._redis._scripts import COMMIT
-
-        script = self._client.register_script(source)
-        if source != COMMIT:
-            return script
-
-        async def call(**kwargs: Any) -> Any:
-            self.calls += 1
-            args = kwargs["args"]
-            owners = int(args[5])
-            self.sizes.append(sum(len(a) for a in args[6 + 2 * owners + 2 :: 3]))
-            if self.fail_from is not None and self.calls >= self.fail_from:
-                raise ConnectionError("lost Redis before the call")
-            block, self.block = self.block, None
-            if block == "before":
-                self.blocked.set()
-                await anyio.sleep_forever()
-            reply = await script(**kwargs)
-            if block == "after":
-                self.blocked.set()
-                await anyio.sleep_forever()
-            if self.calls == self.lose_reply_at:
-                raise ConnectionError("lost the reply")
-            return reply
-
-        return call
-
-
-async def check(
-    client: Any, name: str, shards: int, seen: Rows, view: Any, state: dict[str, int]
-) -> None:
-    """Redis and the view hold ``state`` (once the view has caught up)."""
-    await settle(view)
-    assert await snapshot(client, name, shards) == state
-    assert seen.rows == state
 
 
 # -- failures: an Exception while the commit is in Redis's hands -----------------------
@@ -315,59 +169,6 @@ async def test_a_cut_commit_is_set_right_as_the_run_ends(redis_server: RedisServ
 
 
 # -- interruptions: the committing run cancelled while its call is in flight -------------
-
-
-@coco.fn
-async def declare(rlm: Any, state: dict[str, int], round_: int) -> None:
-    for key, value in state.items():
-        rlm.declare_entry(key, {"k": key, "v": value})
-
-
-class Tree:
-    """A live app: the root makes the map and mounts a live component that
-    (re-)mounts children declaring into it, on request (see :class:`Remote`)."""
-
-    def __init__(self, client: Any, name: str, **options: Any) -> None:
-        self.remote = Remote()
-        self.map: Any = None
-        self.errors: list[BaseException] = []
-        self.rounds = 0
-        tree = self
-
-        async def main() -> None:
-            tree.map = await RedisLiveMap.create(client, name, **options)
-            await coco.mount(RemoteLive, tree.remote)
-
-        def handler(exc: BaseException, ctx: coco.ExceptionContext) -> None:
-            self.errors.append(exc)
-
-        self.app = coco.App(coco.AppConfig(unique("tree"), exception_handler=handler), main)
-
-    async def mount(self, child: str, state: dict[str, int]) -> coco.ComponentMountHandle:
-        """(Re-)mount ``child`` declaring ``state`` (returns at once)."""
-        self.rounds += 1
-        rounds = self.rounds
-
-        async def job(op: coco.LiveComponentOperator) -> coco.ComponentMountHandle:
-            return await op.update(child, declare, self.map, dict(state), rounds)
-
-        handle: coco.ComponentMountHandle = await self.remote(job)
-        return handle
-
-    async def declare(self, child: str, state: dict[str, int]) -> None:
-        """(Re-)mount ``child`` declaring ``state`` and wait until it is ready."""
-        handle = await self.mount(child, state)
-        with anyio.fail_after(TIMEOUT):
-            await handle.ready()
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[Tree]:
-        with self.remote:
-            async with self.app.update(live=True) as handle:
-                with anyio.fail_after(TIMEOUT):
-                    await handle.ready()
-                yield self
-                await handle.stop()
 
 
 CASES = [

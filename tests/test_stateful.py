@@ -842,7 +842,6 @@ class LiveMapMachine(RuleBasedStateMachine):
 
         self.step(job)
 
-
     @rule(delay=st.sampled_from([0.0, 0.0, 0.0005, 0.002]))
     def set_handler_speed(self, delay: float) -> None:
         """The (async) exception handler takes this long from now on."""

@@ -168,7 +168,11 @@ class AppLease:
     ``pending``: a sweep is due (the lease was taken over from another
     process, or its first sweep has not succeeded yet); ``run``: the app run
     whose :meth:`watch` task runs now; ``failed``: owner ids whose latest
-    commit into the map failed (their keys in Redis stay theirs); ``root``:
+    commit into the map failed or was cut short, each with the generation of
+    the run that made it (``None`` for a release): their keys in Redis stay
+    theirs, until that owner's component has finished a later run (which
+    committed nothing into the map, or it would have left ``failed``);
+    ``root``:
     the app's root component (see :meth:`keep`); ``sweeps``, ``swept``: the
     sweeps done and the keys they let go.
 
@@ -209,7 +213,7 @@ class AppLease:
         self.token = token
         self.pending = False
         self.run: AppRun | None = None
-        self.failed: set[str] = set()
+        self.failed: dict[str, int | None] = {}
         self.root: Component | None = None
         self.sweeps = 0
         self.swept = 0
@@ -290,12 +294,16 @@ class AppLease:
         keep what they held, as in one process); but not an owner that has
         committed into an instance of the map in use (its first commit
         declared all it holds, and left the rest to the sweep)."""
-        kept = set(self.failed)
+        failed = self.failed
+        kept = set(failed)
         stack = [self.root] if self.root is not None else []
         while stack:
             comp = stack.pop()
+            oid = f"{self.app}{OWNER_SEP}{format_path(comp.path)}"
             if comp.latest_run is None or comp.running or comp.exception is not None:
-                kept.add(f"{self.app}{OWNER_SEP}{format_path(comp.path)}")
+                kept.add(oid)
+            elif oid in failed and failed[oid] not in (None, comp.generation):
+                kept.discard(oid)  # a later run, done, declared nothing into the map
             if comp.children:
                 stack.extend(comp.children.values())
         for lm in list(self.maps):
@@ -861,15 +869,17 @@ class RedisLiveMap(SinkTarget[K, V]):
         return replies
 
     async def _send(
-        self, component: Owner, result: Commit[K, V], reclaim: bool = True
+        self, component: Owner, result: Commit[K, V], reclaim: bool = True, gen: int | None = None
     ) -> tuple[Exception | None, list[KeyConflictError]]:
         """Send ``result`` to Redis (what an earlier send left unsure first,
         see :meth:`_repair`).  On failure the table goes back to what it was
         before ``result`` and the error is returned; on an interruption (a
         cancellation, any ``BaseException``) it goes back too, and the
         interruption goes on.  Either way, what the send may have changed in
-        Redis is noted, to be set right before the map's next send."""
+        Redis is noted, to be set right before the map's next send.  ``gen``:
+        the generation of the committing run (``None`` for a release)."""
         reached = self._reached
+        oid = self._owner_id(component)
         repaired = False
         if self._unsure:
             try:
@@ -880,12 +890,15 @@ class RedisLiveMap(SinkTarget[K, V]):
             except Exception as exc:
                 # pending still; a send of an owner it concerns fails with it
                 if component in self._unsure:
-                    return self._failed(component, result, reclaim, reached, exc), []
+                    return self._failed(component, result, reclaim, reached, exc, gen), []
             except BaseException:
                 self._undo(component, result, reclaim, reached)
+                self._lease.failed[oid] = gen
                 raise
         if not result and not result.transfers:
-            return None, []  # (then the repair left nothing)
+            # (then the repair left nothing); the owner's commit is done
+            self._lease.failed.pop(oid, None)
+            return None, []
         conflicts: list[KeyConflictError] = []
         try:
             header, groups = self._changes(component, result, reclaim)
@@ -904,14 +917,14 @@ class RedisLiveMap(SinkTarget[K, V]):
             self._undo(component, result, reclaim, reached)
             return exc, []
         except Exception as exc:
-            return self._failed(component, result, reclaim, reached, exc), conflicts
+            return self._failed(component, result, reclaim, reached, exc, gen), conflicts
         except BaseException:
             self._undo(component, result, reclaim, reached)
-            self._lease.failed.add(self._owner_id(component))
+            self._lease.failed[oid] = gen
             raise
         for i in range(0, len(header), 2):
             self._seen.add(header[i])
-        self._lease.failed.discard(self._owner_id(component))
+        self._lease.failed.pop(oid, None)
         if repaired:
             self._unsure.clear()  # (what the repair left to this send)
         return None, conflicts
@@ -923,12 +936,13 @@ class RedisLiveMap(SinkTarget[K, V]):
         reclaim: bool,
         reached: int,
         exc: Exception,
+        gen: int | None,
     ) -> Exception:
         """A send of ``result`` failed with ``exc``: the table taken back
         (see :meth:`_undo`), the owner's keys kept from a sweep; the error
         to report (a ProducerBusyError as it is)."""
         self._undo(component, result, reclaim, reached)
-        self._lease.failed.add(self._owner_id(component))
+        self._lease.failed[self._owner_id(component)] = gen
         if isinstance(exc, ProducerBusyError):
             return exc
         error = TargetApplyError(
@@ -1169,7 +1183,7 @@ class RedisLiveMap(SinkTarget[K, V]):
             if self._retired or not component.current(gen):
                 return None
             result = self._table.commit(buffer, self._defer(component))
-            failed, conflicts = await self._send(component, result)
+            failed, conflicts = await self._send(component, result, True, gen)
             drop_now = failed is None and self._settled(component, result)
         if drop_now:
             failed = await self._drop_now(component)
