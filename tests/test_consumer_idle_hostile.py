@@ -1,0 +1,65 @@
+"""A ``mount_each``'s consumer goes idle where its queue does, made hostile:
+a change whose try is decided at its commit to run nothing (the delete of a
+child at rest) leaves the consumer idle, and the ``mount_each`` ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import livemap as coco
+from livemap import LiveMap
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 10.0
+
+
+async def test_deleting_a_child_at_rest_leaves_the_consumer_idle_and_its_mount_each_ready() -> None:
+    seen: list[int] = []
+    deleted = anyio.Event()
+    holder: dict[str, Any] = {}
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+            self.entries = {"a": 1, "b": 2}
+
+        def process(self) -> None:
+            for key, value in self.entries.items():
+                self.lm.declare_entry(key, value)
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            with anyio.fail_after(TIMEOUT):
+                while sorted(seen) != [1, 2]:  # both children ran, now at rest
+                    await anyio.sleep(0.001)
+            await anyio.sleep(0.02)  # past the catch-up, the workers parked
+            del self.entries["a"]
+            await op.update_full()  # the delete runs nothing: a leaf is dropped
+            deleted.set()
+
+    def process(value: int) -> None:
+        seen.append(value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(Producer, lm)
+        holder["each"] = await coco.mount_each(process, lm)
+        holder["lm"] = lm
+
+    async with coco.App("leaf-deleted", main).update(live=True) as h:
+        with anyio.fail_after(TIMEOUT):
+            await h.ready()
+            await deleted.wait()
+            await holder["lm"].settle()
+            # nothing runs for the delete: the consumer is idle at once, and
+            # holds its mount_each back no more
+            await holder["each"].ready()
+        await h.stop()
+    assert sorted(seen) == [1, 2]
+    assert dict(holder["lm"].items()) == {"b": 2}
