@@ -275,6 +275,11 @@ class Consumer(Generic[K, V]):
                 add(key, DELIVER_WORK)
             else:
                 add(key, work)  # (a newer run cuts a backoff short)
+        if queue.idle():
+            # nothing to run (a child at rest dropped, a value it has): no
+            # try will end to say the consumer is idle again
+            self.went_idle()
+            return
         each.pool.wake(each.app_run)
 
     def close(self) -> None:
