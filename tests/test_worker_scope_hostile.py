@@ -21,9 +21,7 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 10.0
 
 
-async def test_a_context_left_behind_by_a_keyed_run_cannot_cancel_the_workers_later_runs() -> (
-    None
-):
+async def test_a_context_left_behind_by_a_keyed_run_cannot_cancel_the_workers_later_runs() -> None:
     """A per-entry run that left nothing behind ran on a worker; a task it
     started keeps its context and creates a map from there once the run is
     over.  Whatever that makes holds no reference to the worker's scope: a
