@@ -1,6 +1,7 @@
 """A ``mount_each``'s consumer goes idle where its queue does, made hostile:
 a change whose try is decided at its commit to run nothing (the delete of a
-child at rest) leaves the consumer idle, and the ``mount_each`` ready."""
+child at rest) leaves the consumer idle: the ``mount_each`` is ready, and a
+catch-up run ends."""
 
 from __future__ import annotations
 
@@ -63,3 +64,51 @@ async def test_deleting_a_child_at_rest_leaves_the_consumer_idle_and_its_mount_e
         await h.stop()
     assert sorted(seen) == [1, 2]
     assert dict(holder["lm"].items()) == {"b": 2}
+
+
+async def test_a_catch_up_with_a_child_at_rest_deleted_during_it_ends() -> None:
+    """The delete of a child at rest while the catch-up still waits for
+    another component: once that one is ready, the catch-up ends."""
+    seen: list[int] = []
+    deleted = anyio.Event()
+
+    class Producer:
+        def __init__(self, lm: LiveMap[str, int]) -> None:
+            self.lm = lm
+            self.entries = {"a": 1, "b": 2}
+
+        def process(self) -> None:
+            for key, value in self.entries.items():
+                self.lm.declare_entry(key, value)
+
+        async def process_live(self, op: coco.LiveComponentOperator) -> None:
+            await op.update_full()
+            await op.mark_ready()
+            with anyio.fail_after(TIMEOUT):
+                while sorted(seen) != [1, 2]:  # both children ran, now at rest
+                    await anyio.sleep(0.001)
+            await anyio.sleep(0.02)  # the workers parked
+            del self.entries["a"]
+            await op.update_full()
+            deleted.set()
+            await anyio.sleep_forever()  # (cancelled once the catch-up is over)
+
+    def process(value: int) -> None:
+        seen.append(value)
+
+    @coco.fn
+    async def slow() -> None:
+        await deleted.wait()  # the catch-up waits for it meanwhile
+        await anyio.sleep(0.02)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(Producer, lm)
+        await coco.mount_each(process, lm)
+        await coco.mount(slow)
+
+    with anyio.fail_after(TIMEOUT):
+        await coco.App("leaf-deleted-in-catch-up", main).update()
+    assert deleted.is_set()
+    assert sorted(seen) == [1, 2]
