@@ -160,6 +160,9 @@ class Consumer(Generic[K, V]):
     * ``_workers`` / ``_free`` / ``_parked``: the worker tasks of a
       hand-written subscriber (at most ``concurrency``): how many run, how
       many of them are not in a delivery, and the events of the parked ones.
+    * ``_resolving``: ``mount_each`` only, while :meth:`notify` decides what
+      a commit's changes run (the queue may be empty for a moment then: the
+      consumer is not idle before every key is in).
     """
 
     def __init__(
@@ -176,6 +179,8 @@ class Consumer(Generic[K, V]):
         self.closed = False
         self.released = False
         self.started = False
+        # a commit's changes are being resolved (see notify)
+        self._resolving = False
         # set once update_all() and mark_ready() have returned
         self.scanned = anyio.Event()
         self._busy_run: AppRun | None = None
@@ -258,23 +263,35 @@ class Consumer(Generic[K, V]):
         # change waits behind that work: dirty), the key waits as a change,
         # whose try reads the map when it starts (a change and its undo
         # queued meanwhile run nothing).
+        # A key's resolve may empty the queue for a moment (a delete drops
+        # the child's try again, then its release is queued): the consumer
+        # is idle or not once every key is in (``_resolving``).
         add, in_flight, waiting, order = queue.add, queue.in_flight, queue.waiting, queue.order
         limit = self.options.concurrency
         get = self.live_map.get
-        for key in keys:
-            if key in in_flight or key in waiting:
-                add(key, DELIVER_WORK)
-                continue
-            if (order or len(in_flight) >= limit) and get(key, _MISSING) is not _MISSING:
-                add(key, DELIVER_WORK)
-                continue
-            work = self.resolve(key)
-            if work is None:
-                queue.settled(key)
-            elif work[0] is WAIT:  # (its child is busy: a worker waits for it)
-                add(key, DELIVER_WORK)
-            else:
-                add(key, work)  # (a newer run cuts a backoff short)
+        self._resolving = True
+        try:
+            for key in keys:
+                if key in in_flight or key in waiting:
+                    add(key, DELIVER_WORK)
+                    continue
+                if (order or len(in_flight) >= limit) and get(key, _MISSING) is not _MISSING:
+                    add(key, DELIVER_WORK)
+                    continue
+                work = self.resolve(key)
+                if work is None:
+                    queue.settled(key)
+                elif work[0] is WAIT:  # (its child is busy: a worker waits for it)
+                    add(key, DELIVER_WORK)
+                else:
+                    add(key, work)  # (a newer run cuts a backoff short)
+        finally:
+            self._resolving = False
+        if queue.idle():
+            # nothing to run (a child at rest dropped, a value it has): no
+            # try will end to say the consumer is idle again
+            self.went_idle()
+            return
         each.pool.wake(each.app_run)
 
     def close(self) -> None:
@@ -293,7 +310,7 @@ class Consumer(Generic[K, V]):
         """Its queue (or its host's) may have gone idle: once its scan is
         done, the consumer is idle from now on, said here rather than by
         waking its task (which would find only that to do, once per change)."""
-        if self.started and not self.closed and self.idle():
+        if self.started and not self.closed and not self._resolving and self.idle():
             self._set_busy(False)
 
     def _set_busy(self, busy: bool) -> None:

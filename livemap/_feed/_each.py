@@ -173,8 +173,10 @@ class KeyedRun(Run):
         """The run is over: a task or thread it started keeps it in its
         context, and a declaration from there raises
         :class:`~livemap.errors.NotInComponentError` naming the key's path
-        (a worker runs its next key as a new KeyedRun)."""
+        (a worker runs its next key as a new KeyedRun, in the same scope:
+        the run lets go of it)."""
         self.buffers = EndedKeyedRun(self.host.component, self.key)
+        self.scope = None
 
     @property
     def component(self) -> Component:
