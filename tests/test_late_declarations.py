@@ -150,3 +150,96 @@ async def test_a_mount_each_child_run_that_left_nothing_ends_too(sync: bool) -> 
         held["context"].run(target.declare, "late", 1)
     assert "'k1'" in str(caught.value)  # the run's own path: the key's
     assert "late" not in target
+
+
+def _step_in(context: contextvars.Context, make: Any) -> None:
+    """Start the coroutine ``make()`` makes in ``context``: its first step,
+    up to its first await (where each of these calls checks its run)."""
+    coro = context.run(make)
+    try:
+        context.run(coro.send, None)
+    finally:
+        coro.close()
+
+
+def _late_calls(lm: LiveMap[str, int]) -> dict[str, Any]:
+    def child() -> None:
+        lm.declare_entry("from-late-child", 1)
+
+    return {
+        "LiveMap.create()": LiveMap.create,
+        "mount()": lambda: coco.mount(coco.fn(child)),
+        "use_mount()": lambda: coco.use_mount(coco.fn(child)),
+        "mount_each()": lambda: coco.mount_each(coco.fn(lambda v: None), [("k", 1)]),
+    }
+
+
+@pytest.mark.parametrize("what", ["LiveMap.create()", "mount()", "use_mount()", "mount_each()"])
+async def test_creating_or_mounting_from_a_context_that_outlived_its_run_raises(
+    what: str,
+) -> None:
+    """Not only declarations: a map created, or a child mounted, from a task
+    or thread that outlived its run would belong to a run that has
+    committed (a map nobody retires, a child nobody commits)."""
+    held: dict[str, Any] = {}
+    seen: list[str] = []
+
+    @coco.fn
+    async def producer(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("a", 1)
+        held["context"] = contextvars.copy_context()
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        held["lm"] = lm
+        await (await coco.mount(producer, lm)).ready()
+        make = _late_calls(lm)[what]
+        with pytest.raises(coco.NotInComponentError) as caught:
+            _step_in(held["context"], make)
+        seen.append(str(caught.value))
+
+    await run_app(coco.App(f"late-{what}", main))
+    assert len(seen) == 1 and what in seen[0] and "/producer" in seen[0]
+    assert "outlived" in seen[0]
+    assert dict(held["lm"].snapshot()) == {"a": 1}  # nothing mounted declared into it
+
+
+async def test_a_map_created_from_an_ended_per_entry_run_raises_and_gives_the_key_nothing() -> None:
+    """A ``mount_each`` child's run that left nothing behind has no
+    component: a map created from a context it copied, once it is over,
+    must neither succeed nor make one for it."""
+    held: dict[str, Any] = {}
+    runs: list[int] = []
+    errors: list[str] = []
+
+    @coco.fn
+    def process(value: int) -> None:
+        runs.append(value)
+        if value == 1:
+            held["context"] = contextvars.copy_context()
+
+    @coco.fn
+    async def produce(lm: LiveMap[str, int], version: int) -> None:
+        lm.declare_entry("k1", version)
+        lm.declare_entry("k2", 10 + version)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await coco.mount(produce, lm, held.get("version", 0))
+        handle = await coco.mount_each(process, lm.consumer(concurrency=1))
+        await handle.ready()
+        if "context" in held and not errors:
+            with pytest.raises(coco.NotInComponentError) as caught:
+                _step_in(held["context"], LiveMap.create)
+            errors.append(str(caught.value))
+
+    app = coco.App("late-each-create", main)
+    held["version"] = 1
+    await run_app(app)
+    assert errors and "'k1'" in errors[0] and "LiveMap.create()" in errors[0]
+    assert sorted(runs) == [1, 11]
+    held["version"] = 2  # the key runs again, as a child at rest does
+    await run_app(app)
+    assert sorted(runs) == [1, 2, 11, 12]

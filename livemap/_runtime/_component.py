@@ -78,11 +78,17 @@ class Run:
 
 
 def current_run(what: str) -> Run:
-    """The current component run, or :class:`NotInComponentError` naming ``what``."""
+    """The current component run, or :class:`NotInComponentError` naming
+    ``what``: outside any run, or from a task or thread that outlived the
+    run in its context (whose ``buffers`` are then the run's end marker,
+    which names it)."""
     run = current_run_var.get()
     if run is None:
         raise NotInComponentError(what)
     assert isinstance(run, Run)
+    buffers = run.buffers
+    if buffers is not None and type(buffers) is not dict:
+        raise NotInComponentError(what, buffers)
     return run
 
 
