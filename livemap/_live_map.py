@@ -161,7 +161,7 @@ class LiveMap(TargetBase[K, V]):
     ) -> Exception | None:
         if self._retired or not component.current(gen):
             return None
-        result = self._table.commit(buffer, self._defer(component))
+        result = self._table.commit(buffer, self._defer(component, buffer))
         # The consumer hears of the changes before a handler can hold them up:
         # a report interrupted (the run superseded, stopped or cancelled) must
         # not leave the map ahead of its consumer.

@@ -1269,6 +1269,40 @@ cdef class Table:
         """The owners claiming ``key``, first claim first."""
         return tuple(self._claims.get(key, ()))
 
+    def lets_go(self, buffer):
+        """Whether committing ``buffer`` could let go of a key its owner holds:
+        one it does not declare again (with ``defer``, it would be kept
+        dropping), or the owner has deferred drops pending.  False means the
+        commit's ``defer`` makes no difference, so a caller can skip working
+        it out.  Reads the owner's record as :meth:`count_of` does."""
+        cdef Buffer buf
+        cdef object owner_id
+        cdef object record
+        cdef dict decls
+        if not isinstance(buffer, Buffer):
+            raise TypeError(
+                f"{self.name}: lets_go() expects a Buffer of this core, got {_type_name(buffer)}"
+            )
+        buf = <Buffer>buffer
+        if buf.table is not self:
+            raise ValueError(f"buffer belongs to {buf.table.name}, not {self.name}")
+        self._check_idle("lets_go")
+        owner_id = PyLong_FromVoidPtr(<void*>buf.owner)
+        record = self._owned.get(owner_id)
+        if record is None:
+            return False
+        if self._dropping and owner_id in self._dropping:
+            return True
+        decls = buf._decls
+        if type(record) is tuple:
+            return (<tuple>record)[0] not in decls
+        if len(decls) < len(<dict>record):
+            return True
+        for key in <dict>record:
+            if key not in decls:
+                return True
+        return False
+
     def deferred_of(self, owner):
         """The keys ``owner`` holds but stopped declaring in a commit made
         with ``defer``: they wait for :meth:`drop_deferred`."""

@@ -910,6 +910,34 @@ class Table(Generic[K, V]):
         """The owners claiming ``key``, first claim first."""
         return tuple(self._claims.get(key, ()))
 
+    def lets_go(self, buffer: Buffer[K, V]) -> bool:
+        """Whether committing ``buffer`` could let go of a key its owner holds:
+        one it does not declare again (with ``defer``, it would be kept
+        dropping), or the owner has deferred drops pending.  False means the
+        commit's ``defer`` makes no difference, so a caller can skip working
+        it out.  Reads the owner's record as :meth:`count_of` does."""
+        if not isinstance(buffer, Buffer):
+            raise TypeError(
+                f"{self.name}: lets_go() expects a Buffer of this core, got "
+                f"{type(buffer).__module__}.{type(buffer).__qualname__}"
+            )
+        if buffer.table is not self:
+            raise ValueError(f"buffer belongs to {buffer.table.name}, not {self.name}")
+        if self._busy:
+            self._check_idle("lets_go")
+        owner_id = id(buffer.owner)
+        record = self._owned.get(owner_id)
+        if record is None:
+            return False
+        if self._dropping and owner_id in self._dropping:
+            return True
+        decls = buffer._decls
+        if type(record) is tuple:
+            return record[0] not in decls
+        if len(decls) < len(record):
+            return True
+        return any(key not in decls for key in record)
+
     def deferred_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds but stopped declaring in a commit made
         with ``defer``: they wait for :meth:`drop_deferred`."""

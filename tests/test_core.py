@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import uuid
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -1512,3 +1513,82 @@ def test_a_declarer_subclass_with_a_call_of_its_own_is_refused(core: ModuleType)
     for other in (int, object(), "Declarer"):
         with pytest.raises(TypeError, match="not a Declarer subclass"):
             core.Declarer._subclassed(other)
+
+
+# -- lets_go: whether a commit's defer can matter --------------------------------
+
+
+def test_lets_go_is_whether_a_commit_can_let_go_of_a_key(core: ModuleType) -> None:
+    table = core.Table("t")
+    owner, other = object(), object()
+    assert not table.lets_go(declared(table, owner, {"a": 1}))  # holds nothing yet
+    commit(table, owner, {"a": 1})
+    assert not table.lets_go(declared(table, owner, {"a": 2}))  # one key, declared again
+    assert not table.lets_go(declared(table, owner, {True: 0, "a": 2}))  # and a new one
+    assert table.lets_go(declared(table, owner, {"b": 2}))  # "a" would go
+    assert table.lets_go(declared(table, owner, {}))
+    commit(table, owner, {"a": 1, "b": 2, 1: 3})
+    assert not table.lets_go(declared(table, owner, {"a": 1, "b": 2, True: 3}))  # 1 == True
+    assert table.lets_go(declared(table, owner, {"a": 1, "b": 2, "c": 3}))
+    assert table.lets_go(declared(table, owner, {"a": 1, "b": 2}))
+    assert not table.lets_go(declared(table, other, {"a": 1}))  # a claim: nothing it holds
+    table.commit(declared(table, owner, {"a": 1, "b": 2}), True)  # 1 waits, dropping
+    assert table.deferred_of(owner) == frozenset({1})
+    # deferred drops pending: a commit of the owner may settle them, defer or not
+    assert table.lets_go(declared(table, owner, {"a": 1, "b": 2, 1: 3}))
+
+
+def test_lets_go_false_means_defer_makes_no_difference(core: ModuleType) -> None:
+    """Randomized: two tables alike, a commit with and one without
+    ``defer``: where ``lets_go`` says False, they come out the same."""
+    rng = random.Random(7)
+    keys = ["a", "b", "c", 1, 2]
+    for _ in range(300):
+        tables = [core.Table("x"), core.Table("y")]
+        owners = [object(), object()]
+        history = []
+        for _ in range(rng.randrange(0, 4)):
+            who = rng.randrange(2)
+            pairs = {k: rng.randrange(3) for k in rng.sample(keys, rng.randrange(0, 4))}
+            history.append((who, pairs, rng.random() < 0.3))
+        for table in tables:
+            for who, pairs, defer in history:
+                table.commit(declared(table, owners[who], pairs), defer)
+        who = rng.randrange(2)
+        pairs = {k: rng.randrange(3) for k in rng.sample(keys, rng.randrange(0, 4))}
+        bufs = [declared(t, owners[who], pairs) for t in tables]
+        can = tables[0].lets_go(bufs[0])
+        assert can == tables[1].lets_go(bufs[1])
+        with_defer, without = tables[0].commit(bufs[0], True), tables[1].commit(bufs[1], False)
+        same = (
+            with_defer.upserts == without.upserts
+            and with_defer.deletes == without.deletes
+            and tables[0].deferred_of(owners[who]) == tables[1].deferred_of(owners[who])
+            and as_dict(tables[0]) == as_dict(tables[1])
+        )
+        if not can:
+            assert same, (history, who, pairs)
+        elif not tables[0].deferred_of(owners[who]) and without.deletes:
+            raise AssertionError("lets_go said True, yet nothing was kept dropping")
+
+
+def test_lets_go_refuses_what_commit_refuses(core: ModuleType) -> None:
+    table, other = core.Table("t"), core.Table("u")
+    owner = object()
+    with pytest.raises(TypeError, match="lets_go"):
+        table.lets_go(object())
+    with pytest.raises(ValueError, match="u, not t"):
+        table.lets_go(other.buffer(owner))
+    commit(table, owner, {"k": 1})
+    seen: list[BaseException] = []
+
+    class Peeks:
+        def __eq__(self, value: object) -> bool:
+            try:
+                table.lets_go(table.buffer(owner))
+            except RuntimeError as exc:
+                seen.append(exc)
+            return False
+
+    commit(table, owner, {"k": Peeks()})
+    assert len(seen) == 1 and "lets_go" in str(seen[0])

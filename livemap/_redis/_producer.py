@@ -1182,7 +1182,7 @@ class RedisLiveMap(SinkTarget[K, V]):
                 await self._retry_orphans()
             if self._retired or not component.current(gen):
                 return None
-            result = self._table.commit(buffer, self._defer(component))
+            result = self._table.commit(buffer, self._defer(component, buffer))
             failed, conflicts = await self._send(component, result, True, gen)
             drop_now = failed is None and self._settled(component, result)
         if drop_now:

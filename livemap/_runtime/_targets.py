@@ -205,12 +205,13 @@ class TargetBase(Generic[K, V]):
         table = self._table
         return table.count_of(component) > 0 or bool(table.claims_of(component))
 
-    def _defer(self, component: Owner) -> bool:
-        """Whether a commit of ``component`` defers the drops it makes
-        (:attr:`Owner.defers_drops`): asked only of an owner that holds a key
-        here, since an owner holding none has nothing to drop (a per-entry
-        child's first commit, the common case)."""
-        return self._table.count_of(component) > 0 and component.defers_drops
+    def _defer(self, component: Owner, buffer: Buffer[K, V]) -> bool:
+        """Whether a commit of ``buffer`` by ``component`` defers the drops it
+        makes (:attr:`Owner.defers_drops`): asked only if the commit can let
+        go of a key (``Table.lets_go``), since an owner that declares again
+        every key it holds has nothing to drop (a per-entry child's first
+        commit, or its re-run with a new value: the common cases)."""
+        return self._table.lets_go(buffer) and component.defers_drops
 
     def _settled(self, component: Owner, result: Commit[K, V]) -> bool:
         """After a commit (or release) ``result`` of ``component`` reached the
@@ -597,7 +598,7 @@ class KeyedTarget(SinkTarget[K, V]):
                 await self._retry_orphans()
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
-            result = self._table.commit(buffer, self._defer(component))
+            result = self._table.commit(buffer, self._defer(component, buffer))
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
