@@ -44,8 +44,9 @@ class NotInComponentError(LiveMapError, RuntimeError):
             into = "" if target is None else f" into {target}"
             message = (
                 f"{what}{into} was called from a task or thread that outlived its component "
-                f"run (component {ended}): that run has ended and committed; the call did "
-                "nothing (no declaration, map or child was made)"
+                f"run (component {ended}): that run's function has returned and its commit "
+                "takes nothing more; the call did nothing (no declaration, map or child "
+                "was made)"
             )
         super().__init__(message)
         self.what = what

@@ -18,6 +18,7 @@ report (:func:`settle_stopped`, :func:`settle_tree`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import anyio
 
@@ -29,7 +30,7 @@ from livemap._runtime._component import (
     run_settle_jobs,
     settle_calls,
 )
-from livemap._runtime._hosting import Target
+from livemap._runtime._hosting import Named, Target
 from livemap._runtime._unmount import unmount
 
 __all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
@@ -45,12 +46,14 @@ async def wait_mounted(run: Run) -> None:
             await child.wait_ready()
 
 
-async def commit(comp: Component, run: Run, gen: int, live: bool) -> Exception | None:
-    """Commit ``run`` of ``comp`` (generation ``gen``); returns the first sink
-    failure, if any (the rest of the commit still happens, and the component
-    is then left unready).  ``live``: the run is a live component's, whose
-    readiness its own task decides."""
-    buffers = run.buffers
+async def commit(
+    comp: Component, run: Run, buffers: dict[Target, Any] | Named | None, gen: int, live: bool
+) -> Exception | None:
+    """Commit ``run`` of ``comp`` (generation ``gen``), whose function left
+    ``buffers`` (the run's ``buffers`` are its marker by then); returns the
+    first sink failure, if any (the rest of the commit still happens, and
+    the component is then left unready).  ``live``: the run is a live
+    component's, whose readiness its own task decides."""
     if type(buffers) is not dict:
         buffers = _NO_BUFFERS
     targets = comp.targets

@@ -23,6 +23,7 @@ __all__ = [
     "Named",
     "Owner",
     "RetiredWithRun",
+    "RunCommitting",
     "RunEnded",
     "RunState",
     "Target",
@@ -126,6 +127,16 @@ class RunEnded:
 
     def __str__(self) -> str:
         return self.owner.path_str
+
+
+class RunCommitting(RunEnded):
+    """What a run's ``buffers`` become once its function has returned, while
+    its commit is under way (the run is still in progress: its children's
+    drops wait for it).  A declaration, map or child reaching the run from
+    a context it left behind raises as after the run, instead of going
+    into a buffer being committed (or committed already)."""
+
+    __slots__ = ()
 
 
 class RunState(Protocol):

@@ -26,7 +26,7 @@ from livemap._runtime._commit import commit, settle, wait_mounted
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
-from livemap._runtime._hosting import RunEnded, current_run_var
+from livemap._runtime._hosting import RunCommitting, RunEnded, current_run_var
 from livemap._runtime._session import AppRun
 
 __all__ = ["launch", "run_once", "start"]
@@ -175,13 +175,17 @@ async def run_once(
                     handlers_var.reset(t_handlers)
                 if t_prefix is not None:
                     prefix_var.reset(t_prefix)
+        # the function has returned: what it declared is committed from
+        # here, and a context it left behind can add nothing more to it
+        buffers = run.buffers
+        run.buffers = RunCommitting(comp)
         try:
             current = gen == comp.generation and comp.alive
             if error is None:
                 if current:
                     extra = comp.extra
                     if (
-                        run.buffers is None
+                        buffers is None
                         and run.created is None
                         and comp.targets is None
                         and (extra is None or (extra.created is None and not extra.children))
@@ -198,13 +202,13 @@ async def run_once(
                         if not live:
                             comp.set_self_ready(True)
                         return result
-                    if run.mounted and (run.buffers or comp.targets):
+                    if run.mounted and (buffers or comp.targets):
                         # CocoIndex's submit order: the children this run
                         # mounted are ready before its own declarations commit
                         await wait_mounted(run)
                         if gen != comp.generation or not comp.alive:
                             return result
-                    error = await commit(comp, run, gen, live)
+                    error = await commit(comp, run, buffers, gen, live)
                     if error is None:
                         outcome = 1
                         return result
