@@ -313,8 +313,8 @@ class Component(Readiness):
     * ``targets``: the targets this component holds keys of (kept by
       :func:`._commit.commit`, emptied by :func:`._unmount.cleanup`).
     * ``latest_run``: the :class:`Run` made last for this component (set by
-      ``Run()``); its run is in progress until its ``buffers`` become
-      :class:`RunEnded` (:attr:`running`).
+      ``Run()``); its run is in progress until its ``buffers`` become a
+      :class:`RunEnded` that is no longer ``committing`` (:attr:`running`).
 
     In ``extra`` (each ``None`` until set):
 
@@ -591,7 +591,10 @@ class Component(Readiness):
         update included).  A live component runs only within
         ``update_full()``, not for all of ``process_live``."""
         run = self.latest_run
-        return self.alive and run is not None and type(run.buffers) is not RunEnded
+        if not self.alive or run is None:
+            return False
+        buffers = run.buffers
+        return type(buffers) is not RunEnded or buffers.committing
 
     def _update_parent(self) -> Component | None:
         """The nearest ancestor still in the tree (the parent, unless this
@@ -630,8 +633,10 @@ class Component(Readiness):
         if up is None:
             return False
         run = up.latest_run
-        if run is not None and type(run.buffers) is not RunEnded:
-            return True
+        if run is not None:
+            buffers = run.buffers
+            if type(buffers) is not RunEnded or buffers.committing:
+                return True
         extra = up.extra
         host = None if extra is None else extra.host
         return host is not None and host.in_update()

@@ -23,7 +23,6 @@ __all__ = [
     "Named",
     "Owner",
     "RetiredWithRun",
-    "RunCommitting",
     "RunEnded",
     "RunState",
     "Target",
@@ -109,17 +108,21 @@ class Named(Protocol):
 
 
 class RunEnded:
-    """What a run's ``buffers`` become once the run is over.
+    """What a run's ``buffers`` become once its function has returned.
 
     A task or a thread that the run started keeps the run in its context; a
     declaration it makes afterwards finds this marker instead of a dict and
     raises :class:`~livemap.errors.NotInComponentError` naming the component
-    (its ``str()``), instead of going into a buffer nobody commits."""
+    (its ``str()``), instead of going into a buffer being committed, or that
+    nobody commits.  ``committing``: the run's commit is still under way (the
+    run is in progress: its children's drops wait for it); the same marker
+    then stays, with ``committing`` false, once the run is over."""
 
-    __slots__ = ("owner",)
+    __slots__ = ("committing", "owner")
 
-    def __init__(self, owner: Named) -> None:
+    def __init__(self, owner: Named, committing: bool = False) -> None:
         self.owner = owner
+        self.committing = committing
 
     @property
     def path_str(self) -> str:
@@ -127,16 +130,6 @@ class RunEnded:
 
     def __str__(self) -> str:
         return self.owner.path_str
-
-
-class RunCommitting(RunEnded):
-    """What a run's ``buffers`` become once its function has returned, while
-    its commit is under way (the run is still in progress: its children's
-    drops wait for it).  A declaration, map or child reaching the run from
-    a context it left behind raises as after the run, instead of going
-    into a buffer being committed (or committed already)."""
-
-    __slots__ = ()
 
 
 class RunState(Protocol):

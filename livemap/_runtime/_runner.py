@@ -26,7 +26,7 @@ from livemap._runtime._commit import commit, settle, wait_mounted
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
-from livemap._runtime._hosting import RunCommitting, RunEnded, current_run_var
+from livemap._runtime._hosting import RunEnded, current_run_var
 from livemap._runtime._session import AppRun
 
 __all__ = ["launch", "run_once", "start"]
@@ -178,7 +178,7 @@ async def run_once(
         # the function has returned: what it declared is committed from
         # here, and a context it left behind can add nothing more to it
         buffers = run.buffers
-        run.buffers = RunCommitting(comp)
+        ended = run.buffers = RunEnded(comp, True)
         try:
             current = gen == comp.generation and comp.alive
             if error is None:
@@ -263,8 +263,9 @@ async def run_once(
                 comp.set_self_ready(True)
             return None
         finally:
-            # a declaration reaching this run from now on raises
-            run.buffers = RunEnded(comp)
+            # the run is over (a declaration reaching it raised since its
+            # function returned, and still does)
+            ended.committing = False
             if slots is not None:
                 slots.give(run)
             if stats is not None and outcome != 2:
