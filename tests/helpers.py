@@ -1,4 +1,5 @@
-"""Test helpers: timeouts on every wait, and small recording processors."""
+"""Test helpers: timeouts on every wait, small recording processors, and a
+live producer driven from the test."""
 
 from __future__ import annotations
 
@@ -149,3 +150,52 @@ class RemoteLive:
                     box.append((False, exc))
                 finally:
                     done.set()
+
+
+class LiveDriver:
+    """Drives a :class:`LiveProducer`: each ``refresh()`` re-runs its
+    ``process()`` with ``state`` changed (``None``: the key deleted) and
+    returns once it has committed."""
+
+    def __init__(self, state: dict[str, int], *, buffer: int = 100) -> None:
+        self.state = dict(state)
+        self.send, self.recv = anyio.create_memory_object_stream[anyio.Event](buffer)
+
+    def close(self) -> None:
+        self.send.close()
+        self.recv.close()
+
+    async def refresh(self, **changes: int | None) -> None:
+        for key, version in changes.items():
+            if version is None:
+                del self.state[key]
+            else:
+                self.state[key] = version
+        done = anyio.Event()
+        await self.send.send(done)
+        with anyio.fail_after(TIMEOUT):
+            await done.wait()
+
+
+class LiveProducer:
+    """A live component declaring its driver's ``state`` into ``lm``, each
+    key with :meth:`value` (``(key, version)``), again at each refresh."""
+
+    def __init__(self, lm: coco.LiveMap[str, Any], driver: LiveDriver) -> None:
+        self.lm = lm
+        self.driver = driver
+
+    def value(self, key: str, version: int) -> Any:
+        return (key, version)
+
+    def process(self) -> None:
+        value = self.value
+        for key, version in self.driver.state.items():
+            self.lm.declare_entry(key, value(key, version))
+
+    async def process_live(self, op: coco.LiveComponentOperator) -> None:
+        await op.update_full()
+        await op.mark_ready()
+        async for done in self.driver.recv:
+            await op.update_full()
+            done.set()

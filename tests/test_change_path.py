@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import LiveDriver as Driver
+from helpers import LiveProducer as Producer
 from helpers import current_tasks, wait_for
 
 import livemap as coco
@@ -27,43 +29,6 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 10.0
 
 Value = tuple[str, int]  # (key, version): the processor gets only the value
-
-
-class Driver:
-    """Drives a live producer: each ``refresh()`` re-runs its ``process()``
-    with ``state`` and returns once it has committed."""
-
-    def __init__(self, state: dict[str, int]) -> None:
-        self.state = dict(state)
-        self.send, self.recv = anyio.create_memory_object_stream[anyio.Event](100)
-
-    def close(self) -> None:
-        self.send.close()
-        self.recv.close()
-
-    async def refresh(self, **changes: int) -> None:
-        self.state.update(changes)
-        done = anyio.Event()
-        await self.send.send(done)
-        with anyio.fail_after(TIMEOUT):
-            await done.wait()
-
-
-class Producer:
-    def __init__(self, lm: LiveMap[str, Value], driver: Driver) -> None:
-        self.lm = lm
-        self.driver = driver
-
-    def process(self) -> None:
-        for key, version in self.driver.state.items():
-            self.lm.declare_entry(key, (key, version))
-
-    async def process_live(self, op: coco.LiveComponentOperator) -> None:
-        await op.update_full()
-        await op.mark_ready()
-        async for done in self.driver.recv:
-            await op.update_full()
-            done.set()
 
 
 class Recorder:

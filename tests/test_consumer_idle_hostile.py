@@ -9,6 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import LiveDriver as Driver
+from helpers import LiveProducer as Producer
 
 import livemap as coco
 from livemap import LiveMap
@@ -16,48 +18,6 @@ from livemap import LiveMap
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 10.0
-
-
-class Driver:
-    """Drives a live producer: each ``refresh()`` re-runs its ``process()``
-    with ``state`` changed (``None``: the key deleted) and returns once it
-    has committed."""
-
-    def __init__(self, state: dict[str, int]) -> None:
-        self.state = dict(state)
-        self.send, self.recv = anyio.create_memory_object_stream[anyio.Event](100)
-
-    def close(self) -> None:
-        self.send.close()
-        self.recv.close()
-
-    async def refresh(self, **changes: int | None) -> None:
-        for key, version in changes.items():
-            if version is None:
-                del self.state[key]
-            else:
-                self.state[key] = version
-        done = anyio.Event()
-        await self.send.send(done)
-        with anyio.fail_after(TIMEOUT):
-            await done.wait()
-
-
-class Producer:
-    def __init__(self, lm: LiveMap[str, tuple[str, int]], driver: Driver) -> None:
-        self.lm = lm
-        self.driver = driver
-
-    def process(self) -> None:
-        for key, version in self.driver.state.items():
-            self.lm.declare_entry(key, (key, version))
-
-    async def process_live(self, op: coco.LiveComponentOperator) -> None:
-        await op.update_full()
-        await op.mark_ready()
-        async for done in self.driver.recv:
-            await op.update_full()
-            done.set()
 
 
 async def test_deleting_a_child_at_rest_leaves_the_consumer_idle_and_its_mount_each_ready() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import wait_for
+from helpers import LiveDriver, LiveProducer, wait_for
 
 import livemap as coco
 from livemap import LiveMap
@@ -18,39 +18,11 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 10.0
 
 
-class Driver:
-    """A live producer declaring ``state`` into ``lm`` on each ``refresh()``."""
+class Producer(LiveProducer):
+    """Each key's version is its value."""
 
-    def __init__(self, state: dict[str, int]) -> None:
-        self.state = dict(state)
-        self.send, self.recv = anyio.create_memory_object_stream[anyio.Event](10)
-
-    def close(self) -> None:
-        self.send.close()
-        self.recv.close()
-
-    async def refresh(self) -> None:
-        done = anyio.Event()
-        await self.send.send(done)
-        with anyio.fail_after(TIMEOUT):
-            await done.wait()
-
-
-class Producer:
-    def __init__(self, lm: LiveMap[str, int], driver: Driver) -> None:
-        self.lm = lm
-        self.driver = driver
-
-    def process(self) -> None:
-        for key, value in self.driver.state.items():
-            self.lm.declare_entry(key, value)
-
-    async def process_live(self, op: coco.LiveComponentOperator) -> None:
-        await op.update_full()
-        await op.mark_ready()
-        async for done in self.driver.recv:
-            await op.update_full()
-            done.set()
+    def value(self, key: str, version: int) -> Any:
+        return version
 
 
 class Subscriber:
@@ -108,7 +80,7 @@ class Watcher:
         await self.lm.consumer(concurrency=self.concurrency).watch(self.sub)
 
 
-def app(driver: Driver, sub: Subscriber, holder: dict[str, Any], concurrency: int) -> coco.App:
+def app(driver: LiveDriver, sub: Subscriber, holder: dict[str, Any], concurrency: int) -> coco.App:
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
@@ -120,7 +92,7 @@ def app(driver: Driver, sub: Subscriber, holder: dict[str, Any], concurrency: in
 
 
 async def test_deliveries_that_wait_spread_over_at_most_concurrency_workers() -> None:
-    driver = Driver({f"k{i}": 0 for i in range(12)})
+    driver = LiveDriver({f"k{i}": 0 for i in range(12)})
     sub = Subscriber(pause=0.002)
     holder: dict[str, Any] = {}
     try:
@@ -132,7 +104,7 @@ async def test_deliveries_that_wait_spread_over_at_most_concurrency_workers() ->
     assert len(set(sub.tasks)) <= 3
 
 
-async def spread(driver: Driver, sub: Subscriber, holder: dict[str, Any]) -> None:
+async def spread(driver: LiveDriver, sub: Subscriber, holder: dict[str, Any]) -> None:
     async with app(driver, sub, holder, concurrency=3).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
@@ -149,7 +121,7 @@ async def spread(driver: Driver, sub: Subscriber, holder: dict[str, Any]) -> Non
 
 
 async def test_deliveries_that_never_wait_run_back_to_back_in_one_task() -> None:
-    driver = Driver({f"k{i}": 0 for i in range(50)})
+    driver = LiveDriver({f"k{i}": 0 for i in range(50)})
     sub = Subscriber()
     holder: dict[str, Any] = {}
     try:
@@ -160,7 +132,7 @@ async def test_deliveries_that_never_wait_run_back_to_back_in_one_task() -> None
     assert len(set(sub.tasks)) == 1
 
 
-async def back_to_back(driver: Driver, sub: Subscriber, holder: dict[str, Any]) -> None:
+async def back_to_back(driver: LiveDriver, sub: Subscriber, holder: dict[str, Any]) -> None:
     async with app(driver, sub, holder, concurrency=8).update(live=True) as handle:
         with anyio.fail_after(TIMEOUT):
             await handle.ready()
