@@ -20,30 +20,43 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 10.0
 
 
+class DeletesALeaf:
+    """Declares ``a`` and ``b``; once both children ran (``seen``) and are
+    at rest, the workers parked, deletes ``a`` (its delete runs nothing: a
+    leaf is dropped) and sets ``deleted``; then, with ``linger``, waits to
+    be cancelled."""
+
+    def __init__(
+        self, lm: LiveMap[str, int], seen: list[int], deleted: anyio.Event, linger: bool
+    ) -> None:
+        self.lm = lm
+        self.entries = {"a": 1, "b": 2}
+        self.seen = seen
+        self.deleted = deleted
+        self.linger = linger
+
+    def process(self) -> None:
+        for key, value in self.entries.items():
+            self.lm.declare_entry(key, value)
+
+    async def process_live(self, op: coco.LiveComponentOperator) -> None:
+        await op.update_full()
+        await op.mark_ready()
+        with anyio.fail_after(TIMEOUT):
+            while sorted(self.seen) != [1, 2]:  # both children ran, now at rest
+                await anyio.sleep(0.001)
+        await anyio.sleep(0.02)  # past the catch-up, the workers parked
+        del self.entries["a"]
+        await op.update_full()
+        self.deleted.set()
+        if self.linger:
+            await anyio.sleep_forever()  # (cancelled once the catch-up is over)
+
+
 async def test_deleting_a_child_at_rest_leaves_the_consumer_idle_and_its_mount_each_ready() -> None:
     seen: list[int] = []
     deleted = anyio.Event()
     holder: dict[str, Any] = {}
-
-    class Producer:
-        def __init__(self, lm: LiveMap[str, int]) -> None:
-            self.lm = lm
-            self.entries = {"a": 1, "b": 2}
-
-        def process(self) -> None:
-            for key, value in self.entries.items():
-                self.lm.declare_entry(key, value)
-
-        async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            await op.update_full()
-            await op.mark_ready()
-            with anyio.fail_after(TIMEOUT):
-                while sorted(seen) != [1, 2]:  # both children ran, now at rest
-                    await anyio.sleep(0.001)
-            await anyio.sleep(0.02)  # past the catch-up, the workers parked
-            del self.entries["a"]
-            await op.update_full()  # the delete runs nothing: a leaf is dropped
-            deleted.set()
 
     def process(value: int) -> None:
         seen.append(value)
@@ -51,7 +64,7 @@ async def test_deleting_a_child_at_rest_leaves_the_consumer_idle_and_its_mount_e
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
-        await coco.mount(Producer, lm)
+        await coco.mount(DeletesALeaf, lm, seen, deleted, False)
         holder["each"] = await coco.mount_each(process, lm)
         holder["lm"] = lm
 
@@ -74,27 +87,6 @@ async def test_a_catch_up_with_a_child_at_rest_deleted_during_it_ends() -> None:
     seen: list[int] = []
     deleted = anyio.Event()
 
-    class Producer:
-        def __init__(self, lm: LiveMap[str, int]) -> None:
-            self.lm = lm
-            self.entries = {"a": 1, "b": 2}
-
-        def process(self) -> None:
-            for key, value in self.entries.items():
-                self.lm.declare_entry(key, value)
-
-        async def process_live(self, op: coco.LiveComponentOperator) -> None:
-            await op.update_full()
-            await op.mark_ready()
-            with anyio.fail_after(TIMEOUT):
-                while sorted(seen) != [1, 2]:  # both children ran, now at rest
-                    await anyio.sleep(0.001)
-            await anyio.sleep(0.02)  # the workers parked
-            del self.entries["a"]
-            await op.update_full()
-            deleted.set()
-            await anyio.sleep_forever()  # (cancelled once the catch-up is over)
-
     def process(value: int) -> None:
         seen.append(value)
 
@@ -106,7 +98,7 @@ async def test_a_catch_up_with_a_child_at_rest_deleted_during_it_ends() -> None:
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
-        await coco.mount(Producer, lm)
+        await coco.mount(DeletesALeaf, lm, seen, deleted, True)
         await coco.mount_each(process, lm)
         await coco.mount(slow)
 
