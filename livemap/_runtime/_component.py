@@ -625,20 +625,13 @@ class Component(Readiness):
         tree) is in progress, or the parent hosts an update in progress
         (:attr:`hosts_update`), so another component of the same update may
         take them over."""
-        # (_update_parent, running and hosts_update inline: asked at each
-        # commit of a component that holds keys)
-        up = self.parent
-        while up is not None and not up.alive:
-            up = up.parent
+        # (asked only by a commit that can drop a key, and by a release)
+        up = self._update_parent()
         if up is None:
             return False
-        run = up.latest_run
-        if run is not None:
-            buffers = run.buffers
-            if type(buffers) is not RunEnded or buffers.committing:
-                return True
-        extra = up.extra
-        host = None if extra is None else extra.host
+        if up.running:
+            return True
+        host = up.host  # (up.hosts_update, up being alive and not running)
         return host is not None and host.in_update()
 
     def settle_after(
