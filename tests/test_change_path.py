@@ -334,3 +334,62 @@ async def test_a_catch_up_run_ends_only_once_every_change_is_processed() -> None
     assert rec.last("a") == ("a", 5) and rec.last("b") == ("b", 5)
     assert seen == {"a": ("a", 5), "b": ("b", 5)}
     assert rec.twice == []
+
+
+@pytest.mark.parametrize(
+    "backends",
+    [("asyncio", "trio", "asyncio"), ("trio", "asyncio", "trio")],
+    ids=["asyncio-trio-asyncio", "trio-asyncio-trio"],
+)
+def test_live_runs_on_one_loop_then_another_with_workers_parked_between(
+    backends: tuple[str, str, str],
+) -> None:
+    """A live run stopped while its pool workers are parked in the scope they
+    keep over their parks; the next live run of the same app, on another
+    event loop, processes every change (into a target: the realistic
+    shape), and no task of either run is left."""
+    rows: dict[str, int] = {}
+
+    def apply(batch: coco.TargetBatch[str, int]) -> None:
+        for key in batch.deletes:
+            rows.pop(key, None)
+        rows.update(batch.upserts)
+
+    sink = coco.KeyedTarget[str, int]("rows", apply)
+    seen: list[tuple[str, int]] = []
+
+    @coco.fn
+    async def process(value: tuple[str, int]) -> None:
+        seen.append(value)
+        sink.declare(value[0], value[1])
+
+    def one_run(version: int) -> None:
+        driver = Driver({"a": version, "b": version, "c": version})
+
+        @coco.fn
+        async def main() -> None:
+            lm: LiveMap[str, tuple[str, int]] = await LiveMap.create()
+            await coco.mount(Producer, lm, driver)
+            await coco.mount_each(process, lm.consumer(concurrency=2))
+
+        async def go() -> None:
+            before = len(current_tasks())
+            try:
+                async with coco.App("loops", main).update(live=True) as handle:
+                    with anyio.fail_after(TIMEOUT):
+                        await handle.ready()
+                        await wait_for(lambda: rows == {"a": version, "b": version, "c": version})
+                        await anyio.sleep(0.01)  # the workers parked
+                        await driver.refresh(b=version + 1, c=None)
+                        await wait_for(lambda: rows == {"a": version, "b": version + 1})
+                    await handle.stop()
+            finally:
+                driver.close()
+            assert len(current_tasks()) == before
+
+        anyio.run(go, backend=backends[version])
+
+    for version in range(3):
+        one_run(version)
+    assert rows == {"a": 2, "b": 3}
+    assert ("b", 3) in seen and ("c", 2) in seen
