@@ -549,6 +549,108 @@ def fill_floor(benchmark: Any, shape: str, n: int) -> None:
     assert result["n"] == n
 
 
+class _BareRun:
+    """A run of the bare runtime: what the core's ``Declarer`` needs."""
+
+    __slots__ = ("buffers", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.buffers: dict[str, Any] | None = None
+
+
+class _BareBatch:
+    __slots__ = ("deletes", "upserts")
+
+    def __init__(self, upserts: list[tuple[str, int]], deletes: list[str]) -> None:
+        self.upserts = upserts
+        self.deletes = deletes
+
+
+class _Missing(Exception):
+    pass
+
+
+def _drive(coro: Any) -> None:
+    """Run a coroutine that does not suspend to its end, without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    raise RuntimeError("the bare runtime's coroutines must not suspend")
+
+
+@pytest.mark.parametrize("core", ["cython", "python"])
+def test_fill_bare_runtime(benchmark: Any, core: str) -> None:
+    """The least a runtime on this core does for a realistic fill of FILL_N
+    entries, as a bound below any design that keeps one async processor call
+    per entry and commits through the core's tables: the producer declares
+    through a ``Declarer`` and commits; each entry gets an owner, its
+    processor's coroutine driven to its end (two declarations through
+    ``Declarer``s), one commit into each of two tables, a batch handed to
+    the sink and an async update of the subscriber's view.  No event loop,
+    no readiness, no handlers, no cancellation, no ownership transfer: none
+    of the contract, only the work that cannot be left out."""
+    import contextvars
+
+    try:
+        core_mod: Any = importlib.import_module(
+            "livemap_core._core" if core == "cython" else "livemap_core._fallback"
+        )
+    except ImportError as exc:
+        pytest.skip(f"compiled core not available: {exc}")
+    current: contextvars.ContextVar[_BareRun | None] = contextvars.ContextVar(
+        "bare_run", default=None
+    )
+    n = FILL_N
+    result: dict[str, int] = {}
+
+    def run() -> None:
+        src, down, tgt = core_mod.Table("src"), core_mod.Table("down"), core_mod.Table("tgt")
+        src_decl = core_mod.Declarer(src, "src", current, _Missing, _Missing)
+        down_decl = core_mod.Declarer(down, "down", current, _Missing, _Missing)
+        tgt_decl = core_mod.Declarer(tgt, "tgt", current, _Missing, _Missing)
+        view: dict[str, int] = {}
+        sink: dict[str, int] = {}
+
+        def apply(batch: _BareBatch) -> None:
+            for key, value in batch.upserts:
+                sink[key] = value
+            for key in batch.deletes:
+                del sink[key]
+
+        async def update(key: str, value: int) -> None:
+            view[key] = value
+
+        async def process(value: int) -> None:
+            key = f"k{value}"
+            down_decl(key, value)
+            tgt_decl(key, value)
+
+        producer = _BareRun("producer")
+        token = current.set(producer)
+        for i in range(n):
+            src_decl(f"k{i}", i)
+        current.reset(token)
+        assert producer.buffers is not None
+        for _key, value in src.commit(producer.buffers["src"]).upserts:
+            child = _BareRun(object())
+            token = current.set(child)
+            _drive(process(value))
+            current.reset(token)
+            buffers = child.buffers
+            assert buffers is not None
+            for k, v in down.commit(buffers["down"]).upserts:
+                _drive(update(k, v))
+            done = tgt.commit(buffers["tgt"])
+            apply(_BareBatch(done.upserts, done.deletes))
+        result["n"] = len(view) if len(view) == len(sink) else -1
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    assert result["n"] == n
+    benchmark.extra_info["entries"] = n
+
+
 # -- 2. churn ------------------------------------------------------------------------
 
 
