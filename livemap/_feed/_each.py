@@ -63,7 +63,7 @@ from livemap._runtime._live import (
     live_run,
     live_task_context,
 )
-from livemap._runtime._runner import launch, run_once, start
+from livemap._runtime._runner import launch, run_made, run_once, start
 from livemap._runtime._session import AppRun
 from livemap._runtime._unmount import unmount
 
@@ -424,9 +424,30 @@ class EachHost:
         scope = run.scope
         child = run.made
         try:
+            fargs = self.fargs
+            if child is not None and error is None:
+                buffers = run.buffers
+                if (
+                    type(buffers) is dict
+                    and buffers
+                    and run.mounted is None
+                    and run.created is None
+                    and child.targets is None
+                    and child.extra is None
+                ):
+                    # the common case: it made its component to declare,
+                    # and did nothing else (no mounts, no maps)
+                    await run_made(
+                        child,
+                        run,
+                        buffers,
+                        self.fn,
+                        (run.value, *fargs) if fargs else (run.value,),
+                        self.kwargs,
+                    )
+                    return
             if child is None:
                 child = self.materialize(run)
-            fargs = self.fargs
             await run_once(
                 child,
                 1,

@@ -33,7 +33,15 @@ from livemap._runtime._component import (
 from livemap._runtime._hosting import Named, Target
 from livemap._runtime._unmount import unmount
 
-__all__ = ["commit", "run_jobs", "settle", "settle_stopped", "settle_tree", "wait_mounted"]
+__all__ = [
+    "commit",
+    "commit_made",
+    "run_jobs",
+    "settle",
+    "settle_stopped",
+    "settle_tree",
+    "wait_mounted",
+]
 
 
 _NO_BUFFERS: dict[Target, object] = {}  # (a run that declared nothing; never written)
@@ -101,15 +109,76 @@ async def commit(
             comp.targets = targets or None
     if gen != comp.generation or not comp.alive:
         return error
+    if comp.extra is not None or run.created is not None:
+        return await _rest(comp, run, gen, live, error)
+    # (no children to unmount, nothing retired or created, no settle jobs)
+    if error is None:
+        _committed(comp, live)
+    return error
+
+
+async def commit_made(comp: Component, buffers: dict[Target, Any], gen: int) -> Exception | None:
+    """:func:`commit` for the first run of a per-entry child of a
+    ``mount_each``, which made its component: the component holds no
+    targets, children or maps yet, the run declared into ``buffers`` (not
+    empty) and mounted and created nothing (the caller checked), and it is
+    not a live component's.  What cannot apply is skipped: targets held
+    before and not declared into, children to unmount, maps to retire."""
+    declared = comp.targets = _first_targets(comp, buffers)
+    error: Exception | None = None
+    for target, buffer in buffers.items():
+        failed = await target.commit_run(comp, buffer, gen)
+        error = error or failed
+    if comp.alive:
+        # (as in commit: a deferred drop applied while this commit waited
+        # may have disowned one that it has declared into)
+        now = comp.targets
+        if now is None or now is not declared:
+            now = _with(now, buffers)
+        targets = now
+        for target in now:
+            if not target.holds(comp):
+                targets = tuple(t for t in now if t.holds(comp))
+                break
+        comp.targets = targets or None
+    if gen != comp.generation or not comp.alive:
+        return error
+    if comp.extra is not None:  # (a settle job kept meanwhile made it)
+        return await _rest(comp, None, gen, False, error)
+    if error is None:
+        _committed(comp, False)
+    return error
+
+
+def _committed(comp: Component, live: bool) -> None:
+    """The commit of ``comp``'s run is in: the host of a ``mount_each``
+    child records its success, and a function component is self-ready."""
+    parent = comp.parent
+    above = None if parent is None else parent.extra
+    if above is not None:
+        host = above.host
+        if host is not None:
+            host.outcome(comp, None)
+    if not live:
+        comp.set_self_ready(True)
+
+
+async def _rest(
+    comp: Component, run: Run | None, gen: int, live: bool, error: Exception | None
+) -> Exception | None:
+    """The rest of :func:`commit` (of ``run``, or of :func:`commit_made`'s
+    run, which mounted and created nothing: ``None``) for a component that
+    has children, maps or settle jobs, or whose run created maps."""
     extra = comp.extra
     children = None if extra is None else extra.children
     if children:
-        mounted = run.mounted or {}
+        mounted = (None if run is None else run.mounted) or {}
         if len(mounted) != len(children):
             if mounted:
                 # the children mounted instead are ready first (their commits
                 # are in): a key passing from an unmounted child to one of
                 # them is a transfer, not a delete and an insert
+                assert run is not None
                 await wait_mounted(run)
                 if gen != comp.generation or not comp.alive:
                     return error
@@ -120,25 +189,21 @@ async def commit(
                 # superseded while a release waited: what ``comp.settle`` holds
                 # now may be the newer run's update, which that run settles
                 return error
+    created = None if run is None else run.created
     extra = comp.extra  # (again: a settle job kept meanwhile may have made it)
     if extra is not None:
         retired = extra.created
-        extra.created = run.created
+        extra.created = created
         if retired:
             for item in retired:
                 item.retire()
         if extra.settle is not None:
             await settle(comp)
-    elif run.created is not None:
-        comp.more().created = run.created
+    elif created is not None:
+        comp.more().created = created
     if error is not None:
         return error
-    parent = comp.parent
-    above = None if parent is None else parent.extra
-    if above is not None and above.host is not None:
-        above.host.outcome(comp, None)
-    if not live:
-        comp.set_self_ready(True)
+    _committed(comp, live)
     return None
 
 

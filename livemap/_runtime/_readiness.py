@@ -185,7 +185,10 @@ class Readiness:
         extra = self.extra
         if extra is not None and extra.tracked is not None:
             extra.tracked.add(child)
-        self.adjust(1)
+        if self.unready > 0:
+            self.unready += 1  # adjust(1), inline: no crossing (a child per entry)
+        else:
+            self.adjust(1)
 
     def uncount_child(self, child: Readiness) -> None:
         """An unready child counted here leaves the subtree."""
@@ -207,6 +210,18 @@ class Readiness:
     def set_self_ready(self, ready: bool) -> None:
         if self.self_ready is not ready:
             self.self_ready = ready
+            if ready and self.unready == 1 and self.extra is None and self.alive:
+                # adjust(-1) and the parent's adjust(-1), inline, where the
+                # parent stays unready (a per-entry child's commit): no
+                # waiters here, and no crossing there
+                up = self.parent
+                if up is not None and up.unready > 1:
+                    self.unready = 0
+                    above = up.extra
+                    if above is not None and above.tracked is not None:
+                        above.tracked.discard(self)
+                    up.unready -= 1
+                    return  # (no extra: no on_first)
             self.adjust(-1 if ready else 1)
         if ready:
             extra = self.extra

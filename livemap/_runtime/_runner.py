@@ -22,14 +22,14 @@ from typing import Any
 import anyio
 
 from livemap._paths import prefix_var
-from livemap._runtime._commit import commit, settle, wait_mounted
+from livemap._runtime._commit import commit, commit_made, settle, wait_mounted
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
 from livemap._runtime._hosting import RunEnded, current_run_var
 from livemap._runtime._session import AppRun
 
-__all__ = ["launch", "run_once", "start"]
+__all__ = ["launch", "run_made", "run_once", "start"]
 
 
 async def launch(comp: Component) -> None:
@@ -274,3 +274,44 @@ async def run_once(
                 elif outcome == 0:
                     stats.run_cancelled(spec.processor)
                 outcome = 0
+
+
+async def run_made(
+    comp: Component,
+    run: Run,
+    buffers: dict[Any, Any],
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """:func:`run_once` of a per-entry child's first try that already ran
+    and made ``comp`` (generation 1) to declare into ``buffers`` (not
+    empty), and returned: it raised nothing and mounted and created nothing
+    (the host checked; ``comp`` holds no targets and has no children).  Its
+    commit is :func:`commit_made`; a sink failure goes on as in
+    :func:`run_once` (tried again, or recorded and reported), which then
+    takes the run over (``func``, ``args`` and ``kwargs`` are for it)."""
+    spec = comp.spec
+    active = spec.session.active
+    # the function has returned: what it declared is committed from here
+    ended = run.buffers = RunEnded(comp, True)
+    succeeded = False
+    failed: Exception | None = None
+    try:
+        if comp.generation == 1 and comp.alive:
+            failed = await commit_made(comp, buffers, 1)
+            succeeded = failed is None
+    finally:
+        ended.committing = False
+        if failed is None and active is not None:
+            # (as run_once's end: the slot back, and the outcome counted)
+            slots = active.slots
+            if slots is not None:
+                slots.give(run)
+            if succeeded:
+                active.stats.run_succeeded(spec.processor, False)
+            else:
+                active.stats.run_cancelled(spec.processor)
+    if failed is not None:
+        # a sink failed: the run counts as failed (and may be tried again)
+        await run_once(comp, 1, func, args, kwargs, raise_errors=False, first=(run, None, failed))
