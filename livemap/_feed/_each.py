@@ -423,20 +423,21 @@ class EachHost:
         first try that already ran."""
         scope = run.scope
         child = run.made
-        try:
-            fargs = self.fargs
-            if child is not None and error is None:
-                buffers = run.buffers
-                if (
-                    type(buffers) is dict
-                    and buffers
-                    and run.mounted is None
-                    and run.created is None
-                    and child.targets is None
-                    and child.extra is None
-                ):
-                    # the common case: it made its component to declare,
-                    # and did nothing else (no mounts, no maps)
+        fargs = self.fargs
+        if child is not None and error is None:
+            buffers = run.buffers
+            if (
+                type(buffers) is dict
+                and buffers
+                and run.mounted is None
+                and run.created is None
+                and child.targets is None
+                and child.extra is None
+            ):
+                # the common case: it made its component to declare, and did
+                # nothing else (no mounts, no maps); run_made gives its slot
+                # back (or run_once, which it hands a sink failure to)
+                try:
                     await run_made(
                         child,
                         run,
@@ -445,7 +446,12 @@ class EachHost:
                         (run.value, *fargs) if fargs else (run.value,),
                         self.kwargs,
                     )
-                    return
+                finally:
+                    if child.cancel_scope is scope:
+                        child.cancel_scope = None
+                    run.scope = None  # the worker's part is over
+                return
+        try:
             if child is None:
                 child = self.materialize(run)
             await run_once(

@@ -113,7 +113,13 @@ async def commit(
         return await _rest(comp, run, gen, live, error)
     # (no children to unmount, nothing retired or created, no settle jobs)
     if error is None:
-        _committed(comp, live)
+        # _committed, inline: a per-entry child's re-run comes here
+        parent = comp.parent
+        above = None if parent is None else parent.extra
+        if above is not None and above.host is not None:
+            above.host.outcome(comp, None)
+        if not live:
+            comp.set_self_ready(True)
     return error
 
 
@@ -146,7 +152,12 @@ async def commit_made(comp: Component, buffers: dict[Target, Any], gen: int) -> 
     if comp.extra is not None:  # (a settle job kept meanwhile made it)
         return await _rest(comp, None, gen, False, error)
     if error is None:
-        _committed(comp, False)
+        # _committed, inline
+        parent = comp.parent
+        above = None if parent is None else parent.extra
+        if above is not None and above.host is not None:
+            above.host.outcome(comp, None)
+        comp.set_self_ready(True)
     return error
 
 
