@@ -35,7 +35,9 @@ from livemap._runtime._unmount import unmount
 
 __all__ = [
     "commit",
-    "commit_made",
+    "commit_rest",
+    "first_targets",
+    "keep_held",
     "run_jobs",
     "settle",
     "settle_stopped",
@@ -82,7 +84,7 @@ async def commit(
         declared = targets
         if buffers:
             if targets is None:
-                declared = _first_targets(comp, buffers)
+                declared = first_targets(comp, buffers)
             elif gone is not None or len(targets) != len(buffers):
                 declared = _with(targets, buffers)
             # (else every target held is declared into and nothing else:
@@ -110,7 +112,7 @@ async def commit(
     if gen != comp.generation or not comp.alive:
         return error
     if comp.extra is not None or run.created is not None:
-        return await _rest(comp, run, gen, live, error)
+        return await commit_rest(comp, run, gen, live, error)
     # (no children to unmount, nothing retired or created, no settle jobs)
     if error is None:
         # _committed, inline: a per-entry child's re-run comes here
@@ -123,42 +125,21 @@ async def commit(
     return error
 
 
-async def commit_made(comp: Component, buffers: dict[Target, Any], gen: int) -> Exception | None:
-    """:func:`commit` for the first run of a per-entry child of a
-    ``mount_each``, which made its component: the component holds no
-    targets, children or maps yet, the run declared into ``buffers`` (not
-    empty) and mounted and created nothing (the caller checked), and it is
-    not a live component's.  What cannot apply is skipped: targets held
-    before and not declared into, children to unmount, maps to retire."""
-    declared = comp.targets = _first_targets(comp, buffers)
-    error: Exception | None = None
-    for target, buffer in buffers.items():
-        failed = await target.commit_run(comp, buffer, gen)
-        error = error or failed
-    if comp.alive:
-        # (as in commit: a deferred drop applied while this commit waited
-        # may have disowned one that it has declared into)
-        now = comp.targets
-        if now is None or now is not declared:
-            now = _with(now, buffers)
-        targets = now
-        for target in now:
-            if not target.holds(comp):
-                targets = tuple(t for t in now if t.holds(comp))
-                break
-        comp.targets = targets or None
-    if gen != comp.generation or not comp.alive:
-        return error
-    if comp.extra is not None:  # (a settle job kept meanwhile made it)
-        return await _rest(comp, None, gen, False, error)
-    if error is None:
-        # _committed, inline
-        parent = comp.parent
-        above = None if parent is None else parent.extra
-        if above is not None and above.host is not None:
-            above.host.outcome(comp, None)
-        comp.set_self_ready(True)
-    return error
+def keep_held(comp: Component, declared: tuple[Target, ...], buffers: dict[Target, Any]) -> None:
+    """After a commit of ``buffers`` into ``declared`` (what ``comp.targets``
+    was set to before its first await; :func:`commit`'s step, for the first
+    run of a per-entry child, :func:`~._runner.run_made`): ``comp.targets`` are the targets it
+    holds or claims keys of (a deferred drop applied while the commit
+    waited may have disowned one that it has declared into)."""
+    now = comp.targets
+    if now is None or now is not declared:
+        now = _with(now, buffers)
+    targets = now
+    for target in now:
+        if not target.holds(comp):
+            targets = tuple(t for t in now if t.holds(comp))
+            break
+    comp.targets = targets or None
 
 
 def _committed(comp: Component, live: bool) -> None:
@@ -174,11 +155,11 @@ def _committed(comp: Component, live: bool) -> None:
         comp.set_self_ready(True)
 
 
-async def _rest(
+async def commit_rest(
     comp: Component, run: Run | None, gen: int, live: bool, error: Exception | None
 ) -> Exception | None:
-    """The rest of :func:`commit` (of ``run``, or of :func:`commit_made`'s
-    run, which mounted and created nothing: ``None``) for a component that
+    """The rest of :func:`commit` (of ``run``, or of a run of
+    :func:`~._runner.run_made`, which mounted and created nothing: ``None``) for a component that
     has children, maps or settle jobs, or whose run created maps."""
     extra = comp.extra
     children = None if extra is None else extra.children
@@ -227,7 +208,7 @@ def _with(targets: tuple[Target, ...] | None, more: Iterable[Target]) -> tuple[T
     return (*targets, *extra) if extra else targets
 
 
-def _first_targets(comp: Component, buffers: dict[Target, object]) -> tuple[Target, ...]:
+def first_targets(comp: Component, buffers: dict[Target, object]) -> tuple[Target, ...]:
     """The targets of ``comp``'s first commit into ``buffers``: the tuple a
     sibling took last, if it is the same (one tuple for the many children of
     a ``mount_each``, not one each)."""

@@ -22,7 +22,14 @@ from typing import Any
 import anyio
 
 from livemap._paths import prefix_var
-from livemap._runtime._commit import commit, commit_made, settle, wait_mounted
+from livemap._runtime._commit import (
+    commit,
+    commit_rest,
+    first_targets,
+    keep_held,
+    settle,
+    wait_mounted,
+)
 from livemap._runtime._component import Component, LiveBody, Run
 from livemap._runtime._context import MountKind, handlers_var
 from livemap._runtime._functions import Function, is_async
@@ -288,22 +295,43 @@ async def run_made(
     and made ``comp`` (generation 1) to declare into ``buffers`` (not
     empty), and returned: it raised nothing and mounted and created nothing
     (the host checked; ``comp`` holds no targets and has no children).  Its
-    commit is :func:`commit_made`; a sink failure goes on as in
-    :func:`run_once` (tried again, or recorded and reported), which then
-    takes the run over (``func``, ``args`` and ``kwargs`` are for it)."""
+    commit is :func:`~._commit.commit` without what cannot apply (targets
+    held before, children to unmount, maps to retire; unless a settle job
+    made meanwhile needs :func:`~._commit.commit_rest`).  A sink failure
+    goes on as in :func:`run_once` (tried again, or recorded and
+    reported), which then takes the run over (``func``, ``args`` and
+    ``kwargs`` are for it)."""
     spec = comp.spec
     active = spec.session.active
     # the function has returned: what it declared is committed from here
     ended = run.buffers = RunEnded(comp, True)
     succeeded = False
-    failed: Exception | None = None
+    error: Exception | None = None
     try:
         if comp.generation == 1 and comp.alive:
-            failed = await commit_made(comp, buffers, 1)
-            succeeded = failed is None
+            # (known before the first await: an unmount while this commit
+            # is paused must release these targets too)
+            declared = first_targets(comp, buffers)
+            comp.targets = declared
+            for target, buffer in buffers.items():
+                failed = await target.commit_run(comp, buffer, 1)
+                error = error or failed
+            if comp.alive:
+                keep_held(comp, declared, buffers)
+                if comp.generation == 1:
+                    if comp.extra is not None:  # (a settle job kept meanwhile made it)
+                        error = await commit_rest(comp, None, 1, False, error)
+                    elif error is None:
+                        # the host records the success; the child is ready
+                        parent = comp.parent
+                        above = None if parent is None else parent.extra
+                        if above is not None and above.host is not None:
+                            above.host.outcome(comp, None)
+                        comp.set_self_ready(True)
+            succeeded = error is None
     finally:
         ended.committing = False
-        if failed is None and active is not None:
+        if error is None and active is not None:
             # (as run_once's end: the slot back, and the outcome counted)
             slots = active.slots
             if slots is not None:
@@ -312,6 +340,6 @@ async def run_made(
                 active.stats.run_succeeded(spec.processor, False)
             else:
                 active.stats.run_cancelled(spec.processor)
-    if failed is not None:
+    if error is not None:
         # a sink failed: the run counts as failed (and may be tried again)
-        await run_once(comp, 1, func, args, kwargs, raise_errors=False, first=(run, None, failed))
+        await run_once(comp, 1, func, args, kwargs, raise_errors=False, first=(run, None, error))
