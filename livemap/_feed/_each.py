@@ -417,7 +417,7 @@ class EachHost:
         ):
             # at rest at once: the common case
             if app_run is not None:
-                app_run.keyed_run_rests(self.fn, run)
+                app_run.keyed_run_added(self.fn, run)
             self.leaves[key] = value
             failures = self.failures
             if failures:

@@ -333,12 +333,10 @@ async def run_made(
         ended.committing = False
         if error is None and active is not None:
             # (as run_once's end: the slot back, and the outcome counted)
-            slots = active.slots
-            if slots is not None:
-                slots.give(run)
             if succeeded:
-                active.stats.run_succeeded(spec.processor, False)
+                active.keyed_run_added(spec.processor, run)
             else:
+                active.give_slot(run)
                 active.stats.run_cancelled(spec.processor)
     if error is not None:
         # a sink failed: the run counts as failed (and may be tried again)

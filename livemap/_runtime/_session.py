@@ -490,9 +490,10 @@ class AppRun:
             return True
         return holder in slots.holders
 
-    def keyed_run_rests(self, proc: Any, holder: object) -> None:
-        """That run succeeded and left nothing behind: its slot goes back,
-        and it counts as an add."""
+    def keyed_run_added(self, proc: Any, holder: object) -> None:
+        """That run succeeded (it left nothing behind, or the first commit
+        of the component it made is in): its slot goes back, and it counts
+        as an add (``Slots.give`` and ``run_succeeded``, in one call)."""
         slots = self.slots
         if slots is not None:
             if slots.waiting:
