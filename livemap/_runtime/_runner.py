@@ -307,6 +307,7 @@ async def run_made(
     ended = run.buffers = RunEnded(comp, True)
     succeeded = False
     error: Exception | None = None
+    handed = False  # (a sink failure: run_once takes the run over)
     try:
         if comp.generation == 1 and comp.alive:
             # (known before the first await: an unmount while this commit
@@ -329,15 +330,16 @@ async def run_made(
                             above.host.outcome(comp, None)
                         comp.set_self_ready(True)
             succeeded = error is None
+        handed = error is not None
     finally:
         ended.committing = False
-        if error is None and active is not None:
+        if not handed and active is not None:
             # (as run_once's end: the slot back, and the outcome counted)
             if succeeded:
                 active.keyed_run_added(spec.processor, run)
             else:
                 active.give_slot(run)
                 active.stats.run_cancelled(spec.processor)
-    if error is not None:
+    if handed:
         # a sink failed: the run counts as failed (and may be tried again)
         await run_once(comp, 1, func, args, kwargs, raise_errors=False, first=(run, None, error))
