@@ -421,3 +421,48 @@ async def test_an_app_run_stopped_during_a_first_commit_cancels_it_cleanly() -> 
     counted = by_name(stats, declare)
     assert counted.num_in_progress == 0 and counted.num_errors == 0
     assert current_tasks() == before
+
+
+async def test_first_commits_that_conflict_over_a_key_report_it_once(core: Any) -> None:
+    """Two keys' first runs declare the same key of a target: one holds it,
+    the other's claim is reported as a conflict once the update settles;
+    a later run that stops declaring it hands it over to the claimant."""
+    sink = Sink()
+    conflicts: list[BaseException] = []
+    holder: dict[str, LiveMap[str, int]] = {}
+
+    def on_error(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        conflicts.append(exc)
+
+    @coco.fn
+    async def produce_ab(lm: LiveMap[str, int], state: dict[str, int]) -> None:
+        for key, value in state.items():
+            lm.declare_entry(key, value)
+
+    @coco.fn
+    async def declare(value: int) -> None:
+        sink.target.declare("shared" if value < 10 else f"own{value}", value)
+
+    state = {"a": 1, "b": 2}
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        holder["lm"] = lm
+        await (await coco.mount(produce_ab, lm, dict(state))).ready()
+        async with coco.exception_handler(on_error):
+            await coco.mount_each(declare, lm)
+
+    app = coco.App("first-conflict", main)
+    await run_app(app)
+    assert [type(e) for e in conflicts] == [coco.KeyConflictError]
+    assert list(sink.rows) == ["shared"]
+    first = sink.rows["shared"]
+    assert first in (1, 2)
+    # the holder moves off the key: the claimant's value takes it over
+    winner = "a" if first == 1 else "b"
+    state[winner] = 11 if winner == "a" else 12
+    conflicts.clear()
+    await run_app(app)
+    assert sink.rows["shared"] == (2 if winner == "a" else 1)
+    assert dict(sink.target.items()) == sink.rows
