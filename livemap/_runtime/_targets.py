@@ -588,7 +588,13 @@ class KeyedTarget(SinkTarget[K, V]):
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
-        gate = self._get_lock(component)
+        # (the steps of a one-key commit without frames of their own where
+        # that is a plain read: the gate from the app run's cache, ``_defer``,
+        # ``_send`` of a commit that changed nothing, the gate's release)
+        cache = component.loop_cache
+        gate = None if cache is None else cache.get(self)
+        if gate is None:
+            gate = self._get_lock(component)
         if gate.busy:
             await gate.wait()
         else:
@@ -598,14 +604,19 @@ class KeyedTarget(SinkTarget[K, V]):
                 await self._retry_orphans()
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
-            result = self._table.commit(buffer, self._defer(component, buffer))
+            table = self._table
+            result = table.commit(buffer, table.lets_go(buffer) and component.defers_drops)
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
-            failed = await self._send(component, result)
+            failed = await self._send(component, result) if result else None
             drop_now = failed is None and self._settled(component, result)
         finally:
-            gate.release()
+            waiters = gate.waiters
+            if waiters:
+                waiters.popleft().set()  # (busy stays true: the gate passes on)
+            else:
+                gate.busy = False
         if drop_now:
             failed = await self._drop_now(component)
         if result.rejections:
