@@ -73,18 +73,6 @@ class TargetBatch(Generic[K, V]):
         self._first_seq = first_seq
         self._last_seq = last_seq
 
-    @classmethod
-    def _of_commit(cls, result: Commit[K, V], owner: Owner) -> TargetBatch[K, V]:
-        """The batch of ``result``, a commit of ``owner``."""
-        batch = cls.__new__(cls)
-        batch._upserts = result.upserts
-        batch._deletes = result.deletes
-        batch._owner = None
-        batch._of = owner
-        batch._first_seq = result.first_seq
-        batch._last_seq = result.last_seq
-        return batch
-
     @property
     def upserts(self) -> list[tuple[K, V]]:
         return self._upserts
@@ -533,7 +521,15 @@ class KeyedTarget(SinkTarget[K, V]):
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
             return None
-        batch = TargetBatch._of_commit(result, component)
+        # the batch of ``result``, made here rather than by a constructor of
+        # its own (a frame per commit); its ``owner`` is read on first use
+        batch: TargetBatch[K, V] = TargetBatch.__new__(TargetBatch)
+        batch._upserts = result.upserts
+        batch._deletes = result.deletes
+        batch._owner = None
+        batch._of = component
+        batch._first_seq = result.first_seq
+        batch._last_seq = result.last_seq
         try:
             outcome = self._apply(batch)
             if outcome is not None and inspect.isawaitable(outcome):
