@@ -161,7 +161,8 @@ class LiveMap(TargetBase[K, V]):
     ) -> Exception | None:
         if self._retired or not component.current(gen):
             return None
-        result = self._table.commit(buffer, self._defer(component, buffer))
+        table = self._table  # (``_defer`` inline: a commit per per-entry run)
+        result = table.commit(buffer, table.lets_go(buffer) and component.defers_drops)
         # The consumer hears of the changes before a handler can hold them up:
         # a report interrupted (the run superseded, stopped or cancelled) must
         # not leave the map ahead of its consumer.
@@ -174,10 +175,23 @@ class LiveMap(TargetBase[K, V]):
 
     def _notify(self, result: Commit[K, V]) -> None:
         consumer = self._consumer
-        if consumer is not None and result:
-            keys = [key for key, _ in result.upserts]
-            keys.extend(result.deletes)
-            consumer.notify(keys)
+        if consumer is None:
+            return
+        upserts = result.upserts
+        deletes = result.deletes
+        # (a per-entry child's commit changes one key: its list is made
+        # without a comprehension, which costs a frame of its own)
+        if not deletes:
+            if not upserts:
+                return
+            if len(upserts) == 1:
+                consumer.notify([upserts[0][0]])
+                return
+            consumer.notify([key for key, _ in upserts])
+            return
+        keys = [key for key, _ in upserts] if upserts else []
+        keys.extend(deletes)
+        consumer.notify(keys)
 
     async def release_owner(self, component: Owner, gen: int | None = None) -> Exception | None:
         if gen is not None and not component.current(gen):

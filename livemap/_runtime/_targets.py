@@ -73,18 +73,6 @@ class TargetBatch(Generic[K, V]):
         self._first_seq = first_seq
         self._last_seq = last_seq
 
-    @classmethod
-    def _of_commit(cls, result: Commit[K, V], owner: Owner) -> TargetBatch[K, V]:
-        """The batch of ``result``, a commit of ``owner``."""
-        batch = cls.__new__(cls)
-        batch._upserts = result.upserts
-        batch._deletes = result.deletes
-        batch._owner = None
-        batch._of = owner
-        batch._first_seq = result.first_seq
-        batch._last_seq = result.last_seq
-        return batch
-
     @property
     def upserts(self) -> list[tuple[K, V]]:
         return self._upserts
@@ -533,7 +521,15 @@ class KeyedTarget(SinkTarget[K, V]):
     async def _send(self, component: Owner, result: Commit[K, V]) -> Exception | None:
         if not result:
             return None
-        batch = TargetBatch._of_commit(result, component)
+        # the batch of ``result``, made here rather than by a constructor of
+        # its own (a frame per commit); its ``owner`` is read on first use
+        batch: TargetBatch[K, V] = TargetBatch.__new__(TargetBatch)
+        batch._upserts = result.upserts
+        batch._deletes = result.deletes
+        batch._owner = None
+        batch._of = component
+        batch._first_seq = result.first_seq
+        batch._last_seq = result.last_seq
         try:
             outcome = self._apply(batch)
             if outcome is not None and inspect.isawaitable(outcome):
@@ -588,7 +584,13 @@ class KeyedTarget(SinkTarget[K, V]):
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
-        gate = self._get_lock(component)
+        # (the steps of a one-key commit without frames of their own where
+        # that is a plain read: the gate from the app run's cache, ``_defer``,
+        # ``_send`` of a commit that changed nothing, the gate's release)
+        cache = component.loop_cache
+        gate = None if cache is None else cache.get(self)
+        if gate is None:
+            gate = self._get_lock(component)
         if gate.busy:
             await gate.wait()
         else:
@@ -598,14 +600,19 @@ class KeyedTarget(SinkTarget[K, V]):
                 await self._retry_orphans()
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
-            result = self._table.commit(buffer, self._defer(component, buffer))
+            table = self._table
+            result = table.commit(buffer, table.lets_go(buffer) and component.defers_drops)
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
-            failed = await self._send(component, result)
+            failed = await self._send(component, result) if result else None
             drop_now = failed is None and self._settled(component, result)
         finally:
-            gate.release()
+            waiters = gate.waiters
+            if waiters:
+                waiters.popleft().set()  # (busy stays true: the gate passes on)
+            else:
+                gate.busy = False
         if drop_now:
             failed = await self._drop_now(component)
         if result.rejections:
