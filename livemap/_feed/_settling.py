@@ -73,7 +73,16 @@ class Settling:
         return run
 
     def in_update(self) -> bool:
-        return self._app_run() is not None and self.component.readiness.unready > 0
+        # (self._app_run() inlined: asked once per target of each unmounted
+        # per-entry child, twice with settle_after)
+        comp = self.component
+        run = comp.scope_run
+        return (
+            run is not None
+            and run is comp.spec.session.active
+            and not run.tasks_over
+            and comp.readiness.unready > 0
+        )
 
     def later(self) -> bool:
         """A job was kept: make sure a task runs it once the update settles."""
