@@ -625,13 +625,18 @@ class Component(Readiness):
         tree) is in progress, or the parent hosts an update in progress
         (:attr:`hosts_update`), so another component of the same update may
         take them over."""
-        # (asked only by a commit that can drop a key, and by a release)
-        up = self._update_parent()
+        # (asked only by a commit that can drop a key, and by a release:
+        # once per target of an unmounted component, so _update_parent and
+        # up.host are inlined)
+        up = self.parent
+        while up is not None and not up.alive:
+            up = up.parent
         if up is None:
             return False
         if up.running:
             return True
-        host = up.host  # (up.hosts_update, up being alive and not running)
+        extra = up.extra  # (up.hosts_update, up being alive and not running)
+        host = None if extra is None else extra.host
         return host is not None and host.in_update()
 
     def settle_after(
@@ -663,15 +668,24 @@ class Component(Readiness):
         :func:`run_settle_jobs`).
         """
         scope: Component | None = None
+        # the host of a scope that hosts an update (not a run): asked to
+        # settle it later.  (hosts_update and _update_parent are inlined: a
+        # release asks this once per target, and each property was a call.)
+        hosted: ChildHost | None = None
         if other is None:
-            up = self._update_parent()
+            up = self.parent
+            while up is not None and not up.alive:
+                up = up.parent
             while up is not None:
                 if up.running:
                     scope = up
                     up = up.parent
                     continue
-                if up.hosts_update:
+                extra = up.extra  # (up.hosts_update, up not running)
+                host = None if extra is None else extra.host
+                if host is not None and up.alive and host.in_update():
                     scope = up
+                    hosted = host
                 break
         elif isinstance(other, Component) and other.session is self.session:
             above: set[int] = set()
@@ -682,15 +696,16 @@ class Component(Readiness):
             node = self
             while node is not None and id(node) not in above:
                 node = node.parent
-            if node is not None and (node.running or node.hosts_update):
-                scope = node
+            if node is not None:
+                if node.running:
+                    scope = node
+                elif node.hosts_update:
+                    scope = node
+                    hosted = node.host
         if scope is None:
             return False
-        if not scope.running:
-            host = scope.host
-            assert host is not None
-            if not host.settle_later():
-                return False
+        if hosted is not None and not hosted.settle_later():
+            return False
         entry = SettleJob(job, on_stop, batch, self)
         if scope.settle is None:
             scope.settle = {job_key: entry}
