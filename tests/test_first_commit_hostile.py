@@ -74,6 +74,23 @@ def by_name(stats: coco.UpdateStats, fn: Any) -> coco.ComponentStats:
     return stats.by_component[str(fn.__qualname__)]
 
 
+@coco.fn
+async def produce_abc(lm: LiveMap[str, int]) -> None:
+    """Declares "a", "b", "c" -> 0, 1, 2."""
+    for i, key in enumerate("abc"):
+        lm.declare_entry(key, i)
+
+
+def declarer(sink: Sink) -> Any:
+    """A per-entry processor declaring its entry of :func:`produce_abc` into ``sink``."""
+
+    @coco.fn
+    async def declare(value: int) -> None:
+        sink.target.declare("abc"[value], value)
+
+    return declare
+
+
 async def test_a_sink_failure_of_a_first_commit_is_tried_again(core: Any) -> None:
     """The first commit of "b" fails in the sink: the retry policy tries
     the run again, which commits; it counts one start and one add, and the
@@ -82,20 +99,13 @@ async def test_a_sink_failure_of_a_first_commit_is_tried_again(core: Any) -> Non
     sink.fail = {"b"}
     holder: dict[str, LiveMap[str, int]] = {}
 
-    @coco.fn
-    async def produce(lm: LiveMap[str, int]) -> None:
-        for i, key in enumerate("abc"):
-            lm.declare_entry(key, i)
-
-    @coco.fn
-    async def declare(value: int) -> None:
-        sink.target.declare("abc"[value], value)
+    declare = declarer(sink)
 
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
         holder["lm"] = lm
-        await (await coco.mount(produce, lm)).ready()
+        await (await coco.mount(produce_abc, lm)).ready()
         retry = coco.RetryPolicy(max_attempts=3, initial_backoff=0.0)
         await coco.mount_each(declare, lm.consumer(retry=retry))
 
@@ -120,20 +130,13 @@ async def test_a_sink_failure_of_a_first_commit_is_recorded_and_reported(core: A
     def on_error(exc: BaseException, ctx: coco.ExceptionContext) -> None:
         reported.append(exc)
 
-    @coco.fn
-    async def produce(lm: LiveMap[str, int]) -> None:
-        for i, key in enumerate("abc"):
-            lm.declare_entry(key, i)
-
-    @coco.fn
-    async def declare(value: int) -> None:
-        sink.target.declare("abc"[value], value)
+    declare = declarer(sink)
 
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
         holder["lm"] = lm
-        await (await coco.mount(produce, lm)).ready()
+        await (await coco.mount(produce_abc, lm)).ready()
         async with coco.exception_handler(on_error):
             await coco.mount_each(declare, lm)
 
@@ -153,19 +156,12 @@ async def test_a_base_exception_from_the_sink_of_a_first_commit_ends_the_run() -
     sink = Sink()
     sink.stop = {"b"}
 
-    @coco.fn
-    async def produce(lm: LiveMap[str, int]) -> None:
-        for i, key in enumerate("abc"):
-            lm.declare_entry(key, i)
-
-    @coco.fn
-    async def declare(value: int) -> None:
-        sink.target.declare("abc"[value], value)
+    declare = declarer(sink)
 
     @coco.fn
     async def main() -> None:
         lm: LiveMap[str, int] = await LiveMap.create()
-        await (await coco.mount(produce, lm)).ready()
+        await (await coco.mount(produce_abc, lm)).ready()
         await coco.mount_each(declare, lm)
 
     before = current_tasks()
@@ -395,14 +391,7 @@ async def test_an_app_run_stopped_during_a_first_commit_cancels_it_cleanly() -> 
     sink = Sink()
     sink.block = {"b"}
 
-    @coco.fn
-    async def produce_abc(lm: LiveMap[str, int]) -> None:
-        for i, key in enumerate("abc"):
-            lm.declare_entry(key, i)
-
-    @coco.fn
-    async def declare(value: int) -> None:
-        sink.target.declare("abc"[value], value)
+    declare = declarer(sink)
 
     @coco.fn
     async def main() -> None:

@@ -100,15 +100,7 @@ async def commit(
         if comp.alive:
             # (the buffers' targets too: a deferred drop applied while this
             # commit waited may have disowned one that it has declared into)
-            now = comp.targets
-            if now is None or now is not declared:
-                now = _with(now, buffers)
-            targets = now
-            for target in now:
-                if not target.holds(comp):
-                    targets = tuple(t for t in now if t.holds(comp))
-                    break
-            comp.targets = targets or None
+            keep_held(comp, declared, buffers)
     if gen != comp.generation or not comp.alive:
         return error
     if comp.extra is not None or run.created is not None:
@@ -125,7 +117,9 @@ async def commit(
     return error
 
 
-def keep_held(comp: Component, declared: tuple[Target, ...], buffers: dict[Target, Any]) -> None:
+def keep_held(
+    comp: Component, declared: tuple[Target, ...] | None, buffers: dict[Target, Any]
+) -> None:
     """After a commit of ``buffers`` into ``declared`` (what ``comp.targets``
     was set to before its first await; :func:`commit`'s step, for the first
     run of a per-entry child, :func:`~._runner.run_made`): ``comp.targets`` are the targets it
