@@ -6,7 +6,8 @@ Each test breaks one thing that path assumes, or must hand on to the
 general one: the sink fails (tried again, or recorded and reported), the
 sink raises a ``BaseException``, the commit is cancelled while it waits in
 the sink (the key deleted, a newer value, the consumer re-mounted and its
-feed scanned again), and first runs that mount, create a map or raise.
+feed scanned again), first runs that mount, create a map or raise, and a
+report during the commit that a handler escalates.
 """
 
 from __future__ import annotations
@@ -455,3 +456,60 @@ async def test_first_commits_that_conflict_over_a_key_report_it_once(core: Any) 
     await run_app(app)
     assert sink.rows["shared"] == (2 if winner == "a" else 1)
     assert dict(sink.target.items()) == sink.rows
+
+
+async def test_a_first_commit_whose_report_escalates_still_finishes(
+    core: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first commit claims a key another app holds: the conflict is
+    reported during the commit (no common ancestor to wait for), and the
+    handler raises, which the child keeps as escalated: a record the new
+    component did not have when its commit began, so the commit ends on the
+    general path's last steps.  It ends as any other: the sibling's key is
+    in, the update ends (the escalated error goes up the handler chain, to
+    the log here), and the claim gets the key once its holder lets it go."""
+    sink = Sink()
+    holds = {"x": -1}
+
+    @coco.fn
+    def hold() -> None:
+        for key, value in holds.items():
+            sink.target.declare(key, value)
+
+    class Escalated(Exception):
+        pass
+
+    def on_error(exc: BaseException, ctx: coco.ExceptionContext) -> None:
+        if isinstance(exc, coco.KeyConflictError):
+            raise Escalated(str(exc)) from exc
+
+    @coco.fn
+    async def produce_xy(lm: LiveMap[str, int]) -> None:
+        lm.declare_entry("x", 1)
+        lm.declare_entry("y", 2)
+
+    @coco.fn
+    async def declare(value: int) -> None:
+        sink.target.declare("xy"[value - 1], value)
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await (await coco.mount(produce_xy, lm)).ready()
+        async with coco.exception_handler(on_error):
+            await coco.mount_each(declare, lm)
+
+    owner_app = coco.App("first-holder", hold)
+    await run_app(owner_app)
+    assert sink.rows == {"x": -1}
+    before = current_tasks()
+    stats = await run_app(coco.App("first-claimant", main))
+    assert current_tasks() == before
+    assert sink.rows == {"x": -1, "y": 2}
+    escalated = [r for r in caplog.records if "Escalated" in r.getMessage()]
+    assert len(escalated) == 1 and "/declare/'x'" in escalated[0].getMessage()
+    counted = by_name(stats, declare)
+    assert counted.num_adds == 2 and counted.num_in_progress == 0
+    holds.clear()
+    await run_app(owner_app)  # the holder lets "x" go: the claim gets it
+    assert sink.rows == {"x": 1, "y": 2} == dict(sink.target.items())

@@ -296,8 +296,9 @@ async def run_made(
     empty), and returned: it raised nothing and mounted and created nothing
     (the host checked; ``comp`` holds no targets and has no children).  Its
     commit is :func:`~._commit.commit` without what cannot apply (targets
-    held before, children to unmount, maps to retire; unless a settle job
-    made meanwhile needs :func:`~._commit.commit_rest`).  A sink failure
+    held before, children to unmount, maps to retire; unless a record made
+    meanwhile, such as an escalated report, needs
+    :func:`~._commit.commit_rest`).  A sink failure
     goes on as in :func:`run_once` (tried again, or recorded and
     reported), which then takes the run over (``func``, ``args`` and
     ``kwargs`` are for it)."""
@@ -320,7 +321,9 @@ async def run_made(
             if comp.alive:
                 keep_held(comp, declared, buffers)
                 if comp.generation == 1:
-                    if comp.extra is not None:  # (a settle job kept meanwhile made it)
+                    if comp.extra is not None:
+                        # (made meanwhile: a report during the commit that a
+                        # handler escalated, kept on the component)
                         error = await commit_rest(comp, None, 1, False, error)
                     elif error is None:
                         # the host records the success; the child is ready
