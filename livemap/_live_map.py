@@ -167,8 +167,10 @@ class LiveMap(TargetBase[K, V]):
         # a report interrupted (the run superseded, stopped or cancelled) must
         # not leave the map ahead of its consumer.
         self._notify(result)
-        if self._settled(component, result):
-            self._notify(self._table.drop_deferred(component))
+        # (_settled only if it has anything to do: most commits transfer and
+        # defer nothing, and its frame is one per per-entry commit)
+        if (result.transfers or table.deferred_of(component)) and self._settled(component, result):
+            self._notify(table.drop_deferred(component))
         if result.rejections:
             await self._report_rejections(component, result)
         return None

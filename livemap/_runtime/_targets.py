@@ -606,7 +606,13 @@ class KeyedTarget(SinkTarget[K, V]):
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
             failed = await self._send(component, result) if result else None
-            drop_now = failed is None and self._settled(component, result)
+            # (_settled only if it has anything to do: most commits transfer
+            # and defer nothing, and its frame is one per per-entry commit)
+            drop_now = (
+                failed is None
+                and bool(result.transfers or table.deferred_of(component))
+                and self._settled(component, result)
+            )
         finally:
             waiters = gate.waiters
             if waiters:
