@@ -92,6 +92,19 @@ def declarer(sink: Sink) -> Any:
     return declare
 
 
+def each_of_abc(declare: Any) -> Any:
+    """An app's main function: :func:`produce_abc` into a map, then
+    ``mount_each(declare, ...)`` over it."""
+
+    @coco.fn
+    async def main() -> None:
+        lm: LiveMap[str, int] = await LiveMap.create()
+        await (await coco.mount(produce_abc, lm)).ready()
+        await coco.mount_each(declare, lm)
+
+    return main
+
+
 async def test_a_sink_failure_of_a_first_commit_is_tried_again(core: Any) -> None:
     """The first commit of "b" fails in the sink: the retry policy tries
     the run again, which commits; it counts one start and one add, and the
@@ -158,12 +171,7 @@ async def test_a_base_exception_from_the_sink_of_a_first_commit_ends_the_run() -
     sink.stop = {"b"}
 
     declare = declarer(sink)
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        await (await coco.mount(produce_abc, lm)).ready()
-        await coco.mount_each(declare, lm)
+    main = each_of_abc(declare)
 
     before = current_tasks()
     caught: list[BaseException] = []
@@ -393,12 +401,7 @@ async def test_an_app_run_stopped_during_a_first_commit_cancels_it_cleanly() -> 
     sink.block = {"b"}
 
     declare = declarer(sink)
-
-    @coco.fn
-    async def main() -> None:
-        lm: LiveMap[str, int] = await LiveMap.create()
-        await (await coco.mount(produce_abc, lm)).ready()
-        await coco.mount_each(declare, lm)
+    main = each_of_abc(declare)
 
     before = current_tasks()
     async with coco.App("first-stopped-live", main).update(live=True) as handle:
