@@ -161,8 +161,8 @@ class LiveMap(TargetBase[K, V]):
     ) -> Exception | None:
         if self._retired or not component.current(gen):
             return None
-        table = self._table  # (``_defer`` inline: a commit per per-entry run)
-        result = table.commit(buffer, table.lets_go(buffer) and component.defers_drops)
+        table = self._table
+        result = table.commit(buffer, self._defer(component, buffer))
         # The consumer hears of the changes before a handler can hold them up:
         # a report interrupted (the run superseded, stopped or cancelled) must
         # not leave the map ahead of its consumer.

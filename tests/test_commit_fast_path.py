@@ -1,9 +1,10 @@
-"""A one-key commit into a KeyedTarget takes its steps inline (the gate
-from the app run's cache, no sink call for a commit that changed nothing,
-the gate's release): hostile checks that each still falls back as it
-must — commits piling up at a busy gate from several app runs on one
-loop, a sink that raises a ``BaseException`` (the gate is passed on, the
-record goes back), a re-run that changes nothing (no batch)."""
+"""A one-key commit into a KeyedTarget skips the steps it has no use for
+(no sink call for a commit that changed nothing, no step for transfers
+and held drops it did not make): hostile checks that the commit still
+behaves as it must — commits piling up at a busy gate from several app
+runs on one loop, a sink that raises a ``BaseException`` (the gate is
+passed on, the record goes back), a re-run that changes nothing (no
+batch)."""
 
 from __future__ import annotations
 

@@ -239,10 +239,8 @@ class Consumer(Generic[K, V]):
         if self.closed:
             return
         queue = self.queue
-        # (``queue.changed()``, and ``_set_busy(True)`` only when the consumer
-        # was idle: without their frames, as a per-entry commit notifies)
-        queue.seq += 1
-        if self._busy_run is None:
+        queue.changed()
+        if self._busy_run is None:  # (once busy, _set_busy(True) does nothing)
             self._set_busy(True)
         each = self.each
         if each is None:

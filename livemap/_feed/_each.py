@@ -330,15 +330,7 @@ class EachHost:
         if children is None:
             children = extra.children = {}
         children[rel] = child
-        # comp.count_child(child), inline: the host holds the mount_each
-        # unready while keyed runs are under way, so no crossing here
-        tracked = extra.tracked
-        if tracked is not None:
-            tracked.add(child)
-        if comp.unready > 0:
-            comp.unready += 1
-        else:
-            comp.adjust(1)
+        comp.count_child(child)
         return child
 
     async def run_keyed(

@@ -18,6 +18,7 @@ import anyio
 
 from livemap._runtime._commit import run_jobs, settle_stopped
 from livemap._runtime._component import Component, SettleJob
+from livemap._runtime._session import AppRun
 
 __all__ = ["Settling", "settling_host"]
 
@@ -62,25 +63,23 @@ class Settling:
         self.done = 0
         self.waiters: list[tuple[int, anyio.Event]] | None = None
 
-    def in_update(self) -> bool:
-        # The app run the mount_each follows its feed in, while its tasks go
-        # on (none: nothing can wait for the update then), looked up here
-        # and in later() without a method of its own: a release asks this
-        # once per target of each unmounted per-entry child.
+    def _app_run(self) -> AppRun | None:
+        """The app run the ``mount_each`` follows its feed in, while its
+        tasks go on (``None`` otherwise: nothing can wait for it then)."""
         comp = self.component
         run = comp.scope_run
-        return (
-            run is not None
-            and run is comp.spec.session.active
-            and not run.tasks_over
-            and comp.readiness.unready > 0
-        )
+        if run is None or run is not comp.spec.session.active or run.tasks_over:
+            return None
+        return run
+
+    def in_update(self) -> bool:
+        return self._app_run() is not None and self.component.readiness.unready > 0
 
     def later(self) -> bool:
         """A job was kept: make sure a task runs it once the update settles."""
         comp = self.component
-        app_run = comp.scope_run  # (the app run, as in in_update)
-        if app_run is None or app_run is not comp.spec.session.active or app_run.tasks_over:
+        app_run = self._app_run()
+        if app_run is None:
             return False
         if self.held != comp.generation:
             self.held = comp.generation

@@ -36,6 +36,7 @@ from livemap._runtime._unmount import unmount
 __all__ = [
     "commit",
     "commit_rest",
+    "committed",
     "first_targets",
     "keep_held",
     "run_jobs",
@@ -107,13 +108,7 @@ async def commit(
         return await commit_rest(comp, run, gen, live, error)
     # (no children to unmount, nothing retired or created, no settle jobs)
     if error is None:
-        # _committed, inline: a per-entry child's re-run comes here
-        parent = comp.parent
-        above = None if parent is None else parent.extra
-        if above is not None and above.host is not None:
-            above.host.outcome(comp, None)
-        if not live:
-            comp.set_self_ready(True)
+        committed(comp, live)
     return error
 
 
@@ -136,7 +131,7 @@ def keep_held(
     comp.targets = targets or None
 
 
-def _committed(comp: Component, live: bool) -> None:
+def committed(comp: Component, live: bool) -> None:
     """The commit of ``comp``'s run is in: the host of a ``mount_each``
     child records its success, and a function component is self-ready."""
     parent = comp.parent
@@ -189,7 +184,7 @@ async def commit_rest(
         comp.more().created = created
     if error is not None:
         return error
-    _committed(comp, live)
+    committed(comp, live)
     return None
 
 

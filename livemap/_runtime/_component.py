@@ -625,12 +625,8 @@ class Component(Readiness):
         tree) is in progress, or the parent hosts an update in progress
         (:attr:`hosts_update`), so another component of the same update may
         take them over."""
-        # (asked only by a commit that can drop a key, and by a release:
-        # once per target of an unmounted component, so _update_parent and
-        # up.host are inlined)
-        up = self.parent
-        while up is not None and not up.alive:
-            up = up.parent
+        # (asked only by a commit that can drop a key, and by a release)
+        up = self._update_parent()
         if up is None:
             return False
         if up.running:
@@ -669,13 +665,10 @@ class Component(Readiness):
         """
         scope: Component | None = None
         # the host of a scope that hosts an update (not a run): asked to
-        # settle it later.  (hosts_update and _update_parent are inlined: a
-        # release asks this once per target, and each property was a call.)
+        # settle it later
         hosted: ChildHost | None = None
         if other is None:
-            up = self.parent
-            while up is not None and not up.alive:
-                up = up.parent
+            up = self._update_parent()
             while up is not None:
                 if up.running:
                     scope = up

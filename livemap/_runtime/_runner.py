@@ -25,6 +25,7 @@ from livemap._paths import prefix_var
 from livemap._runtime._commit import (
     commit,
     commit_rest,
+    committed,
     first_targets,
     keep_held,
     settle,
@@ -326,12 +327,7 @@ async def run_made(
                         # handler escalated, kept on the component)
                         error = await commit_rest(comp, None, 1, False, error)
                     elif error is None:
-                        # the host records the success; the child is ready
-                        parent = comp.parent
-                        above = None if parent is None else parent.extra
-                        if above is not None and above.host is not None:
-                            above.host.outcome(comp, None)
-                        comp.set_self_ready(True)
+                        committed(comp, False)
             succeeded = error is None
         handed = error is not None
     finally:

@@ -584,13 +584,7 @@ class KeyedTarget(SinkTarget[K, V]):
     async def commit_run(
         self, component: Owner, buffer: Buffer[K, V], gen: int
     ) -> Exception | None:
-        # (the steps of a one-key commit without frames of their own where
-        # that is a plain read: the gate from the app run's cache, ``_defer``,
-        # ``_send`` of a commit that changed nothing, the gate's release)
-        cache = component.loop_cache
-        gate = None if cache is None else cache.get(self)
-        if gate is None:
-            gate = self._get_lock(component)
+        gate = self._get_lock(component)
         if gate.busy:
             await gate.wait()
         else:
@@ -601,7 +595,7 @@ class KeyedTarget(SinkTarget[K, V]):
             if not component.current(gen):
                 return None  # superseded while waiting: the newer run decides
             table = self._table
-            result = table.commit(buffer, table.lets_go(buffer) and component.defers_drops)
+            result = table.commit(buffer, self._defer(component, buffer))
             # The sink gets the changes before a handler can hold them up: a
             # report interrupted (the run superseded, stopped or cancelled)
             # must not leave the record ahead of the sink.
@@ -614,11 +608,7 @@ class KeyedTarget(SinkTarget[K, V]):
                 and self._settled(component, result)
             )
         finally:
-            waiters = gate.waiters
-            if waiters:
-                waiters.popleft().set()  # (busy stays true: the gate passes on)
-            else:
-                gate.busy = False
+            gate.release()
         if drop_now:
             failed = await self._drop_now(component)
         if result.rejections:
