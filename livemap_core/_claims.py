@@ -11,19 +11,21 @@ dicts (both twins expose them under the same names), so the two cores cannot
 drift apart on it.
 
 The state this module keeps, next to a table's ``_holder`` (key -> owner)
-and ``_owned`` (id(owner) -> its record, the keys it holds with their held
-values: the pair ``(key, value)`` for an owner of one key, else a dict
-``{key: value}`` of two keys or more; see :func:`view` and :func:`compact`):
+and ``_owned`` (an owner's key -> its record, the keys it holds with their
+held values: the pair ``(key, value)`` for an owner of one key, else a dict
+``{key: value}`` of two keys or more; see :func:`view` and :func:`compact`).
+An owner's key, ``table._owner_key(owner)``, is the owner itself when its
+type hashes and compares as ``object`` does, else its ``id``:
 
 * ``_claims``: key -> list of the owners claiming it, in the order they
   claimed it.  A claim is a declaration of a key another owner holds and
   still declares.  Invariant: a claimed key is held, and its holder is not
   among its claimants.
-* ``_claimed``: id(claimant) -> {key: the value it declared last}.
-  Invariant: ``claimant in _claims[key]`` exactly when
-  ``key in _claimed[id(claimant)]``.
-* ``_dropping``: id(owner) -> {key: None}, keys the owner no longer declares
-  whose deletion waits (a commit made with ``defer=True``) until
+* ``_claimed``: the claimant's key -> {key: the value it declared last}.
+  Invariant: ``claimant in _claims[key]`` exactly when ``key`` is in the
+  claimant's dict.
+* ``_dropping``: the owner's key -> {key: None}, keys the owner no longer
+  declares whose deletion waits (a commit made with ``defer=True``) until
   ``drop_deferred(owner)``.  Invariant: a dropping key is held by that owner
   and has no claimant (a claim on it is a transfer, made at once).
 
@@ -36,7 +38,7 @@ is dropping it takes it over the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 __all__ = [
@@ -111,14 +113,14 @@ class _Undo:
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self.records: dict[int, dict[Any, Any] | None] = {}
+        self.records: dict[Hashable, dict[Any, Any] | None] = {}
         self.holders: dict[Any, object] = {}
         # the claim state of each key or owner the commit touches, as it was
         # before the first change (_MISSING: absent); a commit copies only
         # what it changes, however many claims and drops other owners hold
         self.claims: dict[Any, Any] = {}
-        self.claimed: dict[int, Any] = {}
-        self.dropping: dict[int, Any] = {}
+        self.claimed: dict[Hashable, Any] = {}
+        self.dropping: dict[Hashable, Any] = {}
 
     @staticmethod
     def save(saved: dict[Any, Any], state: dict[Any, Any], name: Any) -> None:
@@ -127,7 +129,7 @@ class _Undo:
             was = state.get(name)
             saved[name] = _MISSING if was is None else was.copy()
 
-    def record(self, oid: int) -> None:
+    def record(self, oid: Hashable) -> None:
         if oid not in self.records:
             self.records[oid] = self.table._owned.get(oid)
 
@@ -170,10 +172,10 @@ class _Writer:
     def __init__(self, table: Any, track: bool) -> None:
         self.table = table
         self.undo = _Undo(table) if track else None
-        # id(owner) -> its new record (a copy of the old one, made on first change)
-        self.records: dict[int, dict[Any, Any]] = {}
+        # an owner's key -> its new record (a copy of the old one, made on first change)
+        self.records: dict[Hashable, dict[Any, Any]] = {}
 
-    def rec(self, oid: int) -> dict[Any, Any]:
+    def rec(self, oid: Hashable) -> dict[Any, Any]:
         record = self.records.get(oid)
         if record is None:
             if self.undo is not None:
@@ -191,7 +193,7 @@ class _Writer:
 
     def unclaim(self, claimant: object, key: Any) -> None:
         table = self.table
-        oid = id(claimant)
+        oid = table._owner_key(claimant)
         undo = self.undo
         if undo is not None:
             undo.save(undo.claimed, table._claimed, oid)
@@ -209,11 +211,11 @@ class _Writer:
         table = self.table
         undo = self.undo
         if undo is not None:
-            undo.save(undo.claimed, table._claimed, id(claimant))
+            undo.save(undo.claimed, table._claimed, table._owner_key(claimant))
             undo.save(undo.claims, table._claims, key)
-        keys = table._claimed.get(id(claimant))
+        keys = table._claimed.get(table._owner_key(claimant))
         if keys is None:
-            keys = table._claimed[id(claimant)] = {}
+            keys = table._claimed[table._owner_key(claimant)] = {}
         if key not in keys:
             who = table._claims.get(key)
             if who is None:
@@ -222,7 +224,7 @@ class _Writer:
                 who.append(claimant)
         keys[key] = value
 
-    def undrop(self, oid: int, key: Any) -> None:
+    def undrop(self, oid: Hashable, key: Any) -> None:
         dropping = self.table._dropping
         keys = dropping.get(oid)
         if keys is not None and key in keys:
@@ -233,7 +235,7 @@ class _Writer:
             if not keys:
                 del dropping[oid]
 
-    def drop_later(self, oid: int, key: Any) -> None:
+    def drop_later(self, oid: Hashable, key: Any) -> None:
         dropping = self.table._dropping
         undo = self.undo
         if undo is not None:
@@ -263,7 +265,7 @@ def _plan_let_go(
         waiting = claims.get(key)
         if waiting:
             claimant = waiting[0]
-            value = table._claimed[id(claimant)][key]
+            value = table._claimed[table._owner_key(claimant)][key]
             same = _same(value, record[key])
             # a comparison that raises counts as a change: the new value is sent
             plan.append((key, claimant, value, same is not True))
@@ -281,7 +283,7 @@ def _let_go(
 ) -> int:
     """Hand each planned key to its claimant, keep it dropping (``defer``) or
     delete it; returns how many transfers changed nothing (suppressed)."""
-    oid = id(owner)
+    oid = w.table._owner_key(owner)
     suppressed = 0
     for key, claimant, value, changed in plan:
         if claimant is not None:
@@ -290,7 +292,7 @@ def _let_go(
             w.undrop(oid, key)
             w.unclaim(claimant, key)
             w.set_holder(key, claimant)
-            w.rec(id(claimant))[key] = value
+            w.rec(w.table._owner_key(claimant))[key] = value
             _transfer(result, key, owner, claimant)
             if changed:
                 result.upserts.append((key, value))
@@ -325,7 +327,7 @@ def slow_commit(
     holder = table._holder
     owned = table._owned
     dropping = table._dropping
-    oid = id(owner)
+    oid = table._owner_key(owner)
     record = view(owned.get(oid))
     upserts = result.upserts
     rejections = result.rejections
@@ -353,8 +355,8 @@ def slow_commit(
         if held_by is _MISSING:
             upserts.append((key, value))
             plan.append(("insert", key, value, None))
-        elif key in dropping.get(id(held_by), _EMPTY):
-            held = view(owned[id(held_by)])[key]
+        elif key in dropping.get(table._owner_key(held_by), _EMPTY):
+            held = view(owned[table._owner_key(held_by)])[key]
             same = _same(value, held)
             if same is True:
                 suppressed += 1
@@ -384,7 +386,7 @@ def slow_commit(
             w.set_holder(key, owner)
             w.rec(oid)[key] = value
         elif what == "take":
-            from_id = id(held_by)
+            from_id = table._owner_key(held_by)
             theirs = w.rec(from_id)
             # the key as the table holds it (it may have been declared as
             # another spelling of it: True for 1), which the record keeps
@@ -407,7 +409,7 @@ def slow_release(table: Any, owner: object, result: Any, track: bool) -> Callabl
     """Release everything ``owner`` holds into ``result``: each key goes to
     its first claimant, or is deleted; the owner's own claims are
     withdrawn.  Returns the undo (with ``track``)."""
-    oid = id(owner)
+    oid = table._owner_key(owner)
     record = view(table._owned.get(oid))
     let_go = _plan_let_go(table, list(record), record)
     w = _Writer(table, track)
@@ -421,7 +423,7 @@ def slow_release(table: Any, owner: object, result: Any, track: bool) -> Callabl
 def drop_deferred(table: Any, owner: object, result: Any, track: bool) -> Callable[[], None] | None:
     """Apply ``owner``'s deferred drops into ``result``: each key it still
     does not declare is deleted (or goes to a claimant).  Returns the undo."""
-    oid = id(owner)
+    oid = table._owner_key(owner)
     keys = table._dropping.get(oid)
     if not keys:
         return None
@@ -445,9 +447,9 @@ def drop_deferred_many(
     if not table._claims:  # (the common case) no claimant: every key is deleted
         return _delete_deferred(table, owners, result, track)
     plans: list[tuple[object, list[tuple[Any, object | None, Any, bool]]]] = []
-    seen: set[int] = set()
+    seen: set[Hashable] = set()
     for owner in owners:
-        oid = id(owner)
+        oid = table._owner_key(owner)
         keys = dropping.get(oid)
         if keys and oid not in seen:
             seen.add(oid)
@@ -474,9 +476,9 @@ def _delete_deferred(
     owned = table._owned
     holder = table._holder
     deletes = result.deletes
-    saved: list[tuple[int, object, Any, dict[Any, None]]] | None = [] if track else None
+    saved: list[tuple[Hashable, object, Any, dict[Any, None]]] | None = [] if track else None
     for owner in owners:
-        oid = id(owner)
+        oid = table._owner_key(owner)
         keys = dropping.pop(oid, None)
         if not keys:
             continue
@@ -519,8 +521,8 @@ def note_claims(table: Any, owner: object, rejections: list[Any]) -> None:
             w.claim(owner, r.key, r.value)
 
 
-def reset(table: Any, oid: int) -> None:
-    """The undo of a hot-path commit of the owner ``id(owner) == oid`` that
+def reset(table: Any, oid: Hashable) -> None:
+    """The undo of a hot-path commit of the owner of key ``oid`` that
     claimed keys or deferred drops: forget every claim (there were none
     before it) and the owner's deferred drops (it had none; other owners'
     stay)."""

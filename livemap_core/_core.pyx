@@ -13,7 +13,7 @@ cimport cython
 from cpython.contextvars cimport get_value_no_default
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetDefault
 from cpython.long cimport PyLong_FromVoidPtr
-from cpython.object cimport PyObject
+from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
 
 import uuid
 from functools import partial
@@ -51,6 +51,7 @@ cdef extern from "Python.h":
 cdef str _CONFLICT = "conflict"
 cdef str _EQ_ERROR = "eq_error"
 cdef dict _NO_DROPS = {}
+cdef frozenset _NO_KEYS = frozenset()
 
 CONFLICT = _CONFLICT
 """Rejection kind: the key is held by another owner."""
@@ -60,6 +61,23 @@ EQ_ERROR = _EQ_ERROR
 cdef object _UUID = uuid.UUID
 cdef object _SYMBOL = Symbol
 cdef Py_ssize_t _MAX_DEPTH = MAX_KEY_DEPTH
+
+
+# -- owners --------------------------------------------------------------------
+
+cdef PyTypeObject* _OBJECT = <PyTypeObject*>object
+
+
+cdef inline object _okey(object owner):
+    # The key of an owner's entries in _owned, _claimed and _dropping
+    # (owners are compared by identity): an owner whose type hashes and
+    # compares as object does is its own key, which costs no int per owner
+    # in each table (a runtime component is one); any other owner is keyed
+    # by its id.  The two kinds never compare equal.
+    cdef PyTypeObject* t = Py_TYPE(owner)
+    if t.tp_hash == _OBJECT.tp_hash and t.tp_richcompare == _OBJECT.tp_richcompare:
+        return owner
+    return PyLong_FromVoidPtr(<void*>owner)
 
 
 # -- keys ----------------------------------------------------------------------
@@ -667,7 +685,7 @@ cdef class Table:
     cdef public object name
     cdef bint _track_undo
     # No object per key (see _fallback): key -> the owner holding it, in
-    # insertion order; and id(owner) -> its record, the keys it holds with
+    # insertion order; and the owner's key (_okey) -> its record, the keys it holds with
     # their held values in first-declaration order: the pair (key, value) for
     # an owner of one key, a dict {key: value} for one of two keys or more.
     cdef public dict _holder
@@ -713,6 +731,10 @@ cdef class Table:
         self._eq_errors = 0
 
     __class_getitem__ = classmethod(GenericAlias)
+
+    def _owner_key(self, owner):
+        """The key of ``owner``'s entries (for livemap_core._claims)."""
+        return _okey(owner)
 
     # -- writing -------------------------------------------------------------
 
@@ -763,7 +785,7 @@ cdef class Table:
         self._busy = True
         try:
             if self._claims or (
-                self._dropping and PyLong_FromVoidPtr(<void*>buf.owner) in self._dropping
+                self._dropping and _okey(buf.owner) in self._dropping
             ):
                 return self._slow_commit(buf.owner, buf._decls, defer)
             return self._commit(buf.owner, buf._decls, defer)
@@ -772,7 +794,7 @@ cdef class Table:
 
     cdef Commit _slow_commit(self, object owner, dict decls, bint defer):
         cdef Commit result = _new_commit(owner, self._seq + 1)
-        cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        cdef object record = self._owned.get(_okey(owner))
         undo, suppressed, eq_errors = _slow_commit(
             self, owner, decls, defer, result, Rejection, self._track_undo
         )
@@ -821,7 +843,7 @@ cdef class Table:
         cdef dict dropping = self._dropping
         cdef bint take = False
 
-        owner_id = PyLong_FromVoidPtr(<void*>owner)
+        owner_id = _okey(owner)
         found = PyDict_GetItemWithError(self._owned, owner_id)
         prev = <object>found if found is not NULL else None
         # the pair of an owner of one key is looked at as a dict of its own
@@ -880,7 +902,7 @@ cdef class Table:
                         if track:
                             undo.append((key,))
                     elif dropping and key in dropping.get(
-                        PyLong_FromVoidPtr(<void*>found), _NO_DROPS
+                        _okey(<object>found), _NO_DROPS
                     ):
                         take = True
                         break
@@ -1091,11 +1113,11 @@ cdef class Table:
         self._check_idle("release")
         result = _new_commit(owner, self._seq + 1)
         if self._claims or (
-            self._dropping and PyLong_FromVoidPtr(<void*>owner) in self._dropping
+            self._dropping and _okey(owner) in self._dropping
         ):
             return self._slow(owner, result, _slow_release)
         deletes = result.deletes
-        record = self._owned.pop(PyLong_FromVoidPtr(<void*>owner), None)
+        record = self._owned.pop(_okey(owner), None)
         if record is not None:
             for key in ((<tuple>record)[0],) if type(record) is tuple else <dict>record:
                 del holder[key]
@@ -1139,7 +1161,7 @@ cdef class Table:
         return result
 
     cdef Commit _slow(self, object owner, Commit result, object step):
-        cdef object record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        cdef object record = self._owned.get(_okey(owner))
         # (an __eq__ it calls, a claimant's value against the held one,
         # cannot change the table meanwhile)
         self._busy = True
@@ -1202,7 +1224,7 @@ cdef class Table:
         # The owner's record as it was before the commit (with the values held
         # now), then each step taken back, newest first.
         record = res._prev_record
-        owner_id = PyLong_FromVoidPtr(<void*>res.owner)
+        owner_id = _okey(res.owner)
         if record is None:
             self._owned.pop(owner_id, None)
         else:
@@ -1233,7 +1255,7 @@ cdef class Table:
         owner = PyDict_GetItemWithError(self._holder, key)
         if owner is NULL:
             return default
-        record = self._owned[PyLong_FromVoidPtr(<void*>owner)]
+        record = self._owned[_okey(<object>owner)]
         if type(record) is tuple:
             return (<tuple>record)[1]
         return (<dict>record)[key]
@@ -1245,7 +1267,7 @@ cdef class Table:
     def keys_of(self, owner):
         """The keys ``owner`` holds."""
         self._check_idle("keys_of")
-        record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        record = self._owned.get(_okey(owner))
         if record is None:
             return frozenset()
         if type(record) is tuple:
@@ -1255,7 +1277,7 @@ cdef class Table:
     def count_of(self, owner):
         """How many keys ``owner`` holds."""
         self._check_idle("count_of")
-        record = self._owned.get(PyLong_FromVoidPtr(<void*>owner))
+        record = self._owned.get(_okey(owner))
         if record is None:
             return 0
         return 1 if type(record) is tuple else len(<dict>record)
@@ -1263,7 +1285,7 @@ cdef class Table:
     def claims_of(self, owner):
         """The keys ``owner`` claims: keys another owner holds and still
         declares, which ``owner`` declared in its latest commit."""
-        return frozenset(self._claimed.get(PyLong_FromVoidPtr(<void*>owner), ()))
+        return frozenset(self._claimed.get(_okey(owner), ()))
 
     def claimants(self, key):
         """The owners claiming ``key``, first claim first."""
@@ -1287,7 +1309,7 @@ cdef class Table:
         if buf.table is not self:
             raise ValueError(f"buffer belongs to {buf.table.name}, not {self.name}")
         self._check_idle("lets_go")
-        owner_id = PyLong_FromVoidPtr(<void*>buf.owner)
+        owner_id = _okey(buf.owner)
         record = self._owned.get(owner_id)
         if record is None:
             return False
@@ -1306,7 +1328,9 @@ cdef class Table:
     def deferred_of(self, owner):
         """The keys ``owner`` holds but stopped declaring in a commit made
         with ``defer``: they wait for :meth:`drop_deferred`."""
-        return frozenset(self._dropping.get(PyLong_FromVoidPtr(<void*>owner), ()))
+        if not self._dropping:  # (the common case)
+            return _NO_KEYS
+        return frozenset(self._dropping.get(_okey(owner), ()))
 
     def owners(self):
         """How many owners hold at least one key."""
@@ -1346,7 +1370,7 @@ cdef class Table:
                     probe = rpos
                     if PyDict_Next(record, &probe, &k, &v):  # keys left: come back here
                         cursors[owner_id] = rpos
-                owner_id = PyLong_FromVoidPtr(<void*>owner)
+                owner_id = _okey(<object>owner)
                 rec = self._owned[owner_id]
                 last = owner
                 if type(rec) is tuple:  # an owner of one key: its pair

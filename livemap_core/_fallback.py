@@ -14,7 +14,7 @@ a :class:`Commit`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from functools import partial
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
@@ -317,6 +317,23 @@ _MISSING: Final[object] = object()
 """What a lookup gives for a key that is not there (values and owners may be ``None``)."""
 
 _NO_RECORD: Final[dict[Any, Any]] = {}
+
+_OBJECT_HASH: Final = object.__hash__
+_OBJECT_EQ: Final = object.__eq__
+
+
+def _okey(owner: object) -> Hashable:
+    """The key of ``owner``'s entries in ``_owned``, ``_claimed`` and
+    ``_dropping`` (owners are compared by identity).
+
+    An owner whose type hashes and compares as ``object`` does is its own
+    key, which costs no int per owner in each table (a runtime component is
+    one); any other owner is keyed by its ``id``.  The two kinds never
+    compare equal."""
+    t = type(owner)
+    if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ:
+        return owner
+    return id(owner)
 """The record of an owner that holds nothing (never written to)."""
 
 
@@ -444,33 +461,35 @@ class Table(Generic[K, V]):
         "name",
     )
 
+    _owner_key = staticmethod(_okey)  # (for livemap_core._claims)
+
     def __init__(self, name: str = "table", *, track_undo: bool = False) -> None:
         self.name = name
         self._track_undo = bool(track_undo)
         # No object per key.  key -> the owner holding it, in the order the
         # keys were inserted (the order of items()).
         self._holder: dict[K, object] = {}
-        # The owners' records: id(owner) -> the keys it holds with their held
+        # The owners' records: _okey(owner) -> the keys it holds with their held
         # values, in the order it first declared them: the pair (key, value)
         # for an owner of one key (most owners: one per entry), a dict
         # {key: value} for one of two keys or more.  An owner that comes to
         # hold a second key gets a dict in place of its pair, one left with a
         # single key gets a pair again.  A record exists only while the owner
-        # holds a key; _holder then refers to the owner, so the id cannot be
-        # reused meanwhile.  With track_undo a record's keys never change in
+        # holds a key; _holder then refers to the owner, so an id used as a
+        # key cannot be reused meanwhile.  With track_undo a record's keys never change in
         # place (a commit that adds or deletes keys puts a new record in its
         # place, and its undo keeps the previous one); held values of a dict
         # are changed in place and the undo remembers the old ones (a pair is
         # replaced: the previous one still holds the old value).
-        self._owned: dict[int, Record] = {}
+        self._owned: dict[Hashable, Record] = {}
         # Claims and deferred drops (see livemap_core._claims, which handles
         # every commit while any exists): key -> its claimants in claim order;
-        # id(claimant) -> {key: its value}; id(owner) -> {key: None} of the
+        # _okey(claimant) -> {key: its value}; _okey(owner) -> {key: None} of the
         # keys it holds but no longer declares, deleted by drop_deferred().
         # All empty in the common case: a commit then costs two checks more.
         self._claims: dict[K, list[object]] = {}
-        self._claimed: dict[int, dict[K, V]] = {}
-        self._dropping: dict[int, dict[K, None]] = {}
+        self._claimed: dict[Hashable, dict[K, V]] = {}
+        self._dropping: dict[Hashable, dict[K, None]] = {}
         # Set during a commit: an __eq__ it calls must not change the table
         # under it.
         self._busy = False
@@ -528,7 +547,7 @@ class Table(Generic[K, V]):
         self._busy = True
         try:
             owner = buffer.owner
-            if self._claims or (self._dropping and id(owner) in self._dropping):
+            if self._claims or (self._dropping and _okey(owner) in self._dropping):
                 return self._slow_commit(owner, buffer._decls, defer)
             return self._commit(owner, buffer._decls, defer)
         finally:
@@ -536,7 +555,7 @@ class Table(Generic[K, V]):
 
     def _slow_commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
         result: Commit[K, V] = Commit(owner, self._seq + 1)
-        record = self._owned.get(id(owner))
+        record = self._owned.get(_okey(owner))
         undo, suppressed, eq_errors = _slow_commit(
             self, owner, decls, defer, result, Rejection, self._track_undo
         )
@@ -550,7 +569,8 @@ class Table(Generic[K, V]):
 
     def _commit(self, owner: object, decls: dict[K, V], defer: bool) -> Commit[K, V]:
         holder = self._holder
-        owner_id = id(owner)
+        t = type(owner)  # (_okey, inline)
+        owner_id = owner if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ else id(owner)
         prev = self._owned.get(owner_id)
         if type(prev) is tuple and len(decls) == 1:
             one_key = self._commit_one(owner, owner_id, prev, decls, defer)
@@ -587,7 +607,7 @@ class Table(Generic[K, V]):
                         upserts.append((key, value))
                         if undo is not None:
                             undo.append((key,))
-                    elif dropping and key in dropping.get(id(held_by), _NO_RECORD):
+                    elif dropping and key in dropping.get(_okey(held_by), _NO_RECORD):
                         take = True
                         break
                     else:
@@ -657,7 +677,7 @@ class Table(Generic[K, V]):
         return result
 
     def _commit_one(
-        self, owner: object, owner_id: int, prev: tuple[Any, Any], decls: dict[K, V], defer: bool
+        self, owner: object, owner_id: Hashable, prev: tuple[Any, Any], decls: dict[K, V], defer: bool
     ) -> Commit[K, V] | None:
         # The commit of an owner of one key that declares one key (a per-entry
         # run): the == gate alone if it is the key it holds; if it is a key
@@ -708,7 +728,7 @@ class Table(Generic[K, V]):
 
     def _merge(
         self,
-        owner_id: int,
+        owner_id: Hashable,
         record: dict[K, V] | None,
         deletes: list[K] | tuple[()],
         added: dict[K, V],
@@ -742,9 +762,9 @@ class Table(Generic[K, V]):
         raises ``RuntimeError``)."""
         self._check_idle("release")
         result: Commit[K, V] = Commit(owner, self._seq + 1)
-        if self._claims or (self._dropping and id(owner) in self._dropping):
+        if self._claims or (self._dropping and _okey(owner) in self._dropping):
             return self._slow(owner, result, _slow_release)
-        record = self._owned.pop(id(owner), None)
+        record = self._owned.pop(_okey(owner), None)
         undo: list[tuple[Any, ...]] | None = [] if self._track_undo else None
         if record is not None:
             holder = self._holder
@@ -790,7 +810,7 @@ class Table(Generic[K, V]):
         return result
 
     def _slow(self, owner: object, result: Commit[K, V], step: Any) -> Commit[K, V]:
-        record = self._owned.get(id(owner))
+        record = self._owned.get(_okey(owner))
         # (an __eq__ it calls, a claimant's value against the held one,
         # cannot change the table meanwhile)
         self._busy = True
@@ -846,7 +866,7 @@ class Table(Generic[K, V]):
         # The owner's record as it was before the commit (with the values
         # held now), then each step taken back, newest first.
         record = result._prev_record
-        owner_id = id(result.owner)
+        owner_id = _okey(result.owner)
         if record is None:
             self._owned.pop(owner_id, None)
         else:
@@ -876,7 +896,10 @@ class Table(Generic[K, V]):
         owner = self._holder.get(key, _MISSING)
         if owner is _MISSING:
             return default
-        record = self._owned[id(owner)]
+        t = type(owner)  # (_okey, inline: one call fewer per read)
+        record = self._owned[
+            owner if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ else id(owner)
+        ]
         return record[1] if type(record) is tuple else record[key]  # type: ignore[call-overload]
 
     def owner_of(self, key: K, default: Any = None) -> Any:
@@ -887,7 +910,7 @@ class Table(Generic[K, V]):
         """The keys ``owner`` holds."""
         if self._busy:
             self._check_idle("keys_of")
-        record = self._owned.get(id(owner))
+        record = self._owned.get(_okey(owner))
         if record is None:
             return frozenset()
         return frozenset((record[0],) if type(record) is tuple else record)
@@ -896,7 +919,10 @@ class Table(Generic[K, V]):
         """How many keys ``owner`` holds."""
         if self._busy:
             self._check_idle("count_of")
-        record = self._owned.get(id(owner))
+        t = type(owner)  # (_okey, inline)
+        record = self._owned.get(
+            owner if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ else id(owner)
+        )
         if record is None:
             return 0
         return 1 if type(record) is tuple else len(record)
@@ -904,7 +930,7 @@ class Table(Generic[K, V]):
     def claims_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` claims: keys another owner holds and still
         declares, which ``owner`` declared in its latest commit."""
-        return frozenset(self._claimed.get(id(owner), ()))
+        return frozenset(self._claimed.get(_okey(owner), ()))
 
     def claimants(self, key: K) -> tuple[object, ...]:
         """The owners claiming ``key``, first claim first."""
@@ -925,7 +951,9 @@ class Table(Generic[K, V]):
             raise ValueError(f"buffer belongs to {buffer.table.name}, not {self.name}")
         if self._busy:
             self._check_idle("lets_go")
-        owner_id = id(buffer.owner)
+        owner = buffer.owner
+        t = type(owner)  # (_okey, inline)
+        owner_id = owner if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ else id(owner)
         record = self._owned.get(owner_id)
         if record is None:
             return False
@@ -941,7 +969,10 @@ class Table(Generic[K, V]):
     def deferred_of(self, owner: object) -> frozenset[K]:
         """The keys ``owner`` holds but stopped declaring in a commit made
         with ``defer``: they wait for :meth:`drop_deferred`."""
-        return frozenset(self._dropping.get(id(owner), ()))
+        dropping = self._dropping
+        if not dropping:  # (the common case)
+            return frozenset()
+        return frozenset(dropping.get(_okey(owner), ()))
 
     def owners(self) -> int:
         """How many owners hold at least one key."""
@@ -961,7 +992,7 @@ class Table(Generic[K, V]):
         record: Record = _NO_RECORD
         for key, owner in self._holder.items():
             if owner is not last:
-                record = owned[id(owner)]
+                record = owned[_okey(owner)]
                 last = owner
             out.append((key, record[1] if type(record) is tuple else record[key]))  # type: ignore[call-overload]
         return out

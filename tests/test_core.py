@@ -550,7 +550,7 @@ def test_base_exception_from_eq_propagates(core: ModuleType, track_undo: bool) -
 
 def record_of(table: Any, owner: object) -> Any:
     """The owner's record as the table keeps it (white box: its layout)."""
-    return table._owned.get(id(owner))
+    return table._owned.get(table._owner_key(owner))
 
 
 def observed(table: Any, owners: list[object]) -> Any:
@@ -984,6 +984,82 @@ def test_unhashable_owner(core: ModuleType) -> None:
     assert table.owner_of("k") is owner
     assert table.keys_of(owner) == frozenset({"k"})
     assert table.release(owner).deletes == ["k"]
+
+
+class SlotOwner:
+    """An owner like a runtime component: slots, identity ``==`` and hash."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class HashOnlyOwner:
+    """Identity ``==``, but a hash of its own (all the same)."""
+
+    def __hash__(self) -> int:
+        return 7
+
+
+def test_owner_kinds_side_by_side(core: ModuleType) -> None:
+    # Owners compared by identity whatever their type: ones that are their
+    # own key in the table (identity hash and ==) next to ones keyed by their
+    # id (equal to each other, unhashable, a hash of their own, an int equal
+    # to another owner's id, a str), through claims, a transfer, deferred
+    # drops, release and revert.
+    table = core.Table(track_undo=True)
+    plain, slot = object(), SlotOwner("s")
+    eq1, eq2 = EqualOwner(), EqualOwner()
+    unhashable, hashed1, hashed2 = UnhashableOwner("u"), HashOnlyOwner(), HashOnlyOwner()
+    as_int = id(plain)  # an owner equal to another owner's id
+    owners: list[object] = [plain, slot, eq1, eq2, unhashable, hashed1, hashed2, as_int, "str"]
+    for i, owner in enumerate(owners):
+        commit(table, owner, {f"own{i}": i, "shared": i})
+    assert table.owner_of("shared") is plain
+    assert table.claimants("shared") == tuple(owners[1:])
+    for i, owner in enumerate(owners):
+        assert table.keys_of(owner) == frozenset({f"own{i}"} | ({"shared"} if i == 0 else set()))
+        assert table.count_of(owner) == (2 if i == 0 else 1)
+    # each holder in turn drops the key: it goes to the next claimant
+    for i, owner in enumerate(owners[:-1]):
+        dropped = commit(table, owner, {f"own{i}": i})
+        assert dropped.transfers == [("shared", owner, owners[i + 1])]
+        assert table.owner_of("shared") is owners[i + 1]
+    # deferred drops of two kinds of owner, then applied
+    table.commit(declared(table, slot, {}), defer=True)
+    table.commit(declared(table, eq2, {}), defer=True)
+    assert table.deferred_of(slot) == frozenset({"own1"})
+    assert table.deferred_of(eq1) == frozenset()
+    assert table.deferred_of(eq2) == frozenset({"own3"})
+    assert table.drop_deferred(eq2).deletes == ["own3"]
+    assert table.keys_of(slot) == frozenset({"own1"})
+    applied = table.drop_deferred(slot)
+    assert applied.deletes == ["own1"]
+    table.revert(applied)
+    assert table.get("own1") == 1 and table.owner_of("own1") is slot
+    assert table.deferred_of(slot) == frozenset({"own1"})
+    assert table.release(slot).deletes == ["own1"]
+    assert table.release(hashed2).deletes == ["own6"]
+    assert table.keys_of(hashed1) == frozenset({"own5"})
+    assert table.release(as_int).deletes == ["own7"]
+    assert table.keys_of(plain) == frozenset({"own0"})
+    assert table.owners() == len(owners) - 4
+
+
+def test_an_identity_owner_is_its_own_key(core: ModuleType) -> None:
+    # White box: an owner whose type hashes and compares as object does keys
+    # its record itself (no int per owner in each table); any other owner is
+    # keyed by its id.
+    table = core.Table()
+    slot, eq = SlotOwner("s"), EqualOwner()
+    commit(table, slot, {"a": 1})
+    commit(table, eq, {"b": 2})
+    keys = list(table._owned)
+    assert keys[0] is slot
+    assert keys[1] == id(eq) and type(keys[1]) is int
+    assert table._owner_key(slot) is slot
+    assert table._owner_key("str") == id("str")
 
 
 def test_commit_of_another_tables_buffer(core: ModuleType) -> None:
