@@ -599,6 +599,13 @@ class EachHost:
         self.reset()
         return unmounted
 
+    def retire(self) -> int:
+        self.supersede()
+        self.stop_runs()
+        unmounted = self.clear()
+        self.pool.close()
+        return unmounted
+
     def in_update(self) -> bool:
         return self.keeps_leaves and self.settling.in_update()
 

@@ -144,6 +144,15 @@ class ChildHost(Protocol):
         the host keeps without a component; return how many."""
         ...
 
+    def retire(self) -> int:
+        """The hosting component is re-mounted to run something else (a plain
+        function, a live component, the other kind of ``mount_each``): end
+        what the host started (its consumer, the runs it queued or runs
+        without a component, its workers once the releases queued on them
+        are done) and drop the children it keeps without a component;
+        return how many.  The host is not asked anything again."""
+        ...
+
     def in_update(self) -> bool:
         """Whether work the host started on its children (a scan, a change
         being delivered, a child's run) is still under way: an update of
@@ -762,8 +771,13 @@ class Component(Readiness):
             children[rel] = child
             self.count_child(child)
         else:
+            before = child.spec
             child.spec = spec
             child.given = given
+            if before is not spec and before.processor is not spec.processor:
+                below = child.extra
+                if below is not None and below.host is not None:
+                    child.retire_host()
         if live_body is not None:
             child.more().live_body = live_body
         else:
@@ -773,6 +787,23 @@ class Component(Readiness):
         if mounted is not None:
             mounted[rel] = child
         return child
+
+    def retire_host(self) -> None:
+        """This component, the host of a ``mount_each``'s children, is
+        re-mounted to run another processor: its host is retired
+        (:meth:`ChildHost.retire`) and forgotten, so that the children of
+        what runs here now are ordinary children (their own tasks, their own
+        keys), and the children the host kept at rest count as unmounted.
+        The children it mounted with a component stay until the new run
+        commits, which unmounts those it does not mount again."""
+        extra = self.extra
+        assert extra is not None and extra.host is not None
+        host, extra.host = extra.host, None
+        extra.tracked = None  # (kept for the host's settling only)
+        at_rest = host.retire()
+        app_run = self.spec.session.active
+        if at_rest and app_run is not None:
+            app_run.stats.unmounted(host.fn, at_rest)
 
     def leave_at_rest(self) -> None:
         """Leave the tree as a child at rest (see :meth:`ChildHost.rest`): the
