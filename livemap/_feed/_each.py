@@ -216,6 +216,12 @@ class EachHost:
     pool's queue and none without a component is under way (``keyed``
     counts those), the ``mount_each`` component counts one unready child for
     them all (``counted``).
+
+    Over a list (not ``keeps_leaves``), during a live run's initial
+    catch-up: ``first`` holds the children (with no record of their own)
+    whose first run of the update the catch-up waits for and that is not
+    done yet, and ``first_done`` what to call for each once it is (see
+    :meth:`first_run`); ``first`` is ``None`` when it would be empty.
     """
 
     __slots__ = (
@@ -225,6 +231,8 @@ class EachHost:
         "counted",
         "failures",
         "fargs",
+        "first",
+        "first_done",
         "fn",
         "handlers",
         "keeps_leaves",
@@ -272,6 +280,8 @@ class EachHost:
         self.spec: MountSpec | None = None
         # the update of the children and what waits for it to settle
         self.settling = Settling(component)
+        self.first: set[Component] | None = None
+        self.first_done: Callable[[], object] | None = None
         if keeps_leaves and component.readiness.tracked is None:
             # which children are unready, for the settling's wait
             component.readiness.tracked = {
@@ -568,7 +578,55 @@ class EachHost:
         child.leave_at_rest()
         return True
 
+    def first_run(self, child: Component, done: Callable[[], object]) -> bool:
+        """Over a list, the host tells when ``child``'s first run of a live
+        catch-up is done (at :meth:`outcome`, :meth:`forget`, :meth:`stop`),
+        so that the child needs no ``on_first`` (no record of its own: a
+        child per entry).  Over a feed its children are the consumer's,
+        which the catch-up does not count this way."""
+        if self.keeps_leaves:
+            return False
+        first = self.first
+        if first is None or self.first_done != done:
+            # (what an earlier app run counted is over with it)
+            first = self.first = set()
+            self.first_done = done
+        first.add(child)
+        return True
+
+    def _first_over(self, child: Component, error: BaseException | None) -> None:
+        """``child``'s run ended (failed: ``error``) or it left the tree: if
+        its first run of the catch-up was pending, it is done now; a failed
+        one once it is self-ready (its failure reported: it has a record
+        now, which holds its ``on_first``)."""
+        first = self.first
+        done = self.first_done
+        if first is None or child not in first:
+            return
+        assert done is not None
+        first.discard(child)
+        if not first:
+            self.first = None
+        if error is None:
+            done()
+        else:
+            child.on_first = done
+
+    def _first_handed_over(self, *, done: bool) -> None:
+        """Every pending first run is over (``done``: the children stop) or
+        its child tells from now on (its ``on_first``: the host retires)."""
+        first, self.first = self.first, None
+        call = self.first_done
+        if first and call is not None:
+            for child in first:
+                if done:
+                    call()
+                else:
+                    child.on_first = call
+
     def outcome(self, child: Component, error: BaseException | None) -> None:
+        if self.first is not None:
+            self._first_over(child, error)
         failures = self.failures
         if failures is None:
             return
@@ -579,6 +637,8 @@ class EachHost:
             failures[child.key] = error
 
     def forget(self, child: Component) -> None:
+        if self.first is not None:
+            self._first_over(child, None)
         failures = self.failures
         if failures:
             failures.pop(child.key, None)
@@ -590,6 +650,8 @@ class EachHost:
             consumer.supersede()  # frees the map for a new consumer right away
 
     def stop(self) -> None:
+        if self.first is not None:
+            self._first_handed_over(done=True)
         self.stop_runs()
         self.pool.close()
 
@@ -600,6 +662,8 @@ class EachHost:
         return unmounted
 
     def retire(self) -> int:
+        if self.first is not None:
+            self._first_handed_over(done=False)
         self.supersede()
         self.stop_runs()
         unmounted = self.clear()

@@ -153,6 +153,15 @@ class ChildHost(Protocol):
         return how many.  The host is not asked anything again."""
         ...
 
+    def first_run(self, child: Component, done: Callable[[], object]) -> bool:
+        """During a live run's initial catch-up, ``child`` (a function
+        component with no record of its own, ``extra``) begins its first
+        run of this update: whether the host calls ``done()`` once that run
+        is done, the moment ``child.on_first`` would be called (it turns
+        self-ready, or leaves the tree).  False: the child's ``on_first``
+        tells instead."""
+        ...
+
     def in_update(self) -> bool:
         """Whether work the host started on its children (a scan, a change
         being delivered, a child's run) is still under way: an update of
@@ -847,8 +856,15 @@ class Component(Readiness):
         self.restart()
         if app_run is not None:
             app_run.stats.components_run += 1
-            if app_run.catching_up and not self.in_consumer():
-                app_run.count_first_run(self, self)
+            if app_run.catching_up and not self.in_consumer() and app_run.count_first_run(self):
+                done = app_run.first_run_done
+                parent = self.parent
+                above = None if parent is None else parent.extra
+                host = None if above is None else above.host
+                # (a static mount_each's host tells for its plain children,
+                # which then need no record of their own: see first_run)
+                if host is None or extra is not None or not host.first_run(self, done):
+                    self.on_first = done
         return self.generation
 
     def in_consumer(self) -> bool:
