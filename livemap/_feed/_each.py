@@ -661,6 +661,24 @@ class EachHost:
         self.reset()
         return unmounted
 
+    async def settle_keys(self, keys: list[Any]) -> None:
+        """Wait until the try of each of ``keys`` waiting or under way now
+        (if any) is done (one try a key: not the ones after it).  A key held
+        by a per-entry live component (a :data:`TURN`, for the component's
+        whole life) is not waited for."""
+        queue = self.pool.queue
+        in_flight, waiting = queue.in_flight, queue.waiting
+        runs = [
+            key
+            for key in keys
+            if (key in in_flight or key in waiting)
+            and not _held(in_flight.get(key))
+            and not _held(waiting.get(key))
+            and not any(map(_held, queue.later.get(key, ())))
+        ]
+        if runs:
+            await queue.settle(queue.outstanding_of(runs))
+
     def retire(self) -> int:
         if self.first is not None:
             self._first_handed_over(done=False)
@@ -675,6 +693,10 @@ class EachHost:
 
     def settle_later(self) -> bool:
         return self.keeps_leaves and self.settling.later()
+
+
+def _held(work: Work | None) -> bool:
+    return work is not None and work[0] is TURN
 
 
 def _is_keyed_or_change(work: Work) -> bool:
@@ -1472,6 +1494,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
         settle = getattr(each.source, "settle", None)
         host.settling.settle = settle if callable(settle) else None
+        host.settling.settle_keys = host.settle_keys
         operator = LiveComponentOperator(comp, each, gen)
         subscriber: EachSubscriber | EachLiveSubscriber = (
             EachLiveSubscriber(operator, comp, each.source)
