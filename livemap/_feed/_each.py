@@ -231,6 +231,12 @@ class EachHost:
     pool's queue and none without a component is under way (``keyed``
     counts those), the ``mount_each`` component counts one unready child for
     them all (``counted``).
+
+    Over a list (not ``keeps_leaves``), during a live run's initial
+    catch-up: ``first`` holds the children (with no record of their own)
+    whose first run of the update the catch-up waits for and that is not
+    done yet, and ``first_done`` what to call for each once it is (see
+    :meth:`first_run`); ``first`` is ``None`` when it would be empty.
     """
 
     __slots__ = (
@@ -240,6 +246,8 @@ class EachHost:
         "counted",
         "failures",
         "fargs",
+        "first",
+        "first_done",
         "fn",
         "handlers",
         "keeps_leaves",
@@ -287,6 +295,8 @@ class EachHost:
         self.spec: MountSpec | None = None
         # the update of the children and what waits for it to settle
         self.settling = Settling(component)
+        self.first: set[Component] | None = None
+        self.first_done: Callable[[], object] | None = None
         if keeps_leaves and component.readiness.tracked is None:
             # which children are unready, for the settling's wait
             component.readiness.tracked = {
@@ -583,7 +593,55 @@ class EachHost:
         child.leave_at_rest()
         return True
 
+    def first_run(self, child: Component, done: Callable[[], object]) -> bool:
+        """Over a list, the host tells when ``child``'s first run of a live
+        catch-up is done (at :meth:`outcome`, :meth:`forget`, :meth:`stop`),
+        so that the child needs no ``on_first`` (no record of its own: a
+        child per entry).  Over a feed its children are the consumer's,
+        which the catch-up does not count this way."""
+        if self.keeps_leaves:
+            return False
+        first = self.first
+        if first is None or self.first_done != done:
+            # (what an earlier app run counted is over with it)
+            first = self.first = set()
+            self.first_done = done
+        first.add(child)
+        return True
+
+    def _first_over(self, child: Component, error: BaseException | None) -> None:
+        """``child``'s run ended (failed: ``error``) or it left the tree: if
+        its first run of the catch-up was pending, it is done now; a failed
+        one once it is self-ready (its failure reported: it has a record
+        now, which holds its ``on_first``)."""
+        first = self.first
+        done = self.first_done
+        if first is None or child not in first:
+            return
+        assert done is not None
+        first.discard(child)
+        if not first:
+            self.first = None
+        if error is None:
+            done()
+        else:
+            child.on_first = done
+
+    def _first_handed_over(self, *, done: bool) -> None:
+        """Every pending first run is over (``done``: the children stop) or
+        its child tells from now on (its ``on_first``: the host retires)."""
+        first, self.first = self.first, None
+        call = self.first_done
+        if first and call is not None:
+            for child in first:
+                if done:
+                    call()
+                else:
+                    child.on_first = call
+
     def outcome(self, child: Component, error: BaseException | None) -> None:
+        if self.first is not None:
+            self._first_over(child, error)
         failures = self.failures
         if failures is None:
             return
@@ -594,6 +652,8 @@ class EachHost:
             failures[child.key] = error
 
     def forget(self, child: Component) -> None:
+        if self.first is not None:
+            self._first_over(child, None)
         failures = self.failures
         if failures:
             failures.pop(child.key, None)
@@ -605,6 +665,8 @@ class EachHost:
             consumer.supersede()  # frees the map for a new consumer right away
 
     def stop(self) -> None:
+        if self.first is not None:
+            self._first_handed_over(done=True)
         self.stop_runs()
         self.pool.close()
 
@@ -614,11 +676,42 @@ class EachHost:
         self.reset()
         return unmounted
 
+    async def settle_keys(self, keys: list[Any]) -> None:
+        """Wait until the try of each of ``keys`` waiting or under way now
+        (if any) is done (one try a key: not the ones after it).  A key held
+        by a per-entry live component (a :data:`TURN`, for the component's
+        whole life) is not waited for."""
+        queue = self.pool.queue
+        in_flight, waiting = queue.in_flight, queue.waiting
+        runs = [
+            key
+            for key in keys
+            if (key in in_flight or key in waiting)
+            and not _held(in_flight.get(key))
+            and not _held(waiting.get(key))
+            and not any(map(_held, queue.later.get(key, ())))
+        ]
+        if runs:
+            await queue.settle(queue.outstanding_of(runs))
+
+    def retire(self) -> int:
+        if self.first is not None:
+            self._first_handed_over(done=False)
+        self.supersede()
+        self.stop_runs()
+        unmounted = self.clear()
+        self.pool.close()
+        return unmounted
+
     def in_update(self) -> bool:
         return self.keeps_leaves and self.settling.in_update()
 
     def settle_later(self) -> bool:
         return self.keeps_leaves and self.settling.later()
+
+
+def _held(work: Work | None) -> bool:
+    return work is not None and work[0] is TURN
 
 
 def _is_keyed_or_change(work: Work) -> bool:
@@ -1416,6 +1509,7 @@ async def run_each(comp: Component, scope: anyio.CancelScope, gen: int) -> None:
         host.configure(each.fn, each.args, each.kwargs, comp.handlers)
         settle = getattr(each.source, "settle", None)
         host.settling.settle = settle if callable(settle) else None
+        host.settling.settle_keys = host.settle_keys
         operator = LiveComponentOperator(comp, each, gen)
         subscriber: EachSubscriber | EachLiveSubscriber = (
             EachLiveSubscriber(operator, comp, each.source)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import anyio
@@ -416,6 +416,19 @@ class WorkQueue(Generic[K]):
                 need[key] = read[key]
         for key in self.backoff:
             need.setdefault(key, -1)
+        return need
+
+    def outstanding_of(self, keys: Iterable[K]) -> dict[object, int]:
+        """:meth:`outstanding` for ``keys`` only, and only for a try waiting
+        or under way (not one backing off)."""
+        now = self.seq
+        need: dict[object, int] = {}
+        read = self.read
+        for key in keys:
+            if key in self.waiting:
+                need[key] = now if self.changes_waiting(key) else read.get(key, -1)
+            elif key in self.in_flight:
+                need[key] = read.get(key, -1)
         return need
 
     async def settle(self, need: dict[object, int]) -> None:

@@ -10,7 +10,7 @@ that runs what waits for it once it has settled.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
@@ -46,17 +46,29 @@ class Settling:
     come after the batch.
 
     ``settle``: how to wait for the consumer (the feed's ``settle()``), set
-    by the watch, ``None`` when the feed has none; ``task``: a task takes
+    by the watch, ``None`` when the feed has none; ``settle_keys``: how to
+    wait for the tries of some keys waiting or under way now (see
+    :meth:`_wait`), set with it; ``task``: a task takes
     batches; ``held``: the generation of the ``mount_each`` whose readiness
     it holds, ``None`` if none; ``started`` / ``done``: batches taken / run,
     and ``waiters`` for :meth:`settled`: ``(batch number, event)``.
     """
 
-    __slots__ = ("component", "done", "held", "settle", "started", "task", "waiters")
+    __slots__ = (
+        "component",
+        "done",
+        "held",
+        "settle",
+        "settle_keys",
+        "started",
+        "task",
+        "waiters",
+    )
 
     def __init__(self, component: Component) -> None:
         self.component = component
         self.settle: Callable[[], Awaitable[None]] | None = None
+        self.settle_keys: Callable[[list[Any]], Awaitable[None]] | None = None
         self.task = False
         self.held: int | None = None
         self.started = 0
@@ -97,7 +109,7 @@ class Settling:
             while comp.settle:
                 batch, comp.settle = comp.settle, None
                 self.started += 1
-                await self._wait()
+                await self._wait(batch.values())
                 jobs, batch = batch, None
                 await run_jobs(comp, jobs.values())
                 self._batch_done()
@@ -112,10 +124,14 @@ class Settling:
                     comp.readiness.hold(-1)
                 self.held = None
 
-    async def _wait(self) -> None:
+    async def _wait(self, jobs: Iterable[SettleJob]) -> None:
         """Wait until what was under way has settled: the consumer has
         processed what its feed committed so far, and the children unready
-        now are ready."""
+        now are ready; then, for the keys of the children whose ``jobs``
+        these are, the try waiting or under way now.  A key deleted and
+        added again after the consumer's ``settle()`` began is taken over
+        by its new run (a transfer), not deleted before that run declares
+        it and inserted again after; a bounded wait: one try a key."""
         if self.settle is not None:
             await self.settle()
         comp = self.component
@@ -127,6 +143,18 @@ class Settling:
         for readiness in unready:
             if readiness.unready and not readiness.closed:
                 await readiness.wait_ready()
+        settle_keys = self.settle_keys
+        if settle_keys is not None:
+            keys = []
+            for job in jobs:
+                # the entry's child the member is, or is below
+                node = job.member
+                while isinstance(node, Component) and node.parent is not comp:
+                    node = node.parent
+                if isinstance(node, Component):
+                    keys.append(node.key)
+            if keys:
+                await settle_keys(keys)
 
     def _batch_done(self) -> None:
         self.done += 1

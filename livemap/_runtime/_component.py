@@ -144,6 +144,24 @@ class ChildHost(Protocol):
         the host keeps without a component; return how many."""
         ...
 
+    def retire(self) -> int:
+        """The hosting component is re-mounted to run something else (a plain
+        function, a live component, the other kind of ``mount_each``): end
+        what the host started (its consumer, the runs it queued or runs
+        without a component, its workers once the releases queued on them
+        are done) and drop the children it keeps without a component;
+        return how many.  The host is not asked anything again."""
+        ...
+
+    def first_run(self, child: Component, done: Callable[[], object]) -> bool:
+        """During a live run's initial catch-up, ``child`` (a function
+        component with no record of its own, ``extra``) begins its first
+        run of this update: whether the host calls ``done()`` once that run
+        is done, the moment ``child.on_first`` would be called (it turns
+        self-ready, or leaves the tree).  False: the child's ``on_first``
+        tells instead."""
+        ...
+
     def in_update(self) -> bool:
         """Whether work the host started on its children (a scan, a change
         being delivered, a child's run) is still under way: an update of
@@ -762,8 +780,13 @@ class Component(Readiness):
             children[rel] = child
             self.count_child(child)
         else:
+            before = child.spec
             child.spec = spec
             child.given = given
+            if before is not spec and before.processor is not spec.processor:
+                below = child.extra
+                if below is not None and below.host is not None:
+                    child.retire_host()
         if live_body is not None:
             child.more().live_body = live_body
         else:
@@ -773,6 +796,23 @@ class Component(Readiness):
         if mounted is not None:
             mounted[rel] = child
         return child
+
+    def retire_host(self) -> None:
+        """This component, the host of a ``mount_each``'s children, is
+        re-mounted to run another processor: its host is retired
+        (:meth:`ChildHost.retire`) and forgotten, so that the children of
+        what runs here now are ordinary children (their own tasks, their own
+        keys), and the children the host kept at rest count as unmounted.
+        The children it mounted with a component stay until the new run
+        commits, which unmounts those it does not mount again."""
+        extra = self.extra
+        assert extra is not None and extra.host is not None
+        host, extra.host = extra.host, None
+        extra.tracked = None  # (kept for the host's settling only)
+        at_rest = host.retire()
+        app_run = self.spec.session.active
+        if at_rest and app_run is not None:
+            app_run.stats.unmounted(host.fn, at_rest)
 
     def leave_at_rest(self) -> None:
         """Leave the tree as a child at rest (see :meth:`ChildHost.rest`): the
@@ -816,8 +856,15 @@ class Component(Readiness):
         self.restart()
         if app_run is not None:
             app_run.stats.components_run += 1
-            if app_run.catching_up and not self.in_consumer():
-                app_run.count_first_run(self, self)
+            if app_run.catching_up and not self.in_consumer() and app_run.count_first_run(self):
+                done = app_run.first_run_done
+                parent = self.parent
+                above = None if parent is None else parent.extra
+                host = None if above is None else above.host
+                # (a static mount_each's host tells for its plain children,
+                # which then need no record of their own: see first_run)
+                if host is None or extra is not None or not host.first_run(self, done):
+                    self.on_first = done
         return self.generation
 
     def in_consumer(self) -> bool:

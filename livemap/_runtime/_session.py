@@ -17,7 +17,6 @@ import anyio
 from anyio.abc import TaskGroup
 
 from livemap._runtime._context import processor_name
-from livemap._runtime._readiness import Readiness
 
 __all__ = [
     "AppRun",
@@ -437,17 +436,20 @@ class AppRun:
     def __post_init__(self) -> None:
         self.catching_up = self.live
 
-    def count_first_run(self, component: object, readiness: Readiness) -> None:
+    def count_first_run(self, component: object) -> bool:
         """During a live run's initial catch-up: ``component`` begins a run;
-        if it is its first of this update, the catch-up waits for it
-        (``readiness.on_first`` tells when it is done)."""
+        if it is its first of this update, the catch-up waits for it: True,
+        and the caller arranges for :meth:`first_run_done` to be called once
+        when that run is done (``readiness.on_first``, or the host of a
+        ``mount_each`` child)."""
         if component in self.counted:
-            return
+            return False
         self.counted.add(component)
         self.first_runs += 1
-        readiness.on_first = self._first_run_done
+        return True
 
-    def _first_run_done(self) -> None:
+    def first_run_done(self) -> None:
+        """A run counted by :meth:`count_first_run` is done."""
         self.first_runs -= 1
         if self.first_runs <= 0:
             self.notify()
