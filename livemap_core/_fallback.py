@@ -334,6 +334,8 @@ def _okey(owner: object) -> Hashable:
     if t.__hash__ is _OBJECT_HASH and t.__eq__ is _OBJECT_EQ:
         return owner
     return id(owner)
+
+
 """The record of an owner that holds nothing (never written to)."""
 
 
@@ -677,7 +679,12 @@ class Table(Generic[K, V]):
         return result
 
     def _commit_one(
-        self, owner: object, owner_id: Hashable, prev: tuple[Any, Any], decls: dict[K, V], defer: bool
+        self,
+        owner: object,
+        owner_id: Hashable,
+        prev: tuple[Any, Any],
+        decls: dict[K, V],
+        defer: bool,
     ) -> Commit[K, V] | None:
         # The commit of an owner of one key that declares one key (a per-entry
         # run): the == gate alone if it is the key it holds; if it is a key
